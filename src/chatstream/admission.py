@@ -1,0 +1,127 @@
+"""Load control: a bounded number of concurrent generations and a bounded wait queue.
+
+Admission decides who may enter the engine; the engine decides what runs in each step.
+Waiters are served first come, first served, learn their live queue position, and leave the
+queue the moment they are cancelled (client gone), without ever taking a slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from typing import Awaitable, Callable
+
+
+class QueueFullError(Exception):
+    """Every slot is busy and the wait queue is full."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("too many requests: all generation slots and the wait queue are full")
+        self.retry_after = retry_after
+
+
+class Ticket:
+    """One request's place: waiting in the queue, then holding a slot until released."""
+
+    def __init__(self, queue: "AdmissionQueue") -> None:
+        self._queue = queue
+        self._changed = asyncio.Event()
+        self.granted = False
+        self.released = False
+        self.granted_at: float | None = None
+
+    @property
+    def position(self) -> int:
+        """1-based place in the wait queue; 0 once a slot is held."""
+        return 0 if self.granted else self._queue._position(self)
+
+    async def wait(self, on_position: Callable[[int], Awaitable[None] | None] | None = None) -> None:
+        """Wait for a slot, reporting each new queue position. Cancelling leaves the queue."""
+        try:
+            last = -1
+            while not self.granted:
+                position = self.position
+                if on_position is not None and position != last:
+                    last = position
+                    result = on_position(position)
+                    if result is not None:
+                        await result
+                self._changed.clear()
+                if not self.granted and self.position == last:
+                    await self._changed.wait()
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give the slot back (or leave the queue). Safe to call more than once."""
+        if not self.released:
+            self.released = True
+            self._queue._release(self)
+
+
+class AdmissionQueue:
+    def __init__(self, max_concurrent: int, max_queue: int) -> None:
+        if max_concurrent < 1:
+            raise ValueError("num_of_concurrent_executions must be >= 1")
+        if max_queue < 0:
+            raise ValueError("max_queue_size must be >= 0")
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self._running = 0
+        self._waiters: deque[Ticket] = deque()
+        self._avg_hold_s = 5.0  # running estimate of how long a slot is held, for Retry-After
+
+    @property
+    def running(self) -> int:
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def try_enter(self) -> Ticket:
+        """A ticket that holds a slot at once or waits in the queue; QueueFullError if neither."""
+        ticket = Ticket(self)
+        if self._running < self.max_concurrent and not self._waiters:
+            self._grant(ticket)
+        elif len(self._waiters) < self.max_queue:
+            self._waiters.append(ticket)
+        else:
+            raise QueueFullError(self.retry_after())
+        return ticket
+
+    def retry_after(self) -> int:
+        """Seconds until a place is likely free: queue length times the usual slot time."""
+        rounds = (len(self._waiters) + 1) / self.max_concurrent
+        return max(1, math.ceil(rounds * self._avg_hold_s))
+
+    def _position(self, ticket: Ticket) -> int:
+        try:
+            return self._waiters.index(ticket) + 1
+        except ValueError:
+            return 0
+
+    def _grant(self, ticket: Ticket) -> None:
+        self._running += 1
+        ticket.granted = True
+        ticket.granted_at = time.monotonic()
+        ticket._changed.set()
+
+    def _release(self, ticket: Ticket) -> None:
+        if ticket.granted:
+            self._running -= 1
+            if ticket.granted_at is not None:
+                held = time.monotonic() - ticket.granted_at
+                self._avg_hold_s = 0.8 * self._avg_hold_s + 0.2 * held
+        else:
+            try:
+                self._waiters.remove(ticket)
+            except ValueError:
+                pass
+        while self._waiters and self._running < self.max_concurrent:
+            self._grant(self._waiters.popleft())
+        for waiter in self._waiters:  # positions moved up
+            waiter._changed.set()

@@ -1,0 +1,79 @@
+"""The one interface between the web layers and whatever generates text.
+
+An engine takes prompt token ids plus :class:`SamplingParams` and returns a stream of
+:class:`GenerationOutput` events: text deltas, then one final event carrying the finish reason
+and token counts. Nothing here assumes one sequence at a time: many streams run at once and
+an engine is free to batch them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, Literal, Protocol, Sequence, runtime_checkable
+
+from .sampling_params import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One event of a generation stream.
+
+    ``text`` is only the new text since the previous event (never cumulative).
+    The last event has ``finished=True`` and a ``finish_reason``; ``error`` is set when
+    ``finish_reason == "error"``.
+    """
+
+    text: str
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@runtime_checkable
+class GenerationStream(Protocol):
+    """An async iterator of :class:`GenerationOutput` for one request.
+
+    ``cancel()`` (or ``aclose()``) removes the request from the engine before its next step;
+    the stream then ends with ``finish_reason == "cancelled"``.
+    """
+
+    request_id: str
+
+    def __aiter__(self) -> AsyncIterator[GenerationOutput]: ...
+
+    async def __anext__(self) -> GenerationOutput: ...
+
+    def cancel(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the web layers need from a text generator."""
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and requests can be served."""
+        ...
+
+    async def start(self) -> None:
+        """Start worker threads. Idempotent; ``generate`` starts the engine if needed."""
+        ...
+
+    async def shutdown(self) -> None:
+        """Stop workers and cancel every running request."""
+        ...
+
+    def generate(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> GenerationStream:
+        """Submit one request. Must be called on the event loop; never blocks it."""
+        ...

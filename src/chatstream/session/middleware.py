@@ -1,0 +1,141 @@
+"""Signed-cookie sessions with data kept server-side.
+
+The cookie carries only a random session id signed with the server's secret. A missing,
+garbage, expired or tampered cookie simply means a fresh session: never an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+from http.cookies import SimpleCookie
+from typing import Any
+
+from itsdangerous import BadSignature, TimestampSigner
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .store import MemorySessionStore, SessionData, SessionStore
+
+logger = logging.getLogger("chatstream.session")
+
+SECRET_ENV = "CHATSTREAM_SESSION_SECRET"
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{32,64}$")
+
+
+class Session:
+    """One client's session: ``data`` is what is stored; ``get_session()`` is the seed API's view.
+
+    ``get_session()`` returns a dict of live objects (e.g. ``"chat_prompt"``) that the layers
+    above rebuild from ``data`` and write back before saving.
+    """
+
+    def __init__(self, store: SessionStore, session_id: str, is_new: bool, ttl_s: int) -> None:
+        self.store = store
+        self.id = session_id
+        self.is_new = is_new
+        self.ttl_s = ttl_s
+        self.data: SessionData = {}
+        self.loaded = False
+        self._view: dict[str, Any] = {}
+
+    def get_session(self) -> dict[str, Any]:
+        return self._view
+
+    async def load(self) -> SessionData:
+        if not self.loaded:
+            self.data = (await self.store.get(self.id)) or {}
+            self.loaded = True
+        return self.data
+
+    async def save(self) -> None:
+        await self.store.set(self.id, self.data, self.ttl_s)
+
+    async def clear(self) -> None:
+        self.data = {}
+        self._view.clear()
+        await self.store.delete(self.id)
+
+    async def try_lock(self) -> bool:
+        return await self.store.try_lock(self.id, self.ttl_s)
+
+    async def unlock(self) -> None:
+        await self.store.unlock(self.id)
+
+
+def resolve_secret(secret: str | None) -> str:
+    """The cookie-signing secret: the argument, else the environment, else random per process."""
+    secret = secret or os.environ.get(SECRET_ENV)
+    if secret:
+        return secret
+    logger.warning(
+        "No session secret given (session_secret= or %s): using a random one, so sessions "
+        "end when this process restarts and are not shared between processes.", SECRET_ENV,
+    )
+    return secrets.token_urlsafe(32)
+
+
+class SessionMiddleware:
+    """Pure ASGI middleware: puts a :class:`Session` at ``request.state.session``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        store: SessionStore | None = None,
+        secret: str | None = None,
+        cookie_name: str = "chatstream_session",
+        max_age_s: int = 14 * 24 * 3600,
+        https_only: bool = False,
+    ) -> None:
+        self.app = app
+        self.store = store or MemorySessionStore()
+        self.signer = TimestampSigner(resolve_secret(secret), salt="chatstream.session")
+        self.cookie_name = cookie_name
+        self.max_age_s = max_age_s
+        self.https_only = https_only
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        session_id = self._session_id_from(scope)
+        session = Session(
+            self.store, session_id or secrets.token_urlsafe(32), is_new=session_id is None, ttl_s=self.max_age_s
+        )
+        scope.setdefault("state", {})["session"] = session
+
+        async def send_with_cookie(message: Message) -> None:
+            if message["type"] == "http.response.start" and session.is_new:
+                headers = MutableHeaders(scope=message)
+                headers.append("Set-Cookie", self._cookie(session.id))
+            await send(message)
+
+        await self.app(scope, receive, send_with_cookie)
+
+    def _session_id_from(self, scope: Scope) -> str | None:
+        for name, value in scope.get("headers", []):
+            if name != b"cookie":
+                continue
+            cookie: SimpleCookie = SimpleCookie()
+            try:
+                cookie.load(value.decode("latin-1"))
+            except Exception:
+                continue
+            morsel = cookie.get(self.cookie_name)
+            if morsel is None:
+                continue
+            try:
+                session_id = self.signer.unsign(morsel.value, max_age=self.max_age_s).decode()
+            except (BadSignature, UnicodeDecodeError, ValueError):
+                return None
+            return session_id if _SESSION_ID.match(session_id) else None
+        return None
+
+    def _cookie(self, session_id: str) -> str:
+        value = self.signer.sign(session_id).decode()
+        parts = [f"{self.cookie_name}={value}", "Path=/", f"Max-Age={self.max_age_s}", "HttpOnly", "SameSite=Lax"]
+        if self.https_only:
+            parts.append("Secure")
+        return "; ".join(parts)
