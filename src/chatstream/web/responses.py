@@ -6,7 +6,7 @@ import asyncio
 import json
 from typing import Any, AsyncIterator, Callable, Mapping
 
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 
@@ -21,7 +21,7 @@ def sse_event(event: str, data: Any) -> str:
     return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-class DisconnectAwareStreamingResponse:
+class DisconnectAwareStreamingResponse(StreamingResponse):
     """Streams an async iterator and calls ``on_disconnect`` the moment the client goes away.
 
     Unlike relying on the server's ASGI spec version, this always listens for
@@ -37,10 +37,8 @@ class DisconnectAwareStreamingResponse:
         status_code: int = 200,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        self.content = content
+        super().__init__(content, status_code=status_code, headers=headers, media_type=media_type)
         self.on_disconnect = on_disconnect
-        self.status_code = status_code
-        self.headers = {"content-type": f"{media_type}; charset=utf-8", **(headers or {})}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def listen() -> None:
@@ -56,12 +54,13 @@ class DisconnectAwareStreamingResponse:
             await send({
                 "type": "http.response.start",
                 "status": self.status_code,
-                "headers": [(k.lower().encode(), v.encode()) for k, v in self.headers.items()],
+                "headers": self.raw_headers,
             })
-            async for chunk in self.content:
+            async for chunk in self.body_iterator:
                 if connected and not listener.done():
                     try:
-                        await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+                        body = chunk.encode(self.charset) if isinstance(chunk, str) else bytes(chunk)
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
                     except OSError:
                         connected = False
                         self.on_disconnect()
