@@ -1,0 +1,109 @@
+"""`chatstream serve` as a user runs it: a real process on a real port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import parse_sse
+
+CHATSTREAM = str(Path(sys.executable).with_name("chatstream"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [CHATSTREAM, "serve", *args], env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            r = httpx.get(f"{url}/health")
+            if r.status_code == 200:
+                return r
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server never became healthy")
+
+
+def stop(proc: subprocess.Popen) -> str:
+    proc.terminate()
+    out, _ = proc.communicate(timeout=20)
+    return out
+
+
+def test_serve_mock_with_options_from_flags_and_environment():
+    port = free_port()
+    proc = start(["--mock", "--concurrency", "3"], env={"CHATSTREAM_PORT": str(port), "CHATSTREAM_QUEUE_SIZE": "7"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        health = wait_healthy(url, proc).json()
+        assert health["model"] == "mock"
+        assert (health["max_concurrent"], health["max_queue"]) == (3, 7)
+        r = httpx.post(f"{url}/chat_stream", json={"user_input": "ping"}, timeout=30)
+        assert parse_sse(r.text)[-1][1]["status"] == "success"
+    finally:
+        stop(proc)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--concurrency", "0"], "--concurrency"),
+        (["--port", "notaport"], "invalid int value"),
+        (["--queue-size", "-1"], "--queue-size"),
+    ],
+)
+def test_bad_options_are_clear_errors(args, message):
+    proc = subprocess.run([CHATSTREAM, "serve", "--mock", *args], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_bad_environment_value_is_a_clear_error():
+    proc = subprocess.run(
+        [CHATSTREAM, "serve", "--mock"], capture_output=True, text=True, timeout=30,
+        env={**os.environ, "CHATSTREAM_CONCURRENCY": "lots"},
+    )
+    assert proc.returncode == 2
+    assert "concurrency" in proc.stderr
+
+
+def test_missing_model_is_reported_by_health(tmp_path):
+    port = free_port()
+    proc = start(["--model", str(tmp_path / "nope"), "--port", str(port)])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"{url}/health")
+                if r.json()["status"] == "error":
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert r.status_code == 503 and "No model at" in r.json()["error"]
+        r = httpx.post(f"{url}/chat_stream", json={"user_input": "hi"})
+        assert r.status_code == 503 and r.json()["error"] == "model_unavailable"
+    finally:
+        stop(proc)
