@@ -1,0 +1,600 @@
+"""Side-by-side runner: start each server of a suite, load it, stop it, write the figures.
+
+    .venv/bin/python -m benchmarks.compare concurrency   # --concurrency 16 vs --concurrency 1
+    .venv/bin/python -m benchmarks.compare peers         # chatstream vs transformers serve
+    .venv/bin/python -m benchmarks.compare sweep         # concurrency = clients = 1 .. 32
+
+Every server runs as a subprocess on a free loopback port, one at a time, so the runs of a suite
+share one machine state; each is warmed up before the measured load, and its log goes to a
+temporary folder that is printed. The suite's section of ``benchmarks/RESULTS.md`` is replaced
+(other sections are kept) with absolute figures and ratios against the suite's baseline run.
+Absolute numbers drift on shared machines; the ratios within one section are what to compare.
+
+Notes on ``transformers serve`` (the peer), found with transformers 5.24.0 and torch 2.13.0+cpu:
+
+* Install: nothing extra was needed in this venv. ``transformers serve`` needs the
+  ``transformers[serving]`` extra (fastapi, uvicorn, openai, ...), and every one of those
+  packages is already a chatstream (test) dependency. If it is missing elsewhere, check
+  ``.venv/bin/pip install --dry-run 'transformers[serving]==<installed version>'`` first: it must
+  not move torch or transformers; otherwise use a separate ``.venv-peers`` venv with
+  ``torch==2.13.0`` and the same transformers version, and pass ``--transformers-bin``.
+* Command: ``transformers serve [OPTIONS] [FORCE_MODEL]``. A local folder is given as the
+  positional FORCE_MODEL (it is loaded before the server listens, and pinned: never unloaded).
+  Flags used here: ``--continuous-batching`` (paged-attention continuous batching),
+  ``--device cpu``, ``--dtype float32`` (chatstream's CPU dtype; the converted folder is float32
+  anyway), ``--host 127.0.0.1 --port P``. ``--cb-block-size``, ``--cb-num-blocks``,
+  ``--cb-max-batch-tokens`` tune the paged cache and are left at their defaults; there is no
+  flag for the maximum batch size. ``--compile`` and ``--attn-implementation`` are left off.
+* CPU: works. ``--continuous-batching`` on CPU runs (paged attention through SDPA/eager).
+* Model name: ``GET /v1/models`` lists exactly one id, the FORCE_MODEL string as given (here the
+  folder's absolute path). Requests must send that string as ``model`` or leave it out; another
+  name is answered 400 ("Server is pinned to ..."). The load generator takes the first id of
+  ``/v1/models``, so this is automatic.
+* Stream format: ``data: {chat.completion.chunk}`` lines, one content chunk per token, then a
+  chunk with ``finish_reason`` and ``usage`` (always sent; ``stream_options`` itself is ignored
+  with a warning). There is no ``data: [DONE]``: the stream just ends, which the load generator
+  accepts once a ``finish_reason`` was seen.
+* ``temperature: 0`` switches sampling off (greedy); in continuous-batching mode the sampling
+  settings of the *first* request are shared by all later ones (a documented TODO upstream),
+  which is one more reason every request here sends the same temperature.
+* Readiness: ``GET /health`` answers 200 as soon as uvicorn listens (the pinned model is loaded
+  before that); ``GET /v1/models`` 200 is what this runner waits for.
+* A short trial on the 2-core dev machine (SmolLM2-135M, float32, 16 clients x 1 request x 32
+  tokens, shared CPUs): about 80 output tokens/s, TTFT p50 about 1.8 s; with 4 clients about
+  14 tokens/s (265 ms per token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .serving import LoadConfig, format_summary, run_load
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+DEFAULT_RESULTS = BENCH_DIR / "RESULTS.md"
+SUITES = ("concurrency", "peers", "sweep")
+RESULTS_HEADER = """# chatstream serving benchmarks
+
+Written by `python -m benchmarks.compare <suite>` (see `benchmarks/README.md`); running a suite
+again replaces its section. Absolute figures drift on shared machines: compare the runs within
+one section, made side by side in one invocation, through the ratio columns.
+"""
+
+
+@dataclass
+class RunPlan:
+    """One server to start and the load to send it."""
+
+    label: str
+    server: str  # "chatstream" or "transformers"
+    argv: list[str]  # "{port}" is replaced by the port picked at start
+    ready_path: str
+    clients: int
+    requests: int
+    protocol: str  # "chatstream", "openai" or "auto" (openai if the server has it)
+
+    def command(self, port: int | str) -> list[str]:
+        return [a.replace("{port}", str(port)) for a in self.argv]
+
+
+@dataclass
+class SuitePlan:
+    name: str
+    title: str
+    measures: str
+    baseline: str  # label of the run the ratios are against
+    runs: list[RunPlan]
+    targets: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    plan: RunPlan
+    command: list[str]
+    protocol: str | None = None
+    summary: dict[str, Any] | None = None
+    failure: str | None = None
+    note: str | None = None
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans
+
+
+def _bin(name: str, given: str | None) -> str:
+    if given:
+        return given
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else name
+
+
+def chatstream_command(opts: argparse.Namespace, concurrency: int) -> list[str]:
+    argv = [
+        _bin("chatstream", opts.chatstream_bin), "serve", "--port", "{port}",
+        "--concurrency", str(concurrency), "--queue-size", str(opts.queue_size),
+        "--max-new-tokens", str(opts.max_tokens),
+    ]
+    if opts.model:
+        argv += ["--model", opts.model]
+    if opts.mock:
+        argv.append("--mock")
+    return argv
+
+
+def transformers_command(opts: argparse.Namespace, model_folder: str) -> list[str]:
+    return [
+        _bin("transformers", opts.transformers_bin), "serve", "--continuous-batching",
+        "--device", "cpu", "--dtype", "float32", "--host", "127.0.0.1", "--port", "{port}",
+        model_folder,
+    ]
+
+
+def model_folder(model: str | None) -> str:
+    """The Hugging Face folder chatstream serves (the embedded GGUF is converted once, ~25 s)."""
+    try:
+        from chatstream.model_loader import resolve_model_folder
+    except ImportError:  # chatstream not installed into the venv yet: use the source tree
+        sys.path.insert(0, str(REPO_ROOT / "src"))
+        from chatstream.model_loader import resolve_model_folder
+    return str(resolve_model_folder(model))
+
+
+def plan_suite(opts: argparse.Namespace) -> SuitePlan:
+    rpc = opts.requests_per_client
+    clients = opts.clients
+    if opts.suite == "concurrency":
+        protocol = opts.chatstream_protocol or "chatstream"
+        runs = [
+            RunPlan(f"chatstream --concurrency {c}", "chatstream", chatstream_command(opts, c),
+                    "/health", clients, clients * rpc, protocol)
+            for c in (1, clients)
+        ]
+        return SuitePlan(
+            "concurrency", "concurrency: continuous batching vs one request at a time",
+            f"The same chatstream server with {clients} generation slots vs 1, both under {clients} "
+            "concurrent clients: what batching buys in aggregate throughput and time to first token.",
+            runs[0].label, runs,
+            targets=[f"tokens/s of --concurrency {clients} >= 8x --concurrency 1"],
+        )
+    if opts.suite == "peers":
+        folder = opts.model_folder or model_folder(opts.model)
+        ours = RunPlan(f"chatstream --concurrency {clients}", "chatstream", chatstream_command(opts, clients),
+                       "/health", clients, clients * rpc, opts.chatstream_protocol or "auto")
+        peer = RunPlan("transformers serve --continuous-batching", "transformers",
+                       transformers_command(opts, folder), "/v1/models", clients, clients * rpc, "openai")
+        return SuitePlan(
+            "peers", "peers: chatstream vs transformers serve",
+            f"chatstream and `transformers serve --continuous-batching` on the same model folder "
+            f"({folder}), {clients} concurrent clients, OpenAI streaming protocol for both.",
+            peer.label, [peer, ours],
+            targets=["chatstream tokens/s >= 2x transformers serve", "chatstream TTFT p50 < transformers serve"],
+        )
+    levels = [int(x) for x in opts.levels.split(",") if x.strip()]
+    protocol = opts.chatstream_protocol or "chatstream"
+    runs = [
+        RunPlan(f"concurrency = clients = {n}", "chatstream", chatstream_command(opts, n),
+                "/health", n, n * rpc, protocol)
+        for n in levels
+    ]
+    return SuitePlan(
+        "sweep", "sweep: throughput and latency as concurrency grows",
+        "chatstream with as many generation slots as concurrent clients, at each level: how "
+        "aggregate throughput and time to first token scale with the batch.",
+        runs[0].label, runs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class ServerProcess:
+    """A server subprocess in its own process group, with its output in a log file."""
+
+    def __init__(self, command: list[str], log_path: Path) -> None:
+        self.command = command
+        self.log_path = log_path
+        env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=REPO_ROOT, env=env, start_new_session=True,
+        )
+
+    def wait_ready(self, url: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=5.0, trust_env=False) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"server exited with status {self.process.returncode} before it was ready; "
+                        f"log {self.log_path}:\n{_tail(self.log_path)}"
+                    )
+                try:
+                    if client.get(url).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+        raise RuntimeError(f"server not ready after {timeout_s:.0f} s; log {self.log_path}:\n{_tail(self.log_path)}")
+
+    def stop(self) -> None:
+        """SIGINT (graceful), then SIGTERM, then SIGKILL, to this server's own process group."""
+        for sig, wait_s in ((signal.SIGINT, 15.0), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            if self.process.poll() is not None:
+                break
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+        self._log.close()
+
+
+def openai_route_available(base_url: str) -> bool:
+    """Whether the server has ``/v1/chat/completions``: an empty body is refused, not 404."""
+    try:
+        with httpx.Client(timeout=10.0, trust_env=False) as client:
+            return client.post(f"{base_url}/v1/chat/completions", json={}).status_code not in (404, 405)
+    except httpx.HTTPError:
+        return False
+
+
+def run_one(plan: RunPlan, opts: argparse.Namespace, log_dir: Path) -> RunResult:
+    port = free_port()
+    command = plan.command(port)
+    result = RunResult(plan, command)
+    base_url = f"http://127.0.0.1:{port}"
+    log_path = log_dir / (re.sub(r"[^A-Za-z0-9]+", "-", plan.label).strip("-") + ".log")
+    started = time.monotonic()
+    print(f"\n=== {plan.label}\n$ {shlex.join(command)}\n  log: {log_path}", flush=True)
+    try:
+        server = ServerProcess(command, log_path)
+    except OSError as exc:
+        result.failure = f"could not start: {exc}"
+        print(f"  {result.failure}", file=sys.stderr)
+        return result
+    try:
+        server.wait_ready(base_url + plan.ready_path, opts.ready_timeout)
+        print(f"  ready after {time.monotonic() - started:.1f} s", flush=True)
+        protocol = plan.protocol
+        if protocol == "auto":
+            if openai_route_available(base_url):
+                protocol = "openai"
+            else:
+                protocol = "chatstream"
+                result.note = "chatstream has no /v1/chat/completions yet: its chatstream protocol was used"
+                print(f"  note: {result.note}", flush=True)
+        result.protocol = protocol
+        cfg = LoadConfig(
+            url=base_url, protocol=protocol, clients=plan.clients, requests=plan.requests,
+            max_tokens=opts.max_tokens, warmup=opts.warmup if opts.warmup is not None else plan.clients,
+            warmup_max_tokens=opts.warmup_max_tokens, seed=opts.seed, temperature=opts.temperature,
+            request_timeout=opts.request_timeout,
+        )
+        result.summary = asyncio.run(run_load(cfg))
+        print(format_summary(result.summary), flush=True)
+        if not result.summary["ok"]:
+            result.failure = f"no request succeeded: {result.summary['errors']}"
+    except (RuntimeError, OSError) as exc:
+        result.failure = str(exc).splitlines()[0]
+        print(f"  FAILED: {exc}", file=sys.stderr, flush=True)
+    finally:
+        server.stop()
+    result.seconds = time.monotonic() - started
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def machine_info() -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 0
+
+    def version(package: str) -> str:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "cpu": cpu,
+        "cores": f"{usable} usable of {os.cpu_count()}",
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "python": platform.python_version(),
+        "commit": commit or "none",
+    }
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    if value is None or not base:
+        return "n/a"
+    return f"{value / base:.2f}x"
+
+
+def display_command(argv: list[str]) -> str:
+    python = sys.executable
+    try:
+        rel = os.path.relpath(python, Path.cwd())
+        if not rel.startswith(".."):
+            python = rel
+    except ValueError:
+        pass
+    return shlex.join([python, "-m", "benchmarks.compare", *argv])
+
+
+def _display_server_command(command: list[str]) -> str:
+    shown = []
+    for arg in command:
+        try:
+            rel = os.path.relpath(arg, REPO_ROOT) if os.path.isabs(arg) else arg
+            shown.append(rel if not rel.startswith("..") else arg)
+        except ValueError:
+            shown.append(arg)
+    return shlex.join(shown)
+
+
+def render_markdown(
+    suite: SuitePlan, results: list[RunResult], opts: argparse.Namespace, argv: list[str], machine: dict[str, str]
+) -> str:
+    base = next((r for r in results if r.plan.label == suite.baseline), None)
+    base_summary = base.summary if base else None
+
+    def figure(summary: dict[str, Any] | None, *path: str) -> float | None:
+        value: Any = summary
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return value
+
+    model = opts.model or "SmolLM2-135M-Instruct (embedded default, GGUF Q4_1 dequantized)"
+    protocols = sorted({r.protocol for r in results if r.protocol})
+    lines = [
+        f"<!-- suite:{suite.name}:start -->",
+        f"## {suite.title}",
+        "",
+        suite.measures,
+        "",
+        f"- Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores; Python {machine['python']}, "
+        f"torch {machine['torch']}, transformers {machine['transformers']}; dtype float32 on CPU; "
+        f"commit {machine['commit']}",
+        f"- Model: {model}" + (" - MOCK engine for chatstream (functional check, not a benchmark)" if opts.mock else ""),
+        f"- Settings: {opts.requests_per_client} requests per client, max_tokens {opts.max_tokens}, "
+        f"temperature {opts.temperature:g} (sent with every request), prompts seed {opts.seed}, "
+        f"warm-up {'one request per client' if opts.warmup is None else f'{opts.warmup} requests'} of "
+        f"{opts.warmup_max_tokens} tokens per server, protocol {', '.join(protocols) or 'n/a'}; "
+        "chatstream clients `POST /clear_context` before each request",
+        f"- Command: `{display_command(argv)}`",
+        "- Servers (each alone on the machine, one after another, in this order):",
+        *[f"  - {r.plan.label}: `{_display_server_command(r.command)}`" for r in results],
+        "",
+        f"Ratios are against the baseline, **{suite.baseline}**. tokens/s: higher is better; "
+        "TTFT and ITL: lower is better.",
+        "",
+        "| run | clients | ok / sent | output tok/s | tok/s vs base | TTFT p50 ms | TTFT p50 vs base "
+        "| TTFT p99 ms | ITL p50 / p99 ms | TPOT p50 ms | req/s | errors | loop lag p99 / max ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in results:
+        s = r.summary
+        if s is None:
+            lines.append(f"| {r.plan.label} | {r.plan.clients} | failed: {r.failure} | | | | | | | | | | |")
+            continue
+        lag = s.get("loop_lag_ms")
+        lag_text = "n/a" if not lag else f"{_num(lag.get('p99_ms'), 2)} / {_num(lag.get('max_ms'), 2)}"
+        errors = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "0"
+        lines.append(
+            "| " + " | ".join([
+                r.plan.label + (" (baseline)" if r is base else ""),
+                str(r.plan.clients),
+                f"{s['ok']} / {s['requests']}",
+                _num(s["output_tokens_per_s"]),
+                _ratio(s["output_tokens_per_s"], figure(base_summary, "output_tokens_per_s")),
+                _num(s["ttft_ms"]["p50"], 0),
+                _ratio(s["ttft_ms"]["p50"], figure(base_summary, "ttft_ms", "p50")),
+                _num(s["ttft_ms"]["p99"], 0),
+                f"{_num(s['itl_ms']['p50'])} / {_num(s['itl_ms']['p99'])}",
+                _num(s["tpot_ms"]["p50"]),
+                _num(s["requests_per_s"], 2),
+                errors,
+                lag_text,
+            ]) + " |"
+        )
+    lines.append("")
+    notes = [r.note for r in results if r.note]
+    dpt = [f"{r.plan.label}: {r.summary['deltas_per_token']}" for r in results if r.summary]
+    lines += [
+        "ITL is measured per delta (neither protocol says how many tokens a delta holds); deltas per "
+        f"token - {'; '.join(dpt)}. TPOT is per token: (last delta - first delta) / (tokens - 1), per request.",
+    ]
+    lines += [f"Note: {n}" for n in notes]
+    verdicts = target_verdicts(suite, results)
+    if verdicts:
+        lines += ["", "Targets:", *[f"- {v}" for v in verdicts]]
+    lines += [f"<!-- suite:{suite.name}:end -->", ""]
+    return "\n".join(lines)
+
+
+def target_verdicts(suite: SuitePlan, results: list[RunResult]) -> list[str]:
+    by_label = {r.plan.label: r.summary for r in results if r.summary}
+    base = by_label.get(suite.baseline)
+    others = [r for r in results if r.summary and r.plan.label != suite.baseline]
+    if not base or not others:
+        return []
+    other = others[-1].summary
+    assert other is not None
+    ratio = other["output_tokens_per_s"] / base["output_tokens_per_s"] if base["output_tokens_per_s"] else None
+    verdicts = []
+    if suite.name == "concurrency" and ratio is not None:
+        verdicts.append(f"{suite.targets[0]}: {ratio:.2f}x - {'met' if ratio >= 8 else 'NOT met'}")
+    if suite.name == "peers" and ratio is not None:
+        verdicts.append(f"{suite.targets[0]}: {ratio:.2f}x - {'met' if ratio >= 2 else 'NOT met'}")
+        ours, theirs = other["ttft_ms"]["p50"], base["ttft_ms"]["p50"]
+        if ours is not None and theirs is not None:
+            verdicts.append(
+                f"{suite.targets[1]}: {ours:.0f} ms vs {theirs:.0f} ms - {'met' if ours < theirs else 'NOT met'}"
+            )
+    return verdicts
+
+
+def write_section(path: Path, suite_name: str, section: str) -> None:
+    """Replace the suite's section in ``path`` (or append it), keeping every other section."""
+    text = path.read_text(encoding="utf-8") if path.exists() else RESULTS_HEADER
+    pattern = re.compile(
+        rf"<!-- suite:{re.escape(suite_name)}:start -->.*?<!-- suite:{re.escape(suite_name)}:end -->\n?", re.S
+    )
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare",
+        description="Start each server of a suite on a free loopback port, warm it up, load it with "
+        "benchmarks.serving, stop it; then write the suite's section of benchmarks/RESULTS.md.",
+    )
+    parser.add_argument("suite", choices=SUITES)
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients (concurrency, peers; default 16)")
+    parser.add_argument("--levels", default="1,2,4,8,16,32", help="sweep: concurrency = clients levels")
+    parser.add_argument("--requests-per-client", type=int, default=2, help="measured requests per client (default 2)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="reply length asked for (and the servers' limit)")
+    parser.add_argument("--warmup", type=int, help="warm-up requests per server (default: one per client)")
+    parser.add_argument("--warmup-max-tokens", type=int, default=16, help="max_tokens of warm-up requests (default 16)")
+    parser.add_argument("--queue-size", type=int, default=64, help="chatstream --queue-size (default 64)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--model", help="model folder or .gguf for chatstream --model (default: embedded)")
+    parser.add_argument("--model-folder", help="peers: folder for transformers serve (default: chatstream's)")
+    parser.add_argument(
+        "--chatstream-protocol", choices=("chatstream", "openai", "auto"),
+        help="protocol for chatstream servers (default: chatstream; peers: auto = openai if available)",
+    )
+    parser.add_argument("--chatstream-bin", help="chatstream executable (default: the one beside this python)")
+    parser.add_argument("--transformers-bin", help="transformers executable (default: the one beside this python)")
+    parser.add_argument("--mock", action="store_true", help="chatstream --mock: functional check; RESULTS.md untouched")
+    parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for each server")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--results", help=f"Markdown file to update (default {DEFAULT_RESULTS.relative_to(REPO_ROOT)})")
+    parser.add_argument("--output-json", help="also write every run's full summary here")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and settings; start nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = build_parser().parse_args(argv)
+    suite = plan_suite(opts)
+
+    if opts.dry_run:
+        print(f"suite {suite.name}: {suite.measures}\nbaseline: {suite.baseline}")
+        for plan in suite.runs:
+            print(
+                f"\n{plan.label}\n  $ {shlex.join(plan.command('PORT'))}\n"
+                f"  ready when GET {plan.ready_path} answers 200; protocol {plan.protocol}; "
+                f"{plan.clients} clients x {opts.requests_per_client} requests, max_tokens {opts.max_tokens}; "
+                f"warm-up {opts.warmup if opts.warmup is not None else plan.clients} x {opts.warmup_max_tokens} tokens"
+            )
+        return 0
+
+    machine = machine_info()
+    log_dir = Path(tempfile.mkdtemp(prefix=f"chatstream-bench-{suite.name}-"))
+    print(f"suite {suite.name}: {len(suite.runs)} servers; logs in {log_dir}", flush=True)
+    started = time.monotonic()
+    results = [run_one(plan, opts, log_dir) for plan in suite.runs]
+    print(f"\nsuite {suite.name} took {time.monotonic() - started:.0f} s", flush=True)
+
+    section = render_markdown(suite, results, opts, argv, machine)
+    print("\n" + section)
+    if opts.output_json:
+        payload = {
+            "suite": suite.name, "machine": machine, "command": display_command(argv),
+            "runs": [
+                {"label": r.plan.label, "command": r.command, "protocol": r.protocol, "note": r.note,
+                 "failure": r.failure, "seconds": round(r.seconds, 1), "summary": r.summary}
+                for r in results
+            ],
+        }
+        Path(opts.output_json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+    failed = [r for r in results if r.failure]
+    results_path = Path(opts.results) if opts.results else DEFAULT_RESULTS
+    if failed:
+        print(f"\n{len(failed)} run(s) failed; {results_path} left untouched.", file=sys.stderr)
+        return 1
+    if opts.mock and not opts.results:
+        print(f"\n--mock: {results_path} left untouched (give --results to write somewhere).", file=sys.stderr)
+        return 0
+    write_section(results_path, suite.name, section)
+    print(f"\nwrote the {suite.name} section of {results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
