@@ -21,7 +21,7 @@ serve: $(STAMP)
 	$(VENV)/bin/chatstream serve
 
 browser:
-	@command -v chromium >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	@test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 test: $(STAMP) browser
 	$(PY) -m pytest

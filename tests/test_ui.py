@@ -1,0 +1,389 @@
+"""The browser chat UI at ``/``, driven in a real headless Chromium against a real server.
+
+The server runs the mock engine ("You said: <input>" and then a canned Markdown reply, word by
+word), so every test sees the true wire protocol, queue, session cookie and history.
+Chromium comes from the system (``make browser``); Playwright never downloads its own.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+from chatstream.settings import Settings
+from chatstream.web.app import create_app
+
+pytest.importorskip("playwright.sync_api")
+from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"  # the Debian package (`make browser`)
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}: run `make browser`"
+)
+
+REPLY = ".msg-assistant .content"
+
+expect.set_options(timeout=10_000)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def chat(serve: Callable[[Any], Any]) -> Callable[..., str]:
+    """``chat(**settings)`` starts a mock-model server and returns its URL."""
+
+    def start(**overrides: Any) -> str:
+        values: dict[str, Any] = {"mock": True, "mock_token_delay": 0.02, "session_secret": "ui-tests-" + "x" * 32}
+        values.update(overrides)
+        return serve(create_app(Settings(**values))).url
+
+    return start
+
+
+@pytest.fixture
+def new_page(browser: Browser) -> Iterator[Callable[..., Page]]:
+    """``new_page(url)``: a fresh browser profile (so a fresh session cookie) showing the chat."""
+    contexts = []
+    errors: list[str] = []
+
+    def open_page(url: str, viewport: dict[str, int] | None = None) -> Page:
+        context = browser.new_context(viewport=viewport or {"width": 1280, "height": 820})
+        contexts.append(context)
+        page = context.new_page()
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(url + "/")
+        expect(page.locator("#model-name")).to_have_text("mock")
+        return page
+
+    yield open_page
+    for context in contexts:
+        context.close()
+    assert not errors, f"JavaScript errors in the page: {errors}"
+
+
+def send(page: Page, text: str) -> None:
+    page.locator("#input").fill(text)
+    page.locator("#input").press("Enter")
+
+
+def wait_for_reply(page: Page, count: int = 1) -> None:
+    """Wait until ``count`` replies are on screen and no turn is running."""
+    expect(page.locator(".msg-assistant")).to_have_count(count)
+    expect(page.locator(".msg-assistant[aria-busy]")).to_have_count(0)
+    expect(page.get_by_role("button", name="Regenerate")).to_be_visible()
+
+
+def history(page: Page, url: str) -> list[dict[str, str]]:
+    """The server-side conversation of this page's session (same cookie)."""
+    return page.request.get(url + "/history").json()["messages"]
+
+
+def wait_for_history(page: Page, url: str, count: int) -> list[dict[str, str]]:
+    """A stopped turn is saved as it ends, a moment after the disconnect: poll for it."""
+    for _ in range(200):
+        messages = history(page, url)
+        if len(messages) >= count:
+            return messages
+        page.wait_for_timeout(25)
+    raise AssertionError(f"the history never reached {count} messages: {messages}")
+
+
+class SlotHolder:
+    """Occupies a generation slot from another client until released (then disconnects)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.streaming = threading.Event()
+        self.release = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        long_input = "w " * 150  # echoed word by word: 150 tokens, far longer than a test needs
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", self.url + "/chat_stream", json={"user_input": long_input}) as response:
+                for line in response.iter_lines():
+                    if line.startswith("event: delta"):
+                        self.streaming.set()
+                        self.release.wait(30)
+                        return
+
+    def __enter__(self) -> "SlotHolder":
+        self.thread.start()
+        assert self.streaming.wait(10), "the slot holder never started streaming"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.thread.join(10)
+
+
+# -- the specification --
+
+
+def test_a_reply_streams_in_word_by_word_and_renders_markdown(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    expect(page.locator("#empty")).to_be_visible()
+    page.evaluate("""() => {
+        window.__snapshots = [];
+        new MutationObserver(() => {
+            const replies = document.querySelectorAll('.msg-assistant .content');
+            if (replies.length) window.__snapshots.push(replies[replies.length - 1].textContent);
+        }).observe(document.getElementById('thread'), {subtree: true, childList: true, characterData: true});
+    }""")
+
+    send(page, "Hello there")
+
+    expect(page.locator(".msg-user .content")).to_have_text("Hello there")
+    expect(page.locator("#empty")).to_be_hidden()
+    expect(page.get_by_role("button", name="Stop")).to_be_visible()
+    wait_for_reply(page)
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+
+    final = page.locator(REPLY).text_content() or ""
+    assert final.startswith("You said: Hello there")
+    partials = {s for s in page.evaluate("window.__snapshots") if s.startswith("You said") and s != final}
+    assert sum(final.startswith(s) for s in partials) >= 5, f"the reply did not arrive in pieces: {partials}"
+
+    # Each canned reply has Markdown; whichever came, it was rendered, not shown as marks.
+    reply = page.locator(REPLY)
+    assert reply.locator("p").count() >= 2
+    assert "**" not in final and "```" not in final
+    expect(page.locator("#input")).to_be_focused()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    send(page, "Show me a list and some code")
+    wait_for_reply(page, 2)
+    page.screenshot(path=str(ARTIFACTS / "ui-exchange.png"))
+
+
+def test_reload_shows_the_conversation_from_the_server(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "first message")
+    wait_for_reply(page, 1)
+    send(page, "second message")
+    wait_for_reply(page, 2)
+    shown = page.locator(REPLY).all_text_contents()
+
+    page.reload()
+
+    expect(page.locator(".msg")).to_have_count(4)
+    roles = page.locator(".msg").evaluate_all("rows => rows.map(r => r.classList.contains('msg-user') ? 'user' : 'assistant')")
+    assert roles == ["user", "assistant", "user", "assistant"]
+    expect(page.locator(".msg-user .content")).to_have_text(["first message", "second message"])
+    assert page.locator(REPLY).all_text_contents() == shown
+    expect(page.locator("#empty")).to_be_hidden()
+    assert [m["role"] for m in history(page, url)] == roles
+
+
+def test_model_text_is_never_run_as_html(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    attack = "<img src=x onerror=window.__xss=1> [click me](javascript:window.__xss=2) <script>window.__xss=3</script>"
+
+    send(page, attack)
+    wait_for_reply(page)
+
+    for _ in range(2):  # as streamed, then as rebuilt from the history
+        expect(page.locator(".msg-user .content")).to_have_text(attack)
+        reply = page.locator(REPLY).text_content() or ""
+        assert "<img src=x onerror=window.__xss=1>" in reply
+        assert "<script>window.__xss=3</script>" in reply
+        assert page.locator("#thread img, #thread script").count() == 0
+        assert page.locator("#thread a[href^='javascript']").count() == 0
+        assert page.evaluate("window.__xss") is None
+        page.reload()
+        expect(page.locator(".msg")).to_have_count(2)
+
+
+def test_stop_keeps_the_partial_reply_also_after_reload(chat, new_page) -> None:
+    url = chat(mock_token_delay=0.05)
+    page = new_page(url)
+    send(page, " ".join(f"w{i}" for i in range(60)))
+    expect(page.locator(REPLY)).to_contain_text("w3 ")
+
+    page.get_by_role("button", name="Stop").click()
+
+    expect(page.locator(".msg-assistant .note")).to_have_text("Stopped")
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    partial = (page.locator(REPLY).text_content() or "").strip()
+    assert "w59" not in partial
+    messages = wait_for_history(page, url, 2)
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert "w59" not in messages[1]["content"]
+
+    page.reload()
+
+    expect(page.locator(".msg-assistant")).to_have_count(1)
+    restored = page.locator(REPLY).text_content() or ""
+    assert restored.startswith(partial)
+    assert "w59" not in restored
+
+
+def test_regenerate_replaces_the_last_reply(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "Tell me something")
+    wait_for_reply(page)
+
+    with page.expect_request("**/chat_stream") as request:
+        page.get_by_role("button", name="Regenerate").click()
+    assert request.value.post_data_json == {"user_input": "", "regenerate": True}
+    expect(page.locator(".msg-assistant[aria-busy]")).to_have_count(1)
+    wait_for_reply(page)
+
+    expect(page.locator(".msg")).to_have_count(2)
+    assert (page.locator(REPLY).text_content() or "").startswith("You said: Tell me something")
+    assert [m["role"] for m in history(page, url)] == ["user", "assistant"]
+
+
+def test_new_chat_empties_the_conversation(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "Remember this")
+    wait_for_reply(page)
+
+    page.get_by_role("button", name="New chat").click()
+
+    expect(page.locator(".msg")).to_have_count(0)
+    expect(page.locator("#empty")).to_be_visible()
+    page.reload()
+    expect(page.locator("#empty")).to_be_visible()
+    expect(page.locator(".msg")).to_have_count(0)
+    assert history(page, url) == []
+
+
+def test_new_chat_while_streaming_stops_and_clears(chat, new_page) -> None:
+    url = chat(mock_token_delay=0.05)
+    page = new_page(url)
+    send(page, " ".join(["long"] * 100))
+    expect(page.locator(REPLY)).to_contain_text("long long")
+
+    page.get_by_role("button", name="New chat").click()
+
+    expect(page.locator(".msg")).to_have_count(0)
+    expect(page.locator("#notice")).to_be_hidden()
+    assert history(page, url) == []
+
+
+def test_enter_sends_shift_enter_adds_a_line_and_ime_enter_does_not_send(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    box = page.locator("#input")
+
+    box.press_sequentially("line one")
+    box.press("Shift+Enter")
+    box.press_sequentially("line two")
+    expect(box).to_have_value("line one\nline two")
+
+    # The Enter that confirms an IME composition (isComposing; keyCode 229 in some browsers).
+    for init in ("{key: 'Enter', code: 'Enter', isComposing: true}", "{key: 'Enter', code: 'Enter', keyCode: 229}"):
+        not_handled = box.evaluate(
+            f"(el) => el.dispatchEvent(new KeyboardEvent('keydown', {{...{init}, bubbles: true, cancelable: true}}))"
+        )
+        assert not_handled, "the page swallowed an IME Enter"
+    expect(box).to_have_value("line one\nline two")
+    assert page.locator(".msg").count() == 0
+
+    box.press("Enter")
+
+    expect(page.locator(".msg-user .content")).to_have_text("line one\nline two")
+    expect(box).to_have_value("")
+    wait_for_reply(page)
+
+
+def test_waiting_in_the_queue_shows_the_position(chat, new_page) -> None:
+    url = chat(concurrency=1, queue_size=2, mock_token_delay=0.05)
+    page = new_page(url)
+    with SlotHolder(url):
+        send(page, "Am I queued?")
+        expect(page.locator(".msg-assistant")).to_contain_text("Waiting in queue: position 1")
+    wait_for_reply(page)
+    assert (page.locator(REPLY).text_content() or "").startswith("You said: Am I queued?")
+
+
+def test_a_full_server_says_busy_and_offers_retry(chat, new_page) -> None:
+    url = chat(concurrency=1, queue_size=0)
+    page = new_page(url)
+    page.clock.install()
+    with SlotHolder(url):
+        with page.expect_response("**/chat_stream") as answer:
+            send(page, "Is there room?")
+        assert answer.value.status == 503
+        retry_after = int(answer.value.headers["retry-after"])
+
+        notice = page.locator("#notice")
+        expect(notice).to_be_visible()
+        expect(notice).to_contain_text("busy")
+        retry = page.locator("#notice-retry")
+        expect(retry).to_be_disabled()
+        expect(retry).to_have_text(f"Retry in {retry_after} s")
+        expect(page.locator(".msg")).to_have_count(0)  # nothing was kept by the server, nor shown
+        expect(page.locator("#input")).to_have_value("Is there room?")
+
+    page.clock.run_for(retry_after * 1000 + 1000)
+    expect(retry).to_be_enabled()
+    expect(retry).to_have_text("Retry")
+    retry.click()
+    expect(notice).to_be_hidden()
+    wait_for_reply(page)
+    assert (page.locator(REPLY).text_content() or "").startswith("You said: Is there room?")
+
+
+def test_a_busy_session_and_a_network_failure_are_explained(chat, new_page) -> None:
+    url = chat(mock_token_delay=0.05)
+    page = new_page(url)
+    # Another tab of the same session is generating: the server answers 409.
+    page.evaluate("""() => {
+        window.__other = new AbortController();
+        fetch('chat_stream', {method: 'POST', body: JSON.stringify({user_input: 'x '.repeat(100)}),
+                              headers: {'Content-Type': 'application/json'}, signal: window.__other.signal})
+            .then(r => r.body.getReader().read()).catch(() => {});
+    }""")
+    page.wait_for_timeout(200)
+    send(page, "Me too")
+    expect(page.locator("#notice")).to_contain_text("already being written")
+    expect(page.locator("#notice-retry")).to_be_enabled()
+    page.evaluate("window.__other.abort()")
+    wait_for_history(page, url, 2)  # the other turn ended and let go of the session
+
+    page.route("**/chat_stream", lambda route: route.abort("internetdisconnected"))
+    page.locator("#input").fill("")
+    page.locator("#notice-retry").click()
+    expect(page.locator("#notice")).to_contain_text("Could not reach the server")
+    expect(page.locator("#input")).to_have_value("Me too")
+
+    page.unroute("**/chat_stream")
+    page.locator("#notice-retry").click()
+    wait_for_reply(page)
+
+
+def test_phone_sized_screen(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url, viewport={"width": 390, "height": 844})
+    send(page, "Hello from a phone")
+    wait_for_reply(page)
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, "the page scrolls sideways on a phone"
+    composer = page.locator("#composer").bounding_box()
+    assert composer is not None and composer["y"] + composer["height"] <= 844
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui-phone.png"))
