@@ -7,6 +7,8 @@ from .model_loader import load_model
 from .session import MemorySessionStore, SessionMiddleware, SessionStore
 from .settings import Settings
 from .web import ChatStream
+from .web.openai_api import add_openai_routes
+from .web.ui import add_ui_routes
 
 __all__ = [
     "AdmissionQueue",
@@ -21,6 +23,8 @@ __all__ = [
     "SessionMiddleware",
     "SessionStore",
     "Settings",
+    "add_openai_routes",
+    "add_ui_routes",
     "load_model",
 ]
 __version__ = "0.1.0"

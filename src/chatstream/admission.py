@@ -43,11 +43,12 @@ class Ticket:
             last = -1
             while not self.granted:
                 position = self.position
-                if on_position is not None and position != last:
+                if position != last:
                     last = position
-                    result = on_position(position)
-                    if result is not None:
-                        await result
+                    if on_position is not None:
+                        result = on_position(position)
+                        if result is not None:
+                            await result
                 self._changed.clear()
                 if not self.granted and self.position == last:
                     await self._changed.wait()

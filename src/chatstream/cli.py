@@ -1,4 +1,7 @@
-"""``chatstream`` command line: ``serve`` runs the server; every option also reads CHATSTREAM_<NAME>."""
+"""``chatstream`` command line: ``serve`` runs the server, ``chat`` a console chat.
+
+Every option also reads CHATSTREAM_<NAME>.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +30,10 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--log-level", "log_level", str, "log level"),
 ]
 
+# The `serve` options that `chat` shares: they shape the in-process model (ignored with --url).
+_CHAT_OPTIONS = [o for o in _SERVE_OPTIONS if o[1] in
+                 {"model", "device", "max_new_tokens", "context_len", "temperature", "system_prompt"}]
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatstream", description="Streaming chat server for language models.")
@@ -37,11 +44,24 @@ def _parser() -> argparse.ArgumentParser:
         serve.add_argument(flag, dest=field, type=kind, default=None, help=f"{help_text} [env {env}]")
     serve.add_argument("--mock", dest="mock", action="store_const", const=True, default=None,
                        help="stream canned text without a model [env CHATSTREAM_MOCK]")
+    chat = sub.add_parser(
+        "chat", help="chat in the terminal, on a local model or with a running server",
+        description="Interactive console chat that streams the reply as it is written. Commands: "
+                    "/regenerate, /clear, /exit (or Ctrl+D). Ctrl+C stops a reply; at the prompt it exits.",
+    )
+    chat.add_argument("--url", dest="url", default=None,
+                      help="chat with the chatstream server at this URL (e.g. http://127.0.0.1:8000) "
+                           "instead of running a model in this process")
+    for flag, field, kind, help_text in _CHAT_OPTIONS:
+        env = f"CHATSTREAM_{field.upper()}"
+        chat.add_argument(flag, dest=field, type=kind, default=None, help=f"{help_text} [env {env}]")
+    chat.add_argument("--mock", dest="mock", action="store_const", const=True, default=None,
+                      help="stream canned text without a model [env CHATSTREAM_MOCK]")
     return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    given = {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     return Settings(**given)
 
 
@@ -56,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return _serve(settings)
+    if args.command == "chat":
+        return _chat(settings, args)
     return 2
 
 
@@ -71,6 +93,17 @@ def _serve(settings: Settings) -> int:
           f"concurrency {settings.concurrency}, queue {settings.queue_size})", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
     return 0
+
+
+def _chat(settings: Settings, args: argparse.Namespace) -> int:
+    from .console import run_console
+
+    if args.url and (args.model or args.mock):
+        print("chatstream: error: --url talks to a running server; --model and --mock are for a local model",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(name)s: %(message)s")
+    return run_console(settings, url=args.url)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ from fastapi import FastAPI
 
 from ..settings import Settings
 from .chat_stream import ChatStream
-from .openai_api import add_openai_routes
-from .ui import add_ui_routes
 
 
 def chat_stream_from_settings(settings: Settings) -> ChatStream:
@@ -51,6 +49,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     chat_stream.append_middlewares(app)
     chat_stream.append_apis(app)
-    add_openai_routes(app, chat_stream, api_key=settings.api_key)
-    add_ui_routes(app)
+    chat_stream.append_openai_apis(app, api_key=settings.api_key)
+    chat_stream.append_ui(app)
     return app

@@ -145,6 +145,18 @@ class ChatStream:
         app.add_route("/health", self.handle_health_request, methods=["GET"])
         app.add_route("/stats/loop_lag", self.handle_loop_lag_request, methods=["GET"])
 
+    def append_openai_apis(self, app: Any, api_key: str | None = None) -> None:
+        """Add the OpenAI-compatible API (/v1/chat/completions, /v1/models), sharing this load control."""
+        from .openai_api import add_openai_routes
+
+        add_openai_routes(app, self, api_key=api_key)
+
+    def append_ui(self, app: Any) -> None:
+        """Serve the browser chat UI at / (it talks to /chat_stream, /clear_context and /history)."""
+        from .ui import add_ui_routes
+
+        add_ui_routes(app)
+
     # -- routes --
     async def handle_chat_stream_request(
         self, request: Request, request_body: bytes | None = None, callback: Callback | None = None

@@ -1,0 +1,375 @@
+"""Console chat (``chatstream chat``): a terminal conversation that streams tokens as they come.
+
+Two backends answer the same events, so the terminal loop does not care where the text comes from:
+
+- :class:`LocalChat` runs in this process on a :class:`ChatStream`'s own engine and
+  ``ChatPrompt`` (a local model, or the mock engine). No HTTP in between: an in-process ASGI
+  transport would buffer the whole reply instead of streaming it.
+- :class:`RemoteChat` speaks ``/chat_stream`` Server-Sent Events to a running server, keeping
+  the session cookie so the server keeps the history.
+
+Events are ``(kind, value)`` pairs: ``("queued", position)``, ``("delta", text)``,
+``("done", info)`` and ``("error", message)``; a reply ends after ``done`` or ``error``.
+Commands: ``/regenerate``, ``/clear``, ``/exit``. Ctrl+C stops a reply; at the prompt it exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, TextIO
+
+import httpx
+
+from .conversation import PromptTooLongError
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .web.chat_stream import ChatStream
+
+ReplyEvent = tuple[str, Any]
+
+HELP = "Commands: /regenerate  /clear  /exit (or Ctrl+D).  Ctrl+C stops a reply; at the prompt it exits."
+
+
+class ChatBackend(Protocol):
+    """Where replies come from. ``reply(None)`` regenerates the last reply."""
+
+    description: str
+
+    async def start(self) -> None: ...
+
+    def reply(self, user_input: str | None) -> AsyncIterator[ReplyEvent]: ...
+
+    async def clear(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ConsoleError(Exception):
+    """A failure to show the user as one line (server unreachable, model missing, ...)."""
+
+
+# -- in process --------------------------------------------------------------------------------
+
+class LocalChat:
+    """A conversation in this process, on ``chat_stream``'s engine, prompt class and defaults."""
+
+    def __init__(self, chat_stream: "ChatStream") -> None:
+        self.chat_stream = chat_stream
+        self.prompt = chat_stream.chat_prompt_clazz(tokenizer=chat_stream.tokenizer, system=chat_stream.system_prompt)
+        self.description = f"{chat_stream.model_name} (in this process)"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "LocalChat":
+        """Load ``settings.model`` (the embedded default if unset), or the mock engine with ``settings.mock``."""
+        from .model_loader import ModelNotFoundError, load_model
+        from .web.chat_stream import ChatStream
+
+        options: dict[str, Any] = dict(
+            device=settings.device, num_of_concurrent_executions=1, max_queue_size=0,
+            max_new_tokens=settings.max_new_tokens, context_len=settings.context_len,
+            temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+            repetition_penalty=settings.repetition_penalty, system_prompt=settings.system_prompt,
+            model_path=settings.model,
+        )
+        if settings.mock:
+            chat_stream = ChatStream(use_mock_response=True, mock_token_delay=settings.mock_token_delay, **options)
+        else:
+            try:
+                model, tokenizer = load_model(settings.model, device=settings.device)
+            except ModelNotFoundError as exc:
+                raise ConsoleError(str(exc)) from None
+            chat_stream = ChatStream(model, tokenizer, **options)
+        return cls(chat_stream)
+
+    async def start(self) -> None:
+        assert self.chat_stream.engine is not None
+        await self.chat_stream.engine.start()
+
+    async def reply(self, user_input: str | None) -> AsyncIterator[ReplyEvent]:
+        cs, prompt = self.chat_stream, self.prompt
+        previous: str | None = None
+        if user_input is None:
+            previous = prompt.get_responder_last_msg()
+            if not prompt.clear_last_responder_message():
+                yield ("error", "there is no reply to regenerate yet")
+                return
+        else:
+            prompt.add_requester_msg(user_input)
+        params = cs.default_params
+        try:
+            prompt_ids = await asyncio.to_thread(prompt.render_ids, cs.context_len - params.max_new_tokens)
+        except PromptTooLongError as exc:
+            if previous is not None:
+                prompt.add_responder_msg(previous)
+            else:
+                prompt.messages.pop()
+            yield ("error", str(exc))
+            return
+        assert cs.engine is not None
+        stream = cs.engine.generate(prompt_ids, params)
+        reply = ""
+        try:
+            async for output in stream:
+                if output.text:
+                    reply += output.text
+                    yield ("delta", output.text)
+                if output.finished:
+                    if output.finish_reason in ("stop", "length"):
+                        yield ("done", {"finish_reason": output.finish_reason, "usage": {
+                            "prompt_tokens": output.prompt_tokens, "completion_tokens": output.completion_tokens}})
+                    else:
+                        yield ("error", output.error or f"the generation ended: {output.finish_reason}")
+        finally:
+            # Stopped or finished, like the server: keep what was said; a regenerate that
+            # produced nothing gives the previous reply back.
+            stream.cancel()
+            if reply:
+                prompt.add_responder_msg(reply)
+            elif previous is not None:
+                prompt.add_responder_msg(previous)
+
+    async def clear(self) -> None:
+        self.prompt.clear()
+
+    async def aclose(self) -> None:
+        await self.chat_stream.shutdown()
+
+
+# -- against a server ---------------------------------------------------------------------------
+
+class RemoteChat:
+    """A conversation held by a chatstream server at ``url``, through ``/chat_stream``."""
+
+    def __init__(self, url: str, client: httpx.AsyncClient | None = None, busy_retry_s: float = 3.0) -> None:
+        self.url = url.rstrip("/")
+        # No read timeout: a reply may wait long in the queue between events.
+        self.client = client or httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(10.0, read=None))
+        self.busy_retry_s = busy_retry_s
+        self.description = self.url
+
+    async def start(self) -> None:
+        try:
+            health = await self.client.get("/health")
+        except httpx.TransportError as exc:
+            raise ConsoleError(f"cannot reach {self.url}: {_transport_reason(exc)}") from None
+        try:
+            info = health.json()
+        except ValueError:
+            raise ConsoleError(f"{self.url} does not look like a chatstream server (GET /health: {health.status_code})") from None
+        model = info.get("model", "?") if isinstance(info, dict) else "?"
+        state = "" if health.status_code == 200 else f", {info.get('status', 'not ready')}"
+        self.description = f"{model} at {self.url}{state}"
+
+    async def reply(self, user_input: str | None) -> AsyncIterator[ReplyEvent]:
+        body = {"regenerate": True} if user_input is None else {"user_input": user_input}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.busy_retry_s
+        try:
+            while True:
+                async with self.client.stream(
+                    "POST", "/chat_stream", json=body, headers={"accept": "text/event-stream"}
+                ) as response:
+                    if response.status_code == 409 and loop.time() < deadline:
+                        # The reply we just stopped is still being saved on the server.
+                        await asyncio.sleep(0.1)
+                        continue
+                    if response.status_code != 200:
+                        yield ("error", _error_message(response, await response.aread()))
+                        return
+                    async for event in _sse_events(response):
+                        yield event
+                    return
+        except httpx.TransportError as exc:
+            yield ("error", f"connection to {self.url} failed: {_transport_reason(exc)}")
+
+    async def clear(self) -> None:
+        try:
+            response = await self.client.post("/clear_context")
+        except httpx.TransportError as exc:
+            raise ConsoleError(f"connection to {self.url} failed: {_transport_reason(exc)}") from None
+        if response.status_code != 200:
+            raise ConsoleError(_error_message(response, response.content))
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def _sse_events(response: httpx.Response) -> AsyncIterator[ReplyEvent]:
+    event, data = "message", ""
+    async for line in response.aiter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data += line[5:].strip()
+        elif not line and data:
+            payload = json.loads(data)
+            if event == "queued":
+                yield ("queued", payload.get("position"))
+            elif event == "delta":
+                yield ("delta", payload.get("text", ""))
+            elif event == "done":
+                yield ("done", payload)
+            elif event == "error":
+                yield ("error", payload.get("message") or payload.get("error") or "the server reported an error")
+            event, data = "message", ""
+
+
+def _error_message(response: httpx.Response, body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = {}
+    message = data.get("message") if isinstance(data, dict) else None
+    if response.status_code == 503 and isinstance(data, dict) and data.get("error") == "too_many_requests":
+        retry = response.headers.get("retry-after")
+        return "the server is busy (all generation slots and its queue are full)" + (
+            f"; try again in {retry} s" if retry else "; try again later")
+    return f"{message or body.decode(errors='replace')[:200] or 'no details'} (HTTP {response.status_code})"
+
+
+def _transport_reason(exc: httpx.TransportError) -> str:
+    cause: BaseException | None = exc
+    for _ in range(8):  # httpx -> httpcore -> anyio -> the socket's own error
+        if cause is None:
+            break
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused (is the server running?)"
+        cause = cause.__cause__ or cause.__context__
+    return str(exc) or type(exc).__name__
+
+
+# -- the terminal ---------------------------------------------------------------------------------
+
+class Console:
+    """The interactive loop: read a line, stream the reply, repeat.
+
+    It runs each reply as one task on a persistent event loop (``asyncio.Runner``), so Ctrl+C
+    cancels that task: the generation stops (or the server sees the client leave) and the next
+    prompt appears. Ctrl+C or Ctrl+D at the prompt ends the chat.
+    """
+
+    def __init__(self, backend: ChatBackend, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self.backend = backend
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self._tty = self.out.isatty()
+        self._column0 = True  # is the cursor at the start of a line?
+
+    def run(self) -> int:
+        if self._tty and sys.stdin.isatty():
+            with contextlib.suppress(ImportError):
+                import readline  # noqa: F401  (line editing and history for input())
+        with asyncio.Runner() as runner:
+            try:
+                try:
+                    runner.run(self.backend.start())
+                except ConsoleError as exc:
+                    self._error(str(exc))
+                    return 1
+                self._write(f"chatstream chat: {self.backend.description}\n{HELP}\n")
+                self._loop(runner)
+                return 0
+            except KeyboardInterrupt:
+                self._write("\n")
+                return 130
+            finally:
+                with contextlib.suppress(Exception, KeyboardInterrupt):
+                    runner.run(self.backend.aclose())
+
+    def _loop(self, runner: asyncio.Runner) -> None:
+        while True:
+            try:
+                self._column0 = True
+                line = input("you> ")
+            except (EOFError, KeyboardInterrupt):
+                self._write("\n")
+                return
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                command = text.split()[0].lower()
+                if command in ("/exit", "/quit"):
+                    return
+                if command == "/help":
+                    self._write(HELP + "\n")
+                    continue
+                if command == "/clear":
+                    try:
+                        runner.run(self.backend.clear())
+                        self._write("(conversation cleared)\n")
+                    except ConsoleError as exc:
+                        self._error(str(exc))
+                    continue
+                if command != "/regenerate":
+                    self._error(f"unknown command {command}. {HELP}")
+                    continue
+            try:
+                runner.run(self._show_reply(None if text.startswith("/") else text))
+            except KeyboardInterrupt:
+                self._write("[stopped]\n" if self._column0 else " [stopped]\n")
+
+    async def _show_reply(self, user_input: str | None) -> None:
+        prefixed = status_shown = False
+        async with contextlib.aclosing(self.backend.reply(user_input)) as events:
+            async for kind, value in events:
+                if kind == "queued":
+                    status = f"[waiting in the queue: position {value}]"
+                    if self._tty:  # one line, rewritten in place
+                        self._write(f"\r\x1b[Kassistant> {status}")
+                        prefixed = status_shown = True
+                    else:
+                        self._write(("" if self._column0 else "\n") + status + "\n")
+                elif kind == "delta":
+                    if status_shown:
+                        self._write("\r\x1b[K")
+                        prefixed = status_shown = False
+                    if not prefixed:
+                        self._write("assistant> ")
+                        prefixed = True
+                    self._write(value)
+                elif kind == "done":
+                    self._end_line()
+                    if isinstance(value, dict) and value.get("finish_reason") == "length":
+                        self._write("[reply cut at the token limit]\n")
+                elif kind == "error":
+                    self._end_line()
+                    self._error(str(value))
+
+    def _end_line(self) -> None:
+        if not self._column0:
+            self._write("\n")
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self._column0 = text.endswith("\n")
+
+    def _error(self, message: str) -> None:
+        self.out.flush()
+        self.err.write(f"error: {message}\n")
+        self.err.flush()
+
+
+def run_console(settings: Settings | None = None, url: str | None = None) -> int:
+    """Run ``chatstream chat``: against the server at ``url``, else in this process. Returns the exit code."""
+    settings = settings or Settings()
+    backend: ChatBackend
+    if url:
+        backend = RemoteChat(url)
+    else:
+        if not settings.mock:
+            print(f"chatstream chat: loading {settings.model or 'the embedded default model'} ...", flush=True)
+        try:
+            backend = LocalChat.from_settings(settings)
+        except ConsoleError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+    return Console(backend).run()
