@@ -20,6 +20,9 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._free: deque[int] = deque(range(num_blocks))
+        # Fresh blocks are handed out in id order before any recycled one, so blocks
+        # [0, num_ever_used) are exactly those that ever held K/V (see ModelRunner's zeroing).
+        self.num_ever_used = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -42,7 +45,9 @@ class BlockManager:
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         """Give ``seq`` enough blocks for ``num_tokens`` tokens. Check :meth:`can_grow` first."""
         for _ in range(self.missing_blocks(seq, num_tokens)):
-            seq.block_table.append(self._free.popleft())
+            block = self._free.popleft()
+            self.num_ever_used = max(self.num_ever_used, block + 1)
+            seq.block_table.append(block)
 
     def free(self, seq: Sequence) -> None:
         self._free.extend(seq.block_table)

@@ -1,7 +1,7 @@
 """Iteration-level scheduling: which sequences run in the next step, and how many tokens each.
 
-Every step, running sequences go first (oldest first): a decoding one computes its one new token,
-a prefilling one its next chunk of prompt. Then waiting sequences are admitted in arrival order
+Every step, running sequences go first: each decoding one computes its one new token, then each
+prefilling one its next chunk of prompt. Then waiting sequences are admitted in arrival order
 while their whole prompt fits in free KV blocks, ``max_num_seqs`` allows, and the step's token
 budget (``max_num_batched_tokens``) has room; a long prompt is prefilled in chunks so it never
 stalls running decodes for long. When a running sequence needs a block and none is free, the
@@ -50,6 +50,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._preempted_this_step = False
+        self.num_preemptions = 0
 
     @property
     def has_work(self) -> bool:
@@ -71,7 +72,10 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         self._preempted_this_step = False
-        for seq in list(self.running):
+        # Decodes before prefill chunks, so a long prompt never takes the budget from them.
+        decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        for seq in decoding + prefilling:
             if seq.status is not SequenceStatus.RUNNING:  # preempted to make room for an older one
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
@@ -81,8 +85,8 @@ class Scheduler:
                 if len(self.running) == 1:
                     out.out_of_memory.append(seq)
                 else:
-                    self._preempt(seq)
-                break  # ``seq`` is now the newest: nobody after it is left
+                    self._preempt(seq)  # the newest: everyone left is older and has its blocks
+                continue
             self.block_manager.grow(seq, seq.num_computed_tokens + n)
             out.chunks.append(ScheduledChunk(seq, n))
             budget -= n
@@ -113,6 +117,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self._preempted_this_step = True
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING

@@ -1,0 +1,150 @@
+"""Paged attention, plugged into any transformers model through ``AttentionInterface``.
+
+The model runs one flattened ragged batch per step (``[1, N]`` tokens from many sequences), so
+its own attention cannot be used: this function, called once per layer with that layer's new
+queries, keys and values (RoPE already applied), writes the new K/V into the paged cache and
+attends each token to its own sequence only. Transformers builds no mask for an implementation
+name it does not know, so nothing quadratic in ``N`` is ever made.
+
+Layout: rows ``[0, num_decode)`` of the batch are single tokens attending to cached context
+(decodes), computed together with one gather per layer; after them come prefill segments, each
+computed with SDPA (causal, plus the cached part of the prompt when prefill is chunked).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_NAME = "chatstream_paged"
+
+
+@dataclass
+class PagedKVCache:
+    """Per layer one tensor ``[num_blocks, num_kv_heads, 2, block_size, head_dim]`` (2: key, value).
+
+    Keys and values of a block sit side by side so one gather per layer fetches both, and each
+    (block, head) slice of keys is a contiguous ``[block_size, head_dim]`` matrix for matmul.
+    """
+
+    layers: list[torch.Tensor]
+
+
+@dataclass
+class PrefillSegment:
+    start: int  # first row of the segment in the flattened batch
+    end: int
+    num_past: int  # tokens of this sequence already in the cache before the segment
+    past_blocks: torch.Tensor | None  # blocks covering past + segment, when num_past > 0
+
+
+@dataclass
+class BatchMetadata:
+    """What every layer needs about the step's batch, built once per step by the model runner."""
+
+    cache: PagedKVCache
+    # Row of ``cache.layers[i].view(-1, head_dim)`` for each new (kv head, key|value, token).
+    write_index: torch.Tensor  # [Hkv * 2 * N]
+    num_decode: int
+    # Decode attention runs over (row, block) pairs: every block of every decoding sequence.
+    pair_blocks: torch.Tensor  # [P]
+    pair_rows: torch.Tensor  # [P] which decode row each pair belongs to
+    # [P * Hkv, 1, block_size] float32: 0, or -inf for slots past the sequence end.
+    pair_bias: torch.Tensor
+    prefills: list[PrefillSegment] = field(default_factory=list)
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, H, N, D]
+    key: torch.Tensor,  # [1, Hkv, N, D]
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    chatstream_batch: BatchMetadata | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    batch = chatstream_batch
+    if batch is None:
+        raise RuntimeError(f"{ATTENTION_NAME} attention only runs inside chatstream's engine")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    cache = batch.cache.layers[module.layer_idx]
+    new_kv = torch.stack((key[0], value[0]), dim=1)  # [Hkv, 2, N, D]
+    cache.view(-1, cache.shape[-1]).index_copy_(0, batch.write_index, new_kv.flatten(0, 2))
+
+    q = query[0].transpose(0, 1)  # [N, H, D]
+    nd = batch.num_decode
+    if not batch.prefills:
+        return _decode(q, cache, batch, scale).unsqueeze(0), None
+    out = torch.empty_like(q)
+    if nd:
+        out[:nd] = _decode(q[:nd], cache, batch, scale)
+    for seg in batch.prefills:
+        out[seg.start : seg.end] = _prefill(query, key, value, cache, seg, scale)
+    return out.unsqueeze(0), None
+
+
+def _decode(q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: float) -> torch.Tensor:
+    """One query per sequence against its own cached blocks: ragged, padded only to a block.
+
+    Scores are computed per (row, block) pair with batched matmuls, then a softmax across each
+    row's pairs: per-row max (for stability) and sum via scatter_reduce/index_add.
+    """
+    nd, num_heads, head_dim = q.shape
+    num_pairs = batch.pair_blocks.shape[0]
+    num_kv_heads, block_size = cache.shape[1], cache.shape[3]
+    group = num_heads // num_kv_heads  # query heads sharing one KV head (GQA)
+    rows = batch.pair_rows
+    # Computed in float32 whatever the model dtype: bf16 scores would be too coarse for softmax.
+    kv = cache.index_select(0, batch.pair_blocks).float()  # [P, Hkv, 2, bs, D]
+    keys = kv[:, :, 0].flatten(0, 1)  # [P*Hkv, bs, D]
+    values = kv[:, :, 1].flatten(0, 1)
+    queries = q.index_select(0, rows).float().view(num_pairs * num_kv_heads, group, head_dim)
+    scores = torch.baddbmm(batch.pair_bias, queries, keys.transpose(1, 2), alpha=scale)
+    scores = scores.view(num_pairs, num_heads, block_size)
+    pair_max = scores.amax(-1)  # [P, H]
+    row_max = pair_max.new_full((nd, num_heads), float("-inf"))
+    row_max.scatter_reduce_(0, rows[:, None].expand_as(pair_max), pair_max, "amax")
+    weights = torch.exp(scores - row_max.index_select(0, rows).unsqueeze(-1))
+    denom = pair_max.new_zeros((nd, num_heads)).index_add_(0, rows, weights.sum(-1))
+    partial = torch.bmm(weights.view(-1, group, block_size), values)  # [P*Hkv, G, D]
+    out = partial.new_zeros((nd, num_heads, head_dim))
+    out.index_add_(0, rows, partial.view(num_pairs, num_heads, head_dim))
+    return (out / denom.unsqueeze(-1)).to(q.dtype)
+
+
+def _prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    seg: PrefillSegment,
+    scale: float,
+) -> torch.Tensor:
+    q = query[:, :, seg.start : seg.end]  # [1, H, n, D]
+    if seg.past_blocks is None:  # the whole context is in this segment
+        k = key[:, :, seg.start : seg.end]
+        v = value[:, :, seg.start : seg.end]
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
+    n = seg.end - seg.start
+    context = seg.num_past + n
+    kv = cache.index_select(0, seg.past_blocks)  # [nb, Hkv, 2, bs, D]
+    nb, hkv, _, bs, d = kv.shape
+    kv = kv.permute(2, 1, 0, 3, 4).reshape(2, 1, hkv, nb * bs, d)[:, :, :, :context]
+    # Causal with an offset: query i (position num_past + i) sees keys 0..num_past + i.
+    q_pos = torch.arange(seg.num_past, context, device=q.device)
+    mask = torch.arange(context, device=q.device)[None, :] <= q_pos[:, None]
+    out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+def register() -> None:
+    """Make ``ATTENTION_NAME`` a valid ``attn_implementation`` (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)

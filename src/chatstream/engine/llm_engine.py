@@ -1,0 +1,344 @@
+"""The continuous-batching engine: one worker thread runs the model for every request at once.
+
+``generate`` runs on the event loop and only hands a new sequence to the worker. The worker
+loops: take new and cancelled requests, let the scheduler pick this step's batch, run one forward,
+sample, detokenize, check stop strings, and push each sequence's new text to its stream with
+``put_threadsafe``. When nothing is left it sleeps on a condition variable until ``generate``,
+a cancel or ``shutdown`` wakes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from typing import Any, Sequence as Seq
+
+import torch
+
+from .block_manager import BlockManager
+from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner, kv_bytes_per_token
+from .protocol import FinishReason, GenerationOutput
+from .sampler import SamplingBatch, sample
+from .sampling_params import SamplingParams
+from .scheduler import ScheduledChunk, Scheduler
+from .sequence import Sequence
+from .stop_strings import StopStringMatcher
+from .stream import RequestStream
+
+logger = logging.getLogger("chatstream.engine")
+
+_INT64 = (1 << 64) - 1
+
+
+class LLMEngine:
+    """Continuous batching over any transformers causal LM, with a paged KV cache.
+
+    ``max_num_seqs`` caps the sequences decoded together. ``kv_cache_memory_bytes`` bounds the KV
+    cache; by default a quarter of the host's available memory (half of free GPU memory on CUDA),
+    but no more than ``max_num_seqs`` full-length contexts need. ``device`` moves the model there
+    first (default: where it is). ``max_num_batched_tokens`` caps the tokens of one step, so long
+    prompts are prefilled in chunks between decode steps. The engine switches the model to its own
+    attention implementation until :meth:`shutdown`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_num_seqs: int = 8,
+        kv_cache_memory_bytes: int | None = None,
+        device: str | None = None,
+        max_num_batched_tokens: int = 2048,
+        block_size: int = 16,
+    ) -> None:
+        if device is not None and torch.device(device) != model.device:
+            model = model.to(device)
+        model.eval()
+        self.tokenizer = tokenizer
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.max_model_len: int = getattr(config, "max_position_embeddings", None) or 1 << 20
+        self._vocab_size: int = model.get_input_embeddings().num_embeddings
+        self._eos_ids = _eos_token_ids(model, tokenizer)
+
+        block_bytes = kv_bytes_per_token(model) * block_size
+        if kv_cache_memory_bytes is None:
+            kv_cache_memory_bytes = _default_kv_cache_bytes(
+                model, kv_bytes_per_token(model) * max_num_seqs * self.max_model_len
+            )
+        num_blocks = kv_cache_memory_bytes // block_bytes
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory_bytes={kv_cache_memory_bytes} is less than one KV block ({block_bytes} bytes)"
+            )
+        self._blocks = BlockManager(num_blocks, block_size)
+        self._scheduler = Scheduler(
+            self._blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+        )
+        self._runner = ModelRunner(model, self._blocks)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.0f MiB) on %s",
+            num_blocks, block_size, num_blocks * block_bytes / 2**20, model.device,
+        )
+
+        # Shared with the worker, guarded by _wake's lock.
+        self._wake = threading.Condition()
+        self._incoming: list[Sequence] = []
+        self._cancelled: set[Sequence] = set()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._broken: str | None = None
+
+    # -- introspection (approximate when read while the worker runs) --
+    @property
+    def ready(self) -> bool:
+        return not self._stopping and self._broken is None
+
+    @property
+    def num_running(self) -> int:
+        return len(self._scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._scheduler.waiting) + len(self._incoming)
+
+    @property
+    def num_preemptions(self) -> int:
+        """Sequences evicted so far to make room for older ones (recomputed later)."""
+        return self._scheduler.num_preemptions
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self._blocks.num_free_blocks
+
+    @property
+    def num_blocks(self) -> int:
+        return self._blocks.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._blocks.block_size
+
+    # -- lifecycle --
+    async def start(self) -> None:
+        self._ensure_started()
+
+    async def shutdown(self) -> None:
+        with self._wake:
+            if self._stopping:
+                return
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)  # the step in flight finishes first
+        self._runner.close()
+
+    def _ensure_started(self) -> None:
+        if self._thread is None and not self._stopping:
+            self._thread = threading.Thread(target=self._run, name="chatstream-engine", daemon=True)
+            self._thread.start()
+
+    # -- event-loop side --
+    def generate(
+        self,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> RequestStream:
+        seq: Sequence | None = None  # bound below; the cancel callback only fires later
+        stream = RequestStream(asyncio.get_running_loop(), lambda _: self._request_cancel(seq), request_id)
+        prompt = list(prompt_token_ids)
+        error = self._check_prompt(prompt)
+        if error is not None:
+            stream.put_nowait(_final("error", len(prompt), 0, error=error))
+            return stream
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        seq = Sequence(
+            request_id=stream.request_id,
+            token_ids=prompt,
+            params=params,
+            seed=_to_int64(seed),
+            stream=stream,
+            detokenizer=IncrementalDetokenizer(self.tokenizer),
+            stop_matcher=StopStringMatcher(params.stop),
+        )
+        self._ensure_started()
+        with self._wake:
+            if self._stopping or self._broken is not None:
+                stream.put_nowait(_final("error", len(prompt), 0, error="the engine is shut down"))
+                return stream
+            self._incoming.append(seq)
+            self._wake.notify()
+        return stream
+
+    def _check_prompt(self, prompt: list[int]) -> str | None:
+        if self._broken is not None:
+            return f"the engine failed: {self._broken}"
+        if not prompt:
+            return "the prompt is empty"
+        if min(prompt) < 0 or max(prompt) >= self._vocab_size:
+            return f"the prompt holds token ids outside the vocabulary (0..{self._vocab_size - 1})"
+        if len(prompt) > self.max_model_len:
+            return f"the prompt has {len(prompt)} tokens; the model's context is {self.max_model_len}"
+        if len(prompt) > self._blocks.capacity_tokens:
+            return (
+                f"the prompt has {len(prompt)} tokens but the KV cache holds only "
+                f"{self._blocks.capacity_tokens}; raise kv_cache_memory_bytes"
+            )
+        return None
+
+    def _request_cancel(self, seq: Sequence | None) -> None:
+        if seq is None:
+            return
+        with self._wake:
+            self._cancelled.add(seq)
+            self._wake.notify()
+
+    # -- worker side --
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._iterate():
+                    pass
+        except BaseException as exc:  # a bug: fail every request rather than leave them hanging
+            logger.exception("engine worker crashed")
+            self._broken = repr(exc)
+            with self._wake:
+                self._scheduler.waiting.extend(self._incoming)
+                self._incoming.clear()
+            self._finish_all("error", self._broken)
+
+    def _iterate(self) -> bool:
+        """One worker iteration; False once the engine is shutting down."""
+        with self._wake:
+            while not (self._incoming or self._cancelled or self._stopping or self._scheduler.has_work):
+                self._wake.wait()
+            incoming, self._incoming = self._incoming, []
+            cancelled, self._cancelled = self._cancelled, set()
+            stopping = self._stopping
+        for seq in incoming:
+            self._scheduler.add(seq)
+        for seq in cancelled:
+            if not seq.is_finished:
+                self._finish(seq, "cancelled")
+        if stopping:
+            self._finish_all("cancelled")
+            return False
+        if self._scheduler.has_work:
+            self._step()
+        return True
+
+    def _step(self) -> None:
+        plan = self._scheduler.schedule()
+        for seq in plan.out_of_memory:  # owns the whole cache and needs more: the context is full
+            self._finish(seq, "length")
+        if not plan.chunks:
+            return
+        try:
+            sampled, logits = self._runner.execute(plan.chunks)
+            tokens = sample(logits, self._sampling_batch(sampled, logits.device)).tolist()
+        except Exception as exc:  # e.g. out of memory: fail this step's requests, keep serving
+            logger.exception("engine step failed")
+            for chunk in plan.chunks:
+                self._finish(chunk.seq, "error", error=f"generation failed: {exc!r}")
+            return
+        for chunk, token in zip(sampled, tokens):
+            self._append(chunk.seq, token)
+
+    def _sampling_batch(self, sampled: list[ScheduledChunk], device: torch.device) -> SamplingBatch:
+        seqs = [c.seq for c in sampled]
+        params = [s.params for s in seqs]
+
+        def tensor(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        batch = SamplingBatch(
+            temperature=tensor([p.temperature for p in params], torch.float32),
+            top_k=tensor([p.top_k for p in params], torch.long),
+            top_p=tensor([p.top_p for p in params], torch.float32),
+            repetition_penalty=tensor([p.repetition_penalty for p in params], torch.float32),
+            seed=tensor([s.seed for s in seqs], torch.long),
+            step=tensor([s.num_completion_tokens for s in seqs], torch.long),
+        )
+        penalised = [(row, s) for row, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
+        if penalised:
+            batch.seen_rows = tensor([row for row, s in penalised for _ in s.token_ids], torch.long)
+            batch.seen_tokens = tensor([t for _, s in penalised for t in s.token_ids], torch.long)
+        return batch
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.token_ids.append(token)
+        if token in self._eos_ids:
+            self._finish(seq, "stop")
+            return
+        text, stopped = seq.stop_matcher.feed(seq.detokenizer.step(token))
+        if stopped:
+            self._finish(seq, "stop", text)
+        elif seq.num_completion_tokens >= seq.params.max_new_tokens or seq.num_tokens > self.max_model_len:
+            self._finish(seq, "length", text)
+        elif text:
+            seq.stream.put_threadsafe(GenerationOutput(text=text))
+
+    def _finish(self, seq: Sequence, reason: FinishReason, text: str = "", error: str | None = None) -> None:
+        self._scheduler.finish(seq)
+        text += seq.stop_matcher.flush()  # held-back text that never became a stop string
+        seq.stream.put_threadsafe(
+            _final(reason, seq.num_prompt_tokens, seq.num_completion_tokens, text=text, error=error)
+        )
+
+    def _finish_all(self, reason: FinishReason, error: str | None = None) -> None:
+        for seq in [*self._scheduler.running, *self._scheduler.waiting]:
+            self._finish(seq, reason, error=error)
+
+
+def _final(
+    reason: FinishReason, prompt_tokens: int, completion_tokens: int, *, text: str = "", error: str | None = None
+) -> GenerationOutput:
+    return GenerationOutput(
+        text=text,
+        finished=True,
+        finish_reason=reason,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        error=error,
+    )
+
+
+def _to_int64(seed: int) -> int:
+    seed &= _INT64
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def _eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    generation_config = getattr(model, "generation_config", None)
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value is not None:
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def _default_kv_cache_bytes(model: Any, enough: int) -> int:
+    """A quarter of free host memory (half of free GPU memory), capped at what the engine could use."""
+    if model.device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(model.device)
+        available = free // 2
+    else:
+        available = _mem_available_bytes() // 4
+    return min(available, enough)
+
+
+def _mem_available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30  # not Linux: assume a modest machine

@@ -1,0 +1,131 @@
+"""Runs a transformers causal LM on one flattened ragged batch per step.
+
+Each step is a single forward over ``[1, N]`` tokens: one token per decoding sequence, then the
+prompt chunks of prefilling ones. The model is any transformers causal LM, unchanged: only its
+attention implementation is swapped for :mod:`.attention`, and the step's batch layout travels to
+it as an extra forward kwarg. Logits are computed only for each sequence's last token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import attention
+from .attention import BatchMetadata, PagedKVCache, PrefillSegment
+from .block_manager import BlockManager
+from .scheduler import ScheduledChunk
+
+
+def _kv_shape(config: Any) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a decoder config."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    return config.num_hidden_layers, num_kv_heads, head_dim
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    layers, kv_heads, head_dim = _kv_shape(model.config)
+    return 2 * layers * kv_heads * head_dim * model.dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(self, model: Any, blocks: BlockManager) -> None:
+        self.model = model
+        self.device = model.device
+        self.blocks = blocks
+        self.block_size = block_size = blocks.block_size
+        layers, self.num_kv_heads, head_dim = _kv_shape(model.config)
+        shape = (blocks.num_blocks, self.num_kv_heads, 2, block_size, head_dim)
+        # torch.empty, so host memory is only committed as the cache fills; blocks are zeroed on
+        # first use instead, because decode reads the unused tail of a sequence's last block (masked
+        # out, but NaN garbage times a zero weight would still be NaN).
+        self.cache = PagedKVCache(
+            [torch.empty(shape, dtype=model.dtype, device=self.device) for _ in range(layers)]
+        )
+        self._num_zeroed = 0
+        attention.register()
+        self._previous_attn = model.config._attn_implementation
+        model.set_attn_implementation(attention.ATTENTION_NAME)
+
+    def close(self) -> None:
+        """Give the model its own attention back and drop the cache."""
+        self.model.set_attn_implementation(self._previous_attn)
+        self.cache.layers.clear()
+
+    def execute(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor]:
+        """Run one step. Returns the chunks that reached their sequence's end, and their logits."""
+        # Single-token chunks (decodes) first: the attention computes them together.
+        ordered = [c for c in chunks if c.num_tokens == 1] + [c for c in chunks if c.num_tokens > 1]
+        sampled = [c for c in ordered if c.completes]
+        if self.blocks.num_ever_used > self._num_zeroed:
+            for layer in self.cache.layers:
+                layer[self._num_zeroed : self.blocks.num_ever_used].zero_()
+            self._num_zeroed = self.blocks.num_ever_used
+        meta, input_ids, positions, keep = self._prepare(ordered)
+        output = self.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=keep,
+            chatstream_batch=meta,
+        )
+        for chunk in ordered:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+        return sampled, output.logits[0]
+
+    def _prepare(
+        self, ordered: list[ScheduledChunk]
+    ) -> tuple[BatchMetadata, torch.Tensor, torch.Tensor, torch.Tensor]:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        write_blocks: list[int] = []
+        pair_blocks: list[int] = []
+        pair_rows: list[int] = []
+        pair_lengths: list[int] = []
+        keep: list[int] = []
+        prefills: list[PrefillSegment] = []
+        num_decode = 0
+        for chunk in ordered:
+            seq, start, n = chunk.seq, chunk.seq.num_computed_tokens, chunk.num_tokens
+            table = seq.block_table
+            row = len(ids)
+            ids += seq.token_ids[start : start + n]
+            positions += range(start, start + n)
+            write_blocks += [table[p // bs] for p in range(start, start + n)]
+            if chunk.completes:
+                keep.append(row + n - 1)
+            if n == 1:
+                num_blocks = start // bs + 1
+                pair_blocks += table[:num_blocks]
+                pair_rows += [num_decode] * num_blocks
+                pair_lengths += [bs] * (num_blocks - 1) + [start % bs + 1]
+                num_decode += 1
+            else:
+                past = None
+                if start > 0:
+                    past = torch.tensor(table[: -(-(start + n) // bs)], device=self.device)
+                prefills.append(PrefillSegment(row, row + n, start, past))
+        dev = self.device
+        pos = torch.tensor(positions, device=dev)
+        # Cache row of (kv head h, key|value k, token n): ((block * Hkv + h) * 2 + k) * bs + offset.
+        token_base = torch.tensor(write_blocks, device=dev) * (self.num_kv_heads * 2 * bs) + pos % bs
+        head_base = torch.arange(self.num_kv_heads * 2, device=dev) * bs
+        lengths = torch.tensor(pair_lengths, device=dev)
+        padding = torch.arange(bs, device=dev)[None, :] >= lengths[:, None]  # [P, bs]
+        bias = torch.zeros(padding.shape, device=dev).masked_fill_(padding, float("-inf"))
+        meta = BatchMetadata(
+            cache=self.cache,
+            write_index=(head_base[:, None] + token_base[None, :]).flatten(),
+            num_decode=num_decode,
+            pair_blocks=torch.tensor(pair_blocks, dtype=torch.long, device=dev),
+            pair_rows=torch.tensor(pair_rows, dtype=torch.long, device=dev),
+            pair_bias=bias.repeat_interleave(self.num_kv_heads, dim=0)[:, None, :],
+            prefills=prefills,
+        )
+        input_ids = torch.tensor(ids, device=dev)[None, :]
+        return meta, input_ids, pos[None, :], torch.tensor(keep, dtype=torch.long, device=dev)
