@@ -107,3 +107,28 @@ def test_missing_model_is_reported_by_health(tmp_path):
         assert r.status_code == 503 and r.json()["error"] == "model_unavailable"
     finally:
         stop(proc)
+
+
+def test_serve_the_embedded_model_health_then_chat():
+    port = free_port()
+    proc = start(["--port", str(port), "--max-new-tokens", "8", "--temperature", "0"])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        statuses = set()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert proc.poll() is None
+            try:
+                r = httpx.get(f"{url}/health")
+            except httpx.TransportError:
+                time.sleep(0.1)
+                continue
+            statuses.add((r.status_code, r.json()["status"]))
+            if r.status_code == 200:
+                break
+            time.sleep(0.05)
+        assert statuses <= {(503, "loading"), (200, "ok")} and (200, "ok") in statuses
+        r = httpx.post(f"{url}/chat_stream?format=text", json={"user_input": "Say hi"}, timeout=60)
+        assert r.status_code == 200 and r.text.strip()
+    finally:
+        stop(proc)

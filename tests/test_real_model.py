@@ -1,0 +1,70 @@
+"""The whole path on the real embedded default model: HTTP in, tokens out, history saved."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from chatstream import ChatStream
+from conftest import parse_sse, wait_until
+from seed_apps import callback_app
+
+
+@pytest.fixture(scope="module")
+def real_server(default_model):
+    from conftest import live_server
+
+    model, tokenizer = default_model
+    chat_stream = ChatStream(
+        model=model, tokenizer=tokenizer, device="cpu", num_of_concurrent_executions=2,
+        max_queue_size=4, max_new_tokens=24, temperature=0.0, repetition_penalty=1.0, session_secret="real",
+    )
+    calls: list = []
+    app = callback_app(chat_stream, calls)
+    chat_stream.append_apis(app)
+    with live_server(app) as server:
+        yield server, chat_stream, calls
+
+
+def test_a_real_reply_streams_token_by_token_and_lands_in_history(real_server):
+    server, chat_stream, calls = real_server
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.post("/chat_stream", json={"user_input": "What is the capital of France?", "regenerate": False})
+        events = parse_sse(r.text)
+        pieces = [d["text"] for e, d in events if e == "delta"]
+        reply = "".join(pieces)
+        assert len(pieces) > 3  # streamed in many pieces, not at once
+        assert "Paris" in reply
+        done = events[-1][1]
+        assert done["status"] == "success" and done["usage"]["completion_tokens"] <= 24
+        assert c.get("/history").json()["messages"][-1] == {"role": "assistant", "content": reply}
+    assert wait_until(lambda: calls and calls[-1][0] == "success")
+    assert calls[-1][1].rstrip().endswith(reply + "<|im_end|>")
+
+
+def test_multibyte_text_streams_without_broken_characters(real_server):
+    server, _, _ = real_server
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        r = c.post("/chat_stream", json={"user_input": "Write 'こんにちは' three times.", "max_tokens": 24})
+        pieces = [d["text"] for e, d in parse_sse(r.text) if e == "delta"]
+        stored = c.get("/history").json()["messages"][-1]["content"]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == stored
+    assert any(ord(ch) > 0x3000 for ch in stored)  # the reply really contains multi-byte text
+
+
+def test_leaving_mid_stream_frees_the_slot_at_once(real_server):
+    server, chat_stream, calls = real_server
+    before = len(calls)
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        with c.stream("POST", "/chat_stream", json={"user_input": "Write a long story about a dragon."}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:") and "text" in json.loads(line[5:]):
+                    break
+        assert wait_until(lambda: len(calls) > before, timeout=10)
+        assert calls[-1][0] == "client_disconnected_while_streaming"
+        assert chat_stream.admission.running == 0
+        assert wait_until(lambda: chat_stream.engine.num_running == 0, timeout=2)
+        assert c.get("/history").json()["messages"][-1]["role"] == "assistant"
