@@ -24,6 +24,7 @@ _SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--queue-size", "queue_size", int, "requests that may wait for a slot (max_queue_size)"),
     ("--max-new-tokens", "max_new_tokens", int, "longest reply in tokens"),
     ("--context-len", "context_len", int, "prompt + reply token budget"),
+    ("--kv-cache-mb", "kv_cache_mb", int, "KV-cache memory budget in MiB (default: from free memory)"),
     ("--temperature", "temperature", float, "sampling temperature (0 = greedy)"),
     ("--system-prompt", "system_prompt", str, "system message for new conversations"),
     ("--api-key", "api_key", str, "require this bearer key on /v1/*"),

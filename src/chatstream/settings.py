@@ -21,6 +21,7 @@ class Settings(BaseSettings):
     queue_size: int = Field(5, ge=0, le=100_000, description="requests that may wait for a slot (max_queue_size)")
     max_new_tokens: int = Field(256, ge=1, description="longest reply in tokens")
     context_len: int = Field(1024, ge=16, description="prompt + reply token budget; oldest turns are dropped to fit")
+    kv_cache_mb: int | None = Field(None, ge=1, description="KV-cache memory budget in MiB (default: from free memory)")
     temperature: float = Field(0.7, ge=0.0, le=100.0, description="0 = greedy")
     top_k: int = Field(50, ge=0, description="0 = off")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="1 = off")

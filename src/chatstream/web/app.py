@@ -18,6 +18,7 @@ def chat_stream_from_settings(settings: Settings) -> ChatStream:
         max_queue_size=settings.queue_size,
         max_new_tokens=settings.max_new_tokens,
         context_len=settings.context_len,
+        kv_cache_memory_bytes=settings.kv_cache_mb * 2**20 if settings.kv_cache_mb else None,
         temperature=settings.temperature,
         top_k=settings.top_k,
         top_p=settings.top_p,

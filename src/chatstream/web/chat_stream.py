@@ -53,6 +53,7 @@ class ChatStream:
         session_secret: str | None = None,
         session_ttl_s: int = 14 * 24 * 3600,
         secure_cookies: bool = False,
+        kv_cache_memory_bytes: int | None = None,
         model_path: str | None = None,
         model_name: str | None = None,
         mock_token_delay: float = 0.03,
@@ -80,6 +81,7 @@ class ChatStream:
         self.secure_cookies = secure_cookies
         self.loop_lag = LoopLagMonitor()
         self._model_path = model_path
+        self.kv_cache_memory_bytes = kv_cache_memory_bytes
         self._load_task: asyncio.Task[None] | None = None
         self.load_error: str | None = None
         self.tokenizer: Any = tokenizer
@@ -98,7 +100,8 @@ class ChatStream:
 
         self.tokenizer = tokenizer
         self.engine = LLMEngine(
-            model, tokenizer, max_num_seqs=self.admission.max_concurrent, device=self.device
+            model, tokenizer, max_num_seqs=self.admission.max_concurrent, device=self.device,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
         )
 
     @property
