@@ -3,6 +3,7 @@
     .venv/bin/python -m benchmarks.compare concurrency   # --concurrency 16 vs --concurrency 1
     .venv/bin/python -m benchmarks.compare peers         # chatstream vs transformers serve
     .venv/bin/python -m benchmarks.compare sweep         # concurrency = clients = 1 .. 32
+    .venv/bin/python -m benchmarks.compare reference     # chatstream vs llama.cpp on the GGUF
 
 Every server runs as a subprocess on a free loopback port, one at a time, so the runs of a suite
 share one machine state; each is warmed up before the measured load, and its log goes to a
@@ -42,6 +43,44 @@ Notes on ``transformers serve`` (the peer), found with transformers 5.24.0 and t
 * A short trial on the 2-core dev machine (SmolLM2-135M, float32, 16 clients x 1 request x 32
   tokens, shared CPUs): about 80 output tokens/s, TTFT p50 about 1.8 s; with 4 clients about
   14 tokens/s (265 ms per token).
+
+Notes on the llama.cpp reference (``reference`` suite), found with llama-cpp-python 0.3.36:
+
+* Install: not part of CI and not a chatstream dependency. ``llama-cpp-python`` compiles
+  llama.cpp from source (CMake + a C/C++ compiler; about 4.5 minutes on the 2-core dev
+  machine), into a venv of its own so that its fastapi/uvicorn/pydantic pins never touch
+  chatstream's::
+
+      python3 -m venv .venv-llamacpp
+      .venv-llamacpp/bin/pip install 'llama-cpp-python[server]'
+
+  ``--llamacpp-python`` points at another interpreter. The build uses ``-march=native``, so the
+  wheel belongs to the machine it was built on.
+* Model: the *original* GGUF (the embedded default, ``SmolLM2-135M-Instruct.Q4_1.gguf``, or a
+  ``--model`` ending in ``.gguf``), run with its Q4_1 weights by llama.cpp's own kernels;
+  chatstream serves the same file dequantized to float32. The section says so.
+* Command: ``python -m llama_cpp.server --model GGUF --host 127.0.0.1 --port P --n_threads N
+  --n_threads_batch N --n_ctx 4096 --logits_all False --interrupt_requests False`` with N = the
+  usable cores (``--llamacpp-threads``). ``--interrupt_requests False`` is required: its default
+  (True) ends the stream being generated (with ``[DONE]``) as soon as another request waits,
+  which would cut replies short under concurrent load. ``--logits_all False``: the server's
+  default (True, unlike ``Llama()``'s) computes and copies logits for every prompt token, which
+  only logprobs need. Nothing else is tuned.
+* Concurrency: there is no parallel-sequence or batching setting (no ``n_parallel``; ``--help``
+  has none): the server holds one ``Llama`` with one sequence behind a lock, so it generates for
+  **one request at a time** and the other clients wait for the lock. The runner checks this before the load (two
+  simultaneous streams: do they overlap?) and writes what it saw into the section.
+* Chat template: with no ``--chat_format`` the server applies the GGUF's own
+  ``tokenizer.chat_template`` through Jinja2 (its log says "Using gguf chat template", with
+  ``<|im_end|>`` as the stop token): SmolLM2's ChatML template with its default system prompt,
+  the template chatstream applies too. A test prompt came to the same 42 prompt tokens in both,
+  and greedy replies are sane ("The capital of France is Paris."), so ``--chat_format chatml``
+  is not needed (its generic ChatML would write an empty system turn instead of SmolLM2's
+  default system prompt, so prompts would differ from chatstream's).
+* Model name: ``GET /v1/models`` lists one id, the ``--model`` path; the load generator sends it.
+* Stream format: ``data:`` chunks, one per token, then ``data: [DONE]``; ``stream_options`` /
+  ``usage`` are not sent in the stream, so completion tokens are counted from the deltas.
+* Readiness: ``GET /v1/models`` answers 200 once the model is loaded.
 """
 
 from __future__ import annotations
@@ -67,12 +106,16 @@ from typing import Any
 
 import httpx
 
-from .serving import LoadConfig, format_summary, run_load
+from .serving import LoadConfig, format_summary, resolve_model_name, run_load, run_request
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 DEFAULT_RESULTS = BENCH_DIR / "RESULTS.md"
-SUITES = ("concurrency", "peers", "sweep")
+SUITES = ("concurrency", "peers", "sweep", "reference")
+LLAMACPP_INSTALL_HINT = (
+    "python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install 'llama-cpp-python[server]' "
+    "(compiles llama.cpp from source)"
+)
 RESULTS_HEADER = """# chatstream serving benchmarks
 
 Written by `python -m benchmarks.compare <suite>` (see `benchmarks/README.md`); running a suite
@@ -86,12 +129,13 @@ class RunPlan:
     """One server to start and the load to send it."""
 
     label: str
-    server: str  # "chatstream" or "transformers"
+    server: str  # "chatstream", "transformers" or "llamacpp"
     argv: list[str]  # "{port}" is replaced by the port picked at start
     ready_path: str
     clients: int
     requests: int
     protocol: str  # "chatstream", "openai" or "auto" (openai if the server has it)
+    check_overlap: bool = False  # before the load: do two simultaneous streams overlap?
 
     def command(self, port: int | str) -> list[str]:
         return [a.replace("{port}", str(port)) for a in self.argv]
@@ -105,6 +149,8 @@ class SuitePlan:
     baseline: str  # label of the run the ratios are against
     runs: list[RunPlan]
     targets: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # written under the settings
+    model: str | None = None  # the Model line, where the suite's servers differ
 
 
 @dataclass
@@ -150,14 +196,65 @@ def transformers_command(opts: argparse.Namespace, model_folder: str) -> list[st
     ]
 
 
-def model_folder(model: str | None) -> str:
-    """The Hugging Face folder chatstream serves (the embedded GGUF is converted once, ~25 s)."""
+def usable_cores() -> int:
     try:
-        from chatstream.model_loader import resolve_model_folder
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def llamacpp_command(opts: argparse.Namespace, gguf: str) -> list[str]:
+    threads = str(opts.llamacpp_threads or usable_cores())
+    return [
+        llamacpp_python(opts), "-m", "llama_cpp.server", "--model", gguf,
+        "--host", "127.0.0.1", "--port", "{port}", "--n_threads", threads, "--n_threads_batch", threads,
+        "--n_ctx", "4096", "--logits_all", "False", "--interrupt_requests", "False",
+    ]
+
+
+def llamacpp_python(opts: argparse.Namespace) -> str:
+    """``--llamacpp-python`` made absolute (not resolved: a venv's python is a symlink that must stay one)."""
+    return os.path.abspath(opts.llamacpp_python or REPO_ROOT / ".venv-llamacpp" / "bin" / "python")
+
+
+def _import_model_loader() -> Any:
+    try:
+        from chatstream import model_loader
     except ImportError:  # chatstream not installed into the venv yet: use the source tree
         sys.path.insert(0, str(REPO_ROOT / "src"))
-        from chatstream.model_loader import resolve_model_folder
-    return str(resolve_model_folder(model))
+        from chatstream import model_loader
+    return model_loader
+
+
+def gguf_file(model: str | None) -> str:
+    """The GGUF llama.cpp runs: ``--model`` if it is one, else the embedded default's file."""
+    if model:
+        if not model.endswith(".gguf"):
+            raise SystemExit(f"reference: llama.cpp needs a .gguf file; --model {model} is not one")
+        return str(Path(model).expanduser().resolve())
+    return str(_import_model_loader().default_model_path())
+
+
+def llamacpp_version(python: str) -> str:
+    """llama-cpp-python's version under ``python``; SystemExit with the install hint if it is missing."""
+    try:
+        out = subprocess.run(
+            [python, "-c", "import llama_cpp, llama_cpp.server.app; print(llama_cpp.__version__)"],
+            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SystemExit(f"reference: cannot run {python} ({exc}); install with: {LLAMACPP_INSTALL_HINT}") from exc
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["?"])[-1]
+        raise SystemExit(
+            f"reference: {python} cannot import llama_cpp.server ({last}); install with: {LLAMACPP_INSTALL_HINT}"
+        )
+    return out.stdout.strip()
+
+
+def model_folder(model: str | None) -> str:
+    """The Hugging Face folder chatstream serves (the embedded GGUF is converted once, ~25 s)."""
+    return str(_import_model_loader().resolve_model_folder(model))
 
 
 def plan_suite(opts: argparse.Namespace) -> SuitePlan:
@@ -189,6 +286,31 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
             f"({folder}), {clients} concurrent clients, OpenAI streaming protocol for both.",
             peer.label, [peer, ours],
             targets=["chatstream tokens/s >= 2x transformers serve", "chatstream TTFT p50 < transformers serve"],
+        )
+    if opts.suite == "reference":
+        gguf = gguf_file(opts.model)
+        ours = RunPlan(f"chatstream --concurrency {clients}", "chatstream", chatstream_command(opts, clients),
+                       "/health", clients, clients * rpc, opts.chatstream_protocol or "auto")
+        ref = RunPlan("llama.cpp server (llama-cpp-python)", "llamacpp", llamacpp_command(opts, gguf),
+                      "/v1/models", clients, clients * rpc, "openai", check_overlap=True)
+        return SuitePlan(
+            "reference", "reference: chatstream vs llama.cpp on the original GGUF (CPU reference)",
+            f"chatstream (`--concurrency {clients}`) and llama.cpp's server (`llama-cpp-python[server]`, "
+            f"compiled from source) on the original GGUF ({Path(gguf).name}), {clients} concurrent "
+            "clients, OpenAI streaming protocol for both. llama.cpp is the CPU reference to chase.",
+            ref.label, [ref, ours],
+            targets=["chatstream tokens/s vs llama.cpp (the reference to chase; no fixed target)",
+                     "chatstream TTFT p50 vs llama.cpp"],
+            notes=[
+                "Quantization differs: llama.cpp runs the GGUF's **Q4_1** weights with its own quantized "
+                "kernels; chatstream serves the same GGUF **dequantized to float32** (transformers). Same "
+                "weights, not the same arithmetic.",
+                f"llama.cpp: llama-cpp-python {opts.llamacpp_version or '(version not checked)'}, compiled "
+                f"from source on this machine (`-march=native`), {opts.llamacpp_threads or usable_cores()} "
+                "threads, the GGUF's own chat template; its server has no parallel-sequence setting (one "
+                "`Llama`, one sequence, behind a lock), see the overlap check under the table.",
+            ],
+            model=f"{Path(gguf).name}: the Q4_1 GGUF as is for llama.cpp; dequantized to float32 for chatstream",
         )
     levels = [int(x) for x in opts.levels.split(",") if x.strip()]
     protocol = opts.chatstream_protocol or "chatstream"
@@ -277,6 +399,33 @@ def openai_route_available(base_url: str) -> bool:
         return False
 
 
+async def overlap_probe(label: str, base_url: str, protocol: str, opts: argparse.Namespace) -> str:
+    """Send two requests at once; say whether their streams overlapped or ran one after the other."""
+    cfg = LoadConfig(
+        url=base_url, protocol=protocol, clients=2, requests=2, max_tokens=32, seed=opts.seed,
+        temperature=opts.temperature, request_timeout=opts.request_timeout, progress=False,
+    )
+    model_name = await resolve_model_name(cfg)
+
+    async def one(index: int) -> Any:
+        timeout = httpx.Timeout(cfg.request_timeout, connect=10.0)
+        async with httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False) as client:
+            return await run_request(client, cfg, index, index, model_name)
+
+    a, b = await asyncio.gather(one(-1001), one(-1002))
+    if not (a.ok and b.ok and a.first_token and b.first_token and a.last_token and b.last_token):
+        return f"{label}: overlap check inconclusive (errors: {a.error}, {b.error})"
+    first, second = sorted((a, b), key=lambda r: r.first_token)
+    gap_ms = (second.first_token - first.last_token) * 1000
+    if gap_ms >= 0:
+        return (
+            f"{label} **serialized** requests: of two sent at once (32 tokens each), the second's first token "
+            f"came {gap_ms:.0f} ms after the first's last one; one request is generated at a time, the "
+            "others wait (so its TTFT under load is mostly queueing)."
+        )
+    return f"{label} interleaved requests: two sent at once streamed together ({-gap_ms:.0f} ms of overlap)."
+
+
 def run_one(plan: RunPlan, opts: argparse.Namespace, log_dir: Path) -> RunResult:
     port = free_port()
     command = plan.command(port)
@@ -303,6 +452,9 @@ def run_one(plan: RunPlan, opts: argparse.Namespace, log_dir: Path) -> RunResult
                 result.note = "chatstream has no /v1/chat/completions yet: its chatstream protocol was used"
                 print(f"  note: {result.note}", flush=True)
         result.protocol = protocol
+        if plan.check_overlap:
+            result.note = asyncio.run(overlap_probe(plan.label, base_url, protocol, opts))
+            print(f"  note: {result.note}", flush=True)
         cfg = LoadConfig(
             url=base_url, protocol=protocol, clients=plan.clients, requests=plan.requests,
             max_tokens=opts.max_tokens, warmup=opts.warmup if opts.warmup is not None else plan.clients,
@@ -406,7 +558,7 @@ def render_markdown(
             value = value.get(key) if isinstance(value, dict) else None
         return value
 
-    model = opts.model or "SmolLM2-135M-Instruct (embedded default, GGUF Q4_1 dequantized)"
+    model = suite.model or opts.model or "SmolLM2-135M-Instruct (embedded default, GGUF Q4_1 dequantized)"
     protocols = sorted({r.protocol for r in results if r.protocol})
     lines = [
         f"<!-- suite:{suite.name}:start -->",
@@ -424,6 +576,7 @@ def render_markdown(
         f"warm-up {'one request per client' if opts.warmup is None else f'{opts.warmup} requests'} of "
         f"{opts.warmup_max_tokens} tokens per server, protocol {', '.join(protocols) or 'n/a'}; "
         "chatstream clients `POST /clear_context` before each request",
+        *[f"- {n}" for n in suite.notes],
         f"- Command: `{display_command(argv)}`",
         "- Servers (each alone on the machine, one after another, in this order):",
         *[f"  - {r.plan.label}: `{_display_server_command(r.command)}`" for r in results],
@@ -494,6 +647,11 @@ def target_verdicts(suite: SuitePlan, results: list[RunResult]) -> list[str]:
             verdicts.append(
                 f"{suite.targets[1]}: {ours:.0f} ms vs {theirs:.0f} ms - {'met' if ours < theirs else 'NOT met'}"
             )
+    if suite.name == "reference" and ratio is not None:
+        verdicts.append(f"{suite.targets[0]}: {ratio:.2f}x")
+        ours, theirs = other["ttft_ms"]["p50"], base["ttft_ms"]["p50"]
+        if ours is not None and theirs:
+            verdicts.append(f"{suite.targets[1]}: {ours:.0f} ms vs {theirs:.0f} ms ({ours / theirs:.2f}x)")
     return verdicts
 
 
@@ -521,7 +679,9 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmarks.serving, stop it; then write the suite's section of benchmarks/RESULTS.md.",
     )
     parser.add_argument("suite", choices=SUITES)
-    parser.add_argument("--clients", type=int, default=16, help="concurrent clients (concurrency, peers; default 16)")
+    parser.add_argument(
+        "--clients", type=int, default=16, help="concurrent clients (concurrency, peers, reference; default 16)"
+    )
     parser.add_argument("--levels", default="1,2,4,8,16,32", help="sweep: concurrency = clients levels")
     parser.add_argument("--requests-per-client", type=int, default=2, help="measured requests per client (default 2)")
     parser.add_argument("--max-tokens", type=int, default=128, help="reply length asked for (and the servers' limit)")
@@ -530,7 +690,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queue-size", type=int, default=64, help="chatstream --queue-size (default 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--model", help="model folder or .gguf for chatstream --model (default: embedded)")
+    parser.add_argument(
+        "--model", help="model folder or .gguf for chatstream --model (default: embedded; reference: a .gguf, "
+        "which llama.cpp runs as is)",
+    )
     parser.add_argument("--model-folder", help="peers: folder for transformers serve (default: chatstream's)")
     parser.add_argument(
         "--chatstream-protocol", choices=("chatstream", "openai", "auto"),
@@ -538,6 +701,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--chatstream-bin", help="chatstream executable (default: the one beside this python)")
     parser.add_argument("--transformers-bin", help="transformers executable (default: the one beside this python)")
+    parser.add_argument(
+        "--llamacpp-python",
+        help="reference: python with llama-cpp-python[server] (default: .venv-llamacpp/bin/python in the repository)",
+    )
+    parser.add_argument("--llamacpp-threads", type=int, help="reference: llama.cpp threads (default: usable cores)")
     parser.add_argument("--mock", action="store_true", help="chatstream --mock: functional check; RESULTS.md untouched")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for each server")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
@@ -550,6 +718,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = build_parser().parse_args(argv)
+    opts.llamacpp_version = None
+    if opts.suite == "reference" and not opts.dry_run:
+        opts.llamacpp_version = llamacpp_version(llamacpp_python(opts))
     suite = plan_suite(opts)
 
     if opts.dry_run:
