@@ -186,6 +186,13 @@ def test_session_cookie_is_signed_httponly_and_samesite(recorder):
     assert history(recorder.client) != []
 
 
+def test_only_routes_that_use_the_session_set_a_cookie(recorder):
+    with httpx.Client(base_url=recorder.server.url) as c:
+        assert "set-cookie" not in c.get("/health").headers
+        assert "chatstream_session=" in chat(c, "hello").headers["set-cookie"]
+        assert "set-cookie" not in chat(c, "again").headers  # known session: no new cookie
+
+
 # -- load control --
 
 def _stream_in_background(url: str, text: str, results: dict, cookies: Any = None) -> threading.Thread:

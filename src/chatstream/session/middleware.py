@@ -39,18 +39,21 @@ class Session:
         self.ttl_s = ttl_s
         self.data: SessionData = {}
         self.loaded = False
+        self.used = False  # a new session's cookie is only sent once something used the session
         self._view: dict[str, Any] = {}
 
     def get_session(self) -> dict[str, Any]:
         return self._view
 
     async def load(self) -> SessionData:
+        self.used = True
         if not self.loaded:
             self.data = (await self.store.get(self.id)) or {}
             self.loaded = True
         return self.data
 
     async def save(self) -> None:
+        self.used = True
         await self.store.set(self.id, self.data, self.ttl_s)
 
     async def clear(self) -> None:
@@ -59,6 +62,7 @@ class Session:
         await self.store.delete(self.id)
 
     async def try_lock(self) -> bool:
+        self.used = True
         return await self.store.try_lock(self.id, self.ttl_s)
 
     async def unlock(self) -> None:
@@ -107,7 +111,7 @@ class SessionMiddleware:
         scope.setdefault("state", {})["session"] = session
 
         async def send_with_cookie(message: Message) -> None:
-            if message["type"] == "http.response.start" and session.is_new:
+            if message["type"] == "http.response.start" and session.is_new and session.used:
                 headers = MutableHeaders(scope=message)
                 headers.append("Set-Cookie", self._cookie(session.id))
             await send(message)
