@@ -6,7 +6,6 @@ import enum
 from dataclasses import dataclass, field
 
 from .detokenizer import IncrementalDetokenizer
-from .protocol import FinishReason
 from .sampling_params import SamplingParams
 from .stop_strings import StopStringMatcher
 from .stream import RequestStream
@@ -38,7 +37,6 @@ class Sequence:
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    finish_reason: FinishReason | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

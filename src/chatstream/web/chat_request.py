@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..engine.sampling_params import InvalidSamplingParams, SamplingParams
@@ -30,15 +30,9 @@ class ChatStreamRequest:
     overrides: dict[str, Any]
 
     def sampling_params(self, defaults: SamplingParams) -> SamplingParams:
-        values = {
-            "max_new_tokens": defaults.max_new_tokens, "temperature": defaults.temperature,
-            "top_p": defaults.top_p, "top_k": defaults.top_k, "seed": defaults.seed,
-            "repetition_penalty": defaults.repetition_penalty, "stop": defaults.stop,
-        }
-        for name, value in self.overrides.items():
-            values["max_new_tokens" if name == "max_tokens" else name] = value
+        values = {"max_new_tokens" if k == "max_tokens" else k: v for k, v in self.overrides.items()}
         try:
-            params = SamplingParams(**values)
+            params = replace(defaults, **values)  # validated again by SamplingParams
         except InvalidSamplingParams as exc:
             name = "max_tokens" if exc.param == "max_new_tokens" else exc.param
             raise BadRequest(f"'{name}' {str(exc).split(' ', 1)[1]}") from None

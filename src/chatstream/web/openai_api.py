@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from ..admission import QueueFullError, Ticket
 from ..engine import GenerationOutput, GenerationStream, InvalidSamplingParams, SamplingParams
+from .responses import wait_for_disconnect
 
 if TYPE_CHECKING:
     from .chat_stream import ChatStream
@@ -471,7 +472,7 @@ class _ChatCompletion:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         answer = asyncio.create_task(self._answer_streaming(send) if self.stream else self._answer_whole(send))
-        listener = asyncio.create_task(_client_gone(receive))
+        listener = asyncio.create_task(wait_for_disconnect(receive))
         try:
             await asyncio.wait({answer, listener}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -482,8 +483,7 @@ class _ChatCompletion:
             self.ticket.release()
             await asyncio.wait({answer})
 
-    async def _generate(self, on_queued: Callable[[int], Any] = lambda _position: None) -> Any:
-        # Always pass a callback: Ticket.wait(None) spins without awaiting while queued.
+    async def _generate(self, on_queued: Callable[[int], Any] | None = None) -> Any:
         await self.ticket.wait(on_queued)
         assert self.chat_stream.engine is not None
         self._generation = self.chat_stream.engine.generate(self.prompt_ids, self.params, request_id=self.id)
@@ -573,13 +573,6 @@ def _failure(final: GenerationOutput | None) -> OpenAIError:
                            type="server_error", code="cancelled")
     detail = final.error if final is not None and final.error else "an unexpected error occurred"
     return OpenAIError(500, f"The generation failed: {detail}", type="server_error", code="generation_failed")
-
-
-async def _client_gone(receive: Receive) -> None:
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 async def _send_json(send: Send, status: int, body: Any) -> None:

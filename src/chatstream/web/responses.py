@@ -10,6 +10,14 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Return once the client has gone (``http.disconnect``); the request body is already read."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 def error_response(
     status_code: int, code: str, message: str, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
@@ -41,14 +49,8 @@ class DisconnectAwareStreamingResponse(StreamingResponse):
         self.on_disconnect = on_disconnect
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def listen() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    self.on_disconnect()
-                    return
-
-        listener = asyncio.create_task(listen())
+        listener = asyncio.create_task(wait_for_disconnect(receive))
+        listener.add_done_callback(lambda task: task.cancelled() or self.on_disconnect())
         connected = True
         try:
             await send({
