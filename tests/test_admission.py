@@ -10,7 +10,7 @@ from chatstream import AdmissionQueue, QueueFullError
 
 
 async def test_waiters_are_served_first_come_first_served():
-    queue = AdmissionQueue(max_concurrent=1, max_queue=3)
+    queue = AdmissionQueue(concurrency=1, queue_size=3)
     holder = queue.try_enter()
     assert holder.granted and queue.running == 1
     tickets = [queue.try_enter() for _ in range(3)]
@@ -37,7 +37,7 @@ async def test_waiters_are_served_first_come_first_served():
 
 
 async def test_positions_are_reported_and_a_cancelled_waiter_leaves_the_queue():
-    queue = AdmissionQueue(max_concurrent=1, max_queue=2)
+    queue = AdmissionQueue(concurrency=1, queue_size=2)
     holder = queue.try_enter()
     first, second = queue.try_enter(), queue.try_enter()
     seen: list[int] = []

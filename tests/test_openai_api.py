@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from chatstream import ChatStream, Settings
 from chatstream.engine.mock import MockEngine
 from chatstream.web.app import create_app
-from chatstream.web.openai_api import add_openai_routes
+from chatstream.web.openai import add_openai_routes
 from conftest import parse_sse, wait_until
 
 USER = [{"role": "user", "content": "hello there"}]

@@ -13,13 +13,9 @@ import time
 from collections import deque
 from typing import Awaitable, Callable
 
+from .errors import QueueFull
 
-class QueueFullError(Exception):
-    """Every slot is busy and the wait queue is full."""
-
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("too many requests: all generation slots and the wait queue are full")
-        self.retry_after = retry_after
+QueueFullError = QueueFull  # the name this module exported before the domain errors
 
 
 class Ticket:
@@ -64,16 +60,20 @@ class Ticket:
 
 
 class AdmissionQueue:
-    def __init__(self, max_concurrent: int, max_queue: int) -> None:
-        if max_concurrent < 1:
-            raise ValueError("num_of_concurrent_executions must be >= 1")
-        if max_queue < 0:
-            raise ValueError("max_queue_size must be >= 0")
-        self.max_concurrent = max_concurrent
-        self.max_queue = max_queue
+    """``concurrency`` slots and a FIFO wait queue of at most ``queue_size`` tickets."""
+
+    def __init__(self, concurrency: int, queue_size: int) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency (num_of_concurrent_executions) must be >= 1")
+        if queue_size < 0:
+            raise ValueError("queue_size (max_queue_size) must be >= 0")
+        self.concurrency = concurrency
+        self.queue_size = queue_size
         self._running = 0
         self._waiters: deque[Ticket] = deque()
-        self._avg_hold_s = 5.0  # running estimate of how long a slot is held, for Retry-After
+        # When recent slots were given back: the measured service rate, for Retry-After.
+        self._releases: deque[float] = deque(maxlen=64)
+        self._avg_hold_s: float | None = None
 
     @property
     def running(self) -> int:
@@ -86,18 +86,28 @@ class AdmissionQueue:
     def try_enter(self) -> Ticket:
         """A ticket that holds a slot at once or waits in the queue; QueueFullError if neither."""
         ticket = Ticket(self)
-        if self._running < self.max_concurrent and not self._waiters:
+        if self._running < self.concurrency and not self._waiters:
             self._grant(ticket)
-        elif len(self._waiters) < self.max_queue:
+        elif len(self._waiters) < self.queue_size:
             self._waiters.append(ticket)
         else:
-            raise QueueFullError(self.retry_after())
+            raise QueueFull(self.retry_after())
         return ticket
 
     def retry_after(self) -> int:
-        """Seconds until a place is likely free: queue length times the usual slot time."""
-        rounds = (len(self._waiters) + 1) / self.max_concurrent
-        return max(1, math.ceil(rounds * self._avg_hold_s))
+        """Seconds until a place in the queue is likely free, from the measured service rate.
+
+        The rate is how fast slots were given back lately (releases per second); before there is
+        any, how long a slot is usually held; before that, one second.
+        """
+        now = time.monotonic()
+        recent = [t for t in self._releases if now - t < 60.0]
+        if len(recent) >= 2 and recent[-1] > recent[0]:
+            rate = (len(recent) - 1) / max(now - recent[0], recent[-1] - recent[0])
+            return max(1, math.ceil(1 / rate))  # the next place frees after one more release
+        if self._avg_hold_s is not None:
+            return max(1, math.ceil(self._avg_hold_s / self.concurrency))
+        return 1
 
     def _position(self, ticket: Ticket) -> int:
         try:
@@ -114,15 +124,17 @@ class AdmissionQueue:
     def _release(self, ticket: Ticket) -> None:
         if ticket.granted:
             self._running -= 1
+            now = time.monotonic()
+            self._releases.append(now)
             if ticket.granted_at is not None:
-                held = time.monotonic() - ticket.granted_at
-                self._avg_hold_s = 0.8 * self._avg_hold_s + 0.2 * held
+                held = now - ticket.granted_at
+                self._avg_hold_s = held if self._avg_hold_s is None else 0.8 * self._avg_hold_s + 0.2 * held
         else:
             try:
                 self._waiters.remove(ticket)
             except ValueError:
                 pass
-        while self._waiters and self._running < self.max_concurrent:
+        while self._waiters and self._running < self.concurrency:
             self._grant(self._waiters.popleft())
         for waiter in self._waiters:  # positions moved up
             waiter._changed.set()

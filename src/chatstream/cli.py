@@ -1,50 +1,74 @@
 """``chatstream`` command line: ``serve`` runs the server, ``chat`` a console chat.
 
-Every option also reads CHATSTREAM_<NAME>.
+The options are generated from :class:`Settings`' fields, so a setting, its flag, its environment
+variable (``CHATSTREAM_<NAME>``) and its help text can never drift apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
+import types
+import typing
 from typing import Any, Sequence
 
+import uvicorn
 from pydantic import ValidationError
 
+from . import __version__
 from .settings import Settings
 
-# (flag, settings field, type, help). Defaults come from Settings, so the environment applies.
-_SERVE_OPTIONS: list[tuple[str, str, Any, str]] = [
-    ("--host", "host", str, "address to listen on"),
-    ("--port", "port", int, "port to listen on"),
-    ("--model", "model", str, "local Hugging Face model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)"),
-    ("--device", "device", str, "torch device: cpu or cuda"),
-    ("--concurrency", "concurrency", int, "generations that run at once (num_of_concurrent_executions)"),
-    ("--queue-size", "queue_size", int, "requests that may wait for a slot (max_queue_size)"),
-    ("--max-new-tokens", "max_new_tokens", int, "longest reply in tokens"),
-    ("--context-len", "context_len", int, "prompt + reply token budget"),
-    ("--kv-cache-mb", "kv_cache_mb", int, "KV-cache memory budget in MiB (default: from free memory)"),
-    ("--temperature", "temperature", float, "sampling temperature (0 = greedy)"),
-    ("--system-prompt", "system_prompt", str, "system message for new conversations"),
-    ("--api-key", "api_key", str, "require this bearer key on /v1/*"),
-    ("--log-level", "log_level", str, "log level"),
-]
+if typing.TYPE_CHECKING:
+    from .service import ChatService
 
-# The `serve` options that `chat` shares: they shape the in-process model (ignored with --url).
-_CHAT_OPTIONS = [o for o in _SERVE_OPTIONS if o[1] in
-                 {"model", "device", "max_new_tokens", "context_len", "temperature", "system_prompt"}]
+# The settings that shape an in-process model: the ones `chat` shares with `serve`.
+_CHAT_FIELDS = {"model", "mock", "mock_token_delay", "device", "kv_cache_mb", "max_new_tokens", "context_len",
+                "temperature", "top_k", "top_p", "repetition_penalty", "system_prompt", "max_input_chars"}
+
+
+def _add_settings_options(parser: argparse.ArgumentParser, fields: set[str] | None = None) -> None:
+    for name, field in Settings.model_fields.items():
+        if fields is not None and name not in fields:
+            continue
+        flag = "--" + name.replace("_", "-")
+        env = f"CHATSTREAM_{name.upper()}"
+        default = "none" if field.default is None else field.default
+        help_text = f"{field.description} (default: {default}; env {env})"
+        kind = _scalar_type(field.annotation)
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            metavar = {int: "N", float: "X"}.get(kind, "TEXT")
+            parser.add_argument(flag, dest=name, type=_parse_as(kind), default=None, metavar=metavar, help=help_text)
+
+
+def _scalar_type(annotation: Any) -> type:
+    """``int`` for ``int | None``, and so on."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation  # type: ignore[no-any-return]
+
+
+def _parse_as(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+
+    parse.__name__ = kind.__name__
+    return parse if kind in (int, float) else str
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatstream", description="Streaming chat server for language models.")
+    parser.add_argument("--version", action="version", version=f"chatstream {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the chat server (browser UI, /chat_stream, OpenAI API)")
-    for flag, field, kind, help_text in _SERVE_OPTIONS:
-        env = f"CHATSTREAM_{field.upper()}"
-        serve.add_argument(flag, dest=field, type=kind, default=None, help=f"{help_text} [env {env}]")
-    serve.add_argument("--mock", dest="mock", action="store_const", const=True, default=None,
-                       help="stream canned text without a model [env CHATSTREAM_MOCK]")
+    serve = sub.add_parser("serve", help="run the chat server (browser UI, /chat_stream, OpenAI API)",
+                           description="Run the chat server. Every option also reads CHATSTREAM_<NAME>.")
+    _add_settings_options(serve)
     chat = sub.add_parser(
         "chat", help="chat in the terminal, on a local model or with a running server",
         description="Interactive console chat that streams the reply as it is written. Commands: "
@@ -53,11 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--url", dest="url", default=None,
                       help="chat with the chatstream server at this URL (e.g. http://127.0.0.1:8000) "
                            "instead of running a model in this process")
-    for flag, field, kind, help_text in _CHAT_OPTIONS:
-        env = f"CHATSTREAM_{field.upper()}"
-        chat.add_argument(flag, dest=field, type=kind, default=None, help=f"{help_text} [env {env}]")
-    chat.add_argument("--mock", dest="mock", action="store_const", const=True, default=None,
-                      help="stream canned text without a model [env CHATSTREAM_MOCK]")
+    _add_settings_options(chat, _CHAT_FIELDS)
     return parser
 
 
@@ -73,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         for error in exc.errors():
             name = "--" + str(error["loc"][0]).replace("_", "-") if error["loc"] else "settings"
-            print(f"chatstream: error: {name}: {error['msg']}", file=sys.stderr)
+            print(f"chatstream: error: {name}: {str(error['msg']).removeprefix('Value error, ')}", file=sys.stderr)
         return 2
     if args.command == "serve":
         return _serve(settings)
@@ -82,17 +102,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def _serve(settings: Settings) -> int:
-    import uvicorn
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, plus a drain on the first SIGTERM/SIGINT.
 
+    uvicorn stops accepting and waits for open connections; the service meanwhile refuses new
+    turns, lets running replies finish for ``drain_timeout_s``, then ends the rest with an error
+    event (their partial replies saved), so the process exits in bounded time.
+    """
+
+    def __init__(self, config: uvicorn.Config, service: "ChatService") -> None:
+        super().__init__(config)
+        self.service = service
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if not self.should_exit:
+            loop = asyncio.get_event_loop()
+            loop.call_soon_threadsafe(lambda: loop.create_task(self.service.drain()))
+        super().handle_exit(sig, frame)
+
+
+def _serve(settings: Settings) -> int:
+    from .service import ChatService
     from .web.app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    app = create_app(settings)
+    service = ChatService.from_settings(settings)
+    app = create_app(settings, service)
     print(f"chatstream: serving on http://{settings.host}:{settings.port}  "
           f"(model: {'mock' if settings.mock else settings.model or 'embedded default'}, "
           f"concurrency {settings.concurrency}, queue {settings.queue_size})", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+                            timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5)
+    DrainingServer(config, service).run()
     return 0
 
 

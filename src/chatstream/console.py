@@ -2,9 +2,9 @@
 
 Two backends answer the same events, so the terminal loop does not care where the text comes from:
 
-- :class:`LocalChat` runs in this process on a :class:`ChatStream`'s own engine and
-  ``ChatPrompt`` (a local model, or the mock engine). No HTTP in between: an in-process ASGI
-  transport would buffer the whole reply instead of streaming it.
+- :class:`LocalChat` runs :class:`~chatstream.service.Turn` s of a :class:`ChatService` in this
+  process (a local model, or the mock engine). No HTTP in between: an in-process ASGI transport
+  would buffer the whole reply instead of streaming it.
 - :class:`RemoteChat` speaks ``/chat_stream`` Server-Sent Events to a running server, keeping
   the session cookie so the server keeps the history.
 
@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, TextIO
 
 import httpx
 
-from .conversation import PromptTooLongError
+from .errors import ChatError, NothingToRegenerate
+from .service.events import Delta, Done, Queued
 from .settings import Settings
 
 if TYPE_CHECKING:
-    from .web.chat_stream import ChatStream
+    from .service import ChatService
 
 ReplyEvent = tuple[str, Any]
 
@@ -55,88 +56,68 @@ class ConsoleError(Exception):
 # -- in process --------------------------------------------------------------------------------
 
 class LocalChat:
-    """A conversation in this process, on ``chat_stream``'s engine, prompt class and defaults."""
+    """A conversation in this process: turns of ``service`` in a private in-memory session.
 
-    def __init__(self, chat_stream: "ChatStream") -> None:
-        self.chat_stream = chat_stream
-        self.prompt = chat_stream.chat_prompt_clazz(tokenizer=chat_stream.tokenizer, system=chat_stream.system_prompt)
-        self.description = f"{chat_stream.model_name} (in this process)"
+    The same :class:`~chatstream.service.Turn` as the server's, so admission, truncation, saving
+    and cancellation behave exactly as they do over HTTP.
+    """
+
+    def __init__(self, service: "ChatService") -> None:
+        from .session import MemorySessionStore, Session
+
+        self.service = service
+        self.session = Session(MemorySessionStore(), "console", is_new=False, ttl_s=365 * 24 * 3600)
+        self.description = f"{service.model_name} (in this process)"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "LocalChat":
         """Load ``settings.model`` (the embedded default if unset), or the mock engine with ``settings.mock``."""
         from .model_loader import ModelNotFoundError, load_model
-        from .web.chat_stream import ChatStream
+        from .service import ChatService
 
-        options: dict[str, Any] = dict(
-            device=settings.device, num_of_concurrent_executions=1, max_queue_size=0,
-            max_new_tokens=settings.max_new_tokens, context_len=settings.context_len,
-            temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-            repetition_penalty=settings.repetition_penalty, system_prompt=settings.system_prompt,
-            model_path=settings.model,
-        )
+        settings = settings.model_copy(update={"concurrency": 1, "queue_size": 0})
         if settings.mock:
-            chat_stream = ChatStream(use_mock_response=True, mock_token_delay=settings.mock_token_delay, **options)
-        else:
-            try:
-                model, tokenizer = load_model(settings.model, device=settings.device)
-            except ModelNotFoundError as exc:
-                raise ConsoleError(str(exc)) from None
-            chat_stream = ChatStream(model, tokenizer, **options)
-        return cls(chat_stream)
+            return cls(ChatService.from_settings(settings))
+        try:
+            model, tokenizer = load_model(settings.model, device=settings.device)
+        except ModelNotFoundError as exc:
+            raise ConsoleError(str(exc)) from None
+        return cls(ChatService.from_settings(settings, model=model, tokenizer=tokenizer))
 
     async def start(self) -> None:
-        assert self.chat_stream.engine is not None
-        await self.chat_stream.engine.start()
+        await self.service.start()
 
     async def reply(self, user_input: str | None) -> AsyncIterator[ReplyEvent]:
-        cs, prompt = self.chat_stream, self.prompt
-        previous: str | None = None
-        if user_input is None:
-            previous = prompt.get_responder_last_msg()
-            if not prompt.clear_last_responder_message():
-                yield ("error", "there is no reply to regenerate yet")
-                return
-        else:
-            prompt.add_requester_msg(user_input)
-        params = cs.default_params
+        turn = self.service.session_turn(self.session, self.service.defaults, user_input=user_input,
+                                         regenerate=user_input is None)
         try:
-            prompt_ids = await asyncio.to_thread(prompt.render_ids, cs.context_len - params.max_new_tokens)
-        except PromptTooLongError as exc:
-            if previous is not None:
-                prompt.add_responder_msg(previous)
-            else:
-                prompt.messages.pop()
-            yield ("error", str(exc))
+            await turn.start()
+        except ChatError as exc:
+            message = "there is no reply to regenerate yet" if isinstance(exc, NothingToRegenerate) else exc.message
+            yield ("error", message)
             return
-        assert cs.engine is not None
-        stream = cs.engine.generate(prompt_ids, params)
-        reply = ""
         try:
-            async for output in stream:
-                if output.text:
-                    reply += output.text
-                    yield ("delta", output.text)
-                if output.finished:
-                    if output.finish_reason in ("stop", "length"):
-                        yield ("done", {"finish_reason": output.finish_reason, "usage": {
-                            "prompt_tokens": output.prompt_tokens, "completion_tokens": output.completion_tokens}})
-                    else:
-                        yield ("error", output.error or f"the generation ended: {output.finish_reason}")
+            async for event in turn.events():
+                if isinstance(event, Queued):
+                    yield ("queued", event.position)
+                elif isinstance(event, Delta):
+                    yield ("delta", event.text)
+                elif isinstance(event, Done):
+                    yield ("done", {"finish_reason": event.finish_reason, "usage": {
+                        "prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}})
+                else:
+                    yield ("error", event.message)
         finally:
-            # Stopped or finished, like the server: keep what was said; a regenerate that
-            # produced nothing gives the previous reply back.
-            stream.cancel()
-            if reply:
-                prompt.add_responder_msg(reply)
-            elif previous is not None:
-                prompt.add_responder_msg(previous)
+            # Stopped (Ctrl+C) or finished, like the server: keep what was shown.
+            turn.cancel()
+            await turn.wait()
 
     async def clear(self) -> None:
-        self.prompt.clear()
+        await self.service.clear_conversation(self.session)
+        self.session.is_new = False  # the console keeps one private session, whatever its id
 
     async def aclose(self) -> None:
-        await self.chat_stream.shutdown()
+        await self.service.shutdown()
 
 
 # -- against a server ---------------------------------------------------------------------------

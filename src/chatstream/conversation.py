@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Literal, Sequence
 
+from .errors import PromptTooLong
+
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
+PromptTooLongError = PromptTooLong  # the name this module exported before the domain errors
 
-class PromptTooLongError(ValueError):
-    """Even the system message plus the newest user turn do not fit the context."""
+# Tokens a chat template adds around one message (role markers, separators), for estimates.
+_MESSAGE_OVERHEAD_TOKENS = 8
 
 
 class ChatPrompt:
@@ -31,6 +34,9 @@ class ChatPrompt:
         self.messages: list[dict[str, str]] = [
             {"role": m["role"], "content": m["content"]} for m in messages
         ]
+        # Index of the first turn the model still sees. It only moves forward, in large steps, so
+        # the prompt's beginning stays the same for many turns and the engine's prefix cache hits.
+        self.context_start = 0
 
     # -- the original ChatStream vocabulary --
     def add_requester_msg(self, text: str) -> None:
@@ -60,6 +66,7 @@ class ChatPrompt:
 
     def clear(self) -> None:
         self.messages.clear()
+        self.context_start = 0
 
     def is_empty(self) -> bool:
         return not self.messages
@@ -81,16 +88,45 @@ class ChatPrompt:
         """Token ids of the prompt for the next reply, dropping the oldest whole turns to fit.
 
         The system message and the newest user turn are always kept, and a turn is never cut.
+        The cost is bounded by what fits the context, not by the length of the stored history:
+        turn sizes are estimated from the newest backwards, and only the kept part is rendered.
+        When the kept part overflows, old turns are dropped until it fills about half of the
+        budget, so the next turns reuse the same prompt start (and the engine's cached prefix).
         """
         turns = _group_turns(self.messages)
-        for start in range(len(turns)):
-            kept = [m for turn in turns[start:] for m in turn]
-            ids = self.tokenizer.encode(self.render(self._with_system(kept)), add_special_tokens=False)
+        if not turns:
+            return self._encode(self.render(self._with_system([])))
+        last = len(turns) - 1
+        fits_from = self._earliest_start(turns, max_prompt_tokens)
+        start = min(self.context_start, last)
+        if start < fits_from:
+            start = max(fits_from, self._earliest_start(turns, max_prompt_tokens // 2))
+        while True:
+            ids = self._encode(self.render(self._with_system([m for t in turns[start:] for m in t])))
             if len(ids) <= max_prompt_tokens:
+                self.context_start = start
                 return ids
-        raise PromptTooLongError(
-            f"the message is too long for the model's context ({max_prompt_tokens} prompt tokens allowed)"
-        )
+            if start >= last:
+                raise PromptTooLong(
+                    f"the message is too long for the model's context ({max_prompt_tokens} prompt tokens allowed)",
+                    prompt_tokens=len(ids), limit=max_prompt_tokens,
+                )
+            start += 1  # the estimate was short: drop one more turn
+
+    def _earliest_start(self, turns: Sequence[Sequence[dict[str, str]]], budget: int) -> int:
+        """The first turn from which the estimated size of the rest stays within ``budget``."""
+        used = self._estimate(self._with_system([]))
+        for index in range(len(turns) - 1, -1, -1):
+            used += self._estimate(turns[index])
+            if used > budget:
+                return min(index + 1, len(turns) - 1)
+        return 0
+
+    def _estimate(self, messages: Sequence[dict[str, str]]) -> int:
+        return sum(len(self._encode(m["content"])) + _MESSAGE_OVERHEAD_TOKENS for m in messages)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _with_system(self, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -98,7 +134,10 @@ class ChatPrompt:
 
     # -- persistence (plain JSON data only) --
     def to_dict(self) -> dict[str, Any]:
-        return {"system": self.system, "messages": [dict(m) for m in self.messages]}
+        data: dict[str, Any] = {"system": self.system, "messages": [dict(m) for m in self.messages]}
+        if self.context_start:
+            data["context_start"] = self.context_start
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, tokenizer: Any = None, system: str | None = None) -> "ChatPrompt":
@@ -107,7 +146,12 @@ class ChatPrompt:
             m for m in data.get("messages", [])
             if isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
         ]
-        return cls(tokenizer=tokenizer, system=data.get("system", system), messages=messages)
+        stored_system = data.get("system", system)
+        prompt = cls(tokenizer=tokenizer, system=stored_system if isinstance(stored_system, str) else None,
+                     messages=messages)
+        start = data.get("context_start", 0)
+        prompt.context_start = start if isinstance(start, int) and not isinstance(start, bool) and start > 0 else 0
+        return prompt
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(system={self.system!r}, turns={len(self.messages)})"

@@ -1,36 +1,58 @@
 """One typed settings object shared by the CLI, the server and the library.
 
-Every field can be set from the environment as ``CHATSTREAM_<NAME>`` (e.g. ``CHATSTREAM_PORT``).
+Every field can be set from the environment as ``CHATSTREAM_<NAME>`` (e.g. ``CHATSTREAM_PORT``)
+and, for ``chatstream serve``, as ``--<name>`` (the CLI is generated from these fields).
 """
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CHATSTREAM_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CHATSTREAM_", extra="ignore", validate_assignment=True)
 
+    # -- server --
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
-    model: str | None = Field(None, description="local Hugging Face model folder or .gguf file; default: embedded SmolLM2-135M-Instruct")
+    log_level: str = Field("info", pattern="^(?i:critical|error|warning|info|debug|trace)$",
+                           description="log level")
+
+    # -- model and engine --
+    model: str | None = Field(None, description="local Hugging Face model folder or .gguf file (none: the embedded SmolLM2-135M-Instruct)")
     mock: bool = Field(False, description="stream canned text without a model")
+    mock_token_delay: float = Field(0.03, ge=0.0, le=10.0, description="seconds between mock tokens")
     device: str = Field("cpu", description="torch device: cpu or cuda")
-    concurrency: int = Field(2, ge=1, le=1024, description="generations that run at once (num_of_concurrent_executions)")
-    queue_size: int = Field(5, ge=0, le=100_000, description="requests that may wait for a slot (max_queue_size)")
-    max_new_tokens: int = Field(256, ge=1, description="longest reply in tokens")
-    context_len: int = Field(1024, ge=16, description="prompt + reply token budget; oldest turns are dropped to fit")
     kv_cache_mb: int | None = Field(None, ge=1, description="KV-cache memory budget in MiB (default: from free memory)")
-    temperature: float = Field(0.7, ge=0.0, le=100.0, description="0 = greedy")
-    top_k: int = Field(50, ge=0, description="0 = off")
-    top_p: float = Field(0.9, gt=0.0, le=1.0, description="1 = off")
-    repetition_penalty: float = Field(1.05, gt=0.0, description="1 = off")
+
+    # -- load control --
+    concurrency: int = Field(2, ge=1, le=1024, description="generations that run at once (the seed API's num_of_concurrent_executions)")
+    queue_size: int = Field(5, ge=0, le=100_000, description="requests that may wait for a slot (the seed API's max_queue_size)")
+    queue_timeout_s: float = Field(300.0, gt=0, description="longest wait in the queue before a request ends with a queue_timeout error")
+    stall_timeout_s: float = Field(60.0, gt=0, description="a generation that produces nothing for this long ends with an error and frees its slot")
+    drain_timeout_s: float = Field(20.0, ge=0, description="on shutdown, how long running replies may finish before they are ended (partial replies are saved)")
+
+    # -- generation defaults and limits --
+    max_new_tokens: int = Field(256, ge=1, le=1 << 20, description="longest reply in tokens (larger max_tokens requests are clamped)")
+    context_len: int = Field(1024, ge=16, le=1 << 22, description="prompt + reply token budget; oldest turns are dropped to fit")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="default sampling temperature; 0 = greedy")
+    top_k: int = Field(50, ge=0, le=1 << 31, description="default top-k; 0 = off")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="default top-p; 1 = off")
+    repetition_penalty: float = Field(1.05, gt=0.0, le=10.0, description="default repetition penalty; 1 = off")
     system_prompt: str | None = Field(None, description="system message for new conversations")
-    max_input_chars: int = Field(8000, ge=1, description="largest accepted user_input, in characters")
+    max_input_chars: int = Field(8000, ge=1, le=10_000_000, description="largest accepted user message, in characters")
+    max_history_messages: int = Field(1000, ge=2, le=100_000, description="messages a stored conversation may hold; beyond it a new turn is refused until the conversation is cleared")
+    max_messages: int = Field(1000, ge=1, le=100_000, description="messages an OpenAI request may carry")
+
+    # -- sessions and security --
     session_secret: str | None = Field(None, description="secret that signs session cookies (random per process if unset)")
     session_ttl_s: int = Field(14 * 24 * 3600, ge=60, description="session lifetime in seconds")
-    secure_cookies: bool = Field(False, description="mark the session cookie Secure (HTTPS only)")
-    api_key: str | None = Field(None, description="if set, /v1/* requires 'Authorization: Bearer <key>'")
-    mock_token_delay: float = Field(0.03, ge=0.0, description="seconds between mock tokens")
-    log_level: str = Field("info", description="uvicorn/chatstream log level")
+    secure_cookies: bool = Field(False, description="mark cookies Secure (HTTPS only)")
+    api_key: str | None = Field(None, description="if set, every route but /health requires it (Bearer header, or the UI's login)")
+
+    @model_validator(mode="after")
+    def _reply_fits_context(self) -> "Settings":
+        if self.max_new_tokens >= self.context_len:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be smaller than context_len ({self.context_len})")
+        return self

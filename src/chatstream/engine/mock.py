@@ -78,9 +78,18 @@ class MockEngine:
     ) -> RequestStream:
         loop = asyncio.get_running_loop()
         stream = RequestStream(loop, self._cancel, request_id)
-        task = loop.create_task(self._run(stream, list(prompt_token_ids), params))
+        prompt = list(prompt_token_ids)
+        task = loop.create_task(self._run(stream, prompt, params))
         self._tasks[stream.request_id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(stream.request_id, None))
+
+        def done(_task: asyncio.Task[None]) -> None:
+            self._tasks.pop(stream.request_id, None)
+            # A task cancelled before its first step never ran its body: end the stream here.
+            stream.put_nowait(GenerationOutput(
+                text="", finished=True, finish_reason="cancelled", prompt_tokens=len(prompt),
+            ))
+
+        task.add_done_callback(done)
         return stream
 
     def _cancel(self, request_id: str) -> None:

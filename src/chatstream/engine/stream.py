@@ -28,18 +28,27 @@ class RequestStream:
         self._queue: asyncio.Queue[GenerationOutput] = asyncio.Queue()
         self._on_cancel = on_cancel
         self._cancelled = False
-        self._finished = False
+        self._finished = False  # the consumer has read the final output
+        self._closed = False  # the final output has been put
 
     # -- producer side (any thread) --
     def put_threadsafe(self, output: GenerationOutput) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, output)
+            self._loop.call_soon_threadsafe(self.put_nowait, output)
         except RuntimeError:  # loop closed: nobody is listening any more
             pass
 
     def put_nowait(self, output: GenerationOutput) -> None:
         """Producer side when already on the event loop."""
+        if self._closed:
+            return
+        self._closed = output.finished
         self._queue.put_nowait(output)
+
+    @property
+    def closed(self) -> bool:
+        """True once the final output has been put (it may not have been read yet)."""
+        return self._closed
 
     # -- consumer side (event loop) --
     def __aiter__(self) -> "RequestStream":

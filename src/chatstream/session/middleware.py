@@ -6,18 +6,28 @@ garbage, expired or tampered cookie simply means a fresh session: never an error
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import secrets
+import time
+from collections import OrderedDict
 from http.cookies import SimpleCookie
-from typing import Any
+from typing import Any, AsyncIterator, Callable
 
 from itsdangerous import BadSignature, TimestampSigner
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import ChatError, SessionBusy
 from .store import MemorySessionStore, SessionData, SessionStore
+
+
+class TooManySessions(ChatError):
+    """This client started too many new sessions lately (a cookieless flood)."""
+
+    code = "too_many_sessions"
 
 logger = logging.getLogger("chatstream.session")
 
@@ -32,23 +42,33 @@ class Session:
     above rebuild from ``data`` and write back before saving.
     """
 
-    def __init__(self, store: SessionStore, session_id: str, is_new: bool, ttl_s: int) -> None:
+    def __init__(
+        self,
+        store: SessionStore,
+        session_id: str,
+        is_new: bool,
+        ttl_s: int,
+        admit_new: Callable[[], bool] | None = None,
+    ) -> None:
         self.store = store
         self.id = session_id
         self.is_new = is_new
         self.ttl_s = ttl_s
         self.data: SessionData = {}
         self.loaded = False
-        self.used = False  # a new session's cookie is only sent once something used the session
+        # A new session's cookie is only sent once something was stored: requests that change
+        # nothing create no session.
+        self.used = False
+        self._admit_new = admit_new
+        self._claimed = not is_new
         self._view: dict[str, Any] = {}
 
     def get_session(self) -> dict[str, Any]:
         return self._view
 
     async def load(self) -> SessionData:
-        self.used = True
         if not self.loaded:
-            self.data = (await self.store.get(self.id)) or {}
+            self.data = ({} if self.is_new else await self.store.get(self.id)) or {}
             self.loaded = True
         return self.data
 
@@ -58,11 +78,41 @@ class Session:
 
     async def clear(self) -> None:
         self.data = {}
+        self.loaded = True
         self._view.clear()
         await self.store.delete(self.id)
 
-    async def try_lock(self) -> bool:
+    async def rotate(self) -> None:
+        """Move to a fresh session id (a new cookie); the old id's data is deleted."""
+        await self.store.delete(self.id)
+        self.id = secrets.token_urlsafe(32)
+        self.is_new = True
         self.used = True
+
+    def claim(self) -> None:
+        """Count a new session against its client's quota; raises :class:`TooManySessions`."""
+        if self._claimed:
+            return
+        if self._admit_new is not None and not self._admit_new():
+            raise TooManySessions("too many new sessions from this client; keep the session cookie and retry later")
+        self._claimed = True
+
+    @contextlib.asynccontextmanager
+    async def lock(self, lease_s: float) -> AsyncIterator[None]:
+        """Hold this session's turn lock; raises :class:`SessionBusy` if another request holds it."""
+        self.claim()
+        locked_id = self.id
+        if not await self.store.try_lock(locked_id, max(int(lease_s), 3600)):
+            raise SessionBusy("a reply is already being generated in this session; wait for it to finish or stop it")
+        self.used = True  # the response (which may start streaming before the save) carries the cookie
+        try:
+            yield
+        finally:
+            await self.store.unlock(locked_id)
+
+    # The lock as the first version exposed it, for code written against it.
+    async def try_lock(self) -> bool:
+        self.claim()
         return await self.store.try_lock(self.id, self.ttl_s)
 
     async def unlock(self) -> None:
@@ -92,6 +142,7 @@ class SessionMiddleware:
         cookie_name: str = "chatstream_session",
         max_age_s: int = 14 * 24 * 3600,
         https_only: bool = False,
+        new_sessions_per_minute: int = 60,
     ) -> None:
         self.app = app
         self.store = store or MemorySessionStore()
@@ -99,14 +150,17 @@ class SessionMiddleware:
         self.cookie_name = cookie_name
         self.max_age_s = max_age_s
         self.https_only = https_only
+        self.quota = NewSessionQuota(new_sessions_per_minute)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         session_id = self._session_id_from(scope)
+        client = (scope.get("client") or ("?", 0))[0]
         session = Session(
-            self.store, session_id or secrets.token_urlsafe(32), is_new=session_id is None, ttl_s=self.max_age_s
+            self.store, session_id or secrets.token_urlsafe(32), is_new=session_id is None, ttl_s=self.max_age_s,
+            admit_new=lambda: self.quota.admit(client),
         )
         scope.setdefault("state", {})["session"] = session
 
@@ -143,3 +197,28 @@ class SessionMiddleware:
         if self.https_only:
             parts.append("Secure")
         return "; ".join(parts)
+
+
+class NewSessionQuota:
+    """At most ``per_minute`` new sessions per client address (a token bucket per address).
+
+    Behind a reverse proxy every client shares the proxy's address: raise the quota there (or set
+    0 to turn it off) and rate-limit at the proxy instead.
+    """
+
+    def __init__(self, per_minute: int, max_clients: int = 10_000) -> None:
+        self.per_minute = per_minute
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, at)
+
+    def admit(self, client: str) -> bool:
+        if self.per_minute <= 0:
+            return True
+        now = time.monotonic()
+        tokens, at = self._buckets.pop(client, (float(self.per_minute), now))
+        tokens = min(float(self.per_minute), tokens + (now - at) * self.per_minute / 60.0)
+        admitted = tokens >= 1.0
+        self._buckets[client] = (tokens - 1.0 if admitted else tokens, now)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return admitted

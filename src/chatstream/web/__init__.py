@@ -1,12 +1,12 @@
-"""HTTP layer: routes, request validation, response encoders, and the seed API ``ChatStream``."""
+"""The HTTP faces: the seed API ``ChatStream`` (``/chat_stream``), the OpenAI API, the UI, the app."""
 
-from .chat_stream import ChatStream
-from .chat_turn import (
+from ..service.events import (
     DISCONNECTED_BEFORE_STREAMING,
     DISCONNECTED_WHILE_STREAMING,
     SUCCESS,
     UNKNOWN_ERROR,
 )
+from .chat_stream import ChatStream
 
 __all__ = [
     "ChatStream",

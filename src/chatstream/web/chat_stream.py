@@ -1,27 +1,58 @@
-"""``ChatStream``: the seed API that puts a streaming chat endpoint into a FastAPI/Starlette app."""
+"""``ChatStream``: the seed API that puts a streaming chat endpoint into a FastAPI/Starlette app.
+
+A thin layer over :class:`~chatstream.service.ChatService`: the constructor keeps the original
+library's keyword names, and the ``handle_*`` methods are the ``/chat_stream`` face — they parse
+the request, run a :class:`~chatstream.service.Turn`, and encode its events and errors.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import gc
-import logging
+import json
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from ..admission import AdmissionQueue, QueueFullError
-from ..conversation import ChatPrompt, PromptTooLongError
+from ..conversation import ChatPrompt
 from ..engine import Engine, SamplingParams
-from ..engine.mock import MockEngine, MockTokenizer
-from ..model_loader import load_model, model_display_name
+from ..errors import ChatError, ModelNotReady, QueueFull
+from ..service import ChatService, Delta, Done, Failed, Queued, TurnEvent
+from ..service.sampling import SamplingLimits
+from ..service.turn import Callback
 from ..session import Session, SessionMiddleware, SessionStore
-from .chat_request import BadRequest, parse_chat_stream_request
-from .chat_turn import Callback, ChatTurn
+from ..settings import Settings
+from .chat_request import ChatStreamRequest
+from .json_body import require_json
 from .loop_lag import LoopLagMonitor
-from .responses import DisconnectAwareStreamingResponse, error_response, sse_event
+from .negotiation import prefers_plain_text
+from .streaming import TurnStreamingResponse
 
-logger = logging.getLogger("chatstream")
+# The HTTP status of each domain error on chatstream's own routes.
+_STATUS = {
+    "invalid_request": 400,
+    "nothing_to_regenerate": 400,
+    "input_too_large": 413,
+    "conversation_too_long": 413,
+    "session_busy": 409,
+    "too_many_sessions": 429,
+    "too_many_requests": 503,
+    "model_loading": 503,
+    "model_unavailable": 503,
+    "shutting_down": 503,
+}
+
+
+def error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one error shape of chatstream's own routes: ``{"error": code, "message": ...}``."""
+    return JSONResponse({"error": code, "message": message}, status_code=status_code, headers=headers)
+
+
+def chat_error_response(exc: ChatError) -> JSONResponse:
+    headers = {}
+    retry_after = getattr(exc, "retry_after", None)
+    if isinstance(exc, (QueueFull, ModelNotReady)) and retry_after:
+        headers["Retry-After"] = str(retry_after)
+    return error_response(_STATUS.get(exc.code, 400), exc.code, exc.message, headers)
 
 
 class ChatStream:
@@ -29,7 +60,8 @@ class ChatStream:
 
     Pass a loaded ``model`` and ``tokenizer`` (see :func:`chatstream.load_model`), or neither to
     load ``model_path`` (default: the embedded SmolLM2-135M-Instruct) in the background when the
-    server starts, or ``use_mock_response=True`` to stream canned text without a model.
+    server starts, or ``use_mock_response=True`` to stream canned text without a model. Or give a
+    ready :class:`ChatService` as ``service=`` (what ``chatstream serve`` does).
     """
 
     def __init__(
@@ -59,106 +91,99 @@ class ChatStream:
         model_name: str | None = None,
         mock_token_delay: float = 0.03,
         engine: Engine | None = None,
+        service: ChatService | None = None,
     ) -> None:
-        if (model is None) != (tokenizer is None):
+        if (model is None) != (tokenizer is None) and engine is None:
             raise TypeError("pass both model= and tokenizer=, or neither")
-        if max_new_tokens >= context_len:
-            raise ValueError(f"max_new_tokens ({max_new_tokens}) must be smaller than context_len ({context_len})")
-        if not (isinstance(chat_prompt_clazz, type) and issubclass(chat_prompt_clazz, ChatPrompt)):
-            raise TypeError("chat_prompt_clazz must be a subclass of chatstream.ChatPrompt")
-        self.device = device
-        self.chat_prompt_clazz = chat_prompt_clazz
-        self.context_len = context_len
-        self.system_prompt = system_prompt
-        self.max_input_chars = max_input_chars
-        self.default_params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty,
-        )
-        self.admission = AdmissionQueue(num_of_concurrent_executions, max_queue_size)
+        if service is None:
+            settings = Settings(
+                device=device, concurrency=num_of_concurrent_executions, queue_size=max_queue_size,
+                max_new_tokens=max_new_tokens, context_len=context_len, temperature=temperature, top_k=top_k,
+                top_p=top_p, repetition_penalty=repetition_penalty, mock=use_mock_response,
+                system_prompt=system_prompt, max_input_chars=max_input_chars, session_secret=session_secret,
+                session_ttl_s=session_ttl_s, secure_cookies=secure_cookies, model=model_path,
+                mock_token_delay=mock_token_delay,
+                kv_cache_mb=-(-kv_cache_memory_bytes // 2**20) if kv_cache_memory_bytes else None,
+            )
+            service = ChatService(settings, model=model, tokenizer=tokenizer, engine=engine,
+                                  chat_prompt_clazz=chat_prompt_clazz, model_name=model_name)
+        self.service = service
         self.session_store = session_store
-        self.session_secret = session_secret
-        self.session_ttl_s = session_ttl_s
-        self.secure_cookies = secure_cookies
         self.loop_lag = LoopLagMonitor()
-        self._model_path = model_path
-        self.kv_cache_memory_bytes = kv_cache_memory_bytes
-        self._load_task: asyncio.Task[None] | None = None
-        self.load_error: str | None = None
-        self.tokenizer: Any = tokenizer
-        self.engine: Engine | None = engine
-        self.model_name = model_name or model_display_name(model_path)
-        if use_mock_response:
-            self.tokenizer = tokenizer or MockTokenizer()
-            self.engine = MockEngine(self.tokenizer, token_delay=mock_token_delay)
-            self.model_name = model_name or "mock"
-        elif engine is None and model is not None:
-            self._attach(model, tokenizer)
 
-    # -- model and engine lifecycle --
-    def _attach(self, model: Any, tokenizer: Any) -> None:
-        from ..engine.llm_engine import LLMEngine
+    # -- what the service owns, under the names this class always had --
+    @property
+    def settings(self) -> Settings:
+        return self.service.settings
 
-        self.tokenizer = tokenizer
-        self.engine = LLMEngine(
-            model, tokenizer, max_num_seqs=self.admission.max_concurrent, device=self.device,
-            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
-        )
-        # A loaded model leaves ~400k long-lived Python objects; a full garbage collection walks
-        # them all (~180 ms on two cores) and stalls the event loop. Collect once now and move the
-        # survivors out of the collector's view, as long-running servers commonly do.
-        gc.collect()
-        gc.freeze()
+    @property
+    def admission(self) -> Any:
+        return self.service.admission
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.service.engine
+
+    @engine.setter
+    def engine(self, engine: Engine | None) -> None:
+        self.service.engine = engine
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.service.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Any) -> None:
+        self.service.tokenizer = tokenizer
+
+    @property
+    def load_error(self) -> str | None:
+        return self.service.load_error
+
+    @property
+    def model_name(self) -> str:
+        return self.service.model_name
+
+    @property
+    def default_params(self) -> SamplingParams:
+        return self.service.defaults
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.engine.ready
+        return self.service.ready
 
     async def start_queue_worker(self) -> None:
         """Start the engine (and the model load, if it was deferred). Optional: requests start it too."""
         self.loop_lag.start()
-        if self.engine is None and self._load_task is None and self.load_error is None:
-            self._load_task = asyncio.get_running_loop().create_task(self._load())
-        if self.engine is not None:
-            await self.engine.start()
-
-    async def _load(self) -> None:
-        try:
-            model, tokenizer = await asyncio.to_thread(load_model, self._model_path, device=self.device)
-            self._attach(model, tokenizer)
-            assert self.engine is not None
-            await self.engine.start()
-            logger.info("model %s is ready", self.model_name)
-        except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            logger.exception("loading the model failed")
+        await self.service.start()
 
     async def shutdown(self) -> None:
         self.loop_lag.stop()
-        if self.engine is not None:
-            await self.engine.shutdown()
+        await self.service.shutdown()
 
     # -- wiring, as the original library did it --
     def append_middlewares(self, app: Any) -> None:
         """Install the session middleware (signed cookie, server-side store)."""
+        settings = self.settings
         app.add_middleware(
-            SessionMiddleware, store=self.session_store, secret=self.session_secret,
-            max_age_s=self.session_ttl_s, https_only=self.secure_cookies,
+            SessionMiddleware, store=self.session_store, secret=settings.session_secret,
+            max_age_s=settings.session_ttl_s, https_only=settings.secure_cookies,
         )
 
     def append_apis(self, app: Any) -> None:
-        """Add the default routes: /chat_stream, /clear_context, /history, /health, /stats/loop_lag."""
+        """Add the default routes: /chat_stream, /clear_context, /history, /health, /health/live, /stats/loop_lag."""
         app.add_route("/chat_stream", self.handle_chat_stream_request, methods=["POST"])
         app.add_route("/clear_context", self.handle_clear_context_request, methods=["POST"])
         app.add_route("/history", self.handle_history_request, methods=["GET"])
         app.add_route("/health", self.handle_health_request, methods=["GET"])
+        app.add_route("/health/live", self.handle_liveness_request, methods=["GET"])
         app.add_route("/stats/loop_lag", self.handle_loop_lag_request, methods=["GET"])
 
     def append_openai_apis(self, app: Any, api_key: str | None = None) -> None:
         """Add the OpenAI-compatible API (/v1/chat/completions, /v1/models), sharing this load control."""
-        from .openai_api import add_openai_routes
+        from .openai import add_openai_routes
 
-        add_openai_routes(app, self, api_key=api_key)
+        add_openai_routes(app, self.service, api_key=api_key)
 
     def append_ui(self, app: Any) -> None:
         """Serve the browser chat UI at / (it talks to /chat_stream, /clear_context and /history)."""
@@ -166,103 +191,54 @@ class ChatStream:
 
         add_ui_routes(app)
 
-    # -- routes --
+    # -- the /chat_stream face --
     async def handle_chat_stream_request(
         self, request: Request, request_body: bytes | None = None, callback: Callback | None = None
     ) -> Response:
         """Answer one chat turn as a stream (SSE by default; bare text for ``Accept: text/plain``)."""
         await self.start_queue_worker()
-        body = request_body if request_body is not None else await request.body()
+        refused = require_json(request)
+        if refused is not None:
+            return refused
         try:
-            parsed = parse_chat_stream_request(body, self.max_input_chars)
-            params = parsed.sampling_params(self.default_params)
-        except BadRequest as exc:
-            return error_response(exc.status, exc.code, str(exc))
-        if not self.ready:
-            return self._not_ready_response()
-        assert self.engine is not None
-        session = _session_of(request)
-        if not await session.try_lock():
-            return error_response(409, "session_busy", "a reply is already being generated in this session; wait for it to finish or stop it")
+            body = request_body if request_body is not None else await request.body()
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is listening
         try:
-            chat_prompt = await self._chat_prompt_of(session)
-            previous_reply: str | None = None
-            if parsed.regenerate:
-                previous_reply = chat_prompt.get_responder_last_msg()
-                if not chat_prompt.clear_last_responder_message():
-                    raise BadRequest("there is no reply to regenerate in this conversation", code="nothing_to_regenerate")
-            else:
-                chat_prompt.add_requester_msg(parsed.user_input)
-            prompt_ids = await asyncio.to_thread(chat_prompt.render_ids, self.context_len - params.max_new_tokens)
-            ticket = self.admission.try_enter()
-        except BadRequest as exc:
-            await self._abandon(session)
-            return error_response(exc.status, exc.code, str(exc))
-        except PromptTooLongError as exc:
-            await self._abandon(session)
-            return error_response(413, "input_too_large", str(exc))
-        except QueueFullError as exc:
-            await self._abandon(session)
-            return error_response(
-                503, "too_many_requests", "the server is busy: all generation slots and the wait queue are full; retry later",
-                headers={"Retry-After": str(exc.retry_after)},
+            parsed = ChatStreamRequest.parse(body, self.settings.max_input_chars)
+            params = parsed.to_sampling_params(self.service.defaults, self._limits())
+            turn = self.service.session_turn(
+                _session_of(request), params, user_input=parsed.user_input, regenerate=parsed.regenerate,
+                request=request, callback=callback,
             )
-        except BaseException:
-            await self._abandon(session)
-            raise
-
-        turn = ChatTurn(
-            request=request, session=session, chat_prompt=chat_prompt, prompt_ids=prompt_ids,
-            params=params, engine=self.engine, ticket=ticket, callback=callback, previous_reply=previous_reply,
-        )
-        turn.start()
-        as_text = request.query_params.get("format") == "text" or (
-            "text/plain" in request.headers.get("accept", "") and "text/event-stream" not in request.headers.get("accept", "")
-        )
-        if as_text:
-            return DisconnectAwareStreamingResponse(
-                _text_events(turn), turn.client_disconnected, "text/plain",
-                headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-            )
-        return DisconnectAwareStreamingResponse(
-            _sse_events(turn), turn.client_disconnected, "text/event-stream",
-            headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
-        )
+            await turn.start()
+        except ChatError as exc:
+            return chat_error_response(exc)
+        if prefers_plain_text(request.headers.get("accept", ""), request.query_params.get("format")):
+            return TurnStreamingResponse(turn, _as_text, "text/plain")  # type: ignore[return-value]
+        return TurnStreamingResponse(turn, _as_sse, "text/event-stream")  # type: ignore[return-value]
 
     async def handle_clear_context_request(self, request: Request) -> Response:
-        """Empty this session's conversation."""
-        session = _session_of(request)
-        if not await session.try_lock():
-            return error_response(409, "session_busy", "a reply is being generated in this session; stop it first")
+        """Empty this session's conversation (and move the session to a new id)."""
         try:
-            await session.load()
-            session.data["chat_prompt"] = ChatPrompt(system=self.system_prompt).to_dict()
-            session.get_session().pop("chat_prompt", None)
-            await session.save()
-        finally:
-            await session.unlock()
+            await self.service.clear_conversation(_session_of(request))
+        except ChatError as exc:
+            return chat_error_response(exc)
         return JSONResponse({"status": "cleared"})
 
     async def handle_history_request(self, request: Request) -> Response:
         """This session's conversation as ``{"messages": [{"role", "content"}, ...]}``."""
-        session = _session_of(request)
-        data = await session.load()
-        stored = data.get("chat_prompt") or {}
-        return JSONResponse({"messages": stored.get("messages", [])})
+        return JSONResponse({"messages": await self.service.history(_session_of(request))})
 
     async def handle_health_request(self, request: Request) -> Response:
+        """Readiness: 200 once turns can be served; 503 while loading, failed or draining."""
         await self.start_queue_worker()
-        body: dict[str, Any] = {
-            "status": "ok" if self.ready else ("error" if self.load_error else "loading"),
-            "model": self.model_name,
-            "running": self.admission.running,
-            "waiting": self.admission.waiting,
-            "max_concurrent": self.admission.max_concurrent,
-            "max_queue": self.admission.max_queue,
-        }
-        if self.load_error:
-            body["error"] = self.load_error
-        return JSONResponse(body, status_code=200 if self.ready else 503)
+        return JSONResponse(self.service.health(), status_code=200 if self.service.ready else 503)
+
+    async def handle_liveness_request(self, request: Request) -> Response:
+        """Liveness: 503 when the engine is stuck (work running, no progress) or stopped by a fault."""
+        live = self.service.live
+        return JSONResponse({"live": live}, status_code=200 if live else 503)
 
     async def handle_loop_lag_request(self, request: Request) -> Response:
         try:
@@ -271,23 +247,8 @@ class ChatStream:
             return error_response(400, "invalid_request", "'since' must be a unix time in seconds")
         return JSONResponse(self.loop_lag.summary(since))
 
-    # -- helpers --
-    def _not_ready_response(self) -> Response:
-        if self.load_error:
-            return error_response(503, "model_unavailable", f"the model failed to load: {self.load_error}")
-        return error_response(503, "model_loading", "the model is still loading; retry shortly", headers={"Retry-After": "5"})
-
-    async def _chat_prompt_of(self, session: Session) -> ChatPrompt:
-        data = await session.load()
-        chat_prompt = self.chat_prompt_clazz.from_dict(data.get("chat_prompt"), tokenizer=self.tokenizer, system=self.system_prompt)
-        session.get_session()["chat_prompt"] = chat_prompt
-        return chat_prompt
-
-    async def _abandon(self, session: Session) -> None:
-        """A request refused before its turn started: forget in-memory changes, release the lock."""
-        session.loaded = False
-        session.get_session().pop("chat_prompt", None)
-        await session.unlock()
+    def _limits(self) -> SamplingLimits:
+        return SamplingLimits(max_new_tokens=self.settings.max_new_tokens, vocab_size=self.service.vocab_size)
 
 
 def _session_of(request: Request) -> Session:
@@ -297,14 +258,27 @@ def _session_of(request: Request) -> Session:
     return session
 
 
-async def _sse_events(turn: ChatTurn):  # type: ignore[no-untyped-def]
-    async for event, data in turn.iter_events():
-        yield sse_event(event, data)
+def _as_sse(event: TurnEvent) -> str:
+    if isinstance(event, Queued):
+        return _sse("queued", {"position": event.position})
+    if isinstance(event, Delta):
+        return _sse("delta", {"text": event.text})
+    if isinstance(event, Done):
+        return _sse("done", {
+            "status": "success", "finish_reason": event.finish_reason, "message_id": event.message_id,
+            "usage": {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens},
+            "timing": event.timing,
+        })
+    return _sse("error", {"error": event.code, "message": event.message})
 
 
-async def _text_events(turn: ChatTurn):  # type: ignore[no-untyped-def]
-    async for event, data in turn.iter_events():
-        if event == "delta":
-            yield data["text"]
-        elif event == "error":
-            yield f"\n[error: {data['message']}]\n"
+def _as_text(event: TurnEvent) -> str | None:
+    if isinstance(event, Delta):
+        return event.text
+    if isinstance(event, Failed):
+        return f"\n[error: {event.message}]\n"
+    return None
+
+
+def _sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections import deque
 
@@ -10,7 +11,8 @@ from collections import deque
 class LoopLagMonitor:
     """Sleeps ``interval_s`` in a loop and records how much later than asked it woke up."""
 
-    def __init__(self, interval_s: float = 0.01, window: int = 100_000) -> None:
+    # A window of ten minutes at the default interval: summaries sort at most this many samples.
+    def __init__(self, interval_s: float = 0.01, window: int = 60_000) -> None:
         self.interval_s = interval_s
         self._samples: deque[tuple[float, float]] = deque(maxlen=window)  # (wall time, lag ms)
         self._task: asyncio.Task[None] | None = None
@@ -31,7 +33,9 @@ class LoopLagMonitor:
             self._samples.append((time.time(), max(0.0, lag) * 1000.0))
 
     def summary(self, since: float = 0.0) -> dict[str, float | int]:
-        lags = sorted(lag for at, lag in self._samples if at >= since)
+        samples = list(self._samples)  # in time order: skip the old ones by bisection
+        first = bisect.bisect_left(samples, since, key=lambda sample: sample[0])
+        lags = sorted(lag for _, lag in samples[first:])
         if not lags:
             return {"max_ms": 0.0, "p50_ms": 0.0, "p99_ms": 0.0, "samples": 0}
         pick = lambda q: lags[min(len(lags) - 1, int(q * len(lags)))]  # noqa: E731

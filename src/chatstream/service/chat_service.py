@@ -1,0 +1,286 @@
+"""``ChatService``: the runtime every face shares.
+
+It owns the engine and its lifecycle (load in the background, readiness, liveness, drain on
+shutdown), the tokenizer, admission, the defaults and limits from the one :class:`Settings`, and
+the conversation stored in a session. Faces build :class:`Turn` objects from it and only translate
+its events and errors into their own wire format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+from typing import Any, Callable, TypeVar
+
+from ..admission import AdmissionQueue
+from ..conversation import ChatPrompt
+from ..engine import Engine, SamplingParams
+from ..errors import InvalidRequest, ModelNotReady, PromptTooLong
+from ..model_loader import load_model, model_display_name
+from ..session import Session
+from ..settings import Settings
+from .turn import Callback, Turn
+
+logger = logging.getLogger("chatstream")
+
+T = TypeVar("T")
+
+# The conversation's key in session data (the seed API's name for it).
+CONVERSATION_KEY = "chat_prompt"
+
+
+class ChatService:
+    """Engine, tokenizer, admission, defaults and limits: what every chat turn needs.
+
+    Give a loaded ``model`` and ``tokenizer``, or an ``engine`` (and its tokenizer), or neither to
+    load ``settings.model`` (default: the embedded model) in the background on :meth:`start`.
+    ``settings.mock`` streams canned text without a model.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        engine: Engine | None = None,
+        chat_prompt_clazz: type[ChatPrompt] = ChatPrompt,
+        model_name: str | None = None,
+    ) -> None:
+        if model is not None and tokenizer is None:
+            raise TypeError("pass the model's tokenizer with model=")
+        if not (isinstance(chat_prompt_clazz, type) and issubclass(chat_prompt_clazz, ChatPrompt)):
+            raise TypeError("chat_prompt_clazz must be a subclass of chatstream.ChatPrompt")
+        self.settings = settings
+        self.chat_prompt_clazz = chat_prompt_clazz
+        self.admission = AdmissionQueue(settings.concurrency, settings.queue_size)
+        self.defaults = SamplingParams(
+            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_k=settings.top_k,
+            top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
+        )
+        # A session lock is a lease renewed while the turn runs: a crashed holder frees it this fast.
+        self.lock_lease_s = 15.0
+        self.tokenizer: Any = tokenizer
+        self.engine: Engine | None = engine
+        self.model_name = model_name or model_display_name(settings.model)
+        self.load_error: str | None = None
+        self.draining = False
+        self._load_task: asyncio.Task[None] | None = None
+        self._turns: set[Turn] = set()
+        self._render_slots: asyncio.Semaphore | None = None
+        self._last_progress = time.monotonic()
+        if settings.mock and engine is None:
+            from ..engine.mock import MockEngine, MockTokenizer
+
+            self.tokenizer = tokenizer or MockTokenizer()
+            self.engine = MockEngine(self.tokenizer, token_delay=settings.mock_token_delay)
+            self.model_name = model_name or "mock"
+        elif engine is None and model is not None:
+            self._attach(model, tokenizer)
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **parts: Any) -> "ChatService":
+        """The service for ``settings`` (default: from the environment); ``parts`` as for the constructor."""
+        return cls(settings or Settings(), **parts)
+
+    # -- engine lifecycle --
+    def _attach(self, model: Any, tokenizer: Any) -> None:
+        from ..engine.llm_engine import LLMEngine
+
+        self.tokenizer = tokenizer
+        kv_mb = self.settings.kv_cache_mb
+        self.engine = LLMEngine(
+            model, tokenizer, max_num_seqs=self.settings.concurrency, device=self.settings.device,
+            kv_cache_memory_bytes=kv_mb * 2**20 if kv_mb else None,
+        )
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and self.engine is not None and self.engine.ready
+
+    @property
+    def status(self) -> str:
+        if self.draining:
+            return "draining"
+        if self.ready:
+            return "ok"
+        return "error" if self.load_error or self.engine is not None else "loading"
+
+    async def start(self) -> None:
+        """Start the engine, or the model load if it was deferred. Idempotent; turns call it too."""
+        if self.engine is None and self._load_task is None and self.load_error is None:
+            self._load_task = asyncio.get_running_loop().create_task(self._load())
+        if self.engine is not None:
+            await self.engine.start()
+
+    async def wait_ready(self) -> bool:
+        """Wait for the background load; True if the engine is ready."""
+        await self.start()
+        if self._load_task is not None:
+            await asyncio.wait({self._load_task})
+        return self.ready
+
+    async def _load(self) -> None:
+        try:
+            model, tokenizer = await asyncio.to_thread(load_model, self.settings.model, device=self.settings.device)
+            self._attach(model, tokenizer)
+            assert self.engine is not None
+            await self.engine.start()
+            logger.info("model %s is ready", self.model_name)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("loading the model failed")
+
+    def check_ready(self) -> None:
+        """Raise :class:`ModelNotReady` unless turns can be served now."""
+        if self.ready:
+            return
+        if self.draining:
+            raise ModelNotReady("the server is shutting down; retry on another instance or shortly",
+                                code="shutting_down", retry_after=5)
+        if self.load_error:
+            raise ModelNotReady(f"the model failed to load: {self.load_error}", code="model_unavailable")
+        if self.engine is not None:
+            raise ModelNotReady("the model is not available (the engine stopped)", code="model_unavailable")
+        raise ModelNotReady("the model is still loading; retry shortly", code="model_loading", retry_after=5)
+
+    @property
+    def live(self) -> bool:
+        """False when work is running but the engine has made no progress for ``stall_timeout_s``."""
+        generating = any(turn._generation is not None and not turn._generation.done() for turn in self._turns)
+        stalled = generating and time.monotonic() - self._last_progress > self.settings.stall_timeout_s
+        return not stalled and not (self.engine is not None and self.load_error is None and not self.engine.ready
+                                    and not self.draining)
+
+    def note_progress(self) -> None:
+        self._last_progress = time.monotonic()
+
+    async def drain(self, timeout_s: float | None = None) -> None:
+        """Stop taking turns; let running ones finish for ``timeout_s``, then end the rest (saved)."""
+        self.draining = True
+        timeout_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        while self._turns and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        turns = list(self._turns)
+        for turn in turns:
+            turn.abort("server_shutting_down", "the server is shutting down; the reply so far was saved")
+        if turns:
+            await asyncio.wait([asyncio.ensure_future(t.wait()) for t in turns], timeout=10)
+
+    async def shutdown(self) -> None:
+        """Drain, then stop the engine."""
+        if self._turns:
+            await self.drain()
+        self.draining = True
+        if self.engine is not None:
+            await self.engine.shutdown()
+
+    # -- health --
+    def health(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "status": self.status,
+            "model": self.model_name,
+            "live": self.live,
+            "running": self.admission.running,
+            "waiting": self.admission.waiting,
+            "concurrency": self.admission.concurrency,
+            "queue_size": self.admission.queue_size,
+        }
+        if self.load_error:
+            body["error"] = self.load_error
+        return body
+
+    # -- limits --
+    @property
+    def vocab_size(self) -> int | None:
+        try:
+            return len(self.tokenizer) if self.tokenizer is not None else None
+        except TypeError:  # a tokenizer without __len__ (the mock's): no bound to check
+            return None
+
+    async def run_bounded(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run CPU-heavy preparation (rendering, tokenizing) off the event loop, one at a time.
+
+        One at a time: a flood of large requests then waits here instead of starving the event
+        loop of the GIL with many threads.
+        """
+        if self._render_slots is None:
+            self._render_slots = asyncio.Semaphore(1)
+        async with self._render_slots:
+            return await asyncio.to_thread(fn, *args)
+
+    def render_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt ids of a whole stateless conversation (nothing is dropped)."""
+        prompt = self.chat_prompt_clazz(tokenizer=self.tokenizer)
+        try:
+            text = prompt.render(messages, add_generation_prompt=True)
+        except Exception as exc:  # e.g. a chat template that refuses this order of roles
+            raise InvalidRequest(f"the messages cannot be rendered with the model's chat template: {exc}",
+                                 param="messages") from None
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def fit_to_context(self, params: SamplingParams, prompt_tokens: int, explicit_max_tokens: bool) -> SamplingParams:
+        """Shorten the reply to what the context leaves, or refuse a prompt that leaves too little."""
+        room = self.settings.context_len - prompt_tokens
+        if room >= params.max_new_tokens or (room >= 1 and not explicit_max_tokens):
+            return params if room >= params.max_new_tokens else replace(params, max_new_tokens=room)
+        raise PromptTooLong(
+            f"the prompt has {prompt_tokens} tokens and the reply may have {params.max_new_tokens}; "
+            f"the context holds {self.settings.context_len}",
+            prompt_tokens=prompt_tokens, limit=self.settings.context_len,
+        )
+
+    # -- conversations in sessions --
+    async def load_conversation(self, session: Session) -> ChatPrompt:
+        data = await session.load()
+        stored = data.get(CONVERSATION_KEY)
+        return self.chat_prompt_clazz.from_dict(
+            stored if isinstance(stored, dict) else None, tokenizer=self.tokenizer, system=self.settings.system_prompt,
+        )
+
+    async def save_conversation(self, session: Session, chat_prompt: ChatPrompt) -> None:
+        session.data[CONVERSATION_KEY] = chat_prompt.to_dict()
+        session.get_session()[CONVERSATION_KEY] = chat_prompt  # what the seed API's callback reads
+        await session.save()
+
+    async def history(self, session: Session) -> list[dict[str, str]]:
+        if session.is_new:
+            return []
+        return (await self.load_conversation(session)).messages
+
+    async def clear_conversation(self, session: Session) -> None:
+        """Empty the conversation and give the session a new id (a new cookie)."""
+        if session.is_new:
+            return  # nothing stored: create nothing
+        async with session.lock(lease_s=self.lock_lease_s):
+            await session.clear()
+        await session.rotate()
+
+    # -- turns --
+    def session_turn(
+        self,
+        session: Session,
+        params: SamplingParams,
+        *,
+        user_input: str | None = None,
+        regenerate: bool = False,
+        request: Any = None,
+        callback: Callback | None = None,
+    ) -> Turn:
+        """A turn of the conversation kept in ``session`` (``regenerate`` answers the last user turn again)."""
+        return Turn(self, params, session=session, user_input=user_input, regenerate=regenerate,
+                    request=request, callback=callback)
+
+    def stateless_turn(self, messages: list[dict[str, str]], params: SamplingParams, *,
+                       explicit_max_tokens: bool = True) -> Turn:
+        """A turn over ``messages`` given whole (the OpenAI API): nothing is read or saved."""
+        return Turn(self, params, messages=messages, explicit_max_tokens=explicit_max_tokens)
+
+    def _turn_started(self, turn: Turn) -> None:
+        self._turns.add(turn)
+
+    def _turn_ended(self, turn: Turn) -> None:
+        self._turns.discard(turn)

@@ -1,0 +1,265 @@
+"""The OpenAI-compatible routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``.
+
+Stateless (the conversation comes in ``messages``; no session is read or written) and under the
+same load control as ``/chat_stream``: one :class:`ChatService`, so one admission queue and one
+engine, whichever face a request comes through. ``model`` must be the served model's name (see
+``GET /v1/models``), else 404 ``model_not_found``; it may be left out. Overload is 503 with
+``Retry-After`` (the official clients wait and retry by themselves). A client that disconnects,
+streaming or not, cancels its generation (or leaves the queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
+
+from ...errors import ChatError, InvalidRequest, ModelNotReady, PromptTooLong, QueueFull
+from ...service import ChatService, Delta, Done, Failed, Queued, Turn, TurnEvent
+from ...service.sampling import SamplingLimits
+from ..streaming import TurnStreamingResponse, wait_for_disconnect
+from .protocol import ChatCompletionRequest, OpenAIError, parse_chat_completion_request, plain_messages, to_sampling_params
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+_PARSE_ON_LOOP_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
+
+
+def add_openai_routes(app: Any, service: Any, api_key: str | None = None) -> None:
+    """Add ``/v1/chat/completions`` and ``/v1/models`` to a Starlette/FastAPI ``app``.
+
+    ``service`` is a :class:`ChatService` (or a ``ChatStream``, whose service is used): the routes
+    share its engine and admission queue with ``/chat_stream``. With ``api_key``, every one of
+    them requires ``Authorization: Bearer <api_key>``.
+    """
+    api = OpenAIRoutes(getattr(service, "service", service), api_key=api_key)
+    app.add_route("/v1/chat/completions", api.handle_chat_completions, methods=["POST"])
+    app.add_route("/v1/models", api.handle_models, methods=["GET"])
+    app.add_route("/v1/models/{model:path}", api.handle_model, methods=["GET"])
+
+
+class OpenAIRoutes:
+    """The OpenAI-compatible endpoints over one :class:`ChatService`; see :func:`add_openai_routes`."""
+
+    def __init__(self, service: ChatService, api_key: str | None = None) -> None:
+        self.service = service
+        self.api_key = api_key or None
+        self.created = int(time.time())
+
+    async def handle_models(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except OpenAIError as exc:
+            return exc.response()
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def handle_model(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            self._check_model(request.path_params["model"], param=None)
+        except OpenAIError as exc:
+            return exc.response()
+        return JSONResponse(self._model_card())
+
+    async def handle_chat_completions(self, request: Request) -> Any:
+        service = self.service
+        parsed: ChatCompletionRequest | None = None
+        try:
+            self._authorize(request)
+            await service.start()
+            body = await _read_body(request)
+            max_messages = service.settings.max_messages
+            if len(body) > _PARSE_ON_LOOP_BYTES:
+                parsed = await service.run_bounded(parse_chat_completion_request, body, max_messages)
+            else:
+                parsed = parse_chat_completion_request(body, max_messages)
+            self._check_model(parsed.model, param="model")
+            params = to_sampling_params(parsed, service.defaults, self._limits())
+            explicit = parsed.max_tokens is not None or parsed.max_completion_tokens is not None
+            turn = service.stateless_turn(plain_messages(parsed), params, explicit_max_tokens=explicit)
+            await turn.start()
+        except OpenAIError as exc:
+            return exc.response()
+        except ChatError as exc:
+            assert parsed is not None  # turns only start from a parsed request
+            return _openai_error(exc, service.settings.context_len, parsed).response()
+        except ClientDisconnect:
+            return Response(status_code=400)  # nobody is listening
+        completion = _Completion(turn, model=service.model_name,
+                                 include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage))
+        if parsed.stream:
+            return TurnStreamingResponse(turn, completion.encode_chunk, "text/event-stream")
+        return _WholeCompletion(turn, completion)
+
+    # -- helpers --
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise OpenAIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
+                              code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key",
+                              headers={"WWW-Authenticate": "Bearer"})
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.service.model_name, "object": "model", "created": self.created, "owned_by": "chatstream"}
+
+    def _check_model(self, model: str | None, param: str | None) -> None:
+        if model is not None and model != self.service.model_name:
+            raise OpenAIError(
+                404, f"The model `{model}` does not exist. This server serves `{self.service.model_name}`.",
+                param=param, code="model_not_found",
+            )
+
+    def _limits(self) -> SamplingLimits:
+        return SamplingLimits(max_new_tokens=self.service.settings.max_new_tokens, vocab_size=self.service.vocab_size)
+
+
+def _openai_error(exc: ChatError, context_len: int, request: ChatCompletionRequest) -> OpenAIError:
+    """A domain error in OpenAI's envelope."""
+    if isinstance(exc, PromptTooLong):
+        asked = request.max_completion_tokens or request.max_tokens
+        prompt = exc.prompt_tokens or 0
+        requested = f"However, your messages resulted in {prompt} tokens" if asked is None else (
+            f"However, you requested {prompt + asked} tokens ({prompt} in the messages, {asked} in the completion)")
+        return OpenAIError(400, f"This model's maximum context length is {context_len} tokens. {requested}. "
+                           "Please reduce the length of the messages or completion.",
+                           param="messages", code="context_length_exceeded")
+    if isinstance(exc, QueueFull):
+        return OpenAIError(503, "The server is overloaded: all generation slots and the wait queue are full. Retry later.",
+                           type="server_error", code="too_many_requests", headers={"Retry-After": str(exc.retry_after)})
+    if isinstance(exc, ModelNotReady):
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        message = exc.message[0].upper() + exc.message[1:] + "."
+        return OpenAIError(503, message, type="server_error", code=exc.code, headers=headers)
+    if isinstance(exc, InvalidRequest):
+        return OpenAIError(400, exc.message, param=exc.param, code="invalid_value")
+    return OpenAIError(400, exc.message, code=exc.code)
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise _too_large()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large() -> OpenAIError:
+    return OpenAIError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="request_too_large")
+
+
+class _Completion:
+    """Encodes one turn's events as OpenAI chat-completion chunks (or collects them whole)."""
+
+    def __init__(self, turn: Turn, *, model: str, include_usage: bool) -> None:
+        self.turn = turn
+        self.model = model
+        self.include_usage = include_usage
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self._role_sent = False
+
+    def encode_chunk(self, event: TurnEvent) -> str | None:
+        if isinstance(event, Queued):
+            return f": queued, position {event.position}\n\n"  # an SSE comment: clients skip it
+        if isinstance(event, Failed):
+            return _sse(_failure(event).body)
+        head = "" if self._role_sent else self._chunk({"role": "assistant", "content": ""})
+        self._role_sent = True
+        if isinstance(event, Delta):
+            return head + self._chunk({"content": event.text})
+        assert isinstance(event, Done)
+        out = head + self._chunk({}, finish_reason=event.finish_reason)
+        if self.include_usage:
+            out += _sse({**self._chunk_head(), "choices": [], "usage": self.usage(event)})
+        return out + "data: [DONE]\n\n"
+
+    def whole(self, text: str, done: Done) -> dict[str, Any]:
+        return {
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None, "finish_reason": done.finish_reason,
+            }],
+            "usage": self.usage(done),
+        }
+
+    def usage(self, done: Done) -> dict[str, int]:
+        return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+    def _chunk_head(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> str:
+        chunk = {**self._chunk_head(), "choices": [
+            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        ]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return _sse(chunk)
+
+
+class _WholeCompletion(Response):
+    """The non-streaming answer: waits for the whole reply, listening for a client that leaves."""
+
+    def __init__(self, turn: Turn, completion: _Completion) -> None:
+        self.background = None  # not Response.__init__: the body is only known at the end
+        self.turn = turn
+        self.completion = completion
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        listener = asyncio.create_task(wait_for_disconnect(receive))
+        listener.add_done_callback(lambda task: task.cancelled() or self.turn.cancel())
+        try:
+            text: list[str] = []
+            status, body = 500, _failure(None).body
+            async for event in self.turn.events():
+                if isinstance(event, Delta):
+                    text.append(event.text)
+                elif isinstance(event, Done):
+                    status, body = 200, self.completion.whole("".join(text), event)
+                elif isinstance(event, Failed):
+                    error = _failure(event)
+                    status, body = error.status, error.body
+            if not listener.done():
+                await _send_json(send, status, body)
+        except asyncio.CancelledError:
+            self.turn.cancel()
+            raise
+        finally:
+            listener.cancel()
+
+
+def _failure(failed: Failed | None) -> OpenAIError:
+    if failed is not None and failed.code in ("server_shutting_down", "queue_timeout"):
+        return OpenAIError(503, failed.message, type="server_error", code=failed.code)
+    detail = failed.message if failed is not None else "an unexpected error occurred"
+    return OpenAIError(500, f"The generation failed: {detail}", type="server_error",
+                       code=failed.code if failed is not None else "generation_failed")
+
+
+async def _send_json(send: Send, status: int, body: Any) -> None:
+    data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+    ]})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"

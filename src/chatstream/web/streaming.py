@@ -1,0 +1,71 @@
+"""One disconnect-aware streaming response for every streaming face (``/chat_stream``, ``/v1``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable, Mapping
+
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from ..service import Turn, TurnEvent
+
+
+async def wait_for_disconnect(receive: Receive) -> None:
+    """Return once the client has gone (``http.disconnect``); the request body is already read."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class TurnStreamingResponse(Response):
+    """Streams a started :class:`Turn`, each event encoded by ``encode`` (``None``: send nothing).
+
+    It listens for ``http.disconnect`` the whole time, so a client that leaves is noticed at once
+    under any ASGI server: the turn is cancelled (it leaves the queue or stops generating and
+    saves exactly the text this response had sent), and nothing more is written.
+    """
+
+    def __init__(
+        self,
+        turn: Turn,
+        encode: Callable[[TurnEvent], str | None],
+        media_type: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        # Not Response.__init__: there is no body to render. A Response subclass all the same, so
+        # frameworks (FastAPI) pass it through as the endpoint's answer.
+        self.status_code = 200
+        self.background: BackgroundTask | None = None
+        self.turn = turn
+        self.encode = encode
+        self.raw_headers = [(b"content-type", f"{media_type}; charset=utf-8".encode()),
+                        (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+        self.raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        listener = asyncio.create_task(wait_for_disconnect(receive))
+        listener.add_done_callback(lambda task: task.cancelled() or self.turn.cancel())
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            events = self.turn.events()
+            try:
+                async for event in events:
+                    if listener.done():
+                        break
+                    chunk = self.encode(event)
+                    if chunk:
+                        await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+            finally:
+                await events.aclose()
+            if not listener.done():
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except (OSError, asyncio.CancelledError):
+            self.turn.cancel()  # the connection broke, or the server is stopping this task
+            raise
+        finally:
+            listener.cancel()
+        if self.background is not None:
+            await self.background()
