@@ -6,23 +6,27 @@ garbage, expired or tampered cookie simply means a fresh session: never an error
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import re
 import secrets
 from http.cookies import SimpleCookie
-from typing import Any
+from typing import Any, AsyncIterator
 
 from itsdangerous import BadSignature, TimestampSigner
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .store import MemorySessionStore, SessionData, SessionStore
+from .memory_store import MemorySessionStore
+from .store import SessionBusy, SessionData, SessionStore
 
 logger = logging.getLogger("chatstream.session")
 
 SECRET_ENV = "CHATSTREAM_SESSION_SECRET"
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{32,64}$")
+DEFAULT_LEASE_S = 30.0
 
 
 class Session:
@@ -41,6 +45,8 @@ class Session:
         self.loaded = False
         self.used = False  # a new session's cookie is only sent once something used the session
         self._view: dict[str, Any] = {}
+        self._lock_token: str | None = None
+        self._lease_keeper: asyncio.Task[None] | None = None
 
     def get_session(self) -> dict[str, Any]:
         return self._view
@@ -61,12 +67,56 @@ class Session:
         self._view.clear()
         await self.store.delete(self.id)
 
+    @contextlib.asynccontextmanager
+    async def lock(self, lease_s: float = DEFAULT_LEASE_S) -> AsyncIterator[None]:
+        """Hold this session's lock for the block; :class:`SessionBusy` if another request holds it.
+
+        The lock is a lease renewed every ``lease_s / 3`` while held, so a process that dies
+        holding it frees the session within ``lease_s``.
+        """
+        if not await self._acquire(lease_s):
+            raise SessionBusy(self.id)
+        try:
+            yield
+        finally:
+            await self._release()
+
     async def try_lock(self) -> bool:
-        self.used = True
-        return await self.store.try_lock(self.id, self.ttl_s)
+        """Until the web layer moves to :meth:`lock`: take the lock, False if it is held."""
+        return await self._acquire(DEFAULT_LEASE_S)
 
     async def unlock(self) -> None:
-        await self.store.unlock(self.id)
+        await self._release()
+
+    async def _acquire(self, lease_s: float) -> bool:
+        self.used = True
+        if self._lock_token is not None:
+            return False  # already held by this very request: not re-entrant
+        token = await self.store.acquire_lock(self.id, lease_s)
+        if token is None:
+            return False
+        self._lock_token = token
+        self._lease_keeper = asyncio.create_task(self._keep_lease(token, lease_s))
+        return True
+
+    async def _release(self) -> None:
+        token, keeper = self._lock_token, self._lease_keeper
+        self._lock_token = self._lease_keeper = None
+        if keeper is not None:
+            keeper.cancel()
+        if token is not None:
+            # Shielded: a request cancelled while releasing still releases.
+            await asyncio.shield(self.store.release_lock(self.id, token))
+
+    async def _keep_lease(self, token: str, lease_s: float) -> None:
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            try:
+                if not await self.store.refresh_lock(self.id, token, lease_s):
+                    logger.warning("session %s… lost its lock: the lease ran out before it was renewed", self.id[:8])
+                    return
+            except Exception:
+                logger.exception("renewing the session lock failed; retrying")
 
 
 def resolve_secret(secret: str | None) -> str:
