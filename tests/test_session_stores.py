@@ -273,6 +273,7 @@ async def test_sqlite_uses_wal_and_sweeps_expired_rows(tmp_path: Path) -> None:
         assert await store.acquire_lock("old-0", lease_s=0.1)
         await asyncio.sleep(0.25)
         await store.set("fresh", {"ok": True}, ttl_s=60)  # a write past the interval sweeps
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600  # conversations are private
         with sqlite3.connect(path) as db:
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert db.execute("SELECT id FROM sessions").fetchall() == [("fresh",)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import sqlite3
 import time
@@ -49,7 +50,9 @@ class SQLiteSessionStore:
         self.path = Path(path)
         self.sweep_interval_s = sweep_interval_s
         self._swept_at = 0.0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Conversations are private: a new file is 0600 (SQLite gives its -wal/-shm files the same).
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         # Opened here, synchronously, so a bad path fails at startup rather than on a request.
         self._db = sqlite3.connect(
             self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
