@@ -10,6 +10,8 @@ import asyncio
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -294,6 +296,42 @@ async def test_sqlite_lock_works_across_separate_connections_racing(tmp_path: Pa
     finally:
         for store in instances:
             await store.close()
+
+
+_HOLDER = """
+import asyncio, sys
+from chatstream.session.sqlite_store import SQLiteSessionStore
+
+async def main():
+    store = SQLiteSessionStore(sys.argv[1])
+    await store.set("s1", {"written by": "another process"}, ttl_s=60)
+    print(await store.acquire_lock("s1", lease_s=1.5), flush=True)
+    await asyncio.sleep(60)  # killed while holding the lock
+
+asyncio.run(main())
+"""
+
+
+async def test_sqlite_lock_of_a_killed_process_frees_when_its_lease_runs_out(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdout=subprocess.PIPE, env=env, text=True)
+    store = SQLiteSessionStore(path)
+    try:
+        token = await asyncio.to_thread(holder.stdout.readline)  # type: ignore[union-attr]
+        lease_over = asyncio.get_running_loop().time() + 1.6
+        assert token.strip() not in ("", "None")
+        assert await store.get("s1") == {"written by": "another process"}
+        assert await store.acquire_lock("s1", lease_s=10) is None
+        holder.kill()
+        holder.wait()
+        assert await store.acquire_lock("s1", lease_s=10) is None  # dead, but its lease has not run out
+        await asyncio.sleep(lease_over - asyncio.get_running_loop().time())
+        assert await store.acquire_lock("s1", lease_s=10) is not None
+    finally:
+        holder.kill()
+        holder.wait()
+        await store.close()
 
 
 # -- Session.lock --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import sqlite3
@@ -22,6 +23,7 @@ from typing import Callable, TypeVar
 from .store import SessionData, dump_json
 
 T = TypeVar("T")
+logger = logging.getLogger("chatstream.session")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -58,7 +60,9 @@ class SQLiteSessionStore:
             self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
         )
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":  # e.g. a network file system: still correct, but readers wait for writers
+                logger.warning("SQLite session store %s: WAL mode unavailable (journal_mode=%s)", self.path, mode)
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
             self._db.executescript(_SCHEMA)
         except sqlite3.Error:
