@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: serve test setup browser bench clean
+.PHONY: serve test setup browser redis bench clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,10 @@ serve: $(STAMP)
 browser:
 	@test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
-test: $(STAMP) browser
+redis:
+	@command -v redis-server >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
+
+test: $(STAMP) browser redis
 	$(PY) -m pytest
 
 bench: $(STAMP)

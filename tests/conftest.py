@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
+import socket
+import subprocess
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -70,6 +73,49 @@ def default_model() -> tuple[Any, Any]:
     from chatstream import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``redis-server`` on a free loopback port, for the whole test session; yields its URL.
+
+    Missing redis-server is a failure, not a skip: the Redis store must be tested (``make test``
+    installs it).
+    """
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: run `make redis` (apt-get install redis-server)", pytrace=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    log = workdir / "redis.log"
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+            stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    try:
+        if not wait_until(lambda: process.poll() is not None or _redis_pings(port), timeout=10) or process.poll() is not None:
+            output = log.read_text(errors="replace")[-2000:]
+            pytest.fail(f"redis-server did not start on port {port}:\n{output}", pytrace=False)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _redis_pings(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.01) -> bool:

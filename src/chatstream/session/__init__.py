@@ -1,6 +1,25 @@
 """Server-side sessions: a signed cookie names the session; a store keeps its data."""
 
-from .middleware import Session, SessionMiddleware
-from .store import MemorySessionStore, SessionData, SessionStore
+from .data_dir import default_data_dir, load_or_create_secret
+from .memory_store import MemorySessionStore
+from .middleware import Session, SessionMiddleware, TooManySessions
+from .redis_store import RedisSessionStore
+from .sqlite_store import SQLiteSessionStore
+from ..errors import SessionBusy
+from .store import SessionData, SessionStore
+from .store_url import store_from_url
 
-__all__ = ["MemorySessionStore", "Session", "SessionData", "SessionMiddleware", "SessionStore"]
+__all__ = [
+    "MemorySessionStore",
+    "RedisSessionStore",
+    "SQLiteSessionStore",
+    "Session",
+    "SessionBusy",
+    "SessionData",
+    "SessionMiddleware",
+    "SessionStore",
+    "TooManySessions",
+    "default_data_dir",
+    "load_or_create_secret",
+    "store_from_url",
+]

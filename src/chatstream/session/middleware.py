@@ -6,6 +6,7 @@ garbage, expired or tampered cookie simply means a fresh session: never an error
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -21,7 +22,8 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ChatError, SessionBusy
-from .store import MemorySessionStore, SessionData, SessionStore
+from .memory_store import MemorySessionStore
+from .store import SessionData, SessionStore
 
 
 class TooManySessions(ChatError):
@@ -33,6 +35,7 @@ logger = logging.getLogger("chatstream.session")
 
 SECRET_ENV = "CHATSTREAM_SESSION_SECRET"
 _SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{32,64}$")
+DEFAULT_LEASE_S = 30.0
 
 
 class Session:
@@ -62,6 +65,9 @@ class Session:
         self._admit_new = admit_new
         self._claimed = not is_new
         self._view: dict[str, Any] = {}
+        self._lock_token: str | None = None
+        self._locked_id = session_id
+        self._lease_keeper: asyncio.Task[None] | None = None
 
     def get_session(self) -> dict[str, Any]:
         return self._view
@@ -98,25 +104,59 @@ class Session:
         self._claimed = True
 
     @contextlib.asynccontextmanager
-    async def lock(self, lease_s: float) -> AsyncIterator[None]:
-        """Hold this session's turn lock; raises :class:`SessionBusy` if another request holds it."""
+    async def lock(self, lease_s: float = DEFAULT_LEASE_S) -> AsyncIterator[None]:
+        """Hold this session's lock for the block; :class:`SessionBusy` if another request holds it.
+
+        The lock is a lease renewed every ``lease_s / 3`` while held, so a process that dies
+        holding it frees the session within ``lease_s``. A new session counts against its
+        client's quota here (:class:`TooManySessions`).
+        """
         self.claim()
-        locked_id = self.id
-        if not await self.store.try_lock(locked_id, max(int(lease_s), 3600)):
+        if not await self._acquire(lease_s):
             raise SessionBusy("a reply is already being generated in this session; wait for it to finish or stop it")
-        self.used = True  # the response (which may start streaming before the save) carries the cookie
         try:
             yield
         finally:
-            await self.store.unlock(locked_id)
+            await self._release()
 
-    # The lock as the first version exposed it, for code written against it.
     async def try_lock(self) -> bool:
+        """The lock as the first version exposed it: take it, False if it is held."""
         self.claim()
-        return await self.store.try_lock(self.id, self.ttl_s)
+        return await self._acquire(DEFAULT_LEASE_S)
 
     async def unlock(self) -> None:
-        await self.store.unlock(self.id)
+        await self._release()
+
+    async def _acquire(self, lease_s: float) -> bool:
+        if self._lock_token is not None:
+            return False  # already held by this very request: not re-entrant
+        token = await self.store.acquire_lock(self.id, lease_s)
+        if token is None:
+            return False
+        self.used = True  # the response (which may start streaming before the save) carries the cookie
+        self._locked_id = self.id
+        self._lock_token = token
+        self._lease_keeper = asyncio.create_task(self._keep_lease(token, lease_s))
+        return True
+
+    async def _release(self) -> None:
+        token, keeper = self._lock_token, self._lease_keeper
+        self._lock_token = self._lease_keeper = None
+        if keeper is not None:
+            keeper.cancel()
+        if token is not None:
+            # Shielded: a request cancelled while releasing still releases.
+            await asyncio.shield(self.store.release_lock(self._locked_id, token))
+
+    async def _keep_lease(self, token: str, lease_s: float) -> None:
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            try:
+                if not await self.store.refresh_lock(self._locked_id, token, lease_s):
+                    logger.warning("session %s… lost its lock: the lease ran out before it was renewed", self.id[:8])
+                    return
+            except Exception:
+                logger.exception("renewing the session lock failed; retrying")
 
 
 def resolve_secret(secret: str | None) -> str:

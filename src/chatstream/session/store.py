@@ -1,14 +1,12 @@
-"""Where session data lives. Plain JSON-serializable dicts only: never pickle.
+"""The interface every session store implements.
 
-A store is a small interface (get, set with TTL, delete, and a per-session lock) so that the
-in-memory store and a Redis store are interchangeable.
+Values are plain JSON (never pickle: a compromised store must not become code execution), so
+the memory, SQLite and Redis stores are interchangeable and pass one shared test suite.
 """
 
 from __future__ import annotations
 
-import copy
-import time
-from collections import OrderedDict
+import json
 from typing import Any, Protocol, runtime_checkable
 
 SessionData = dict[str, Any]
@@ -16,55 +14,39 @@ SessionData = dict[str, Any]
 
 @runtime_checkable
 class SessionStore(Protocol):
-    async def get(self, session_id: str) -> SessionData | None: ...
+    """Session data with a TTL per key, and a per-session lock held under a lease.
 
-    async def set(self, session_id: str, data: SessionData, ttl_s: int) -> None: ...
+    The lock is a lease, not a flag: a holder that crashes (or a process that dies) frees the
+    session when its lease runs out, so holders refresh the lease while they work.
+    """
+
+    async def get(self, session_id: str) -> SessionData | None:
+        """The session's data, or None if it does not exist or has expired."""
+        ...
+
+    async def set(self, session_id: str, data: SessionData, ttl_s: float) -> None:
+        """Store ``data`` (JSON-serializable) for ``ttl_s`` seconds from now."""
+        ...
 
     async def delete(self, session_id: str) -> None: ...
 
-    async def try_lock(self, session_id: str, ttl_s: int) -> bool:
-        """Take the session's generation lock; False if another request holds it."""
+    async def acquire_lock(self, session_id: str, lease_s: float) -> str | None:
+        """A new owner token, or None while someone else holds an unexpired lease."""
         ...
 
-    async def unlock(self, session_id: str) -> None: ...
+    async def refresh_lock(self, session_id: str, token: str, lease_s: float) -> bool:
+        """Extend the lease to ``lease_s`` from now, only if ``token`` still owns the lock."""
+        ...
+
+    async def release_lock(self, session_id: str, token: str) -> None:
+        """Release the lock only if ``token`` owns it: nobody frees another's lock."""
+        ...
+
+    async def close(self) -> None: ...
 
 
-class MemorySessionStore:
-    """Sessions in this process's memory, expired by TTL and bounded in count (oldest evicted)."""
-
-    def __init__(self, max_sessions: int = 10_000) -> None:
-        self.max_sessions = max_sessions
-        self._data: OrderedDict[str, tuple[float, SessionData]] = OrderedDict()
-        self._locks: dict[str, float] = {}
-
-    async def get(self, session_id: str) -> SessionData | None:
-        item = self._data.get(session_id)
-        if item is None:
-            return None
-        expires, data = item
-        if expires < time.monotonic():
-            del self._data[session_id]
-            return None
-        self._data.move_to_end(session_id)
-        # A copy, as a networked store would give: callers can't mutate stored state by accident.
-        return copy.deepcopy(data)
-
-    async def set(self, session_id: str, data: SessionData, ttl_s: int) -> None:
-        self._data[session_id] = (time.monotonic() + ttl_s, copy.deepcopy(data))
-        self._data.move_to_end(session_id)
-        while len(self._data) > self.max_sessions:
-            self._data.popitem(last=False)
-
-    async def delete(self, session_id: str) -> None:
-        self._data.pop(session_id, None)
-
-    async def try_lock(self, session_id: str, ttl_s: int) -> bool:
-        now = time.monotonic()
-        held_until = self._locks.get(session_id)
-        if held_until is not None and held_until > now:
-            return False
-        self._locks[session_id] = now + ttl_s
-        return True
-
-    async def unlock(self, session_id: str) -> None:
-        self._locks.pop(session_id, None)
+def dump_json(data: SessionData) -> str:
+    """Compact JSON text; raises TypeError/ValueError for anything that is not plain JSON."""
+    if not isinstance(data, dict):
+        raise TypeError(f"session data must be a dict, not {type(data).__name__}")
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)

@@ -1,0 +1,158 @@
+"""Sessions in one SQLite file: the default of ``chatstream serve``, so a restart loses nothing.
+
+The standard library's ``sqlite3`` runs on one dedicated thread per store (no extra dependency;
+aiosqlite does the same thing with more machinery): the event loop never waits on the disk or on
+another process's write lock, and one connection used by one thread needs no locking of its own.
+WAL mode lets readers proceed while another process writes; ``busy_timeout`` makes a writer wait
+for the other process instead of failing, so several processes may open the same file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from .store import SessionData, dump_json
+
+T = TypeVar("T")
+logger = logging.getLogger("chatstream.session")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY, data TEXT NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sessions_expires_at ON sessions (expires_at);
+CREATE TABLE IF NOT EXISTS session_locks (
+    id TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
+"""
+
+# One statement, so atomic: take the lock if it is free or its lease has run out.
+_ACQUIRE = """
+INSERT INTO session_locks (id, token, expires_at) VALUES (:id, :token, :until)
+ON CONFLICT (id) DO UPDATE SET token = excluded.token, expires_at = excluded.expires_at
+WHERE session_locks.expires_at <= :now
+"""
+
+
+class SQLiteSessionStore:
+    """Sessions and their locks in one SQLite file, shared safely by several processes.
+
+    Times are wall-clock (``time.time()``) because other processes read them. Expired rows are
+    removed when read, and by a sweep that runs at most every ``sweep_interval_s`` on writes.
+    """
+
+    def __init__(self, path: str | Path, busy_timeout_s: float = 5.0, sweep_interval_s: float = 60.0) -> None:
+        self.path = Path(path)
+        self.sweep_interval_s = sweep_interval_s
+        self._swept_at = 0.0
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Conversations are private: a new file is 0600 (SQLite gives its -wal/-shm files the same).
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        # Opened here, synchronously, so a bad path fails at startup rather than on a request.
+        self._db = sqlite3.connect(
+            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        try:
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":  # e.g. a network file system: still correct, but readers wait for writers
+                logger.warning("SQLite session store %s: WAL mode unavailable (journal_mode=%s)", self.path, mode)
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error:
+            self._db.close()
+            raise
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatstream-sqlite")
+        self._closed = False
+
+    async def get(self, session_id: str) -> SessionData | None:
+        def get() -> str | None:
+            now = time.time()
+            row = self._db.execute("SELECT data, expires_at FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            if row is None:
+                return None
+            if row[1] <= now:
+                self._db.execute("DELETE FROM sessions WHERE id = ? AND expires_at <= ?", (session_id, now))
+                return None
+            return row[0]
+
+        text = await self._run(get)
+        return None if text is None else json.loads(text)
+
+    async def set(self, session_id: str, data: SessionData, ttl_s: float) -> None:
+        text = dump_json(data)
+
+        def set_() -> None:
+            now = time.time()
+            self._db.execute(
+                "INSERT INTO sessions (id, data, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at",
+                (session_id, text, now + ttl_s),
+            )
+            if now - self._swept_at >= self.sweep_interval_s:
+                self._sweep(now)
+
+        await self._run(set_)
+
+    async def delete(self, session_id: str) -> None:
+        await self._run(lambda: self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)))
+
+    async def acquire_lock(self, session_id: str, lease_s: float) -> str | None:
+        token = secrets.token_urlsafe(16)
+
+        def acquire() -> bool:
+            now = time.time()
+            cursor = self._db.execute(_ACQUIRE, {"id": session_id, "token": token, "until": now + lease_s, "now": now})
+            return cursor.rowcount == 1
+
+        return token if await self._run(acquire) else None
+
+    async def refresh_lock(self, session_id: str, token: str, lease_s: float) -> bool:
+        def refresh() -> bool:
+            now = time.time()
+            cursor = self._db.execute(
+                "UPDATE session_locks SET expires_at = ? WHERE id = ? AND token = ? AND expires_at > ?",
+                (now + lease_s, session_id, token, now),
+            )
+            return cursor.rowcount == 1
+
+        return await self._run(refresh)
+
+    async def release_lock(self, session_id: str, token: str) -> None:
+        await self._run(
+            lambda: self._db.execute("DELETE FROM session_locks WHERE id = ? AND token = ?", (session_id, token))
+        )
+
+    async def sweep(self) -> None:
+        """Remove expired sessions and locks now (this also happens by itself on writes)."""
+        await self._run(lambda: self._sweep(time.time()))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._run(self._db.close, closing=True)
+        self._thread.shutdown(wait=False)
+
+    def _sweep(self, now: float) -> None:
+        self._swept_at = now
+        # Indexed on expires_at, and in batches, so a sweep never holds the write lock for long.
+        while self._db.execute(
+            "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions WHERE expires_at <= ? LIMIT 500)", (now,)
+        ).rowcount == 500:
+            pass
+        self._db.execute("DELETE FROM session_locks WHERE expires_at <= ?", (now,))
+
+    async def _run(self, fn: Callable[[], T], closing: bool = False) -> T:
+        if self._closed and not closing:
+            raise RuntimeError("the session store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+
+    def __repr__(self) -> str:
+        return f"SQLiteSessionStore({str(self.path)!r})"

@@ -1,0 +1,453 @@
+"""Session stores: one specification that the memory, SQLite and Redis stores all meet.
+
+Redis tests run against a real ``redis-server`` (the ``redis_server`` fixture); SQLite ones
+against a real file. Two store instances on one file or one Redis stand for two processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import pytest
+
+from chatstream.session import (
+    MemorySessionStore,
+    RedisSessionStore,
+    Session,
+    SessionBusy,
+    SessionStore,
+    SQLiteSessionStore,
+    default_data_dir,
+    load_or_create_secret,
+    store_from_url,
+)
+
+ALL = ["memory", "sqlite", "redis"]
+SHARED = ["sqlite", "redis"]  # stores that outlive the process and that several processes share
+
+DATA = {
+    "chat_prompt": {
+        "system": "Réponds en français.",
+        "messages": [
+            {"role": "user", "content": "Bonjour 👋 — 東京はどこ?"},
+            {"role": "assistant", "content": "Tokyo est au Japon.\n\"quoted\" \\ back\\slash"},
+        ],
+    },
+    "settings": {"temperature": 0.5, "stream": True, "stop": None, "n": [1, 2, {"deep": []}]},
+}
+
+OpenStore = Callable[[], SessionStore]
+
+
+@pytest.fixture
+async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenStore]:
+    """``open_store()`` opens the test's store; each call is a new instance on the same data
+    (the same file, the same Redis and key prefix), as another process would open it."""
+    kind = request.param
+    opened: list[SessionStore] = []
+    if kind == "memory":
+        memory = MemorySessionStore()
+
+        def open_one() -> SessionStore:
+            return memory
+    elif kind == "sqlite":
+        def open_one() -> SessionStore:
+            return SQLiteSessionStore(tmp_path / "sessions.db")
+    else:
+        url = request.getfixturevalue("redis_server")
+        prefix = f"test-{uuid.uuid4().hex}:"
+
+        def open_one() -> SessionStore:
+            return RedisSessionStore.from_url(url, prefix=prefix)
+
+    def tracked() -> SessionStore:
+        store = open_one()
+        opened.append(store)
+        return store
+
+    yield tracked
+    for store in opened:
+        await store.close()
+
+
+def stores(kinds: list[str]) -> Any:
+    return pytest.mark.parametrize("open_store", kinds, indirect=True)
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+@stores(ALL)
+async def test_nested_json_with_unicode_round_trips(open_store: OpenStore) -> None:
+    store = open_store()
+    assert await store.get("s1") is None
+    await store.set("s1", DATA, ttl_s=60)
+    assert await store.get("s1") == DATA
+    await store.set("s1", {"replaced": True}, ttl_s=60)
+    assert await store.get("s1") == {"replaced": True}
+    await store.delete("s1")
+    assert await store.get("s1") is None
+    await store.delete("never-existed")
+
+
+@stores(ALL)
+async def test_values_are_plain_json_copies(open_store: OpenStore) -> None:
+    store = open_store()
+    data = {"pair": (1, 2), "list": [1]}
+    await store.set("s1", data, ttl_s=60)
+    data["list"].append(2)
+    got = await store.get("s1")
+    assert got == {"pair": [1, 2], "list": [1]}  # JSON: tuples come back as lists; no shared state
+    got["list"].append(3)
+    assert await store.get("s1") == {"pair": [1, 2], "list": [1]}
+    for not_json in ({"a": {1, 2}}, {"a": object()}, {"a": float("nan")}, ["not", "a", "dict"]):
+        with pytest.raises((TypeError, ValueError)):
+            await store.set("s2", not_json, ttl_s=60)  # type: ignore[arg-type]
+    assert await store.get("s2") is None
+
+
+@stores(ALL)
+async def test_data_expires_after_its_ttl(open_store: OpenStore) -> None:
+    store = open_store()
+    await store.set("short", {"n": 1}, ttl_s=0.4)
+    await store.set("long", {"n": 2}, ttl_s=60)
+    assert await store.get("short") == {"n": 1}
+    await asyncio.sleep(0.6)
+    assert await store.get("short") is None
+    assert await store.get("long") == {"n": 2}
+    await store.set("short", {"n": 3}, ttl_s=60)  # a new set starts a new life
+    assert await store.get("short") == {"n": 3}
+
+
+# -- the lock ------------------------------------------------------------------------------------
+
+@stores(ALL)
+async def test_lock_is_refused_while_held_and_only_its_owner_releases_it(open_store: OpenStore) -> None:
+    store = open_store()
+    token = await store.acquire_lock("s1", lease_s=10)
+    assert token
+    assert await store.acquire_lock("s1", lease_s=10) is None
+    assert await store.acquire_lock("s2", lease_s=10) is not None  # locks are per session
+
+    await store.release_lock("s1", "not-the-token")
+    assert await store.acquire_lock("s1", lease_s=10) is None
+    assert await store.refresh_lock("s1", "not-the-token", lease_s=10) is False
+
+    await store.release_lock("s1", token)
+    second = await store.acquire_lock("s1", lease_s=10)
+    assert second and second != token
+    await store.release_lock("s1", token)  # a stale owner cannot free the new owner's lock
+    assert await store.acquire_lock("s1", lease_s=10) is None
+
+
+@stores(ALL)
+async def test_an_expired_lease_frees_the_lock_and_its_token_is_dead(open_store: OpenStore) -> None:
+    store = open_store()
+    crashed = await store.acquire_lock("s1", lease_s=0.3)
+    assert crashed and await store.acquire_lock("s1", lease_s=0.3) is None
+    await asyncio.sleep(0.45)
+    taker = await store.acquire_lock("s1", lease_s=10)
+    assert taker
+    assert await store.refresh_lock("s1", crashed, lease_s=10) is False
+    await store.release_lock("s1", crashed)
+    assert await store.acquire_lock("s1", lease_s=10) is None  # still the taker's
+
+
+@stores(ALL)
+async def test_refresh_extends_the_lease(open_store: OpenStore) -> None:
+    store = open_store()
+    token = await store.acquire_lock("s1", lease_s=0.3)
+    assert token
+    await asyncio.sleep(0.15)
+    assert await store.refresh_lock("s1", token, lease_s=0.6) is True
+    await asyncio.sleep(0.35)  # past the first lease, within the refreshed one
+    assert await store.acquire_lock("s1", lease_s=10) is None
+    assert await store.refresh_lock("s1", token, lease_s=0.6) is True
+    await store.release_lock("s1", token)
+    assert await store.refresh_lock("s1", token, lease_s=0.6) is False
+
+
+@stores(ALL)
+async def test_concurrent_acquires_have_exactly_one_winner(open_store: OpenStore) -> None:
+    instances = [open_store(), open_store()]  # for SQLite and Redis: two "processes"
+    tokens = await asyncio.gather(*(instances[i % 2].acquire_lock("s1", lease_s=10) for i in range(40)))
+    assert len([t for t in tokens if t is not None]) == 1
+
+
+# -- several processes, restarts -----------------------------------------------------------------
+
+@stores(SHARED)
+async def test_two_instances_see_each_others_data_and_locks(open_store: OpenStore) -> None:
+    a, b = open_store(), open_store()
+    await a.set("s1", DATA, ttl_s=60)
+    assert await b.get("s1") == DATA
+    await b.delete("s1")
+    assert await a.get("s1") is None
+
+    token = await a.acquire_lock("s1", lease_s=10)
+    assert token and await b.acquire_lock("s1", lease_s=10) is None
+    await b.release_lock("s1", "guess")
+    assert await b.acquire_lock("s1", lease_s=10) is None
+    await b.release_lock("s1", token)  # the owner's token releases it from anywhere
+    assert await a.acquire_lock("s1", lease_s=10) is not None
+
+
+@stores(SHARED)
+async def test_data_and_locks_survive_closing_and_reopening(open_store: OpenStore) -> None:
+    first = open_store()
+    await first.set("s1", DATA, ttl_s=60)
+    await first.set("gone", {"x": 1}, ttl_s=0.2)
+    token = await first.acquire_lock("s1", lease_s=10)
+    await first.close()
+    await asyncio.sleep(0.3)
+    again = open_store()
+    assert await again.get("s1") == DATA
+    assert await again.get("gone") is None
+    assert await again.acquire_lock("s1", lease_s=10) is None  # a restart does not break a live lease
+    assert token and await again.refresh_lock("s1", token, lease_s=10)
+
+
+# -- memory store: bounded, and eviction spares what is in use -----------------------------------
+
+async def test_memory_eviction_drops_the_least_recently_used_idle_session() -> None:
+    store = MemorySessionStore(max_sessions=3)
+    await store.set("locked", {"n": 0}, ttl_s=60)
+    await store.set("used", {"n": 1}, ttl_s=60)
+    await store.set("idle", {"n": 2}, ttl_s=60)
+    assert await store.acquire_lock("locked", lease_s=60)
+    assert await store.get("used") == {"n": 1}  # recently used now; "locked" is the oldest
+    await store.set("new", {"n": 3}, ttl_s=60)
+    assert await store.get("idle") is None
+    assert [await store.get(s) for s in ("locked", "used", "new")] == [{"n": 0}, {"n": 1}, {"n": 3}]
+
+
+async def test_a_flood_of_new_sessions_never_evicts_a_session_in_use() -> None:
+    store = MemorySessionStore(max_sessions=100)
+    await store.set("real-user", DATA, ttl_s=60)
+    token = await store.acquire_lock("real-user", lease_s=60)
+    for i in range(1_010):  # cookieless requests, each a new session
+        await store.set(f"anonymous-{i}", {}, ttl_s=60)
+    assert await store.get("real-user") == DATA
+    assert len(store._data) == 100
+    assert token
+    await store.release_lock("real-user", token)
+    for i in range(100):  # once idle, it is evicted like any other least recently used session
+        await store.set(f"later-{i}", {}, ttl_s=60)
+    assert await store.get("real-user") is None
+
+
+async def test_memory_evicts_expired_sessions_before_live_ones() -> None:
+    store = MemorySessionStore(max_sessions=2)
+    await store.set("live", {"n": 1}, ttl_s=60)
+    await store.set("expiring", {"n": 2}, ttl_s=0.1)
+    await asyncio.sleep(0.15)
+    await store.set("new", {"n": 3}, ttl_s=60)
+    assert await store.get("live") == {"n": 1} and await store.get("new") == {"n": 3}
+
+
+async def test_memory_caps_the_number_of_locks_without_breaking_any() -> None:
+    store = MemorySessionStore(max_locks=2)
+    a = await store.acquire_lock("a", lease_s=60)
+    assert a and await store.acquire_lock("b", lease_s=0.1)
+    assert await store.acquire_lock("c", lease_s=60) is None  # full, and both held
+    await asyncio.sleep(0.15)
+    assert await store.acquire_lock("c", lease_s=60)  # b's lease ran out: its slot is reused
+    await store.release_lock("a", a)
+    assert await store.acquire_lock("d", lease_s=60)
+
+
+# -- SQLite specifics ----------------------------------------------------------------------------
+
+async def test_sqlite_uses_wal_and_sweeps_expired_rows(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    store = SQLiteSessionStore(path, sweep_interval_s=0.2)
+    try:
+        for i in range(20):
+            await store.set(f"old-{i}", {"i": i}, ttl_s=0.1)
+        assert await store.acquire_lock("old-0", lease_s=0.1)
+        await asyncio.sleep(0.25)
+        await store.set("fresh", {"ok": True}, ttl_s=60)  # a write past the interval sweeps
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600  # conversations are private
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert db.execute("SELECT id FROM sessions").fetchall() == [("fresh",)]
+            assert db.execute("SELECT count(*) FROM session_locks").fetchone()[0] == 0
+    finally:
+        await store.close()
+
+
+async def test_sqlite_lock_works_across_separate_connections_racing(tmp_path: Path) -> None:
+    """Several instances (each its own connection and thread) racing for many sessions."""
+    instances = [SQLiteSessionStore(tmp_path / "sessions.db") for _ in range(4)]
+    try:
+        for session in range(5):
+            tokens = await asyncio.gather(
+                *(instances[i % 4].acquire_lock(f"s{session}", lease_s=10) for i in range(12))
+            )
+            assert len([t for t in tokens if t]) == 1
+    finally:
+        for store in instances:
+            await store.close()
+
+
+_HOLDER = """
+import asyncio, sys
+from chatstream.session.sqlite_store import SQLiteSessionStore
+
+async def main():
+    store = SQLiteSessionStore(sys.argv[1])
+    await store.set("s1", {"written by": "another process"}, ttl_s=60)
+    print(await store.acquire_lock("s1", lease_s=1.5), flush=True)
+    await asyncio.sleep(60)  # killed while holding the lock
+
+asyncio.run(main())
+"""
+
+
+async def test_sqlite_lock_of_a_killed_process_frees_when_its_lease_runs_out(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdout=subprocess.PIPE, env=env, text=True)
+    store = SQLiteSessionStore(path)
+    try:
+        token = await asyncio.to_thread(holder.stdout.readline)  # type: ignore[union-attr]
+        lease_over = asyncio.get_running_loop().time() + 1.6
+        assert token.strip() not in ("", "None")
+        assert await store.get("s1") == {"written by": "another process"}
+        assert await store.acquire_lock("s1", lease_s=10) is None
+        holder.kill()
+        holder.wait()
+        assert await store.acquire_lock("s1", lease_s=10) is None  # dead, but its lease has not run out
+        await asyncio.sleep(lease_over - asyncio.get_running_loop().time())
+        assert await store.acquire_lock("s1", lease_s=10) is not None
+    finally:
+        holder.kill()
+        holder.wait()
+        await store.close()
+
+
+# -- Session.lock --------------------------------------------------------------------------------
+
+async def test_session_lock_renews_its_lease_and_releases_at_the_end() -> None:
+    store = MemorySessionStore()
+    session = Session(store, "s" * 32, is_new=False, ttl_s=60)
+    other = Session(store, "s" * 32, is_new=False, ttl_s=60)
+    async with session.lock(lease_s=0.3):
+        await asyncio.sleep(0.7)  # over twice the lease: only renewal keeps it
+        with pytest.raises(SessionBusy):
+            async with other.lock(lease_s=0.3):
+                pass
+        assert await other.try_lock() is False
+    async with other.lock(lease_s=0.3):
+        pass
+
+
+async def test_session_lock_is_released_when_the_block_fails() -> None:
+    store = MemorySessionStore()
+    session = Session(store, "s" * 32, is_new=False, ttl_s=60)
+    with pytest.raises(RuntimeError):
+        async with session.lock():
+            raise RuntimeError("boom")
+    assert await session.try_lock() is True  # the old API, kept until the web layer moves
+    assert await Session(store, "s" * 32, is_new=False, ttl_s=60).try_lock() is False
+    await session.unlock()
+    assert await Session(store, "s" * 32, is_new=False, ttl_s=60).try_lock() is True
+
+
+# -- store_from_url ------------------------------------------------------------------------------
+
+async def test_store_from_url_accepts_each_form(tmp_path: Path, redis_server: str) -> None:
+    assert isinstance(store_from_url("memory://", tmp_path), MemorySessionStore)
+
+    default = store_from_url("sqlite://", tmp_path / "data")
+    explicit = store_from_url(f"sqlite://{tmp_path}/elsewhere/s.db", tmp_path)
+    try:
+        assert isinstance(default, SQLiteSessionStore) and default.path == tmp_path / "data" / "sessions.db"
+        assert isinstance(explicit, SQLiteSessionStore) and explicit.path == tmp_path / "elsewhere" / "s.db"
+        assert default.path.exists() and explicit.path.exists()
+    finally:
+        await default.close()
+        await explicit.close()
+
+    redis_store = store_from_url(f"{redis_server}?prefix=myapp:", tmp_path)
+    try:
+        assert isinstance(redis_store, RedisSessionStore) and redis_store.prefix == "myapp:"
+        await redis_store.set("s1", {"ok": 1}, ttl_s=5)
+        assert await redis_store.client.exists("myapp:session:s1")
+    finally:
+        await redis_store.close()
+    tls = store_from_url("rediss://:pw@redis.example:6380/2", tmp_path)
+    assert isinstance(tls, RedisSessionStore) and tls.prefix == "chatstream:"
+    await tls.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["", "postgres://db/x", "sqlite://relative.db", "sqlite:///", "sqlite:///x.db?mode=ro", "memory://x",
+     "redis://", "redis://host:notaport/0", "/abs/path.db"],
+)
+def test_store_from_url_rejects_other_forms_naming_the_accepted_ones(url: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as error:
+        store_from_url(url, tmp_path)
+    message = str(error.value)
+    assert "memory://" in message and "sqlite:///" in message and "redis://" in message
+
+
+def test_a_bad_redis_url_does_not_leak_its_password(tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as error:
+        store_from_url("redis://:hunter2@host:bad/0", tmp_path)
+    assert "hunter2" not in str(error.value)
+
+
+# -- the data folder and the cookie secret -------------------------------------------------------
+
+def test_secret_is_created_once_with_mode_0600_and_reused(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    secret = load_or_create_secret(data_dir)
+    path = data_dir / "session_secret"
+    assert len(secret) >= 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_secret(data_dir) == secret
+    assert load_or_create_secret(tmp_path / "other") != secret
+
+
+def test_processes_starting_together_agree_on_one_secret(tmp_path: Path) -> None:
+    results: list[str] = []
+    start = threading.Barrier(8)
+
+    def create() -> None:
+        start.wait()
+        results.append(load_or_create_secret(tmp_path))
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 8 and len(set(results)) == 1
+
+
+def test_a_secret_file_others_can_read_is_refused(tmp_path: Path) -> None:
+    load_or_create_secret(tmp_path)
+    os.chmod(tmp_path / "session_secret", 0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        load_or_create_secret(tmp_path)
+
+
+def test_default_data_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CHATSTREAM_DATA_DIR", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_data_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("CHATSTREAM_DATA_DIR")
+    assert default_data_dir() == tmp_path / "xdg" / "chatstream"
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/ignored")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_data_dir() == tmp_path / "home" / ".local" / "share" / "chatstream"
