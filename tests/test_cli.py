@@ -57,7 +57,7 @@ def test_serve_mock_with_options_from_flags_and_environment():
         url = f"http://127.0.0.1:{port}"
         health = wait_healthy(url, proc).json()
         assert health["model"] == "mock"
-        assert (health["max_concurrent"], health["max_queue"]) == (3, 7)
+        assert (health["concurrency"], health["queue_size"]) == (3, 7)
         r = httpx.post(f"{url}/chat_stream", json={"user_input": "ping"}, timeout=30)
         assert parse_sse(r.text)[-1][1]["status"] == "success"
     finally:
@@ -68,7 +68,7 @@ def test_serve_mock_with_options_from_flags_and_environment():
     "args, message",
     [
         (["--concurrency", "0"], "--concurrency"),
-        (["--port", "notaport"], "invalid int value"),
+        (["--port", "notaport"], "expected an integer"),
         (["--queue-size", "-1"], "--queue-size"),
         (["--kv-cache-mb", "0"], "--kv-cache-mb"),
     ],

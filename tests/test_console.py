@@ -42,9 +42,13 @@ class RecordingStore(MemorySessionStore):
 
     last: dict[str, Any] = {}
 
-    async def set(self, session_id: str, data: dict[str, Any], ttl_s: int) -> None:
+    async def set(self, session_id: str, data: dict[str, Any], ttl_s: float) -> None:
         self.last = data
         await super().set(session_id, data, ttl_s)
+
+    async def delete(self, session_id: str) -> None:  # clearing deletes the session
+        self.last = {}
+        await super().delete(session_id)
 
     def history(self) -> list[tuple[str, str]]:
         messages = (self.last.get("chat_prompt") or {}).get("messages", [])

@@ -181,7 +181,10 @@ def test_parameters_that_ask_for_nothing_extra_are_accepted(serve):
     ({"messages": USER, "top_p": 0}, "top_p"),
     ({"messages": USER, "max_tokens": 0}, "max_tokens"),
     ({"messages": USER, "max_tokens": 2.5}, "max_tokens"),
-    ({"messages": USER, "max_tokens": 100_000}, "max_tokens"),
+    ({"messages": USER, "top_k": 9223372036854775808}, "top_k"),
+    ({"messages": USER, "top_k": True}, "top_k"),
+    ({"messages": USER, "repetition_penalty": 1e308}, "repetition_penalty"),
+    ({"messages": [USER[0]] * 1001}, "messages"),
     ({"messages": USER, "stop": [""]}, "stop"),
     ({"messages": USER, "stop": [1]}, "stop"),
     ({"messages": USER, "seed": "42"}, "seed"),
@@ -218,6 +221,12 @@ def test_a_prompt_beyond_the_context_is_400_context_length_exceeded(serve):
     # With no max_tokens the reply gets what the context leaves.
     completion = chat(url, messages=[{"role": "user", "content": "x" * 200}])
     assert completion.usage.prompt_tokens + completion.usage.completion_tokens <= 300
+
+
+def test_max_tokens_above_the_server_limit_is_clamped(serve):
+    url, _ = mock_server(serve, max_new_tokens=4)
+    completion = chat(url, max_tokens=100_000)
+    assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 4
 
 
 def test_api_key_guards_every_v1_route(serve):

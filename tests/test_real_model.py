@@ -44,11 +44,21 @@ def test_a_real_reply_streams_token_by_token_and_lands_in_history(real_server):
     assert calls[-1][1].rstrip().endswith(reply + "<|im_end|>")
 
 
-def test_the_loaded_model_is_kept_out_of_garbage_collection_pauses(real_server):
+def test_only_the_server_freezes_the_loaded_model_out_of_garbage_collection(default_model, serve):
     import gc
 
-    # The model's objects are frozen, so a full collection never walks them on the event loop.
-    assert gc.get_freeze_count() > 100_000
+    from chatstream import ChatService, Settings
+    from chatstream.web.app import create_app
+
+    model, tokenizer = default_model
+    before = gc.get_freeze_count()
+    ChatStream(model=model, tokenizer=tokenizer)  # a library object: no process-wide side effect
+    assert gc.get_freeze_count() == before
+    # The server freezes the model's objects once loaded, so a full collection never walks them
+    # on the event loop.
+    settings = Settings(session_secret="s")
+    serve(create_app(settings, ChatService(settings, model=model, tokenizer=tokenizer)))
+    assert wait_until(lambda: gc.get_freeze_count() > 100_000, timeout=10)
 
 
 def test_multibyte_text_streams_without_broken_characters(real_server):

@@ -99,6 +99,11 @@ class LLMEngine:
         return not self._stopping and self._broken is None
 
     @property
+    def error(self) -> str | None:
+        """Why the worker crashed, if it did (then every request fails and the engine is not ready)."""
+        return self._broken
+
+    @property
     def num_running(self) -> int:
         return len(self._scheduler.running)
 

@@ -106,7 +106,7 @@ class ChatService:
             return "draining"
         if self.ready:
             return "ok"
-        return "error" if self.load_error or self.engine is not None else "loading"
+        return "error" if self.load_error or self.engine_error else "loading"
 
     async def start(self) -> None:
         """Start the engine, or the model load if it was deferred. Idempotent; turns call it too."""
@@ -140,19 +140,23 @@ class ChatService:
         if self.draining:
             raise ModelNotReady("the server is shutting down; retry on another instance or shortly",
                                 code="shutting_down", retry_after=5)
-        if self.load_error:
-            raise ModelNotReady(f"the model failed to load: {self.load_error}", code="model_unavailable")
-        if self.engine is not None:
-            raise ModelNotReady("the model is not available (the engine stopped)", code="model_unavailable")
+        failure = self.load_error or self.engine_error
+        if failure:
+            raise ModelNotReady(f"the model is not available: {failure}", code="model_unavailable")
         raise ModelNotReady("the model is still loading; retry shortly", code="model_loading", retry_after=5)
 
     @property
+    def engine_error(self) -> str | None:
+        """Why the engine stopped working (it crashed), if it did."""
+        error = getattr(self.engine, "error", None)
+        return error if isinstance(error, str) else None
+
+    @property
     def live(self) -> bool:
-        """False when work is running but the engine has made no progress for ``stall_timeout_s``."""
+        """False when the engine crashed, or work is running and it made no progress for ``stall_timeout_s``."""
         generating = any(turn._generation is not None and not turn._generation.done() for turn in self._turns)
         stalled = generating and time.monotonic() - self._last_progress > self.settings.stall_timeout_s
-        return not stalled and not (self.engine is not None and self.load_error is None and not self.engine.ready
-                                    and not self.draining)
+        return not stalled and self.engine_error is None
 
     def note_progress(self) -> None:
         self._last_progress = time.monotonic()
@@ -189,8 +193,8 @@ class ChatService:
             "concurrency": self.admission.concurrency,
             "queue_size": self.admission.queue_size,
         }
-        if self.load_error:
-            body["error"] = self.load_error
+        if self.load_error or self.engine_error:
+            body["error"] = self.load_error or self.engine_error
         return body
 
     # -- limits --
