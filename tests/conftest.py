@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Iterator
 
 import pytest
 import uvicorn
+
+# Servers started by the tests (in process or as `chatstream serve`) keep their sessions database
+# and secret here, never in the developer's own data folder.
+os.environ["CHATSTREAM_DATA_DIR"] = tempfile.mkdtemp(prefix="chatstream-test-data-")
 
 
 class LiveServer:

@@ -123,10 +123,15 @@ class DrainingServer(uvicorn.Server):
 
 def _serve(settings: Settings) -> int:
     from .service import ChatService
-    from .web.app import create_app
+    from .web.app import create_app, server_settings
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    service = ChatService.from_settings(settings)
+    try:
+        settings = server_settings(settings)
+        service = ChatService.from_settings(settings)
+    except (ValueError, OSError) as exc:
+        print(f"chatstream: error: {exc}", file=sys.stderr)
+        return 2
     app = create_app(settings, service)
     print(f"chatstream: serving on http://{settings.host}:{settings.port}  "
           f"(model: {'mock' if settings.mock else settings.model or 'embedded default'}, "

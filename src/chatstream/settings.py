@@ -6,6 +6,8 @@ and, for ``chatstream serve``, as ``--<name>`` (the CLI is generated from these 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -46,10 +48,19 @@ class Settings(BaseSettings):
     max_messages: int = Field(1000, ge=1, le=100_000, description="messages an OpenAI request may carry")
 
     # -- sessions and security --
-    session_secret: str | None = Field(None, description="secret that signs session cookies (random per process if unset)")
+    session_store: str | None = Field(None, description="where sessions live: memory://, sqlite:// (sessions.db in the data folder), sqlite:///path.db, redis://host:port/db (none: sqlite:// for chatstream serve, memory:// in a library)")
+    data_dir: str | None = Field(None, description="folder for the sessions database and the session secret (none: $XDG_DATA_HOME/chatstream or ~/.local/share/chatstream)")
+    session_secret: str | None = Field(None, description="secret that signs session cookies (none: generated once and kept in the data folder by chatstream serve; required with Redis)")
+    new_sessions_per_minute: int = Field(60, ge=0, description="new sessions one client address may start per minute (0 = no limit)")
     session_ttl_s: int = Field(14 * 24 * 3600, ge=60, description="session lifetime in seconds")
     secure_cookies: bool = Field(False, description="mark cookies Secure (HTTPS only)")
     api_key: str | None = Field(None, description="if set, every route but /health requires it (Bearer header, or the UI's login)")
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        from .session.data_dir import default_data_dir
+
+        return Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()
 
     @model_validator(mode="after")
     def _reply_fits_context(self) -> "Settings":

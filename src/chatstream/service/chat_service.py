@@ -19,7 +19,7 @@ from ..conversation import ChatPrompt
 from ..engine import Engine, SamplingParams
 from ..errors import InvalidRequest, ModelNotReady, PromptTooLong
 from ..model_loader import load_model, model_display_name
-from ..session import Session
+from ..session import MemorySessionStore, Session, SessionStore
 from ..settings import Settings
 from .turn import Callback, Turn
 
@@ -48,12 +48,14 @@ class ChatService:
         engine: Engine | None = None,
         chat_prompt_clazz: type[ChatPrompt] = ChatPrompt,
         model_name: str | None = None,
+        session_store: SessionStore | None = None,
     ) -> None:
         if model is not None and tokenizer is None:
             raise TypeError("pass the model's tokenizer with model=")
         if not (isinstance(chat_prompt_clazz, type) and issubclass(chat_prompt_clazz, ChatPrompt)):
             raise TypeError("chat_prompt_clazz must be a subclass of chatstream.ChatPrompt")
         self.settings = settings
+        self.session_store: SessionStore = session_store or MemorySessionStore()
         self.chat_prompt_clazz = chat_prompt_clazz
         self.admission = AdmissionQueue(settings.concurrency, settings.queue_size)
         self.defaults = SamplingParams(
@@ -82,8 +84,16 @@ class ChatService:
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **parts: Any) -> "ChatService":
-        """The service for ``settings`` (default: from the environment); ``parts`` as for the constructor."""
-        return cls(settings or Settings(), **parts)
+        """The service for ``settings`` (default: from the environment); ``parts`` as for the constructor.
+
+        The session store comes from ``settings.session_store`` (a URL) unless given in ``parts``.
+        """
+        settings = settings or Settings()
+        if "session_store" not in parts and settings.session_store:
+            from ..session import store_from_url
+
+            parts["session_store"] = store_from_url(settings.session_store, settings.resolved_data_dir)
+        return cls(settings, **parts)
 
     # -- engine lifecycle --
     def _attach(self, model: Any, tokenizer: Any) -> None:
@@ -181,6 +191,7 @@ class ChatService:
         self.draining = True
         if self.engine is not None:
             await self.engine.shutdown()
+        await self.session_store.close()
 
     # -- health --
     def health(self) -> dict[str, Any]:

@@ -15,8 +15,14 @@ from .chat_stream import ChatStream
 
 
 def create_app(settings: Settings | None = None, service: ChatService | None = None) -> FastAPI:
-    """Build the server app. The model loads in the background; /health is 503 until it is ready."""
-    settings = settings or Settings()
+    """Build the server app. The model loads in the background; /health is 503 until it is ready.
+
+    Unlike a library ``ChatStream``, the server keeps sessions across restarts: in SQLite in the
+    data folder unless ``settings.session_store`` says otherwise, with the cookie secret generated
+    once and kept there too. Raises ValueError for a configuration that cannot work (a bad store
+    URL; a store shared by several processes without a shared secret).
+    """
+    settings = server_settings(settings or Settings())
     service = service or ChatService.from_settings(settings)
     chat_stream = ChatStream(service=service)
 
@@ -37,6 +43,22 @@ def create_app(settings: Settings | None = None, service: ChatService | None = N
     chat_stream.append_openai_apis(app, api_key=settings.api_key)
     chat_stream.append_ui(app)
     return app
+
+
+def server_settings(settings: Settings) -> Settings:
+    """``settings`` with the server's defaults filled in: the SQLite store and a kept secret."""
+    from ..session import load_or_create_secret
+
+    store = settings.session_store or "sqlite://"
+    secret = settings.session_secret
+    if secret is None:
+        if store.lower().startswith(("redis://", "rediss://")):
+            raise ValueError(
+                "a Redis session store is shared by several processes: give them all the same "
+                "--session-secret (or CHATSTREAM_SESSION_SECRET)"
+            )
+        secret = load_or_create_secret(settings.resolved_data_dir)
+    return settings.model_copy(update={"session_store": store, "session_secret": secret})
 
 
 async def _freeze_when_loaded(service: ChatService) -> None:

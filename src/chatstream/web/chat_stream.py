@@ -106,15 +106,19 @@ class ChatStream:
                 kv_cache_mb=-(-kv_cache_memory_bytes // 2**20) if kv_cache_memory_bytes else None,
             )
             service = ChatService(settings, model=model, tokenizer=tokenizer, engine=engine,
-                                  chat_prompt_clazz=chat_prompt_clazz, model_name=model_name)
+                                  chat_prompt_clazz=chat_prompt_clazz, model_name=model_name,
+                                  session_store=session_store)
         self.service = service
-        self.session_store = session_store
         self.loop_lag = LoopLagMonitor()
 
     # -- what the service owns, under the names this class always had --
     @property
     def settings(self) -> Settings:
         return self.service.settings
+
+    @property
+    def session_store(self) -> SessionStore:
+        return self.service.session_store
 
     @property
     def admission(self) -> Any:
@@ -166,8 +170,9 @@ class ChatStream:
         """Install the session middleware (signed cookie, server-side store)."""
         settings = self.settings
         app.add_middleware(
-            SessionMiddleware, store=self.session_store, secret=settings.session_secret,
+            SessionMiddleware, store=self.service.session_store, secret=settings.session_secret,
             max_age_s=settings.session_ttl_s, https_only=settings.secure_cookies,
+            new_sessions_per_minute=settings.new_sessions_per_minute,
         )
 
     def append_apis(self, app: Any) -> None:
