@@ -11,7 +11,7 @@ import logging
 import resource
 import socket
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -23,6 +23,7 @@ from starlette.routing import Route
 from chatstream.web.limits import BodyLimitMiddleware
 from chatstream.web.server import (
     GuardedH11Protocol,
+    RateLimitFilter,
     build_uvicorn_config,
     default_max_connections,
     fastapi_docs_kwargs,
@@ -262,6 +263,29 @@ def test_connections_past_the_cap_are_refused_at_once_and_logged_once() -> None:
     assert len(refusals) == 1
 
 
+def test_the_rate_limit_filter_lets_one_line_through_per_kind_and_interval() -> None:
+    target = logging.getLogger("chatstream.test.ratelimit")
+    target.propagate = False
+    target.addFilter(RateLimitFilter(interval_s=0.3))
+    with captured_log("chatstream.test.ratelimit") as log:
+        for _ in range(1000):
+            target.error("accept failed: %s", "EMFILE")
+            try:
+                raise OSError(24, "Too many open files")
+            except OSError:
+                target.exception("Exception in callback <TimerHandle when=%d>\nmore", time.monotonic_ns())
+        target.error("a different problem")
+        time.sleep(0.35)
+        target.error("accept failed: %s", "EMFILE")
+    messages = log.messages()
+    assert messages[:3] == [
+        "accept failed: EMFILE",
+        f"Exception in callback <TimerHandle when={log.records[1].args[0]}>\nmore",
+        "a different problem",
+    ]
+    assert len(messages) == 4 and messages[3].startswith("accept failed: EMFILE [999 more like this in the last ")
+
+
 def test_build_uvicorn_config_sets_the_limits() -> None:
     app, _ = make_app()
     config = build_uvicorn_config(app, port=0, keep_alive_s=3, header_timeout_s=7, max_connections=50,
@@ -289,7 +313,8 @@ def test_the_fd_limit_is_raised_to_the_hard_limit() -> None:
 
 
 def test_default_connection_cap_leaves_descriptors_to_spare() -> None:
-    assert default_max_connections(1024) == 384
+    assert default_max_connections(1024) == 128
+    assert default_max_connections(1024, backlog=16) == 352
     assert default_max_connections(20000) == 4096
     assert default_max_connections(256) == 16
     assert default_max_connections(None) == 1024
@@ -303,3 +328,81 @@ def test_fastapi_docs_are_off_unless_asked_for() -> None:
     for path in ("/docs", "/redoc", "/openapi.json"):
         assert off.get(path).status_code == 404
     assert TestClient(FastAPI(**fastapi_docs_kwargs(True))).get("/openapi.json").status_code == 200
+
+
+_SERVER_WITH_FEW_FDS = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from chatstream.web.server import build_uvicorn_config
+
+async def health(request):
+    return JSONResponse({"status": "ok"})
+
+app = Starlette(routes=[Route("/health", health)])
+cap = int(sys.argv[2]) if sys.argv[2] != "default" else None
+config = build_uvicorn_config(app, port=int(sys.argv[1]), header_timeout_s=1.0, max_connections=cap, log_level="info")
+print("max_connections", config.http.max_connections, flush=True)
+uvicorn.Server(config).run()
+"""
+
+
+@pytest.mark.parametrize("cap", ["default", "5000"])
+def test_a_flood_of_idle_connections_neither_stops_the_server_nor_floods_the_log(tmp_path: Any, cap: str) -> None:
+    """The defect: with 1,024 descriptors, 1,100 idle connections stopped the server for good and
+    logged megabytes a second. With the default cap descriptors never run out; with a cap set above
+    the descriptor limit they do, and the rate-limited log and the header timeout still hold."""
+    import os
+    import subprocess
+    import sys
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    log_path = tmp_path / "server.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen([sys.executable, "-c", _SERVER_WITH_FEW_FDS, str(port), cap],
+                                   stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/health"
+    idle: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and process.poll() is None, log_path.read_text()
+                time.sleep(0.1)
+        for _ in range(1100):  # more than the process has descriptors
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        # The excess is refused at once, the idle ones are closed after the header timeout,
+        # and then the server answers again.
+        deadline = time.monotonic() + 15
+        status = None
+        while status != 200 and time.monotonic() < deadline:
+            try:
+                status = httpx.get(url, timeout=2).status_code
+            except httpx.TransportError:
+                status = None
+            time.sleep(0.2)
+        assert status == 200
+        assert process.poll() is None
+    finally:
+        for sock in idle:
+            sock.close()
+        process.terminate()
+        process.wait(timeout=15)
+    log = log_path.read_text()
+    if cap == "default":
+        assert "max_connections 128" in log
+        assert "out of system resource" not in log
+        assert log.count("Refused a connection") <= 3
+    else:
+        assert log.count("out of system resource") <= 3  # when descriptors ran out: one line per interval
+    assert len(log) < 50_000

@@ -27,6 +27,7 @@ DEFAULT_KEEP_ALIVE_S = 5.0
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_GRACEFUL_SHUTDOWN_S = 10
 DEFAULT_LOG_INTERVAL_S = 10.0
+DEFAULT_BACKLOG = 128  # also the most connections asyncio accepts per loop iteration
 
 _FD_RESERVE = 256  # model files, the session database, logs, pipes, the listening sockets
 _MAX_DEFAULT_CONNECTIONS = 4096
@@ -65,14 +66,17 @@ def raise_fd_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def default_max_connections(fd_limit: int | None) -> int:
-    """Connections one process may hold: half the descriptors left after a reserve, at most 4096.
+def default_max_connections(fd_limit: int | None, backlog: int = DEFAULT_BACKLOG) -> int:
+    """Connections one process may hold: half the descriptors left after reserves, at most 4096.
 
     Half, because a request proxied to a remote engine holds a second descriptor upstream.
+    Reserved: descriptors for files and pipes, and four accept batches of ``backlog`` sockets,
+    which asyncio accepts in one go per loop iteration and a refused one keeps for a few
+    iterations before it is closed.
     """
     if fd_limit is None:
         return 1024
-    return max(16, min(_MAX_DEFAULT_CONNECTIONS, (fd_limit - _FD_RESERVE) // 2))
+    return max(16, min(_MAX_DEFAULT_CONNECTIONS, (fd_limit - _FD_RESERVE - 4 * backlog) // 2))
 
 
 # -- the protocol -------------------------------------------------------------------------------
@@ -148,7 +152,7 @@ class GuardedH11Protocol(H11Protocol):
 class RateLimitFilter(logging.Filter):
     """Let through one record per kind of message per ``interval_s``; the next one says how many were dropped.
 
-    A kind is the logger, the message template and the exception's type and text, so a flood of
+    A kind is the logger, the message template's first line and the exception's type and text, so a flood of
     one failure (every refused connection, every ``EMFILE``) is one line per interval while
     distinct errors still show.
     """
@@ -161,7 +165,8 @@ class RateLimitFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        kind = (record.name, str(record.msg), f"{type(exc).__name__}: {exc}"[:200] if exc else "")
+        # First line only: asyncio's messages go on with reprs that differ every time (timer deadlines).
+        kind = (record.name, str(record.msg).partition("\n")[0][:200], f"{type(exc).__name__}: {exc}"[:200] if exc else "")
         now = time.monotonic()
         last, dropped = self._seen.get(kind, (float("-inf"), 0))
         if now - last < self.interval_s:
@@ -171,7 +176,7 @@ class RateLimitFilter(logging.Filter):
             self._seen.clear()
         self._seen[kind] = (now, 0)
         if dropped:
-            record.msg = f"{record.msg} [{dropped} more like this in the last {now - last:.0f} s]"
+            record.msg = f"{record.msg} [{dropped} more like this in the last {now - last:.1f} s]"
         return True
 
 
@@ -210,8 +215,9 @@ def build_uvicorn_config(
     ``ssl_*``, ...).
     """
     fd_limit = raise_fd_limit()
+    backlog = DEFAULT_BACKLOG if backlog is None else backlog
     if max_connections is None:
-        max_connections = default_max_connections(fd_limit)
+        max_connections = default_max_connections(fd_limit, backlog)
     config = uvicorn.Config(
         app,
         host=host,
@@ -220,7 +226,7 @@ def build_uvicorn_config(
         timeout_keep_alive=keep_alive_s,  # type: ignore[arg-type]  # uvicorn schedules it with call_later
         # Connections are capped at accept; this caps requests still running after their client left.
         limit_concurrency=max_connections + 1,
-        backlog=backlog if backlog is not None else min(2048, max(128, max_connections)),
+        backlog=backlog,
         timeout_graceful_shutdown=graceful_shutdown_s,
         **uvicorn_kwargs,
     )
