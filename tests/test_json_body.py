@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -48,6 +49,15 @@ def test_rejects_bad_bodies_with_a_message_naming_the_problem(body: bytes, words
 def test_depth_is_measured_outside_strings() -> None:
     assert parse_json_body(json.dumps({"text": "[[[[" * 1000}).encode()) == {"text": "[[[[" * 1000}
     assert parse_json_body(b"[" * 32 + b"]" * 32) is not None
+
+
+def test_the_depth_scan_is_linear_on_unterminated_strings_full_of_escaped_quotes() -> None:
+    started = time.monotonic()
+    with pytest.raises(BadJSON, match="not valid JSON"):
+        parse_json_body(b'["' + b'\\"' * 1_000_000)  # 2 MB; the quadratic scan took hours
+    with pytest.raises(BadJSON, match="not valid JSON"):
+        parse_json_body(b'["' + b'\\"' * 1_000_000 + b"\\")
+    assert time.monotonic() - started < 10
 
 
 def test_recursion_backstop_with_a_huge_depth_limit() -> None:

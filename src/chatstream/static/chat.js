@@ -208,7 +208,13 @@ function showNotice(text, { retry = null, waitSeconds = 0, kind = "error" } = {}
   if (noticeRetry.disabled) retryTimer = setInterval(tick, 1000);
 }
 
+// With an API key on the server, an expired or missing sign-in answers 401: go and sign in.
+function signInIfNeeded(response) {
+  if (response.status === 401) location.assign("login");
+}
+
 async function readError(response) {
+  signInIfNeeded(response);
   let body = {};
   try {
     body = await response.json();
@@ -472,6 +478,7 @@ async function newChat() {
 async function loadHistory() {
   try {
     const response = await fetch("history", { credentials: "same-origin", cache: "no-store" });
+    signInIfNeeded(response);
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const body = await response.json();
     for (const message of body.messages || []) {

@@ -21,8 +21,10 @@ from .http_errors import json_error
 
 MAX_NUMBER_DIGITS = 4300  # CPython's default int-from-string limit (sys.int_info.default_max_str_digits)
 
-# A JSON string literal, unrolled so the regex engine never backtracks per character.
-_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A JSON string literal, unrolled so the regex engine never backtracks per character. The closing
+# quote is optional: an unterminated string is consumed to the end in one match, instead of the
+# search failing and retrying from every later (escaped) quote, which is quadratic.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _BRACKET_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 _SURROGATE = re.compile("[\ud800-\udfff]")

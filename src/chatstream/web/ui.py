@@ -31,7 +31,7 @@ _CONTENT_SECURITY_POLICY = "; ".join([
     "frame-ancestors 'none'",
 ])
 
-_SECURITY_HEADERS = {
+SECURITY_HEADERS = {
     "Content-Security-Policy": _CONTENT_SECURITY_POLICY,
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
@@ -52,7 +52,7 @@ async def _index(request: Request) -> Response:
     return FileResponse(
         STATIC_DIR / "index.html",
         media_type="text/html; charset=utf-8",
-        headers={"Cache-Control": "no-cache", **_SECURITY_HEADERS},
+        headers={"Cache-Control": "no-cache", **SECURITY_HEADERS},
     )
 
 
