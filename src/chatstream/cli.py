@@ -124,6 +124,7 @@ class DrainingServer(uvicorn.Server):
 def _serve(settings: Settings) -> int:
     from .service import ChatService
     from .web.app import create_app, server_settings
+    from .web.server import build_uvicorn_config
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     try:
@@ -136,8 +137,11 @@ def _serve(settings: Settings) -> int:
     print(f"chatstream: serving on http://{settings.host}:{settings.port}  "
           f"(model: {'mock' if settings.mock else settings.model or 'embedded default'}, "
           f"concurrency {settings.concurrency}, queue {settings.queue_size})", flush=True)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                            timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5)
+    config = build_uvicorn_config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
+        keep_alive_s=settings.keep_alive_s, header_timeout_s=settings.header_timeout_s,
+        max_connections=settings.max_connections, graceful_shutdown_s=int(settings.drain_timeout_s) + 5,
+    )
     DrainingServer(config, service).run()
     return 0
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -54,7 +56,26 @@ class Settings(BaseSettings):
     new_sessions_per_minute: int = Field(60, ge=0, description="new sessions one client address may start per minute (0 = no limit)")
     session_ttl_s: int = Field(14 * 24 * 3600, ge=60, description="session lifetime in seconds")
     secure_cookies: bool = Field(False, description="mark cookies Secure (HTTPS only)")
-    api_key: str | None = Field(None, description="if set, every route but /health requires it (Bearer header, or the UI's login)")
+    api_key: str | None = Field(None, description="if set, every route but /health requires it: 'Authorization: Bearer <key>', or the UI's sign-in")
+    auth_cookie_max_age_s: int = Field(7 * 24 * 3600, ge=60, description="how long the UI's sign-in lasts, in seconds")
+    allowed_origins: str = Field("", description="comma-separated origins (https://host:port) besides the server's own that may send cookie-authenticated POSTs")
+    docs: bool = Field(False, description="serve the OpenAPI docs at /docs, /redoc and /openapi.json")
+
+    # -- HTTP limits and timeouts --
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body, in bytes (413 beyond)")
+    body_timeout_s: float = Field(15.0, gt=0, description="a request body that stops arriving for this long is answered 408")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection must finish its request headers this fast, else it is closed")
+    keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this long")
+    max_connections: int | None = Field(None, ge=1, description="open connections at most; more get 503 at once (none: from the file-descriptor limit, at most 4096)")
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins_parse(cls, value: str) -> str:
+        for origin in (o.strip() for o in value.split(",") if o.strip()):
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+                raise ValueError(f"not an origin: {origin!r} (expected e.g. https://chat.example.com)")
+        return value
 
     @property
     def resolved_data_dir(self) -> Path:

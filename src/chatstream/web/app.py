@@ -11,7 +11,11 @@ from fastapi import FastAPI
 
 from ..service import ChatService
 from ..settings import Settings
+from .auth import AuthMiddleware
 from .chat_stream import ChatStream
+from .limits import BodyLimitMiddleware
+from .origin import OriginCheckMiddleware
+from .server import fastapi_docs_kwargs
 
 
 def create_app(settings: Settings | None = None, service: ChatService | None = None) -> FastAPI:
@@ -34,14 +38,23 @@ def create_app(settings: Settings | None = None, service: ChatService | None = N
         freeze.cancel()
         await chat_stream.shutdown()
 
-    app = FastAPI(title="chatstream", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="chatstream", lifespan=lifespan, **fastapi_docs_kwargs(settings.docs))
     app.state.service = service
     app.state.chat_stream = chat_stream
     app.state.settings = settings
-    chat_stream.append_middlewares(app)
     chat_stream.append_apis(app)
-    chat_stream.append_openai_apis(app, api_key=settings.api_key)
+    chat_stream.append_openai_apis(app)  # the key is checked for every route by AuthMiddleware
     chat_stream.append_ui(app)
+    # The last added runs first: Origin -> Auth -> BodyLimit -> Session -> routes. Auth comes before
+    # the body limit so that no body of an unauthenticated client is ever buffered.
+    chat_stream.append_middlewares(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
+                       read_timeout_s=settings.body_timeout_s)
+    if settings.api_key:
+        app.add_middleware(AuthMiddleware, api_key=settings.api_key, secure_cookies=settings.secure_cookies,
+                           max_age_s=settings.auth_cookie_max_age_s)
+    origins = [o.strip() for o in settings.allowed_origins.split(",") if o.strip()]
+    app.add_middleware(OriginCheckMiddleware, allowed_origins=origins)
     return app
 
 
