@@ -64,7 +64,9 @@ class ChatService:
             top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
         )
         # A session lock is a lease renewed while the turn runs: a crashed holder frees it this fast.
-        self.lock_lease_s = 15.0
+        self.lock_lease_s = 5.0
+        # How often a streaming reply is saved as it goes (what a killed process can lose at most).
+        self.checkpoint_interval_s = 0.5
         self.tokenizer: Any = tokenizer
         self.engine: Engine | None = engine
         self.model_name = model_name or model_display_name(settings.model)
@@ -261,6 +263,11 @@ class ChatService:
     async def save_conversation(self, session: Session, chat_prompt: ChatPrompt) -> None:
         session.data[CONVERSATION_KEY] = chat_prompt.to_dict()
         session.get_session()[CONVERSATION_KEY] = chat_prompt  # what the seed API's callback reads
+        await session.save()
+
+    async def save_conversation_data(self, session: Session, data: dict[str, Any]) -> None:
+        """Save a conversation given as plain data (a checkpoint of a reply in progress)."""
+        session.data[CONVERSATION_KEY] = data
         await session.save()
 
     async def history(self, session: Session) -> list[dict[str, str]]:

@@ -138,11 +138,16 @@ class Turn:
                 accepted = True
                 self._accepted.set_result(None)
                 self.service._turn_started(self)
+                loop = asyncio.get_running_loop()
+                checkpoints = loop.create_task(self._checkpoint(chat_prompt)) if chat_prompt is not None else None
                 try:
-                    self._generation = asyncio.get_running_loop().create_task(self._generate(ticket))
+                    self._generation = loop.create_task(self._generate(ticket))
                     await asyncio.wait({self._generation})
                 finally:
                     ticket.release()
+                    if checkpoints is not None:
+                        checkpoints.cancel()
+                        await asyncio.wait({checkpoints})
                     if chat_prompt is not None:
                         await self._commit(chat_prompt, previous)
         except BaseException as exc:
@@ -277,6 +282,26 @@ class Turn:
     def _fail(self, failure: Failed) -> None:
         self.outcome = UNKNOWN_ERROR
         self._events.put_nowait(failure)
+
+    async def _checkpoint(self, chat_prompt: ChatPrompt) -> None:
+        """Save the reply as sent so far every ``checkpoint_interval_s`` while it streams.
+
+        If this process dies mid-reply (killed, crashed), the conversation in the store still
+        holds the reply up to the last checkpoint, and the session lock's lease frees the session.
+        """
+        assert self.session is not None
+        saved = ""
+        while True:
+            await asyncio.sleep(self.service.checkpoint_interval_s)
+            if self._sent == saved:
+                continue
+            saved = self._sent
+            data = chat_prompt.to_dict()
+            data["messages"].append({"role": "assistant", "content": saved})
+            try:
+                await self.service.save_conversation_data(self.session, data)
+            except Exception:
+                logger.exception("saving a checkpoint of the reply failed")
 
     async def _commit(self, chat_prompt: ChatPrompt, previous: str | None) -> None:
         """Write the reply into the history and save; exactly what the client was sent if it left."""
