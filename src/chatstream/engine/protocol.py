@@ -8,8 +8,10 @@ an engine is free to batch them.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
-from typing import AsyncIterator, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, AsyncIterator, Literal, Protocol, Sequence, runtime_checkable
 
 from .sampling_params import SamplingParams
 
@@ -74,6 +76,27 @@ class Engine(Protocol):
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         request_id: str | None = None,
+        *,
+        messages: Sequence[dict[str, str]] | None = None,
     ) -> GenerationStream:
-        """Submit one request. Must be called on the event loop; never blocks it."""
+        """Submit one request. Must be called on the event loop; never blocks it.
+
+        ``messages`` are the ``{"role", "content"}`` turns the prompt was rendered from (system
+        message and the turns kept in the context). Local engines generate from the token ids and
+        ignore them; a remote engine sends them to its upstream, which renders its own prompt.
+        """
         ...
+
+
+def accepts_messages(engine: Any) -> bool:
+    """True if ``engine.generate`` takes ``messages=``; engines written before it was added do not."""
+    return _generate_accepts_messages(type(engine))
+
+
+@functools.lru_cache(maxsize=64)
+def _generate_accepts_messages(engine_type: type) -> bool:
+    try:
+        parameters = inspect.signature(engine_type.generate).parameters  # type: ignore[attr-defined]
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return "messages" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
