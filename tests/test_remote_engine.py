@@ -12,20 +12,21 @@ import contextlib
 import json
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
+from conftest import parse_sse, wait_until
+from seed_apps import callback_app
+from test_cli import CHATSTREAM, free_port, wait_healthy
 
 from chatstream import ChatStream
 from chatstream.service import ChatService
 from chatstream.settings import Settings
 from chatstream.web.app import create_app
-from conftest import parse_sse, wait_until
-from seed_apps import callback_app
-from test_cli import CHATSTREAM, free_port, wait_healthy
 
 TRANSFORMERS = str(Path(CHATSTREAM).with_name("transformers"))
 
@@ -100,6 +101,7 @@ async def test_front_streams_keeps_history_reports_queue_and_calls_back(start_up
     chat_stream = ChatStream(service=ChatService.from_settings(front_settings(upstream.url, concurrency=1)))
     app = callback_app(chat_stream, calls)
     chat_stream.append_apis(app)  # /history and /health beside the seed endpoint
+    chat_stream.append_openai_apis(app)
     front = serve(app)
 
     async def turn(client: httpx.AsyncClient, text: str) -> list[tuple[str, dict[str, Any]]]:
@@ -115,6 +117,8 @@ async def test_front_streams_keeps_history_reports_queue_and_calls_back(start_up
         a_events, b_events = await asyncio.gather(first, second)
         history = (await alice.get("/history")).json()
         health = (await alice.get("/health")).json()
+        completion = (await alice.post("/v1/chat/completions", json={"messages": [
+            {"role": "system", "content": "be brief"}, {"role": "user", "content": "stateless one"}]})).json()
 
     assert reply_of(a_events).startswith("You said: hello from alice")
     assert reply_of(b_events).startswith("You said: hello from bob")
@@ -127,6 +131,8 @@ async def test_front_streams_keeps_history_reports_queue_and_calls_back(start_up
     assert [outcome for outcome, _ in calls] == ["success", "success"]
     assert any(reply_of(a_events) in prompt for _, prompt in calls)
     assert health["model"] == "mock"  # the upstream's model name
+    assert completion["model"] == "mock"
+    assert completion["choices"][0]["message"]["content"].startswith("You said: stateless one")
     assert [u["healthy"] for u in health["upstreams"]] == [True]
 
 
@@ -182,8 +188,6 @@ def test_two_upstreams_share_the_load_and_a_dead_one_is_ejected_and_retried_arou
         def ask(text: str) -> None:
             with httpx.Client(base_url=url, timeout=30) as client:
                 results.append(client.post("/chat_stream", json={"user_input": text}).text)
-
-        import threading
 
         threads = [threading.Thread(target=ask, args=(f"question {i}",)) for i in range(4)]
         for thread in threads:
@@ -301,7 +305,7 @@ def test_engine_urls_from_flags_or_environment(monkeypatch):
 # -- a third-party upstream --
 
 @pytest.mark.slow_peer
-async def test_transformers_serve_as_the_upstream(serve, tmp_path):
+def test_transformers_serve_as_the_upstream(serve, tmp_path):
     from chatstream.model_loader import resolve_model_folder
 
     folder = str(resolve_model_folder())
@@ -324,10 +328,10 @@ async def test_transformers_serve_as_the_upstream(serve, tmp_path):
         # Default sampling sends top_k and repetition_penalty, which transformers serve refuses
         # (422): the front retries without them. It has no /tokenize: counting is estimated.
         front = serve(create_app(front_settings(url, max_new_tokens=8, temperature=0.0)))
-        async with httpx.AsyncClient(base_url=front.url, timeout=120) as client:
-            events = parse_sse((await client.post("/chat_stream", json={"user_input": "Say hello."})).text)
-            history = (await client.get("/history")).json()
-            models = (await client.get("/v1/models")).json()
+        with httpx.Client(base_url=front.url, timeout=120) as client:
+            events = parse_sse(client.post("/chat_stream", json={"user_input": "Say hello."}).text)
+            history = client.get("/history").json()
+            models = client.get("/v1/models").json()
         assert events[-1][0] == "done", events[-1]
         assert events[-1][1]["finish_reason"] in ("stop", "length")
         assert 1 <= events[-1][1]["usage"]["completion_tokens"] <= 8

@@ -8,7 +8,6 @@ an engine is free to batch them.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Literal, Protocol, Sequence, runtime_checkable
@@ -90,13 +89,16 @@ class Engine(Protocol):
 
 def accepts_messages(engine: Any) -> bool:
     """True if ``engine.generate`` takes ``messages=``; engines written before it was added do not."""
-    return _generate_accepts_messages(type(engine))
+    engine_type = type(engine)
+    known = _ACCEPTS_MESSAGES.get(engine_type)
+    if known is None:
+        try:
+            parameters = inspect.signature(engine_type.generate).parameters
+            known = "messages" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        except (AttributeError, TypeError, ValueError):
+            known = False
+        _ACCEPTS_MESSAGES[engine_type] = known
+    return known
 
 
-@functools.lru_cache(maxsize=64)
-def _generate_accepts_messages(engine_type: type) -> bool:
-    try:
-        parameters = inspect.signature(engine_type.generate).parameters  # type: ignore[attr-defined]
-    except (AttributeError, TypeError, ValueError):
-        return False
-    return "messages" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+_ACCEPTS_MESSAGES: dict[type, bool] = {}

@@ -417,8 +417,7 @@ def tokens_of(response: httpx.Response) -> list[int] | None:
 
 
 def _base_url(url: str) -> str:
-    url = url.strip().rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
+    return url.strip().rstrip("/").removesuffix("/v1")
 
 
 def _rejects_extensions(status: int, text: str, body: dict[str, Any]) -> bool:

@@ -15,7 +15,9 @@ context. It counts with, in order of preference:
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,25 +45,36 @@ def load_local_tokenizer(path: str) -> Any:
 class RemoteTokenizer:
     """Counts tokens on a healthy upstream of ``engine``; renders plain ChatML, for counting only.
 
-    The ids it returns are only good for ``len()``: a remote engine sends the messages, never ids.
+    The ids it returns are only good for ``len()`` (they are zeros): a remote engine sends the
+    messages, never ids.
     Its calls block (up to ``timeout_s``): the service runs them in a worker thread.
     """
 
     chat_template = "chatml"  # what ChatPrompt checks for; rendering is below
 
-    def __init__(self, engine: RemoteEngine, timeout_s: float = 5.0) -> None:
+    def __init__(self, engine: RemoteEngine, timeout_s: float = 5.0, cache_size: int = 4096) -> None:
         self.engine = engine
         self._client = httpx.Client(timeout=timeout_s, headers=engine.headers)
+        # Every turn re-counts the stored messages it keeps: remember counts, not one call per message.
+        self._counts: OrderedDict[bytes, int] = OrderedDict()
+        self._cache_size = cache_size
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         upstream = self.engine.tokenize_upstream()
         if upstream is not None and upstream.tokenize in ("vllm", "llama.cpp"):
+            key = hashlib.blake2b(f"{upstream.url}\0{text}".encode(), digest_size=16).digest()
+            if (count := self._counts.get(key)) is not None:
+                self._counts.move_to_end(key)
+                return [0] * count
             body = tokenize_body(upstream.tokenize, text, self.engine.model or upstream.model)
             try:
                 response = self._client.post(upstream.url + "/tokenize", json=body)
                 tokens = tokens_of(response) if response.status_code == 200 else None
                 if tokens is not None:
-                    return [int(t) if isinstance(t, int) else 0 for t in tokens]
+                    self._counts[key] = len(tokens)
+                    if len(self._counts) > self._cache_size:
+                        self._counts.popitem(last=False)
+                    return [0] * len(tokens)
                 logger.warning("upstream %s: /tokenize answered HTTP %s; estimating", upstream.url, response.status_code)
             except httpx.HTTPError as exc:
                 logger.warning("upstream %s: /tokenize failed (%s); estimating", upstream.url, exc)

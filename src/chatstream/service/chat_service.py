@@ -37,7 +37,8 @@ class ChatService:
 
     Give a loaded ``model`` and ``tokenizer``, or an ``engine`` (and its tokenizer), or neither to
     load ``settings.model`` (default: the embedded model) in the background on :meth:`start`.
-    ``settings.mock`` streams canned text without a model.
+    ``settings.mock`` streams canned text without a model; ``settings.engine_url`` generates on
+    OpenAI-compatible servers elsewhere (:class:`~chatstream.engine.remote.RemoteEngine`).
     """
 
     def __init__(
