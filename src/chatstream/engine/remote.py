@@ -124,9 +124,9 @@ class RemoteEngine:
         return any(u.healthy for u in self._upstreams)
 
     @property
-    def upstreams(self) -> list[dict[str, Any]]:
-        """Per-upstream state, for health and metrics."""
-        return [u.state() for u in self._upstreams]
+    def upstreams(self) -> list[Upstream]:
+        """Each upstream's live state (``url``, ``healthy``, ``outstanding``, ``failures``), for health and metrics."""
+        return list(self._upstreams)
 
     @property
     def served_model(self) -> str | None:

@@ -230,7 +230,7 @@ class ChatService:
             body["error"] = self.load_error or self.engine_error
         upstreams = getattr(self.engine, "upstreams", None)
         if upstreams is not None:  # a remote engine: each upstream's state
-            body["upstreams"] = upstreams
+            body["upstreams"] = [upstream.state() for upstream in upstreams]
         return body
 
     # -- limits --
