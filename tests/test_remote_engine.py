@@ -208,9 +208,12 @@ def test_two_upstreams_share_the_load_and_a_dead_one_is_ejected_and_retried_arou
                 assert events[-1][0] == "done", events[-1]
                 assert reply_of(events).startswith(f"You said: after {i}")
             upstreams = client.get("/health").json()["upstreams"]
+            metrics = client.get("/metrics").text
         dead, alive = upstreams
         assert dead["healthy"] is False and dead["failures"] >= 1
         assert alive["healthy"] is True and alive["failures"] == 0
+        assert f'chatstream_upstream_healthy{{upstream="{a.url}"}} 0.0' in metrics
+        assert f'chatstream_upstream_healthy{{upstream="{b.url}"}} 1.0' in metrics
     finally:
         front.terminate()
         front.communicate(timeout=20)

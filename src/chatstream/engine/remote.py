@@ -110,7 +110,7 @@ class RemoteEngine:
         self._health_task: asyncio.Task[None] | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._picks = 0
-        self._started = False
+        self._starting: asyncio.Task[None] | None = None
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "RemoteEngine":
@@ -147,10 +147,15 @@ class RemoteEngine:
 
     # -- lifecycle --
     async def start(self) -> None:
-        """Check every upstream once (so ``ready`` means something), then keep checking."""
-        if self._started:
-            return
-        self._started = True
+        """Check every upstream once (so ``ready`` means something), then keep checking.
+
+        Idempotent; a call made while the first check runs waits for it.
+        """
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(self._starting)
+
+    async def _start(self) -> None:
         self._client = httpx.AsyncClient(
             timeout=self._timeout, headers=self.headers,
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
@@ -171,7 +176,7 @@ class RemoteEngine:
             self._health_task.cancel()
         if self._client is not None:
             await self._client.aclose()
-        self._started = False
+        self._starting = None
 
     # -- requests --
     def generate(
@@ -207,8 +212,7 @@ class RemoteEngine:
 
     async def _run(self, stream: RequestStream, messages: list[dict[str, str]], params: SamplingParams,
                    prompt_tokens: int) -> None:
-        if not self._started:
-            await self.start()
+        await self.start()
         progress = _Progress()
         tried: set[int] = set()
         last_error = "no upstream is healthy"
