@@ -37,7 +37,8 @@ class ChatService:
 
     Give a loaded ``model`` and ``tokenizer``, or an ``engine`` (and its tokenizer), or neither to
     load ``settings.model`` (default: the embedded model) in the background on :meth:`start`.
-    ``settings.mock`` streams canned text without a model.
+    ``settings.mock`` streams canned text without a model; ``settings.engine_url`` generates on
+    OpenAI-compatible servers elsewhere (:class:`~chatstream.engine.remote.RemoteEngine`).
     """
 
     def __init__(
@@ -83,8 +84,13 @@ class ChatService:
             self.tokenizer = tokenizer or MockTokenizer()
             self.engine = MockEngine(self.tokenizer, token_delay=settings.mock_token_delay)
             self.model_name = model_name or "mock"
+        elif settings.engine_url and engine is None:
+            self._attach_remote(tokenizer)
+            self.model_name = model_name or settings.engine_model or "remote"
         elif engine is None and model is not None:
             self._attach(model, tokenizer)
+        # With a remote engine and no name given, the name is the upstream's, known once it answers.
+        self._name_from_engine = model_name is None and bool(settings.engine_url)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **parts: Any) -> "ChatService":
@@ -110,6 +116,18 @@ class ChatService:
             kv_cache_memory_bytes=kv_mb * 2**20 if kv_mb else None,
         )
 
+    def _attach_remote(self, tokenizer: Any) -> None:
+        from ..engine.remote import RemoteEngine
+        from ..engine.remote_tokenizer import RemoteTokenizer, describe_counting, load_local_tokenizer
+
+        settings = self.settings
+        engine = RemoteEngine.from_settings(settings)
+        self.engine = engine
+        self.tokenizer = tokenizer or (load_local_tokenizer(settings.tokenizer) if settings.tokenizer
+                                       else RemoteTokenizer(engine))
+        logger.info("generating on %s; truncation counts tokens with %s", ", ".join(settings.engine_url),
+                    describe_counting(self.tokenizer, settings.tokenizer))
+
     @property
     def ready(self) -> bool:
         return not self.draining and self.engine is not None and self.engine.ready
@@ -128,6 +146,8 @@ class ChatService:
             self._load_task = asyncio.get_running_loop().create_task(self._load())
         if self.engine is not None:
             await self.engine.start()
+            if self._name_from_engine:
+                self.model_name = getattr(self.engine, "served_model", None) or self.model_name
 
     async def wait_ready(self) -> bool:
         """Wait for the background load; True if the engine is ready."""
@@ -210,6 +230,9 @@ class ChatService:
         }
         if self.load_error or self.engine_error:
             body["error"] = self.load_error or self.engine_error
+        upstreams = getattr(self.engine, "upstreams", None)
+        if upstreams is not None:  # a remote engine: each upstream's state
+            body["upstreams"] = [upstream.state() for upstream in upstreams]
         return body
 
     # -- limits --

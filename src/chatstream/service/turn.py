@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 from ..admission import Ticket
 from ..conversation import ChatPrompt
 from ..engine import GenerationStream, SamplingParams
+from ..engine.protocol import accepts_messages
 from ..errors import ChatError, ConversationTooLong, NothingToRegenerate
 from ..session import Session
 from .events import (
@@ -78,6 +79,7 @@ class Turn:
         self.outcome: str | None = None
         self.prompt_ids: list[int] = []
         self.prompt_tokens = 0
+        self.prompt_messages: list[dict[str, str]] = []  # what the prompt was rendered from
         self._events: asyncio.Queue[TurnEvent | None] = asyncio.Queue()
         self._accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._task: asyncio.Task[None] | None = None
@@ -132,6 +134,7 @@ class Turn:
             async with self._session_lock():
                 chat_prompt, previous = await self._apply()
                 self.prompt_ids = await self._render(chat_prompt)
+                self.prompt_messages = chat_prompt.kept_messages() if chat_prompt is not None else list(self.messages or [])
                 self.prompt_tokens = len(self.prompt_ids)
                 self.service.check_ready()
                 ticket = self.service.admission.try_enter()
@@ -229,7 +232,9 @@ class Turn:
         first_token_at: float | None = None
         loop = asyncio.get_running_loop()
         assert self.service.engine is not None
-        self._stream = stream = self.service.engine.generate(self.prompt_ids, self.params, request_id=self.message_id)
+        engine = self.service.engine
+        extra = {"messages": self.prompt_messages} if accepts_messages(engine) else {}  # a remote engine sends them
+        self._stream = stream = engine.generate(self.prompt_ids, self.params, request_id=self.message_id, **extra)
         try:
             async with asyncio.timeout(settings.stall_timeout_s) as deadline:
                 async for output in stream:
