@@ -51,7 +51,7 @@ def _scalar_type(annotation: Any) -> type:
     """``int`` for ``int | None``, and so on."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return next(a for a in typing.get_args(annotation) if a is not type(None))
-    return annotation  # type: ignore[no-any-return]
+    return annotation
 
 
 def _parse_as(kind: type) -> Any:

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import json
 import sys
-from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Protocol, TextIO
 
 import httpx
 
@@ -42,7 +42,7 @@ class ChatBackend(Protocol):
 
     async def start(self) -> None: ...
 
-    def reply(self, user_input: str | None) -> AsyncIterator[ReplyEvent]: ...
+    def reply(self, user_input: str | None) -> AsyncGenerator[ReplyEvent, None]: ...
 
     async def clear(self) -> None: ...
 
@@ -87,7 +87,7 @@ class LocalChat:
     async def start(self) -> None:
         await self.service.start()
 
-    async def reply(self, user_input: str | None) -> AsyncIterator[ReplyEvent]:
+    async def reply(self, user_input: str | None) -> AsyncGenerator[ReplyEvent, None]:
         turn = self.service.session_turn(self.session, self.service.defaults, user_input=user_input,
                                          regenerate=user_input is None, face="console")
         try:
@@ -145,7 +145,7 @@ class RemoteChat:
         state = "" if health.status_code == 200 else f", {info.get('status', 'not ready')}"
         self.description = f"{model} at {self.url}{state}"
 
-    async def reply(self, user_input: str | None) -> AsyncIterator[ReplyEvent]:
+    async def reply(self, user_input: str | None) -> AsyncGenerator[ReplyEvent, None]:
         body = {"regenerate": True} if user_input is None else {"user_input": user_input}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.busy_retry_s

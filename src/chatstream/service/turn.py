@@ -18,7 +18,7 @@ import inspect
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Callable
 
 from ..admission import Ticket
 from ..conversation import ChatPrompt
@@ -101,7 +101,7 @@ class Turn:
             self._task.cancel()
             raise
 
-    async def events(self) -> AsyncIterator[TurnEvent]:
+    async def events(self) -> AsyncGenerator[TurnEvent, None]:
         """What to send, in order; ends after ``Done`` or ``Failed``."""
         while (event := await self._events.get()) is not None:
             yield event

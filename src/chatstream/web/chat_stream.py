@@ -223,8 +223,8 @@ class ChatStream:
         except ChatError as exc:
             return chat_error_response(exc)
         if prefers_plain_text(request.headers.get("accept", ""), request.query_params.get("format")):
-            return TurnStreamingResponse(turn, _as_text, "text/plain")  # type: ignore[return-value]
-        return TurnStreamingResponse(turn, _as_sse, "text/event-stream")  # type: ignore[return-value]
+            return TurnStreamingResponse(turn, _as_text, "text/plain")
+        return TurnStreamingResponse(turn, _as_sse, "text/event-stream")
 
     async def handle_clear_context_request(self, request: Request) -> Response:
         """Empty this session's conversation (and move the session to a new id)."""

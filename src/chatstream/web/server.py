@@ -98,7 +98,7 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._head_timer: Any = None
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         if self.max_connections is not None and len(self.connections) > self.max_connections:
             logger.warning("Refused a connection: %d connections are open (max_connections).", self.max_connections)

@@ -20,6 +20,18 @@ async def wait_for_disconnect(receive: Receive) -> None:
             return
 
 
+def watch_disconnect(receive: Receive, turn: Turn) -> asyncio.Task[None]:
+    """A task that cancels ``turn`` the moment the client disconnects (cancel the task to stop watching)."""
+
+    def on_done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            turn.cancel()
+
+    listener = asyncio.create_task(wait_for_disconnect(receive))
+    listener.add_done_callback(on_done)
+    return listener
+
+
 class TurnStreamingResponse(Response):
     """Streams a started :class:`Turn`, each event encoded by ``encode`` (``None``: send nothing).
 
@@ -46,8 +58,7 @@ class TurnStreamingResponse(Response):
         self.raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        listener = asyncio.create_task(wait_for_disconnect(receive))
-        listener.add_done_callback(lambda task: task.cancelled() or self.turn.cancel())
+        listener = watch_disconnect(receive, self.turn)
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             events = self.turn.events()

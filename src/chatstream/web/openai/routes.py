@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 from ...errors import ChatError, InvalidRequest, ModelNotReady, PromptTooLong, QueueFull
 from ...service import ChatService, Delta, Done, Failed, Queued, Turn, TurnEvent
 from ...service.sampling import SamplingLimits
-from ..streaming import TurnStreamingResponse, wait_for_disconnect
+from ..streaming import TurnStreamingResponse, watch_disconnect
 from .protocol import ChatCompletionRequest, OpenAIError, parse_chat_completion_request, plain_messages, to_sampling_params
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -250,8 +250,7 @@ class _WholeCompletion(Response):
         self.completion = completion
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        listener = asyncio.create_task(wait_for_disconnect(receive))
-        listener.add_done_callback(lambda task: task.cancelled() or self.turn.cancel())
+        listener = watch_disconnect(receive, self.turn)
         try:
             text: list[str] = []
             status, body = 500, _failure(None).body
