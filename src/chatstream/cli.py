@@ -34,7 +34,8 @@ def _add_settings_options(parser: argparse.ArgumentParser, fields: set[str] | No
             continue
         flag = "--" + name.replace("_", "-")
         env = f"CHATSTREAM_{name.upper()}"
-        default = "none" if field.default is None else field.default
+        value = field.get_default(call_default_factory=True)
+        default = "none" if value in (None, [], "") else value
         help_text = f"{field.description} (default: {default}; env {env})"
         kind = _scalar_type(field.annotation)
         if typing.get_origin(kind) is list:  # repeatable: --engine-url A --engine-url B

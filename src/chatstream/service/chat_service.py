@@ -77,6 +77,7 @@ class ChatService:
         self._turns: set[Turn] = set()
         self._render_slots: asyncio.Semaphore | None = None
         self._last_progress = time.monotonic()
+        self._last_stall = 0.0
         self.metrics = Metrics(self)
         if settings.mock and engine is None:
             from ..engine.mock import MockEngine, MockTokenizer
@@ -187,13 +188,15 @@ class ChatService:
 
     @property
     def live(self) -> bool:
-        """False when the engine crashed, or work is running and it made no progress for ``stall_timeout_s``."""
-        generating = any(turn._generation is not None and not turn._generation.done() for turn in self._turns)
-        stalled = generating and time.monotonic() - self._last_progress > self.settings.stall_timeout_s
-        return not stalled and self.engine_error is None
+        """False when the engine crashed, or a turn hit the stall deadline and the engine has
+        produced nothing since (a stuck engine: restart the process)."""
+        return self.engine_error is None and self._last_stall <= self._last_progress
 
     def note_progress(self) -> None:
         self._last_progress = time.monotonic()
+
+    def note_stall(self) -> None:
+        self._last_stall = time.monotonic()
 
     async def drain(self, timeout_s: float | None = None) -> None:
         """Stop taking turns; let running ones finish for ``timeout_s``, then end the rest (saved)."""

@@ -272,6 +272,7 @@ class Turn:
                         self._fail(Failed("generation_failed", output.error or f"the generation ended: {output.finish_reason}"))
         except TimeoutError:
             stream.cancel()
+            self.service.note_stall()
             logger.error("the engine produced nothing for %s s: ending turn %s", settings.stall_timeout_s, self.message_id)
             self._fail(Failed("engine_timeout", f"the model produced nothing for {settings.stall_timeout_s:g} s"))
         except asyncio.CancelledError:
