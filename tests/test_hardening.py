@@ -223,6 +223,23 @@ def test_a_streamed_body_over_the_limit_is_413(serve):
     assert r.status_code == 413 and r.json()["error"] == "request_too_large"
 
 
+def test_the_seed_endpoint_in_a_users_own_app_bounds_its_body_too(serve):
+    from chatstream import ChatStream
+    from seed_apps import basic_app
+
+    url = serve(basic_app(ChatStream(use_mock_response=True, session_secret="s"))).url  # no guards installed
+    answer = raw_request(port_of(url), b"POST /chat_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                       b"Content-Length: 1000000000000000000\r\n\r\n{", timeout=5)
+    assert answer.startswith(b"HTTP/1.1 413")
+
+    def chunks():
+        for _ in range(1100):
+            yield b"x" * 4096
+
+    r = httpx.post(f"{url}/chat_stream", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "request_too_large"
+
+
 def test_chat_stream_requires_json_and_a_same_origin_for_cookie_posts(serve):
     url = serve(mock_app()).url
     with httpx.Client(base_url=url) as client:

@@ -297,7 +297,7 @@ def test_one_queue_for_both_faces(serve):
 
 
 def test_a_queued_request_waits_then_streams(serve):
-    url, chat_stream = mock_server(serve, concurrency=1, queue_size=1, mock_token_delay=0.01)
+    url, chat_stream = mock_server(serve, concurrency=1, queue_size=1, mock_token_delay=0.1)
     with chat(url, stream=True) as first:
         next(iter(first))
         with httpx.stream("POST", f"{url}/v1/chat/completions",

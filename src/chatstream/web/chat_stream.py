@@ -24,6 +24,7 @@ from ..session import Session, SessionMiddleware, SessionStore
 from ..settings import Settings
 from .chat_request import ChatStreamRequest
 from .json_body import require_json
+from .limits import BodyTimeout, BodyTooLarge, read_request_body
 from .loop_lag import LoopLagMonitor
 from .negotiation import prefers_plain_text
 from .streaming import TurnStreamingResponse
@@ -209,7 +210,13 @@ class ChatStream:
         if refused is not None:
             return refused
         try:
-            body = request_body if request_body is not None else await request.body()
+            body = request_body if request_body is not None else await read_request_body(
+                request, self.settings.max_body_bytes, self.settings.body_timeout_s)
+        except BodyTooLarge:
+            return error_response(413, "request_too_large",
+                                  f"the request body is larger than {self.settings.max_body_bytes} bytes")
+        except BodyTimeout:
+            return error_response(408, "request_timeout", "the request body stopped arriving")
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is listening
         try:

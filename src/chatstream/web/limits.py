@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 
-from starlette.requests import ClientDisconnect
+from starlette.requests import ClientDisconnect, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .http_errors import json_error
@@ -59,6 +59,16 @@ async def read_body(receive: Receive, max_bytes: int, timeout_s: float | None = 
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+async def read_request_body(request: Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
+    """A route's own bounded read, for apps that do not install :class:`BodyLimitMiddleware`
+    (the seed API in someone else's app): same errors as :func:`read_body`, and a declared
+    ``Content-Length`` over the limit is refused before anything is read."""
+    length = declared_length(request.scope)
+    if length is not None and length > max_bytes:
+        raise BodyTooLarge()
+    return await read_body(request.receive, max_bytes, timeout_s)
 
 
 def declared_length(scope: Scope) -> int | None:

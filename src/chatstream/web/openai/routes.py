@@ -25,10 +25,10 @@ from starlette.types import Receive, Scope, Send
 from ...errors import ChatError, InvalidRequest, ModelNotReady, PromptTooLong, QueueFull
 from ...service import ChatService, Delta, Done, Failed, Queued, Turn, TurnEvent
 from ...service.sampling import SamplingLimits
+from ..limits import BodyTimeout, BodyTooLarge, read_request_body
 from ..streaming import TurnStreamingResponse, watch_disconnect
 from .protocol import ChatCompletionRequest, OpenAIError, parse_chat_completion_request, plain_messages, to_sampling_params
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
 _PARSE_ON_LOOP_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
 
 
@@ -73,7 +73,7 @@ class OpenAIRoutes:
         """vLLM's ``POST /tokenize``: ``{"prompt": text}`` -> ``{"tokens": [...], "count": n, "max_model_len": n}``."""
         try:
             self._authorize(request)
-            body = await _read_body(request)
+            body = await _read_body(request, service.settings.max_body_bytes, service.settings.body_timeout_s)
             try:
                 data = json.loads(body)
             except ValueError:
@@ -100,7 +100,7 @@ class OpenAIRoutes:
         try:
             self._authorize(request)
             await service.start()
-            body = await _read_body(request)
+            body = await _read_body(request, service.settings.max_body_bytes, service.settings.body_timeout_s)
             max_messages = service.settings.max_messages
             if len(body) > _PARSE_ON_LOOP_BYTES:
                 parsed = await service.run_bounded(parse_chat_completion_request, body, max_messages)
@@ -172,21 +172,13 @@ def _openai_error(exc: ChatError, context_len: int, request: ChatCompletionReque
     return OpenAIError(400, exc.message, code=exc.code)
 
 
-async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise _too_large()
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise _too_large()
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large() -> OpenAIError:
-    return OpenAIError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="request_too_large")
+async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
+    try:
+        return await read_request_body(request, max_bytes, timeout_s)
+    except BodyTooLarge:
+        raise OpenAIError(413, f"The request body is larger than {max_bytes} bytes.", code="request_too_large") from None
+    except BodyTimeout:
+        raise OpenAIError(408, "The request body stopped arriving.", code="request_timeout") from None
 
 
 class _Completion:
