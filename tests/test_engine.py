@@ -143,6 +143,35 @@ async def test_repetition_penalty_changes_a_greedy_reply(engine: LLMEngine, toke
     assert penalised != plain
 
 
+async def test_extreme_but_valid_parameters_never_disturb_a_neighbour(engine: LLMEngine, tokenizer: Any) -> None:
+    """Values at the edge of every bound run next to a normal request, which replies as if alone."""
+    normal = chat(tokenizer, QUESTIONS[1])
+    alone, _ = await generate_text(engine, normal, GREEDY)
+    extreme = SamplingParams(
+        max_new_tokens=8, temperature=100, top_k=2**31 - 1, top_p=1e-9, repetition_penalty=100, seed=2**64 - 1
+    )
+    (text, final), (odd_text, odd) = await asyncio.gather(
+        generate_text(engine, normal, GREEDY), generate_text(engine, chat(tokenizer, QUESTIONS[2]), extreme)
+    )
+    assert text == alone and final.finish_reason in ("stop", "length")
+    assert odd.finish_reason in ("stop", "length") and odd.error is None
+
+
+async def test_a_row_that_cannot_be_sampled_fails_alone(engine: LLMEngine, tokenizer: Any) -> None:
+    """A value that slips past validation (here forced onto a frozen SamplingParams: a top_k that
+    overflows int64, which once failed every sequence of the step) ends only its own request."""
+    broken = SamplingParams(max_new_tokens=8, temperature=0.8, seed=1)
+    object.__setattr__(broken, "top_k", 2**63)
+    normal = chat(tokenizer, QUESTIONS[1])
+    alone, _ = await generate_text(engine, normal, GREEDY)
+    (text, final), (_, failed) = await asyncio.gather(
+        generate_text(engine, normal, GREEDY), generate_text(engine, chat(tokenizer, QUESTIONS[2]), broken)
+    )
+    assert failed.finish_reason == "error" and "sampling failed" in (failed.error or "")
+    assert text == alone and final.finish_reason in ("stop", "length")
+    assert engine.num_running == 0 and engine.num_free_blocks == engine.num_blocks
+
+
 # -- stopping --
 
 

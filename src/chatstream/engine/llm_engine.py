@@ -241,14 +241,35 @@ class LLMEngine:
             return
         try:
             sampled, logits = self._runner.execute(plan.chunks)
-            tokens = sample(logits, self._sampling_batch(sampled, logits.device)).tolist()
         except Exception as exc:  # e.g. out of memory: fail this step's requests, keep serving
             logger.exception("engine step failed")
             for chunk in plan.chunks:
                 self._finish(chunk.seq, "error", error=f"generation failed: {exc!r}")
             return
-        for chunk, token in zip(sampled, tokens):
-            self._append(chunk.seq, token)
+        for chunk, token in zip(sampled, self._sample(sampled, logits)):
+            if isinstance(token, Exception):
+                self._finish(chunk.seq, "error", error=f"sampling failed: {token!r}")
+                continue
+            try:
+                self._append(chunk.seq, token)
+            except Exception as exc:  # one sequence's fault never ends another's reply
+                logger.exception("appending a token failed for request %s", chunk.seq.request_id)
+                if not chunk.seq.is_finished:
+                    self._finish(chunk.seq, "error", error=f"generation failed: {exc!r}")
+
+    def _sample(self, sampled: list[ScheduledChunk], logits: torch.Tensor) -> list[int | Exception]:
+        """One token per row; if the batch fails, each row alone, so only a faulty row fails."""
+        try:
+            return sample(logits, self._sampling_batch(sampled, logits.device)).tolist()
+        except Exception:
+            logger.exception("batched sampling failed; sampling row by row")
+        tokens: list[int | Exception] = []
+        for row, chunk in enumerate(sampled):
+            try:
+                tokens.append(int(sample(logits[row : row + 1], self._sampling_batch([chunk], logits.device))[0]))
+            except Exception as exc:
+                tokens.append(exc)
+        return tokens
 
     def _sampling_batch(self, sampled: list[ScheduledChunk], device: torch.device) -> SamplingBatch:
         seqs = [c.seq for c in sampled]

@@ -1,16 +1,28 @@
-"""Per-request sampling parameters, validated once at the edge."""
+"""Per-request sampling parameters, validated once at the edge.
+
+Every bound here is also what keeps one request from hurting the others: the engine packs all
+rows' parameters into shared tensors, so a value that does not fit its tensor's type (an int64
+``top_k``, a NaN temperature) must be refused before it ever reaches a batch.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+_INT32_MAX = 2**31 - 1
+_INT64_MIN = -(2**63)
+_UINT64_MAX = 2**64 - 1
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request is sampled. Every request in a batch carries its own.
 
-    ``temperature == 0`` means greedy. ``top_k == 0`` and ``top_p == 1`` switch those filters off.
-    ``seed`` makes a sampled reply reproducible whatever else shares the batch.
+    ``temperature == 0`` means greedy. ``top_k == 0`` and ``top_p == 1`` switch those filters off;
+    a ``top_k`` above the vocabulary size keeps the whole vocabulary.
+    ``seed`` makes a sampled reply reproducible whatever else shares the batch; any int64 or
+    uint64 value is accepted (the engine folds it to 64 bits).
     ``stop`` strings end the reply and are never shown to the client.
     """
 
@@ -27,16 +39,17 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
-        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-               "max_new_tokens", "must be an integer >= 1")
-        _check(_is_number(self.temperature) and 0.0 <= self.temperature <= 100.0,
-               "temperature", "must be a number between 0 and 100")
-        _check(_is_number(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be an integer >= 0")
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0.0,
-               "repetition_penalty", "must be a number > 0")
-        _check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)),
-               "seed", "must be an integer")
+        _check(_is_int(self.max_new_tokens) and 1 <= self.max_new_tokens <= _INT32_MAX,
+               "max_new_tokens", f"must be an integer between 1 and {_INT32_MAX}")
+        _check(_is_finite(self.temperature) and 0.0 <= self.temperature <= 100.0,
+               "temperature", "must be a finite number between 0 and 100")
+        _check(_is_finite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be a finite number in (0, 1]")
+        _check(_is_int(self.top_k) and 0 <= self.top_k <= _INT32_MAX,
+               "top_k", f"must be an integer between 0 and {_INT32_MAX}")
+        _check(_is_finite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 100.0,
+               "repetition_penalty", "must be a finite number in (0, 100]")
+        _check(self.seed is None or (_is_int(self.seed) and _INT64_MIN <= self.seed <= _UINT64_MAX),
+               "seed", "must be an integer in the int64 or uint64 range")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
 
@@ -47,8 +60,17 @@ class InvalidSamplingParams(ValueError):
         self.param = param
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to us
+
+
+def _is_finite(value: object) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _check(ok: bool, param: str, message: str) -> None:
