@@ -58,7 +58,7 @@ def tokenizer(default_model: tuple[Any, Any]) -> Any:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def engine(default_model: tuple[Any, Any]) -> Any:
     model, tokenizer = default_model
-    # float32: batching must not change a single bit of a reply (int8 is tested on its own).
+    # float32, so replies can be compared with transformers' own generate (int8: test_quantization.py).
     engine = LLMEngine(model, tokenizer, max_num_seqs=8, kv_cache_memory_bytes=64 << 20, quantization=None)
     await engine.start()
     yield engine

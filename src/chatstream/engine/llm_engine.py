@@ -48,10 +48,12 @@ class LLMEngine:
 
     ``enable_prefix_caching`` keeps the K/V of full blocks after their sequence ends and reuses
     them for any later prompt starting with the same tokens (a chat's next turn, a regenerate).
-    ``quantization``: ``"int8"`` runs the linear layers (all but the output projection) with
-    dynamic int8 kernels on CPU, ``"none"``/``None`` keeps them as they are, ``"auto"`` picks
-    int8 on a float32 CPU model when a short timed trial at start-up finds it faster (see
-    :mod:`.quantization`). The engine switches the model to its own attention implementation
+    ``quantization``: ``"int8"`` runs every linear layer with int8 weights and per-token int8
+    activations on CPU (about 2x faster steps, mean NLL unchanged within 0.02 nats on the default
+    model; replies still never depend on the batch), ``"none"``/``None`` keeps the model's float
+    layers, ``"auto"`` picks int8 for a float32 model on CPU when a ~0.1 s timed trial of one
+    layer at start-up finds it at least 20% faster, and none elsewhere (see :mod:`.quantization`).
+    ``num_threads`` sets torch's intra-op threads (process-wide) when given. The engine switches the model to its own attention implementation
     and quantized layers until :meth:`shutdown`.
     """
 
@@ -68,7 +70,7 @@ class LLMEngine:
         max_num_batched_tokens: int = 2048,
         block_size: int = 16,
         enable_prefix_caching: bool = True,
-        quantization: str | None = None,
+        quantization: str | None = "auto",
         num_threads: int | None = None,
     ) -> None:
         if device is not None and torch.device(device) != model.device:
