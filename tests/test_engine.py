@@ -163,7 +163,7 @@ async def test_extreme_but_valid_parameters_never_disturb_a_neighbour(engine: LL
     extreme = SamplingParams(
         max_new_tokens=8, temperature=100, top_k=2**31 - 1, top_p=1e-9, repetition_penalty=100, seed=2**64 - 1
     )
-    (text, final), (odd_text, odd) = await asyncio.gather(
+    (text, final), (_, odd) = await asyncio.gather(
         generate_text(engine, normal, GREEDY), generate_text(engine, chat(tokenizer, QUESTIONS[2]), extreme)
     )
     assert text == alone and final.finish_reason in ("stop", "length")

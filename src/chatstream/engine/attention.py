@@ -99,11 +99,13 @@ def _decode(q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: f
     below, which remain for other devices).
     """
     if q.device.type == "cpu" and _CPU_FLASH is not None:
-        return _decode_flash(q, cache, batch, scale)
+        return _decode_flash(_CPU_FLASH, q, cache, batch, scale)
     return _decode_bmm(q, cache, batch, scale)
 
 
-def _decode_flash(q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: float) -> torch.Tensor:
+def _decode_flash(
+    flash: Any, q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: float
+) -> torch.Tensor:
     nd, num_heads, head_dim = q.shape
     num_pairs = batch.pair_blocks.shape[0]
     num_kv_heads = cache.shape[1]
@@ -112,7 +114,7 @@ def _decode_flash(q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, sc
     # GQA: a KV head's query heads become that head's "query positions" (one token each).
     queries = q.index_select(0, rows).view(num_pairs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     mask = batch.pair_bias.view(num_pairs, num_kv_heads, 1, -1)[:, :1]  # [P, 1, 1, bs]
-    out, lse = _CPU_FLASH(queries, kv[:, :, 0], kv[:, :, 1], 0.0, False, attn_mask=mask, scale=scale)[:2]
+    out, lse = flash(queries, kv[:, :, 0], kv[:, :, 1], 0.0, False, attn_mask=mask, scale=scale)[:2]
     lse = lse.reshape(num_pairs, num_heads).float()
     row_max = lse.new_full((nd, num_heads), float("-inf"))
     row_max.scatter_reduce_(0, rows[:, None].expand_as(lse), lse, "amax")

@@ -36,6 +36,10 @@ _KEEP_FLOAT: tuple[str, ...] = ()
 class Int8Linear(torch.nn.Module):
     """``y = x @ W.T + b`` with int8 ``W`` (per output channel scale) and int8 ``x`` (per row)."""
 
+    weight_t: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
