@@ -96,6 +96,7 @@ import re
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -111,7 +112,7 @@ from .serving import LoadConfig, format_summary, resolve_model_name, run_load, r
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 DEFAULT_RESULTS = BENCH_DIR / "RESULTS.md"
-SUITES = ("concurrency", "peers", "sweep", "reference")
+SUITES = ("concurrency", "peers", "sweep", "reference", "engine", "multiturn")
 LLAMACPP_INSTALL_HINT = (
     "python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install 'llama-cpp-python[server]' "
     "(compiles llama.cpp from source)"
@@ -136,6 +137,7 @@ class RunPlan:
     requests: int
     protocol: str  # "chatstream", "openai" or "auto" (openai if the server has it)
     check_overlap: bool = False  # before the load: do two simultaneous streams overlap?
+    multiturn: bool = False  # instead of the load: time later turns of conversations vs fresh ones
 
     def command(self, port: int | str) -> list[str]:
         return [a.replace("{port}", str(port)) for a in self.argv]
@@ -185,6 +187,22 @@ def chatstream_command(opts: argparse.Namespace, concurrency: int) -> list[str]:
         argv += ["--model", opts.model]
     if opts.mock:
         argv.append("--mock")
+    return argv
+
+
+def engine_server_command(
+    opts: argparse.Namespace, concurrency: int, *, quantization: str, prefix_caching: bool
+) -> list[str]:
+    """``benchmarks.engine_server``: chatstream's app with the engine options the CLI lacks."""
+    argv = [
+        sys.executable, "-m", "benchmarks.engine_server", "--port", "{port}",
+        "--concurrency", str(concurrency), "--queue-size", str(opts.queue_size),
+        "--max-new-tokens", str(opts.max_tokens), "--quantization", quantization,
+    ]
+    if not prefix_caching:
+        argv.append("--no-prefix-caching")
+    if opts.model:
+        argv += ["--model", opts.model]
     return argv
 
 
@@ -312,6 +330,38 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
             ],
             model=f"{Path(gguf).name}: the Q4_1 GGUF as is for llama.cpp; dequantized to float32 for chatstream",
         )
+    if opts.suite == "engine":
+        protocol = opts.chatstream_protocol or "chatstream"
+        old = RunPlan("float32, no prefix caching", "chatstream",
+                      engine_server_command(opts, clients, quantization="none", prefix_caching=False),
+                      "/health", clients, clients * rpc, protocol)
+        new = RunPlan("int8 + prefix caching", "chatstream",
+                      engine_server_command(opts, clients, quantization="int8", prefix_caching=True),
+                      "/health", clients, clients * rpc, protocol)
+        return SuitePlan(
+            "engine", "engine: float32 without prefix caching vs int8 with prefix caching",
+            f"The same app (`benchmarks.engine_server`, `--concurrency {clients}`) with the engine's old "
+            f"path and its new defaults, {clients} concurrent clients. Clients clear their context "
+            "before each request, so prefix caching only shares the chat template's first blocks here.",
+            old.label, [old, new],
+            targets=["int8 + prefix caching tokens/s vs float32 (ratio reported)"],
+        )
+    if opts.suite == "multiturn":
+        runs = [
+            RunPlan(label, "chatstream",
+                    engine_server_command(opts, 2, quantization="auto", prefix_caching=caching),
+                    "/health", 1, opts.turns, "chatstream", multiturn=True)
+            for label, caching in (("no prefix caching", False), ("prefix caching", True))
+        ]
+        return SuitePlan(
+            "multiturn", "multiturn: a conversation's later turns vs a fresh conversation",
+            f"One client holds {opts.conversations} conversations of {opts.turns} turns (`/chat_stream`, the "
+            f"history kept in its session, replies of {opts.max_tokens} tokens), one after another; after "
+            f"each, a fresh session asks turn {opts.turns}'s question alone. TTFT of turn {opts.turns} vs "
+            "the fresh ask, without and with prefix caching (same app, `--quantization auto`).",
+            runs[0].label, runs,
+            targets=[f"turn-{opts.turns} TTFT <= 1.5x fresh TTFT with prefix caching"],
+        )
     levels = [int(x) for x in opts.levels.split(",") if x.strip()]
     protocol = opts.chatstream_protocol or "chatstream"
     runs = [
@@ -426,6 +476,95 @@ async def overlap_probe(label: str, base_url: str, protocol: str, opts: argparse
     return f"{label} interleaved requests: two sent at once streamed together ({-gap_ms:.0f} ms of overlap)."
 
 
+async def multiturn_probe(base_url: str, opts: argparse.Namespace) -> dict[str, Any]:
+    """TTFT of every turn of ``opts.conversations`` conversations, and of each last question asked fresh."""
+    def config(clear: bool) -> LoadConfig:
+        return LoadConfig(
+            url=base_url, protocol="chatstream", clients=1, requests=1, max_tokens=opts.max_tokens,
+            seed=opts.seed, temperature=opts.temperature, clear_context=clear,
+            request_timeout=opts.request_timeout, progress=False,
+        )
+
+    turns: list[list[float]] = [[] for _ in range(opts.turns)]
+    fresh: list[float] = []
+    errors: list[str] = []
+
+    def ttft(record: Any) -> float | None:
+        if not record.ok or record.first_token is None:
+            errors.append(record.error or "no_token")
+            return None
+        return (record.first_token - record.start) * 1e3
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=opts.request_timeout, trust_env=False) as warm:
+        await run_request(warm, config(True), 10_000, 0, None)  # warm-up, not measured
+    for conv in range(opts.conversations):
+        first = conv * opts.turns
+        async with httpx.AsyncClient(base_url=base_url, timeout=opts.request_timeout, trust_env=False) as client:
+            await client.post("/clear_context")
+            prompt_tokens = []
+            for turn in range(opts.turns):
+                record = await run_request(client, config(False), first + turn, 0, None)
+                prompt_tokens.append(record.prompt_tokens)
+                if (ms := ttft(record)) is not None:
+                    turns[turn].append(ms)
+        async with httpx.AsyncClient(base_url=base_url, timeout=opts.request_timeout, trust_env=False) as client:
+            record = await run_request(client, config(True), first + opts.turns - 1, 0, None)
+            if (ms := ttft(record)) is not None:
+                fresh.append(ms)
+    median = statistics.median
+    last = median(turns[-1]) if turns[-1] else None
+    fresh_ms = median(fresh) if fresh else None
+    return {
+        "turn_ttft_ms": [round(median(t), 1) if t else None for t in turns],
+        "last_turn_ttft_ms": last,
+        "fresh_ttft_ms": fresh_ms,
+        "last_vs_fresh": (last / fresh_ms) if last and fresh_ms else None,
+        "last_turn_prompt_tokens": prompt_tokens[-1] if prompt_tokens else None,
+        "errors": errors,
+    }
+
+
+def render_multiturn(
+    suite: SuitePlan, results: list[RunResult], opts: argparse.Namespace, argv: list[str], machine: dict[str, str]
+) -> str:
+    lines = [
+        f"<!-- suite:{suite.name}:start -->",
+        f"## {suite.title}",
+        "",
+        suite.measures,
+        "",
+        f"- Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Machine: {machine['cpu']}, {machine['cores']} cores; Python {machine['python']}, "
+        f"torch {machine['torch']}, transformers {machine['transformers']}; commit {machine['commit']}",
+        f"- Settings: {opts.conversations} conversations x {opts.turns} turns, max_tokens {opts.max_tokens}, "
+        f"temperature {opts.temperature:g}, prompts seed {opts.seed}; medians over the conversations",
+        f"- Command: `{display_command(argv)}`",
+        "- Servers (each alone on the machine, one after another, in this order):",
+        *[f"  - {r.plan.label}: `{_display_server_command(r.command)}`" for r in results],
+        "",
+        f"| run | turn-{opts.turns} prompt tokens | turn-{opts.turns} TTFT ms | fresh TTFT ms | "
+        "turn / fresh | TTFT per turn ms |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    verdicts = []
+    for r in results:
+        s = r.summary
+        if s is None:
+            lines.append(f"| {r.plan.label} | failed: {r.failure} | | | | |")
+            continue
+        ratio = s["last_vs_fresh"]
+        lines.append(
+            f"| {r.plan.label} | {s['last_turn_prompt_tokens']} | {_num(s['last_turn_ttft_ms'], 0)} | "
+            f"{_num(s['fresh_ttft_ms'], 0)} | {_num(ratio, 2)}x | "
+            + ", ".join(_num(t, 0) for t in s["turn_ttft_ms"]) + " |"
+        )
+        if r.plan.label == "prefix caching" and ratio is not None:
+            verdicts.append(f"{suite.targets[0]}: {ratio:.2f}x - {'met' if ratio <= 1.5 else 'NOT met'}")
+    lines += ["", "Targets:", *[f"- {v}" for v in verdicts]] if verdicts else []
+    lines += [f"<!-- suite:{suite.name}:end -->", ""]
+    return "\n".join(lines)
+
+
 def run_one(plan: RunPlan, opts: argparse.Namespace, log_dir: Path) -> RunResult:
     port = free_port()
     command = plan.command(port)
@@ -455,6 +594,12 @@ def run_one(plan: RunPlan, opts: argparse.Namespace, log_dir: Path) -> RunResult
         if plan.check_overlap:
             result.note = asyncio.run(overlap_probe(plan.label, base_url, protocol, opts))
             print(f"  note: {result.note}", flush=True)
+        if plan.multiturn:
+            result.summary = asyncio.run(multiturn_probe(base_url, opts))
+            print(json.dumps(result.summary), flush=True)
+            if result.summary["errors"]:
+                result.failure = f"failed requests: {result.summary['errors']}"
+            return result
         cfg = LoadConfig(
             url=base_url, protocol=protocol, clients=plan.clients, requests=plan.requests,
             max_tokens=opts.max_tokens, warmup=opts.warmup if opts.warmup is not None else plan.clients,
@@ -647,6 +792,11 @@ def target_verdicts(suite: SuitePlan, results: list[RunResult]) -> list[str]:
             verdicts.append(
                 f"{suite.targets[1]}: {ours:.0f} ms vs {theirs:.0f} ms - {'met' if ours < theirs else 'NOT met'}"
             )
+    if suite.name == "engine" and ratio is not None:
+        verdicts.append(f"{suite.targets[0]}: {ratio:.2f}x")
+        ours, theirs = other["ttft_ms"]["p50"], base["ttft_ms"]["p50"]
+        if ours is not None and theirs:
+            verdicts.append(f"TTFT p50: {ours:.0f} ms vs {theirs:.0f} ms ({ours / theirs:.2f}x)")
     if suite.name == "reference" and ratio is not None:
         verdicts.append(f"{suite.targets[0]}: {ratio:.2f}x")
         ours, theirs = other["ttft_ms"]["p50"], base["ttft_ms"]["p50"]
@@ -683,6 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--clients", type=int, default=16, help="concurrent clients (concurrency, peers, reference; default 16)"
     )
     parser.add_argument("--levels", default="1,2,4,8,16,32", help="sweep: concurrency = clients levels")
+    parser.add_argument("--turns", type=int, default=8, help="multiturn: turns per conversation (default 8)")
+    parser.add_argument("--conversations", type=int, default=3, help="multiturn: conversations (default 3)")
     parser.add_argument("--requests-per-client", type=int, default=2, help="measured requests per client (default 2)")
     parser.add_argument("--max-tokens", type=int, default=128, help="reply length asked for (and the servers' limit)")
     parser.add_argument("--warmup", type=int, help="warm-up requests per server (default: one per client)")
@@ -741,7 +893,8 @@ def main(argv: list[str] | None = None) -> int:
     results = [run_one(plan, opts, log_dir) for plan in suite.runs]
     print(f"\nsuite {suite.name} took {time.monotonic() - started:.0f} s", flush=True)
 
-    section = render_markdown(suite, results, opts, argv, machine)
+    render = render_multiturn if suite.name == "multiturn" else render_markdown
+    section = render(suite, results, opts, argv, machine)
     print("\n" + section)
     if opts.output_json:
         payload = {

@@ -58,10 +58,23 @@ def tokenizer(default_model: tuple[Any, Any]) -> Any:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def engine(default_model: tuple[Any, Any]) -> Any:
     model, tokenizer = default_model
-    engine = LLMEngine(model, tokenizer, max_num_seqs=8, kv_cache_memory_bytes=64 << 20)
+    # float32, so replies can be compared with transformers' own generate (int8: test_quantization.py).
+    engine = LLMEngine(model, tokenizer, max_num_seqs=8, kv_cache_memory_bytes=64 << 20, quantization=None)
     await engine.start()
     yield engine
     await engine.shutdown()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def uncached_engine(default_model: tuple[Any, Any], engine: LLMEngine) -> Any:
+    """The same engine without prefix caching: the reference for what the cache must not change."""
+    model, tokenizer = default_model
+    uncached = LLMEngine(
+        model, tokenizer, max_num_seqs=8, kv_cache_memory_bytes=64 << 20, quantization=None,
+        enable_prefix_caching=False,
+    )
+    yield uncached
+    await uncached.shutdown()
 
 
 async def generate_text(
@@ -141,6 +154,35 @@ async def test_repetition_penalty_changes_a_greedy_reply(engine: LLMEngine, toke
     plain, _ = await generate_text(engine, prompt, SamplingParams(max_new_tokens=20))
     penalised, _ = await generate_text(engine, prompt, SamplingParams(max_new_tokens=20, repetition_penalty=1.5))
     assert penalised != plain
+
+
+async def test_extreme_but_valid_parameters_never_disturb_a_neighbour(engine: LLMEngine, tokenizer: Any) -> None:
+    """Values at the edge of every bound run next to a normal request, which replies as if alone."""
+    normal = chat(tokenizer, QUESTIONS[1])
+    alone, _ = await generate_text(engine, normal, GREEDY)
+    extreme = SamplingParams(
+        max_new_tokens=8, temperature=100, top_k=2**31 - 1, top_p=1e-9, repetition_penalty=100, seed=2**64 - 1
+    )
+    (text, final), (_, odd) = await asyncio.gather(
+        generate_text(engine, normal, GREEDY), generate_text(engine, chat(tokenizer, QUESTIONS[2]), extreme)
+    )
+    assert text == alone and final.finish_reason in ("stop", "length")
+    assert odd.finish_reason in ("stop", "length") and odd.error is None
+
+
+async def test_a_row_that_cannot_be_sampled_fails_alone(engine: LLMEngine, tokenizer: Any) -> None:
+    """A value that slips past validation (here forced onto a frozen SamplingParams: a top_k that
+    overflows int64, which once failed every sequence of the step) ends only its own request."""
+    broken = SamplingParams(max_new_tokens=8, temperature=0.8, seed=1)
+    object.__setattr__(broken, "top_k", 2**63)
+    normal = chat(tokenizer, QUESTIONS[1])
+    alone, _ = await generate_text(engine, normal, GREEDY)
+    (text, final), (_, failed) = await asyncio.gather(
+        generate_text(engine, normal, GREEDY), generate_text(engine, chat(tokenizer, QUESTIONS[2]), broken)
+    )
+    assert failed.finish_reason == "error" and "sampling failed" in (failed.error or "")
+    assert text == alone and final.finish_reason in ("stop", "length")
+    assert engine.num_running == 0 and engine.num_free_blocks == engine.num_blocks
 
 
 # -- stopping --
@@ -223,10 +265,13 @@ async def test_a_request_that_does_not_fit_waits_and_one_that_never_fits_fails(
         max_num_seqs=4,
         kv_cache_memory_bytes=4 * block_size * kv_bytes_per_token(model),  # 4 blocks = 64 tokens
         block_size=block_size,
+        quantization=None,
     )
     try:
         words = tokenizer.encode(" ".join(["apple"] * 200), add_special_tokens=False)
-        first, second, huge = words[:40], words[:30], words[:65]  # 3 blocks, 2 blocks, > 4 blocks
+        other = tokenizer.encode(" ".join(["pear"] * 200), add_special_tokens=False)
+        # 3 blocks, 2 blocks (not a prefix of the first, which it could share), > 4 blocks
+        first, second, huge = words[:40], other[:30], words[:65]
         params = SamplingParams(max_new_tokens=8)
         order: list[str] = []
 
@@ -267,6 +312,7 @@ async def test_preemption_and_chunked_prefill_do_not_change_replies(
         kv_cache_memory_bytes=4 * 16 * kv_bytes_per_token(model),  # 4 blocks: 64 tokens
         block_size=16,
         max_num_batched_tokens=16,
+        quantization=None,
     )
     try:
         # 24 + 20 tokens each: two blocks each to start, three each to finish.
@@ -276,6 +322,85 @@ async def test_preemption_and_chunked_prefill_do_not_change_replies(
         together = await asyncio.gather(*(generate_text(tiny, p, params) for p in prompts))
         assert [text for text, _ in together] == [text for text, _ in alone]
         assert tiny.num_preemptions >= 1
+    finally:
+        await tiny.shutdown()
+
+
+# -- prefix caching --
+
+
+def conversation(tokenizer: Any, turns: list[tuple[str, str]], question: str) -> list[int]:
+    messages: list[dict[str, str]] = []
+    for user, assistant in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    messages.append({"role": "user", "content": question})
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return list(encoded["input_ids"] if not isinstance(encoded, list) else encoded)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=7)],
+    ids=["greedy", "seeded"],
+)
+async def test_later_turns_reuse_the_cached_prefix_and_reply_exactly_as_without_it(
+    engine: LLMEngine, uncached_engine: LLMEngine, tokenizer: Any, params: SamplingParams
+) -> None:
+    turns: list[tuple[str, str]] = []
+    previous_prompt: list[int] = []
+    for question in ["What is the capital of France?", "And of Spain?", "Which of the two is bigger?"]:
+        prompt = conversation(tokenizer, turns, question)
+        assert prompt[: len(previous_prompt)] == previous_prompt  # each turn extends the last
+        hits_before = engine.prefix_cache_hit_tokens
+        cached, cached_final = await generate_text(engine, prompt, params)
+        reused = engine.prefix_cache_hit_tokens - hits_before
+        plain, plain_final = await generate_text(uncached_engine, prompt, params)
+        assert cached == plain
+        assert cached_final.completion_tokens == plain_final.completion_tokens
+        # Every full block of the previous turn's prompt (at least) came from the cache.
+        assert reused >= len(previous_prompt) // engine.block_size * engine.block_size
+        if previous_prompt:
+            assert reused > 0
+        turns.append((question, cached))
+        previous_prompt = prompt
+    assert uncached_engine.prefix_cache_hit_tokens == 0
+    assert engine.num_free_blocks == engine.num_blocks  # all blocks are free or cached, none owned
+    assert engine.num_cached_blocks > 0
+
+
+async def test_a_regenerate_computes_only_the_last_block(engine: LLMEngine, tokenizer: Any) -> None:
+    prompt = chat(tokenizer, QUESTIONS[5])
+    first, _ = await generate_text(engine, prompt, GREEDY)
+    queried, hits = engine.prefix_cache_queried_tokens, engine.prefix_cache_hit_tokens
+    again, _ = await generate_text(engine, prompt, GREEDY)
+    assert again == first
+    assert engine.prefix_cache_queried_tokens - queried == len(prompt)
+    assert engine.prefix_cache_hit_tokens - hits == (len(prompt) - 1) // engine.block_size * engine.block_size
+
+
+async def test_eviction_under_a_tiny_cache_keeps_replies_correct(
+    default_model: tuple[Any, Any], uncached_engine: LLMEngine, tokenizer: Any
+) -> None:
+    """8 blocks for prompts of 2-4 blocks each: cached prefixes are shared by concurrent requests,
+    evicted least recently used when room is needed, and replies never change."""
+    model, _ = default_model
+    tiny = LLMEngine(
+        model, tokenizer, max_num_seqs=4, kv_cache_memory_bytes=8 * 16 * kv_bytes_per_token(model),
+        block_size=16, quantization=None,
+    )
+    try:
+        prompts = [chat(tokenizer, q)[-n:] for q, n in zip(QUESTIONS[3:7], (40, 50, 33, 60))]
+        params = SamplingParams(max_new_tokens=10)
+        expected = [await generate_text(uncached_engine, p, params) for p in prompts]
+        order = [0, 0, 1, 2, 0, 3, 1, 1, 2, 0]  # repeats (hits) and far more blocks than the cache holds
+        for i in order:
+            text, final = await generate_text(tiny, prompts[i], params)
+            assert (text, final.completion_tokens) == (expected[i][0], expected[i][1].completion_tokens)
+        # Two at once on the same cached prefix share its blocks.
+        both = await asyncio.gather(*(generate_text(tiny, prompts[2], params) for _ in range(2)))
+        assert [text for text, _ in both] == [expected[2][0]] * 2
+        assert tiny.prefix_cache_hit_tokens > 0
+        assert tiny.num_free_blocks == tiny.num_blocks
     finally:
         await tiny.shutdown()
 

@@ -2,13 +2,16 @@
 
 GGUF files are dequantized by transformers, which takes ~30 s for the default model on two
 cores, so the first load converts once into a safetensors folder under the cache directory and
-every later load reads that folder in well under a second.
+every later load reads that folder in well under a second. The folder is named by the file's
+content hash (computed once, then remembered per path, size and mtime), so every checkout or
+venv that carries the same file shares one conversion.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -69,10 +72,11 @@ def resolve_model_folder(model_path: str | os.PathLike[str] | None = None) -> Pa
 
 
 def _converted_gguf(gguf: Path) -> Path:
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    # Keyed by content, so every checkout or venv holding the same file shares one conversion.
+    target = cache_dir() / "models" / f"{gguf.stem}-{_content_hash(gguf)[:16]}"
     if (target / "config.json").is_file():
+        return target
+    if _link_legacy_conversion(gguf, target):
         return target
     logger.info("Converting %s to safetensors in %s (once; later loads are fast)", gguf.name, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,6 +99,57 @@ def _converted_gguf(gguf: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _content_hash(path: Path) -> str:
+    """SHA-256 of ``path``'s bytes, remembered per (path, size, mtime) so start-up reads it once."""
+    stat = path.stat()
+    index_path = cache_dir() / "content-hashes.json"
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    key = str(path.resolve())
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    entry = index.get(key) if isinstance(index, dict) else None
+    if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    if not isinstance(index, dict):
+        index = {}
+    index[key] = {**stamp, "sha256": digest.hexdigest()}
+    try:  # write beside and rename: a concurrent reader never sees half a file
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".hashes-", dir=index_path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(index, f)
+        os.replace(tmp, index_path)
+    except OSError:
+        logger.warning("could not record the hash of %s in %s", path, index_path)
+    return digest.hexdigest()
+
+
+def _link_legacy_conversion(gguf: Path, target: Path) -> bool:
+    """Reuse a conversion made under the old path-and-mtime key by hard-linking its files."""
+    stat = gguf.stat()
+    old_key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    legacy = target.parent / f"{gguf.stem}-{old_key}"
+    if not (legacy / "config.json").is_file():
+        return False
+    staging = Path(tempfile.mkdtemp(prefix=".link-", dir=target.parent))
+    try:
+        for item in legacy.iterdir():
+            if item.is_file():
+                os.link(item, staging / item.name)
+        staging.rename(target)
+        return True
+    except OSError:
+        return (target / "config.json").is_file()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def default_dtype(device: str) -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import threading
 import time
@@ -23,6 +22,7 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, kv_bytes_per_token
 from .protocol import FinishReason, GenerationOutput
+from .quantization import quantize_linears_int8, resolve_quantization
 from .sampler import SamplingBatch, sample
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler
@@ -36,14 +36,26 @@ _INT64 = (1 << 64) - 1
 
 
 class LLMEngine:
-    """Continuous batching over any transformers causal LM, with a paged KV cache.
+    """Continuous batching over any transformers causal LM, with a paged, prefix-cached KV cache.
 
-    ``max_num_seqs`` caps the sequences decoded together. ``kv_cache_memory_bytes`` bounds the KV
-    cache; by default a quarter of the host's available memory (half of free GPU memory on CUDA),
-    but no more than ``max_num_seqs`` full-length contexts need. ``device`` moves the model there
-    first (default: where it is). ``max_num_batched_tokens`` caps the tokens of one step, so long
-    prompts are prefilled in chunks between decode steps. The engine switches the model to its own
-    attention implementation until :meth:`shutdown`.
+    ``max_num_seqs`` caps the sequences decoded together. ``max_model_len`` is the longest
+    sequence (prompt + reply) admitted, by default the model's own limit; pass the server's
+    context length so the default KV budget fits what is really served. ``kv_cache_memory_bytes``
+    bounds the KV cache; by default ``max_num_seqs`` full ``max_model_len`` contexts plus half as
+    much again for cached prefixes (with prefix caching on), but no more than a quarter of the
+    host's available memory (half of free GPU memory on CUDA). ``device`` and ``dtype`` move and
+    cast the model first (default: as it is). ``max_num_batched_tokens`` caps the tokens of one
+    step, so long prompts are prefilled in chunks between decode steps.
+
+    ``enable_prefix_caching`` keeps the K/V of full blocks after their sequence ends and reuses
+    them for any later prompt starting with the same tokens (a chat's next turn, a regenerate).
+    ``quantization``: ``"int8"`` runs every linear layer with int8 weights and per-token int8
+    activations on CPU (about 2x faster steps, mean NLL unchanged within 0.02 nats on the default
+    model; replies still never depend on the batch), ``"none"``/``None`` keeps the model's float
+    layers, ``"auto"`` picks int8 for a float32 model on CPU when a ~0.1 s timed trial of one
+    layer at start-up finds it at least 20% faster, and none elsewhere (see :mod:`.quantization`).
+    ``num_threads`` sets torch's intra-op threads (process-wide) when given. The engine switches the model to its own attention implementation
+    and quantized layers until :meth:`shutdown`.
     """
 
     def __init__(
@@ -52,38 +64,52 @@ class LLMEngine:
         tokenizer: Any,
         *,
         max_num_seqs: int = 8,
+        max_model_len: int | None = None,
         kv_cache_memory_bytes: int | None = None,
         device: str | None = None,
+        dtype: torch.dtype | None = None,
         max_num_batched_tokens: int = 2048,
         block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        quantization: str | None = "auto",
+        num_threads: int | None = None,
     ) -> None:
         if device is not None and torch.device(device) != model.device:
             model = model.to(device)
+        if dtype is not None and dtype != model.dtype:
+            model = model.to(dtype)
         model.eval()
         self.tokenizer = tokenizer
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.max_model_len: int = getattr(config, "max_position_embeddings", None) or 1 << 20
+        model_limit: int = getattr(config, "max_position_embeddings", None) or 1 << 20
+        if max_model_len is not None and max_model_len < 1:
+            raise ValueError("max_model_len must be >= 1")
+        self.max_model_len: int = min(max_model_len or model_limit, model_limit)
         self._vocab_size: int = model.get_input_embeddings().num_embeddings
         self._eos_ids = _eos_token_ids(model, tokenizer)
+        self._num_threads = num_threads
 
         block_bytes = kv_bytes_per_token(model) * block_size
         if kv_cache_memory_bytes is None:
-            kv_cache_memory_bytes = _default_kv_cache_bytes(
-                model, kv_bytes_per_token(model) * max_num_seqs * self.max_model_len
-            )
+            in_flight = kv_bytes_per_token(model) * max_num_seqs * self.max_model_len
+            headroom = in_flight // 2 if enable_prefix_caching else 0
+            kv_cache_memory_bytes = _default_kv_cache_bytes(model, in_flight + headroom)
         num_blocks = kv_cache_memory_bytes // block_bytes
         if num_blocks < 1:
             raise ValueError(
                 f"kv_cache_memory_bytes={kv_cache_memory_bytes} is less than one KV block ({block_bytes} bytes)"
             )
-        self._blocks = BlockManager(num_blocks, block_size)
+        self.quantization = resolve_quantization(quantization, model)
+        self._restore_linears = quantize_linears_int8(model) if self.quantization == "int8" else None
+        self._blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
         self._scheduler = Scheduler(
             self._blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
         )
         self._runner = ModelRunner(model, self._blocks)
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.0f MiB) on %s",
+            "KV cache: %d blocks of %d tokens (%.0f MiB) on %s; prefix caching %s; linear layers %s",
             num_blocks, block_size, num_blocks * block_bytes / 2**20, model.device,
+            "on" if enable_prefix_caching else "off", "int8" if self._restore_linears else str(model.dtype),
         )
 
         # Shared with the worker, guarded by _wake's lock.
@@ -121,7 +147,23 @@ class LLMEngine:
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks no request owns, those holding a cached prefix included."""
         return self._blocks.num_free_blocks
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Unowned blocks that keep a prefix for later prompts (recycled least recently used first)."""
+        return self._blocks.num_cached_blocks
+
+    @property
+    def prefix_cache_queried_tokens(self) -> int:
+        """Prompt tokens looked up in the prefix cache so far (one lookup per admission)."""
+        return self._blocks.num_queried_tokens
+
+    @property
+    def prefix_cache_hit_tokens(self) -> int:
+        """Of those, tokens whose K/V were found in the cache and not computed again."""
+        return self._blocks.num_hit_tokens
 
     @property
     def num_blocks(self) -> int:
@@ -144,6 +186,9 @@ class LLMEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)  # the step in flight finishes first
         self._runner.close()
+        if self._restore_linears is not None:
+            self._restore_linears()
+            self._restore_linears = None
 
     def _ensure_started(self) -> None:
         if self._thread is None and not self._stopping:
@@ -210,7 +255,8 @@ class LLMEngine:
 
     # -- worker side --
     def _run(self) -> None:
-        _yield_cpu_to_event_loop()
+        if self._num_threads is not None:
+            torch.set_num_threads(self._num_threads)
         try:
             with torch.inference_mode():
                 while self._iterate():
@@ -254,14 +300,37 @@ class LLMEngine:
             return
         try:
             sampled, logits = self._runner.execute(plan.chunks)
-            tokens = sample(logits, self._sampling_batch(sampled, logits.device)).tolist()
         except Exception as exc:  # e.g. out of memory: fail this step's requests, keep serving
             logger.exception("engine step failed")
             for chunk in plan.chunks:
                 self._finish(chunk.seq, "error", error=f"generation failed: {exc!r}")
             return
-        for chunk, token in zip(sampled, tokens):
-            self._append(chunk.seq, token)
+        for chunk in plan.chunks:
+            self._blocks.register_computed(chunk.seq)
+        for chunk, token in zip(sampled, self._sample(sampled, logits)):
+            if isinstance(token, Exception):
+                self._finish(chunk.seq, "error", error=f"sampling failed: {token!r}")
+                continue
+            try:
+                self._append(chunk.seq, token)
+            except Exception as exc:  # one sequence's fault never ends another's reply
+                logger.exception("appending a token failed for request %s", chunk.seq.request_id)
+                if not chunk.seq.is_finished:
+                    self._finish(chunk.seq, "error", error=f"generation failed: {exc!r}")
+
+    def _sample(self, sampled: list[ScheduledChunk], logits: torch.Tensor) -> list[int | Exception]:
+        """One token per row; if the batch fails, each row alone, so only a faulty row fails."""
+        try:
+            return sample(logits, self._sampling_batch(sampled, logits.device)).tolist()
+        except Exception:
+            logger.exception("batched sampling failed; sampling row by row")
+        tokens: list[int | Exception] = []
+        for row, chunk in enumerate(sampled):
+            try:
+                tokens.append(int(sample(logits[row : row + 1], self._sampling_batch([chunk], logits.device))[0]))
+            except Exception as exc:
+                tokens.append(exc)
+        return tokens
 
     def _sampling_batch(self, sampled: list[ScheduledChunk], device: torch.device) -> SamplingBatch:
         seqs = [c.seq for c in sampled]
@@ -307,21 +376,6 @@ class LLMEngine:
     def _finish_all(self, reason: FinishReason, error: str | None = None) -> None:
         for seq in [*self._scheduler.running, *self._scheduler.waiting]:
             self._finish(seq, reason, error=error)
-
-
-def _yield_cpu_to_event_loop() -> None:
-    """Lower this worker's CPU priority a little, so the event loop wakes promptly under load.
-
-    The worker and its OpenMP helpers (created by it, so they inherit the niceness) keep every core
-    busy; on a small machine the event-loop thread would otherwise wait in the run queue behind
-    them. On Linux the nice value is per thread, so only the engine's threads are affected.
-    """
-    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
-        try:
-            current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, current + 5))
-        except OSError:
-            pass
 
 
 def _final(

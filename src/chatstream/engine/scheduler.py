@@ -2,7 +2,8 @@
 
 Every step, running sequences go first: each decoding one computes its one new token, then each
 prefilling one its next chunk of prompt. Then waiting sequences are admitted in arrival order
-while their whole prompt fits in free KV blocks, ``max_num_seqs`` allows, and the step's token
+while their whole prompt fits in free KV blocks (a prefix already in the cache is shared, not
+recomputed), ``max_num_seqs`` allows, and the step's token
 budget (``max_num_batched_tokens``) has room; a long prompt is prefilled in chunks so it never
 stalls running decodes for long. When a running sequence needs a block and none is free, the
 newest running sequence is preempted: its blocks are freed and it goes back to the front of the
@@ -96,10 +97,12 @@ class Scheduler:
             and self.waiting
             and budget > 0
             and len(self.running) < self.max_num_seqs
-            and self.block_manager.can_grow(self.waiting[0], self.waiting[0].num_tokens)
         ):
+            hits = self.block_manager.match_prefix(self.waiting[0])
+            if not self.block_manager.can_admit(self.waiting[0], hits):
+                break
             seq = self.waiting.popleft()
-            self.block_manager.grow(seq, seq.num_tokens)
+            self.block_manager.admit(seq, hits)  # the cached prefix counts as computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             n = min(seq.num_uncomputed_tokens, budget)

@@ -36,6 +36,9 @@ class Sequence:
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # Prefix-cache hashes of the first full blocks of token_ids (content only: kept across preemption).
+    block_hashes: list[int] = field(default_factory=list)
+    num_registered_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
 
     def __post_init__(self) -> None:

@@ -1,0 +1,103 @@
+"""Time one engine decode step at batch 1/16/32, float32 linear layers vs dynamic int8.
+
+    .venv/bin/python -m benchmarks.step_time [--batches 1,16,32] [--steps 10] [--context 128]
+
+Every sequence has a ``--context``-token prompt already prefilled; the figure is the fastest of
+``--steps`` decode steps over ``--rounds`` interleaved rounds (one token per sequence, the whole forward with the paged
+attention). Also prints the mean per-token NLL of a fixed text for each variant, the quality
+side of the trade. Absolute times drift on a shared machine: compare variants within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+import torch
+
+from chatstream.engine import quantization
+from chatstream.engine.block_manager import BlockManager
+from chatstream.engine.model_runner import ModelRunner
+from chatstream.engine.sampling_params import SamplingParams
+from chatstream.engine.scheduler import Scheduler
+from chatstream.engine.sequence import Sequence
+from chatstream.model_loader import load_model
+
+TEXT = (
+    "The sun is the star at the centre of the Solar System. It is a massive, nearly perfect sphere of hot "
+    "plasma, heated to incandescence by nuclear fusion reactions in its core, radiating the energy from its "
+    "surface mainly as visible light and infrared radiation. It is by far the most important source of "
+    "energy for life on Earth."
+)
+
+
+def decode_step_ms(model: Any, batch: int, context: int, steps: int) -> float:
+    blocks = BlockManager(batch * (context // 16 + steps // 16 + 2), 16, enable_prefix_caching=False)
+    scheduler = Scheduler(blocks, max_num_seqs=batch, max_num_batched_tokens=batch * context)
+    runner = ModelRunner(model, blocks)
+    try:
+        for i in range(batch):
+            prompt = [(7 * i + j) % 1000 + 100 for j in range(context)]
+            scheduler.add(Sequence(str(i), prompt, SamplingParams(), 0, None, None, None))  # type: ignore[arg-type]
+        times = []
+        with torch.inference_mode():
+            runner.execute(scheduler.schedule().chunks)  # prefill every sequence
+            for _ in range(steps + 2):
+                for seq in scheduler.running:
+                    seq.token_ids.append(42)
+                chunks = scheduler.schedule().chunks
+                start = time.perf_counter()
+                runner.execute(chunks)
+                times.append(time.perf_counter() - start)
+        return min(times[2:]) * 1e3
+    finally:
+        runner.close()
+
+
+def mean_nll(model: Any, tokenizer: Any) -> float:
+    ids = torch.tensor([tokenizer.encode(TEXT)])
+    with torch.inference_mode():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", default="1,16,32")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    opts = parser.parse_args()
+    batches = [int(b) for b in opts.batches.split(",")]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
+          f"context {opts.context}, best of {opts.steps} decode steps x {opts.rounds} rounds")
+    variants = {
+        "float32": None,
+        "int8 everywhere (engine default)": (),
+        "int8, down_proj float": ("down_proj",),
+        "int8, lm_head float": ("lm_head",),
+    }
+    models = {}
+    for label, keep in variants.items():
+        model, tokenizer = load_model()
+        if keep is not None:
+            quantization._KEEP_FLOAT = keep  # a benchmark-only override, to show why the default keeps them
+            quantization.quantize_linears_int8(model)
+        models[label] = model
+    # Rounds interleave the variants, and the best of each is kept: other load on a shared machine
+    # only ever adds time.
+    best: dict[tuple[str, int], float] = {}
+    for _ in range(opts.rounds):
+        for b in batches:
+            for label, model in models.items():
+                ms = decode_step_ms(model, b, opts.context, opts.steps)
+                best[label, b] = min(best.get((label, b), ms), ms)
+    print("| linear layers | " + " | ".join(f"batch {b} (ms)" for b in batches) + " | mean NLL (nats) |")
+    print("|---|" + "---|" * len(batches) + "---|")
+    for label, model in models.items():
+        row = [f"{best[label, b]:.1f}" for b in batches]
+        print(f"| {label} | " + " | ".join(row) + f" | {mean_nll(model, tokenizer):.3f} |", flush=True)
+
+if __name__ == "__main__":
+    main()
