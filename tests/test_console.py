@@ -51,7 +51,8 @@ class RecordingStore(MemorySessionStore):
         await super().delete(session_id)
 
     def history(self) -> list[tuple[str, str]]:
-        messages = (self.last.get("chat_prompt") or {}).get("messages", [])
+        current = (self.last.get("conversations") or {}).get(self.last.get("current"), {})
+        messages = (current.get("chat_prompt") or {}).get("messages", [])
         return [(m["role"], m["content"]) for m in messages]
 
 

@@ -21,6 +21,7 @@ from ..errors import InvalidRequest, ModelNotReady, PromptTooLong
 from ..model_loader import load_model, model_display_name
 from ..session import MemorySessionStore, Session, SessionStore
 from ..settings import Settings
+from . import conversations
 from .turn import Callback, Turn
 
 logger = logging.getLogger("chatstream")
@@ -248,26 +249,67 @@ class ChatService:
             prompt_tokens=prompt_tokens, limit=self.settings.context_len,
         )
 
-    # -- conversations in sessions --
-    async def load_conversation(self, session: Session) -> ChatPrompt:
+    # -- conversations in sessions (several per session: see service/conversations.py) --
+    async def load_conversation(self, session: Session, conversation_id: str | None = None) -> ChatPrompt:
+        """The conversation ``conversation_id`` (default: the current one, created if there is none)."""
         data = await session.load()
-        stored = data.get(CONVERSATION_KEY)
-        return self.chat_prompt_clazz.from_dict(
+        conversations.migrate(data)
+        entry = conversations.get(data, conversations.resolve(data, conversation_id, create=True) or "")
+        stored = entry.get("chat_prompt")
+        prompt = self.chat_prompt_clazz.from_dict(
             stored if isinstance(stored, dict) else None, tokenizer=self.tokenizer, system=self.settings.system_prompt,
         )
+        settings = entry.get("settings") or {}
+        if "system_prompt" in settings:  # the conversation's own system prompt wins over the stored one
+            prompt.system = settings["system_prompt"] or None
+        return prompt
 
-    async def save_conversation(self, session: Session, chat_prompt: ChatPrompt) -> None:
-        session.data[CONVERSATION_KEY] = chat_prompt.to_dict()
+    async def save_conversation(self, session: Session, chat_prompt: ChatPrompt,
+                                conversation_id: str | None = None) -> None:
+        data = await session.load()
+        conversations.migrate(data)
+        target = conversations.resolve(data, conversation_id, create=True) or ""
+        conversations.store_chat_prompt(data, target, chat_prompt.to_dict())
         session.get_session()[CONVERSATION_KEY] = chat_prompt  # what the seed API's callback reads
         await session.save()
 
-    async def history(self, session: Session) -> list[dict[str, str]]:
-        if session.is_new:
-            return []
-        return (await self.load_conversation(session)).messages
+    async def peek_conversation(self, session: Session, conversation_id: str | None = None) -> dict[str, Any] | None:
+        """The stored conversation entry, read without holding the lock or caching the session data.
 
-    async def clear_conversation(self, session: Session) -> None:
-        """Empty the conversation and give the session a new id (a new cookie)."""
+        Raises :class:`ConversationNotFound` for an id this session does not hold.
+        """
+        data = {} if session.is_new else (await self.session_store.get(session.id)) or {}
+        conversations.migrate(data)
+        target = conversations.resolve(data, conversation_id, create=False)
+        return conversations.get(data, target) if target is not None else None
+
+    async def conversation_sampling(self, session: Session, conversation_id: str | None = None) -> dict[str, Any]:
+        """The conversation's sampling settings under the engine's names (overrides of the defaults)."""
+        entry = await self.peek_conversation(session, conversation_id)
+        return conversations.sampling_values((entry or {}).get("settings") or {})
+
+    async def history(self, session: Session, conversation_id: str | None = None) -> list[dict[str, Any]]:
+        entry = await self.peek_conversation(session, conversation_id)
+        if entry is None:
+            return []
+        stored = entry.get("chat_prompt")
+        return self.chat_prompt_clazz.from_dict(stored if isinstance(stored, dict) else None).messages
+
+    async def clear_conversation(self, session: Session, conversation_id: str | None = None) -> None:
+        """Without an id: empty the session and give it a new id (a new cookie), as always.
+
+        With an id: empty that conversation's messages only (its title and settings stay).
+        """
+        if conversation_id is not None:
+            if session.is_new:
+                raise conversations.ConversationNotFound(f"there is no conversation {conversation_id!r} in this session")
+            async with session.lock(lease_s=self.lock_lease_s):
+                data = await session.load()
+                conversations.migrate(data)
+                entry = conversations.get(data, conversation_id)
+                entry["chat_prompt"] = {"messages": []}
+                await session.save()
+            return
         if session.is_new:
             return  # nothing stored: create nothing
         async with session.lock(lease_s=self.lock_lease_s):
@@ -284,10 +326,16 @@ class ChatService:
         regenerate: bool = False,
         request: Any = None,
         callback: Callback | None = None,
+        conversation_id: str | None = None,
     ) -> Turn:
-        """A turn of the conversation kept in ``session`` (``regenerate`` answers the last user turn again)."""
-        return Turn(self, params, session=session, user_input=user_input, regenerate=regenerate,
+        """A turn of the conversation kept in ``session`` (``regenerate`` answers the last user turn again).
+
+        ``conversation_id`` picks one of the session's conversations (default: the current one).
+        """
+        turn = Turn(self, params, session=session, user_input=user_input, regenerate=regenerate,
                     request=request, callback=callback)
+        turn.conversation_id = conversation_id
+        return turn
 
     def stateless_turn(self, messages: list[dict[str, str]], params: SamplingParams, *,
                        explicit_max_tokens: bool = True) -> Turn:

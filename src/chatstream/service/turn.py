@@ -73,6 +73,7 @@ class Turn:
         self.callback = callback
         self.explicit_max_tokens = explicit_max_tokens  # stateless: False lets the reply shrink to fit
         self.message_id = uuid.uuid4().hex
+        self.conversation_id: str | None = None  # which of the session's conversations (None: the current one)
         self.outcome: str | None = None
         self.prompt_ids: list[int] = []
         self.prompt_tokens = 0
@@ -174,7 +175,7 @@ class Turn:
         """Apply the turn to the stored conversation (in memory until committed)."""
         if self.session is None:
             return None, None
-        chat_prompt = await self.service.load_conversation(self.session)
+        chat_prompt = await self.service.load_conversation(self.session, self.conversation_id)
         previous: str | None = None
         if self.regenerate:
             previous = chat_prompt.get_responder_last_msg()
@@ -274,7 +275,7 @@ class Turn:
         elif previous is not None:  # a regenerate that produced nothing keeps the old reply
             chat_prompt.add_responder_msg(previous)
         try:
-            await self.service.save_conversation(self.session, chat_prompt)
+            await self.service.save_conversation(self.session, chat_prompt, self.conversation_id)
         except Exception:
             logger.exception("saving the session failed")
             self.outcome = UNKNOWN_ERROR
