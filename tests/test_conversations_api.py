@@ -282,3 +282,40 @@ def test_an_old_session_in_the_store_reads_and_continues(serve) -> None:
         chat(c, "new question")
         messages = c.get(f"/conversations/{book.LEGACY_ID}").json()["messages"]
         assert [m["content"] for m in messages][::2] == ["old question", "new question"]
+
+
+def test_editing_a_sent_message_branches_the_conversation(client) -> None:
+    chat(client, "first question")
+    chat(client, "second question")
+    chat(client, "third question")
+
+    r = chat(client, "second, rephrased", edit_index=2)
+
+    messages = client.get("/history").json()["messages"]
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["first question", "second, rephrased"]
+    assert len(messages) == 4 and messages[3]["content"].startswith("You said: second, rephrased")
+    assert done(r)["status"] == "success"
+    for bad, status in (({"edit_index": 1}, 400), ({"edit_index": 99}, 400), ({"edit_index": -1}, 400),
+                        ({"edit_index": "2"}, 400), ({"edit_index": 0, "regenerate": True}, 400)):
+        r = client.post("/chat_stream", json={"user_input": "x", **bad})
+        assert r.status_code == status and r.json()["error"] == "invalid_request", r.text
+    assert client.get("/history").json()["messages"] == messages
+
+
+def test_regenerate_keeps_earlier_answers_as_alternatives(client) -> None:
+    # Seeds 0, 1 and 5 pick three different canned replies of the mock.
+    first = chat(client, "pick a number", seed=0)
+    client.post("/chat_stream", json={"regenerate": True, "seed": 1})
+    client.post("/chat_stream", json={"regenerate": True, "seed": 5})
+    messages = client.get("/history").json()["messages"]
+    assert len(messages) == 2
+    reply = messages[1]
+    assert len(reply["alternatives"]) == 2
+    assert reply["alternatives"][0] == "".join(d["text"] for e, d in parse_sse(first.text) if e == "delta")
+    assert len({reply["content"], *reply["alternatives"]}) == 3
+    # A regenerate that gives the very same answer adds no copy of it.
+    client.post("/chat_stream", json={"regenerate": True, "seed": 5})
+    assert client.get("/history").json()["messages"][1] == reply
+    # The next turn goes on from the newest answer; earlier ones are kept for people, not sent to the model.
+    chat(client, "and another")
+    assert client.get("/history").json()["messages"][1] == reply

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 from ..admission import Ticket
 from ..conversation import ChatPrompt
 from ..engine import GenerationStream, SamplingParams
-from ..errors import ConversationTooLong, NothingToRegenerate
+from ..errors import ConversationTooLong, InvalidRequest, NothingToRegenerate
 from ..session import Session
 from .events import (
     DISCONNECTED_BEFORE_STREAMING,
@@ -74,6 +74,7 @@ class Turn:
         self.explicit_max_tokens = explicit_max_tokens  # stateless: False lets the reply shrink to fit
         self.message_id = uuid.uuid4().hex
         self.conversation_id: str | None = None  # which of the session's conversations (None: the current one)
+        self.edit_index: int | None = None  # a user message that this turn's input replaces (the rest is dropped)
         self.outcome: str | None = None
         self.prompt_ids: list[int] = []
         self.prompt_tokens = 0
@@ -182,6 +183,12 @@ class Turn:
             if not chat_prompt.clear_last_responder_message():
                 raise NothingToRegenerate("there is no reply to regenerate in this conversation")
         else:
+            if self.edit_index is not None:
+                try:
+                    chat_prompt.edit_user_message(self.edit_index, self.user_input or "")
+                except IndexError as exc:
+                    raise InvalidRequest(str(exc), param="edit_index") from None
+                return chat_prompt, previous
             limit = self.service.settings.max_history_messages
             if len(chat_prompt.messages) + 2 > limit:
                 raise ConversationTooLong(

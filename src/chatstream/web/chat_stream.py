@@ -228,6 +228,7 @@ class ChatStream:
                 session, params, user_input=parsed.user_input, regenerate=parsed.regenerate,
                 request=request, callback=callback, conversation_id=parsed.conversation_id,
             )
+            turn.edit_index = parsed.edit_index
             await turn.start()
         except ChatError as exc:
             return chat_error_response(exc)
