@@ -7,6 +7,7 @@ Chromium comes from the system (``make browser``); Playwright never downloads it
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -238,21 +239,52 @@ def test_stop_keeps_the_partial_reply_also_after_reload(chat, new_page) -> None:
     assert "w59" not in restored
 
 
-def test_regenerate_replaces_the_last_reply(chat, new_page) -> None:
+def seed_each_turn(page: Page, seeds: list[int]) -> list[dict[str, Any]]:
+    """Give the page's next turns these seeds (the mock then picks different canned replies).
+
+    Returns the list of bodies as the page sent them (before the seed was added).
+    """
+    sent: list[dict[str, Any]] = []
+
+    def add_seed(route: Any) -> None:
+        body = route.request.post_data_json
+        sent.append(dict(body))
+        body["seed"] = seeds.pop(0)
+        route.continue_(post_data=json.dumps(body))
+
+    page.route("**/chat_stream", add_seed)
+    return sent
+
+
+def test_regenerate_keeps_the_earlier_answer_to_flip_through(chat, new_page) -> None:
     url = chat()
     page = new_page(url)
+    sent = seed_each_turn(page, [0, 1])  # seeds 0 and 1 give two different replies
     send(page, "Tell me something")
     wait_for_reply(page)
+    first = page.locator(REPLY).text_content() or ""
+    expect(page.locator(".pager")).to_have_count(0)
 
-    with page.expect_request("**/chat_stream") as request:
-        page.get_by_role("button", name="Regenerate").click()
-    assert request.value.post_data_json == {"user_input": "", "regenerate": True}
+    page.get_by_role("button", name="Regenerate").click()
     expect(page.locator(".msg-assistant[aria-busy]")).to_have_count(1)
     wait_for_reply(page)
 
     expect(page.locator(".msg")).to_have_count(2)
-    assert (page.locator(REPLY).text_content() or "").startswith("You said: Tell me something")
-    assert [m["role"] for m in history(page, url)] == ["user", "assistant"]
+    current = page.request.get(url + "/conversations").json()["current"]
+    assert sent[1] == {"user_input": "", "regenerate": True, "conversation_id": current}
+    second = page.locator(REPLY).text_content() or ""
+    assert second != first and second.startswith("You said: Tell me something")
+    for _ in range(2):  # as streamed, then as rebuilt from the server after a reload
+        expect(page.locator(".pager-position")).to_have_text("2/2")
+        page.get_by_role("button", name="Previous answer").click()
+        expect(page.locator(".pager-position")).to_have_text("1/2")
+        expect(page.locator(REPLY)).to_have_text(first)
+        page.get_by_role("button", name="Next answer").click()
+        expect(page.locator(REPLY)).to_have_text(second)
+        page.reload()
+    messages = history(page, url)
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert len(messages[1]["alternatives"]) == 1 and messages[1]["alternatives"][0] != messages[1]["content"]
 
 
 def test_new_chat_empties_the_conversation(chat, new_page) -> None:
@@ -265,10 +297,15 @@ def test_new_chat_empties_the_conversation(chat, new_page) -> None:
 
     expect(page.locator(".msg")).to_have_count(0)
     expect(page.locator("#empty")).to_be_visible()
+    # The earlier conversation is kept, listed below the new one.
+    expect(page.locator(".conversation-open")).to_have_text(["Untitled", "Remember this"])
     page.reload()
     expect(page.locator("#empty")).to_be_visible()
     expect(page.locator(".msg")).to_have_count(0)
     assert history(page, url) == []
+    # A second click on an empty chat makes no second empty conversation.
+    page.get_by_role("button", name="New chat").click()
+    expect(page.locator(".conversation-open")).to_have_count(2)
 
 
 def test_new_chat_while_streaming_stops_and_clears(chat, new_page) -> None:
