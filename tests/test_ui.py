@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,6 +29,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}: run `make browser`"
@@ -424,3 +426,199 @@ def test_phone_sized_screen(chat, new_page) -> None:
     assert composer is not None and composer["y"] + composer["height"] <= 844
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui-phone.png"))
+
+
+# -- several conversations --
+
+
+def sidebar_titles(page: Page) -> list[str]:
+    return page.locator(".conversation-open").all_text_contents()
+
+
+def test_sidebar_lists_switches_renames_and_deletes_conversations(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "About cats")
+    wait_for_reply(page)
+    expect(page.locator(".conversation-open")).to_have_text(["About cats"])  # titled by the first message
+
+    page.get_by_role("button", name="New chat").click()
+    expect(page.locator(".msg")).to_have_count(0)
+    send(page, "About dogs")
+    wait_for_reply(page)
+    expect(page.locator(".conversation-open")).to_have_text(["About dogs", "About cats"])  # newest first
+    expect(page.locator(".conversation-open[aria-current]")).to_have_text("About dogs")
+
+    page.get_by_role("button", name="About cats", exact=True).click()
+    expect(page.locator(".msg-user .content")).to_have_text(["About cats"])
+    expect(page.locator(".conversation-open[aria-current]")).to_have_text("About cats")
+    send(page, "More about cats")
+    wait_for_reply(page, 2)
+    expect(page.locator(".conversation-open")).to_have_text(["About cats", "About dogs"])
+
+    page.get_by_role("button", name="Rename About dogs").click()
+    box = page.get_by_label("New title")
+    box.fill("Dogs, renamed")
+    box.press("Enter")
+    expect(page.locator(".conversation-open")).to_have_text(["About cats", "Dogs, renamed"])
+
+    page.reload()  # the current conversation and every title come back from the server
+    expect(page.locator(".msg-user .content")).to_have_text(["About cats", "More about cats"])
+    expect(page.locator(".conversation-open")).to_have_text(["About cats", "Dogs, renamed"])
+    expect(page.locator(".conversation-open[aria-current]")).to_have_text("About cats")
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete About cats").click()
+    expect(page.locator(".conversation-open")).to_have_text(["Dogs, renamed"])
+    expect(page.locator(".msg-user .content")).to_have_text(["About dogs"])  # the next one is shown
+    page.once("dialog", lambda dialog: dialog.dismiss())  # "Cancel" deletes nothing
+    page.get_by_role("button", name="Delete Dogs, renamed").click()
+    expect(page.locator(".conversation-open")).to_have_count(1)
+    listed = page.request.get(url + "/conversations").json()
+    assert [c["title"] for c in listed["conversations"]] == ["Dogs, renamed"]
+
+
+def test_everything_survives_a_server_restart(chat, new_page, tmp_path: Path) -> None:
+    url = chat(data_dir=str(tmp_path))
+    page = new_page(url)
+    send(page, "Kept across restarts")
+    wait_for_reply(page)
+    page.get_by_role("button", name="New chat").click()
+    send(page, "The second one")
+    wait_for_reply(page)
+    page.get_by_role("button", name="Kept across restarts", exact=True).click()
+    expect(page.locator(".msg-user .content")).to_have_text(["Kept across restarts"])
+    shown = page.locator(REPLY).all_text_contents()
+
+    restarted = chat(data_dir=str(tmp_path))  # another server process on the same data folder
+    page.goto(restarted + "/")  # cookies are per host, not per port: the same session
+
+    expect(page.locator(".conversation-open")).to_have_text(["The second one", "Kept across restarts"])
+    expect(page.locator(".conversation-open[aria-current]")).to_have_text("Kept across restarts")
+    expect(page.locator(".msg-user .content")).to_have_text(["Kept across restarts"])
+    assert page.locator(REPLY).all_text_contents() == shown
+
+
+def test_edit_a_sent_message_and_resend(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    for count, text in enumerate(("first question", "second question", "third question"), 1):
+        send(page, text)
+        wait_for_reply(page, count)
+
+    page.locator(".msg-user").nth(1).get_by_role("button", name="Edit").click()
+    editor = page.get_by_label("Edit message")
+    expect(editor).to_have_value("second question")
+    editor.fill("second, rephrased")
+    editor.press("Enter")
+
+    wait_for_reply(page, 2)
+    expect(page.locator(".msg-user .content")).to_have_text(["first question", "second, rephrased"])
+    assert (page.locator(REPLY).nth(1).text_content() or "").startswith("You said: second, rephrased")
+    assert [m["content"] for m in history(page, url) if m["role"] == "user"] == ["first question", "second, rephrased"]
+
+    # Escape leaves the message as it was.
+    page.locator(".msg-user").nth(0).get_by_role("button", name="Edit").click()
+    page.get_by_label("Edit message").fill("never sent")
+    page.get_by_label("Edit message").press("Escape")
+    expect(page.locator(".msg-user .content")).to_have_text(["first question", "second, rephrased"])
+
+
+def test_settings_apply_to_the_conversation_and_bad_values_are_explained(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "hello")
+    wait_for_reply(page)
+
+    page.get_by_role("button", name="Settings").click()
+    dialog = page.get_by_role("dialog", name="Conversation settings")
+    expect(dialog).to_be_visible()
+    dialog.get_by_label("Temperature").fill("7")
+    dialog.get_by_role("button", name="Save").click()
+    expect(dialog.get_by_role("alert")).to_contain_text("temperature")
+    expect(dialog).to_be_visible()  # kept open, nothing stored
+    assert page.request.get(url + "/conversations").json()["conversations"][0]["settings"] == {}
+
+    dialog.get_by_label("Temperature").fill("0.3")
+    dialog.get_by_label("Max tokens").fill("3")
+    dialog.get_by_label("System prompt").fill("Answer like a pirate.")
+    dialog.get_by_role("button", name="Save").click()
+    expect(dialog).to_be_hidden()
+    stored = page.request.get(url + "/conversations").json()["conversations"][0]["settings"]
+    assert stored == {"temperature": 0.3, "max_tokens": 3, "system_prompt": "Answer like a pirate."}
+
+    send(page, "a long story please")
+    wait_for_reply(page, 2)
+    expect(page.locator(".msg-assistant .note").last).to_contain_text("length limit")
+    expect(page.locator(".stats").last).to_contain_text("3 tokens")
+
+    page.reload()
+    page.get_by_role("button", name="Settings").click()
+    expect(dialog.get_by_label("Max tokens")).to_have_value("3")
+    expect(dialog.get_by_label("System prompt")).to_have_value("Answer like a pirate.")
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(dialog).to_be_hidden()
+
+
+def test_stats_line_and_the_last_actions_stay_in_view(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    for n in range(4):  # enough to scroll
+        send(page, f"message {n}")
+        wait_for_reply(page, n + 1)
+    assert page.evaluate("document.getElementById('log').scrollHeight > document.getElementById('log').clientHeight")
+
+    stats = page.locator(".stats").last
+    expect(stats).to_have_text(re.compile(r"^\d+ tokens · \d+\.\d tokens/s · \d+\.\d\d s to first token$"))
+    regenerate = page.get_by_role("button", name="Regenerate")
+    expect(regenerate).to_be_in_viewport(ratio=1)
+    button, log = regenerate.bounding_box(), page.locator("#log").bounding_box()
+    dock = page.locator(".dock").bounding_box()
+    assert button and log and dock
+    assert button["y"] + button["height"] <= min(log["y"] + log["height"], dock["y"]), "the actions are under the message box"
+
+
+def test_export_as_markdown_and_json(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "Export me")
+    wait_for_reply(page)
+
+    page.locator("#export-menu summary").click()
+    with page.expect_download() as markdown:
+        page.get_by_role("button", name="Markdown (.md)").click()
+    text = Path(markdown.value.path()).read_text()
+    assert markdown.value.suggested_filename == "Export me.md"
+    assert text.startswith("# Export me\n\n## You\n\nExport me\n\n## Assistant\n\nYou said: Export me")
+
+    page.locator("#export-menu summary").click()
+    with page.expect_download() as exported:
+        page.get_by_role("button", name="JSON (.json)").click()
+    body = json.loads(Path(exported.value.path()).read_text())
+    assert body["title"] == "Export me"
+    assert body["messages"] == history(page, url)
+
+
+def test_screenshots_for_the_docs(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "What is streaming?")
+    wait_for_reply(page)
+    page.get_by_role("button", name="New chat").click()
+    send(page, "Show me a list and some code")
+    wait_for_reply(page)
+    DOCS.mkdir(exist_ok=True)
+    page.screenshot(path=str(DOCS / "ui-desktop.png"), animations="disabled")
+
+    phone = new_page(url, viewport={"width": 390, "height": 844})
+    send(phone, "Hello from a phone")
+    wait_for_reply(phone)
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    expect(phone.locator("#sidebar")).not_to_be_in_viewport()
+    phone.screenshot(path=str(DOCS / "ui-mobile.png"), animations="disabled")
+    phone.get_by_role("button", name="Conversations").click()
+    expect(phone.locator("#sidebar")).to_be_in_viewport()
+    expect(phone.locator(".conversation-open")).to_have_text(["Hello from a phone"])
+    phone.screenshot(path=str(DOCS / "ui-mobile-sidebar.png"), animations="disabled")
+    phone.keyboard.press("Escape")
+    expect(phone.locator("#sidebar")).not_to_be_in_viewport()
