@@ -622,3 +622,27 @@ def test_screenshots_for_the_docs(chat, new_page) -> None:
     phone.screenshot(path=str(DOCS / "ui-mobile-sidebar.png"), animations="disabled")
     phone.keyboard.press("Escape")
     expect(phone.locator("#sidebar")).not_to_be_in_viewport()
+
+
+def test_code_is_highlighted_and_math_is_typeset(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    seed_each_turn(page, [1])  # seed 1: the canned reply with a Python code block
+    send(page, "Euler: $e^{i\\pi} + 1 = 0$ costs $5 or $6\n\n$$\n\\int_0^1 x^2\\,dx = \\frac{1}{3}\n$$\n\n"
+               "and $\\href{javascript:window.__xss=1}{click}$")
+    wait_for_reply(page)
+
+    reply = page.locator(REPLY)
+    expect(reply.locator(".md-code .md-code-lang")).to_have_text("python")
+    expect(reply.locator(".md-code code .hljs-string")).to_have_text(['"hello"'])  # coloured by highlight.js
+    inline = reply.locator("p math").first
+    expect(inline).to_be_visible()
+    assert "π" in (inline.text_content() or "")
+    block = reply.locator(".md-math math[display='block']")
+    expect(block).to_have_count(1)
+    expect(block.locator("mfrac")).to_have_count(1)
+    expect(reply).to_contain_text("costs $5 or $6")  # money is not math
+    assert page.locator("#thread a[href^='javascript'], #thread [href^='javascript']").count() == 0
+    page.locator("#thread math").last.click()
+    assert page.evaluate("window.__xss") is None
+    page.screenshot(path=str(DOCS / "ui-code-and-math.png"), animations="disabled")
