@@ -128,6 +128,10 @@ def _serve(settings: Settings) -> int:
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     try:
+        if not settings.mock:
+            from .model_loader import check_model
+
+            check_model(settings.model)  # a typo is an error now, not a server that answers 503 forever
         settings = server_settings(settings)
         service = ChatService.from_settings(settings)
     except (ValueError, OSError) as exc:

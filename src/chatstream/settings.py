@@ -24,7 +24,8 @@ class Settings(BaseSettings):
                            description="log level")
 
     # -- model and engine --
-    model: str | None = Field(None, description="local Hugging Face model folder or .gguf file (none: the embedded SmolLM2-135M-Instruct)")
+    model: str | None = Field(None, description="local Hugging Face model folder, .gguf file or installed model package name (none: the embedded SmolLM2-135M-Instruct)")
+    served_model_name: str | None = Field(None, description="comma-separated model names /v1 accepts (none: any name, like llama.cpp's server); the first is the name /v1/models shows")
     mock: bool = Field(False, description="stream canned text without a model")
     mock_token_delay: float = Field(0.03, ge=0.0, le=10.0, description="seconds between mock tokens")
     device: str = Field("cpu", description="torch device: cpu or cuda")
