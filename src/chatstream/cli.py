@@ -128,7 +128,7 @@ def _serve(settings: Settings) -> int:
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     try:
-        if not settings.mock:
+        if not settings.mock and not getattr(settings, "engine_url", None):  # a remote engine needs no local model
             from .model_loader import check_model
 
             check_model(settings.model)  # a typo is an error now, not a server that answers 503 forever
