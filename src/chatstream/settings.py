@@ -40,7 +40,7 @@ class Settings(BaseSettings):
 
     # -- generation defaults and limits --
     max_new_tokens: int = Field(256, ge=1, le=1 << 20, description="longest reply in tokens (larger max_tokens requests are clamped)")
-    context_len: int = Field(1024, ge=16, le=1 << 22, description="prompt + reply token budget; oldest turns are dropped to fit")
+    context_len: int | None = Field(None, ge=16, le=1 << 22, description="prompt + reply token budget; oldest turns are dropped to fit (none: what the model supports, capped by the KV-cache budget; the mock: 4096)")
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="default sampling temperature; 0 = greedy")
     top_k: int = Field(50, ge=0, le=1 << 31, description="default top-k; 0 = off")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="default top-p; 1 = off")
@@ -86,6 +86,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _reply_fits_context(self) -> "Settings":
-        if self.max_new_tokens >= self.context_len:
+        if self.context_len is not None and self.max_new_tokens >= self.context_len:
             raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be smaller than context_len ({self.context_len})")
         return self

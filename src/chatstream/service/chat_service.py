@@ -30,6 +30,8 @@ T = TypeVar("T")
 
 # The conversation's key in session data (the seed API's name for it).
 CONVERSATION_KEY = "chat_prompt"
+# The context when neither the settings nor the engine give one (the mock).
+FALLBACK_CONTEXT_LEN = 4096
 
 
 class ChatService:
@@ -82,6 +84,7 @@ class ChatService:
             self.model_name = model_name or "mock"
         elif engine is None and model is not None:
             self._attach(model, tokenizer)
+        self._settle_context_len()
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **parts: Any) -> "ChatService":
@@ -106,6 +109,24 @@ class ChatService:
             model, tokenizer, max_num_seqs=self.settings.concurrency, device=self.settings.device,
             kv_cache_memory_bytes=kv_mb * 2**20 if kv_mb else None,
         )
+
+    def _settle_context_len(self) -> None:
+        """With no ``context_len`` set: what the model supports, capped by what the KV cache holds."""
+        if self.settings.context_len is not None or self.engine is None:
+            return
+        engine = self.engine
+        known = [getattr(engine, "max_model_len", None)]
+        blocks, block_size = getattr(engine, "num_blocks", None), getattr(engine, "block_size", None)
+        if isinstance(blocks, int) and isinstance(block_size, int):
+            known.append(blocks * block_size)
+        limits = [n for n in known if isinstance(n, int) and not isinstance(n, bool) and n > 0]
+        context_len = min(limits) if limits else FALLBACK_CONTEXT_LEN
+        update: dict[str, Any] = {"context_len": context_len}
+        if self.settings.max_new_tokens >= context_len:  # a tiny KV budget: leave room for a prompt
+            update["max_new_tokens"] = max(1, context_len // 2)
+            self.defaults = replace(self.defaults, max_new_tokens=update["max_new_tokens"])
+        logger.info("context: %d tokens (model: %s, KV cache: %s)", context_len, known[0], known[1:] or "n/a")
+        self.settings = self.settings.model_copy(update=update)
 
     @property
     def ready(self) -> bool:
@@ -137,6 +158,7 @@ class ChatService:
         try:
             model, tokenizer = await asyncio.to_thread(load_model, self.settings.model, device=self.settings.device)
             self._attach(model, tokenizer)
+            self._settle_context_len()
             assert self.engine is not None
             await self.engine.start()
             logger.info("model %s is ready", self.model_name)
