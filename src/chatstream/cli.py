@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--url", dest="url", default=None,
                       help="chat with the chatstream server at this URL (e.g. http://127.0.0.1:8000) "
                            "instead of running a model in this process")
+    chat.add_argument("--conversation", dest="conversation", default=None, metavar="ID",
+                      help="with --url: go on with this conversation (GET /conversations lists them); "
+                           "without it, the conversation used last with that server")
     _add_settings_options(chat, _CHAT_FIELDS)
     return parser
 
@@ -158,7 +161,10 @@ def _chat(settings: Settings, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(name)s: %(message)s")
-    return run_console(settings, url=args.url)
+    if args.conversation and not args.url:
+        print("chatstream: error: --conversation needs --url (a local chat keeps no conversations)", file=sys.stderr)
+        return 2
+    return run_console(settings, url=args.url, conversation=args.conversation)
 
 
 if __name__ == "__main__":
