@@ -250,3 +250,19 @@ def test_url_resumes_the_last_conversation_or_the_one_named(serve, own_data_dir)
     proc.expect(pexpect.EOF)
     proc.close()
     assert proc.exitstatus == 1 and "no conversation 'nope' here" in proc.before
+
+
+def test_on_a_terminal_a_finished_reply_is_drawn_again_as_markdown():
+    child = spawn("--mock", token_delay=0.001)
+    redrawn = []
+    for text in ("a", "bb", "ccc", "dddd"):
+        say(child, text)
+        child.expect_exact("you> ")
+        if "\x1b[J" in child.before:  # the streamed text was erased and drawn rendered
+            redrawn.append(child.before.split("\x1b[J")[-1])
+    say(child, "/exit")
+    assert finish(child) == 0
+    assert redrawn, "no reply was drawn as Markdown"
+    for screen in redrawn:
+        assert "assistant>" in screen and "**" not in screen and "```" not in screen
+        assert "\x1b[" in screen  # styled by rich (bold, code colours)

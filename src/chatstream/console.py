@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Protocol, TextIO
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
     from .service import ChatService
 
 ReplyEvent = tuple[str, Any]
+
+# Worth rendering: emphasis, code, headings, lists, quotes, links, tables.
+_MARKDOWN_MARKS = re.compile(r"(\*\*|__|`|^#{1,6} |^\s*([-*+]|\d+[.)]) |^>|\]\(|^\|)", re.M)
 
 HELP = "Commands: /regenerate  /clear  /exit (or Ctrl+D).  Ctrl+C stops a reply; at the prompt it exits."
 
@@ -370,6 +375,7 @@ class Console:
 
     async def _show_reply(self, user_input: str | None) -> None:
         prefixed = status_shown = False
+        shown = ""  # the reply as streamed, to draw again as Markdown at its end
         async with contextlib.aclosing(self.backend.reply(user_input)) as events:
             async for kind, value in events:
                 if kind == "queued":
@@ -387,13 +393,39 @@ class Console:
                         self._write("assistant> ")
                         prefixed = True
                     self._write(value)
+                    shown += value
                 elif kind == "done":
                     self._end_line()
+                    self._render_markdown(shown)
                     if isinstance(value, dict) and value.get("finish_reason") == "length":
                         self._write("[reply cut at the token limit]\n")
                 elif kind == "error":
                     self._end_line()
                     self._error(str(value))
+
+    def _render_markdown(self, text: str) -> None:
+        """On a terminal, draw the finished reply again as Markdown (rich) over its plain stream.
+
+        The plain text streams as it comes (nothing to re-layout per token); at the end it is
+        erased and drawn rendered, when it has any Markdown and still fits on the screen.
+        """
+        if not self._tty or not _MARKDOWN_MARKS.search(text):
+            return
+        try:
+            from rich.cells import cell_len
+            from rich.console import Console as RichConsole
+            from rich.markdown import Markdown
+        except ImportError:
+            return
+        size = shutil.get_terminal_size()
+        rows = sum(max(1, -(-cell_len(line) // size.columns)) for line in f"assistant> {text}".split("\n"))
+        if rows >= size.lines:
+            return  # part of it scrolled away: it cannot be redrawn in place
+        self._write(f"\x1b[{rows}A\r\x1b[J" if rows else "\r\x1b[J")
+        rich = RichConsole(file=self.out, width=size.columns, force_terminal=True, highlight=False)
+        rich.print("[bold]assistant>[/bold]")
+        rich.print(Markdown(text, code_theme="monokai"))
+        self._column0 = True
 
     def _end_line(self) -> None:
         if not self._column0:
