@@ -110,6 +110,11 @@ class ChatService:
             kv_cache_memory_bytes=kv_mb * 2**20 if kv_mb else None,
         )
 
+    @property
+    def context_len(self) -> int:
+        """Prompt + reply token budget (settled once the engine is known)."""
+        return self.settings.context_len or FALLBACK_CONTEXT_LEN
+
     def _settle_context_len(self) -> None:
         """With no ``context_len`` set: what the model supports, capped by what the KV cache holds."""
         if self.settings.context_len is not None or self.engine is None:
@@ -262,13 +267,13 @@ class ChatService:
 
     def fit_to_context(self, params: SamplingParams, prompt_tokens: int, explicit_max_tokens: bool) -> SamplingParams:
         """Shorten the reply to what the context leaves, or refuse a prompt that leaves too little."""
-        room = self.settings.context_len - prompt_tokens
+        room = self.context_len - prompt_tokens
         if room >= params.max_new_tokens or (room >= 1 and not explicit_max_tokens):
             return params if room >= params.max_new_tokens else replace(params, max_new_tokens=room)
         raise PromptTooLong(
             f"the prompt has {prompt_tokens} tokens and the reply may have {params.max_new_tokens}; "
-            f"the context holds {self.settings.context_len}",
-            prompt_tokens=prompt_tokens, limit=self.settings.context_len,
+            f"the context holds {self.context_len}",
+            prompt_tokens=prompt_tokens, limit=self.context_len,
         )
 
     # -- conversations in sessions (several per session: see service/conversations.py) --

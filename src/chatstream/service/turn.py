@@ -199,7 +199,7 @@ class Turn:
 
     async def _render(self, chat_prompt: ChatPrompt | None) -> list[int]:
         if chat_prompt is not None:
-            budget = self.service.settings.context_len - self.params.max_new_tokens
+            budget = self.service.context_len - self.params.max_new_tokens
             return await self.service.run_bounded(chat_prompt.render_ids, budget)
         assert self.messages is not None
         ids = await self.service.run_bounded(self.service.render_messages, self.messages)

@@ -99,7 +99,7 @@ class OpenAIRoutes:
             return exc.response()
         except ChatError as exc:
             assert parsed is not None  # turns only start from a parsed request
-            return _openai_error(exc, service.settings.context_len, parsed).response()
+            return _openai_error(exc, service.context_len, parsed).response()
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is listening
         completion = _Completion(turn, model=service.model_name,
