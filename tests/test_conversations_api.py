@@ -319,3 +319,28 @@ def test_regenerate_keeps_earlier_answers_as_alternatives(client) -> None:
     # The next turn goes on from the newest answer; earlier ones are kept for people, not sent to the model.
     chat(client, "and another")
     assert client.get("/history").json()["messages"][1] == reply
+
+
+def test_selecting_an_earlier_answer_makes_the_conversation_go_on_from_it(client) -> None:
+    chat(client, "pick a number", seed=0)
+    client.post("/chat_stream", json={"regenerate": True, "seed": 1})
+    client.post("/chat_stream", json={"regenerate": True, "seed": 5})
+    conversation_id = client.get("/conversations").json()["current"]
+    reply = client.get("/history").json()["messages"][1]
+    first, second, third = [*reply["alternatives"], reply["content"]]
+
+    r = client.patch(f"/conversations/{conversation_id}", json={"select": {"message": 1, "version": 0}})
+    assert r.status_code == 200, r.text
+    chosen = client.get("/history").json()["messages"][1]
+    assert chosen == {"role": "assistant", "content": first, "alternatives": [second, third], "version": 0}
+
+    # A regenerate that gives an answer already there uses it, without a copy.
+    client.post("/chat_stream", json={"regenerate": True, "seed": 1})
+    again = client.get("/history").json()["messages"][1]
+    assert again == {"role": "assistant", "content": second, "alternatives": [first, third], "version": 1}
+
+    for bad in ({"message": 0, "version": 0}, {"message": 1, "version": 9}, {"message": 5, "version": 0},
+                {"message": "1", "version": 0}, {"message": 1}, [1, 0]):
+        r = client.patch(f"/conversations/{conversation_id}", json={"select": bad})
+        assert r.status_code == 400 and r.json()["error"] == "invalid_request", r.text
+    assert client.get("/history").json()["messages"][1] == again

@@ -48,11 +48,16 @@ class ChatPrompt:
         message: dict[str, Any] = {"role": "assistant", "content": text}
         replaced, self._replaced = self._replaced, None
         if replaced is not None:
-            if replaced["content"] == text:  # a regenerate that produced nothing keeps the old reply as it was
-                message = replaced
+            every = versions(replaced)
+            if text in every:  # the same answer again (or nothing new): no copy, that answer is used
+                version = every.index(text)
+                message["alternatives"] = every[:version] + every[version + 1:]
+                if version < len(message["alternatives"]):
+                    message["version"] = version
+                if not message["alternatives"]:
+                    del message["alternatives"]
             else:
-                earlier = [*replaced.get("alternatives", []), replaced["content"]]
-                message["alternatives"] = earlier[-MAX_ALTERNATIVES:]
+                message["alternatives"] = every[-MAX_ALTERNATIVES:]
         self.messages.append(message)
 
     def set_responder_last_msg(self, text: str) -> None:
@@ -73,6 +78,20 @@ class ChatPrompt:
             self._replaced = self.messages.pop()
             return True
         return False
+
+    def select_version(self, index: int, version: int) -> None:
+        """Make answer ``version`` (see :func:`versions`) of the reply at ``index`` the one the conversation goes on from."""
+        if not (0 <= index < len(self.messages)) or self.messages[index]["role"] != "assistant":
+            raise IndexError(f"message {index} is not a reply of this conversation")
+        message = self.messages[index]
+        every = versions(message)
+        if not 0 <= version < len(every):
+            raise IndexError(f"reply {index} has {len(every)} answer(s); there is no answer {version}")
+        message["content"] = every[version]
+        message["alternatives"] = every[:version] + every[version + 1:]
+        message["version"] = version
+        if not message["alternatives"]:
+            del message["alternatives"], message["version"]
 
     def edit_user_message(self, index: int, text: str) -> None:
         """Replace the user message at ``index`` and drop everything after it (the conversation branches)."""
@@ -176,12 +195,22 @@ class ChatPrompt:
         return f"{type(self).__name__}(system={self.system!r}, turns={len(self.messages)})"
 
 
+def versions(message: dict[str, Any]) -> list[str]:
+    """Every answer of a reply, oldest first: ``alternatives`` with ``content`` at ``version`` (default: last)."""
+    alternatives = list(message.get("alternatives") or [])
+    version = message.get("version", len(alternatives))
+    return alternatives[:version] + [message["content"]] + alternatives[version:]
+
+
 def _copy_message(message: dict[str, Any]) -> dict[str, Any]:
-    """Role and content, plus the earlier answers of a regenerated reply when there are any."""
+    """Role and content, plus the other answers of a regenerated reply (and which one is used) if any."""
     copy: dict[str, Any] = {"role": message["role"], "content": message["content"]}
     alternatives = message.get("alternatives")
     if isinstance(alternatives, list) and alternatives and all(isinstance(a, str) for a in alternatives):
         copy["alternatives"] = alternatives[-MAX_ALTERNATIVES:]
+        version = message.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and 0 <= version < len(copy["alternatives"]):
+            copy["version"] = version  # the answer in use sits here among the others (absent: after them)
     return copy
 
 

@@ -94,7 +94,7 @@ function updateEmptyState() {
 }
 
 /** A message row; for the assistant, with a live Markdown view and helpers for the stream. */
-function createMessage(role, text = "", alternatives = []) {
+function createMessage(role, text = "", alternatives = [], version = alternatives.length) {
   const row = el("article", `msg msg-${role}`);
   const body = el("div", "msg-body");
   const bubble = el("div", "bubble");
@@ -112,9 +112,9 @@ function createMessage(role, text = "", alternatives = []) {
 
   const message = {
     row, role, text, content, bubble,
-    // A reply and the earlier answers it replaced (regenerate), oldest first; `shown` is on screen.
-    versions: [...alternatives, text],
-    shown: alternatives.length,
+    // Every answer of a reply (regenerate keeps them), oldest first; `shown` is on screen and in use.
+    versions: [...alternatives.slice(0, version), text, ...alternatives.slice(version)],
+    shown: version,
     stats: "",
     _frame: 0,
     setText(value) {
@@ -160,8 +160,8 @@ function createMessage(role, text = "", alternatives = []) {
   return message;
 }
 
-function addMessage(role, text, alternatives = []) {
-  const message = createMessage(role, text, alternatives);
+function addMessage(role, text, alternatives = [], version = alternatives.length) {
+  const message = createMessage(role, text, alternatives, version);
   thread.append(message.row);
   updateEmptyState();
   return message;
@@ -223,9 +223,22 @@ function pager(message) {
   position.setAttribute("aria-live", "polite");
   previous.disabled = message.shown === 0;
   next.disabled = message.shown === message.versions.length - 1;
-  const flip = (step) => {
-    message.shown += step;
-    message.text = message.versions[message.shown];
+  // The answer shown is the one the conversation goes on from: the server is told at once.
+  const flip = async (step) => {
+    if (current) return;
+    const version = message.shown + step;
+    const index = messages().indexOf(message.row);
+    previous.disabled = next.disabled = true;
+    const result = conversation.id
+      ? await api.updateConversation(conversation.id, { select: { message: index, version } }).catch(() => null)
+      : null;
+    if (!result || !result.ok) {
+      showNotice("Could not switch to that answer. Try again.", { kind: "warn" });
+      updateActions();
+      return;
+    }
+    message.shown = version;
+    message.text = message.versions[version];
     message.render();
     updateActions();
     message.row.querySelector(`[aria-label="${step < 0 ? "Previous" : "Next"} answer"]`)?.focus();
@@ -587,10 +600,10 @@ function keepVersions(reply, replaced) {
     reply.shown = 0;
     return;
   }
-  const earlier = replaced.versions.filter((v) => v);
-  const newest = earlier[earlier.length - 1];
-  reply.versions = newest === reply.text ? earlier : [...earlier, reply.text].slice(-11);
-  reply.shown = reply.versions.length - 1;
+  const earlier = replaced.versions;
+  const known = earlier.indexOf(reply.text);
+  reply.versions = known >= 0 ? earlier : [...earlier.slice(-10), reply.text];
+  reply.shown = known >= 0 ? known : reply.versions.length - 1;
 }
 
 function stop() {
@@ -719,7 +732,8 @@ async function showConversation(id) {
   for (const message of result.body.messages || []) {
     if ((message.role === "user" || message.role === "assistant") && typeof message.content === "string") {
       const alternatives = Array.isArray(message.alternatives) ? message.alternatives.filter((a) => typeof a === "string") : [];
-      addMessage(message.role, message.content, alternatives);
+      const version = Number.isInteger(message.version) && message.version <= alternatives.length ? message.version : alternatives.length;
+      addMessage(message.role, message.content, alternatives, version);
     }
   }
   updateEmptyState();
@@ -859,8 +873,8 @@ async function exportConversation(format) {
   let title = conversation.title;
   let messagesOut = messages().map((row) => {
     const message = row.chatMessage;
-    const out = { role: message.role, content: message.versions[message.versions.length - 1] ?? message.text };
-    if (message.role === "assistant" && message.versions.length > 1) out.alternatives = message.versions.slice(0, -1);
+    const out = { role: message.role, content: message.text };
+    if (message.role === "assistant" && message.versions.length > 1) out.alternatives = message.versions.filter((_, i) => i !== message.shown);
     return out;
   });
   if (conversation.id) {

@@ -5,12 +5,14 @@ Usable without the UI::
     GET    /conversations          -> {"conversations": [summary, ...] (newest first), "current": id|null, "limit": n}
     POST   /conversations          {"title"?, "settings"?}            -> 201 summary (it becomes current)
     GET    /conversations/{id}     -> summary + {"messages": [...]}
-    PATCH  /conversations/{id}     {"title"?, "settings"?, "current"?: true} -> summary
+    PATCH  /conversations/{id}     {"title"?, "settings"?, "current"?: true, "select"?: {"message", "version"}} -> summary
     DELETE /conversations/{id}     -> {"deleted": id, "current": id|null}
 
 A summary is ``{"id", "title", "created", "updated", "message_count", "settings"}``. Changes take
 the session lock, so they are refused (409 ``session_busy``) while a reply is being written in
 the session; an id this session does not hold, another user's included, is 404 and nothing more.
+``select`` picks which answer of a regenerated reply the conversation goes on from (``version``
+indexes the reply's answers oldest first: its ``alternatives`` with ``content`` at ``version``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .chat_stream import _session_of, chat_error_response
 from .json_body import BadJSON, parse_json_body, require_json
 
 _CREATE_FIELDS = {"title", "settings"}
-_PATCH_FIELDS = {"title", "settings", "current"}
+_PATCH_FIELDS = {"title", "settings", "current", "select"}
 
 
 def add_conversation_routes(app: Any, service: ChatService) -> None:
@@ -94,6 +96,7 @@ class _ConversationRoutes:
         title = book.parse_title(body["title"]) if "title" in body else None
         if "current" in body and body["current"] is not True:
             raise InvalidRequest("'current' can only be true (make this the current conversation)", param="current")
+        select = _parse_select(body["select"]) if "select" in body else None
         if session.is_new:
             raise book.ConversationNotFound(f"there is no conversation {conversation_id!r} in this session")
         async with session.lock(lease_s=self.service.lock_lease_s):
@@ -107,6 +110,14 @@ class _ConversationRoutes:
                 entry["settings"] = settings
             if body.get("current"):
                 data[book.CURRENT_KEY] = conversation_id
+            if select is not None:
+                stored = entry.get("chat_prompt")
+                prompt = self.service.chat_prompt_clazz.from_dict(stored if isinstance(stored, dict) else None)
+                try:
+                    prompt.select_version(*select)
+                except IndexError as exc:
+                    raise InvalidRequest(str(exc), param="select") from None
+                entry["chat_prompt"] = {**(stored or {}), **prompt.to_dict()}
             await session.save()
         return JSONResponse(book.summary(conversation_id, entry))
 
@@ -125,6 +136,19 @@ class _ConversationRoutes:
         limits = SamplingLimits(max_new_tokens=service.settings.max_new_tokens, vocab_size=service.vocab_size)
         return book.parse_settings(value, service.defaults, limits, service.settings.max_input_chars,
                                    current if isinstance(current, dict) else None)
+
+
+def _parse_select(value: Any) -> tuple[int, int]:
+    def index(name: str) -> int:
+        number = value.get(name) if isinstance(value, dict) else None
+        if not isinstance(number, int) or isinstance(number, bool) or not 0 <= number < 1 << 31:
+            raise InvalidRequest(f"'select.{name}' must be an integer from 0", param=f"select.{name}")
+        return number
+
+    if not isinstance(value, dict) or set(value) != {"message", "version"}:
+        raise InvalidRequest("'select' must be {\"message\": <index of a reply>, \"version\": <index of its answer>}",
+                             param="select")
+    return index("message"), index("version")
 
 
 async def _json_object(request: Request, fields: set[str], *, allow_empty: bool) -> dict[str, Any]:
