@@ -96,7 +96,7 @@ class LocalChat:
 
     async def reply(self, user_input: str | None) -> AsyncIterator[ReplyEvent]:
         turn = self.service.session_turn(self.session, self.service.defaults, user_input=user_input,
-                                         regenerate=user_input is None)
+                                         regenerate=user_input is None, face="console")
         try:
             await turn.start()
         except ChatError as exc:

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import threading
+import time
 from typing import Any, Sequence as Seq
 
 import torch
@@ -92,6 +93,8 @@ class LLMEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._broken: str | None = None
+        self.num_steps = 0  # for metrics: steps run and the time they took
+        self.step_seconds = 0.0
 
     # -- introspection (approximate when read while the worker runs) --
     @property
@@ -235,7 +238,10 @@ class LLMEngine:
             self._finish_all("cancelled")
             return False
         if self._scheduler.has_work:
+            started = time.perf_counter()
             self._step()
+            self.num_steps += 1
+            self.step_seconds += time.perf_counter() - started
         return True
 
     def _step(self) -> None:

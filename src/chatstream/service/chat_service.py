@@ -18,6 +18,7 @@ from ..admission import AdmissionQueue
 from ..conversation import ChatPrompt
 from ..engine import Engine, SamplingParams
 from ..errors import InvalidRequest, ModelNotReady, PromptTooLong
+from ..metrics import Metrics
 from ..model_loader import load_model, model_display_name
 from ..session import MemorySessionStore, Session, SessionStore
 from ..settings import Settings
@@ -76,6 +77,7 @@ class ChatService:
         self._turns: set[Turn] = set()
         self._render_slots: asyncio.Semaphore | None = None
         self._last_progress = time.monotonic()
+        self.metrics = Metrics(self)
         if settings.mock and engine is None:
             from ..engine.mock import MockEngine, MockTokenizer
 
@@ -353,6 +355,7 @@ class ChatService:
         regenerate: bool = False,
         request: Any = None,
         callback: Callback | None = None,
+        face: str = "chat_stream",
         conversation_id: str | None = None,
     ) -> Turn:
         """A turn of the conversation kept in ``session`` (``regenerate`` answers the last user turn again).
@@ -360,14 +363,14 @@ class ChatService:
         ``conversation_id`` picks one of the session's conversations (default: the current one).
         """
         turn = Turn(self, params, session=session, user_input=user_input, regenerate=regenerate,
-                    request=request, callback=callback)
+                    request=request, callback=callback, face=face)
         turn.conversation_id = conversation_id
         return turn
 
     def stateless_turn(self, messages: list[dict[str, str]], params: SamplingParams, *,
                        explicit_max_tokens: bool = True) -> Turn:
         """A turn over ``messages`` given whole (the OpenAI API): nothing is read or saved."""
-        return Turn(self, params, messages=messages, explicit_max_tokens=explicit_max_tokens)
+        return Turn(self, params, messages=messages, explicit_max_tokens=explicit_max_tokens, face="openai")
 
     def _turn_started(self, turn: Turn) -> None:
         self._turns.add(turn)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 from ..admission import Ticket
 from ..conversation import ChatPrompt
 from ..engine import GenerationStream, SamplingParams
-from ..errors import ConversationTooLong, InvalidRequest, NothingToRegenerate
+from ..errors import ChatError, ConversationTooLong, InvalidRequest, NothingToRegenerate
 from ..session import Session
 from .events import (
     DISCONNECTED_BEFORE_STREAMING,
@@ -60,6 +60,7 @@ class Turn:
         request: Any = None,
         callback: Callback | None = None,
         explicit_max_tokens: bool = True,
+        face: str = "chat_stream",
     ) -> None:
         if (session is None) == (messages is None):
             raise TypeError("a turn needs a session (stateful) or messages (stateless), not both")
@@ -72,6 +73,7 @@ class Turn:
         self.request = request
         self.callback = callback
         self.explicit_max_tokens = explicit_max_tokens  # stateless: False lets the reply shrink to fit
+        self.face = face  # which face runs it, for metrics
         self.message_id = uuid.uuid4().hex
         self.conversation_id: str | None = None  # which of the session's conversations (None: the current one)
         self.edit_index: int | None = None  # a user message that this turn's input replaces (the rest is dropped)
@@ -150,6 +152,8 @@ class Turn:
                 if isinstance(exc, asyncio.CancelledError):
                     self._accepted.cancel()
                     return  # start() was cancelled and re-raises for the face
+                if isinstance(exc, ChatError):
+                    self.service.metrics.refused.labels(self.face, exc.code).inc()
                 if not self._accepted.done():
                     self._accepted.set_exception(exc)
                 if not isinstance(exc, Exception):
@@ -161,6 +165,7 @@ class Turn:
         finally:
             if accepted:
                 self.service._turn_ended(self)
+                self.service.metrics.turns.labels(self.face, self.outcome or UNKNOWN_ERROR).inc()
                 await self._call_back()
                 self._events.put_nowait(None)
 
@@ -222,6 +227,8 @@ class Turn:
             return
         streaming = True
         started = time.monotonic()
+        metrics = self.service.metrics
+        metrics.queue_wait.observe(started - received)
         first_token_at: float | None = None
         loop = asyncio.get_running_loop()
         assert self.service.engine is not None
@@ -232,7 +239,9 @@ class Turn:
                     deadline.reschedule(loop.time() + settings.stall_timeout_s)
                     self.service.note_progress()
                     if output.text:
-                        first_token_at = first_token_at or time.monotonic()
+                        if first_token_at is None:
+                            first_token_at = time.monotonic()
+                            metrics.ttft.observe(first_token_at - started)
                         self._generated += output.text
                         self._events.put_nowait(Delta(output.text))
                     if not output.finished:
@@ -240,6 +249,10 @@ class Turn:
                     if output.finish_reason in ("stop", "length"):
                         self.outcome = SUCCESS
                         elapsed = time.monotonic() - (first_token_at or started)
+                        metrics.prompt_tokens.inc(output.prompt_tokens or self.prompt_tokens)
+                        metrics.generation_tokens.inc(output.completion_tokens)
+                        if output.completion_tokens > 1:
+                            metrics.tpot.observe(elapsed / (output.completion_tokens - 1))
                         self._events.put_nowait(Done(
                             finish_reason=output.finish_reason, message_id=self.message_id,
                             prompt_tokens=output.prompt_tokens or self.prompt_tokens,

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from ..service import ChatService
 from ..settings import Settings
+from ..metrics import MetricsMiddleware
 from .auth import AuthMiddleware
 from .chat_stream import ChatStream
 from .limits import BodyLimitMiddleware
@@ -45,7 +46,7 @@ def create_app(settings: Settings | None = None, service: ChatService | None = N
     chat_stream.append_apis(app)
     chat_stream.append_openai_apis(app)  # the key is checked for every route by AuthMiddleware
     chat_stream.append_ui(app)
-    # The last added runs first: Origin -> Auth -> BodyLimit -> Session -> routes. Auth comes before
+    # The last added runs first: Metrics -> Origin -> Auth -> BodyLimit -> Session -> routes. Auth comes before
     # the body limit so that no body of an unauthenticated client is ever buffered.
     chat_stream.append_middlewares(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None, service: ChatService | None = N
                            max_age_s=settings.auth_cookie_max_age_s)
     origins = [o.strip() for o in settings.allowed_origins.split(",") if o.strip()]
     app.add_middleware(OriginCheckMiddleware, allowed_origins=origins)
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # outermost: sees every answer
     return app
 
 

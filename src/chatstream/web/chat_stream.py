@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from ..conversation import ChatPrompt
 from ..engine import Engine, SamplingParams
 from ..errors import ChatError, ModelNotReady, QueueFull
+from ..metrics import CONTENT_TYPE
 from ..service import ChatService, Delta, Done, Failed, Queued, TurnEvent
 from ..service.conversations import check_id
 from ..service.sampling import SamplingLimits
@@ -179,13 +180,15 @@ class ChatStream:
         )
 
     def append_apis(self, app: Any) -> None:
-        """Add the default routes: /chat_stream, /clear_context, /history, /health, /health/live, /stats/loop_lag."""
+        """Add the default routes: /chat_stream, /clear_context, /history, /health, /health/live,
+        /stats/loop_lag and /metrics (Prometheus)."""
         app.add_route("/chat_stream", self.handle_chat_stream_request, methods=["POST"])
         app.add_route("/clear_context", self.handle_clear_context_request, methods=["POST"])
         app.add_route("/history", self.handle_history_request, methods=["GET"])
         app.add_route("/health", self.handle_health_request, methods=["GET"])
         app.add_route("/health/live", self.handle_liveness_request, methods=["GET"])
         app.add_route("/stats/loop_lag", self.handle_loop_lag_request, methods=["GET"])
+        app.add_route("/metrics", self.handle_metrics_request, methods=["GET"])
         self.append_conversation_apis(app)
 
     def append_openai_apis(self, app: Any, api_key: str | None = None) -> None:
@@ -268,6 +271,10 @@ class ChatStream:
         except ValueError:
             return error_response(400, "invalid_request", "'since' must be a unix time in seconds")
         return JSONResponse(self.loop_lag.summary(since))
+
+    async def handle_metrics_request(self, request: Request) -> Response:
+        """Prometheus text format."""
+        return Response(self.service.metrics.render(), media_type=CONTENT_TYPE)
 
     def _limits(self) -> SamplingLimits:
         return SamplingLimits(max_new_tokens=self.settings.max_new_tokens, vocab_size=self.service.vocab_size)
