@@ -29,7 +29,8 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+# Screenshots go to test-artifacts/; with CHATSTREAM_UPDATE_SCREENSHOTS=1 they replace the ones in docs/.
+DOCS = (Path(__file__).resolve().parent.parent / "docs") if os.environ.get("CHATSTREAM_UPDATE_SCREENSHOTS") else ARTIFACTS
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}: run `make browser`"
@@ -650,4 +651,5 @@ def test_code_is_highlighted_and_math_is_typeset(chat, new_page) -> None:
     assert page.locator("#thread a[href^='javascript'], #thread [href^='javascript']").count() == 0
     page.locator("#thread math").last.click()
     assert page.evaluate("window.__xss") is None
+    DOCS.mkdir(exist_ok=True)
     page.screenshot(path=str(DOCS / "ui-code-and-math.png"), animations="disabled")

@@ -201,7 +201,11 @@ function updateActions() {
         actions.append(actionButton("regenerate", "Regenerate", "Write this reply again",
           () => runTurn({ text: "", regenerate: true })));
       }
-      if (message.stats) actions.append(el("span", "stats", message.stats));
+      if (message.stats) {
+        const stats = el("span", "stats");
+        message.stats.split(" · ").forEach((part, i) => stats.append(...(i ? [" · "] : []), el("span", null, part)));
+        actions.append(stats); // each figure stays whole; a narrow screen wraps between them
+      }
     }
     row.querySelector(".msg-body").append(actions);
   });
