@@ -37,7 +37,10 @@ def _add_settings_options(parser: argparse.ArgumentParser, fields: set[str] | No
         default = "none" if field.default is None else field.default
         help_text = f"{field.description} (default: {default}; env {env})"
         kind = _scalar_type(field.annotation)
-        if kind is bool:
+        if typing.get_origin(kind) is list:  # repeatable: --engine-url A --engine-url B
+            parser.add_argument(flag, dest=name, action="append", default=None, metavar="URL" if "url" in name else "TEXT",
+                                help=f"{field.description} (env {env})")
+        elif kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             metavar = {int: "N", float: "X"}.get(kind, "TEXT")
@@ -130,6 +133,8 @@ def _serve(settings: Settings) -> int:
     from .web.server import build_uvicorn_config
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    if settings.log_level.lower() != "debug":
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per upstream call and health check is noise
     try:
         if not settings.mock and not getattr(settings, "engine_url", None):  # a remote engine needs no local model
             from .model_loader import check_model
@@ -142,7 +147,7 @@ def _serve(settings: Settings) -> int:
         return 2
     app = create_app(settings, service)
     print(f"chatstream: serving on http://{settings.host}:{settings.port}  "
-          f"(model: {'mock' if settings.mock else settings.model or 'embedded default'}, "
+          f"(model: {_engine_label(settings)}, "
           f"concurrency {settings.concurrency}, queue {settings.queue_size})", flush=True)
     config = build_uvicorn_config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
@@ -151,6 +156,12 @@ def _serve(settings: Settings) -> int:
     )
     DrainingServer(config, service).run()
     return 0
+
+
+def _engine_label(settings: Settings) -> str:
+    if settings.engine_url:
+        return "remote at " + ", ".join(settings.engine_url)
+    return "mock" if settings.mock else settings.model or "embedded default"
 
 
 def _chat(settings: Settings, args: argparse.Namespace) -> int:

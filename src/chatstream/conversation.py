@@ -150,6 +150,12 @@ class ChatPrompt:
                 )
             start += 1  # the estimate was short: drop one more turn
 
+    def kept_messages(self) -> list[dict[str, str]]:
+        """The messages the last :meth:`render_ids` kept: the system message and the turns from ``context_start``."""
+        turns = _group_turns(self.messages)
+        start = min(self.context_start, max(len(turns) - 1, 0))
+        return self._with_system([dict(m) for t in turns[start:] for m in t])
+
     def _earliest_start(self, turns: Sequence[Sequence[dict[str, str]]], budget: int) -> int:
         """The first turn from which the estimated size of the rest stays within ``budget``."""
         used = self._estimate(self._with_system([]))

@@ -6,12 +6,14 @@ and, for ``chatstream serve``, as ``--<name>`` (the CLI is generated from these 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated, Any
 
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -30,6 +32,13 @@ class Settings(BaseSettings):
     mock_token_delay: float = Field(0.03, ge=0.0, le=10.0, description="seconds between mock tokens")
     device: str = Field("cpu", description="torch device: cpu or cuda")
     kv_cache_mb: int | None = Field(None, ge=1, description="KV-cache memory budget in MiB (default: from free memory)")
+
+    # -- remote engines --
+    engine_url: Annotated[list[str], NoDecode] = Field(default_factory=list, description="generate on this OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, another chatstream) instead of a local model; repeat for several (env: comma-separated)")
+    engine_api_key: str | None = Field(None, description="API key sent to the --engine-url servers")
+    engine_model: str | None = Field(None, description="model name sent to the --engine-url servers (none: the first id of each one's /v1/models)")
+    engine_health_interval_s: float = Field(5.0, gt=0, le=3600, description="seconds between health checks of the --engine-url servers")
+    tokenizer: str | None = Field(None, description="with --engine-url: a local Hugging Face folder or .gguf file whose tokenizer counts tokens for truncation (none: the upstream's /tokenize, else an estimate)")
 
     # -- load control --
     concurrency: int = Field(2, ge=1, le=1024, description="generations that run at once (the seed API's num_of_concurrent_executions)")
@@ -78,6 +87,22 @@ class Settings(BaseSettings):
                 raise ValueError(f"not an origin: {origin!r} (expected e.g. https://chat.example.com)")
         return value
 
+    @field_validator("engine_url", mode="before")
+    @classmethod
+    def _engine_urls_parse(cls, value: Any) -> Any:
+        if isinstance(value, str):  # from the environment: a JSON list or comma-separated
+            value = json.loads(value) if value.strip().startswith("[") else [u for u in value.split(",") if u.strip()]
+        return value
+
+    @field_validator("engine_url")
+    @classmethod
+    def _engine_urls_check(cls, value: list[str]) -> list[str]:
+        for url in value:
+            parts = urlsplit(url.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"not an http(s) URL: {url!r} (expected e.g. http://127.0.0.1:8001)")
+        return [url.strip() for url in value]
+
     @property
     def resolved_data_dir(self) -> Path:
         from .session.data_dir import default_data_dir
@@ -88,4 +113,8 @@ class Settings(BaseSettings):
     def _reply_fits_context(self) -> "Settings":
         if self.context_len is not None and self.max_new_tokens >= self.context_len:
             raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be smaller than context_len ({self.context_len})")
+        if self.engine_url and (self.mock or self.model):
+            raise ValueError("--engine-url generates on other servers: it excludes --mock and --model")
+        if self.tokenizer and not self.engine_url:
+            raise ValueError("--tokenizer is for --engine-url (a local model brings its own tokenizer)")
         return self

@@ -156,6 +156,8 @@ class LLMEngine:
         prompt_token_ids: Seq[int],
         params: SamplingParams,
         request_id: str | None = None,
+        *,
+        messages: Seq[dict[str, str]] | None = None,  # the prompt is in the ids; kept for the protocol
     ) -> RequestStream:
         seq: Sequence | None = None  # bound below; the cancel callback only fires later
         stream = RequestStream(asyncio.get_running_loop(), lambda _: self._request_cancel(seq), request_id)

@@ -74,7 +74,8 @@ class MockEngine:
             task.cancel()
 
     def generate(
-        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
+        *, messages: Sequence[dict[str, str]] | None = None,
     ) -> RequestStream:
         loop = asyncio.get_running_loop()
         stream = RequestStream(loop, self._cancel, request_id)

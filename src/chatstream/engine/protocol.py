@@ -8,8 +8,9 @@ an engine is free to batch them.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import AsyncIterator, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, AsyncIterator, Literal, Protocol, Sequence, runtime_checkable
 
 from .sampling_params import SamplingParams
 
@@ -74,6 +75,30 @@ class Engine(Protocol):
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         request_id: str | None = None,
+        *,
+        messages: Sequence[dict[str, str]] | None = None,
     ) -> GenerationStream:
-        """Submit one request. Must be called on the event loop; never blocks it."""
+        """Submit one request. Must be called on the event loop; never blocks it.
+
+        ``messages`` are the ``{"role", "content"}`` turns the prompt was rendered from (system
+        message and the turns kept in the context). Local engines generate from the token ids and
+        ignore them; a remote engine sends them to its upstream, which renders its own prompt.
+        """
         ...
+
+
+def accepts_messages(engine: Any) -> bool:
+    """True if ``engine.generate`` takes ``messages=``; engines written before it was added do not."""
+    engine_type = type(engine)
+    known = _ACCEPTS_MESSAGES.get(engine_type)
+    if known is None:
+        try:
+            parameters = inspect.signature(engine_type.generate).parameters
+            known = "messages" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+        except (AttributeError, TypeError, ValueError):
+            known = False
+        _ACCEPTS_MESSAGES[engine_type] = known
+    return known
+
+
+_ACCEPTS_MESSAGES: dict[type, bool] = {}

@@ -40,7 +40,8 @@ class ChatService:
 
     Give a loaded ``model`` and ``tokenizer``, or an ``engine`` (and its tokenizer), or neither to
     load ``settings.model`` (default: the embedded model) in the background on :meth:`start`.
-    ``settings.mock`` streams canned text without a model.
+    ``settings.mock`` streams canned text without a model; ``settings.engine_url`` generates on
+    OpenAI-compatible servers elsewhere (:class:`~chatstream.engine.remote.RemoteEngine`).
     """
 
     def __init__(
@@ -67,7 +68,9 @@ class ChatService:
             top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
         )
         # A session lock is a lease renewed while the turn runs: a crashed holder frees it this fast.
-        self.lock_lease_s = 15.0
+        self.lock_lease_s = 5.0
+        # How often a streaming reply is saved as it goes (what a killed process can lose at most).
+        self.checkpoint_interval_s = 0.5
         self.tokenizer: Any = tokenizer
         self.engine: Engine | None = engine
         self.model_name = model_name or model_display_name(settings.model)
@@ -84,8 +87,13 @@ class ChatService:
             self.tokenizer = tokenizer or MockTokenizer()
             self.engine = MockEngine(self.tokenizer, token_delay=settings.mock_token_delay)
             self.model_name = model_name or "mock"
+        elif settings.engine_url and engine is None:
+            self._attach_remote(tokenizer)
+            self.model_name = model_name or settings.engine_model or "remote"
         elif engine is None and model is not None:
             self._attach(model, tokenizer)
+        # With a remote engine and no name given, the name is the upstream's, known once it answers.
+        self._name_from_engine = model_name is None and bool(settings.engine_url)
         self._settle_context_len()
 
     @classmethod
@@ -112,6 +120,18 @@ class ChatService:
             kv_cache_memory_bytes=kv_mb * 2**20 if kv_mb else None,
         )
 
+    def _attach_remote(self, tokenizer: Any) -> None:
+        from ..engine.remote import RemoteEngine
+        from ..engine.remote_tokenizer import RemoteTokenizer, describe_counting, load_local_tokenizer
+
+        settings = self.settings
+        engine = RemoteEngine.from_settings(settings)
+        self.engine = engine
+        self.tokenizer = tokenizer or (load_local_tokenizer(settings.tokenizer) if settings.tokenizer
+                                       else RemoteTokenizer(engine))
+        logger.info("generating on %s; truncation counts tokens with %s", ", ".join(settings.engine_url),
+                    describe_counting(self.tokenizer, settings.tokenizer))
+
     @property
     def context_len(self) -> int:
         """Prompt + reply token budget (settled once the engine is known)."""
@@ -127,7 +147,9 @@ class ChatService:
         if isinstance(blocks, int) and isinstance(block_size, int):
             known.append(blocks * block_size)
         limits = [n for n in known if isinstance(n, int) and not isinstance(n, bool) and n > 0]
-        context_len = min(limits) if limits else FALLBACK_CONTEXT_LEN
+        # Nothing known: the mock's sane number, or for a remote engine the old default (set
+        # --context-len to the upstream's own).
+        context_len = min(limits) if limits else FALLBACK_CONTEXT_LEN if self.settings.mock else 1024
         update: dict[str, Any] = {"context_len": context_len}
         if self.settings.max_new_tokens >= context_len:  # a tiny KV budget: leave room for a prompt
             update["max_new_tokens"] = max(1, context_len // 2)
@@ -153,6 +175,8 @@ class ChatService:
             self._load_task = asyncio.get_running_loop().create_task(self._load())
         if self.engine is not None:
             await self.engine.start()
+            if self._name_from_engine:
+                self.model_name = getattr(self.engine, "served_model", None) or self.model_name
 
     async def wait_ready(self) -> bool:
         """Wait for the background load; True if the engine is ready."""
@@ -236,6 +260,9 @@ class ChatService:
         }
         if self.load_error or self.engine_error:
             body["error"] = self.load_error or self.engine_error
+        upstreams = getattr(self.engine, "upstreams", None)
+        if upstreams is not None:  # a remote engine: each upstream's state
+            body["upstreams"] = [upstream.state() for upstream in upstreams]
         return body
 
     # -- limits --
@@ -300,6 +327,15 @@ class ChatService:
         target = conversations.resolve(data, conversation_id, create=True) or ""
         conversations.store_chat_prompt(data, target, chat_prompt.to_dict())
         session.get_session()[CONVERSATION_KEY] = chat_prompt  # what the seed API's callback reads
+        await session.save()
+
+    async def save_conversation_data(self, session: Session, data: dict[str, Any],
+                                     conversation_id: str | None = None) -> None:
+        """Save a conversation given as plain data (a checkpoint of a reply in progress)."""
+        stored = await session.load()
+        conversations.migrate(stored)
+        target = conversations.resolve(stored, conversation_id, create=True) or ""
+        conversations.store_chat_prompt(stored, target, data)
         await session.save()
 
     async def peek_conversation(self, session: Session, conversation_id: str | None = None) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 from ..admission import Ticket
 from ..conversation import ChatPrompt
 from ..engine import GenerationStream, SamplingParams
+from ..engine.protocol import accepts_messages
 from ..errors import ChatError, ConversationTooLong, InvalidRequest, NothingToRegenerate
 from ..session import Session
 from .events import (
@@ -80,6 +81,7 @@ class Turn:
         self.outcome: str | None = None
         self.prompt_ids: list[int] = []
         self.prompt_tokens = 0
+        self.prompt_messages: list[dict[str, str]] = []  # what the prompt was rendered from
         self._events: asyncio.Queue[TurnEvent | None] = asyncio.Queue()
         self._accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._task: asyncio.Task[None] | None = None
@@ -134,17 +136,23 @@ class Turn:
             async with self._session_lock():
                 chat_prompt, previous = await self._apply()
                 self.prompt_ids = await self._render(chat_prompt)
+                self.prompt_messages = chat_prompt.kept_messages() if chat_prompt is not None else list(self.messages or [])
                 self.prompt_tokens = len(self.prompt_ids)
                 self.service.check_ready()
                 ticket = self.service.admission.try_enter()
                 accepted = True
                 self._accepted.set_result(None)
                 self.service._turn_started(self)
+                loop = asyncio.get_running_loop()
+                checkpoints = loop.create_task(self._checkpoint(chat_prompt)) if chat_prompt is not None else None
                 try:
-                    self._generation = asyncio.get_running_loop().create_task(self._generate(ticket))
+                    self._generation = loop.create_task(self._generate(ticket))
                     await asyncio.wait({self._generation})
                 finally:
                     ticket.release()
+                    if checkpoints is not None:
+                        checkpoints.cancel()
+                        await asyncio.wait({checkpoints})
                     if chat_prompt is not None:
                         await self._commit(chat_prompt, previous)
         except BaseException as exc:
@@ -232,7 +240,9 @@ class Turn:
         first_token_at: float | None = None
         loop = asyncio.get_running_loop()
         assert self.service.engine is not None
-        self._stream = stream = self.service.engine.generate(self.prompt_ids, self.params, request_id=self.message_id)
+        engine = self.service.engine
+        extra = {"messages": self.prompt_messages} if accepts_messages(engine) else {}  # a remote engine sends them
+        self._stream = stream = engine.generate(self.prompt_ids, self.params, request_id=self.message_id, **extra)
         try:
             async with asyncio.timeout(settings.stall_timeout_s) as deadline:
                 async for output in stream:
@@ -285,6 +295,26 @@ class Turn:
     def _fail(self, failure: Failed) -> None:
         self.outcome = UNKNOWN_ERROR
         self._events.put_nowait(failure)
+
+    async def _checkpoint(self, chat_prompt: ChatPrompt) -> None:
+        """Save the reply as sent so far every ``checkpoint_interval_s`` while it streams.
+
+        If this process dies mid-reply (killed, crashed), the conversation in the store still
+        holds the reply up to the last checkpoint, and the session lock's lease frees the session.
+        """
+        assert self.session is not None
+        saved = ""
+        while True:
+            await asyncio.sleep(self.service.checkpoint_interval_s)
+            if self._sent == saved:
+                continue
+            saved = self._sent
+            data = chat_prompt.to_dict()
+            data["messages"].append({"role": "assistant", "content": saved})
+            try:
+                await self.service.save_conversation_data(self.session, data, self.conversation_id)
+            except Exception:
+                logger.exception("saving a checkpoint of the reply failed")
 
     async def _commit(self, chat_prompt: ChatPrompt, previous: str | None) -> None:
         """Write the reply into the history and save; exactly what the client was sent if it left."""

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``.
+"""The OpenAI-compatible routes: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``,
+and vLLM's ``POST /tokenize`` (so that a chatstream in front of this one counts tokens exactly).
 
 Stateless (the conversation comes in ``messages``; no session is read or written) and under the
 same load control as ``/chat_stream``: one :class:`ChatService`, so one admission queue and one
@@ -42,6 +43,7 @@ def add_openai_routes(app: Any, service: Any, api_key: str | None = None) -> Non
     app.add_route("/v1/chat/completions", api.handle_chat_completions, methods=["POST"])
     app.add_route("/v1/models", api.handle_models, methods=["GET"])
     app.add_route("/v1/models/{model:path}", api.handle_model, methods=["GET"])
+    app.add_route("/tokenize", api.handle_tokenize, methods=["POST"])
     # Anything else under /v1 (e.g. /v1/completions, /v1/embeddings) is OpenAI's 404, in its envelope.
     app.add_route("/v1/{rest:path}", api.handle_unknown,
                   methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
@@ -77,6 +79,31 @@ class OpenAIRoutes:
         except OpenAIError as exc:
             return exc.response()
         return JSONResponse({**self._model_card(), "id": request.path_params["model"]})
+
+    async def handle_tokenize(self, request: Request) -> Response:
+        """vLLM's ``POST /tokenize``: ``{"prompt": text}`` -> ``{"tokens": [...], "count": n, "max_model_len": n}``."""
+        try:
+            self._authorize(request)
+            body = await _read_body(request)
+            try:
+                data = json.loads(body)
+            except ValueError:
+                raise OpenAIError(400, "The body is not valid JSON.", code="invalid_json") from None
+            prompt = data.get("prompt") if isinstance(data, dict) else None
+            if not isinstance(prompt, str):
+                raise OpenAIError(400, "`prompt` must be a string.", param="prompt", code="invalid_value")
+            self._check_model(data.get("model"), param="model")
+            if self.service.tokenizer is None:
+                raise OpenAIError(503, "The model is still loading; retry shortly.", type="server_error",
+                                  code="model_loading", headers={"Retry-After": "5"})
+            special = data.get("add_special_tokens", False) is True
+            tokens = await self.service.run_bounded(
+                lambda: list(self.service.tokenizer.encode(prompt, add_special_tokens=special)))
+        except OpenAIError as exc:
+            return exc.response()
+        except ClientDisconnect:
+            return Response(status_code=400)
+        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": self.service.context_len})
 
     async def handle_chat_completions(self, request: Request) -> Any:
         service = self.service

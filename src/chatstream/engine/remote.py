@@ -1,0 +1,455 @@
+"""An engine that generates on other servers: any OpenAI-compatible upstream, one or several.
+
+chatstream keeps what is its own (sessions, the queue with positions, the seed API and its
+callbacks, the UI) and sends each turn's messages to ``/v1/chat/completions`` of an upstream
+(vLLM, SGLang, TGI, llama.cpp's server, ``transformers serve``, another chatstream), streaming.
+Multi-GPU and multi-node generation is the upstream's job.
+
+With several upstreams a request goes to the healthy one with the fewest outstanding requests.
+An upstream that fails before a reply began (connection refused or reset, a 5xx) is ejected for
+a backoff period and the request is retried on another one; a failure after text was streamed
+cannot be retried (the client has seen it), so the stream ends with an error and the Turn saves
+the partial reply. Cancelling a stream closes the upstream connection at once, which is how an
+OpenAI-compatible server learns the client left and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import httpx
+
+from .protocol import GenerationOutput
+from .sampling_params import SamplingParams
+from .stream import RequestStream
+
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+logger = logging.getLogger("chatstream")
+
+# Fields that are not OpenAI's but that vLLM, SGLang and llama.cpp's server accept.
+_EXTENSIONS = ("top_k", "repetition_penalty")
+
+
+@dataclass
+class Upstream:
+    """One upstream server and what the router knows about it."""
+
+    url: str
+    healthy: bool = False
+    outstanding: int = 0
+    failures: int = 0  # requests that failed on it, in all
+    model: str | None = None  # the first id of its /v1/models
+    tokenize: str | None = None  # "vllm", "llama.cpp" or "none" once probed: how to count tokens there
+    extensions: bool = True  # whether it takes top_k and repetition_penalty
+    last_error: str | None = None
+    _consecutive: int = 0
+    _ejected_until: float = 0.0
+    _picked: int = 0
+
+    def available(self, now: float) -> bool:
+        return self.healthy and now >= self._ejected_until
+
+    def state(self) -> dict[str, Any]:
+        return {"url": self.url, "healthy": self.healthy, "outstanding": self.outstanding,
+                "failures": self.failures, "model": self.model, "last_error": self.last_error}
+
+
+class _Retryable(Exception):
+    """The upstream failed before anything was streamed: another upstream may take the request."""
+
+
+class _Refused(Exception):
+    """The upstream answered with a client error: retrying elsewhere would not help."""
+
+
+@dataclass
+class _Progress:
+    deltas: int = 0
+    finish_reason: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+class RemoteEngine:
+    """The Engine protocol over OpenAI-compatible upstream servers.
+
+    ``urls`` are the upstreams' base URLs (``http://host:8001``; a trailing ``/v1`` is accepted).
+    ``model`` is the model name sent to them (default: each upstream's first ``/v1/models`` id).
+    ``api_key`` is sent as ``Authorization: Bearer``. Health is checked every
+    ``health_interval_s`` (``GET /health``, or ``/v1/models`` where there is none).
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        health_interval_s: float = 5.0,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float | None = 300.0,
+        backoff_s: float = 2.0,
+        max_backoff_s: float = 60.0,
+    ) -> None:
+        if not urls:
+            raise ValueError("a remote engine needs at least one upstream URL")
+        self._upstreams = [Upstream(_base_url(url)) for url in urls]
+        self.model = model
+        self.api_key = api_key
+        self.health_interval_s = health_interval_s
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._timeout = httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=30.0, pool=None)
+        self._client: httpx.AsyncClient | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._picks = 0
+        self._starting: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "RemoteEngine":
+        return cls(settings.engine_url, model=settings.engine_model, api_key=settings.engine_api_key,
+                   health_interval_s=settings.engine_health_interval_s, read_timeout_s=settings.stall_timeout_s)
+
+    # -- state --
+    @property
+    def ready(self) -> bool:
+        """True when at least one upstream is healthy."""
+        return any(u.healthy for u in self._upstreams)
+
+    @property
+    def upstreams(self) -> list[Upstream]:
+        """Each upstream's live state (``url``, ``healthy``, ``outstanding``, ``failures``), for health and metrics."""
+        return list(self._upstreams)
+
+    @property
+    def served_model(self) -> str | None:
+        """The model name to show: the configured one, else the first upstream's."""
+        return self.model or next((u.model for u in self._upstreams if u.model), None)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._tasks)
+
+    def tokenize_upstream(self) -> Upstream | None:
+        """A healthy upstream to count tokens on (for :class:`RemoteTokenizer`)."""
+        return next((u for u in self._upstreams if u.healthy), None)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    # -- lifecycle --
+    async def start(self) -> None:
+        """Check every upstream once (so ``ready`` means something), then keep checking.
+
+        Idempotent; a call made while the first check runs waits for it.
+        """
+        if self._starting is None:
+            self._starting = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(self._starting)
+
+    async def _start(self) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=self._timeout, headers=self.headers,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+        await self._probe_all()
+        for u in self._upstreams:
+            logger.info("upstream %s: %s, model %s, token counting: %s", u.url,
+                        "healthy" if u.healthy else f"not healthy ({u.last_error})", u.model or "-",
+                        _TOKENIZE_LABELS.get(u.tokenize or "", "unknown yet"))
+        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=5)
+        if self._health_task is not None:
+            self._health_task.cancel()
+        if self._client is not None:
+            await self._client.aclose()
+        self._starting = None
+
+    # -- requests --
+    def generate(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        *,
+        messages: Sequence[dict[str, str]] | None = None,
+    ) -> RequestStream:
+        """Stream one reply from an upstream. ``messages`` is what is sent; the ids only give the count."""
+        loop = asyncio.get_running_loop()
+        stream = RequestStream(loop, self._cancel, request_id)
+        prompt_tokens = len(prompt_token_ids)
+        if messages is None:
+            stream.put_nowait(_final("error", prompt_tokens, 0, "a remote engine needs the messages, not only token ids"))
+            return stream
+        task = loop.create_task(self._run(stream, [dict(m) for m in messages], params, prompt_tokens))
+        self._tasks[stream.request_id] = task
+
+        def done(_task: asyncio.Task[None]) -> None:
+            self._tasks.pop(stream.request_id, None)
+            # Cancelled before its first step, the task never ran its body: end the stream here.
+            stream.put_nowait(_final("cancelled", prompt_tokens, 0))
+
+        task.add_done_callback(done)
+        return stream
+
+    def _cancel(self, request_id: str) -> None:
+        task = self._tasks.get(request_id)
+        if task is not None:
+            task.cancel()  # leaving `client.stream(...)` closes the upstream connection
+
+    async def _run(self, stream: RequestStream, messages: list[dict[str, str]], params: SamplingParams,
+                   prompt_tokens: int) -> None:
+        await self.start()
+        progress = _Progress()
+        tried: set[int] = set()
+        last_error = "no upstream is healthy"
+        try:
+            while True:
+                upstream = self._pick(tried)
+                if upstream is None:
+                    stream.put_nowait(_final("error", prompt_tokens, 0, f"no upstream engine could take the request: {last_error}"))
+                    return
+                tried.add(id(upstream))
+                try:
+                    await self._stream_from(upstream, stream, messages, params, progress)
+                except _Retryable as exc:
+                    last_error = f"{upstream.url}: {exc}"
+                    self._eject(upstream, str(exc))
+                    if progress.deltas:  # the client has seen text: a retry would repeat it
+                        stream.put_nowait(_final("error", prompt_tokens, progress.deltas,
+                                                 f"the upstream engine failed mid-reply ({last_error})"))
+                        return
+                    logger.warning("upstream %s failed before replying (%s); retrying elsewhere", upstream.url, exc)
+                    continue
+                except _Refused as exc:
+                    stream.put_nowait(_final("error", prompt_tokens, 0, f"the upstream engine refused the request: {exc}"))
+                    return
+                upstream._consecutive = 0
+                usage = progress.usage
+                reason = "length" if progress.finish_reason == "length" else "stop"
+                stream.put_nowait(_final(reason, int(usage.get("prompt_tokens") or prompt_tokens),
+                                         int(usage.get("completion_tokens") or progress.deltas)))
+                return
+        except asyncio.CancelledError:
+            stream.put_nowait(_final("cancelled", prompt_tokens, progress.deltas))
+
+    async def _stream_from(self, upstream: Upstream, stream: RequestStream, messages: list[dict[str, str]],
+                           params: SamplingParams, progress: _Progress) -> None:
+        assert self._client is not None
+        upstream.outstanding += 1
+        try:
+            while True:
+                body = self._request_body(upstream, messages, params)
+                try:
+                    async with self._client.stream("POST", upstream.url + "/v1/chat/completions", json=body) as response:
+                        if response.status_code >= 500:
+                            raise _Retryable(f"HTTP {response.status_code}: {await _error_text(response)}")
+                        if response.status_code >= 400:
+                            text = await _error_text(response)
+                            if upstream.extensions and _rejects_extensions(response.status_code, text, body):
+                                upstream.extensions = False  # e.g. transformers serve: 422 on unknown fields
+                                logger.info("upstream %s does not take %s: sending OpenAI fields only",
+                                            upstream.url, ", ".join(_EXTENSIONS))
+                                continue
+                            raise _Refused(f"HTTP {response.status_code}: {text}")
+                        await self._read_events(response, stream, progress)
+                except httpx.HTTPError as exc:  # connect error, reset, read timeout, broken chunking
+                    raise _Retryable(_describe(exc)) from None
+                if progress.finish_reason is None:
+                    raise _Retryable("the stream ended before the reply did")
+                return
+        finally:
+            upstream.outstanding -= 1
+
+    async def _read_events(self, response: httpx.Response, stream: RequestStream, progress: _Progress) -> None:
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank lines, comments (chatstream's ": queued" lines), event names
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise _Retryable(f"not JSON in the stream: {data[:200]!r}") from None
+            if not isinstance(chunk, dict):
+                continue
+            if "error" in chunk:  # an error event in the stream (vLLM, chatstream)
+                error = chunk["error"]
+                message = error.get("message") if isinstance(error, dict) else error
+                raise _Retryable(f"error in the stream: {message}")
+            if isinstance(chunk.get("usage"), dict):
+                progress.usage = chunk["usage"]
+            for choice in chunk.get("choices") or ():
+                text = (choice.get("delta") or {}).get("content")
+                if text:
+                    progress.deltas += 1
+                    stream.put_nowait(GenerationOutput(text=text))
+                if choice.get("finish_reason"):
+                    progress.finish_reason = choice["finish_reason"]
+
+    def _request_body(self, upstream: Upstream, messages: list[dict[str, str]], params: SamplingParams) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "messages": messages, "stream": True, "stream_options": {"include_usage": True},
+            "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+        }
+        model = self.model or upstream.model
+        if model:
+            body["model"] = model
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if upstream.extensions:  # sent only when they change something
+            if params.top_k:
+                body["top_k"] = params.top_k
+            if params.repetition_penalty != 1.0:
+                body["repetition_penalty"] = params.repetition_penalty
+        return body
+
+    # -- routing and health --
+    def _pick(self, tried: set[int]) -> Upstream | None:
+        """The least loaded available upstream not tried yet (ties: the least recently picked)."""
+        now = time.monotonic()
+        fresh = [u for u in self._upstreams if id(u) not in tried]
+        candidates = [u for u in fresh if u.available(now)] or [u for u in fresh if now >= u._ejected_until]
+        if not candidates:
+            return None
+        upstream = min(candidates, key=lambda u: (u.outstanding, u._picked))
+        self._picks += 1
+        upstream._picked = self._picks
+        return upstream
+
+    def _eject(self, upstream: Upstream, reason: str) -> None:
+        upstream.failures += 1
+        upstream._consecutive += 1
+        upstream.healthy = False
+        upstream.last_error = reason
+        backoff = min(self.backoff_s * 2 ** (upstream._consecutive - 1), self.max_backoff_s)
+        upstream._ejected_until = time.monotonic() + backoff
+        logger.warning("upstream %s ejected for %.0f s: %s", upstream.url, backoff, reason)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            try:
+                await self._probe_all()
+            except Exception:  # a probe must never end the loop
+                logger.exception("checking the upstreams failed")
+
+    async def _probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(u) for u in self._upstreams))
+
+    async def _probe(self, upstream: Upstream) -> None:
+        assert self._client is not None
+        timeout = httpx.Timeout(5.0)
+        try:
+            response = await self._client.get(upstream.url + "/health", timeout=timeout)
+            healthy = response.status_code == 200
+            if response.status_code == 404:  # no /health (e.g. OpenAI itself): a model list will do
+                healthy = (await self._client.get(upstream.url + "/v1/models", timeout=timeout)).status_code == 200
+            if healthy and upstream.model is None:
+                upstream.model = await self._first_model(upstream, timeout)
+            if healthy and upstream.tokenize is None:
+                upstream.tokenize = await self._tokenize_style(upstream, timeout)
+            error = None if healthy else f"health check: HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            healthy, error = False, f"health check: {_describe(exc)}"
+        if healthy != upstream.healthy:
+            logger.log(logging.INFO if healthy else logging.WARNING, "upstream %s is %s", upstream.url,
+                       "healthy" if healthy else f"not healthy ({error})")
+        upstream.healthy = healthy
+        if error:
+            upstream.last_error = error
+
+    async def _first_model(self, upstream: Upstream, timeout: httpx.Timeout) -> str | None:
+        assert self._client is not None
+        response = await self._client.get(upstream.url + "/v1/models", timeout=timeout)
+        try:
+            data = response.json().get("data") or []
+            return str(data[0]["id"]) if data else None
+        except (ValueError, AttributeError, KeyError, TypeError):
+            return None
+
+    async def _tokenize_style(self, upstream: Upstream, timeout: httpx.Timeout) -> str:
+        """Which ``/tokenize`` the upstream speaks: vLLM's (also chatstream's), llama.cpp's, or none."""
+        assert self._client is not None
+        model = self.model or upstream.model
+        for style in ("vllm", "llama.cpp"):
+            body = tokenize_body(style, "hello", model)
+            response = await self._client.post(upstream.url + "/tokenize", json=body, timeout=timeout)
+            if response.status_code in (404, 405):
+                return "none"
+            if response.status_code == 200 and tokens_of(response):  # "hello" is never zero tokens
+                return style
+        return "none"
+
+
+_TOKENIZE_LABELS = {"vllm": "the upstream's /tokenize", "llama.cpp": "the upstream's /tokenize (llama.cpp)",
+                    "none": "an estimate (the upstream has no /tokenize)"}
+
+
+def tokenize_body(style: str, text: str, model: str | None) -> dict[str, Any]:
+    """The body of a ``POST /tokenize`` in the upstream's dialect."""
+    if style == "llama.cpp":
+        return {"content": text, "add_special": False}
+    body: dict[str, Any] = {"prompt": text, "add_special_tokens": False}
+    if model:
+        body["model"] = model
+    return body
+
+
+def tokens_of(response: httpx.Response) -> list[int] | None:
+    try:
+        tokens = response.json().get("tokens")
+    except (ValueError, AttributeError):
+        return None
+    return tokens if isinstance(tokens, list) else None
+
+
+def _base_url(url: str) -> str:
+    return url.strip().rstrip("/").removesuffix("/v1")
+
+
+def _rejects_extensions(status: int, text: str, body: dict[str, Any]) -> bool:
+    return status in (400, 422) and any(name in body and name in text for name in _EXTENSIONS)
+
+
+async def _error_text(response: httpx.Response) -> str:
+    """The upstream's error message, bounded (it is logged and shown to the client)."""
+    raw = b""
+    async for chunk in response.aiter_bytes():
+        raw += chunk
+        if len(raw) > 4096:
+            break
+    text = raw[:4096].decode("utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text.strip()[:500]
+    error = data.get("error", data.get("detail")) if isinstance(data, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message")
+    return str(error if error is not None else text)[:500]
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _final(reason: str, prompt_tokens: int, completion_tokens: int, error: str | None = None) -> GenerationOutput:
+    return GenerationOutput(text="", finished=True, finish_reason=reason,  # type: ignore[arg-type]
+                            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=error)
