@@ -98,7 +98,8 @@ def test_regenerate_replaces_the_last_reply(recorder):
     assert r.status_code == 200
     after = history(recorder.client)
     assert after[:3] == before[:3]
-    assert len(after) == 4 and after[3] == {"role": "assistant", "content": deltas(r)}
+    assert len(after) == 4 and after[3]["content"] == deltas(r)
+    assert after[3]["alternatives"] == [before[3]["content"]]  # the earlier answer is kept, not shown to the model
 
 
 def test_regenerate_on_empty_history_is_refused_and_changes_nothing(recorder):

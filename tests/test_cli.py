@@ -88,26 +88,26 @@ def test_bad_environment_value_is_a_clear_error():
     assert "concurrency" in proc.stderr
 
 
-def test_missing_model_is_reported_by_health(tmp_path):
-    port = free_port()
-    proc = start(["--model", str(tmp_path / "nope"), "--port", str(port)])
+@pytest.mark.parametrize("model", ["/typo.gguf", "nope/", "not_an_installed_package", "{tmp}/model.bin", "{tmp}"])
+def test_serve_refuses_a_model_that_is_not_there(tmp_path, model):
+    (tmp_path / "model.bin").write_bytes(b"x")
+    model = model.format(tmp=tmp_path)
+    proc = subprocess.run([CHATSTREAM, "serve", "--model", model, "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2  # at once: not a server that answers 503 forever
+    assert proc.stderr.startswith("chatstream: error: ")
+    assert any(reason in proc.stderr for reason in ("No model at", "not a Hugging Face model folder", "neither a model folder"))
+
+
+def test_a_model_can_be_named_by_its_installed_package():
+    from chatstream.model_loader import DEFAULT_MODEL_PACKAGE, check_model, default_model_path, model_display_name
+
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                r = httpx.get(f"{url}/health")
-                if r.json()["status"] == "error":
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        assert r.status_code == 503 and "No model at" in r.json()["error"]
-        r = httpx.post(f"{url}/chat_stream", json={"user_input": "hi"})
-        assert r.status_code == 503 and r.json()["error"] == "model_unavailable"
-    finally:
-        stop(proc)
+        expected = default_model_path()
+    except FileNotFoundError:
+        pytest.skip("the embedded default model is not installed")
+    assert check_model(DEFAULT_MODEL_PACKAGE) == expected
+    assert model_display_name(DEFAULT_MODEL_PACKAGE) == "SmolLM2-135M-Instruct"
 
 
 def test_serve_the_embedded_model_health_then_chat():

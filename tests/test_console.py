@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -17,6 +18,13 @@ from chatstream import ChatStream, MemorySessionStore
 from conftest import wait_until
 
 CHATSTREAM = str(Path(sys.executable).with_name("chatstream"))
+
+
+@pytest.fixture(autouse=True)
+def own_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's console remembers its sessions in its own folder."""
+    monkeypatch.setenv("CHATSTREAM_DATA_DIR", str(tmp_path))
+    return tmp_path
 
 
 def spawn(*args: str, token_delay: float = 0.01, timeout: float = 30) -> pexpect.spawn:
@@ -51,7 +59,8 @@ class RecordingStore(MemorySessionStore):
         await super().delete(session_id)
 
     def history(self) -> list[tuple[str, str]]:
-        messages = (self.last.get("chat_prompt") or {}).get("messages", [])
+        current = (self.last.get("conversations") or {}).get(self.last.get("current"), {})
+        messages = (current.get("chat_prompt") or {}).get("messages", [])
         return [(m["role"], m["content"]) for m in messages]
 
 
@@ -204,3 +213,56 @@ def test_bad_options_are_clear_errors(args):
     child = pexpect.spawn(CHATSTREAM, ["chat", *args], encoding="utf-8", timeout=30)
     child.expect("error")
     assert finish(child) == 2
+
+
+def test_url_resumes_the_last_conversation_or_the_one_named(serve, own_data_dir):
+    url, _, store = chat_server(serve, mock_token_delay=0.001)
+    child = spawn("--url", url)
+    say(child, "remember the otter")
+    child.expect_exact("you> ")
+    say(child, "/exit")
+    assert finish(child) == 0
+    saved = (own_data_dir / "console-sessions.json")
+    assert oct(saved.stat().st_mode & 0o777) == "0o600"  # a session cookie is a credential
+
+    child = spawn("--url", url)  # a new process: the same session, the same conversation
+    assert "resuming \u201cremember the otter\u201d (2 messages" in child.before
+    say(child, "and then?")
+    child.expect_exact("you> ")
+    assert [text for _, text in store.history()][::2] == ["remember the otter", "and then?"]
+    say(child, "/exit")
+    assert finish(child) == 0
+
+    with httpx.Client(base_url=url, cookies={"chatstream_session": json.loads(saved.read_text())[url]}) as c:
+        first = c.get("/conversations").json()["current"]
+        other = c.post("/conversations", json={"title": "Other"}).json()["id"]
+    child = spawn("--url", url, "--conversation", first)
+    assert "resuming \u201cremember the otter\u201d (4 messages" in child.before
+    say(child, "third")
+    child.expect_exact("you> ")
+    say(child, "/exit")
+    assert finish(child) == 0
+    with httpx.Client(base_url=url, cookies={"chatstream_session": json.loads(saved.read_text())[url]}) as c:
+        assert len(c.get(f"/conversations/{first}").json()["messages"]) == 6
+        assert c.get(f"/conversations/{other}").json()["messages"] == []
+
+    proc = pexpect.spawn(CHATSTREAM, ["chat", "--url", url, "--conversation", "nope"], encoding="utf-8", timeout=30)
+    proc.expect(pexpect.EOF)
+    proc.close()
+    assert proc.exitstatus == 1 and "no conversation 'nope' here" in proc.before
+
+
+def test_on_a_terminal_a_finished_reply_is_drawn_again_as_markdown():
+    child = spawn("--mock", token_delay=0.001)
+    redrawn = []
+    for text in ("a", "bb", "ccc", "dddd"):
+        say(child, text)
+        child.expect_exact("you> ")
+        if "\x1b[J" in child.before:  # the streamed text was erased and drawn rendered
+            redrawn.append(child.before.split("\x1b[J")[-1])
+    say(child, "/exit")
+    assert finish(child) == 0
+    assert redrawn, "no reply was drawn as Markdown"
+    for screen in redrawn:
+        assert "assistant>" in screen and "**" not in screen and "```" not in screen
+        assert "\x1b[" in screen  # styled by rich (bold, code colours)

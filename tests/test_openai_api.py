@@ -42,9 +42,27 @@ def test_models_lists_the_one_served_model(serve):
     models = client(url).models.list()
     assert [m.id for m in models.data] == ["mock"]
     assert client(url).models.retrieve("mock").owned_by == "chatstream"
+    # Any name is accepted by default (like llama.cpp's server): clients that insist on one work.
+    assert client(url).models.retrieve("gpt-4o").id == "gpt-4o"
+
+
+def test_served_model_name_restricts_the_names(serve):
+    url, _ = mock_server(serve, served_model_name="smol, smollm2")
+    assert [m.id for m in client(url).models.list().data] == ["smol"]
+    assert chat(url, model="smollm2").choices[0].message.content.startswith("You said")
     with pytest.raises(openai.NotFoundError) as exc:
         client(url).models.retrieve("gpt-4o")
     assert exc.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
+                                          ("GET", "/v1/nothing/here"), ("DELETE", "/v1/files/x")])
+def test_unknown_v1_routes_are_404_in_openai_format(serve, method, path):
+    url, _ = mock_server(serve)
+    r = httpx.request(method, url + path, json={"model": "x", "prompt": "hi"})
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and path in error["message"] and error["code"] == "unknown_url"
 
 
 def test_non_streaming_chat_answers_with_the_whole_reply_and_usage(serve):
@@ -204,6 +222,8 @@ def test_bad_requests_are_400_in_openai_format(serve, body, param):
 
 def test_unknown_model_is_404_model_not_found(serve):
     url, _ = mock_server(serve)
+    assert chat(url, model="any-name-at-all").choices  # without --served-model-name, any name
+    url, _ = mock_server(serve, served_model_name="mock")
     with pytest.raises(openai.NotFoundError) as exc:
         chat(url, model="gpt-4o")
     assert exc.value.code == "model_not_found" and exc.value.param == "model"

@@ -286,7 +286,7 @@ async def _four_long_turns_succeed(url: str) -> None:
 
 
 def test_chatstream_answers_tokenize_like_vllm(start_upstream):
-    upstream = start_upstream()
+    upstream = start_upstream("--served-model-name", "mock")  # without it, any model name is accepted
     r = httpx.post(f"{upstream.url}/tokenize", json={"model": "mock", "prompt": "héllo"})
     assert r.status_code == 200
     assert r.json()["tokens"] == list("héllo".encode()) and r.json()["count"] == 6

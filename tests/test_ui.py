@@ -7,7 +7,9 @@ Chromium comes from the system (``make browser``); Playwright never downloads it
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,6 +29,8 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+# Screenshots go to test-artifacts/; with CHATSTREAM_UPDATE_SCREENSHOTS=1 they replace the ones in docs/.
+DOCS = (Path(__file__).resolve().parent.parent / "docs") if os.environ.get("CHATSTREAM_UPDATE_SCREENSHOTS") else ARTIFACTS
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}: run `make browser`"
@@ -238,21 +242,57 @@ def test_stop_keeps_the_partial_reply_also_after_reload(chat, new_page) -> None:
     assert "w59" not in restored
 
 
-def test_regenerate_replaces_the_last_reply(chat, new_page) -> None:
+def seed_each_turn(page: Page, seeds: list[int]) -> list[dict[str, Any]]:
+    """Give the page's next turns these seeds (the mock then picks different canned replies).
+
+    Returns the list of bodies as the page sent them (before the seed was added).
+    """
+    sent: list[dict[str, Any]] = []
+
+    def add_seed(route: Any) -> None:
+        body = route.request.post_data_json
+        sent.append(dict(body))
+        body["seed"] = seeds.pop(0)
+        route.continue_(post_data=json.dumps(body))
+
+    page.route("**/chat_stream", add_seed)
+    return sent
+
+
+def test_regenerate_keeps_the_earlier_answer_to_flip_through(chat, new_page) -> None:
     url = chat()
     page = new_page(url)
+    sent = seed_each_turn(page, [0, 1])  # seeds 0 and 1 give two different replies
     send(page, "Tell me something")
     wait_for_reply(page)
+    first = page.locator(REPLY).text_content() or ""
+    expect(page.locator(".pager")).to_have_count(0)
 
-    with page.expect_request("**/chat_stream") as request:
-        page.get_by_role("button", name="Regenerate").click()
-    assert request.value.post_data_json == {"user_input": "", "regenerate": True}
+    page.get_by_role("button", name="Regenerate").click()
     expect(page.locator(".msg-assistant[aria-busy]")).to_have_count(1)
     wait_for_reply(page)
 
     expect(page.locator(".msg")).to_have_count(2)
-    assert (page.locator(REPLY).text_content() or "").startswith("You said: Tell me something")
-    assert [m["role"] for m in history(page, url)] == ["user", "assistant"]
+    current = page.request.get(url + "/conversations").json()["current"]
+    assert sent[1] == {"user_input": "", "regenerate": True, "conversation_id": current}
+    second = page.locator(REPLY).text_content() or ""
+    assert second != first and second.startswith("You said: Tell me something")
+    expect(page.locator(".pager-position")).to_have_text("2/2")
+    expect(page.get_by_role("button", name="Next answer")).to_be_disabled()  # at the newest
+    page.get_by_role("button", name="Previous answer").click()
+    expect(page.locator(".pager-position")).to_have_text("1/2")
+    expect(page.locator(REPLY)).to_have_text(first)
+    # The answer shown is the one the conversation goes on from, also after a reload.
+    reply = history(page, url)[1]
+    assert reply["version"] == 0 and len(reply["alternatives"]) == 1 and reply["content"] != reply["alternatives"][0]
+    page.reload()
+    expect(page.locator(".pager-position")).to_have_text("1/2")
+    expect(page.locator(REPLY)).to_have_text(first)
+    page.get_by_role("button", name="Next answer").click()
+    expect(page.locator(".pager-position")).to_have_text("2/2")
+    expect(page.locator(REPLY)).to_have_text(second)
+    messages = history(page, url)
+    assert [m["role"] for m in messages] == ["user", "assistant"] and "version" not in messages[1]
 
 
 def test_new_chat_empties_the_conversation(chat, new_page) -> None:
@@ -265,10 +305,15 @@ def test_new_chat_empties_the_conversation(chat, new_page) -> None:
 
     expect(page.locator(".msg")).to_have_count(0)
     expect(page.locator("#empty")).to_be_visible()
+    # The earlier conversation is kept, listed below the new one.
+    expect(page.locator(".conversation-open")).to_have_text(["Untitled", "Remember this"])
     page.reload()
     expect(page.locator("#empty")).to_be_visible()
     expect(page.locator(".msg")).to_have_count(0)
     assert history(page, url) == []
+    # A second click on an empty chat makes no second empty conversation.
+    page.get_by_role("button", name="New chat").click()
+    expect(page.locator(".conversation-open")).to_have_count(2)
 
 
 def test_new_chat_while_streaming_stops_and_clears(chat, new_page) -> None:
@@ -387,3 +432,224 @@ def test_phone_sized_screen(chat, new_page) -> None:
     assert composer is not None and composer["y"] + composer["height"] <= 844
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui-phone.png"))
+
+
+# -- several conversations --
+
+
+def sidebar_titles(page: Page) -> list[str]:
+    return page.locator(".conversation-open").all_text_contents()
+
+
+def test_sidebar_lists_switches_renames_and_deletes_conversations(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "About cats")
+    wait_for_reply(page)
+    expect(page.locator(".conversation-open")).to_have_text(["About cats"])  # titled by the first message
+
+    page.get_by_role("button", name="New chat").click()
+    expect(page.locator(".msg")).to_have_count(0)
+    send(page, "About dogs")
+    wait_for_reply(page)
+    expect(page.locator(".conversation-open")).to_have_text(["About dogs", "About cats"])  # newest first
+    expect(page.locator(".conversation-open[aria-current]")).to_have_text("About dogs")
+
+    page.get_by_role("button", name="About cats", exact=True).click()
+    expect(page.locator(".msg-user .content")).to_have_text(["About cats"])
+    expect(page.locator(".conversation-open[aria-current]")).to_have_text("About cats")
+    send(page, "More about cats")
+    wait_for_reply(page, 2)
+    expect(page.locator(".conversation-open")).to_have_text(["About cats", "About dogs"])
+
+    page.get_by_role("button", name="Rename About dogs").click()
+    box = page.get_by_label("New title")
+    box.fill("Dogs, renamed")
+    box.press("Enter")
+    expect(page.locator(".conversation-open")).to_have_text(["About cats", "Dogs, renamed"])
+
+    page.reload()  # the current conversation and every title come back from the server
+    expect(page.locator(".msg-user .content")).to_have_text(["About cats", "More about cats"])
+    expect(page.locator(".conversation-open")).to_have_text(["About cats", "Dogs, renamed"])
+    expect(page.locator(".conversation-open[aria-current]")).to_have_text("About cats")
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Delete About cats").click()
+    expect(page.locator(".conversation-open")).to_have_text(["Dogs, renamed"])
+    expect(page.locator(".msg-user .content")).to_have_text(["About dogs"])  # the next one is shown
+    page.once("dialog", lambda dialog: dialog.dismiss())  # "Cancel" deletes nothing
+    page.get_by_role("button", name="Delete Dogs, renamed").click()
+    expect(page.locator(".conversation-open")).to_have_count(1)
+    listed = page.request.get(url + "/conversations").json()
+    assert [c["title"] for c in listed["conversations"]] == ["Dogs, renamed"]
+
+
+def test_everything_survives_a_server_restart(chat, new_page, tmp_path: Path) -> None:
+    url = chat(data_dir=str(tmp_path))
+    page = new_page(url)
+    send(page, "Kept across restarts")
+    wait_for_reply(page)
+    page.get_by_role("button", name="New chat").click()
+    send(page, "The second one")
+    wait_for_reply(page)
+    page.get_by_role("button", name="Kept across restarts", exact=True).click()
+    expect(page.locator(".msg-user .content")).to_have_text(["Kept across restarts"])
+    shown = page.locator(REPLY).all_text_contents()
+
+    restarted = chat(data_dir=str(tmp_path))  # another server process on the same data folder
+    page.goto(restarted + "/")  # cookies are per host, not per port: the same session
+
+    expect(page.locator(".conversation-open")).to_have_text(["The second one", "Kept across restarts"])
+    expect(page.locator(".conversation-open[aria-current]")).to_have_text("Kept across restarts")
+    expect(page.locator(".msg-user .content")).to_have_text(["Kept across restarts"])
+    assert page.locator(REPLY).all_text_contents() == shown
+
+
+def test_edit_a_sent_message_and_resend(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    for count, text in enumerate(("first question", "second question", "third question"), 1):
+        send(page, text)
+        wait_for_reply(page, count)
+
+    page.locator(".msg-user").nth(1).get_by_role("button", name="Edit").click()
+    editor = page.get_by_label("Edit message")
+    expect(editor).to_have_value("second question")
+    editor.fill("second, rephrased")
+    editor.press("Enter")
+
+    wait_for_reply(page, 2)
+    expect(page.locator(".msg-user .content")).to_have_text(["first question", "second, rephrased"])
+    assert (page.locator(REPLY).nth(1).text_content() or "").startswith("You said: second, rephrased")
+    assert [m["content"] for m in history(page, url) if m["role"] == "user"] == ["first question", "second, rephrased"]
+
+    # Escape leaves the message as it was.
+    page.locator(".msg-user").nth(0).get_by_role("button", name="Edit").click()
+    page.get_by_label("Edit message").fill("never sent")
+    page.get_by_label("Edit message").press("Escape")
+    expect(page.locator(".msg-user .content")).to_have_text(["first question", "second, rephrased"])
+
+
+def test_settings_apply_to_the_conversation_and_bad_values_are_explained(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "hello")
+    wait_for_reply(page)
+
+    page.get_by_role("button", name="Settings").click()
+    dialog = page.get_by_role("dialog", name="Conversation settings")
+    expect(dialog).to_be_visible()
+    dialog.get_by_label("Temperature").fill("7")
+    dialog.get_by_role("button", name="Save").click()
+    expect(dialog.get_by_role("alert")).to_contain_text("temperature")
+    expect(dialog).to_be_visible()  # kept open, nothing stored
+    assert page.request.get(url + "/conversations").json()["conversations"][0]["settings"] == {}
+
+    dialog.get_by_label("Temperature").fill("0.3")
+    dialog.get_by_label("Max tokens").fill("3")
+    dialog.get_by_label("System prompt").fill("Answer like a pirate.")
+    dialog.get_by_role("button", name="Save").click()
+    expect(dialog).to_be_hidden()
+    stored = page.request.get(url + "/conversations").json()["conversations"][0]["settings"]
+    assert stored == {"temperature": 0.3, "max_tokens": 3, "system_prompt": "Answer like a pirate."}
+
+    send(page, "a long story please")
+    wait_for_reply(page, 2)
+    expect(page.locator(".msg-assistant .note").last).to_contain_text("length limit")
+    expect(page.locator(".stats").last).to_contain_text("3 tokens")
+
+    page.reload()
+    page.get_by_role("button", name="Settings").click()
+    expect(dialog.get_by_label("Max tokens")).to_have_value("3")
+    expect(dialog.get_by_label("System prompt")).to_have_value("Answer like a pirate.")
+    dialog.get_by_role("button", name="Cancel").click()
+    expect(dialog).to_be_hidden()
+
+
+def test_stats_line_and_the_last_actions_stay_in_view(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    for n in range(4):  # enough to scroll
+        send(page, f"message {n}")
+        wait_for_reply(page, n + 1)
+    assert page.evaluate("document.getElementById('log').scrollHeight > document.getElementById('log').clientHeight")
+
+    stats = page.locator(".stats").last
+    expect(stats).to_have_text(re.compile(r"^\d+ tokens · \d+\.\d tokens/s · \d+\.\d\d s to first token$"))
+    regenerate = page.get_by_role("button", name="Regenerate")
+    expect(regenerate).to_be_in_viewport(ratio=1)
+    button, log = regenerate.bounding_box(), page.locator("#log").bounding_box()
+    dock = page.locator(".dock").bounding_box()
+    assert button and log and dock
+    assert button["y"] + button["height"] <= min(log["y"] + log["height"], dock["y"]), "the actions are under the message box"
+
+
+def test_export_as_markdown_and_json(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "Export me")
+    wait_for_reply(page)
+
+    page.locator("#export-menu summary").click()
+    with page.expect_download() as markdown:
+        page.get_by_role("button", name="Markdown (.md)").click()
+    text = Path(markdown.value.path()).read_text()
+    assert markdown.value.suggested_filename == "Export me.md"
+    assert text.startswith("# Export me\n\n## You\n\nExport me\n\n## Assistant\n\nYou said: Export me")
+
+    page.locator("#export-menu summary").click()
+    with page.expect_download() as exported:
+        page.get_by_role("button", name="JSON (.json)").click()
+    body = json.loads(Path(exported.value.path()).read_text())
+    assert body["title"] == "Export me"
+    assert body["messages"] == history(page, url)
+
+
+def test_screenshots_for_the_docs(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "What is streaming?")
+    wait_for_reply(page)
+    page.get_by_role("button", name="New chat").click()
+    send(page, "Show me a list and some code")
+    wait_for_reply(page)
+    DOCS.mkdir(exist_ok=True)
+    page.screenshot(path=str(DOCS / "ui-desktop.png"), animations="disabled")
+
+    phone = new_page(url, viewport={"width": 390, "height": 844})
+    send(phone, "Hello from a phone")
+    wait_for_reply(phone)
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    expect(phone.locator("#sidebar")).not_to_be_in_viewport()
+    phone.screenshot(path=str(DOCS / "ui-mobile.png"), animations="disabled")
+    phone.get_by_role("button", name="Conversations").click()
+    expect(phone.locator("#sidebar")).to_be_in_viewport()
+    expect(phone.locator(".conversation-open")).to_have_text(["Hello from a phone"])
+    phone.screenshot(path=str(DOCS / "ui-mobile-sidebar.png"), animations="disabled")
+    phone.keyboard.press("Escape")
+    expect(phone.locator("#sidebar")).not_to_be_in_viewport()
+
+
+def test_code_is_highlighted_and_math_is_typeset(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    seed_each_turn(page, [1])  # seed 1: the canned reply with a Python code block
+    send(page, "Euler: $e^{i\\pi} + 1 = 0$ costs $5 or $6\n\n$$\n\\int_0^1 x^2\\,dx = \\frac{1}{3}\n$$\n\n"
+               "and $\\href{javascript:window.__xss=1}{click}$")
+    wait_for_reply(page)
+
+    reply = page.locator(REPLY)
+    expect(reply.locator(".md-code .md-code-lang")).to_have_text("python")
+    expect(reply.locator(".md-code code .hljs-string")).to_have_text(['"hello"'])  # coloured by highlight.js
+    inline = reply.locator("p math").first
+    expect(inline).to_be_visible()
+    assert "π" in (inline.text_content() or "")
+    block = reply.locator(".md-math math[display='block']")
+    expect(block).to_have_count(1)
+    expect(block.locator("mfrac")).to_have_count(1)
+    expect(reply).to_contain_text("costs $5 or $6")  # money is not math
+    assert page.locator("#thread a[href^='javascript'], #thread [href^='javascript']").count() == 0
+    page.locator("#thread math").last.click()
+    assert page.evaluate("window.__xss") is None
+    DOCS.mkdir(exist_ok=True)
+    page.screenshot(path=str(DOCS / "ui-code-and-math.png"), animations="disabled")

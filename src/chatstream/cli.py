@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--url", dest="url", default=None,
                       help="chat with the chatstream server at this URL (e.g. http://127.0.0.1:8000) "
                            "instead of running a model in this process")
+    chat.add_argument("--conversation", dest="conversation", default=None, metavar="ID",
+                      help="with --url: go on with this conversation (GET /conversations lists them); "
+                           "without it, the conversation used last with that server")
     _add_settings_options(chat, _CHAT_FIELDS)
     return parser
 
@@ -134,6 +137,10 @@ def _serve(settings: Settings) -> int:
     if settings.log_level.lower() != "debug":
         logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per upstream call and health check is noise
     try:
+        if not settings.mock and not getattr(settings, "engine_url", None):  # a remote engine needs no local model
+            from .model_loader import check_model
+
+            check_model(settings.model)  # a typo is an error now, not a server that answers 503 forever
         settings = server_settings(settings)
         service = ChatService.from_settings(settings)
     except (ValueError, OSError) as exc:
@@ -166,7 +173,10 @@ def _chat(settings: Settings, args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(name)s: %(message)s")
-    return run_console(settings, url=args.url)
+    if args.conversation and not args.url:
+        print("chatstream: error: --conversation needs --url (a local chat keeps no conversations)", file=sys.stderr)
+        return 2
+    return run_console(settings, url=args.url, conversation=args.conversation)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
+import shutil
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Protocol, TextIO
 
 import httpx
@@ -31,6 +35,9 @@ if TYPE_CHECKING:
     from .service import ChatService
 
 ReplyEvent = tuple[str, Any]
+
+# Worth rendering: emphasis, code, headings, lists, quotes, links, tables.
+_MARKDOWN_MARKS = re.compile(r"(\*\*|__|`|^#{1,6} |^\s*([-*+]|\d+[.)]) |^>|\]\(|^\|)", re.M)
 
 HELP = "Commands: /regenerate  /clear  /exit (or Ctrl+D).  Ctrl+C stops a reply; at the prompt it exits."
 
@@ -123,14 +130,26 @@ class LocalChat:
 # -- against a server ---------------------------------------------------------------------------
 
 class RemoteChat:
-    """A conversation held by a chatstream server at ``url``, through ``/chat_stream``."""
+    """A conversation held by a chatstream server at ``url``, through ``/chat_stream``.
 
-    def __init__(self, url: str, client: httpx.AsyncClient | None = None, busy_retry_s: float = 3.0) -> None:
+    With ``session_file``, the session cookie for ``url`` is kept there between runs, so a later
+    ``chatstream chat --url`` goes on with the same conversations: ``conversation`` (an id from
+    ``GET /conversations``), or else the one used last.
+    """
+
+    def __init__(self, url: str, client: httpx.AsyncClient | None = None, busy_retry_s: float = 3.0,
+                 *, conversation: str | None = None, session_file: Path | None = None) -> None:
         self.url = url.rstrip("/")
         # No read timeout: a reply may wait long in the queue between events.
         self.client = client or httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(10.0, read=None))
         self.busy_retry_s = busy_retry_s
         self.description = self.url
+        self.conversation = conversation
+        self.session_file = session_file
+        if session_file is not None:
+            cookie = _saved_sessions(session_file).get(self.url)
+            if isinstance(cookie, str):
+                self.client.cookies.set(_SESSION_COOKIE, cookie)
 
     async def start(self) -> None:
         try:
@@ -144,9 +163,37 @@ class RemoteChat:
         model = info.get("model", "?") if isinstance(info, dict) else "?"
         state = "" if health.status_code == 200 else f", {info.get('status', 'not ready')}"
         self.description = f"{model} at {self.url}{state}"
+        resumed = await self._resume()
+        if resumed:
+            self.description += f"\nresuming {resumed}"
+
+    async def _resume(self) -> str | None:
+        """Check ``--conversation`` (or find the last one); a line saying which, or None for a new chat."""
+        try:
+            if self.conversation is not None:
+                response = await self.client.get(f"/conversations/{self.conversation}")
+                if response.status_code != 200:
+                    raise ConsoleError(f"no conversation {self.conversation!r} here: "
+                                       f"{_error_message(response, response.content)}")
+                found = response.json()
+            else:
+                response = await self.client.get("/conversations")
+                listed = response.json() if response.status_code == 200 else {}
+                current = listed.get("current") if isinstance(listed, dict) else None
+                found = next((c for c in listed.get("conversations", []) if c.get("id") == current), None) if current else None
+        except httpx.TransportError as exc:
+            raise ConsoleError(f"connection to {self.url} failed: {_transport_reason(exc)}") from None
+        except ValueError:
+            return None  # a server without /conversations: a plain chat
+        if not found:
+            return None
+        count = found.get("message_count", len(found.get("messages", [])))
+        return f"\u201c{found.get('title') or 'Untitled'}\u201d ({count} messages, id {found.get('id')})"
 
     async def reply(self, user_input: str | None) -> AsyncGenerator[ReplyEvent, None]:
-        body = {"regenerate": True} if user_input is None else {"user_input": user_input}
+        body: dict[str, Any] = {"regenerate": True} if user_input is None else {"user_input": user_input}
+        if self.conversation is not None:
+            body["conversation_id"] = self.conversation
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.busy_retry_s
         try:
@@ -161,6 +208,7 @@ class RemoteChat:
                     if response.status_code != 200:
                         yield ("error", _error_message(response, await response.aread()))
                         return
+                    self._save_session()
                     async for event in _sse_events(response):
                         yield event
                     return
@@ -169,7 +217,13 @@ class RemoteChat:
 
     async def clear(self) -> None:
         try:
-            response = await self.client.post("/clear_context")
+            params = {"conversation_id": self.conversation} if self.conversation else None
+            if params is None:  # empty the current conversation only, not every conversation of the session
+                listed = await self.client.get("/conversations")
+                current = listed.json().get("current") if listed.status_code == 200 else None
+                params = {"conversation_id": current} if current else None
+            response = await self.client.post("/clear_context", params=params)
+            self._save_session()
         except httpx.TransportError as exc:
             raise ConsoleError(f"connection to {self.url} failed: {_transport_reason(exc)}") from None
         if response.status_code != 200:
@@ -177,6 +231,31 @@ class RemoteChat:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+    def _save_session(self) -> None:
+        cookie = self.client.cookies.get(_SESSION_COOKIE)
+        if self.session_file is None or not cookie:
+            return
+        sessions = _saved_sessions(self.session_file)
+        if sessions.get(self.url) == cookie:
+            return
+        sessions[self.url] = cookie
+        with contextlib.suppress(OSError):  # not being able to remember is no reason to stop chatting
+            self.session_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.session_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # a cookie is a credential
+            with os.fdopen(fd, "w") as f:
+                json.dump(sessions, f)
+
+
+_SESSION_COOKIE = "chatstream_session"
+
+
+def _saved_sessions(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 async def _sse_events(response: httpx.Response) -> AsyncIterator[ReplyEvent]:
@@ -296,6 +375,7 @@ class Console:
 
     async def _show_reply(self, user_input: str | None) -> None:
         prefixed = status_shown = False
+        shown = ""  # the reply as streamed, to draw again as Markdown at its end
         async with contextlib.aclosing(self.backend.reply(user_input)) as events:
             async for kind, value in events:
                 if kind == "queued":
@@ -313,13 +393,39 @@ class Console:
                         self._write("assistant> ")
                         prefixed = True
                     self._write(value)
+                    shown += value
                 elif kind == "done":
                     self._end_line()
+                    self._render_markdown(shown)
                     if isinstance(value, dict) and value.get("finish_reason") == "length":
                         self._write("[reply cut at the token limit]\n")
                 elif kind == "error":
                     self._end_line()
                     self._error(str(value))
+
+    def _render_markdown(self, text: str) -> None:
+        """On a terminal, draw the finished reply again as Markdown (rich) over its plain stream.
+
+        The plain text streams as it comes (nothing to re-layout per token); at the end it is
+        erased and drawn rendered, when it has any Markdown and still fits on the screen.
+        """
+        if not self._tty or not _MARKDOWN_MARKS.search(text):
+            return
+        try:
+            from rich.cells import cell_len
+            from rich.console import Console as RichConsole
+            from rich.markdown import Markdown
+        except ImportError:
+            return
+        size = shutil.get_terminal_size()
+        rows = sum(max(1, -(-cell_len(line) // size.columns)) for line in f"assistant> {text}".split("\n"))
+        if rows >= size.lines:
+            return  # part of it scrolled away: it cannot be redrawn in place
+        self._write(f"\x1b[{rows}A\r\x1b[J" if rows else "\r\x1b[J")
+        rich = RichConsole(file=self.out, width=size.columns, force_terminal=True, highlight=False)
+        rich.print("[bold]assistant>[/bold]")
+        rich.print(Markdown(text, code_theme="monokai"))
+        self._column0 = True
 
     def _end_line(self) -> None:
         if not self._column0:
@@ -337,12 +443,17 @@ class Console:
         self.err.flush()
 
 
-def run_console(settings: Settings | None = None, url: str | None = None) -> int:
-    """Run ``chatstream chat``: against the server at ``url``, else in this process. Returns the exit code."""
+def run_console(settings: Settings | None = None, url: str | None = None, conversation: str | None = None) -> int:
+    """Run ``chatstream chat``: against the server at ``url``, else in this process. Returns the exit code.
+
+    Against a server, the session is remembered in the data folder, so the next run goes on with
+    ``conversation`` or else the conversation used last.
+    """
     settings = settings or Settings()
     backend: ChatBackend
     if url:
-        backend = RemoteChat(url)
+        backend = RemoteChat(url, conversation=conversation,
+                             session_file=settings.resolved_data_dir / "console-sessions.json")
     else:
         if not settings.mock:
             print(f"chatstream chat: loading {settings.model or 'the embedded default model'} ...", flush=True)

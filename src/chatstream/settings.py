@@ -26,7 +26,8 @@ class Settings(BaseSettings):
                            description="log level")
 
     # -- model and engine --
-    model: str | None = Field(None, description="local Hugging Face model folder or .gguf file (none: the embedded SmolLM2-135M-Instruct)")
+    model: str | None = Field(None, description="local Hugging Face model folder, .gguf file or installed model package name (none: the embedded SmolLM2-135M-Instruct)")
+    served_model_name: str | None = Field(None, description="comma-separated model names /v1 accepts (none: any name, like llama.cpp's server); the first is the name /v1/models shows")
     mock: bool = Field(False, description="stream canned text without a model")
     mock_token_delay: float = Field(0.03, ge=0.0, le=10.0, description="seconds between mock tokens")
     device: str = Field("cpu", description="torch device: cpu or cuda")
@@ -48,7 +49,7 @@ class Settings(BaseSettings):
 
     # -- generation defaults and limits --
     max_new_tokens: int = Field(256, ge=1, le=1 << 20, description="longest reply in tokens (larger max_tokens requests are clamped)")
-    context_len: int = Field(1024, ge=16, le=1 << 22, description="prompt + reply token budget; oldest turns are dropped to fit")
+    context_len: int | None = Field(None, ge=16, le=1 << 22, description="prompt + reply token budget; oldest turns are dropped to fit (none: what the model supports, capped by the KV-cache budget; the mock: 4096)")
     temperature: float = Field(0.7, ge=0.0, le=2.0, description="default sampling temperature; 0 = greedy")
     top_k: int = Field(50, ge=0, le=1 << 31, description="default top-k; 0 = off")
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="default top-p; 1 = off")
@@ -110,7 +111,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _reply_fits_context(self) -> "Settings":
-        if self.max_new_tokens >= self.context_len:
+        if self.context_len is not None and self.max_new_tokens >= self.context_len:
             raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be smaller than context_len ({self.context_len})")
         if self.engine_url and (self.mock or self.model):
             raise ValueError("--engine-url generates on other servers: it excludes --mock and --model")

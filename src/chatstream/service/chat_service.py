@@ -22,6 +22,7 @@ from ..metrics import Metrics
 from ..model_loader import load_model, model_display_name
 from ..session import MemorySessionStore, Session, SessionStore
 from ..settings import Settings
+from . import conversations
 from .turn import Callback, Turn
 
 logger = logging.getLogger("chatstream")
@@ -30,6 +31,8 @@ T = TypeVar("T")
 
 # The conversation's key in session data (the seed API's name for it).
 CONVERSATION_KEY = "chat_prompt"
+# The context when neither the settings nor the engine give one (the mock).
+FALLBACK_CONTEXT_LEN = 4096
 
 
 class ChatService:
@@ -92,6 +95,7 @@ class ChatService:
             self._attach(model, tokenizer)
         # With a remote engine and no name given, the name is the upstream's, known once it answers.
         self._name_from_engine = model_name is None and bool(settings.engine_url)
+        self._settle_context_len()
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **parts: Any) -> "ChatService":
@@ -130,6 +134,31 @@ class ChatService:
                     describe_counting(self.tokenizer, settings.tokenizer))
 
     @property
+    def context_len(self) -> int:
+        """Prompt + reply token budget (settled once the engine is known)."""
+        return self.settings.context_len or FALLBACK_CONTEXT_LEN
+
+    def _settle_context_len(self) -> None:
+        """With no ``context_len`` set: what the model supports, capped by what the KV cache holds."""
+        if self.settings.context_len is not None or self.engine is None:
+            return
+        engine = self.engine
+        known = [getattr(engine, "max_model_len", None)]
+        blocks, block_size = getattr(engine, "num_blocks", None), getattr(engine, "block_size", None)
+        if isinstance(blocks, int) and isinstance(block_size, int):
+            known.append(blocks * block_size)
+        limits = [n for n in known if isinstance(n, int) and not isinstance(n, bool) and n > 0]
+        # Nothing known: the mock's sane number, or for a remote engine the old default (set
+        # --context-len to the upstream's own).
+        context_len = min(limits) if limits else FALLBACK_CONTEXT_LEN if self.settings.mock else 1024
+        update: dict[str, Any] = {"context_len": context_len}
+        if self.settings.max_new_tokens >= context_len:  # a tiny KV budget: leave room for a prompt
+            update["max_new_tokens"] = max(1, context_len // 2)
+            self.defaults = replace(self.defaults, max_new_tokens=update["max_new_tokens"])
+        logger.info("context: %d tokens (model: %s, KV cache: %s)", context_len, known[0], known[1:] or "n/a")
+        self.settings = self.settings.model_copy(update=update)
+
+    @property
     def ready(self) -> bool:
         return not self.draining and self.engine is not None and self.engine.ready
 
@@ -161,6 +190,7 @@ class ChatService:
         try:
             model, tokenizer = await asyncio.to_thread(load_model, self.settings.model, device=self.settings.device)
             self._attach(model, tokenizer)
+            self._settle_context_len()
             assert self.engine is not None
             await self.engine.start()
             logger.info("model %s is ready", self.model_name)
@@ -269,40 +299,85 @@ class ChatService:
 
     def fit_to_context(self, params: SamplingParams, prompt_tokens: int, explicit_max_tokens: bool) -> SamplingParams:
         """Shorten the reply to what the context leaves, or refuse a prompt that leaves too little."""
-        room = self.settings.context_len - prompt_tokens
+        room = self.context_len - prompt_tokens
         if room >= params.max_new_tokens or (room >= 1 and not explicit_max_tokens):
             return params if room >= params.max_new_tokens else replace(params, max_new_tokens=room)
         raise PromptTooLong(
             f"the prompt has {prompt_tokens} tokens and the reply may have {params.max_new_tokens}; "
-            f"the context holds {self.settings.context_len}",
-            prompt_tokens=prompt_tokens, limit=self.settings.context_len,
+            f"the context holds {self.context_len}",
+            prompt_tokens=prompt_tokens, limit=self.context_len,
         )
 
-    # -- conversations in sessions --
-    async def load_conversation(self, session: Session) -> ChatPrompt:
+    # -- conversations in sessions (several per session: see service/conversations.py) --
+    async def load_conversation(self, session: Session, conversation_id: str | None = None) -> ChatPrompt:
+        """The conversation ``conversation_id`` (default: the current one, created if there is none)."""
         data = await session.load()
-        stored = data.get(CONVERSATION_KEY)
-        return self.chat_prompt_clazz.from_dict(
+        conversations.migrate(data)
+        entry = conversations.get(data, conversations.resolve(data, conversation_id, create=True) or "")
+        stored = entry.get("chat_prompt")
+        prompt = self.chat_prompt_clazz.from_dict(
             stored if isinstance(stored, dict) else None, tokenizer=self.tokenizer, system=self.settings.system_prompt,
         )
+        settings = entry.get("settings") or {}
+        if "system_prompt" in settings:  # the conversation's own system prompt wins over the stored one
+            prompt.system = settings["system_prompt"] or None
+        return prompt
 
-    async def save_conversation(self, session: Session, chat_prompt: ChatPrompt) -> None:
-        session.data[CONVERSATION_KEY] = chat_prompt.to_dict()
+    async def save_conversation(self, session: Session, chat_prompt: ChatPrompt,
+                                conversation_id: str | None = None) -> None:
+        data = await session.load()
+        conversations.migrate(data)
+        target = conversations.resolve(data, conversation_id, create=True) or ""
+        conversations.store_chat_prompt(data, target, chat_prompt.to_dict())
         session.get_session()[CONVERSATION_KEY] = chat_prompt  # what the seed API's callback reads
         await session.save()
 
-    async def save_conversation_data(self, session: Session, data: dict[str, Any]) -> None:
+    async def save_conversation_data(self, session: Session, data: dict[str, Any],
+                                     conversation_id: str | None = None) -> None:
         """Save a conversation given as plain data (a checkpoint of a reply in progress)."""
-        session.data[CONVERSATION_KEY] = data
+        stored = await session.load()
+        conversations.migrate(stored)
+        target = conversations.resolve(stored, conversation_id, create=True) or ""
+        conversations.store_chat_prompt(stored, target, data)
         await session.save()
 
-    async def history(self, session: Session) -> list[dict[str, str]]:
-        if session.is_new:
-            return []
-        return (await self.load_conversation(session)).messages
+    async def peek_conversation(self, session: Session, conversation_id: str | None = None) -> dict[str, Any] | None:
+        """The stored conversation entry, read without holding the lock or caching the session data.
 
-    async def clear_conversation(self, session: Session) -> None:
-        """Empty the conversation and give the session a new id (a new cookie)."""
+        Raises :class:`ConversationNotFound` for an id this session does not hold.
+        """
+        data = {} if session.is_new else (await self.session_store.get(session.id)) or {}
+        conversations.migrate(data)
+        target = conversations.resolve(data, conversation_id, create=False)
+        return conversations.get(data, target) if target is not None else None
+
+    async def conversation_sampling(self, session: Session, conversation_id: str | None = None) -> dict[str, Any]:
+        """The conversation's sampling settings under the engine's names (overrides of the defaults)."""
+        entry = await self.peek_conversation(session, conversation_id)
+        return conversations.sampling_values((entry or {}).get("settings") or {})
+
+    async def history(self, session: Session, conversation_id: str | None = None) -> list[dict[str, Any]]:
+        entry = await self.peek_conversation(session, conversation_id)
+        if entry is None:
+            return []
+        stored = entry.get("chat_prompt")
+        return self.chat_prompt_clazz.from_dict(stored if isinstance(stored, dict) else None).messages
+
+    async def clear_conversation(self, session: Session, conversation_id: str | None = None) -> None:
+        """Without an id: empty the session and give it a new id (a new cookie), as always.
+
+        With an id: empty that conversation's messages only (its title and settings stay).
+        """
+        if conversation_id is not None:
+            if session.is_new:
+                raise conversations.ConversationNotFound(f"there is no conversation {conversation_id!r} in this session")
+            async with session.lock(lease_s=self.lock_lease_s):
+                data = await session.load()
+                conversations.migrate(data)
+                entry = conversations.get(data, conversation_id)
+                entry["chat_prompt"] = {"messages": []}
+                await session.save()
+            return
         if session.is_new:
             return  # nothing stored: create nothing
         async with session.lock(lease_s=self.lock_lease_s):
@@ -320,10 +395,16 @@ class ChatService:
         request: Any = None,
         callback: Callback | None = None,
         face: str = "chat_stream",
+        conversation_id: str | None = None,
     ) -> Turn:
-        """A turn of the conversation kept in ``session`` (``regenerate`` answers the last user turn again)."""
-        return Turn(self, params, session=session, user_input=user_input, regenerate=regenerate,
+        """A turn of the conversation kept in ``session`` (``regenerate`` answers the last user turn again).
+
+        ``conversation_id`` picks one of the session's conversations (default: the current one).
+        """
+        turn = Turn(self, params, session=session, user_input=user_input, regenerate=regenerate,
                     request=request, callback=callback, face=face)
+        turn.conversation_id = conversation_id
+        return turn
 
     def stateless_turn(self, messages: list[dict[str, str]], params: SamplingParams, *,
                        explicit_max_tokens: bool = True) -> Turn:

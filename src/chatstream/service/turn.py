@@ -24,7 +24,7 @@ from ..admission import Ticket
 from ..conversation import ChatPrompt
 from ..engine import GenerationStream, SamplingParams
 from ..engine.protocol import accepts_messages
-from ..errors import ChatError, ConversationTooLong, NothingToRegenerate
+from ..errors import ChatError, ConversationTooLong, InvalidRequest, NothingToRegenerate
 from ..session import Session
 from .events import (
     DISCONNECTED_BEFORE_STREAMING,
@@ -76,6 +76,8 @@ class Turn:
         self.explicit_max_tokens = explicit_max_tokens  # stateless: False lets the reply shrink to fit
         self.face = face  # which face runs it, for metrics
         self.message_id = uuid.uuid4().hex
+        self.conversation_id: str | None = None  # which of the session's conversations (None: the current one)
+        self.edit_index: int | None = None  # a user message that this turn's input replaces (the rest is dropped)
         self.outcome: str | None = None
         self.prompt_ids: list[int] = []
         self.prompt_tokens = 0
@@ -187,13 +189,19 @@ class Turn:
         """Apply the turn to the stored conversation (in memory until committed)."""
         if self.session is None:
             return None, None
-        chat_prompt = await self.service.load_conversation(self.session)
+        chat_prompt = await self.service.load_conversation(self.session, self.conversation_id)
         previous: str | None = None
         if self.regenerate:
             previous = chat_prompt.get_responder_last_msg()
             if not chat_prompt.clear_last_responder_message():
                 raise NothingToRegenerate("there is no reply to regenerate in this conversation")
         else:
+            if self.edit_index is not None:
+                try:
+                    chat_prompt.edit_user_message(self.edit_index, self.user_input or "")
+                except IndexError as exc:
+                    raise InvalidRequest(str(exc), param="edit_index") from None
+                return chat_prompt, previous
             limit = self.service.settings.max_history_messages
             if len(chat_prompt.messages) + 2 > limit:
                 raise ConversationTooLong(
@@ -204,7 +212,7 @@ class Turn:
 
     async def _render(self, chat_prompt: ChatPrompt | None) -> list[int]:
         if chat_prompt is not None:
-            budget = self.service.settings.context_len - self.params.max_new_tokens
+            budget = self.service.context_len - self.params.max_new_tokens
             return await self.service.run_bounded(chat_prompt.render_ids, budget)
         assert self.messages is not None
         ids = await self.service.run_bounded(self.service.render_messages, self.messages)
@@ -305,7 +313,7 @@ class Turn:
             data = chat_prompt.to_dict()
             data["messages"].append({"role": "assistant", "content": saved})
             try:
-                await self.service.save_conversation_data(self.session, data)
+                await self.service.save_conversation_data(self.session, data, self.conversation_id)
             except Exception:
                 logger.exception("saving a checkpoint of the reply failed")
 
@@ -318,7 +326,7 @@ class Turn:
         elif previous is not None:  # a regenerate that produced nothing keeps the old reply
             chat_prompt.add_responder_msg(previous)
         try:
-            await self.service.save_conversation(self.session, chat_prompt)
+            await self.service.save_conversation(self.session, chat_prompt, self.conversation_id)
         except Exception:
             logger.exception("saving the session failed")
             self.outcome = UNKNOWN_ERROR

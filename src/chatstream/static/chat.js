@@ -4,6 +4,7 @@
 // All requests use relative URLs and the same-origin session cookie.
 
 import { copyText, renderMarkdown } from "./markdown.js";
+import * as api from "./conversations.js";
 
 const $ = (id) => document.getElementById(id);
 const log = $("log");
@@ -20,6 +21,13 @@ const noticeRetry = $("notice-retry");
 const statusLine = $("status");
 const modelName = $("model-name");
 const modelDot = $("model-dot");
+const sidebar = $("sidebar");
+const conversationList = $("conversations");
+const conversationsEmpty = $("conversations-empty");
+const sidebarToggle = $("sidebar-toggle");
+const backdrop = $("backdrop");
+const settingsDialog = $("settings");
+const settingsError = $("settings-error");
 
 const ICONS = {
   logo: "M9 11.5h14M9 16h10M9 20.5h6",
@@ -27,12 +35,19 @@ const ICONS = {
   copy: "M9 9h10v10H9zM5 15V5h10",
   stop: "M12 8v4M12 16h.01M12 3a9 9 0 1 0 0 18 9 9 0 0 0 0-18z",
   alert: "M12 8v5M12 16.5v.5M10.3 3.9L2.4 18a2 2 0 0 0 1.7 3h15.8a2 2 0 0 0 1.7-3L13.7 3.9a2 2 0 0 0-3.4 0z",
+  edit: "M4 20h4L19 9l-4-4L4 16zM13.5 6.5l4 4",
+  rename: "M4 20h4L19 9l-4-4L4 16z",
+  trash: "M4 7h16M9 7V4h6v3M6 7l1 13h10l1-13",
+  left: "M15 6l-6 6 6 6",
+  right: "M9 6l6 6-6 6",
 };
 
 /** The turn in progress: { controller, finished: Promise } or null. */
 let current = null;
 let retryTimer = null;
 let historyLoaded = null;
+/** The conversation on screen: its id (null before the first one exists), title and settings. */
+let conversation = { id: null, title: "", settings: {} };
 
 // -- small DOM helpers --
 
@@ -79,7 +94,7 @@ function updateEmptyState() {
 }
 
 /** A message row; for the assistant, with a live Markdown view and helpers for the stream. */
-function createMessage(role, text = "") {
+function createMessage(role, text = "", alternatives = [], version = alternatives.length) {
   const row = el("article", `msg msg-${role}`);
   const body = el("div", "msg-body");
   const bubble = el("div", "bubble");
@@ -97,6 +112,10 @@ function createMessage(role, text = "") {
 
   const message = {
     row, role, text, content, bubble,
+    // Every answer of a reply (regenerate keeps them), oldest first; `shown` is on screen and in use.
+    versions: [...alternatives.slice(0, version), text, ...alternatives.slice(version)],
+    shown: version,
+    stats: "",
     _frame: 0,
     setText(value) {
       message.text = value;
@@ -141,8 +160,8 @@ function createMessage(role, text = "") {
   return message;
 }
 
-function addMessage(role, text) {
-  const message = createMessage(role, text);
+function addMessage(role, text, alternatives = [], version = alternatives.length) {
+  const message = createMessage(role, text, alternatives, version);
   thread.append(message.row);
   updateEmptyState();
   return message;
@@ -153,23 +172,133 @@ function lastMessage() {
   return rows.length ? rows[rows.length - 1].chatMessage : null;
 }
 
-/** Copy and Regenerate under the last reply (only when no turn is running). */
+function actionButton(name, label, title, onClick) {
+  const button = el("button", `action ${name}`);
+  button.type = "button";
+  if (title) button.title = title;
+  button.append(icon(name === "regenerate" ? "regenerate" : name), el("span", null, label));
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+/** Under each reply: its versions, stats and Copy; Regenerate under the last. Edit on user messages. */
 function updateActions() {
+  const stick = nearBottom();
   thread.querySelectorAll(".actions").forEach((node) => node.remove());
-  const last = lastMessage();
-  if (current || !last || last.role !== "assistant" || !last.text) return;
-  const actions = el("div", "actions");
-  const copy = el("button", "action");
-  copy.type = "button";
-  copy.append(icon("copy"), el("span", null, "Copy"));
-  copy.addEventListener("click", () => copyText(last.text, copy.lastChild));
-  const regenerate = el("button", "action regenerate");
-  regenerate.type = "button";
-  regenerate.title = "Write this reply again";
-  regenerate.append(icon("regenerate"), el("span", null, "Regenerate"));
-  regenerate.addEventListener("click", () => runTurn({ text: "", regenerate: true }));
-  actions.append(copy, regenerate);
-  last.row.querySelector(".msg-body").append(actions);
+  const rows = messages();
+  rows.forEach((row, index) => {
+    const message = row.chatMessage;
+    const actions = el("div", "actions");
+    if (message.role === "user") {
+      if (current || row.classList.contains("editing")) return;
+      actions.append(actionButton("edit", "Edit", "Edit this message and send it again", () => startEdit(message, index)));
+    } else {
+      if (!message.text || (current && index === rows.length - 1)) return;
+      if (message.versions.length > 1) actions.append(pager(message));
+      const copy = actionButton("copy", "Copy", "Copy this reply", () => copyText(message.text, copy.lastChild));
+      actions.append(copy);
+      if (!current && index === rows.length - 1) {
+        actions.append(actionButton("regenerate", "Regenerate", "Write this reply again",
+          () => runTurn({ text: "", regenerate: true })));
+      }
+      if (message.stats) {
+        const stats = el("span", "stats");
+        message.stats.split(" · ").forEach((part, i) => stats.append(...(i ? [" · "] : []), el("span", null, part)));
+        actions.append(stats); // each figure stays whole; a narrow screen wraps between them
+      }
+    }
+    row.querySelector(".msg-body").append(actions);
+  });
+  if (stick) scrollToBottom(); // the new row of buttons must not end up under the message box
+}
+
+/** "‹ 2/3 ›": flip through a reply's answers (the newest is the one the conversation goes on from). */
+function pager(message) {
+  const box = el("span", "pager");
+  const previous = el("button", "icon-button small");
+  previous.type = "button";
+  previous.setAttribute("aria-label", "Previous answer");
+  previous.append(icon("left"));
+  const next = el("button", "icon-button small");
+  next.type = "button";
+  next.setAttribute("aria-label", "Next answer");
+  next.append(icon("right"));
+  const position = el("span", "pager-position", `${message.shown + 1}/${message.versions.length}`);
+  position.setAttribute("aria-live", "polite");
+  previous.disabled = message.shown === 0;
+  next.disabled = message.shown === message.versions.length - 1;
+  // The answer shown is the one the conversation goes on from: the server is told at once.
+  const flip = async (step) => {
+    if (current) return;
+    const version = message.shown + step;
+    const index = messages().indexOf(message.row);
+    previous.disabled = next.disabled = true;
+    const result = conversation.id
+      ? await api.updateConversation(conversation.id, { select: { message: index, version } }).catch(() => null)
+      : null;
+    if (!result || !result.ok) {
+      showNotice("Could not switch to that answer. Try again.", { kind: "warn" });
+      updateActions();
+      return;
+    }
+    message.shown = version;
+    message.text = message.versions[version];
+    message.render();
+    updateActions();
+    message.row.querySelector(`[aria-label="${step < 0 ? "Previous" : "Next"} answer"]`)?.focus();
+  };
+  previous.addEventListener("click", () => flip(-1));
+  next.addEventListener("click", () => flip(1));
+  box.append(previous, position, next);
+  return box;
+}
+
+/** Edit a sent message in place; sending it drops everything after it (the conversation branches). */
+function startEdit(message, index) {
+  if (current) return;
+  const row = message.row;
+  row.classList.add("editing");
+  const editor = el("form", "editor");
+  const label = el("label", "visually-hidden", "Edit message");
+  const box = el("textarea", "editor-input");
+  box.id = `edit-${index}`;
+  label.htmlFor = box.id;
+  box.value = message.text;
+  box.rows = Math.min(8, Math.max(2, message.text.split("\n").length));
+  const buttons = el("div", "editor-buttons");
+  const cancel = el("button", "button small ghost", "Cancel");
+  cancel.type = "button";
+  const save = el("button", "button small primary", "Send");
+  save.type = "submit";
+  buttons.append(cancel, save);
+  editor.append(label, box, buttons);
+  message.bubble.hidden = true;
+  row.querySelector(".msg-body").prepend(editor);
+  const close = () => {
+    editor.remove();
+    message.bubble.hidden = false;
+    row.classList.remove("editing");
+    updateActions();
+  };
+  cancel.addEventListener("click", close);
+  box.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") {
+      event.stopPropagation();
+      close();
+    } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
+      event.preventDefault();
+      editor.requestSubmit();
+    }
+  });
+  editor.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = box.value;
+    if (!text.trim()) return;
+    close();
+    runTurn({ text, regenerate: false, editIndex: index });
+  });
+  updateActions();
+  box.focus();
 }
 
 // -- notices (errors and overload) --
@@ -312,7 +441,7 @@ function updateSendButton() {
   sendButton.disabled = !input.value.trim();
 }
 
-async function runTurn({ text, regenerate }) {
+async function runTurn({ text, regenerate, editIndex = null }) {
   if (current) return;
   await historyLoaded;
   if (current) return;
@@ -324,10 +453,15 @@ async function runTurn({ text, regenerate }) {
 
   let user = null;
   let replaced = null;
+  let dropped = []; // an edit takes the edited message and all after it off the screen
   if (regenerate) {
     const last = lastMessage();
     if (last && last.role === "assistant") replaced = last;
   } else {
+    if (editIndex !== null) {
+      dropped = messages().slice(editIndex);
+      dropped.forEach((row) => row.remove());
+    }
     user = addMessage("user", text);
   }
   const reply = createMessage("assistant");
@@ -344,12 +478,13 @@ async function runTurn({ text, regenerate }) {
       input.value = "";
       autosize();
     }
-    runTurn({ text, regenerate });
+    runTurn({ text, regenerate, editIndex });
   };
   // Undo the optimistic view when the server refused the turn (it kept nothing).
   const undo = () => {
     if (replaced) reply.row.replaceWith(replaced.row);
     else reply.row.remove();
+    if (dropped.length) thread.append(...dropped);
     if (user) {
       user.row.remove();
       if (!input.value.trim()) {
@@ -366,7 +501,7 @@ async function runTurn({ text, regenerate }) {
     response = await fetch("chat_stream", {
       method: "POST",
       headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
-      body: JSON.stringify({ user_input: text, regenerate }),
+      body: JSON.stringify(turnBody(text, regenerate, editIndex)),
       credentials: "same-origin",
       cache: "no-store",
       signal: controller.signal,
@@ -391,6 +526,7 @@ async function runTurn({ text, regenerate }) {
         reply.setText(reply.text + String(data.text ?? ""));
       } else if (event === "done") {
         outcome = "done";
+        reply.stats = describeStats(data);
         reply.render();
         if (data.finish_reason === "length") reply.setNote("The reply reached the length limit.");
       } else if (event === "error") {
@@ -429,66 +565,347 @@ async function runTurn({ text, regenerate }) {
     }
   } finally {
     reply.row.removeAttribute("aria-busy");
+    keepVersions(reply, replaced);
     current = null;
     setBusy(false);
     updateActions();
     updateEmptyState();
     if (outcome === "done") announce("Reply finished.");
     else if (outcome === "stopped") announce("Stopped.");
+    if (outcome !== "refused" && outcome !== "offline") refreshConversations().catch(() => {});
     finish();
   }
+}
+
+/** The /chat_stream body: the turn, in the conversation on screen. */
+function turnBody(text, regenerate, editIndex) {
+  const body = { user_input: text, regenerate };
+  if (conversation.id) body.conversation_id = conversation.id;
+  if (editIndex !== null) body.edit_index = editIndex;
+  return body;
+}
+
+/** What the server did for this reply, in one short line. */
+function describeStats(done) {
+  const parts = [];
+  const tokens = done?.usage?.completion_tokens;
+  const rate = done?.timing?.tokens_per_s;
+  const ttft = done?.timing?.ttft_s;
+  if (Number.isFinite(tokens)) parts.push(`${tokens} tokens`);
+  if (Number.isFinite(rate)) parts.push(`${rate.toFixed(1)} tokens/s`);
+  if (Number.isFinite(ttft)) parts.push(`${ttft.toFixed(2)} s to first token`);
+  return parts.join(" · ");
+}
+
+/** A regenerated reply keeps the answers it replaced, as the server does (the same answer twice counts once). */
+function keepVersions(reply, replaced) {
+  if (!replaced || !reply.text) {
+    reply.versions = [reply.text];
+    reply.shown = 0;
+    return;
+  }
+  const earlier = replaced.versions;
+  const known = earlier.indexOf(reply.text);
+  reply.versions = known >= 0 ? earlier : [...earlier.slice(-10), reply.text];
+  reply.shown = known >= 0 ? known : reply.versions.length - 1;
 }
 
 function stop() {
   current?.controller.abort();
 }
 
+/** Stop a running turn and wait until it has ended (the server saves what was shown). */
+async function stopAndWait() {
+  if (!current) return;
+  const turn = current;
+  turn.controller.abort();
+  await turn.finished;
+}
+
+function clearThread() {
+  messages().forEach((row) => row.remove());
+  updateEmptyState();
+}
+
 async function newChat() {
-  if (current) {
-    const turn = current;
-    turn.controller.abort();
-    await turn.finished;
-  }
+  await stopAndWait();
   hideNotice();
-  let response = null;
+  closeSidebar();
+  const shown = conversationListItems().find((item) => item.id === conversation.id);
+  if (conversation.id && !messages().length && shown && shown.message_count === 0) {
+    input.focus(); // this one is still empty: no second empty conversation
+    return;
+  }
+  let result;
   try {
-    // The server finishes a stopped turn (saving the partial reply) a moment after the abort.
-    for (let attempt = 0; attempt < 20; attempt++) {
-      response = await fetch("clear_context", { method: "POST", credentials: "same-origin" });
-      if (response.status !== 409) break;
-      await sleep(150);
-    }
+    result = await api.createConversation({});
   } catch {
     showNotice("Could not reach the server to start a new chat. Try again.", { retry: newChat });
     return;
   }
-  if (!response.ok) {
-    const error = await readError(response);
-    showNotice(explain(error).text, { retry: newChat, kind: "warn" });
+  if (!result.ok) {
+    showNotice(explain(errorOf(result)).text, { retry: newChat, kind: "warn" });
     return;
   }
-  messages().forEach((row) => row.remove());
-  updateEmptyState();
+  conversation = { id: result.body.id, title: result.body.title, settings: result.body.settings || {} };
+  clearThread();
+  await refreshConversations();
   announce("New chat started.");
   input.focus();
+}
+
+function errorOf(result) {
+  return {
+    status: result.status,
+    code: typeof result.body.error === "string" ? result.body.error : `http_${result.status}`,
+    message: typeof result.body.message === "string" ? result.body.message : "",
+    retryAfter: 0,
+  };
+}
+
+// -- conversations: the sidebar --
+
+let knownConversations = [];
+
+function conversationListItems() {
+  return knownConversations;
+}
+
+async function refreshConversations() {
+  const result = await api.listConversations();
+  if (!result.ok) return;
+  knownConversations = Array.isArray(result.body.conversations) ? result.body.conversations : [];
+  if (!conversation.id && result.body.current) {
+    const shown = knownConversations.find((item) => item.id === result.body.current);
+    conversation = { id: result.body.current, title: shown?.title || "", settings: shown?.settings || {} };
+  }
+  const shown = knownConversations.find((item) => item.id === conversation.id);
+  if (shown) {
+    conversation.title = shown.title;
+    conversation.settings = shown.settings || {};
+  }
+  renderConversations();
+}
+
+function renderConversations() {
+  conversationList.replaceChildren();
+  for (const item of knownConversations) {
+    const li = el("li", "conversation");
+    li.dataset.id = item.id;
+    const open = el("button", "conversation-open", item.title || "Untitled");
+    open.type = "button";
+    if (item.id === conversation.id) open.setAttribute("aria-current", "true");
+    open.addEventListener("click", () => openConversation(item.id));
+    const rename = el("button", "icon-button small conversation-rename");
+    rename.type = "button";
+    rename.setAttribute("aria-label", `Rename ${item.title || "Untitled"}`);
+    rename.append(icon("rename"));
+    rename.addEventListener("click", () => startRename(li, item));
+    const remove = el("button", "icon-button small conversation-delete");
+    remove.type = "button";
+    remove.setAttribute("aria-label", `Delete ${item.title || "Untitled"}`);
+    remove.append(icon("trash"));
+    remove.addEventListener("click", () => removeConversation(item));
+    li.append(open, rename, remove);
+    conversationList.append(li);
+  }
+  conversationsEmpty.hidden = knownConversations.length > 0;
+}
+
+async function openConversation(id) {
+  closeSidebar();
+  if (id === conversation.id && !current) return;
+  await stopAndWait();
+  hideNotice();
+  const result = await api.updateConversation(id, { current: true });
+  if (!result.ok) {
+    showNotice(explain(errorOf(result)).text, { kind: "warn" });
+    return;
+  }
+  await showConversation(id);
+  renderConversations();
+  input.focus();
+}
+
+/** Put conversation `id` on screen, from the server. */
+async function showConversation(id) {
+  const result = await api.readConversation(id);
+  if (!result.ok) throw new Error(`HTTP ${result.status}`);
+  conversation = { id, title: result.body.title || "", settings: result.body.settings || {} };
+  clearThread();
+  for (const message of result.body.messages || []) {
+    if ((message.role === "user" || message.role === "assistant") && typeof message.content === "string") {
+      const alternatives = Array.isArray(message.alternatives) ? message.alternatives.filter((a) => typeof a === "string") : [];
+      const version = Number.isInteger(message.version) && message.version <= alternatives.length ? message.version : alternatives.length;
+      addMessage(message.role, message.content, alternatives, version);
+    }
+  }
+  updateEmptyState();
+  updateActions();
+  scrollToBottom();
+}
+
+function startRename(li, item) {
+  const form = el("form", "rename");
+  const label = el("label", "visually-hidden", "New title");
+  const box = el("input", "rename-input");
+  box.id = `rename-${item.id}`;
+  label.htmlFor = box.id;
+  box.value = item.title;
+  box.maxLength = 200;
+  form.append(label, box);
+  li.replaceChildren(form);
+  let done = false;
+  const finish = async (save) => {
+    if (done) return;
+    done = true;
+    const title = box.value.trim();
+    if (save && title && title !== item.title) {
+      const result = await api.updateConversation(item.id, { title });
+      if (!result.ok) showNotice(explain(errorOf(result)).text, { kind: "warn" });
+    }
+    await refreshConversations();
+  };
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    finish(true);
+  });
+  box.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") {
+      event.stopPropagation();
+      finish(false);
+    }
+  });
+  box.addEventListener("blur", () => finish(true));
+  box.focus();
+  box.select();
+}
+
+async function removeConversation(item) {
+  if (!confirm(`Delete “${item.title || "Untitled"}”? This cannot be undone.`)) return;
+  if (item.id === conversation.id) await stopAndWait();
+  const result = await api.deleteConversation(item.id);
+  if (!result.ok && result.status !== 404) {
+    showNotice(explain(errorOf(result)).text, { kind: "warn" });
+    return;
+  }
+  if (item.id === conversation.id) {
+    conversation = { id: null, title: "", settings: {} };
+    clearThread();
+    if (result.body.current) await showConversation(result.body.current);
+  }
+  await refreshConversations();
+  announce("Conversation deleted.");
+}
+
+function openSidebar() {
+  sidebar.classList.add("open");
+  backdrop.hidden = false;
+  sidebarToggle.setAttribute("aria-expanded", "true");
+  sidebar.querySelector("[aria-current], button")?.focus();
+}
+
+function closeSidebar() {
+  if (!sidebar.classList.contains("open")) return;
+  sidebar.classList.remove("open");
+  backdrop.hidden = true;
+  sidebarToggle.setAttribute("aria-expanded", "false");
+}
+
+// -- settings of the conversation --
+
+const settingFields = {
+  system_prompt: $("setting-system"),
+  temperature: $("setting-temperature"),
+  top_p: $("setting-top-p"),
+  max_tokens: $("setting-max-tokens"),
+};
+
+function openSettings() {
+  const settings = conversation.settings || {};
+  for (const [name, field] of Object.entries(settingFields)) {
+    field.value = settings[name] ?? "";
+  }
+  settingsError.hidden = true;
+  settingsDialog.showModal();
+  settingFields.system_prompt.focus();
+}
+
+async function saveSettings(event) {
+  event.preventDefault();
+  const settings = {};
+  for (const [name, field] of Object.entries(settingFields)) {
+    const raw = field.value.trim();
+    if (name === "system_prompt") settings[name] = raw ? field.value : null;
+    else settings[name] = raw === "" ? null : Number(raw);
+  }
+  for (const [name, value] of Object.entries(settings)) {
+    if (typeof value === "number" && !Number.isFinite(value)) {
+      settingsError.textContent = `${name.replace("_", " ")} must be a number.`;
+      settingsError.hidden = false;
+      return;
+    }
+  }
+  let result;
+  try {
+    if (conversation.id) {
+      result = await api.updateConversation(conversation.id, { settings });
+    } else {
+      const kept = Object.fromEntries(Object.entries(settings).filter(([, value]) => value !== null));
+      result = await api.createConversation({ settings: kept });
+    }
+  } catch {
+    settingsError.textContent = "Could not reach the server. Try again.";
+    settingsError.hidden = false;
+    return;
+  }
+  if (!result.ok) {
+    settingsError.textContent = sentence(result.body.message || `The server refused the settings (${result.status})`);
+    settingsError.hidden = false;
+    return;
+  }
+  conversation = { id: result.body.id, title: result.body.title, settings: result.body.settings || {} };
+  settingsDialog.close();
+  await refreshConversations();
+  announce("Settings saved.");
+}
+
+// -- export --
+
+async function exportConversation(format) {
+  $("export-menu").open = false;
+  let title = conversation.title;
+  let messagesOut = messages().map((row) => {
+    const message = row.chatMessage;
+    const out = { role: message.role, content: message.text };
+    if (message.role === "assistant" && message.versions.length > 1) out.alternatives = message.versions.filter((_, i) => i !== message.shown);
+    return out;
+  });
+  if (conversation.id) {
+    const result = await api.readConversation(conversation.id); // the server's copy is the record
+    if (result.ok) {
+      title = result.body.title;
+      messagesOut = result.body.messages;
+    }
+  }
+  if (format === "json") {
+    const body = { id: conversation.id, title, settings: conversation.settings, exported: new Date().toISOString(), messages: messagesOut };
+    api.download(title, "json", "application/json", `${JSON.stringify(body, null, 2)}\n`);
+  } else {
+    api.download(title, "md", "text/markdown", api.toMarkdown(title, messagesOut));
+  }
 }
 
 // -- history and health --
 
 async function loadHistory() {
   try {
-    const response = await fetch("history", { credentials: "same-origin", cache: "no-store" });
-    signInIfNeeded(response);
-    if (!response.ok) throw new Error(`HTTP ${response.status}`);
-    const body = await response.json();
-    for (const message of body.messages || []) {
-      if ((message.role === "user" || message.role === "assistant") && typeof message.content === "string") {
-        addMessage(message.role, message.content);
-      }
-    }
+    await refreshConversations();
+    if (conversation.id) await showConversation(conversation.id);
   } catch {
     showNotice("Could not load this conversation from the server.", { retry: () => location.reload() });
   }
+  renderConversations();
   updateEmptyState();
   updateActions();
   scrollToBottom();
@@ -543,9 +960,18 @@ form.addEventListener("submit", (event) => {
 });
 stopButton.addEventListener("click", stop);
 newChatButton.addEventListener("click", newChat);
+sidebarToggle.addEventListener("click", () => (sidebar.classList.contains("open") ? closeSidebar() : openSidebar()));
+$("sidebar-close").addEventListener("click", closeSidebar);
+backdrop.addEventListener("click", closeSidebar);
+$("open-settings").addEventListener("click", openSettings);
+$("settings-form").addEventListener("submit", saveSettings);
+$("settings-cancel").addEventListener("click", () => settingsDialog.close());
+$("export-markdown").addEventListener("click", () => exportConversation("markdown"));
+$("export-json").addEventListener("click", () => exportConversation("json"));
 $("notice-close").addEventListener("click", hideNotice);
 document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && current) stop();
+  if (event.key === "Escape" && sidebar.classList.contains("open")) closeSidebar();
+  else if (event.key === "Escape" && current) stop();
 });
 for (const suggestion of document.querySelectorAll(".suggestion")) {
   suggestion.addEventListener("click", () => {

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..engine import SamplingParams
 from ..errors import InputTooLarge, InvalidRequest
+from ..service.conversations import check_id
 from ..service.sampling import SamplingLimits, to_sampling_params
 from .json_body import BadJSON, parse_json_body
 
@@ -14,7 +15,7 @@ from .json_body import BadJSON, parse_json_body
 _OVERRIDES = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
               "seed": "seed", "stop": "stop", "repetition_penalty": "repetition_penalty"}
 _WIRE_NAMES = {engine: wire for wire, engine in _OVERRIDES.items()}
-_FIELDS = {"user_input", "regenerate"} | set(_OVERRIDES)
+_FIELDS = {"user_input", "regenerate", "conversation_id", "edit_index"} | set(_OVERRIDES)
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class ChatStreamRequest:
     user_input: str
     regenerate: bool
     overrides: dict[str, Any]
+    conversation_id: str | None = None  # one of the session's conversations; None: the current one
+    edit_index: int | None = None  # the user message that user_input replaces (later messages are dropped)
 
     @classmethod
     def parse(cls, body: bytes, max_input_chars: int) -> "ChatStreamRequest":
@@ -57,7 +60,20 @@ class ChatStreamRequest:
         if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
             raise InvalidRequest("'stop' must be a string or a list of strings", param="stop")
         overrides = {_OVERRIDES[k]: v for k, v in data.items() if k in _OVERRIDES and v is not None}
-        return cls(user_input=user_input, regenerate=regenerate, overrides=overrides)
+        conversation_id = data.get("conversation_id")
+        if conversation_id is not None:
+            conversation_id = check_id(conversation_id)
+        edit_index = data.get("edit_index")
+        if edit_index is not None:
+            if not isinstance(edit_index, int) or isinstance(edit_index, bool) or not 0 <= edit_index < 1 << 31:
+                raise InvalidRequest("'edit_index' must be the index of a user message (an integer from 0)",
+                                     param="edit_index")
+            if regenerate:
+                raise InvalidRequest("'edit_index' and 'regenerate' cannot be combined", param="edit_index")
+        return cls(user_input=user_input, regenerate=regenerate, overrides=overrides,
+                   conversation_id=conversation_id, edit_index=edit_index)
 
-    def to_sampling_params(self, defaults: SamplingParams, limits: SamplingLimits) -> SamplingParams:
-        return to_sampling_params(defaults, limits, self.overrides, _WIRE_NAMES)
+    def to_sampling_params(self, defaults: SamplingParams, limits: SamplingLimits,
+                           conversation: dict[str, Any] | None = None) -> SamplingParams:
+        """``defaults``, then the conversation's own settings, then this request's overrides."""
+        return to_sampling_params(defaults, limits, {**(conversation or {}), **self.overrides}, _WIRE_NAMES)

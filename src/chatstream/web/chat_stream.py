@@ -18,6 +18,7 @@ from ..engine import Engine, SamplingParams
 from ..errors import ChatError, ModelNotReady, QueueFull
 from ..metrics import CONTENT_TYPE
 from ..service import ChatService, Delta, Done, Failed, Queued, TurnEvent
+from ..service.conversations import check_id
 from ..service.sampling import SamplingLimits
 from ..service.turn import Callback
 from ..session import Session, SessionMiddleware, SessionStore
@@ -36,6 +37,8 @@ _STATUS = {
     "input_too_large": 413,
     "conversation_too_long": 413,
     "session_busy": 409,
+    "conversation_not_found": 404,
+    "too_many_conversations": 409,
     "too_many_sessions": 429,
     "too_many_requests": 503,
     "model_loading": 503,
@@ -187,6 +190,7 @@ class ChatStream:
         app.add_route("/health/live", self.handle_liveness_request, methods=["GET"])
         app.add_route("/stats/loop_lag", self.handle_loop_lag_request, methods=["GET"])
         app.add_route("/metrics", self.handle_metrics_request, methods=["GET"])
+        self.append_conversation_apis(app)
 
     def append_openai_apis(self, app: Any, api_key: str | None = None) -> None:
         """Add the OpenAI-compatible API (/v1/chat/completions, /v1/models), sharing this load control."""
@@ -199,6 +203,12 @@ class ChatStream:
         from .ui import add_ui_routes
 
         add_ui_routes(app)
+
+    def append_conversation_apis(self, app: Any) -> None:
+        """Add /conversations (list, create, read, rename and set up, delete) for several conversations per user."""
+        from .conversation_routes import add_conversation_routes
+
+        add_conversation_routes(app, self.service)
 
     # -- the /chat_stream face --
     async def handle_chat_stream_request(
@@ -221,11 +231,14 @@ class ChatStream:
             return Response(status_code=400)  # nobody is listening
         try:
             parsed = ChatStreamRequest.parse(body, self.settings.max_input_chars)
-            params = parsed.to_sampling_params(self.service.defaults, self._limits())
+            session = _session_of(request)
+            conversation = await self.service.conversation_sampling(session, parsed.conversation_id)
+            params = parsed.to_sampling_params(self.service.defaults, self._limits(), conversation)
             turn = self.service.session_turn(
-                _session_of(request), params, user_input=parsed.user_input, regenerate=parsed.regenerate,
-                request=request, callback=callback,
+                session, params, user_input=parsed.user_input, regenerate=parsed.regenerate,
+                request=request, callback=callback, conversation_id=parsed.conversation_id,
             )
+            turn.edit_index = parsed.edit_index
             await turn.start()
         except ChatError as exc:
             return chat_error_response(exc)
@@ -234,16 +247,20 @@ class ChatStream:
         return TurnStreamingResponse(turn, _as_sse, "text/event-stream")
 
     async def handle_clear_context_request(self, request: Request) -> Response:
-        """Empty this session's conversation (and move the session to a new id)."""
+        """Empty this session (and move it to a new id); with ``?conversation_id=``, that conversation only."""
         try:
-            await self.service.clear_conversation(_session_of(request))
+            await self.service.clear_conversation(_session_of(request), _conversation_id_of(request))
         except ChatError as exc:
             return chat_error_response(exc)
         return JSONResponse({"status": "cleared"})
 
     async def handle_history_request(self, request: Request) -> Response:
-        """This session's conversation as ``{"messages": [{"role", "content"}, ...]}``."""
-        return JSONResponse({"messages": await self.service.history(_session_of(request))})
+        """The current conversation (or ``?conversation_id=``) as ``{"messages": [{"role", "content"}, ...]}``."""
+        try:
+            messages = await self.service.history(_session_of(request), _conversation_id_of(request))
+        except ChatError as exc:
+            return chat_error_response(exc)
+        return JSONResponse({"messages": messages})
 
     async def handle_health_request(self, request: Request) -> Response:
         """Readiness: 200 once turns can be served; 503 while loading, failed or draining."""
@@ -275,6 +292,12 @@ def _session_of(request: Request) -> Session:
     if not isinstance(session, Session):
         raise RuntimeError("no session on this request: call chat_stream.append_middlewares(app) when building the app")
     return session
+
+
+def _conversation_id_of(request: Request) -> str | None:
+    """``?conversation_id=`` (validated), or None for the session's current conversation."""
+    value = request.query_params.get("conversation_id")
+    return check_id(value) if value is not None else None
 
 
 def _as_sse(event: TurnEvent) -> str:

@@ -44,6 +44,9 @@ def add_openai_routes(app: Any, service: Any, api_key: str | None = None) -> Non
     app.add_route("/v1/models", api.handle_models, methods=["GET"])
     app.add_route("/v1/models/{model:path}", api.handle_model, methods=["GET"])
     app.add_route("/tokenize", api.handle_tokenize, methods=["POST"])
+    # Anything else under /v1 (e.g. /v1/completions, /v1/embeddings) is OpenAI's 404, in its envelope.
+    app.add_route("/v1/{rest:path}", api.handle_unknown,
+                  methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
 
 
 class OpenAIRoutes:
@@ -53,6 +56,14 @@ class OpenAIRoutes:
         self.service = service
         self.api_key = api_key or None
         self.created = int(time.time())
+
+    async def handle_unknown(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+        except OpenAIError as exc:
+            return exc.response()
+        return OpenAIError(404, f"Invalid URL ({request.method} {request.url.path}): this server implements "
+                                "/v1/chat/completions and /v1/models.", code="unknown_url").response()
 
     async def handle_models(self, request: Request) -> Response:
         try:
@@ -67,7 +78,7 @@ class OpenAIRoutes:
             self._check_model(request.path_params["model"], param=None)
         except OpenAIError as exc:
             return exc.response()
-        return JSONResponse(self._model_card())
+        return JSONResponse({**self._model_card(), "id": request.path_params["model"]})
 
     async def handle_tokenize(self, request: Request) -> Response:
         """vLLM's ``POST /tokenize``: ``{"prompt": text}`` -> ``{"tokens": [...], "count": n, "max_model_len": n}``."""
@@ -92,7 +103,7 @@ class OpenAIRoutes:
             return exc.response()
         except ClientDisconnect:
             return Response(status_code=400)
-        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": self.service.settings.context_len})
+        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": self.service.context_len})
 
     async def handle_chat_completions(self, request: Request) -> Any:
         service = self.service
@@ -115,7 +126,7 @@ class OpenAIRoutes:
             return exc.response()
         except ChatError as exc:
             assert parsed is not None  # turns only start from a parsed request
-            return _openai_error(exc, service.settings.context_len, parsed).response()
+            return _openai_error(exc, service.context_len, parsed).response()
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is listening
         completion = _Completion(turn, model=service.model_name,
@@ -136,13 +147,21 @@ class OpenAIRoutes:
             raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key",
                               headers={"WWW-Authenticate": "Bearer"})
 
+    @property
+    def served_names(self) -> list[str]:
+        """The names ``model`` may take; empty: any (one model is served, whatever a client calls it)."""
+        names = getattr(self.service.settings, "served_model_name", None) or ""
+        return [n.strip() for n in names.split(",") if n.strip()]
+
     def _model_card(self) -> dict[str, Any]:
-        return {"id": self.service.model_name, "object": "model", "created": self.created, "owned_by": "chatstream"}
+        name = (self.served_names or [self.service.model_name])[0]
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "chatstream"}
 
     def _check_model(self, model: str | None, param: str | None) -> None:
-        if model is not None and model != self.service.model_name:
+        names = self.served_names
+        if model is not None and names and model not in names:
             raise OpenAIError(
-                404, f"The model `{model}` does not exist. This server serves `{self.service.model_name}`.",
+                404, f"The model `{model}` does not exist. This server serves `{'`, `'.join(names)}`.",
                 param=param, code="model_not_found",
             )
 

@@ -1,0 +1,222 @@
+"""Several conversations per session, kept as plain JSON inside the session data.
+
+Layout of the session data (everything JSON, never pickled)::
+
+    {"conversations": {"<id>": {"title": str, "created": float, "updated": float,
+                                "settings": {"system_prompt"?, "temperature"?, "top_p"?, "max_tokens"?},
+                                "chat_prompt": {"system", "messages", "context_start"?}}},
+     "current": "<id>" | None}
+
+Sessions written before there were several conversations hold one ``"chat_prompt"`` at the top
+level: :func:`migrate` turns it into the conversation ``"default"`` (a fixed id, so that reads
+which do not save agree on it) and makes it current. The functions here only edit such a dict;
+loading, locking and saving stay with :class:`~chatstream.service.ChatService` and the faces.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import uuid
+from typing import Any, Mapping
+
+from ..engine import SamplingParams
+from ..errors import ChatError, InvalidRequest
+from .sampling import SamplingLimits, to_sampling_params
+
+LEGACY_KEY = "chat_prompt"
+CONVERSATIONS_KEY = "conversations"
+CURRENT_KEY = "current"
+LEGACY_ID = "default"
+
+MAX_CONVERSATIONS = 100
+MAX_TITLE_CHARS = 200
+_TITLE_FROM_MESSAGE_CHARS = 60
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SETTING_NAMES = ("system_prompt", "temperature", "top_p", "max_tokens")
+MAX_TEMPERATURE = 2.0  # what the server's own settings allow
+
+Data = dict[str, Any]
+
+
+class ConversationNotFound(ChatError):
+    """No conversation with this id in this session (another user's id looks exactly the same)."""
+
+    code = "conversation_not_found"
+
+
+class TooManyConversations(ChatError):
+    """The session holds the most conversations it may: delete one first."""
+
+    code = "too_many_conversations"
+
+
+# -- layout --
+
+def migrate(data: Data) -> dict[str, Data]:
+    """Bring ``data`` to the layout above, in place; returns its conversations."""
+    conversations = data.get(CONVERSATIONS_KEY)
+    if not isinstance(conversations, dict):
+        conversations = {}
+    # Keep only well-formed entries: a damaged record must not break every read.
+    conversations = {k: v for k, v in conversations.items() if isinstance(k, str) and _ID.match(k) and isinstance(v, dict)}
+    data[CONVERSATIONS_KEY] = conversations
+    legacy = data.pop(LEGACY_KEY, None)
+    if isinstance(legacy, dict) and LEGACY_ID not in conversations:
+        conversations[LEGACY_ID] = {"title": _title_from(legacy) or "Conversation", "created": 0.0, "updated": 0.0,
+                                    "settings": {}, "chat_prompt": legacy}
+        data[CURRENT_KEY] = LEGACY_ID
+    if data.get(CURRENT_KEY) not in conversations:
+        newest = ordered(data)
+        data[CURRENT_KEY] = newest[0][0] if newest else None
+    return conversations
+
+
+def ordered(data: Data) -> list[tuple[str, Data]]:
+    """The conversations, newest (last updated) first."""
+    conversations = data.get(CONVERSATIONS_KEY) or {}
+    return sorted(conversations.items(), key=lambda item: (-_number(item[1].get("updated")), item[0]))
+
+
+def summary(conversation_id: str, entry: Data) -> Data:
+    """What a list shows of one conversation."""
+    messages = (entry.get("chat_prompt") or {}).get("messages") or []
+    return {
+        "id": conversation_id,
+        "title": entry.get("title") if isinstance(entry.get("title"), str) else "",
+        "created": _number(entry.get("created")),
+        "updated": _number(entry.get("updated")),
+        "message_count": len(messages) if isinstance(messages, list) else 0,
+        "settings": dict(entry.get("settings") or {}),
+    }
+
+
+# -- lookups --
+
+def check_id(conversation_id: Any) -> str:
+    if not isinstance(conversation_id, str) or not _ID.match(conversation_id):
+        raise InvalidRequest("'conversation_id' must be 1 to 64 letters, digits, '-' or '_'", param="conversation_id")
+    return conversation_id
+
+
+def get(data: Data, conversation_id: str) -> Data:
+    entry = (data.get(CONVERSATIONS_KEY) or {}).get(check_id(conversation_id))
+    if not isinstance(entry, dict):
+        raise ConversationNotFound(f"there is no conversation {conversation_id!r} in this session")
+    return entry
+
+
+def resolve(data: Data, conversation_id: str | None, *, create: bool) -> str | None:
+    """The id a request means: the one given (which must exist), else the current one.
+
+    With ``create``, a session without any conversation gets a new one (in ``data`` only).
+    """
+    if conversation_id is not None:
+        get(data, conversation_id)
+        return conversation_id
+    current = data.get(CURRENT_KEY)
+    if isinstance(current, str) and current in (data.get(CONVERSATIONS_KEY) or {}):
+        return current
+    return create_conversation(data) if create else None
+
+
+# -- changes (in memory; the caller saves) --
+
+def create_conversation(data: Data, title: str = "", settings: Mapping[str, Any] | None = None) -> str:
+    conversations = migrate(data)
+    if len(conversations) >= MAX_CONVERSATIONS:
+        raise TooManyConversations(
+            f"this session already holds {MAX_CONVERSATIONS} conversations: delete one to start another"
+        )
+    conversation_id = uuid.uuid4().hex
+    now = time.time()
+    conversations[conversation_id] = {"title": title, "created": now, "updated": now,
+                                      "settings": dict(settings or {}), "chat_prompt": {"messages": []}}
+    data[CURRENT_KEY] = conversation_id
+    return conversation_id
+
+
+def delete(data: Data, conversation_id: str) -> None:
+    get(data, conversation_id)
+    del data[CONVERSATIONS_KEY][conversation_id]
+    if data.get(CURRENT_KEY) == conversation_id:
+        newest = ordered(data)
+        data[CURRENT_KEY] = newest[0][0] if newest else None
+
+
+def store_chat_prompt(data: Data, conversation_id: str, chat_prompt: Data) -> None:
+    """Write a conversation's messages back; the first user message names an untitled one."""
+    entry = get(data, conversation_id)
+    entry["chat_prompt"] = chat_prompt
+    entry["updated"] = time.time()
+    if not entry.get("title"):
+        entry["title"] = _title_from(chat_prompt)
+    data[CURRENT_KEY] = conversation_id  # the conversation in use is the one a reload shows
+
+
+# -- validation of what clients send --
+
+def parse_title(value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest("'title' must be a string", param="title")
+    title = " ".join(value.split())
+    if not title:
+        raise InvalidRequest("'title' must not be empty", param="title")
+    if len(title) > MAX_TITLE_CHARS:
+        raise InvalidRequest(f"'title' is {len(title)} characters; the limit is {MAX_TITLE_CHARS}", param="title")
+    return title
+
+
+def parse_settings(value: Any, defaults: SamplingParams, limits: SamplingLimits, max_system_chars: int,
+                   current: Mapping[str, Any] | None = None) -> Data:
+    """``current`` settings with ``value`` applied (``null`` removes a setting); raises InvalidRequest."""
+    if not isinstance(value, dict):
+        raise InvalidRequest("'settings' must be an object", param="settings")
+    unknown = sorted(set(value) - set(SETTING_NAMES))
+    if unknown:
+        raise InvalidRequest(f"unknown setting(s): {', '.join(unknown)[:200]}; known: {', '.join(SETTING_NAMES)}",
+                             param=f"settings.{unknown[0]}")
+    result = dict(current or {})
+    for name, setting in value.items():
+        if setting is None:
+            result.pop(name, None)
+        else:
+            result[name] = setting
+    system = result.get("system_prompt")
+    if system is not None:
+        if not isinstance(system, str):
+            raise InvalidRequest("'settings.system_prompt' must be a string or null", param="settings.system_prompt")
+        if len(system) > max_system_chars:
+            raise InvalidRequest(f"'settings.system_prompt' is {len(system)} characters; the limit is {max_system_chars}",
+                                 param="settings.system_prompt")
+    temperature = result.get("temperature")
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > MAX_TEMPERATURE:
+        raise InvalidRequest(f"'settings.temperature' must be at most {MAX_TEMPERATURE:g}", param="settings.temperature")
+    # The same checks (and the same clamp of max_tokens) as a request's own overrides.
+    params = to_sampling_params(defaults, limits, sampling_values(result),
+                                {"max_new_tokens": "settings.max_tokens", "temperature": "settings.temperature",
+                                 "top_p": "settings.top_p"})
+    if "max_tokens" in result:
+        result["max_tokens"] = params.max_new_tokens
+    return result
+
+
+def sampling_values(settings: Mapping[str, Any]) -> Data:
+    """A conversation's settings under the engine's names (what ``to_sampling_params`` takes)."""
+    names = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens"}
+    return {names[k]: v for k, v in settings.items() if k in names}
+
+
+def _title_from(chat_prompt: Data) -> str:
+    for message in chat_prompt.get("messages") or []:
+        if isinstance(message, dict) and message.get("role") == "user" and isinstance(message.get("content"), str):
+            text = " ".join(message["content"].split())
+            if len(text) > _TITLE_FROM_MESSAGE_CHARS:
+                text = text[: _TITLE_FROM_MESSAGE_CHARS - 1].rstrip() + "…"
+            return text
+    return ""
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else 0.0

@@ -1,0 +1,176 @@
+"""``/conversations``: several conversations per user, each with a title and its own settings.
+
+Usable without the UI::
+
+    GET    /conversations          -> {"conversations": [summary, ...] (newest first), "current": id|null, "limit": n}
+    POST   /conversations          {"title"?, "settings"?}            -> 201 summary (it becomes current)
+    GET    /conversations/{id}     -> summary + {"messages": [...]}
+    PATCH  /conversations/{id}     {"title"?, "settings"?, "current"?: true, "select"?: {"message", "version"}} -> summary
+    DELETE /conversations/{id}     -> {"deleted": id, "current": id|null}
+
+A summary is ``{"id", "title", "created", "updated", "message_count", "settings"}``. Changes take
+the session lock, so they are refused (409 ``session_busy``) while a reply is being written in
+the session; an id this session does not hold, another user's included, is 404 and nothing more.
+``select`` picks which answer of a regenerated reply the conversation goes on from (``version``
+indexes the reply's answers oldest first: its ``alternatives`` with ``content`` at ``version``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from ..errors import ChatError, InvalidRequest
+from ..service import ChatService
+from ..service import conversations as book
+from ..service.sampling import SamplingLimits
+from ..session import Session
+from .chat_stream import _session_of, chat_error_response
+from .json_body import BadJSON, parse_json_body, require_json
+
+_CREATE_FIELDS = {"title", "settings"}
+_PATCH_FIELDS = {"title", "settings", "current", "select"}
+
+
+def add_conversation_routes(app: Any, service: ChatService) -> None:
+    routes = _ConversationRoutes(service)
+    app.add_route("/conversations", routes.list_or_create, methods=["GET", "POST"])
+    app.add_route("/conversations/{conversation_id}", routes.one, methods=["GET", "PATCH", "DELETE"])
+
+
+class _ConversationRoutes:
+    def __init__(self, service: ChatService) -> None:
+        self.service = service
+
+    async def list_or_create(self, request: Request) -> Response:
+        try:
+            if request.method == "GET":
+                return await self._list(_session_of(request))
+            return await self._create(request)
+        except ChatError as exc:
+            return chat_error_response(exc)
+
+    async def one(self, request: Request) -> Response:
+        try:
+            conversation_id = book.check_id(request.path_params["conversation_id"])
+            session = _session_of(request)
+            if request.method == "GET":
+                return await self._read(session, conversation_id)
+            if request.method == "DELETE":
+                return await self._delete(session, conversation_id)
+            return await self._patch(request, session, conversation_id)
+        except ChatError as exc:
+            return chat_error_response(exc)
+
+    async def _list(self, session: Session) -> Response:
+        data = {} if session.is_new else (await self.service.session_store.get(session.id)) or {}
+        book.migrate(data)
+        return JSONResponse({
+            "conversations": [book.summary(cid, entry) for cid, entry in book.ordered(data)],
+            "current": data.get(book.CURRENT_KEY),
+            "limit": book.MAX_CONVERSATIONS,
+        })
+
+    async def _read(self, session: Session, conversation_id: str) -> Response:
+        data = {} if session.is_new else (await self.service.session_store.get(session.id)) or {}
+        book.migrate(data)
+        entry = book.get(data, conversation_id)
+        messages = await self.service.history(session, conversation_id)
+        return JSONResponse({**book.summary(conversation_id, entry), "messages": messages})
+
+    async def _create(self, request: Request) -> Response:
+        body = await _json_object(request, _CREATE_FIELDS, allow_empty=True)
+        title = book.parse_title(body["title"]) if "title" in body else ""
+        settings = self._settings(body["settings"]) if "settings" in body else {}
+        session = _session_of(request)
+        async with session.lock(lease_s=self.service.lock_lease_s):
+            data = await session.load()
+            conversation_id = book.create_conversation(data, title, settings)
+            await session.save()
+        return JSONResponse(book.summary(conversation_id, book.get(data, conversation_id)), status_code=201)
+
+    async def _patch(self, request: Request, session: Session, conversation_id: str) -> Response:
+        body = await _json_object(request, _PATCH_FIELDS, allow_empty=False)
+        title = book.parse_title(body["title"]) if "title" in body else None
+        if "current" in body and body["current"] is not True:
+            raise InvalidRequest("'current' can only be true (make this the current conversation)", param="current")
+        select = _parse_select(body["select"]) if "select" in body else None
+        if session.is_new:
+            raise book.ConversationNotFound(f"there is no conversation {conversation_id!r} in this session")
+        async with session.lock(lease_s=self.service.lock_lease_s):
+            data = await session.load()
+            book.migrate(data)
+            entry = book.get(data, conversation_id)
+            settings = self._settings(body["settings"], entry.get("settings")) if "settings" in body else None
+            if title is not None:
+                entry["title"] = title
+            if settings is not None:
+                entry["settings"] = settings
+            if body.get("current"):
+                data[book.CURRENT_KEY] = conversation_id
+            if select is not None:
+                stored = entry.get("chat_prompt")
+                prompt = self.service.chat_prompt_clazz.from_dict(stored if isinstance(stored, dict) else None)
+                try:
+                    prompt.select_version(*select)
+                except IndexError as exc:
+                    raise InvalidRequest(str(exc), param="select") from None
+                entry["chat_prompt"] = {**(stored or {}), **prompt.to_dict()}
+            await session.save()
+        return JSONResponse(book.summary(conversation_id, entry))
+
+    async def _delete(self, session: Session, conversation_id: str) -> Response:
+        if session.is_new:
+            raise book.ConversationNotFound(f"there is no conversation {conversation_id!r} in this session")
+        async with session.lock(lease_s=self.service.lock_lease_s):
+            data = await session.load()
+            book.migrate(data)
+            book.delete(data, conversation_id)
+            await session.save()
+        return JSONResponse({"deleted": conversation_id, "current": data.get(book.CURRENT_KEY)})
+
+    def _settings(self, value: Any, current: Any = None) -> dict[str, Any]:
+        service = self.service
+        limits = SamplingLimits(max_new_tokens=service.settings.max_new_tokens, vocab_size=service.vocab_size)
+        return book.parse_settings(value, service.defaults, limits, service.settings.max_input_chars,
+                                   current if isinstance(current, dict) else None)
+
+
+def _parse_select(value: Any) -> tuple[int, int]:
+    def index(name: str) -> int:
+        number = value.get(name) if isinstance(value, dict) else None
+        if not isinstance(number, int) or isinstance(number, bool) or not 0 <= number < 1 << 31:
+            raise InvalidRequest(f"'select.{name}' must be an integer from 0", param=f"select.{name}")
+        return number
+
+    if not isinstance(value, dict) or set(value) != {"message", "version"}:
+        raise InvalidRequest("'select' must be {\"message\": <index of a reply>, \"version\": <index of its answer>}",
+                             param="select")
+    return index("message"), index("version")
+
+
+async def _json_object(request: Request, fields: set[str], *, allow_empty: bool) -> dict[str, Any]:
+    refused = require_json(request)
+    if refused is not None:
+        raise InvalidRequest("send the body as 'application/json'")
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise InvalidRequest("the client went away") from None
+    if not raw.strip() and allow_empty:
+        return {}
+    try:
+        data = parse_json_body(raw)
+    except BadJSON as exc:
+        raise InvalidRequest(str(exc)) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)[:200]}; known: {', '.join(sorted(fields))}",
+                             param=unknown[0])
+    if not data and not allow_empty:
+        raise InvalidRequest(f"nothing to change: send one of {', '.join(sorted(fields))}")
+    return data
