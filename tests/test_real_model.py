@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -26,6 +27,7 @@ def real_server(default_model):
     chat_stream.append_apis(app)
     with live_server(app) as server:
         yield server, chat_stream, calls
+    asyncio.run(chat_stream.shutdown())  # gives the shared model its own layers back
 
 
 def test_a_real_reply_streams_token_by_token_and_lands_in_history(real_server):
@@ -52,8 +54,9 @@ def test_only_the_server_freezes_the_loaded_model_out_of_garbage_collection(defa
 
     model, tokenizer = default_model
     before = gc.get_freeze_count()
-    ChatStream(model=model, tokenizer=tokenizer)  # a library object: no process-wide side effect
+    library = ChatStream(model=model, tokenizer=tokenizer)  # a library object: no process-wide side effect
     assert gc.get_freeze_count() == before
+    asyncio.run(library.shutdown())  # gives the shared model its own layers back
     # The server freezes the model's objects once loaded, so a full collection never walks them
     # on the event loop.
     settings = Settings(session_secret="s")

@@ -208,6 +208,10 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if isinstance(dtype, str):  # "float32", "bfloat16", ... as the settings give it
+        import torch
+
+        dtype = getattr(torch, dtype)
     folder = resolve_model_folder(model_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(

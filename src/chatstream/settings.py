@@ -31,7 +31,11 @@ class Settings(BaseSettings):
     mock: bool = Field(False, description="stream canned text without a model")
     mock_token_delay: float = Field(0.03, ge=0.0, le=10.0, description="seconds between mock tokens")
     device: str = Field("cpu", description="torch device: cpu or cuda")
-    kv_cache_mb: int | None = Field(None, ge=1, description="KV-cache memory budget in MiB (default: from free memory)")
+    kv_cache_mb: int | None = Field(None, ge=1, description="KV-cache memory budget in MiB (none: concurrency x context plus 50% for cached prefixes, at most a quarter of available memory)")
+    quantization: str = Field("auto", pattern="^(auto|int8|none)$", description="auto: int8 linear layers on CPU when a start-up timing finds them faster; int8; none (the model's own precision)")
+    prefix_caching: bool = Field(True, description="keep KV blocks of finished requests to reuse for prompts that start the same way")
+    dtype: str | None = Field(None, pattern="^(float32|bfloat16|float16)$", description="weights' dtype (none: float32 on CPU, bfloat16 on CUDA)")
+    threads: int | None = Field(None, ge=1, le=1024, description="torch threads for the engine (none: torch's default, the usable cores)")
 
     # -- remote engines --
     engine_url: Annotated[list[str], NoDecode] = Field(default_factory=list, description="generate on this OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, another chatstream) instead of a local model; repeat for several (env: comma-separated)")

@@ -115,10 +115,14 @@ class ChatService:
         from ..engine.llm_engine import LLMEngine
 
         self.tokenizer = tokenizer
-        kv_mb = self.settings.kv_cache_mb
+        settings = self.settings
+        kv_mb = settings.kv_cache_mb
         self.engine = LLMEngine(
-            model, tokenizer, max_num_seqs=self.settings.concurrency, device=self.settings.device,
-            kv_cache_memory_bytes=kv_mb * 2**20 if kv_mb else None,
+            model, tokenizer, max_num_seqs=settings.concurrency, device=settings.device,
+            max_model_len=settings.context_len, kv_cache_memory_bytes=kv_mb * 2**20 if kv_mb else None,
+            enable_prefix_caching=settings.prefix_caching,
+            quantization=None if settings.quantization == "none" else settings.quantization,
+            num_threads=settings.threads,
         )
 
     def _attach_remote(self, tokenizer: Any) -> None:
@@ -188,7 +192,8 @@ class ChatService:
 
     async def _load(self) -> None:
         try:
-            model, tokenizer = await asyncio.to_thread(load_model, self.settings.model, device=self.settings.device)
+            model, tokenizer = await asyncio.to_thread(
+                load_model, self.settings.model, device=self.settings.device, dtype=self.settings.dtype)
             self._attach(model, tokenizer)
             self._settle_context_len()
             assert self.engine is not None
