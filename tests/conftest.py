@@ -74,11 +74,23 @@ def serve() -> Iterator[Callable[[Any], LiveServer]]:
 
 
 @pytest.fixture(scope="session")
-def default_model() -> tuple[Any, Any]:
-    """The embedded default model, loaded once per test session."""
+def _loaded_default_model() -> tuple[Any, Any]:
     from chatstream import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="module")
+def default_model(_loaded_default_model: tuple[Any, Any]) -> tuple[Any, Any]:
+    """The embedded default model, loaded once per test session, a fresh copy for each test module.
+
+    An engine adapts the model it is given in place (its attention, int8 layers) until it shuts
+    down; a copy per module keeps one module's engines from changing what another one runs.
+    """
+    import copy
+
+    model, tokenizer = _loaded_default_model
+    return copy.deepcopy(model), tokenizer
 
 
 @pytest.fixture(scope="session")

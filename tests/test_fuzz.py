@@ -81,6 +81,14 @@ def test_openai_never_5xx(fuzz_server, body, headers):
 
 
 @_FUZZ
+@given(body=st.one_of(st.dictionaries(st.sampled_from(["prompt", "model", "add_special_tokens", "x"]), _values,
+                                      max_size=3), _raw), headers=_headers)
+def test_tokenize_never_5xx(fuzz_server, body, headers):
+    r = fuzz_server.post("/tokenize", content=_encode(body), headers=headers)
+    assert r.status_code < 500, (r.status_code, r.text[:300])
+
+
+@_FUZZ
 @given(path=st.sampled_from(["/history", "/clear_context", "/health", "/stats/loop_lag", "/v1/models", "/"]),
        query=st.text(max_size=30), headers=_headers)
 def test_other_routes_never_5xx(fuzz_server, path, query, headers):

@@ -106,7 +106,7 @@ async def test_front_streams_keeps_history_reports_queue_and_calls_back(start_up
 
     async def turn(client: httpx.AsyncClient, text: str) -> list[tuple[str, dict[str, Any]]]:
         async with client.stream("POST", "/chat_stream", json={"user_input": text, "regenerate": False}) as r:
-            assert r.status_code == 200
+            assert r.status_code == 200, await r.aread()
             return [e async for e in sse_events(r)]
 
     async with httpx.AsyncClient(base_url=front.url, timeout=30) as alice, \

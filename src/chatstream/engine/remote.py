@@ -364,7 +364,10 @@ class RemoteEngine:
             if healthy and upstream.model is None:
                 upstream.model = await self._first_model(upstream, timeout)
             if healthy and upstream.tokenize is None:
-                upstream.tokenize = await self._tokenize_style(upstream, timeout)
+                try:
+                    upstream.tokenize = await self._tokenize_style(upstream, timeout)
+                except httpx.HTTPError:  # counting falls back to the estimate; generation is unaffected
+                    upstream.tokenize = "none"
             error = None if healthy else f"health check: HTTP {response.status_code}"
         except httpx.HTTPError as exc:
             healthy, error = False, f"health check: {_describe(exc)}"

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from ...errors import ChatError, InvalidRequest, ModelNotReady, PromptTooLong, QueueFull
 from ...service import ChatService, Delta, Done, Failed, Queued, Turn, TurnEvent
 from ...service.sampling import SamplingLimits
+from ..json_body import BadJSON, parse_json_body
 from ..limits import BodyTimeout, BodyTooLarge, read_request_body
 from ..streaming import TurnStreamingResponse, watch_disconnect
 from .protocol import ChatCompletionRequest, OpenAIError, parse_chat_completion_request, plain_messages, to_sampling_params
@@ -84,11 +85,13 @@ class OpenAIRoutes:
         """vLLM's ``POST /tokenize``: ``{"prompt": text}`` -> ``{"tokens": [...], "count": n, "max_model_len": n}``."""
         try:
             self._authorize(request)
-            body = await _read_body(request, service.settings.max_body_bytes, service.settings.body_timeout_s)
+            settings = self.service.settings
+            body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
             try:
-                data = json.loads(body)
-            except ValueError:
-                raise OpenAIError(400, "The body is not valid JSON.", code="invalid_json") from None
+                data = parse_json_body(body)
+            except BadJSON as exc:
+                raise OpenAIError(400, f"We could not parse the JSON body of your request: {exc}",
+                                  code="invalid_json") from None
             prompt = data.get("prompt") if isinstance(data, dict) else None
             if not isinstance(prompt, str):
                 raise OpenAIError(400, "`prompt` must be a string.", param="prompt", code="invalid_value")
