@@ -533,7 +533,7 @@ def render_multiturn(
         "",
         suite.measures,
         "",
-        f"- Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores; Python {machine['python']}, "
         f"torch {machine['torch']}, transformers {machine['transformers']}; commit {machine['commit']}",
         f"- Settings: {opts.conversations} conversations x {opts.turns} turns, max_tokens {opts.max_tokens}, "
@@ -711,7 +711,7 @@ def render_markdown(
         "",
         suite.measures,
         "",
-        f"- Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- Date: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores; Python {machine['python']}, "
         f"torch {machine['torch']}, transformers {machine['transformers']}; dtype float32 on CPU; "
         f"commit {machine['commit']}",

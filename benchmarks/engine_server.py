@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import uvicorn
 from fastapi import FastAPI

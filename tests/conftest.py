@@ -10,7 +10,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import uvicorn
@@ -30,7 +31,7 @@ class LiveServer:
         )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
-    def start(self) -> "LiveServer":
+    def start(self) -> LiveServer:
         self._thread.start()
         deadline = time.monotonic() + 30
         while not self._server.started:

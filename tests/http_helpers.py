@@ -7,7 +7,8 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 
@@ -19,7 +20,7 @@ class ConfiguredServer:
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
-    def start(self) -> "ConfiguredServer":
+    def start(self) -> ConfiguredServer:
         self._thread.start()
         deadline = time.monotonic() + 30
         while not self._server.started:

@@ -11,12 +11,12 @@ import asyncio
 import json
 import random
 from dataclasses import dataclass, field
-from typing import Any
+
+from conftest import parse_sse, wait_until
 
 from chatstream import Settings
 from chatstream.engine.mock import _REPLIES
 from chatstream.web.app import create_app
-from conftest import parse_sse, wait_until
 
 CLIENTS = 150
 TURNS = 3

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from typing import Any
 
 import httpx
 import pytest
+from conftest import parse_sse, wait_until
 from fastapi import FastAPI, Request
 
 from chatstream import ChatStream
 from chatstream.engine import GenerationOutput, SamplingParams
 from chatstream.engine.stream import RequestStream
-from conftest import parse_sse, wait_until
 
 
 class Recorder:
@@ -250,7 +249,7 @@ def test_queue_positions_are_reported_as_they_change(serve):
     assert wait_until(lambda: rec.chat_stream.admission.running == 1)
     for name, waiting in (("b", 1), ("c", 2)):
         threads.append(_stream_in_background(server.url, name, results))
-        assert wait_until(lambda: rec.chat_stream.admission.waiting == waiting)
+        assert wait_until(lambda waiting=waiting: rec.chat_stream.admission.waiting == waiting)
     for t in threads:
         t.join()
     assert [d["position"] for e, d in parse_sse(results["c"].text) if e == "queued"] == [2, 1]

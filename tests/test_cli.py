@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import parse_sse
 
 CHATSTREAM = str(Path(sys.executable).with_name("chatstream"))

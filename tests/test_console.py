@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import pexpect
 import pytest
+from conftest import wait_until
 from fastapi import FastAPI
 
 from chatstream import ChatStream, MemorySessionStore
-from conftest import wait_until
 
 CHATSTREAM = str(Path(sys.executable).with_name("chatstream"))
 

@@ -7,20 +7,21 @@ its own cookie.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
-from itsdangerous import TimestampSigner
+from conftest import parse_sse
 from fastapi import FastAPI, Request
+from itsdangerous import TimestampSigner
 
 from chatstream import ChatStream
 from chatstream.service import conversations as book
 from chatstream.session import MemorySessionStore
 from chatstream.settings import Settings
 from chatstream.web.app import create_app
-from conftest import parse_sse
 
 SECRET = "conversation-tests-" + "x" * 32
 

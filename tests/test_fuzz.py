@@ -8,12 +8,12 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import live_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chatstream import Settings
 from chatstream.web.app import create_app
-from conftest import live_server
 
 # JSON-ish values, including the awkward ones: huge ints, floats, unicode, lone surrogates, nesting.
 _scalars = st.one_of(

@@ -15,13 +15,13 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import parse_sse, wait_until
 
 from chatstream import ChatService, Settings
 from chatstream.engine import GenerationOutput, SamplingParams
 from chatstream.engine.mock import MockEngine, MockTokenizer
 from chatstream.engine.stream import RequestStream
 from chatstream.web.app import create_app
-from conftest import parse_sse, wait_until
 
 USER = [{"role": "user", "content": "hello"}]
 
@@ -49,7 +49,7 @@ def raw_request(port: int, data: bytes, read: bool = True, timeout: float = 5.0)
         try:
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
-        except socket.timeout:
+        except TimeoutError:
             pass
         return b"".join(chunks)
 
@@ -71,11 +71,9 @@ async def test_mock_engine_request_cancelled_before_its_first_step_still_ends():
 
 
 async def _last(stream: RequestStream) -> GenerationOutput:
-    output = None
-    async for output in stream:
-        pass
-    assert output is not None
-    return output
+    outputs = [output async for output in stream]
+    assert outputs
+    return outputs[-1]
 
 
 class SilentEngine:
@@ -224,8 +222,9 @@ def test_a_streamed_body_over_the_limit_is_413(serve):
 
 
 def test_the_seed_endpoint_in_a_users_own_app_bounds_its_body_too(serve):
-    from chatstream import ChatStream
     from seed_apps import basic_app
+
+    from chatstream import ChatStream
 
     url = serve(basic_app(ChatStream(use_mock_response=True, session_secret="s"))).url  # no guards installed
     answer = raw_request(port_of(url), b"POST /chat_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

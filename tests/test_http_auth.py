@@ -5,15 +5,16 @@ Every test drives a real uvicorn server on 127.0.0.1 with httpx.
 
 from __future__ import annotations
 
-import re
 import time
+from collections.abc import Iterator
 from html.parser import HTMLParser
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from http_helpers import config_for, configured_server
 from itsdangerous import TimestampSigner
 
 from chatstream.web.auth import AuthMiddleware
@@ -21,8 +22,6 @@ from chatstream.web.json_body import BadJSON, parse_json_body, require_json
 from chatstream.web.limits import BodyLimitMiddleware
 from chatstream.web.origin import OriginCheckMiddleware
 from chatstream.web.server import fastapi_docs_kwargs
-from chatstream.web.ui import STATIC_DIR
-from http_helpers import config_for, configured_server
 
 KEY = "s3cret-key-0123456789"
 PROTECTED = [("GET", "/"), ("GET", "/history"), ("POST", "/chat_stream"), ("POST", "/clear_context"),

@@ -11,10 +11,20 @@ import logging
 import resource
 import socket
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
+from http_helpers import (
+    body_of,
+    captured_log,
+    config_for,
+    configured_server,
+    connect,
+    read_until_closed,
+    status_of,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -28,15 +38,6 @@ from chatstream.web.server import (
     default_max_connections,
     fastapi_docs_kwargs,
     raise_fd_limit,
-)
-from http_helpers import (
-    body_of,
-    captured_log,
-    config_for,
-    configured_server,
-    connect,
-    read_until_closed,
-    status_of,
 )
 
 LIMIT = 4096

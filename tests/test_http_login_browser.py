@@ -6,19 +6,20 @@ Headless Chromium (the Debian package, as in test_ui.py) drives a mock-model ser
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from http_helpers import config_for, configured_server
 
 from chatstream.settings import Settings
 from chatstream.web.app import create_app
 from chatstream.web.auth import AuthMiddleware
 from chatstream.web.limits import BodyLimitMiddleware
 from chatstream.web.origin import OriginCheckMiddleware
-from http_helpers import config_for, configured_server
 
 pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import Browser, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, expect, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

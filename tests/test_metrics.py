@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 
 import httpx
+from conftest import parse_sse, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatstream import Settings
 from chatstream.web.app import create_app
-from conftest import parse_sse, wait_until
 
 
 def scrape(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import parse_sse, wait_until
 from test_cli import free_port, start, stop, wait_healthy
 

@@ -10,13 +10,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from conftest import wait_until
 from fastapi import FastAPI
 
 from chatstream import ChatStream, Settings
 from chatstream.engine.mock import MockEngine
 from chatstream.web.app import create_app
 from chatstream.web.openai import add_openai_routes
-from conftest import parse_sse, wait_until
 
 USER = [{"role": "user", "content": "hello there"}]
 

@@ -7,10 +7,10 @@ import json
 
 import httpx
 import pytest
-
-from chatstream import ChatStream
 from conftest import parse_sse, wait_until
 from seed_apps import callback_app
+
+from chatstream import ChatStream
 
 
 @pytest.fixture(scope="module")

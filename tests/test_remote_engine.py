@@ -14,8 +14,9 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import httpx
-
-from chatstream import ChatStream
 from conftest import parse_sse, wait_until
 from seed_apps import basic_app, callback_app, intercept_app
+
+from chatstream import ChatStream
 
 
 def _mock_chat_stream(**kwargs) -> ChatStream:

@@ -9,7 +9,6 @@ import subprocess
 import time
 
 import httpx
-
 from conftest import parse_sse
 from test_cli import CHATSTREAM, free_port, start, stop, wait_healthy
 

@@ -11,8 +11,9 @@ import json
 import os
 import re
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -21,7 +22,7 @@ from chatstream.settings import Settings
 from chatstream.web.app import create_app
 
 pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"  # the Debian package (`make browser`)
 CHROMIUM_ARGS = [
@@ -128,7 +129,7 @@ class SlotHolder:
                         self.release.wait(30)
                         return
 
-    def __enter__(self) -> "SlotHolder":
+    def __enter__(self) -> SlotHolder:
         self.thread.start()
         assert self.streaming.wait(10), "the slot holder never started streaming"
         return self

@@ -11,7 +11,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from .errors import QueueFull
 
@@ -21,7 +21,7 @@ QueueFullError = QueueFull  # the name this module exported before the domain er
 class Ticket:
     """One request's place: waiting in the queue, then holding a slot until released."""
 
-    def __init__(self, queue: "AdmissionQueue") -> None:
+    def __init__(self, queue: AdmissionQueue) -> None:
         self._queue = queue
         self._changed = asyncio.Event()
         self.granted = False

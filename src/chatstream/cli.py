@@ -12,7 +12,8 @@ import logging
 import sys
 import types
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
@@ -117,7 +118,7 @@ class DrainingServer(uvicorn.Server):
     event (their partial replies saved), so the process exits in bounded time.
     """
 
-    def __init__(self, config: uvicorn.Config, service: "ChatService") -> None:
+    def __init__(self, config: uvicorn.Config, service: ChatService) -> None:
         super().__init__(config)
         self.service = service
 

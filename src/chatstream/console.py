@@ -22,8 +22,9 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import httpx
 
@@ -69,7 +70,7 @@ class LocalChat:
     and cancellation behave exactly as they do over HTTP.
     """
 
-    def __init__(self, service: "ChatService") -> None:
+    def __init__(self, service: ChatService) -> None:
         from .session import MemorySessionStore, Session
 
         self.service = service
@@ -77,7 +78,7 @@ class LocalChat:
         self.description = f"{service.model_name} (in this process)"
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "LocalChat":
+    def from_settings(cls, settings: Settings) -> LocalChat:
         """Load ``settings.model`` (the embedded default if unset), or the mock engine with ``settings.mock``."""
         from .model_loader import ModelNotFoundError, load_model
         from .service import ChatService

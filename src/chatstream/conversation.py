@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
 
 from .errors import PromptTooLong
 
@@ -184,7 +185,7 @@ class ChatPrompt:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, tokenizer: Any = None, system: str | None = None) -> "ChatPrompt":
+    def from_dict(cls, data: dict[str, Any] | None, tokenizer: Any = None, system: str | None = None) -> ChatPrompt:
         data = data or {}
         messages = [
             m for m in data.get("messages", [])

@@ -120,8 +120,9 @@ def _converted_gguf(gguf: Path) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer.remove_quantization_config(model)
+    quantizer: Any = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so a crash never leaves a half-written model behind.
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -214,7 +215,7 @@ def load_model(
         dtype = getattr(torch, dtype)
     folder = resolve_model_folder(model_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype or default_dtype(device), local_files_only=True
     )
     model.to(device)

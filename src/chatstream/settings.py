@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Annotated, Any
-
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
@@ -114,7 +113,7 @@ class Settings(BaseSettings):
         return Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()
 
     @model_validator(mode="after")
-    def _reply_fits_context(self) -> "Settings":
+    def _reply_fits_context(self) -> Settings:
         if self.context_len is not None and self.max_new_tokens >= self.context_len:
             raise ValueError(f"max_new_tokens ({self.max_new_tokens}) must be smaller than context_len ({self.context_len})")
         if self.engine_url and (self.mock or self.model):

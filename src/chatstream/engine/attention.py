@@ -74,7 +74,8 @@ def paged_attention_forward(
     if batch is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention only runs inside chatstream's engine")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    cache = batch.cache.layers[module.layer_idx]
+    layer_idx = int(module.layer_idx)  # type: ignore[arg-type]  # transformers sets it on every attention module
+    cache = batch.cache.layers[layer_idx]
     new_kv = torch.stack((key[0], value[0]), dim=1)  # [Hkv, 2, N, D]
     cache.view(-1, cache.shape[-1]).index_copy_(0, batch.write_index, new_kv.flatten(0, 2))
 

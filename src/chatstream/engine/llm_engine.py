@@ -14,7 +14,8 @@ import logging
 import random
 import threading
 import time
-from typing import Any, Sequence as Seq
+from collections.abc import Sequence as Seq
+from typing import Any
 
 import torch
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .protocol import GenerationOutput
 from .sampling_params import SamplingParams

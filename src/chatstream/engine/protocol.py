@@ -9,8 +9,9 @@ an engine is free to batch them.
 from __future__ import annotations
 
 import inspect
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from .sampling_params import SamplingParams
 

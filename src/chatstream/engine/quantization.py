@@ -23,7 +23,8 @@ The swap is done in place and undone by the function :func:`quantize_linears_int
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 

@@ -19,8 +19,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -113,7 +114,7 @@ class RemoteEngine:
         self._starting: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_settings(cls, settings: "Settings") -> "RemoteEngine":
+    def from_settings(cls, settings: Settings) -> RemoteEngine:
         return cls(settings.engine_url, model=settings.engine_model, api_key=settings.engine_api_key,
                    health_interval_s=settings.engine_health_interval_s, read_timeout_s=settings.stall_timeout_s)
 

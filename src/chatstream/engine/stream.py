@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from .protocol import GenerationOutput
 
@@ -51,7 +51,7 @@ class RequestStream:
         return self._closed
 
     # -- consumer side (event loop) --
-    def __aiter__(self) -> "RequestStream":
+    def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> GenerationOutput:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from ..admission import AdmissionQueue
 from ..conversation import ChatPrompt
@@ -98,7 +99,7 @@ class ChatService:
         self._settle_context_len()
 
     @classmethod
-    def from_settings(cls, settings: Settings | None = None, **parts: Any) -> "ChatService":
+    def from_settings(cls, settings: Settings | None = None, **parts: Any) -> ChatService:
         """The service for ``settings`` (default: from the environment); ``parts`` as for the constructor.
 
         The session store comes from ``settings.session_store`` (a URL) unless given in ``parts``.
@@ -237,9 +238,9 @@ class ChatService:
         """Stop taking turns; let running ones finish for ``timeout_s``, then end the rest (saved)."""
         self.draining = True
         timeout_s = self.settings.drain_timeout_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + timeout_s
-        while self._turns and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        running = [asyncio.ensure_future(turn.wait()) for turn in self._turns]  # no new ones come
+        if running:
+            await asyncio.wait(running, timeout=timeout_s)
         turns = list(self._turns)
         for turn in turns:
             turn.abort("server_shutting_down", "the server is shutting down; the reply so far was saved")

@@ -19,7 +19,8 @@ import math
 import re
 import time
 import uuid
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..engine import SamplingParams
 from ..errors import ChatError, InvalidRequest

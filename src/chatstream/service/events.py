@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 # The completion callback's messages (the seed API's vocabulary).
 SUCCESS = "success"
@@ -45,4 +45,4 @@ class Failed:
     message: str
 
 
-TurnEvent = Union[Queued, Delta, Done, Failed]
+TurnEvent = Queued | Delta | Done | Failed

@@ -7,8 +7,9 @@ that an error names the field the client sent.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 from ..engine import InvalidSamplingParams, SamplingParams
 from ..errors import InvalidParams

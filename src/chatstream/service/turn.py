@@ -18,7 +18,8 @@ import inspect
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..admission import Ticket
 from ..conversation import ChatPrompt
@@ -51,7 +52,7 @@ class Turn:
 
     def __init__(
         self,
-        service: "ChatService",
+        service: ChatService,
         params: SamplingParams,
         *,
         session: Session | None = None,

@@ -14,8 +14,9 @@ import re
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from http.cookies import SimpleCookie
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from itsdangerous import BadSignature, TimestampSigner
 from starlette.datastructures import MutableHeaders

@@ -27,7 +27,7 @@ class RedisSessionStore:
         self._refresh = client.register_script(_REFRESH)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "chatstream:", **options: Any) -> "RedisSessionStore":
+    def from_url(cls, url: str, prefix: str = "chatstream:", **options: Any) -> RedisSessionStore:
         """``redis://[:password@]host:port/db`` or ``rediss://`` (TLS); no connection is made yet."""
         return cls(aioredis.Redis.from_url(url, **options), prefix=prefix)
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from fastapi import FastAPI
 
+from ..metrics import MetricsMiddleware
 from ..service import ChatService
 from ..settings import Settings
-from ..metrics import MetricsMiddleware
 from .auth import AuthMiddleware
 from .chat_stream import ChatStream
 from .limits import BodyLimitMiddleware

@@ -20,13 +20,13 @@ from __future__ import annotations
 import hmac
 import time
 from collections import OrderedDict, deque
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.parse import parse_qs
 
 from itsdangerous import BadSignature, TimestampSigner
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, cookie_parser
-from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.responses import FileResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .http_errors import is_openai_path, json_error

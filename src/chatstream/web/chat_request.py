@@ -27,7 +27,7 @@ class ChatStreamRequest:
     edit_index: int | None = None  # the user message that user_input replaces (later messages are dropped)
 
     @classmethod
-    def parse(cls, body: bytes, max_input_chars: int) -> "ChatStreamRequest":
+    def parse(cls, body: bytes, max_input_chars: int) -> ChatStreamRequest:
         """Validate a request body; raises :class:`InvalidRequest` (nothing changes)."""
         try:
             data = parse_json_body(body)

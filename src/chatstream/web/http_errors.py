@@ -7,7 +7,8 @@ official clients parse. A guard that refuses a request picks the envelope by pat
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.types import Scope

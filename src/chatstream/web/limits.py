@@ -48,7 +48,7 @@ async def read_body(receive: Receive, max_bytes: int, timeout_s: float | None = 
     while True:
         try:
             message = await asyncio.wait_for(receive(), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BodyTimeout() from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()

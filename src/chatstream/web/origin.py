@@ -12,7 +12,7 @@ after a CORS preflight that this server does not grant; a wrong key is refused b
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers

@@ -91,7 +91,7 @@ class GuardedH11Protocol(H11Protocol):
     max_connections: int | None = None
 
     @classmethod
-    def configured(cls, header_timeout_s: float | None, max_connections: int | None) -> type["GuardedH11Protocol"]:
+    def configured(cls, header_timeout_s: float | None, max_connections: int | None) -> type[GuardedH11Protocol]:
         return type(cls.__name__, (cls,), {"header_timeout_s": header_timeout_s, "max_connections": max_connections})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

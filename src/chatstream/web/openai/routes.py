@@ -28,7 +28,13 @@ from ...service.sampling import SamplingLimits
 from ..json_body import BadJSON, parse_json_body
 from ..limits import BodyTimeout, BodyTooLarge, read_request_body
 from ..streaming import TurnStreamingResponse, watch_disconnect
-from .protocol import ChatCompletionRequest, OpenAIError, parse_chat_completion_request, plain_messages, to_sampling_params
+from .protocol import (
+    ChatCompletionRequest,
+    OpenAIError,
+    parse_chat_completion_request,
+    plain_messages,
+    to_sampling_params,
+)
 
 _PARSE_ON_LOOP_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
 
