@@ -83,8 +83,12 @@ def test_engine_figures_are_exported_with_the_real_model(serve, default_model):
     with httpx.Client(base_url=url, timeout=60) as client:
         assert wait_until(lambda: client.get("/health").status_code == 200, timeout=30)
         assert parse_sse(client.post("/chat_stream", json={"user_input": "Hi"}).text)[-1][0] == "done"
+        # The next turn's prompt starts with the first one's: the prefix cache hits.
+        assert parse_sse(client.post("/chat_stream", json={"user_input": "And?"}).text)[-1][0] == "done"
         samples = scrape(client)
     assert value(samples, "chatstream_engine_steps_total") >= 4
+    queried = value(samples, "chatstream_prefix_cache_queried_tokens_total")
+    assert queried > 0 and 16 <= value(samples, "chatstream_prefix_cache_hit_tokens_total") <= queried
     assert value(samples, "chatstream_engine_step_seconds_total") > 0
     total = value(samples, "chatstream_kv_cache_blocks_total")
     assert total > 0 and 0 < value(samples, "chatstream_kv_cache_blocks_free") <= total

@@ -72,6 +72,7 @@ class _ServiceCollector(Collector):
             ("chatstream_engine_waiting_sequences", "num_waiting", "Sequences waiting inside the engine"),
             ("chatstream_kv_cache_blocks_total", "num_blocks", "KV-cache blocks in all"),
             ("chatstream_kv_cache_blocks_free", "num_free_blocks", "KV-cache blocks free (or holding only cached prefixes)"),
+            ("chatstream_kv_cache_blocks_cached", "num_cached_blocks", "KV-cache blocks holding a cached prefix"),
         ):
             value = getattr(engine, attr, None)
             if isinstance(value, int):
@@ -80,8 +81,8 @@ class _ServiceCollector(Collector):
             ("chatstream_engine_steps", "num_steps", "Engine steps run"),
             ("chatstream_engine_step_seconds", "step_seconds", "Time spent in engine steps"),
             ("chatstream_engine_preemptions", "num_preemptions", "Sequences preempted to make room"),
-            ("chatstream_prefix_cache_queried_tokens", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache"),
-            ("chatstream_prefix_cache_hit_tokens", "prefix_cache_hits", "Prompt tokens found in the prefix cache"),
+            ("chatstream_prefix_cache_queried_tokens", "prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache"),
+            ("chatstream_prefix_cache_hit_tokens", "prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache"),
         ):
             value = getattr(engine, attr, None)
             if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     new_sessions_per_minute: int = Field(60, ge=0, description="new sessions one client address may start per minute (0 = no limit)")
     session_ttl_s: int = Field(14 * 24 * 3600, ge=60, description="session lifetime in seconds")
     secure_cookies: bool = Field(False, description="mark cookies Secure (HTTPS only)")
-    api_key: str | None = Field(None, description="if set, every route but /health requires it: 'Authorization: Bearer <key>', or the UI's sign-in")
+    api_key: str | None = Field(None, description="if set, every route but /health and /health/live requires it: 'Authorization: Bearer <key>', or the UI's sign-in")
     auth_cookie_max_age_s: int = Field(7 * 24 * 3600, ge=60, description="how long the UI's sign-in lasts, in seconds")
     allowed_origins: str = Field("", description="comma-separated origins (https://host:port) besides the server's own that may send cookie-authenticated POSTs")
     docs: bool = Field(False, description="serve the OpenAPI docs at /docs, /redoc and /openapi.json")
