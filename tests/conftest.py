@@ -24,10 +24,11 @@ os.environ["CHATSTREAM_DATA_DIR"] = tempfile.mkdtemp(prefix="chatstream-test-dat
 class LiveServer:
     """A real uvicorn server in a background thread, for real HTTP clients and real disconnects."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    def __init__(self, app: Any = None, *, config: uvicorn.Config | None = None) -> None:
+        """Serve ``app`` on a free loopback port, or run a ready ``config`` (the guards' tests)."""
+        self.app = app if config is None else config.app
         self._server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+            config or uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
         )
         self._thread = threading.Thread(target=self._server.run, daemon=True)
 
@@ -41,9 +42,16 @@ class LiveServer:
         return self
 
     @property
+    def port(self) -> int:
+        return int(self._server.servers[0].sockets[0].getsockname()[1])
+
+    @property
     def url(self) -> str:
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._server.server_state.connections)
 
     def stop(self) -> None:
         self._server.should_exit = True
@@ -161,3 +169,23 @@ def parse_sse(text: str) -> list[tuple[str, dict]]:
         if data is not None:
             events.append((event, data))
     return events
+
+
+CHROMIUM = "/usr/bin/chromium"  # the Debian package (`make browser`); Playwright never downloads one
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Debian Chromium driven by Playwright. Missing Chromium is a failure, not a skip."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"no Chromium at {CHROMIUM}: run `make browser` (apt-get install chromium)", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()

@@ -5,50 +5,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
+from conftest import LiveServer
 
-
-class ConfiguredServer:
-    """A real uvicorn server on 127.0.0.1 run from a ready ``uvicorn.Config``, in a background thread."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-
-    def start(self) -> ConfiguredServer:
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("test server did not start")
-            time.sleep(0.01)
-        return self
-
-    @property
-    def port(self) -> int:
-        return self._server.servers[0].sockets[0].getsockname()[1]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def open_connections(self) -> int:
-        return len(self._server.server_state.connections)
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=30)
+ConfiguredServer = LiveServer  # a LiveServer run from a ready uvicorn.Config
 
 
 @contextlib.contextmanager
 def configured_server(config: uvicorn.Config) -> Iterator[ConfiguredServer]:
-    server = ConfiguredServer(config).start()
+    server = LiveServer(config=config).start()
     try:
         yield server
     finally:

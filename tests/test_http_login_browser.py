@@ -5,45 +5,25 @@ Headless Chromium (the Debian package, as in test_ui.py) drives a mock-model ser
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from http_helpers import config_for, configured_server
+from playwright.sync_api import Browser, expect
 
 from chatstream.settings import Settings
 from chatstream.web.app import create_app
-from chatstream.web.auth import AuthMiddleware
-from chatstream.web.limits import BodyLimitMiddleware
-from chatstream.web.origin import OriginCheckMiddleware
 
-pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import Browser, expect, sync_playwright
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 KEY = "browser-test-key-0123456789"
 
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}: run `make browser`")
 expect.set_options(timeout=10_000)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
 def url() -> Iterator[str]:
-    app: Any = create_app(Settings(mock=True, mock_token_delay=0.01, session_secret="login-tests-" + "x" * 32))
-    app.add_middleware(BodyLimitMiddleware)
-    app.add_middleware(AuthMiddleware, api_key=KEY)
-    app.add_middleware(OriginCheckMiddleware)
+    # The app chatstream serve runs: with an API key it installs the sign-in and origin guards itself.
+    app = create_app(Settings(mock=True, mock_token_delay=0.01, session_secret="login-tests-" + "x" * 32,
+                              session_store="memory://", api_key=KEY))
     with configured_server(config_for(app)) as server:
         yield server.url
 

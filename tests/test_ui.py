@@ -17,37 +17,20 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import Browser, Page, expect
 
 from chatstream.settings import Settings
 from chatstream.web.app import create_app
 
-pytest.importorskip("playwright.sync_api")
-from playwright.sync_api import Browser, Page, expect, sync_playwright
-
-CHROMIUM = "/usr/bin/chromium"  # the Debian package (`make browser`)
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 # Screenshots go to test-artifacts/; with CHATSTREAM_UPDATE_SCREENSHOTS=1 they replace the ones in docs/.
 DOCS = (Path(__file__).resolve().parent.parent / "docs") if os.environ.get("CHATSTREAM_UPDATE_SCREENSHOTS") else ARTIFACTS
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}: run `make browser`"
-)
 
 REPLY = ".msg-assistant .content"
 
 expect.set_options(timeout=10_000)
 
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
