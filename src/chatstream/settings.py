@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     quantization: str = Field("auto", pattern="^(auto|int8|none)$", description="auto: int8 linear layers on CPU when a start-up timing finds them faster; int8; none (the model's own precision)")
     prefix_caching: bool = Field(True, description="keep KV blocks of finished requests to reuse for prompts that start the same way")
     dtype: str | None = Field(None, pattern="^(float32|bfloat16|float16)$", description="weights' dtype (none: float32 on CPU, bfloat16 on CUDA)")
-    threads: int | None = Field(None, ge=1, le=1024, description="torch threads for the engine (none: torch's default, the usable cores)")
+    threads: int | None = Field(None, ge=1, le=1024, description="torch threads for the engine (none: on CPU the usable cores but one, which the event loop keeps)")
 
     # -- remote engines --
     engine_url: Annotated[list[str], NoDecode] = Field(default_factory=list, description="generate on this OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp, another chatstream) instead of a local model; repeat for several (env: comma-separated)")
