@@ -239,6 +239,24 @@ def test_the_seed_endpoint_in_a_users_own_app_bounds_its_body_too(serve):
     assert r.status_code == 413 and r.json()["error"] == "request_too_large"
 
 
+def test_the_conversation_routes_in_a_users_own_app_bound_their_bodies(serve):
+    from fastapi import FastAPI
+
+    from chatstream import ChatStream
+
+    chat_stream = ChatStream(use_mock_response=True, session_secret="s")
+    app = FastAPI()
+    chat_stream.append_middlewares(app)
+    chat_stream.append_apis(app)  # no body-limit middleware in this app
+
+    def chunks():
+        for _ in range(1100):
+            yield b"x" * 4096
+
+    r = httpx.post(f"{serve(app).url}/conversations", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"] == "input_too_large"
+
+
 def test_chat_stream_requires_json_and_a_same_origin_for_cookie_posts(serve):
     url = serve(mock_app()).url
     with httpx.Client(base_url=url) as client:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,21 @@ _WIRE_NAMES = {engine: wire for wire, engine in _OVERRIDES.items()}
 _FIELDS = {"user_input", "regenerate", "conversation_id", "edit_index"} | set(_OVERRIDES)
 
 
+def parse_json_object(body: bytes, fields: Collection[str]) -> dict[str, Any]:
+    """A strict JSON object whose keys are all in ``fields``; :class:`InvalidRequest` otherwise."""
+    try:
+        data = parse_json_body(body)
+    except BadJSON as exc:
+        raise InvalidRequest(str(exc)) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)[:200]}; known: {', '.join(sorted(fields))}",
+                             param=unknown[0])
+    return data
+
+
 @dataclass(frozen=True)
 class ChatStreamRequest:
     user_input: str
@@ -29,15 +45,7 @@ class ChatStreamRequest:
     @classmethod
     def parse(cls, body: bytes, max_input_chars: int) -> ChatStreamRequest:
         """Validate a request body; raises :class:`InvalidRequest` (nothing changes)."""
-        try:
-            data = parse_json_body(body)
-        except BadJSON as exc:
-            raise InvalidRequest(str(exc)) from None
-        if not isinstance(data, dict):
-            raise InvalidRequest("the request body must be a JSON object like {\"user_input\": \"Hello\"}")
-        unknown = sorted(set(data) - _FIELDS)
-        if unknown:
-            raise InvalidRequest(f"unknown field(s): {', '.join(unknown)[:200]}", param=unknown[0])
+        data = parse_json_object(body, _FIELDS)
         regenerate = data.get("regenerate", False)
         if not isinstance(regenerate, bool):
             raise InvalidRequest("'regenerate' must be true or false", param="regenerate")

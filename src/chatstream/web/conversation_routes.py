@@ -22,13 +22,15 @@ from typing import Any
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from ..errors import ChatError, InvalidRequest
+from ..errors import ChatError, InputTooLarge, InvalidRequest
 from ..service import ChatService
 from ..service import conversations as book
 from ..service.sampling import SamplingLimits
 from ..session import Session
+from .chat_request import parse_json_object
 from .chat_stream import _session_of, chat_error_response
-from .json_body import BadJSON, parse_json_body, require_json
+from .json_body import require_json
+from .limits import BodyTimeout, BodyTooLarge, read_request_body
 
 _CREATE_FIELDS = {"title", "settings"}
 _PATCH_FIELDS = {"title", "settings", "current", "select"}
@@ -81,7 +83,7 @@ class _ConversationRoutes:
         return JSONResponse({**book.summary(conversation_id, entry), "messages": messages})
 
     async def _create(self, request: Request) -> Response:
-        body = await _json_object(request, _CREATE_FIELDS, allow_empty=True)
+        body = await _json_object(request, _CREATE_FIELDS, allow_empty=True, **self._body_limits())
         title = book.parse_title(body["title"]) if "title" in body else ""
         settings = self._settings(body["settings"]) if "settings" in body else {}
         session = _session_of(request)
@@ -92,7 +94,7 @@ class _ConversationRoutes:
         return JSONResponse(book.summary(conversation_id, book.get(data, conversation_id)), status_code=201)
 
     async def _patch(self, request: Request, session: Session, conversation_id: str) -> Response:
-        body = await _json_object(request, _PATCH_FIELDS, allow_empty=False)
+        body = await _json_object(request, _PATCH_FIELDS, allow_empty=False, **self._body_limits())
         title = book.parse_title(body["title"]) if "title" in body else None
         if "current" in body and body["current"] is not True:
             raise InvalidRequest("'current' can only be true (make this the current conversation)", param="current")
@@ -131,6 +133,10 @@ class _ConversationRoutes:
             await session.save()
         return JSONResponse({"deleted": conversation_id, "current": data.get(book.CURRENT_KEY)})
 
+    def _body_limits(self) -> dict[str, Any]:
+        # Bounded here too: the routes may run in an app without chatstream's body-limit middleware.
+        return {"max_bytes": self.service.settings.max_body_bytes, "timeout_s": self.service.settings.body_timeout_s}
+
     def _settings(self, value: Any, current: Any = None) -> dict[str, Any]:
         service = self.service
         limits = SamplingLimits(max_new_tokens=service.settings.max_new_tokens, vocab_size=service.vocab_size)
@@ -151,26 +157,19 @@ def _parse_select(value: Any) -> tuple[int, int]:
     return index("message"), index("version")
 
 
-async def _json_object(request: Request, fields: set[str], *, allow_empty: bool) -> dict[str, Any]:
-    refused = require_json(request)
-    if refused is not None:
+async def _json_object(request: Request, fields: set[str], *, allow_empty: bool, max_bytes: int,
+                       timeout_s: float) -> dict[str, Any]:
+    if require_json(request) is not None:
         raise InvalidRequest("send the body as 'application/json'")
     try:
-        raw = await request.body()
-    except ClientDisconnect:
-        raise InvalidRequest("the client went away") from None
+        raw = await read_request_body(request, max_bytes, timeout_s)
+    except BodyTooLarge:
+        raise InputTooLarge(f"the request body is larger than {max_bytes} bytes") from None
+    except (BodyTimeout, ClientDisconnect):
+        raise InvalidRequest("the request body did not arrive") from None
     if not raw.strip() and allow_empty:
         return {}
-    try:
-        data = parse_json_body(raw)
-    except BadJSON as exc:
-        raise InvalidRequest(str(exc)) from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    unknown = sorted(set(data) - fields)
-    if unknown:
-        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)[:200]}; known: {', '.join(sorted(fields))}",
-                             param=unknown[0])
+    data = parse_json_object(raw, fields)
     if not data and not allow_empty:
         raise InvalidRequest(f"nothing to change: send one of {', '.join(sorted(fields))}")
     return data
