@@ -52,6 +52,12 @@ def app_path(scope: Scope) -> str:
     return path[len(root):] if root and path.startswith(root) else path
 
 
+def bearer_token(headers: Headers) -> str | None:
+    """The token of an ``Authorization: Bearer`` header (possibly empty); None without one."""
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
 class LoginThrottle:
     """Failed logins per client address in a sliding window; bounded in memory (oldest addresses go first)."""
 
@@ -137,9 +143,9 @@ class AuthMiddleware:
 
     def _authorized(self, headers: Headers) -> bool | None:
         """True with the right bearer key or cookie; False with a wrong bearer key; None with neither."""
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer":  # decisive: a wrong bearer key never falls back to the cookie
-            return hmac.compare_digest(token.strip().encode(), self.key)
+        token = bearer_token(headers)
+        if token is not None:  # decisive: a wrong bearer key never falls back to the cookie
+            return hmac.compare_digest(token.encode(), self.key)
         return self._cookie_valid(headers) or None
 
     def _cookie_valid(self, headers: Headers) -> bool:

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from ...errors import ChatError, InvalidRequest, ModelNotReady, PromptTooLong, QueueFull
 from ...service import ChatService, Delta, Done, Failed, Queued, Turn, TurnEvent
 from ...service.sampling import SamplingLimits
+from ..auth import bearer_token
 from ..json_body import BadJSON, parse_json_body
 from ..limits import BodyTimeout, BodyTooLarge, read_request_body
 from ..streaming import TurnStreamingResponse, watch_disconnect
@@ -148,11 +149,11 @@ class OpenAIRoutes:
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = bearer_token(request.headers)
+        if not token:
             raise OpenAIError(401, "Missing API key: send 'Authorization: Bearer <key>'.",
                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
             raise OpenAIError(401, "Incorrect API key provided.", code="invalid_api_key",
                               headers={"WWW-Authenticate": "Bearer"})
 
