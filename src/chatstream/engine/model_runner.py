@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import attention
+from . import attention, llama
 from .attention import BatchMetadata, PagedKVCache, PrefillSegment
 from .block_manager import BlockManager
 from .scheduler import ScheduledChunk
@@ -33,7 +33,10 @@ def kv_bytes_per_token(model: Any) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: Any, blocks: BlockManager) -> None:
+    """``fused``: run Llama-family models through :mod:`.llama`'s fused forward (same tokens,
+    fewer operators); other models, or ``fused=False``, run through transformers' own forward."""
+
+    def __init__(self, model: Any, blocks: BlockManager, *, fused: bool = True) -> None:
         self.model = model
         self.device = model.device
         self.blocks = blocks
@@ -47,6 +50,7 @@ class ModelRunner:
             [torch.empty(shape, dtype=model.dtype, device=self.device) for _ in range(layers)]
         )
         self._num_zeroed = 0
+        self.fused = llama.LlamaForward(model) if fused and llama.supports(model) else None
         attention.register()
         self._previous_attn = model.config._attn_implementation
         model.set_attn_implementation(attention.ATTENTION_NAME)
@@ -66,16 +70,19 @@ class ModelRunner:
                 layer[self._num_zeroed : self.blocks.num_ever_used].zero_()
             self._num_zeroed = self.blocks.num_ever_used
         meta, input_ids, positions, keep = self._prepare(ordered)
-        output = self.model(
-            input_ids=input_ids,
-            position_ids=positions,
-            use_cache=False,
-            logits_to_keep=keep,
-            chatstream_batch=meta,
-        )
+        if self.fused is not None:
+            logits = self.fused.forward(input_ids[0], positions[0], meta, keep)
+        else:
+            logits = self.model(
+                input_ids=input_ids,
+                position_ids=positions,
+                use_cache=False,
+                logits_to_keep=keep,
+                chatstream_batch=meta,
+            ).logits[0]
         for chunk in ordered:
             chunk.seq.num_computed_tokens += chunk.num_tokens
-        return sampled, output.logits[0]
+        return sampled, logits
 
     def _prepare(
         self, ordered: list[ScheduledChunk]

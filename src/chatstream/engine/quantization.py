@@ -37,28 +37,42 @@ _KEEP_FLOAT: tuple[str, ...] = ()
 class Int8Linear(torch.nn.Module):
     """``y = x @ W.T + b`` with int8 ``W`` (per output channel scale) and int8 ``x`` (per row)."""
 
-    weight_t: torch.Tensor
+    weight: torch.Tensor
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
 
     def __init__(self, linear: torch.nn.Linear) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
-        scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-        quantized = (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+        weight, scale = quantize_weight(linear.weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight_t", quantized.t().contiguous())  # [in, out], as _int_mm wants
+        self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).float()
-        scale = (rows.abs().amax(dim=1, keepdim=True) / 127.0).clamp_(min=1e-12)
-        quantized = (rows / scale).round_().to(torch.int8)
-        out = torch._int_mm(quantized, self.weight_t).float().mul_(scale).mul_(self.weight_scale)
-        if self.bias is not None:
-            out.add_(self.bias)
+        out = int8_linear(x.reshape(-1, self.in_features).float(), self.weight, self.weight_scale, self.bias)
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 ``[out, in]`` weights and their float32 scale per output channel (symmetric)."""
+    weight = weight.detach().float()
+    scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    return (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous(), scale
+
+
+def int8_linear(
+    rows: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float32 ``rows`` [M, in] times int8 ``weight`` [out, in]: each row quantized with its own scale.
+
+    The weight goes to ``_int_mm`` as the transpose of an ``[out, in]`` matrix: the kernel reads
+    that layout faster at one row (14 vs 35 us for a 576x1536 layer here) and no slower at 16.
+    """
+    scale = (rows.abs().amax(dim=1, keepdim=True) / 127.0).clamp_(min=1e-12)
+    quantized = (rows / scale).round_().to(torch.int8)
+    out = torch._int_mm(quantized, weight.t()).float().mul_(scale).mul_(weight_scale)
+    return out if bias is None else out.add_(bias)
 
 
 def resolve_quantization(mode: str | None, model: Any) -> Literal["int8", "none"]:

@@ -1,0 +1,151 @@
+"""A fused forward pass for Llama-family decoders (Llama, Mistral, Qwen2), over the paged cache.
+
+A decode step of a small model on CPU is dominated less by arithmetic than by the number of
+operators eager PyTorch dispatches: transformers' Llama layer issues ~120 per layer (separate
+q/k/v and gate/up projections, each with its own activation quantization, a 7-operator RMSNorm,
+RoPE through slices and concatenations, kwargs plumbing). This forward computes the same
+function with ~40: q/k/v as one matmul and gate/up as one, ``F.rms_norm``, RoPE as one
+multiply-add against a roll, and the paged attention called directly (nano-vllm and vLLM keep
+their own model code for the same reason).
+
+It reads the weights of the transformers model it is given (int8 :class:`Int8Linear` layers or
+float ``nn.Linear``), so it computes the same tokens: tests compare it with the transformers path.
+Other architectures keep running through transformers with the paged attention plugged in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .attention import BatchMetadata, paged_attention
+from .quantization import Int8Linear, int8_linear
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class _Projection:
+    """Several linear layers over the same input, computed as one matmul; outputs side by side."""
+
+    def __init__(self, linears: list[torch.nn.Linear | Int8Linear]) -> None:
+        widths = [m.out_features for m in linears]
+        self.bias: torch.Tensor | None = None
+        if any(m.bias is not None for m in linears):
+            self.bias = torch.cat([
+                m.bias.detach() if m.bias is not None else torch.zeros(w, device=m.weight.device)
+                for m, w in zip(linears, widths)
+            ])
+        self.weight_scale: torch.Tensor | None = None  # set for int8 weights
+        if len(linears) == 1:
+            self.weight = linears[0].weight.detach()
+            if isinstance(linears[0], Int8Linear):
+                self.weight_scale = linears[0].weight_scale
+        elif all(isinstance(m, Int8Linear) for m in linears):
+            self.weight = torch.cat([m.weight for m in linears])
+            self.weight_scale = torch.cat([m.weight_scale for m in linears if isinstance(m, Int8Linear)])
+        else:
+            self.weight = torch.cat([m.weight.detach() for m in linears])
+            # The originals become views of the fused matrix: no second copy of the weights.
+            start = 0
+            for m, w in zip(linears, widths):
+                m.weight.data = self.weight[start : start + w]
+                start += w
+        if self.bias is not None:  # int8 layers keep a float32 bias; float ones the model's dtype
+            self.bias = self.bias.to(torch.float32 if self.weight_scale is not None else self.weight.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_scale is not None:
+            return int8_linear(x.float(), self.weight, self.weight_scale, self.bias).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
+class _Layer:
+    def __init__(self, layer: Any) -> None:
+        attn, mlp = layer.self_attn, layer.mlp  # their layers' types are checked by supports()
+        self.qkv = _Projection([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o = _Projection([attn.o_proj])
+        self.gate_up = _Projection([mlp.gate_proj, mlp.up_proj])
+        self.down = _Projection([mlp.down_proj])
+        self.input_norm = layer.input_layernorm.weight.detach()
+        self.post_norm = layer.post_attention_layernorm.weight.detach()
+
+
+def supports(model: Any) -> bool:
+    """Whether :class:`LlamaForward` computes this model (else it runs through transformers)."""
+    config = model.config
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return False
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
+        return False
+    linear_types = (torch.nn.Linear, Int8Linear)
+    for layer in inner.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        groups = (
+            (attn, ("q_proj", "k_proj", "v_proj")), (attn, ("o_proj",)),
+            (mlp, ("gate_proj", "up_proj")), (mlp, ("down_proj",)),
+        )
+        for parent, names in groups:
+            types = {type(getattr(parent, n, None)) for n in names}
+            if len(types) != 1 or not types <= set(linear_types):  # one matmul: all int8 or all float
+                return False
+    return type(model.get_output_embeddings()) in linear_types
+
+
+class LlamaForward:
+    """``forward(ids, positions, batch, keep)`` -> logits of the ``keep`` rows, for the engine's
+    flattened ragged batch (one ``[N]`` sequence of tokens from many requests)."""
+
+    def __init__(self, model: Any) -> None:
+        config = model.config
+        inner = model.model
+        self.embed = inner.embed_tokens.weight
+        self.rotary = inner.rotary_emb
+        self.layers = [_Layer(layer) for layer in inner.layers]
+        self.norm = inner.norm.weight.detach()
+        self.eps = float(config.rms_norm_eps)
+        self.lm_head = model.get_output_embeddings()
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.num_heads)
+        self.intermediate = int(config.intermediate_size)
+        self.scale = self.head_dim**-0.5
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated)
+        self.sin_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(self.embed.device, self.embed.dtype)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, batch: BatchMetadata, keep: torch.Tensor
+    ) -> torch.Tensor:
+        n = input_ids.shape[0]
+        h_heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qk_width = (h_heads + kv_heads) * d
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rotary(x[None], positions[None])
+        cos, sin = cos[0][:, None, :], (sin[0] * self.sin_sign)[:, None, :]  # [N, 1, D]
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(self._rms_norm(x, layer.input_norm))
+            qk = qkv[:, :qk_width].view(n, h_heads + kv_heads, d)
+            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
+            q = qk[:, :h_heads].transpose(0, 1)[None]  # [1, H, N, D]
+            k = qk[:, h_heads:].transpose(0, 1)[None]
+            v = qkv[:, qk_width:].view(n, kv_heads, d).transpose(0, 1)[None]
+            attn = paged_attention(i, q, k, v, batch, self.scale)  # [N, H, D]
+            x = x + layer.o(attn.reshape(n, h_heads * d))
+            gate_up = layer.gate_up(self._rms_norm(x, layer.post_norm))
+            x = x + layer.down(F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :])
+        x = self._rms_norm(x.index_select(0, keep), self.norm)
+        logits: torch.Tensor = self.lm_head(x)
+        return logits
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        # Half precision: normalise in float32 as transformers does, then scale in the model dtype.
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)

@@ -1,0 +1,118 @@
+"""The engine's fused Llama forward computes what transformers computes, on the real default model.
+
+Both paths run through the engine's own ModelRunner (paged cache, ragged batches, chunked
+prefill mixed with decodes), fed the same tokens: float32 must give the same logits, and the
+int8 path must pass the same quality gate against float32 as the int8 layers do alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from test_quantization import NEW_TOKENS, PROMPTS, chat
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from chatstream.engine import llama
+from chatstream.engine.block_manager import BlockManager
+from chatstream.engine.model_runner import ModelRunner
+from chatstream.engine.quantization import quantize_linears_int8
+from chatstream.engine.sampling_params import SamplingParams
+from chatstream.engine.scheduler import Scheduler
+from chatstream.engine.sequence import Sequence
+from chatstream.model_loader import load_model
+
+
+@pytest.fixture(scope="module")
+def own_model() -> tuple[Any, Any]:
+    return load_model()  # its own copy: int8 swaps layers in place
+
+
+@pytest.fixture(scope="module")
+def greedy(own_model: tuple[Any, Any]) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompts and transformers' own float32 greedy replies to them (its generate, its cache)."""
+    model, tokenizer = own_model
+    prompts = [chat(tokenizer, p) for p in PROMPTS]
+    with torch.inference_mode():
+        replies = [
+            model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(p) :].tolist()
+            for p in prompts
+        ]
+    return prompts, replies
+
+
+def teacher_forced(
+    model: Any, prompts: list[list[int]], replies: list[list[int]], *, fused: bool, step_tokens: int
+) -> list[torch.Tensor]:
+    """Each prompt's next-token logits along its given reply, [len(reply), V] per prompt, from the
+    engine's runner with every prompt in one batch and at most ``step_tokens`` tokens a step."""
+    blocks = BlockManager(512, 16, enable_prefix_caching=False)
+    runner = ModelRunner(model, blocks, fused=fused)
+    assert (runner.fused is not None) == fused
+    scheduler = Scheduler(blocks, max_num_seqs=len(prompts), max_num_batched_tokens=step_tokens)
+    seqs = [Sequence(str(i), list(p), SamplingParams(), 0, None, None, None) for i, p in enumerate(prompts)]  # type: ignore[arg-type]
+    for seq in seqs:
+        scheduler.add(seq)
+    rows: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(seqs))}
+    try:
+        with torch.inference_mode():
+            while scheduler.has_work:
+                sampled, logits = runner.execute(scheduler.schedule().chunks)
+                for chunk, row in zip(sampled, logits):
+                    i = seqs.index(chunk.seq)
+                    rows[i].append(row.clone())
+                    if len(rows[i]) < len(replies[i]):
+                        chunk.seq.token_ids.append(replies[i][len(rows[i]) - 1])
+                    else:
+                        scheduler.finish(chunk.seq)
+    finally:
+        runner.close()
+    return [torch.stack(rows[i]) for i in range(len(seqs))]
+
+
+def test_the_fused_forward_gives_transformers_logits_in_float32(
+    own_model: tuple[Any, Any], greedy: tuple[list[list[int]], list[list[int]]]
+) -> None:
+    model, _ = own_model
+    prompts, replies = greedy[0][:4], greedy[1][:4]
+    # 48 tokens a step: prompts are prefilled in chunks, beside other prompts' decodes.
+    reference = teacher_forced(model, prompts, replies, fused=False, step_tokens=48)
+    fused = teacher_forced(model, prompts, replies, fused=True, step_tokens=48)
+    for ref, got, reply in zip(reference, fused, replies):
+        assert got.shape == ref.shape == (len(reply), ref.shape[1])
+        torch.testing.assert_close(got, ref, atol=2e-3, rtol=1e-4)
+        assert got.argmax(-1).tolist() == ref.argmax(-1).tolist() == reply  # transformers' own greedy reply
+
+
+def test_the_fused_int8_forward_picks_the_float32_greedy_token_at_most_positions(
+    own_model: tuple[Any, Any], greedy: tuple[list[list[int]], list[list[int]]]
+) -> None:
+    """The quality gate of tests/test_quantization.py, on the path the engine serves by default."""
+    model, _ = own_model
+    prompts, replies = greedy
+    restore = quantize_linears_int8(model)
+    try:
+        logits = teacher_forced(model, prompts, replies, fused=True, step_tokens=2048)
+    finally:
+        restore()
+    agreed = [
+        sum(a == b for a, b in zip(rows.argmax(-1).tolist(), reply)) / len(reply)
+        for rows, reply in zip(logits, replies)
+    ]
+    print("fused int8 picks float32's greedy token at these shares of positions:", [round(a, 2) for a in agreed])
+    assert min(agreed) >= 0.75, agreed
+    assert sum(agreed) / len(agreed) >= 0.85, agreed
+
+
+def test_only_llama_family_models_take_the_fused_path(own_model: tuple[Any, Any]) -> None:
+    model, _ = own_model
+    assert llama.supports(model)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0))
+    assert not llama.supports(gpt2)
+    blocks = BlockManager(8, 16, enable_prefix_caching=False)
+    runner = ModelRunner(gpt2, blocks)
+    try:
+        assert runner.fused is None  # transformers' forward, with the paged attention plugged in
+    finally:
+        runner.close()
