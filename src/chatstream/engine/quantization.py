@@ -71,7 +71,7 @@ def int8_linear(
     """
     scale = (rows.abs().amax(dim=1, keepdim=True) / 127.0).clamp_(min=1e-12)
     quantized = (rows / scale).round_().to(torch.int8)
-    out = torch._int_mm(quantized, weight.t()).float().mul_(scale).mul_(weight_scale)
+    out = torch.mul(torch._int_mm(quantized, weight.t()), scale).mul_(weight_scale)  # int32 * float -> float
     return out if bias is None else out.add_(bias)
 
 
