@@ -17,7 +17,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from chatstream.engine import llama
 from chatstream.engine.block_manager import BlockManager
 from chatstream.engine.model_runner import ModelRunner
-from chatstream.engine.quantization import quantize_linears_int8
+from chatstream.engine.quantization import Int8Linear, OnednnInt8Weight, int8_linear, quantize_linears_int8
 from chatstream.engine.sampling_params import SamplingParams
 from chatstream.engine.scheduler import Scheduler
 from chatstream.engine.sequence import Sequence
@@ -116,3 +116,21 @@ def test_only_llama_family_models_take_the_fused_path(own_model: tuple[Any, Any]
         assert runner.fused is None  # transformers' forward, with the paged attention plugged in
     finally:
         runner.close()
+
+
+def test_the_onednn_int8_kernel_gives_the_same_products_bit_for_bit(own_model: tuple[Any, Any]) -> None:
+    """The engine may compute the output projection through oneDNN's prepacked int8 kernel
+    (where a start-up timing finds it faster): its results must equal ``_int_mm``'s exactly, so
+    the choice never changes a token."""
+    model, _ = own_model
+    head = Int8Linear(model.get_output_embeddings())  # a quantized copy; the model is untouched
+    packed = OnednnInt8Weight(head.weight)
+    for rows in (1, 5, 16):
+        x = torch.randn(rows, head.in_features) * 4
+        plain = int8_linear(x, head.weight, head.weight_scale)
+        reference = x @ model.get_output_embeddings().weight.detach().t()
+        assert (plain - reference).abs().max() < 0.05 * reference.abs().max()  # it is that product
+        x[0, 0] = 300.0  # an outlier, as chat templates' first tokens have
+        assert torch.equal(
+            int8_linear(x, head.weight, head.weight_scale, packed=packed), int8_linear(x, head.weight, head.weight_scale)
+        )
