@@ -2,8 +2,8 @@
 
 ``generate`` runs on the event loop and only hands a new sequence to the worker. The worker
 loops: take new and cancelled requests, let the scheduler pick this step's batch, run one forward,
-sample, detokenize, check stop strings, and push each sequence's new text to its stream with
-``put_threadsafe``. When nothing is left it sleeps on a condition variable until ``generate``,
+sample, detokenize, check stop strings, and hand the step's new text to the streams all at once
+(``put_many_threadsafe``: one wake-up of the event loop per step). When nothing is left it sleeps on a condition variable until ``generate``,
 a cancel or ``shutdown`` wakes it.
 """
 
@@ -30,7 +30,7 @@ from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence
 from .stop_strings import StopStringMatcher
-from .stream import RequestStream
+from .stream import RequestStream, put_many_threadsafe
 
 logger = logging.getLogger("chatstream.engine")
 
@@ -125,6 +125,7 @@ class LLMEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._broken: str | None = None
+        self._outbox: list[tuple[RequestStream, GenerationOutput]] = []  # worker only; see _flush
         self.num_steps = 0  # for metrics: steps run and the time they took
         self.step_seconds = 0.0
 
@@ -274,9 +275,22 @@ class LLMEngine:
                 self._scheduler.waiting.extend(self._incoming)
                 self._incoming.clear()
             self._finish_all("error", self._broken)
+            self._flush()
 
     def _iterate(self) -> bool:
         """One worker iteration; False once the engine is shutting down."""
+        try:
+            return self._iterate_once()
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand this iteration's outputs to their streams, with one wake-up of the event loop."""
+        if self._outbox:
+            outputs, self._outbox = self._outbox, []
+            put_many_threadsafe(outputs)
+
+    def _iterate_once(self) -> bool:
         with self._wake:
             while not (self._incoming or self._cancelled or self._stopping or self._scheduler.has_work):
                 self._wake.wait()
@@ -370,13 +384,13 @@ class LLMEngine:
         elif seq.num_completion_tokens >= seq.params.max_new_tokens or seq.num_tokens > self.max_model_len:
             self._finish(seq, "length", text)
         elif text:
-            seq.stream.put_threadsafe(GenerationOutput(text=text))
+            self._outbox.append((seq.stream, GenerationOutput(text=text)))
 
     def _finish(self, seq: Sequence, reason: FinishReason, text: str = "", error: str | None = None) -> None:
         self._scheduler.finish(seq)
         text += seq.stop_matcher.flush()  # held-back text that never became a stop string
-        seq.stream.put_threadsafe(
-            _final(reason, seq.num_prompt_tokens, seq.num_completion_tokens, text=text, error=error)
+        self._outbox.append(
+            (seq.stream, _final(reason, seq.num_prompt_tokens, seq.num_completion_tokens, text=text, error=error))
         )
 
     def _finish_all(self, reason: FinishReason, error: str | None = None) -> None:

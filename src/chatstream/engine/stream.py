@@ -73,3 +73,24 @@ class RequestStream:
 
     async def aclose(self) -> None:
         self.cancel()
+
+
+def put_many_threadsafe(outputs: list[tuple[RequestStream, GenerationOutput]]) -> None:
+    """Put outputs for many streams from another thread, waking each event loop once.
+
+    The engine hands over a whole step's tokens this way: one wake-up of the loop per step
+    rather than one per token, so the loop (and the GIL) interrupts the step once.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, GenerationOutput]]] = {}
+    for stream, output in outputs:
+        by_loop.setdefault(stream._loop, []).append((stream, output))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # loop closed: nobody is listening any more
+            pass
+
+
+def _put_all(batch: list[tuple[RequestStream, GenerationOutput]]) -> None:
+    for stream, output in batch:
+        stream.put_nowait(output)
