@@ -12,7 +12,16 @@ from typing import Any
 import pytest
 import torch
 from test_quantization import NEW_TOKENS, PROMPTS, chat
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from chatstream.engine import llama
 from chatstream.engine.block_manager import BlockManager
@@ -103,6 +112,38 @@ def test_the_fused_int8_forward_picks_the_float32_greedy_token_at_most_positions
     print("fused int8 picks float32's greedy token at these shares of positions:", [round(a, 2) for a in agreed])
     assert min(agreed) >= 0.75, agreed
     assert sum(agreed) / len(agreed) >= 0.85, agreed
+
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "vocab_size": 300, "max_position_embeddings": 256}
+
+
+@pytest.mark.parametrize(
+    ("model_class", "config"),
+    [
+        (Qwen2ForCausalLM, Qwen2Config(**TINY, num_key_value_heads=2)),  # q/k/v biases
+        (MistralForCausalLM, MistralConfig(**TINY, num_key_value_heads=2, sliding_window=None)),
+        (LlamaForCausalLM, LlamaConfig(  # one KV head, every bias, Llama 3's RoPE scaling
+            **TINY, num_key_value_heads=1, attention_bias=True, mlp_bias=True,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        )),
+    ],
+    ids=["qwen2", "mistral", "llama3-biases"],
+)
+def test_the_fused_forward_matches_transformers_on_each_supported_architecture(
+    model_class: Any, config: Any
+) -> None:
+    """Small randomly initialised models of each architecture the fused path claims."""
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    assert llama.supports(model)
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (20, 37, 5)]
+    replies = [torch.randint(0, 300, (10,)).tolist() for _ in prompts]
+    reference = teacher_forced(model, prompts, replies, fused=False, step_tokens=16)
+    fused = teacher_forced(model, prompts, replies, fused=True, step_tokens=16)
+    for ref, got in zip(reference, fused):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_only_llama_family_models_take_the_fused_path(own_model: tuple[Any, Any]) -> None:
