@@ -76,8 +76,11 @@ def int8_linear(
     """
     scale = (rows.abs().amax(dim=1, keepdim=True) / 127.0).clamp_(min=1e-12)
     quantized = (rows / scale).round_()
-    sums = packed.matmul(quantized) if packed is not None else torch._int_mm(quantized.to(torch.int8), weight.t())
-    out = torch.mul(sums, scale).mul_(weight_scale)  # int32 * float -> float
+    if packed is not None:
+        sums = packed.matmul(quantized)
+    else:
+        sums = torch._int_mm(quantized.to(torch.int8), weight.t()).float()
+    out = sums.mul_(scale).mul_(weight_scale)
     return out if bias is None else out.add_(bias)
 
 
