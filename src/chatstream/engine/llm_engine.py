@@ -3,8 +3,8 @@
 ``generate`` runs on the event loop and only hands a new sequence to the worker. The worker
 loops: take new and cancelled requests, let the scheduler pick this step's batch, run one forward,
 sample, detokenize, check stop strings, and hand the step's new text to the streams all at once
-(``put_many_threadsafe``: one wake-up of the event loop per step). When nothing is left it sleeps on a condition variable until ``generate``,
-a cancel or ``shutdown`` wakes it.
+(``put_many_threadsafe``: one wake-up of the event loop per step). When nothing is left it
+sleeps on a condition variable until ``generate``, a cancel or ``shutdown`` wakes it.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ from .protocol import GenerationOutput
 class RequestStream:
     """Async iterator over one request's outputs.
 
-    The engine's worker thread calls :meth:`put_threadsafe`; the event loop iterates. Cancelling
-    calls ``on_cancel(request_id)`` once, which tells the engine to drop the sequence before its
-    next step; the engine then puts a final ``cancelled`` output.
+    The engine's worker thread puts outputs through :func:`put_many_threadsafe`; the event loop
+    iterates. Cancelling calls ``on_cancel(request_id)`` once, which tells the engine to drop the
+    sequence before its next step; the engine then puts a final ``cancelled`` output.
     """
 
     def __init__(
@@ -31,13 +31,7 @@ class RequestStream:
         self._finished = False  # the consumer has read the final output
         self._closed = False  # the final output has been put
 
-    # -- producer side (any thread) --
-    def put_threadsafe(self, output: GenerationOutput) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self.put_nowait, output)
-        except RuntimeError:  # loop closed: nobody is listening any more
-            pass
-
+    # -- producer side (on the event loop; other threads use put_many_threadsafe) --
     def put_nowait(self, output: GenerationOutput) -> None:
         """Producer side when already on the event loop."""
         if self._closed:
