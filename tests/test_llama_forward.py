@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from test_quantization import NEW_TOKENS, PROMPTS, chat
+from test_quantization import PROMPTS, chat, greedy_replies
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -43,12 +43,7 @@ def greedy(own_model: tuple[Any, Any]) -> tuple[list[list[int]], list[list[int]]
     """Prompts and transformers' own float32 greedy replies to them (its generate, its cache)."""
     model, tokenizer = own_model
     prompts = [chat(tokenizer, p) for p in PROMPTS]
-    with torch.inference_mode():
-        replies = [
-            model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(p) :].tolist()
-            for p in prompts
-        ]
-    return prompts, replies
+    return prompts, greedy_replies(model, prompts)
 
 
 def teacher_forced(

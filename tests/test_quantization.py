@@ -48,6 +48,15 @@ def chat(tokenizer: Any, text: str) -> list[int]:
     return list(encoded["input_ids"] if not isinstance(encoded, list) else encoded)
 
 
+def greedy_replies(model: Any, prompts: list[list[int]]) -> list[list[int]]:
+    """transformers' own greedy replies (its generate, its cache), NEW_TOKENS at most each."""
+    with torch.inference_mode():
+        return [
+            model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(p) :].tolist()
+            for p in prompts
+        ]
+
+
 def mean_nll(model: Any, tokenizer: Any) -> float:
     ids = torch.tensor([tokenizer.encode(TEXT)])
     with torch.inference_mode():
@@ -60,11 +69,7 @@ def test_int8_picks_the_float32_greedy_token_at_most_positions(own_model: tuple[
     and never meet again, which says little about quality: hence the teacher-forced measure.)"""
     model, tokenizer = own_model
     prompts = [chat(tokenizer, p) for p in PROMPTS]
-    with torch.inference_mode():
-        replies = [
-            model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(p) :].tolist()
-            for p in prompts
-        ]
+    replies = greedy_replies(model, prompts)
     restore = quantize_linears_int8(model)
     try:
         agreed = []
