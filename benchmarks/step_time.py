@@ -33,10 +33,12 @@ TEXT = (
 )
 
 
-def decode_step_ms(model: Any, batch: int, context: int, steps: int, fused: bool = True) -> float:
+def decode_step_ms(
+    model: Any, batch: int, context: int, steps: int, fused: bool = True, kernels: str = "auto"
+) -> float:
     blocks = BlockManager(batch * (context // 16 + steps // 16 + 2), 16, enable_prefix_caching=False)
     scheduler = Scheduler(blocks, max_num_seqs=batch, max_num_batched_tokens=batch * context)
-    runner = ModelRunner(model, blocks, fused=fused)
+    runner = ModelRunner(model, blocks, fused=fused, kernels=kernels)
     try:
         for i in range(batch):
             prompt = [(7 * i + j) % 1000 + 100 for j in range(context)]
@@ -72,17 +74,19 @@ def main() -> None:
     batches = [int(b) for b in opts.batches.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
           f"context {opts.context}, best of {opts.steps} decode steps x {opts.rounds} rounds")
-    # label: (layers kept float, None = all float; fused forward)
-    variants: dict[str, tuple[tuple[str, ...] | None, bool]] = {
-        "float32, transformers forward": (None, False),
-        "float32, fused forward": (None, True),
-        "int8, transformers forward": ((), False),
-        "int8 everywhere, fused forward (engine default)": ((), True),
-        "int8, down_proj float, fused forward": (("down_proj",), True),
-        "int8, lm_head float, fused forward": (("lm_head",), True),
+    # label: (layers kept float, None = all float; fused forward; kernels)
+    variants: dict[str, tuple[tuple[str, ...] | None, bool, str]] = {
+        "float32, transformers forward": (None, False, "torch"),
+        "float32, fused forward": (None, True, "torch"),
+        "float32, fused forward, native attention": (None, True, "native"),
+        "int8, transformers forward": ((), False, "torch"),
+        "int8 everywhere, fused forward": ((), True, "torch"),
+        "int8 everywhere, fused forward, native attention (engine default)": ((), True, "native"),
+        "int8, down_proj float, fused forward, native attention": (("down_proj",), True, "native"),
+        "int8, lm_head float, fused forward, native attention": (("lm_head",), True, "native"),
     }
     models = {}
-    for label, (keep, _) in variants.items():
+    for label, (keep, _, _) in variants.items():
         model, tokenizer = load_model()
         if keep is not None:
             quantization._KEEP_FLOAT = keep  # a benchmark-only override, to show why the default keeps them
@@ -94,7 +98,8 @@ def main() -> None:
     for _ in range(opts.rounds):
         for b in batches:
             for label, model in models.items():
-                ms = decode_step_ms(model, b, opts.context, opts.steps, fused=variants[label][1])
+                _, fused, kernels = variants[label]
+                ms = decode_step_ms(model, b, opts.context, opts.steps, fused=fused, kernels=kernels)
                 best[label, b] = min(best.get((label, b), ms), ms)
     print("| variant | " + " | ".join(f"batch {b} (ms)" for b in batches) + " | mean NLL (nats) |")
     print("|---|" + "---|" * len(batches) + "---|")

@@ -14,10 +14,13 @@ computed with SDPA (causal, plus the cached part of the prompt when prefill is c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .native import NativeKernels
 
 ATTENTION_NAME = "chatstream_paged"
 # PyTorch's CPU flash-attention kernel, which also returns each query's log-sum-exp.
@@ -57,6 +60,11 @@ class BatchMetadata:
     # [P * Hkv, 1, block_size] float32: 0, or -inf for slots past the sequence end.
     pair_bias: torch.Tensor
     prefills: list[PrefillSegment] = field(default_factory=list)
+    # With native kernels (float32 on CPU): decode row r's blocks are
+    # pair_blocks[decode_starts[r]:decode_starts[r + 1]], holding decode_lengths[r] tokens.
+    native: NativeKernels | None = None
+    decode_starts: torch.Tensor | None = None
+    decode_lengths: torch.Tensor | None = None
 
 
 def paged_attention_forward(
@@ -109,8 +117,13 @@ def _decode(q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: f
     Each (row, block) pair is attended on its own, and the pairs of a row are merged through
     their log-sum-exps (as split-K flash decoding does). On CPU each pair runs in PyTorch's
     fused flash kernel, which returns the log-sum-exp too (~1.2-1.7x faster than the matmuls
-    below, which remain for other devices).
+    below, which remain for other devices). The native kernel, when loaded, does all of it in one
+    pass over the cache with no gathered copy.
     """
+    if batch.native is not None and batch.decode_starts is not None and batch.decode_lengths is not None:
+        return batch.native.paged_decode_attention(
+            q, cache, batch.pair_blocks, batch.decode_starts, batch.decode_lengths, scale
+        ).to(q.dtype)
     if q.device.type == "cpu" and _CPU_FLASH is not None:
         # On one thread: split across two, the kernel's many tiny (pair, head) problems took 2.6x
         # longer (19 -> 50 ms of a 16-sequence step on 2 cores), while the matmuls around it

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import BatchMetadata, paged_attention
+from .native import NativeKernels, PackedInt8Weight
 from .quantization import Int8Linear, OnednnInt8Weight, int8_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -55,6 +56,13 @@ class _Projection:
         if self.bias is not None:  # int8 layers keep a float32 bias; float ones the model's dtype
             self.bias = self.bias.to(torch.float32 if self.weight_scale is not None else self.weight.dtype)
         self.onednn: OnednnInt8Weight | None = None
+        self.packed: PackedInt8Weight | None = None
+
+    def pack(self) -> PackedInt8Weight:
+        """The int8 weight laid out for the native kernel (kept, so the torch path's copy can go)."""
+        assert self.weight_scale is not None
+        self.packed = PackedInt8Weight.pack(self.weight, self.weight_scale, self.bias)
+        return self.packed
 
     def use_onednn_if_faster(self) -> None:
         """Compute through oneDNN's prepacked int8 kernel where it is faster (same sums, bit for bit)."""
@@ -108,7 +116,7 @@ class LlamaForward:
     """``forward(ids, positions, batch, keep)`` -> logits of the ``keep`` rows, for the engine's
     flattened ragged batch (one ``[N]`` sequence of tokens from many requests)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, native: NativeKernels | None = None) -> None:
         config = model.config
         inner = model.model
         self.embed = inner.embed_tokens.weight
@@ -116,9 +124,20 @@ class LlamaForward:
         self.layers = [_Layer(layer) for layer in inner.layers]
         self.norm = inner.norm.weight.detach()
         self.eps = float(config.rms_norm_eps)
-        # The widest matmul of a step; the hidden layers measured no faster through oneDNN here.
         self.lm_head = _Projection([model.get_output_embeddings()])
-        self.lm_head.use_onednn_if_faster()
+        projections = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        projections.append(self.lm_head)
+        # int8 everywhere and a CPU with the native int8 matmul: norms, activation quantization,
+        # matmuls, dequantization and residual adds run as ~6 native calls per layer.
+        self.native = native if native is not None and native.int8 and all(
+            p.weight_scale is not None for p in projections
+        ) and self.embed.dtype == torch.float32 else None
+        if self.native is not None:
+            for p in projections:
+                p.pack()
+        else:
+            # The widest matmul of a step; the hidden layers measured no faster through oneDNN here.
+            self.lm_head.use_onednn_if_faster()
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.num_heads)
@@ -137,6 +156,8 @@ class LlamaForward:
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rotary(x[None], positions[None])
         cos, sin = cos[0][:, None, :], (sin[0] * self.sin_sign)[:, None, :]  # [N, 1, D]
+        if self.native is not None:
+            return self._forward_native(self.native, x, cos, sin, batch, keep)
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(self._rms_norm(x, layer.input_norm))
             qk = qkv[:, :qk_width].view(n, h_heads + kv_heads, d)
@@ -149,6 +170,29 @@ class LlamaForward:
             gate_up = layer.gate_up(self._rms_norm(x, layer.post_norm))
             x = x + layer.down(F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :])
         return self.lm_head(self._rms_norm(x.index_select(0, keep), self.norm))
+
+    def _forward_native(
+        self, nk: NativeKernels, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        batch: BatchMetadata, keep: torch.Tensor,
+    ) -> torch.Tensor:
+        """The same layers with the native kernels; residual adds happen in place in ``x``."""
+        n = x.shape[0]
+        h_heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qk_width = (h_heads + kv_heads) * d
+        for i, layer in enumerate(self.layers):
+            assert layer.qkv.packed and layer.o.packed and layer.gate_up.packed and layer.down.packed
+            qkv = nk.int8_linear(nk.rms_norm_quantize(x, layer.input_norm, self.eps), layer.qkv.packed)
+            qk = qkv[:, :qk_width].view(n, h_heads + kv_heads, d)
+            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
+            q = qk[:, :h_heads].transpose(0, 1)[None]
+            k = qk[:, h_heads:].transpose(0, 1)[None]
+            v = qkv[:, qk_width:].view(n, kv_heads, d).transpose(0, 1)[None]
+            attn = paged_attention(i, q, k, v, batch, self.scale)  # [N, H, D]
+            nk.int8_linear(nk.quantize(attn.reshape(n, h_heads * d)), layer.o.packed, out=x)
+            gate_up = nk.int8_linear(nk.rms_norm_quantize(x, layer.post_norm, self.eps), layer.gate_up.packed)
+            nk.int8_linear(nk.silu_mul_quantize(gate_up), layer.down.packed, out=x)
+        assert self.lm_head.packed is not None
+        return nk.int8_linear(nk.rms_norm_quantize(x.index_select(0, keep), self.norm, self.eps), self.lm_head.packed)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:

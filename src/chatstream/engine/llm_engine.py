@@ -60,6 +60,9 @@ class LLMEngine:
     the usable cores, so the event loop (HTTP, detokenized text, JSON) keeps a core: with every core
     in torch's pool, the loop's work preempts a pool thread and the whole step waits for it
     (measured on 2 cores, 16 clients: 144-152 tok/s with 1 thread against 100-106 with 2).
+    ``kernels``: ``"auto"`` runs decode attention through chatstream's C kernel (:mod:`.native`,
+    built at first use) for a float32 model on CPU when it builds and passes its check, else
+    through PyTorch's operators; ``"native"`` requires the kernel; ``"torch"`` never uses it.
     The engine switches the model to its own attention implementation
     and quantized layers until :meth:`shutdown`.
     """
@@ -79,6 +82,7 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         quantization: str | None = "auto",
         num_threads: int | None = None,
+        kernels: str = "auto",
     ) -> None:
         if device is not None and torch.device(device) != model.device:
             model = model.to(device)
@@ -111,11 +115,18 @@ class LLMEngine:
         self._scheduler = Scheduler(
             self._blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
         )
-        self._runner = ModelRunner(model, self._blocks)
+        try:
+            self._runner = ModelRunner(model, self._blocks, kernels=kernels)
+        except Exception:  # e.g. kernels="native" where none can be built: leave the model as it was
+            if self._restore_linears is not None:
+                self._restore_linears()
+            raise
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.0f MiB) on %s; prefix caching %s; linear layers %s",
+            "KV cache: %d blocks of %d tokens (%.0f MiB) on %s; prefix caching %s; linear layers %s; "
+            "decode attention %s",
             num_blocks, block_size, num_blocks * block_bytes / 2**20, model.device,
             "on" if enable_prefix_caching else "off", "int8" if self._restore_linears else str(model.dtype),
+            "native" if self._runner.native else "torch",
         )
 
         # Shared with the worker, guarded by _wake's lock.

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import attention, llama
+from . import attention, llama, native
 from .attention import BatchMetadata, PagedKVCache, PrefillSegment
 from .block_manager import BlockManager
 from .scheduler import ScheduledChunk
@@ -34,9 +34,12 @@ def kv_bytes_per_token(model: Any) -> int:
 
 class ModelRunner:
     """``fused``: run Llama-family models through :mod:`.llama`'s fused forward (same tokens,
-    fewer operators); other models, or ``fused=False``, run through transformers' own forward."""
+    fewer operators); other models, or ``fused=False``, run through transformers' own forward.
+    ``kernels``: ``"auto"`` runs decode attention through :mod:`.native`'s kernel for a float32
+    model on CPU when it builds and passes its check here, ``"native"`` requires it, ``"torch"``
+    uses PyTorch's operators only."""
 
-    def __init__(self, model: Any, blocks: BlockManager, *, fused: bool = True) -> None:
+    def __init__(self, model: Any, blocks: BlockManager, *, fused: bool = True, kernels: str = "auto") -> None:
         self.model = model
         self.device = model.device
         self.blocks = blocks
@@ -50,7 +53,13 @@ class ModelRunner:
             [torch.empty(shape, dtype=model.dtype, device=self.device) for _ in range(layers)]
         )
         self._num_zeroed = 0
-        self.fused = llama.LlamaForward(model) if fused and llama.supports(model) else None
+        if kernels not in native.KERNELS:
+            raise ValueError(f"kernels must be one of {native.KERNELS}, not {kernels!r}")
+        native_fits = self.device.type == "cpu" and model.dtype == torch.float32
+        if kernels == "native" and not native_fits:
+            raise ValueError(f"native kernels run float32 models on CPU, not {model.dtype} on {self.device}")
+        self.native = native.load(kernels) if native_fits else None
+        self.fused = llama.LlamaForward(model, self.native) if fused and llama.supports(model) else None
         attention.register()
         self._previous_attn = model.config._attn_implementation
         model.set_attn_implementation(attention.ATTENTION_NAME)
@@ -94,6 +103,8 @@ class ModelRunner:
         pair_blocks: list[int] = []
         pair_rows: list[int] = []
         pair_lengths: list[int] = []
+        decode_starts: list[int] = [0]
+        decode_lengths: list[int] = []
         keep: list[int] = []
         prefills: list[PrefillSegment] = []
         num_decode = 0
@@ -111,6 +122,8 @@ class ModelRunner:
                 pair_blocks += table[:num_blocks]
                 pair_rows += [num_decode] * num_blocks
                 pair_lengths += [bs] * (num_blocks - 1) + [start % bs + 1]
+                decode_starts.append(len(pair_blocks))
+                decode_lengths.append(start + 1)
                 num_decode += 1
             else:
                 past = None
@@ -133,6 +146,9 @@ class ModelRunner:
             pair_rows=torch.tensor(pair_rows, dtype=torch.long, device=dev),
             pair_bias=bias.repeat_interleave(self.num_kv_heads, dim=0)[:, None, :],
             prefills=prefills,
+            native=self.native,
+            decode_starts=torch.tensor(decode_starts, dtype=torch.long, device=dev),
+            decode_lengths=torch.tensor(decode_lengths, dtype=torch.long, device=dev),
         )
         input_ids = torch.tensor(ids, device=dev)[None, :]
         return meta, input_ids, pos[None, :], torch.tensor(keep, dtype=torch.long, device=dev)

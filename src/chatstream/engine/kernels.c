@@ -1,0 +1,266 @@
+/* chatstream's CPU kernels, compiled at first use by chatstream.engine.native: plain C called
+ * through ctypes with raw pointers, so no Python or torch headers and a build of about a second.
+ * Built with -ffp-contract=off, so a*b+c rounds twice as in PyTorch's separate operators: the int8
+ * matmul's dequantization then gives PyTorch's numbers bit for bit. Loops are written for
+ * `-O3 -fopenmp-simd` to vectorise; the int8 matmul uses AVX-512 VNNI where the CPU has it. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define HAVE_VNNI 1
+#endif
+
+#define MAX_GROUP 32
+#define MAX_HEAD_DIM 256
+#define MAX_BLOCK 256
+#define INLINE static inline __attribute__((always_inline))
+
+/* e^x within ~2 ulp, in operations -fopenmp-simd vectorises (libm's expf is a scalar call without
+ * -ffast-math). Inputs are clamped to [-87, 88], where the result is a normal float. */
+INLINE float exp_approx(float x) {
+    x = x < -87.f ? -87.f : x > 88.f ? 88.f : x;
+    const float n = rintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = p * r * r + r + 1.f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return y * two_n;
+}
+
+INLINE float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+INLINE void decode_row_head(const float *restrict qh, const float *restrict cache, const int64_t *restrict blocks,
+                            int64_t num_blocks, int64_t length, float *restrict o, int64_t group,
+                            int64_t kv_heads, int64_t h, int64_t block_size, int64_t dim, float scale) {
+    float acc[MAX_GROUP][MAX_HEAD_DIM];
+    float scores[MAX_GROUP][MAX_BLOCK];
+    float row_max[MAX_GROUP], denom[MAX_GROUP];
+    for (int64_t g = 0; g < group; g++) {
+        row_max[g] = -INFINITY;
+        denom[g] = 0.f;
+        memset(acc[g], 0, sizeof(float) * dim);
+    }
+    for (int64_t b = 0; b < num_blocks; b++) {
+        const int64_t n = length - b * block_size < block_size ? length - b * block_size : block_size;
+        if (n <= 0) break;
+        const float *keys = cache + ((blocks[b] * kv_heads + h) * 2) * block_size * dim;
+        const float *values = keys + block_size * dim;
+        for (int64_t g = 0; g < group; g++) {
+            float m = row_max[g];
+            for (int64_t t = 0; t < n; t++) {
+                const float s = dot(qh + g * dim, keys + t * dim, dim) * scale;
+                scores[g][t] = s;
+                m = s > m ? s : m;
+            }
+            const float correction = expf(row_max[g] - m); /* exp(-inf) = 0 on the first block */
+            float *a = acc[g], *p = scores[g], sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t t = 0; t < n; t++) {
+                p[t] = exp_approx(p[t] - m);
+                sum += p[t];
+            }
+#pragma omp simd
+            for (int64_t i = 0; i < dim; i++) a[i] *= correction;
+            for (int64_t t = 0; t < n; t++) {
+                const float *v = values + t * dim;
+#pragma omp simd
+                for (int64_t i = 0; i < dim; i++) a[i] += p[t] * v[i];
+            }
+            row_max[g] = m;
+            denom[g] = denom[g] * correction + sum;
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        const float inv = denom[g] > 0.f ? 1.f / denom[g] : 0.f;
+#pragma omp simd
+        for (int64_t i = 0; i < dim; i++) o[g * dim + i] = acc[g][i] * inv;
+    }
+}
+
+/* Decode attention over a paged KV cache: one query token per row, each against its own blocks.
+ *   q      [rows, heads, dim], rows q_stride floats apart
+ *   cache  [num_blocks, kv_heads, 2, block_size, dim]   (2: keys, values)
+ *   blocks row r's blocks are blocks[starts[r] .. starts[r+1]), covering lengths[r] tokens
+ *   out    [rows, heads, dim]
+ * Online softmax block by block (flash decoding on one core): every key and value is read once,
+ * in place. Returns 0, or -1 for a shape past the fixed buffers. */
+int paged_decode_attention(const float *restrict q, const float *restrict cache, const int64_t *restrict blocks,
+                           const int64_t *restrict starts, const int64_t *restrict lengths, float *restrict out,
+                           int64_t rows, int64_t q_stride, int64_t heads, int64_t kv_heads, int64_t block_size,
+                           int64_t dim, float scale) {
+    const int64_t group = heads / kv_heads;
+    if (kv_heads < 1 || heads % kv_heads || group > MAX_GROUP || dim > MAX_HEAD_DIM || block_size > MAX_BLOCK)
+        return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const float *qh = q + r * q_stride + h * group * dim;
+            float *o = out + (r * heads + h * group) * dim;
+            const int64_t *b = blocks + starts[r], n = starts[r + 1] - starts[r];
+#define CALL(D) decode_row_head(qh, cache, b, n, lengths[r], o, group, kv_heads, h, block_size, D, scale)
+            if (dim == 64) CALL(64);
+            else if (dim == 128) CALL(128);
+            else CALL(dim);
+#undef CALL
+        }
+    }
+    return 0;
+}
+
+/* ---- int8 linear layers: rows quantized per row, weights per output channel ---- */
+
+/* One row to unsigned int8 (its integer in [-127, 127], plus 128) and its scale, with the same
+ * float32 operations as quantization.int8_linear: scale = max(amax / 127, 1e-12), round half even. */
+INLINE void quantize_row(const float *restrict x, int64_t k, uint8_t *restrict q, float *restrict scale) {
+    float m = 0.f;
+#pragma omp simd reduction(max : m)
+    for (int64_t i = 0; i < k; i++) {
+        const float a = fabsf(x[i]);
+        m = a > m ? a : m;
+    }
+    float s = m / 127.0f;
+    s = s >= 1e-12f ? s : 1e-12f;
+    *scale = s;
+#pragma omp simd
+    for (int64_t i = 0; i < k; i++) q[i] = (uint8_t)(int32_t)(rintf(x[i] / s) + 128.f);
+}
+
+/* x [rows, k] (rows x_stride apart) -> q [rows, q_stride] bytes and scales [rows]. */
+void quantize_rows(const float *restrict x, int64_t rows, int64_t k, int64_t x_stride, uint8_t *restrict q,
+                   int64_t q_stride, float *restrict scales) {
+    for (int64_t r = 0; r < rows; r++) quantize_row(x + r * x_stride, k, q + r * q_stride, scales + r);
+}
+
+/* RMSNorm (x / sqrt(mean(x^2) + eps) * weight), then quantize_row; `work` holds one row. */
+void rms_norm_quantize_rows(const float *restrict x, int64_t rows, int64_t k, const float *restrict weight,
+                            float eps, float *restrict work, uint8_t *restrict q, int64_t q_stride,
+                            float *restrict scales) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * k;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < k; i++) sum += xr[i] * xr[i];
+        const float inv = 1.f / sqrtf(sum / (float)k + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < k; i++) work[i] = xr[i] * inv * weight[i];
+        quantize_row(work, k, q + r * q_stride, scales + r);
+    }
+}
+
+/* silu(gate) * up for rows of [gate | up] (each `width` wide), then quantize_row. */
+void silu_mul_quantize_rows(const float *restrict gate_up, int64_t rows, int64_t width, float *restrict work,
+                            uint8_t *restrict q, int64_t q_stride, float *restrict scales) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate_up + r * 2 * width, *u = g + width;
+#pragma omp simd
+        for (int64_t i = 0; i < width; i++) work[i] = g[i] / (1.f + exp_approx(-g[i])) * u[i];
+        quantize_row(work, width, q + r * q_stride, scales + r);
+    }
+}
+
+#ifdef HAVE_VNNI
+typedef struct {
+    const int32_t *sums128; /* 128 * each output channel's weight sum: undoes the +128 of the rows */
+    const float *row_scale, *weight_scale, *bias;
+    float *out;
+    int64_t out_stride, n;
+    int accumulate;
+} epilogue_t;
+
+/* R rows x T tiles of 16 output channels: R*T accumulators stay in registers while the weights
+ * stream by once; each VNNI instruction multiplies 4 bytes of a row with 4 of 16 channels. */
+#define DEFINE_TILE(R, T)                                                                                     \
+    static void tile_##R##_##T(const uint8_t *restrict q, int64_t q_stride, const int8_t *restrict w,          \
+                               int64_t groups, int64_t tile_stride, const epilogue_t *e, int64_t r0, int64_t c0) { \
+        __m512i acc[R * T];                                                                                   \
+        _Pragma("GCC unroll 32") for (int i = 0; i < R * T; i++) acc[i] = _mm512_setzero_si512();             \
+        for (int64_t g = 0; g < groups; g++) {                                                                \
+            __m512i wv[T];                                                                                    \
+            _Pragma("GCC unroll 32") for (int t = 0; t < T; t++)                                              \
+                wv[t] = _mm512_loadu_si512((const void *)(w + t * tile_stride + g * 64));                     \
+            _Pragma("GCC unroll 32") for (int r = 0; r < R; r++) {                                            \
+                int32_t four;                                                                                 \
+                memcpy(&four, q + r * q_stride + g * 4, 4);                                                   \
+                const __m512i xv = _mm512_set1_epi32(four);                                                   \
+                _Pragma("GCC unroll 32") for (int t = 0; t < T; t++)                                          \
+                    acc[r * T + t] = _mm512_dpbusd_epi32(acc[r * T + t], xv, wv[t]);                          \
+            }                                                                                                 \
+        }                                                                                                     \
+        _Pragma("GCC unroll 32") for (int r = 0; r < R; r++) {                                                \
+            const __m512 xs = _mm512_set1_ps(e->row_scale[r0 + r]);                                           \
+            float *o = e->out + (r0 + r) * e->out_stride;                                                     \
+            _Pragma("GCC unroll 32") for (int t = 0; t < T; t++) {                                            \
+                const int64_t c = c0 + t * 16;                                                                \
+                const __mmask16 mask = e->n - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (e->n - c)) - 1); \
+                const __m512i s = _mm512_sub_epi32(acc[r * T + t], _mm512_maskz_loadu_epi32(mask, e->sums128 + c)); \
+                __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), xs),                            \
+                                         _mm512_maskz_loadu_ps(mask, e->weight_scale + c));                   \
+                if (e->bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, e->bias + c));                  \
+                if (e->accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, o + c), v);                  \
+                _mm512_mask_storeu_ps(o + c, mask, v);                                                        \
+            }                                                                                                 \
+        }                                                                                                     \
+    }
+DEFINE_TILE(4, 4)
+DEFINE_TILE(2, 4)
+DEFINE_TILE(1, 4)
+DEFINE_TILE(4, 1)
+DEFINE_TILE(2, 1)
+DEFINE_TILE(1, 1)
+#endif
+
+/* out[r][c] (+)= (sum_k x[r][k] w[c][k]) * row_scale[r] * weight_scale[c] (+ bias[c])
+ *   q      [rows, groups * 4] unsigned bytes from quantize_rows (rows q_stride apart)
+ *   w      [ceil(n / 16), groups, 16, 4] int8: the [n, k] weight packed for VNNI, zero-padded
+ * With `accumulate` the result is added to out (a residual connection). Returns 0, or -1 when
+ * this CPU has no AVX-512 VNNI (the caller then uses torch._int_mm). Tiles of 4 rows x 64
+ * channels measured fastest here (1.7x torch._int_mm at 16 rows, 2-4x at one row). */
+int int8_linear(const uint8_t *restrict q, int64_t rows, int64_t q_stride, const int8_t *restrict w, int64_t n,
+                int64_t groups, const int32_t *restrict sums128, const float *restrict row_scale,
+                const float *restrict weight_scale, const float *restrict bias, float *restrict out,
+                int64_t out_stride, int accumulate) {
+#ifdef HAVE_VNNI
+    const int64_t tiles = (n + 15) / 16, tile_stride = groups * 64;
+    const epilogue_t e = {sums128, row_scale, weight_scale, bias, out, out_stride, n, accumulate};
+    for (int64_t t0 = 0; t0 < tiles; t0 += 4) {
+        const int full = tiles - t0 >= 4;
+        const int8_t *wt = w + t0 * tile_stride;
+        /* every row chunk of this group of tiles: the weights come from cache after the first */
+        for (int64_t r0 = 0; r0 < rows;) {
+            const int64_t left = rows - r0, step = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            const uint8_t *x = q + r0 * q_stride;
+            if (full) {
+                if (step == 4) tile_4_4(x, q_stride, wt, groups, tile_stride, &e, r0, t0 * 16);
+                else if (step == 2) tile_2_4(x, q_stride, wt, groups, tile_stride, &e, r0, t0 * 16);
+                else tile_1_4(x, q_stride, wt, groups, tile_stride, &e, r0, t0 * 16);
+            } else {
+                for (int64_t t = t0; t < tiles; t++) {
+                    const int8_t *wt1 = w + t * tile_stride;
+                    if (step == 4) tile_4_1(x, q_stride, wt1, groups, tile_stride, &e, r0, t * 16);
+                    else if (step == 2) tile_2_1(x, q_stride, wt1, groups, tile_stride, &e, r0, t * 16);
+                    else tile_1_1(x, q_stride, wt1, groups, tile_stride, &e, r0, t * 16);
+                }
+            }
+            r0 += step;
+        }
+    }
+    return 0;
+#else
+    (void)q; (void)rows; (void)q_stride; (void)w; (void)n; (void)groups; (void)sums128; (void)row_scale;
+    (void)weight_scale; (void)bias; (void)out; (void)out_stride; (void)accumulate;
+    return -1;
+#endif
+}

@@ -1,0 +1,191 @@
+"""chatstream's C kernels (engine/kernels.c), built here by the machine's compiler, against PyTorch.
+
+Each kernel is compared with the PyTorch operators it replaces, on shapes that reach its edge
+cases (partial blocks, partial tiles, grouped heads, strided rows); then the engine's int8 step
+with and without them, on the real default model. How it falls back without a compiler is
+tested with a compiler that fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_llama_forward import teacher_forced
+from test_quantization import PROMPTS, chat, greedy_replies
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from chatstream.engine import attention, native
+from chatstream.engine.attention import BatchMetadata, PagedKVCache
+from chatstream.engine.block_manager import BlockManager
+from chatstream.engine.llm_engine import LLMEngine
+from chatstream.engine.model_runner import ModelRunner
+from chatstream.engine.quantization import Int8Linear, int8_linear, quantize_linears_int8, quantize_weight
+from chatstream.model_loader import load_model
+
+
+@pytest.fixture(scope="module")
+def kernels() -> native.NativeKernels:
+    loaded = native.load("native")
+    assert loaded is not None
+    return loaded
+
+
+def decode_case(
+    rows: int, heads: int, kv_heads: int, dim: int, block_size: int, lengths: list[int]
+) -> tuple[torch.Tensor, BatchMetadata]:
+    """A shuffled paged cache and the runner's decode metadata for one query per row."""
+    torch.manual_seed(rows * 7 + dim)
+    tables, free = [], torch.randperm(sum(-(-n // block_size) for n in lengths) + 3).tolist()
+    for n in lengths:
+        tables.append([free.pop() for _ in range(-(-n // block_size))])
+    cache = torch.randn(len(free) + sum(map(len, tables)), kv_heads, 2, block_size, dim)
+    pair_blocks = [b for t in tables for b in t]
+    pair_rows = [r for r, t in enumerate(tables) for _ in t]
+    pair_lengths = [min(block_size, n - i * block_size) for n, t in zip(lengths, tables) for i in range(len(t))]
+    padding = torch.arange(block_size)[None, :] >= torch.tensor(pair_lengths)[:, None]
+    bias = torch.zeros(padding.shape).masked_fill_(padding, float("-inf"))
+    starts = [0]
+    for t in tables:
+        starts.append(starts[-1] + len(t))
+    meta = BatchMetadata(
+        cache=PagedKVCache([cache]), write_index=torch.zeros(0, dtype=torch.long), num_decode=rows,
+        pair_blocks=torch.tensor(pair_blocks), pair_rows=torch.tensor(pair_rows),
+        pair_bias=bias.repeat_interleave(kv_heads, dim=0)[:, None, :],
+        decode_starts=torch.tensor(starts), decode_lengths=torch.tensor(lengths),
+    )
+    return cache, meta
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size"),
+    [(9, 3, 64, 16), (8, 8, 128, 16), (4, 1, 48, 8), (6, 2, 32, 32)],
+    ids=["smollm2", "mha-128", "mqa-48", "block-32"],
+)
+def test_native_decode_attention_equals_pytorchs(
+    kernels: native.NativeKernels, heads: int, kv_heads: int, dim: int, block_size: int
+) -> None:
+    lengths = [1, block_size, block_size + 1, 5 * block_size - 3, 130]
+    cache, meta = decode_case(len(lengths), heads, kv_heads, dim, block_size, lengths)
+    # Queries as the fused forward leaves them: rows of [q | k] heads, so strided.
+    q = torch.randn(len(lengths), heads + kv_heads, dim)[:, :heads]
+    scale = dim**-0.5
+    reference = attention._decode_bmm(q, cache, meta, scale)
+    assert meta.decode_starts is not None and meta.decode_lengths is not None
+    got = kernels.paged_decode_attention(q, cache, meta.pair_blocks, meta.decode_starts, meta.decode_lengths, scale)
+    torch.testing.assert_close(got, reference, atol=2e-6, rtol=1e-5)
+    # and through the attention module, as the engine calls it
+    meta.native = kernels
+    torch.testing.assert_close(attention._decode(q, cache, meta, scale), reference, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [(37, 22), (960, 576), (64, 1536)])
+def test_native_int8_linear_gives_pytorchs_numbers_bit_for_bit(
+    kernels: native.NativeKernels, out_features: int, in_features: int
+) -> None:
+    if not kernels.int8:
+        pytest.fail("this CPU has no AVX-512 VNNI: the native int8 matmul is not in use, so not under test")
+    torch.manual_seed(out_features)
+    weight, scale = quantize_weight(torch.randn(out_features, in_features))
+    bias = torch.randn(out_features)
+    for with_bias in (True, False):
+        packed = native.PackedInt8Weight.pack(weight, scale, bias if with_bias else None)
+        for rows in (1, 2, 3, 4, 5, 7, 8, 16, 17):
+            x = torch.randn(rows, in_features) * 3
+            x[0, 0] = 200.0  # an outlier row
+            expected = int8_linear(x, weight, scale, bias if with_bias else None)
+            assert torch.equal(kernels.int8_linear(kernels.quantize(x), packed), expected)
+            residual = torch.randn(rows, out_features)
+            total = residual.clone()
+            kernels.int8_linear(kernels.quantize(x), packed, out=total)
+            assert torch.equal(total, residual + expected)
+
+
+def test_native_norm_and_activation_quantize_what_pytorch_computes(kernels: native.NativeKernels) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(5, 576) * 2
+    weight = torch.rand(576) + 0.5
+    for rows, reference in (
+        (kernels.rms_norm_quantize(x, weight, 1e-5), F.rms_norm(x, (576,), weight, 1e-5)),
+        (kernels.silu_mul_quantize(torch.cat([x, x.flip(0)], dim=1)), F.silu(x) * x.flip(0)),
+        (kernels.quantize(x), x),
+    ):
+        values = (rows.data[:, :576].float() - 128) * rows.scales[:, None]
+        step = reference.abs().amax(dim=1, keepdim=True) / 127
+        torch.testing.assert_close(rows.scales, step[:, 0], rtol=1e-5, atol=0)
+        # Within one quantization step of the float result (half a step plus float rounding).
+        assert ((values - reference).abs() <= 0.5001 * step + 1e-6).all()
+
+
+@pytest.fixture(scope="module")
+def own_model() -> tuple[Any, Any]:
+    return load_model()  # its own copy: int8 swaps layers in place
+
+
+def test_the_engines_int8_step_with_native_kernels_is_as_good_as_pytorchs(
+    own_model: tuple[Any, Any], kernels: native.NativeKernels
+) -> None:
+    """Every native kernel in the fused int8 forward (norm + quantization, matmul, residual adds,
+    attention) against PyTorch's operators, scored on float32's own greedy replies: the same
+    likelihood and the same share of float32's tokens, within int8's noise. (Not the same logits:
+    sums in another order move an activation across an int8 rounding boundary now and then, and
+    that moves logits as much as int8 itself does.)"""
+    model, tokenizer = own_model
+    prompts = [chat(tokenizer, p) for p in PROMPTS]
+    replies = greedy_replies(model, prompts)
+    restore = quantize_linears_int8(model)
+    try:
+        scores = {
+            mode: teacher_forced(model, prompts, replies, fused=True, step_tokens=64, kernels=mode)
+            for mode in ("torch", "native")
+        }
+    finally:
+        restore()
+    nll, agreed = {}, {}
+    for mode, logits in scores.items():
+        targets = [torch.tensor(r) for r in replies]
+        nll[mode] = float(torch.cat([
+            -rows.log_softmax(-1).gather(1, t[:, None])[:, 0] for rows, t in zip(logits, targets)
+        ]).mean())
+        agreed[mode] = sum(int((rows.argmax(-1) == t).sum()) for rows, t in zip(logits, targets)) / sum(map(len, replies))
+    print("mean NLL of float32's replies:", nll, "share of float32's tokens:", agreed)
+    assert abs(nll["native"] - nll["torch"]) < 0.05, nll
+    assert agreed["native"] >= 0.85 and agreed["native"] >= agreed["torch"] - 0.05, agreed
+
+
+def test_kernels_mode_is_validated_and_torch_means_none() -> None:
+    assert native.load("torch") is None
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        native.load("fast")
+
+
+def test_without_a_working_compiler_auto_falls_back_and_native_refuses(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails every build
+    monkeypatch.setenv("CHATSTREAM_CACHE_DIR", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="chatstream.engine.native"):
+        assert native.load("auto") is None
+    assert "using PyTorch's operators" in caplog.text
+    with pytest.raises(native.NativeKernelError, match="native kernels unavailable"):
+        native.load("native")
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_an_engine_that_cannot_have_its_kernels_leaves_the_model_as_it_was(
+    own_model: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    model, tokenizer = own_model
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.setenv("CHATSTREAM_CACHE_DIR", str(tmp_path))
+    with pytest.raises(native.NativeKernelError):
+        LLMEngine(model, tokenizer, max_num_seqs=2, kv_cache_memory_bytes=8 << 20, quantization="int8", kernels="native")
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())  # the int8 swap was undone
+    assert model.config._attn_implementation != attention.ATTENTION_NAME
+    tiny = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, vocab_size=64)).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="float32 models on CPU"):
+        ModelRunner(tiny, BlockManager(4, 16, enable_prefix_caching=False), kernels="native")
