@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: serve test setup browser redis lint bench clean
+.PHONY: serve test setup browser redis compiler lint bench clean
 
 setup: $(STAMP)
 
@@ -26,11 +26,14 @@ browser:
 redis:
 	@command -v redis-server >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
 
+compiler:
+	@command -v cc >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc libc6-dev; }
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 
-test: $(STAMP) browser redis lint
+test: $(STAMP) browser redis compiler lint
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -65,6 +65,9 @@ class BatchMetadata:
     native: NativeKernels | None = None
     decode_starts: torch.Tensor | None = None
     decode_lengths: torch.Tensor | None = None
+    # Cache block and slot of each new token (what write_index encodes), for native writes.
+    token_blocks: torch.Tensor | None = None
+    token_offsets: torch.Tensor | None = None
 
 
 def paged_attention_forward(
@@ -93,11 +96,14 @@ def paged_attention(
     value: torch.Tensor,
     batch: BatchMetadata,
     scale: float,
+    kv_stored: bool = False,
 ) -> torch.Tensor:
-    """Store the step's new keys and values in layer ``layer_idx``'s cache; return ``[N, H, D]``."""
+    """Store the step's new keys and values in layer ``layer_idx``'s cache (unless the caller
+    did: ``kv_stored``); return ``[N, H, D]``."""
     cache = batch.cache.layers[layer_idx]
-    new_kv = torch.stack((key[0], value[0]), dim=1)  # [Hkv, 2, N, D]
-    cache.view(-1, cache.shape[-1]).index_copy_(0, batch.write_index, new_kv.flatten(0, 2))
+    if not kv_stored:
+        new_kv = torch.stack((key[0], value[0]), dim=1)  # [Hkv, 2, N, D]
+        cache.view(-1, cache.shape[-1]).index_copy_(0, batch.write_index, new_kv.flatten(0, 2))
 
     q = query[0].transpose(0, 1)  # [N, H, D]
     nd = batch.num_decode

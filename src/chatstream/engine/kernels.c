@@ -129,6 +129,35 @@ int paged_decode_attention(const float *restrict q, const float *restrict cache,
     return 0;
 }
 
+/* RoPE on one step's new queries and keys, in place, then the keys and values into the cache.
+ *   qkv    [tokens, (heads + 2 * kv_heads) * dim]: q heads, k heads, v heads (a fused projection)
+ *   cos, sin [tokens, dim], sin with its first half negated: out = x * cos + roll(x, dim / 2) * sin,
+ *          which is rotate_half's RoPE, in the same float operations as the PyTorch path
+ *   token t goes to cache block blocks[t], slot offsets[t] ([num_blocks, kv_heads, 2, block_size, dim]) */
+void rope_store_kv(float *restrict qkv, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t dim,
+                   const float *restrict cos, const float *restrict sin, float *restrict cache,
+                   const int64_t *restrict blocks, const int64_t *restrict offsets, int64_t block_size) {
+    const int64_t half = dim / 2, width = (heads + 2 * kv_heads) * dim;
+    float x[MAX_HEAD_DIM];
+    for (int64_t t = 0; t < tokens; t++) {
+        float *row = qkv + t * width;
+        const float *c = cos + t * dim, *s = sin + t * dim;
+        for (int64_t j = 0; j < heads + kv_heads; j++) {
+            float *head = row + j * dim;
+            memcpy(x, head, sizeof(float) * dim);
+#pragma omp simd
+            for (int64_t i = 0; i < half; i++) head[i] = x[i] * c[i] + x[i + half] * s[i];
+#pragma omp simd
+            for (int64_t i = half; i < dim; i++) head[i] = x[i] * c[i] + x[i - half] * s[i];
+        }
+        for (int64_t h = 0; h < kv_heads; h++) {
+            float *slot = cache + ((blocks[t] * kv_heads + h) * 2 * block_size + offsets[t]) * dim;
+            memcpy(slot, row + (heads + h) * dim, sizeof(float) * dim);
+            memcpy(slot + block_size * dim, row + (heads + kv_heads + h) * dim, sizeof(float) * dim);
+        }
+    }
+}
+
 /* ---- int8 linear layers: rows quantized per row, weights per output channel ---- */
 
 /* One row to unsigned int8 (its integer in [-127, 127], plus 128) and its scale, with the same

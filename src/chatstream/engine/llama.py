@@ -178,16 +178,17 @@ class LlamaForward:
         """The same layers with the native kernels; residual adds happen in place in ``x``."""
         n = x.shape[0]
         h_heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qk_width = (h_heads + kv_heads) * d
+        cos, sin = cos[:, 0], sin[:, 0]  # [N, D]
+        assert batch.token_blocks is not None and batch.token_offsets is not None
         for i, layer in enumerate(self.layers):
             assert layer.qkv.packed and layer.o.packed and layer.gate_up.packed and layer.down.packed
             qkv = nk.int8_linear(nk.rms_norm_quantize(x, layer.input_norm, self.eps), layer.qkv.packed)
-            qk = qkv[:, :qk_width].view(n, h_heads + kv_heads, d)
-            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
-            q = qk[:, :h_heads].transpose(0, 1)[None]
-            k = qk[:, h_heads:].transpose(0, 1)[None]
-            v = qkv[:, qk_width:].view(n, kv_heads, d).transpose(0, 1)[None]
-            attn = paged_attention(i, q, k, v, batch, self.scale)  # [N, H, D]
+            # RoPE in place, and the new keys and values into the cache, in one call.
+            nk.rope_store_kv(qkv, h_heads, kv_heads, cos, sin, batch.cache.layers[i],
+                             batch.token_blocks, batch.token_offsets)
+            heads = qkv.view(n, h_heads + 2 * kv_heads, d).transpose(0, 1)[None]  # [1, H + 2Hkv, N, D]
+            q, k, v = heads[:, :h_heads], heads[:, h_heads : h_heads + kv_heads], heads[:, h_heads + kv_heads :]
+            attn = paged_attention(i, q, k, v, batch, self.scale, kv_stored=True)  # [N, H, D]
             nk.int8_linear(nk.quantize(attn.reshape(n, h_heads * d)), layer.o.packed, out=x)
             gate_up = nk.int8_linear(nk.rms_norm_quantize(x, layer.post_norm, self.eps), layer.gate_up.packed)
             nk.int8_linear(nk.silu_mul_quantize(gate_up), layer.down.packed, out=x)

@@ -132,8 +132,10 @@ class ModelRunner:
                 prefills.append(PrefillSegment(row, row + n, start, past))
         dev = self.device
         pos = torch.tensor(positions, device=dev)
+        token_blocks = torch.tensor(write_blocks, dtype=torch.long, device=dev)
+        token_offsets = pos % bs
         # Cache row of (kv head h, key|value k, token n): ((block * Hkv + h) * 2 + k) * bs + offset.
-        token_base = torch.tensor(write_blocks, device=dev) * (self.num_kv_heads * 2 * bs) + pos % bs
+        token_base = token_blocks * (self.num_kv_heads * 2 * bs) + token_offsets
         head_base = torch.arange(self.num_kv_heads * 2, device=dev) * bs
         lengths = torch.tensor(pair_lengths, device=dev)
         padding = torch.arange(bs, device=dev)[None, :] >= lengths[:, None]  # [P, bs]
@@ -149,6 +151,8 @@ class ModelRunner:
             native=self.native,
             decode_starts=torch.tensor(decode_starts, dtype=torch.long, device=dev),
             decode_lengths=torch.tensor(decode_lengths, dtype=torch.long, device=dev),
+            token_blocks=token_blocks,
+            token_offsets=token_offsets,
         )
         input_ids = torch.tensor(ids, device=dev)[None, :]
         return meta, input_ids, pos[None, :], torch.tensor(keep, dtype=torch.long, device=dev)

@@ -95,6 +95,7 @@ class NativeKernels:
             "rms_norm_quantize_rows": [_P, _I, _I, _P, _F, _P, _P, _I, _P],
             "silu_mul_quantize_rows": [_P, _I, _I, _P, _P, _I, _P],
             "int8_linear": [_P, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P, _I, ctypes.c_int],
+            "rope_store_kv": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I],
         }
         for name, argtypes in signatures.items():
             getattr(lib, name).argtypes = argtypes
@@ -162,6 +163,27 @@ class NativeKernels:
         return out
 
     # -- attention --
+    def rope_store_kv(
+        self, qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+        cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
+    ) -> None:
+        """RoPE on ``qkv``'s query and key heads in place (``sin`` with its first half negated),
+        then each token's keys and values into ``cache`` at (``blocks[t]``, ``offsets[t]``)."""
+        _check_float_rows(qkv, contiguous=True)
+        tokens, dim = qkv.shape[0], cache.shape[-1]
+        if qkv.shape[1] != (heads + 2 * kv_heads) * dim or cache.shape[1] != kv_heads or dim > 256:
+            raise ValueError(f"qkv rows of {qkv.shape[1]} for {heads} + 2 x {kv_heads} heads of {dim}")
+        for t, shape in ((cos, (tokens, dim)), (sin, (tokens, dim))):
+            if t.shape != shape or t.dtype != torch.float32 or not t.is_contiguous():
+                raise ValueError(f"cos and sin must be contiguous float32 {shape}")
+        for t in (blocks, offsets):
+            if t.shape != (tokens,) or t.dtype != torch.int64 or not t.is_contiguous():
+                raise ValueError("blocks and offsets must be contiguous int64, one per token")
+        if cache.dtype != torch.float32 or not cache.is_contiguous():
+            raise ValueError("the cache must be contiguous float32")
+        self._lib.rope_store_kv(qkv.data_ptr(), tokens, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(),
+                                cache.data_ptr(), blocks.data_ptr(), offsets.data_ptr(), cache.shape[3])
+
 
     def paged_decode_attention(
         self,
