@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from test_llama_forward import teacher_forced
 from test_quantization import PROMPTS, chat, greedy_replies
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from chatstream.engine import attention, native
 from chatstream.engine.attention import BatchMetadata, PagedKVCache
@@ -75,11 +75,36 @@ def test_native_decode_attention_equals_pytorchs(
     scale = dim**-0.5
     reference = attention._decode_bmm(q, cache, meta, scale)
     assert meta.decode_starts is not None and meta.decode_lengths is not None
-    got = kernels.paged_decode_attention(q, cache, meta.pair_blocks, meta.decode_starts, meta.decode_lengths, scale)
+    native_cache = native.keys_transposed(cache)  # the layout the fused forward writes for the kernel
+    torch.testing.assert_close(native.keys_in_order(native_cache[:, :, 0]), cache[:, :, 0], atol=0, rtol=0)
+    got = kernels.paged_decode_attention(
+        q, native_cache, meta.pair_blocks, meta.decode_starts, meta.decode_lengths, scale
+    )
     torch.testing.assert_close(got, reference, atol=2e-6, rtol=1e-5)
     # and through the attention module, as the engine calls it
     meta.native = kernels
-    torch.testing.assert_close(attention._decode(q, cache, meta, scale), reference, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(attention._decode(q, native_cache, meta, scale), reference, atol=2e-6, rtol=1e-5)
+
+
+def test_native_rope_and_kv_write_equal_pytorchs(kernels: native.NativeKernels) -> None:
+    """RoPE in place as the fused forward computes it (to float rounding: PyTorch's addcmul may
+    fuse its multiply-add), and each token's key and value stored where the decode kernel reads them."""
+    torch.manual_seed(3)
+    tokens, heads, kv_heads, dim, block_size = 5, 6, 2, 32, 16
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim)
+    cos, sin = torch.randn(tokens, dim), torch.randn(tokens, dim)
+    blocks, offsets = torch.tensor([3, 3, 0, 7, 3]), torch.tensor([0, 1, 15, 4, 2])
+    cache = torch.zeros(8, kv_heads, 2, block_size, dim)
+    qk = qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim)
+    rotated = torch.addcmul(qk * cos[:, None], qk.roll(dim // 2, -1), sin[:, None])
+    values = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim).clone()
+    kernels.rope_store_kv(qkv, heads, kv_heads, cos, sin, cache, blocks, offsets)
+    new = qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim)
+    torch.testing.assert_close(new, rotated, atol=1e-6, rtol=1e-6)
+    stored_keys = native.keys_in_order(cache[:, :, 0])
+    for t in range(tokens):
+        assert torch.equal(stored_keys[blocks[t], :, offsets[t]], new[t, heads:])
+        assert torch.equal(cache[blocks[t], :, 1, offsets[t]], values[t])
 
 
 @pytest.mark.parametrize(("out_features", "in_features"), [(37, 22), (960, 576), (64, 1536)])
@@ -185,7 +210,13 @@ def test_an_engine_that_cannot_have_its_kernels_leaves_the_model_as_it_was(
         LLMEngine(model, tokenizer, max_num_seqs=2, kv_cache_memory_bytes=8 << 20, quantization="int8", kernels="native")
     assert not any(isinstance(m, Int8Linear) for m in model.modules())  # the int8 swap was undone
     assert model.config._attn_implementation != attention.ATTENTION_NAME
+
+
+def test_native_kernels_are_refused_where_they_do_not_apply(kernels: native.NativeKernels) -> None:
     tiny = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                         num_attention_heads=2, vocab_size=64)).to(torch.bfloat16)
     with pytest.raises(ValueError, match="float32 models on CPU"):
         ModelRunner(tiny, BlockManager(4, 16, enable_prefix_caching=False), kernels="native")
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=64))
+    with pytest.raises(ValueError, match="Llama-family"):
+        ModelRunner(gpt2, BlockManager(4, 16, enable_prefix_caching=False), kernels="native")

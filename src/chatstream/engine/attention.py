@@ -14,13 +14,12 @@ computed with SDPA (causal, plus the cached part of the prompt when prefill is c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from .native import NativeKernels
+from .native import NativeKernels, keys_in_order
 
 ATTENTION_NAME = "chatstream_paged"
 # PyTorch's CPU flash-attention kernel, which also returns each query's log-sum-exp.
@@ -60,7 +59,8 @@ class BatchMetadata:
     # [P * Hkv, 1, block_size] float32: 0, or -inf for slots past the sequence end.
     pair_bias: torch.Tensor
     prefills: list[PrefillSegment] = field(default_factory=list)
-    # With native kernels (float32 on CPU): decode row r's blocks are
+    # With native kernels (the fused forward, float32 on CPU) the cache holds each block's keys
+    # transposed (native.keys_transposed) and decode row r's blocks are
     # pair_blocks[decode_starts[r]:decode_starts[r + 1]], holding decode_lengths[r] tokens.
     native: NativeKernels | None = None
     decode_starts: torch.Tensor | None = None
@@ -113,7 +113,7 @@ def paged_attention(
     if nd:
         out[:nd] = _decode(q[:nd], cache, batch, scale)
     for seg in batch.prefills:
-        out[seg.start : seg.end] = _prefill(query, key, value, cache, seg, scale)
+        out[seg.start : seg.end] = _prefill(query, key, value, cache, seg, scale, batch.native is not None)
     return out
 
 
@@ -200,6 +200,7 @@ def _prefill(
     cache: torch.Tensor,
     seg: PrefillSegment,
     scale: float,
+    keys_transposed: bool = False,
 ) -> torch.Tensor:
     q = query[:, :, seg.start : seg.end]  # [1, H, n, D]
     if seg.past_blocks is None:  # the whole context is in this segment
@@ -211,6 +212,8 @@ def _prefill(
     context = seg.num_past + n
     kv = cache.index_select(0, seg.past_blocks)  # [nb, Hkv, 2, bs, D]
     nb, hkv, _, bs, d = kv.shape
+    if keys_transposed:  # the native kernels' layout
+        kv = torch.stack((keys_in_order(kv[:, :, 0]), kv[:, :, 1]), dim=2)
     kv = kv.permute(2, 1, 0, 3, 4).reshape(2, 1, hkv, nb * bs, d)[:, :, :, :context]
     # Causal with an offset: query i (position num_past + i) sees keys 0..num_past + i.
     q_pos = torch.arange(seg.num_past, context, device=q.device)

@@ -36,13 +36,6 @@ INLINE float exp_approx(float x) {
     return y * two_n;
 }
 
-INLINE float dot(const float *restrict a, const float *restrict b, int64_t n) {
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 /* One decode row: its query heads against its blocks, block by block, every KV head of a block
  * in turn (a block's heads are contiguous, so each block is one sequential read). */
 INLINE void decode_row(const float *restrict q, const float *restrict cache, const int64_t *restrict blocks,
@@ -68,14 +61,23 @@ INLINE void decode_row(const float *restrict q, const float *restrict cache, con
                 __builtin_prefetch(next + off, 0, 3);
         }
         for (int64_t h = 0; h < kv_heads; h++) {
-            const float *keys = cache + blocks[b] * block_floats + h * 2 * block_size * dim;
-            const float *values = keys + block_size * dim;
+            const float *keys = cache + blocks[b] * block_floats + h * 2 * block_size * dim; /* [dim, block_size] */
+            const float *values = keys + block_size * dim;                                     /* [block_size, dim] */
             for (int64_t j = h * group; j < (h + 1) * group; j++) {
+                /* Keys stored transposed: a block's scores are one multiply-add per dimension
+                 * across all its tokens, with no horizontal sums. */
+                const float *qj = q + j * dim;
+#pragma omp simd
+                for (int64_t t = 0; t < block_size; t++) scores[t] = 0.f;
+                for (int64_t i = 0; i < dim; i++) {
+                    const float qi = qj[i], *kt = keys + i * block_size;
+#pragma omp simd
+                    for (int64_t t = 0; t < block_size; t++) scores[t] += qi * kt[t];
+                }
                 float m = row_max[j];
                 for (int64_t t = 0; t < n; t++) {
-                    const float s = dot(q + j * dim, keys + t * dim, dim) * scale;
-                    scores[t] = s;
-                    m = s > m ? s : m;
+                    scores[t] *= scale;
+                    m = scores[t] > m ? scores[t] : m;
                 }
                 const float correction = expf(row_max[j] - m); /* exp(-inf) = 0 on the first block */
                 float *a = acc[j], sum = 0.f;
@@ -105,7 +107,9 @@ INLINE void decode_row(const float *restrict q, const float *restrict cache, con
 
 /* Decode attention over a paged KV cache: one query token per row, each against its own blocks.
  *   q      [rows, heads, dim], rows q_stride floats apart
- *   cache  [num_blocks, kv_heads, 2, block_size, dim]   (2: keys, values)
+ *   cache  [num_blocks, kv_heads, 2, block_size * dim]: per block and KV head, its keys transposed
+ *          ([dim, block_size]: a block's scores are then plain vector multiply-adds), then its values
+ *          ([block_size, dim]); rope_store_kv writes this layout
  *   blocks row r's blocks are blocks[starts[r] .. starts[r+1]), covering lengths[r] tokens
  *   out    [rows, heads, dim]
  * Online softmax block by block (flash decoding on one core): every key and value is read once,
@@ -120,10 +124,10 @@ int paged_decode_attention(const float *restrict q, const float *restrict cache,
         const float *qr = q + r * q_stride;
         float *o = out + r * heads * dim;
         const int64_t *b = blocks + starts[r], n = starts[r + 1] - starts[r];
-#define CALL(D) decode_row(qr, cache, b, n, lengths[r], o, heads, kv_heads, block_size, D, scale)
-        if (dim == 64) CALL(64);
-        else if (dim == 128) CALL(128);
-        else CALL(dim);
+#define CALL(BS, D) decode_row(qr, cache, b, n, lengths[r], o, heads, kv_heads, BS, D, scale)
+        if (block_size == 16 && dim == 64) CALL(16, 64);
+        else if (block_size == 16 && dim == 128) CALL(16, 128);
+        else CALL(block_size, dim);
 #undef CALL
     }
     return 0;
@@ -132,8 +136,8 @@ int paged_decode_attention(const float *restrict q, const float *restrict cache,
 /* RoPE on one step's new queries and keys, in place, then the keys and values into the cache.
  *   qkv    [tokens, (heads + 2 * kv_heads) * dim]: q heads, k heads, v heads (a fused projection)
  *   cos, sin [tokens, dim], sin with its first half negated: out = x * cos + roll(x, dim / 2) * sin,
- *          which is rotate_half's RoPE, in the same float operations as the PyTorch path
- *   token t goes to cache block blocks[t], slot offsets[t] ([num_blocks, kv_heads, 2, block_size, dim]) */
+ *          which is rotate_half's RoPE, as the PyTorch path computes it
+ *   token t goes to cache block blocks[t], slot offsets[t]; the cache is paged_decode_attention's layout */
 void rope_store_kv(float *restrict qkv, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t dim,
                    const float *restrict cos, const float *restrict sin, float *restrict cache,
                    const int64_t *restrict blocks, const int64_t *restrict offsets, int64_t block_size) {
@@ -151,9 +155,10 @@ void rope_store_kv(float *restrict qkv, int64_t tokens, int64_t heads, int64_t k
             for (int64_t i = half; i < dim; i++) head[i] = x[i] * c[i] + x[i - half] * s[i];
         }
         for (int64_t h = 0; h < kv_heads; h++) {
-            float *slot = cache + ((blocks[t] * kv_heads + h) * 2 * block_size + offsets[t]) * dim;
-            memcpy(slot, row + (heads + h) * dim, sizeof(float) * dim);
-            memcpy(slot + block_size * dim, row + (heads + kv_heads + h) * dim, sizeof(float) * dim);
+            float *keys = cache + (blocks[t] * kv_heads + h) * 2 * block_size * dim;
+            const float *k = row + (heads + h) * dim;
+            for (int64_t i = 0; i < dim; i++) keys[i * block_size + offsets[t]] = k[i]; /* keys transposed */
+            memcpy(keys + (block_size + offsets[t]) * dim, row + (heads + kv_heads + h) * dim, sizeof(float) * dim);
         }
     }
 }

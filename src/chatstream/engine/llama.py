@@ -127,12 +127,11 @@ class LlamaForward:
         self.lm_head = _Projection([model.get_output_embeddings()])
         projections = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         projections.append(self.lm_head)
-        # int8 everywhere and a CPU with the native int8 matmul: norms, activation quantization,
-        # matmuls, dequantization and residual adds run as ~6 native calls per layer.
-        self.native = native if native is not None and native.int8 and all(
-            p.weight_scale is not None for p in projections
-        ) and self.embed.dtype == torch.float32 else None
-        if self.native is not None:
+        # Native kernels (float32 on CPU): RoPE, the KV write and decode attention always; with int8
+        # weights and a CPU with the native int8 matmul, also norms, activation quantization,
+        # matmuls, dequantization and residual adds (six native calls a layer).
+        self.native = native if native is not None and self.embed.dtype == torch.float32 else None
+        if self.native is not None and self.native.int8 and all(p.weight_scale is not None for p in projections):
             for p in projections:
                 p.pack()
         else:
@@ -181,19 +180,33 @@ class LlamaForward:
         cos, sin = cos[:, 0], sin[:, 0]  # [N, D]
         assert batch.token_blocks is not None and batch.token_offsets is not None
         for i, layer in enumerate(self.layers):
-            assert layer.qkv.packed and layer.o.packed and layer.gate_up.packed and layer.down.packed
-            qkv = nk.int8_linear(nk.rms_norm_quantize(x, layer.input_norm, self.eps), layer.qkv.packed)
+            qkv = self._norm_project(nk, x, layer.input_norm, layer.qkv)
             # RoPE in place, and the new keys and values into the cache, in one call.
             nk.rope_store_kv(qkv, h_heads, kv_heads, cos, sin, batch.cache.layers[i],
                              batch.token_blocks, batch.token_offsets)
             heads = qkv.view(n, h_heads + 2 * kv_heads, d).transpose(0, 1)[None]  # [1, H + 2Hkv, N, D]
             q, k, v = heads[:, :h_heads], heads[:, h_heads : h_heads + kv_heads], heads[:, h_heads + kv_heads :]
             attn = paged_attention(i, q, k, v, batch, self.scale, kv_stored=True)  # [N, H, D]
-            nk.int8_linear(nk.quantize(attn.reshape(n, h_heads * d)), layer.o.packed, out=x)
-            gate_up = nk.int8_linear(nk.rms_norm_quantize(x, layer.post_norm, self.eps), layer.gate_up.packed)
-            nk.int8_linear(nk.silu_mul_quantize(gate_up), layer.down.packed, out=x)
-        assert self.lm_head.packed is not None
-        return nk.int8_linear(nk.rms_norm_quantize(x.index_select(0, keep), self.norm, self.eps), self.lm_head.packed)
+            self._project_add(nk, attn.reshape(n, h_heads * d), layer.o, x)
+            gate_up = self._norm_project(nk, x, layer.post_norm, layer.gate_up)
+            if layer.down.packed is not None:
+                nk.int8_linear(nk.silu_mul_quantize(gate_up), layer.down.packed, out=x)
+            else:
+                self._project_add(nk, F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :],
+                                  layer.down, x)
+        return self._norm_project(nk, x.index_select(0, keep), self.norm, self.lm_head)
+
+    def _norm_project(self, nk: NativeKernels, x: torch.Tensor, norm: torch.Tensor, proj: _Projection) -> torch.Tensor:
+        if proj.packed is not None:
+            return nk.int8_linear(nk.rms_norm_quantize(x, norm, self.eps), proj.packed)
+        return proj(self._rms_norm(x, norm)).contiguous()
+
+    def _project_add(self, nk: NativeKernels, rows: torch.Tensor, proj: _Projection, x: torch.Tensor) -> None:
+        """``x += proj(rows)``, in place."""
+        if proj.packed is not None:
+            nk.int8_linear(nk.quantize(rows), proj.packed, out=x)
+        else:
+            x.add_(proj(rows))
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:

@@ -35,9 +35,10 @@ def kv_bytes_per_token(model: Any) -> int:
 class ModelRunner:
     """``fused``: run Llama-family models through :mod:`.llama`'s fused forward (same tokens,
     fewer operators); other models, or ``fused=False``, run through transformers' own forward.
-    ``kernels``: ``"auto"`` runs decode attention through :mod:`.native`'s kernel for a float32
-    model on CPU when it builds and passes its check here, ``"native"`` requires it, ``"torch"``
-    uses PyTorch's operators only."""
+    ``kernels``: ``"auto"`` runs the fused forward's RoPE, KV writes, decode attention (and int8
+    layers, on CPUs with AVX-512 VNNI) through :mod:`.native`'s kernels for a float32 model on CPU
+    when they build and pass their check here, ``"native"`` requires them, ``"torch"`` uses
+    PyTorch's operators only."""
 
     def __init__(self, model: Any, blocks: BlockManager, *, fused: bool = True, kernels: str = "auto") -> None:
         self.model = model
@@ -60,6 +61,13 @@ class ModelRunner:
             raise ValueError(f"native kernels run float32 models on CPU, not {model.dtype} on {self.device}")
         self.native = native.load(kernels) if native_fits else None
         self.fused = llama.LlamaForward(model, self.native) if fused and llama.supports(model) else None
+        if self.fused is None or self.fused.native is None:
+            # Only the fused forward writes the cache in the native kernels' layout (keys
+            # transposed); transformers' forward keeps PyTorch's attention.
+            if kernels == "native" and native_fits:
+                raise ValueError("native kernels run Llama-family models (llama, mistral, qwen2) through the "
+                                 "fused forward only")
+            self.native = None
         attention.register()
         self._previous_attn = model.config._attn_implementation
         model.set_attn_implementation(attention.ATTENTION_NAME)

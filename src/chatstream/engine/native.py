@@ -188,7 +188,7 @@ class NativeKernels:
     def paged_decode_attention(
         self,
         q: torch.Tensor,  # [rows, heads, dim]; rows may be strided
-        cache: torch.Tensor,  # [num_blocks, kv_heads, 2, block_size, dim]
+        cache: torch.Tensor,  # [num_blocks, kv_heads, 2, block_size, dim], keys transposed: see keys_transposed
         blocks: torch.Tensor,  # int64: every row's blocks, in order, row after row
         starts: torch.Tensor,  # int64 [rows + 1]: row r's blocks are blocks[starts[r]:starts[r + 1]]
         lengths: torch.Tensor,  # int64 [rows]: tokens each row attends to
@@ -214,6 +214,22 @@ class NativeKernels:
             raise ValueError(f"native attention does not handle this shape (heads {heads}, kv heads {kv_heads}, "
                              f"block size {block_size}, head dim {dim})")
         return out
+
+
+def keys_transposed(cache: torch.Tensor) -> torch.Tensor:
+    """A ``[blocks, kv_heads, 2, block_size, dim]`` cache in the native kernels' layout: each
+    block's keys stored transposed (``[dim, block_size]`` in the same place), values as they are."""
+    out = cache.clone()
+    blocks, kv_heads, _, block_size, dim = cache.shape
+    out[:, :, 0] = cache[:, :, 0].transpose(-1, -2).contiguous().view(blocks, kv_heads, block_size, dim)
+    return out
+
+
+def keys_in_order(keys: torch.Tensor) -> torch.Tensor:
+    """The inverse view for keys gathered from such a cache: ``[..., block_size, dim]`` tensors
+    whose memory is ``[dim, block_size]`` -> the keys as ``[..., block_size, dim]`` (a view)."""
+    *lead, block_size, dim = keys.shape
+    return keys.reshape(*lead, dim, block_size).transpose(-1, -2)
 
 
 def _check_float_rows(x: torch.Tensor, contiguous: bool = False) -> None:
@@ -310,7 +326,7 @@ def _check(kernels: NativeKernels) -> None:
         probs = torch.softmax((k @ q[r][:, :, None]).squeeze(-1) * dim**-0.5, dim=-1)
         expected.append((probs[:, None, :] @ v).squeeze(1))
     got = kernels.paged_decode_attention(
-        q, cache, torch.tensor([b for t in tables for b in t]),
+        q, keys_transposed(cache), torch.tensor([b for t in tables for b in t]),
         torch.tensor([0, 3, 4, 6]), torch.tensor(lengths), dim**-0.5,
     )
     if not torch.allclose(got, torch.stack(expected), atol=1e-5, rtol=1e-4):
