@@ -1,4 +1,4 @@
-"""Time one engine decode step at batch 1/16/32: float32 vs int8 linear layers, transformers' forward vs the fused one.
+"""Time one engine decode step at batch 1/16/32: float32 vs int8 linear layers, transformers' forward vs the fused one, native kernels vs PyTorch's operators.
 
     .venv/bin/python -m benchmarks.step_time [--batches 1,16,32] [--steps 10] [--context 128]
 
@@ -78,12 +78,12 @@ def main() -> None:
     variants: dict[str, tuple[tuple[str, ...] | None, bool, str]] = {
         "float32, transformers forward": (None, False, "torch"),
         "float32, fused forward": (None, True, "torch"),
-        "float32, fused forward, native attention": (None, True, "native"),
+        "float32, fused forward, native kernels": (None, True, "native"),
         "int8, transformers forward": ((), False, "torch"),
         "int8 everywhere, fused forward": ((), True, "torch"),
-        "int8 everywhere, fused forward, native attention (engine default)": ((), True, "native"),
-        "int8, down_proj float, fused forward, native attention": (("down_proj",), True, "native"),
-        "int8, lm_head float, fused forward, native attention": (("lm_head",), True, "native"),
+        "int8 everywhere, fused forward, native kernels (engine default)": ((), True, "native"),
+        "int8, down_proj float, fused forward, native kernels": (("down_proj",), True, "native"),
+        "int8, lm_head float, fused forward, native kernels": (("lm_head",), True, "native"),
     }
     models = {}
     for label, (keep, _, _) in variants.items():
