@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="torch device: cpu or cuda")
     kv_cache_mb: int | None = Field(None, ge=1, description="KV-cache memory budget in MiB (none: concurrency x context plus 50% for cached prefixes, at most a quarter of available memory)")
     quantization: str = Field("auto", pattern="^(auto|int8|none)$", description="auto: int8 linear layers on CPU when a start-up timing finds them faster; int8; none (the model's own precision)")
-    kernels: str = Field("auto", pattern="^(auto|native|torch)$", description="auto: chatstream's C kernels (built at first use with the machine's C compiler) for a float32 model on CPU when they build and pass a check, else PyTorch's operators; native: require them; torch: PyTorch's operators only")
+    kernels: str = Field("auto", pattern="^(auto|native|torch)$", description="auto: chatstream's C kernels (built at first use with the machine's C compiler) for a float32 Llama-family model on CPU when they build and pass a check, else PyTorch's operators; native: require them; torch: PyTorch's operators only")
     prefix_caching: bool = Field(True, description="keep KV blocks of finished requests to reuse for prompts that start the same way")
     dtype: str | None = Field(None, pattern="^(float32|bfloat16|float16)$", description="weights' dtype (none: float32 on CPU, bfloat16 on CUDA)")
     threads: int | None = Field(None, ge=1, le=1024, description="torch threads for the engine (none: on CPU the usable cores but one, which the event loop keeps)")

@@ -59,7 +59,8 @@ class _Projection:
         self.packed: PackedInt8Weight | None = None
 
     def pack(self) -> PackedInt8Weight:
-        """The int8 weight laid out for the native kernel (kept, so the torch path's copy can go)."""
+        """The int8 weight laid out for the native kernel (the ``[out, in]`` one stays for ``--kernels torch``
+        runners over the same model)."""
         assert self.weight_scale is not None
         self.packed = PackedInt8Weight.pack(self.weight, self.weight_scale, self.bias)
         return self.packed

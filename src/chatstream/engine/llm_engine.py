@@ -60,9 +60,10 @@ class LLMEngine:
     the usable cores, so the event loop (HTTP, detokenized text, JSON) keeps a core: with every core
     in torch's pool, the loop's work preempts a pool thread and the whole step waits for it
     (measured on 2 cores, 16 clients: 144-152 tok/s with 1 thread against 100-106 with 2).
-    ``kernels``: ``"auto"`` runs decode attention through chatstream's C kernel (:mod:`.native`,
-    built at first use) for a float32 model on CPU when it builds and passes its check, else
-    through PyTorch's operators; ``"native"`` requires the kernel; ``"torch"`` never uses it.
+    ``kernels``: ``"auto"`` runs the fused forward's RoPE, KV writes, decode attention and (on CPUs
+    with AVX-512 VNNI) int8 layers through chatstream's C kernels (:mod:`.native`, built at first
+    use) for a float32 Llama-family model on CPU when they build and pass their check, else through
+    PyTorch's operators; ``"native"`` requires them; ``"torch"`` never uses them.
     The engine switches the model to its own attention implementation
     and quantized layers until :meth:`shutdown`.
     """
@@ -123,7 +124,7 @@ class LLMEngine:
             raise
         logger.info(
             "KV cache: %d blocks of %d tokens (%.0f MiB) on %s; prefix caching %s; linear layers %s; "
-            "decode attention %s",
+            "kernels %s",
             num_blocks, block_size, num_blocks * block_bytes / 2**20, model.device,
             "on" if enable_prefix_caching else "off", "int8" if self._restore_linears else str(model.dtype),
             "native" if self._runner.native else "torch",

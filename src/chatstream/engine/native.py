@@ -1,10 +1,16 @@
 """chatstream's own CPU kernels (``kernels.c``), compiled at first use by the machine's C compiler.
 
-Decode attention over the paged cache is the one part of a CPU step that PyTorch has no fitting
-operator for: through the fused flash kernel it needs a gathered copy of every sequence's blocks,
-one tiny flash problem per (block, head) and a log-sum-exp merge, ~30 operators per layer that
-took a third of a 16-sequence step here. ``kernels.c`` does the same arithmetic in one pass over
-the cache, with no copy (2-3x faster for that part, same results within float32 rounding).
+They run the parts of the fused Llama forward's CPU step that PyTorch has no fitting operator
+for, or spends many small operators on:
+
+- decode attention over the paged cache, in one pass with no gathered copy (through PyTorch it
+  took a gathered copy of every block, one flash problem per (block, head) and a log-sum-exp
+  merge: ~30 operators a layer, a third of a 16-sequence step here); the cache then keeps each
+  block's keys transposed (:func:`keys_transposed`), written by ``rope_store_kv``;
+- RoPE and the KV write, one call a layer;
+- int8 linear layers on CPUs with AVX-512 VNNI, with the activation quantization fused into the
+  norm or SiLU before and the dequantization, bias and residual add after (the integer sums and
+  dequantization equal ``quantization.int8_linear``'s bit for bit).
 
 It is plain C called through ``ctypes``, which releases the GIL during the call, so the event
 loop runs beside it as beside any torch operator. Why not ``torch.utils.cpp_extension``: that
