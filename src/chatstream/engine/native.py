@@ -337,6 +337,20 @@ def _check(kernels: NativeKernels) -> None:
     )
     if not torch.allclose(got, torch.stack(expected), atol=1e-5, rtol=1e-4):
         raise NativeKernelError(f"{kernels.path} disagrees with PyTorch on its attention check")
+    # RoPE in place and the KV write, into the layout the attention above read.
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim, generator=generator)
+    cos, sin = torch.randn(3, dim, generator=generator), torch.randn(3, dim, generator=generator)
+    qk = qkv[:, : (heads + kv_heads) * dim].view(3, heads + kv_heads, dim)
+    rotated = torch.addcmul(qk * cos[:, None], qk.roll(dim // 2, -1), sin[:, None])
+    values = qkv[:, (heads + kv_heads) * dim :].view(3, kv_heads, dim).clone()
+    stored = torch.zeros(4, kv_heads, 2, block_size, dim)
+    kernels.rope_store_kv(qkv, heads, kv_heads, cos, sin, stored, torch.tensor([2, 0, 2]), torch.tensor([1, 3, 0]))
+    expected_cache = torch.zeros_like(stored)
+    for t, (block, offset) in enumerate(((2, 1), (0, 3), (2, 0))):
+        expected_cache[block, :, 0, offset] = rotated[t, heads:]
+        expected_cache[block, :, 1, offset] = values[t]
+    if not (torch.allclose(qk, rotated, atol=1e-6) and torch.allclose(stored, keys_transposed(expected_cache), atol=1e-6)):
+        raise NativeKernelError(f"{kernels.path} disagrees with PyTorch on its RoPE and KV-write check")
     if kernels.int8:  # odd sizes: partial tiles of rows, channels and 4-byte groups
         from .quantization import int8_linear, quantize_weight
 
@@ -346,4 +360,14 @@ def _check(kernels: NativeKernels) -> None:
         packed = PackedInt8Weight.pack(weight, scale, bias)
         if not torch.equal(kernels.int8_linear(kernels.quantize(x), packed), int8_linear(x, weight, scale, bias)):
             raise NativeKernelError(f"{kernels.path} disagrees with PyTorch on its int8 check")
+        # The fused norm and SiLU quantize what PyTorch computes, to within one int8 step.
+        norm_weight = torch.rand(22, generator=generator) + 0.5
+        for rows, reference in (
+            (kernels.rms_norm_quantize(x, norm_weight, 1e-5), torch.nn.functional.rms_norm(x, (22,), norm_weight, 1e-5)),
+            (kernels.silu_mul_quantize(torch.cat([x, x.flip(0)], dim=1)), torch.nn.functional.silu(x) * x.flip(0)),
+        ):
+            step = reference.abs().amax(dim=1, keepdim=True) / 127
+            values = (rows.data[:, :22].float() - 128) * rows.scales[:, None]
+            if not ((values - reference).abs() <= 0.5001 * step + 1e-6).all():
+                raise NativeKernelError(f"{kernels.path} disagrees with PyTorch on its norm/SiLU check")
 
