@@ -217,6 +217,13 @@ def test_native_kernels_are_refused_where_they_do_not_apply(kernels: native.Nati
                                         num_attention_heads=2, vocab_size=64)).to(torch.bfloat16)
     with pytest.raises(ValueError, match="float32 models on CPU"):
         ModelRunner(tiny, BlockManager(4, 16, enable_prefix_caching=False), kernels="native")
+    many_heads = LlamaForCausalLM(LlamaConfig(hidden_size=288, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=72, vocab_size=64))  # past the kernel's 64
+    with pytest.raises(ValueError, match="at most 64 attention heads"):
+        ModelRunner(many_heads, BlockManager(4, 16, enable_prefix_caching=False), kernels="native")
+    runner = ModelRunner(many_heads, BlockManager(4, 16, enable_prefix_caching=False), kernels="auto")
+    assert runner.native is None and runner.fused is not None  # PyTorch's operators instead
+    runner.close()
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=64))
     with pytest.raises(ValueError, match="Llama-family"):
         ModelRunner(gpt2, BlockManager(4, 16, enable_prefix_caching=False), kernels="native")

@@ -27,6 +27,11 @@ def _kv_shape(config: Any) -> tuple[int, int, int]:
     return config.num_hidden_layers, num_kv_heads, head_dim
 
 
+def _num_heads(config: Any) -> int:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(config.num_attention_heads)
+
+
 def kv_bytes_per_token(model: Any) -> int:
     layers, kv_heads, head_dim = _kv_shape(model.config)
     return 2 * layers * kv_heads * head_dim * model.dtype.itemsize
@@ -59,6 +64,11 @@ class ModelRunner:
         native_fits = self.device.type == "cpu" and model.dtype == torch.float32
         if kernels == "native" and not native_fits:
             raise ValueError(f"native kernels run float32 models on CPU, not {model.dtype} on {self.device}")
+        native_fits = native_fits and native.NativeKernels.fits(
+            _num_heads(model.config), self.num_kv_heads, head_dim, block_size
+        )
+        if kernels == "native" and not native_fits:
+            raise ValueError("native kernels take at most 64 attention heads of at most 256 dimensions, in blocks of at most 256 tokens")
         self.native = native.load(kernels) if native_fits else None
         self.fused = llama.LlamaForward(model, self.native) if fused and llama.supports(model) else None
         if self.fused is None or self.fused.native is None:

@@ -111,6 +111,12 @@ class NativeKernels:
         # Whether this CPU has the int8 matmul (AVX-512 VNNI): with no rows it only answers that.
         self.int8 = lib.int8_linear(None, 0, 0, None, 0, 0, None, None, None, None, None, 0, 0) == 0
 
+    @staticmethod
+    def fits(heads: int, kv_heads: int, head_dim: int, block_size: int) -> bool:
+        """Whether the attention kernel takes this shape (kernels.c's fixed buffers: MAX_HEADS,
+        MAX_HEAD_DIM, MAX_BLOCK)."""
+        return kv_heads > 0 and heads % kv_heads == 0 and heads <= 64 and head_dim <= 256 and block_size <= 256
+
     # -- int8 linear layers --
     def _rows(self, rows: int, in_features: int) -> QuantizedRows:
         return QuantizedRows(
