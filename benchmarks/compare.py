@@ -214,6 +214,13 @@ def _bin(name: str, given: str | None) -> str:
     return str(beside) if beside.exists() else name
 
 
+def chatstream_plan(opts: argparse.Namespace, concurrency: int, protocol: str) -> RunPlan:
+    """``chatstream serve --concurrency N`` under the suite's clients and requests."""
+    clients = opts.clients
+    return RunPlan(f"chatstream --concurrency {concurrency}", "chatstream", chatstream_command(opts, concurrency),
+                   "/health", clients, clients * opts.requests_per_client, protocol)
+
+
 def chatstream_command(opts: argparse.Namespace, concurrency: int) -> list[str]:
     argv = [
         _bin("chatstream", opts.chatstream_bin), "serve", "--port", "{port}",
@@ -390,8 +397,7 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
     if opts.suite == "concurrency":
         protocol = opts.chatstream_protocol or "chatstream"
         runs = [
-            RunPlan(f"chatstream --concurrency {c}", "chatstream", chatstream_command(opts, c),
-                    "/health", clients, clients * rpc, protocol)
+            chatstream_plan(opts, c, protocol)
             for c in (1, clients)
         ]
         return SuitePlan(
@@ -403,8 +409,7 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
         )
     if opts.suite == "peers":
         folder = opts.model_folder or model_folder(opts.model)
-        ours = RunPlan(f"chatstream --concurrency {clients}", "chatstream", chatstream_command(opts, clients),
-                       "/health", clients, clients * rpc, opts.chatstream_protocol or "auto")
+        ours = chatstream_plan(opts, clients, opts.chatstream_protocol or "auto")
         peer = RunPlan("transformers serve --continuous-batching", "transformers",
                        transformers_command(opts, folder), "/v1/models", clients, clients * rpc, "openai")
         return SuitePlan(
@@ -416,8 +421,7 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
         )
     if opts.suite == "reference":
         gguf = gguf_file(opts.model)
-        ours = RunPlan(f"chatstream --concurrency {clients}", "chatstream", chatstream_command(opts, clients),
-                       "/health", clients, clients * rpc, opts.chatstream_protocol or "auto")
+        ours = chatstream_plan(opts, clients, opts.chatstream_protocol or "auto")
         ref = RunPlan("llama.cpp server (llama-cpp-python)", "llamacpp", llamacpp_command(opts, gguf),
                       "/v1/models", clients, clients * rpc, "openai", check_overlap=True)
         return SuitePlan(
@@ -441,8 +445,7 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
         )
     if opts.suite == "llamacpp":
         gguf = gguf_file(opts.model)
-        ours = RunPlan(f"chatstream --concurrency {clients}", "chatstream", chatstream_command(opts, clients),
-                       "/health", clients, clients * rpc, "openai")
+        ours = chatstream_plan(opts, clients, "openai")
         peer = RunPlan(f"llama-server -np {clients}", "llamacpp", llama_server_command(opts, gguf, clients),
                        "/v1/models", clients, clients * rpc, "openai")
         return SuitePlan(
@@ -459,8 +462,7 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
         )
     if opts.suite == "vllm":
         folder = opts.model_folder or model_folder(opts.model)
-        ours = RunPlan(f"chatstream --concurrency {clients}", "chatstream", chatstream_command(opts, clients),
-                       "/health", clients, clients * rpc, "openai")
+        ours = chatstream_plan(opts, clients, "openai")
         peer = RunPlan(f"vLLM CPU --max-num-seqs {clients}", "vllm", vllm_command(opts, folder, clients),
                        "/v1/models", clients, clients * rpc, "openai",
                        ready_timeout=max(opts.ready_timeout, VLLM_READY_TIMEOUT))

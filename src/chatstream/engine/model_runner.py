@@ -18,22 +18,17 @@ from .block_manager import BlockManager
 from .scheduler import ScheduledChunk
 
 
-def _kv_shape(config: Any) -> tuple[int, int, int]:
-    """(layers, KV heads, head dim) of a decoder config."""
+def _attention_shape(config: Any) -> tuple[int, int, int, int]:
+    """(layers, attention heads, KV heads, head dim) of a decoder config."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    return config.num_hidden_layers, num_kv_heads, head_dim
-
-
-def _num_heads(config: Any) -> int:
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(config.num_attention_heads)
+    return config.num_hidden_layers, num_heads, num_kv_heads, head_dim
 
 
 def kv_bytes_per_token(model: Any) -> int:
-    layers, kv_heads, head_dim = _kv_shape(model.config)
+    layers, _, kv_heads, head_dim = _attention_shape(model.config)
     return 2 * layers * kv_heads * head_dim * model.dtype.itemsize
 
 
@@ -50,7 +45,7 @@ class ModelRunner:
         self.device = model.device
         self.blocks = blocks
         self.block_size = block_size = blocks.block_size
-        layers, self.num_kv_heads, head_dim = _kv_shape(model.config)
+        layers, num_heads, self.num_kv_heads, head_dim = _attention_shape(model.config)
         shape = (blocks.num_blocks, self.num_kv_heads, 2, block_size, head_dim)
         # torch.empty, so host memory is only committed as the cache fills; blocks are zeroed on
         # first use instead, because decode reads the unused tail of a sequence's last block (masked
@@ -64,9 +59,7 @@ class ModelRunner:
         native_fits = self.device.type == "cpu" and model.dtype == torch.float32
         if kernels == "native" and not native_fits:
             raise ValueError(f"native kernels run float32 models on CPU, not {model.dtype} on {self.device}")
-        native_fits = native_fits and native.NativeKernels.fits(
-            _num_heads(model.config), self.num_kv_heads, head_dim, block_size
-        )
+        native_fits = native_fits and native.NativeKernels.fits(num_heads, self.num_kv_heads, head_dim, block_size)
         if kernels == "native" and not native_fits:
             raise ValueError("native kernels take at most 64 attention heads of at most 256 dimensions, in blocks of at most 256 tokens")
         self.native = native.load(kernels) if native_fits else None
