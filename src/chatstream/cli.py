@@ -37,11 +37,13 @@ def _add_settings_options(parser: argparse.ArgumentParser, fields: set[str] | No
         env = f"CHATSTREAM_{name.upper()}"
         value = field.get_default(call_default_factory=True)
         default = "none" if value in (None, [], "") else value
-        help_text = f"{field.description} (default: {default}; env {env})"
+        # argparse expands %-codes in help texts: a literal "50%" must reach it as "50%%".
+        description = (field.description or "").replace("%", "%%")
+        help_text = f"{description} (default: {default}; env {env})"
         kind = _scalar_type(field.annotation)
         if typing.get_origin(kind) is list:  # repeatable: --engine-url A --engine-url B
             parser.add_argument(flag, dest=name, action="append", default=None, metavar="URL" if "url" in name else "TEXT",
-                                help=f"{field.description} (env {env})")
+                                help=f"{description} (env {env})")
         elif kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
