@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="default top-p; 1 = off")
     repetition_penalty: float = Field(1.05, gt=0.0, le=10.0, description="default repetition penalty; 1 = off")
     system_prompt: str | None = Field(None, description="system message for new conversations")
-    max_input_chars: int = Field(8000, ge=1, le=10_000_000, description="largest accepted user message, in characters")
+    max_input_chars: int | None = Field(None, ge=1, le=10_000_000, description="largest accepted user message in characters, a cheap bound checked before its tokens are counted (none: 16 per token of the context); a message whose tokens do not fit the context with the reply is refused either way")
     max_history_messages: int = Field(1000, ge=2, le=100_000, description="messages a stored conversation may hold; beyond it a new turn is refused until the conversation is cleared")
     max_messages: int = Field(1000, ge=1, le=100_000, description="messages an OpenAI request may carry")
 
