@@ -38,6 +38,7 @@ from .events import (
     Queued,
     TurnEvent,
 )
+from .turn_log import log_turn
 
 if TYPE_CHECKING:
     from .chat_service import ChatService
@@ -92,6 +93,8 @@ class Turn:
         self._sent = ""  # the part of it the face has handed to its client
         self._client_gone = False
         self._abort: Failed | None = None
+        self.done: Done | None = None  # how it ended: normally, or with a failure (for the log line)
+        self.failure: Failed | None = None
 
     # -- the face's side --
     async def start(self) -> None:
@@ -123,6 +126,11 @@ class Turn:
             self._abort = Failed(code, message)
         if self._generation is not None and not self._generation.done():
             self._generation.cancel()
+
+    @property
+    def sent_text(self) -> str:
+        """The part of the reply the face has handed to its client so far."""
+        return self._sent
 
     async def wait(self) -> None:
         """Until the turn has fully ended (saved, unlocked, called back)."""
@@ -175,6 +183,7 @@ class Turn:
             if accepted:
                 self.service._turn_ended(self)
                 self.service.metrics.turns.labels(self.face, self.outcome or UNKNOWN_ERROR).inc()
+                log_turn(self)
                 await self._call_back()
                 self._events.put_nowait(None)
 
@@ -264,7 +273,7 @@ class Turn:
                         metrics.generation_tokens.inc(output.completion_tokens)
                         if output.completion_tokens > 1:
                             metrics.tpot.observe(elapsed / (output.completion_tokens - 1))
-                        self._events.put_nowait(Done(
+                        self.done = Done(
                             finish_reason=output.finish_reason, message_id=self.message_id,
                             prompt_tokens=output.prompt_tokens or self.prompt_tokens,
                             completion_tokens=output.completion_tokens,
@@ -273,7 +282,8 @@ class Turn:
                                 "ttft_s": round((first_token_at or time.monotonic()) - started, 4),
                                 "tokens_per_s": round(output.completion_tokens / elapsed, 2) if elapsed > 0 else None,
                             },
-                        ))
+                        )
+                        self._events.put_nowait(self.done)
                     elif output.finish_reason == "cancelled" and self._client_gone:
                         self.outcome = DISCONNECTED_WHILE_STREAMING
                     else:
@@ -296,6 +306,7 @@ class Turn:
 
     def _fail(self, failure: Failed) -> None:
         self.outcome = UNKNOWN_ERROR
+        self.failure = failure
         self._events.put_nowait(failure)
 
     async def _checkpoint(self, chat_prompt: ChatPrompt) -> None:
