@@ -8,7 +8,7 @@ SERVE_STAMP := $(VENV)/.serve-stamp
 STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
-.PHONY: serve test setup browser redis compiler lint bench clean
+.PHONY: serve test setup browser redis nginx compiler lint bench clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ browser:
 redis:
 	@command -v redis-server >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
 
+# The deployment tests put a real nginx (deploy/nginx.conf) in front of two chatstream processes.
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx; }
+
 compiler:
 	@command -v cc >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc libc6-dev; }
 
@@ -41,7 +45,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 
-test: $(STAMP) browser redis compiler lint
+test: $(STAMP) browser redis nginx compiler lint
 	$(PY) -m pytest
 
 bench: $(STAMP)

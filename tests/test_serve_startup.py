@@ -71,3 +71,9 @@ def test_port_0_serves_on_a_free_port_and_says_which():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_proxy_address_that_is_not_one_is_an_error():
+    proc = serve("--mock", "--forwarded-allow-ips", "127.0.0.1,my-proxy", timeout=60)
+    assert proc.returncode == 2
+    assert "--forwarded-allow-ips: not an address or network: 'my-proxy'" in proc.stderr

@@ -185,6 +185,7 @@ def _serve(settings: Settings) -> int:
             keep_alive_s=settings.keep_alive_s, header_timeout_s=settings.header_timeout_s,
             max_connections=settings.max_connections, graceful_shutdown_s=int(settings.drain_timeout_s) + 5,
             log_config=None,  # configure_server_logging's setup, not uvicorn's
+            forwarded_allow_ips=[ip.strip() for ip in settings.forwarded_allow_ips.split(",") if ip.strip()],
         )
         server = DrainingServer(config, service)
         server.run(sockets=[listener])

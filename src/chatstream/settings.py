@@ -6,6 +6,7 @@ and, for ``chatstream serve``, as ``--<name>`` (the CLI is generated from these 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -73,6 +74,7 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="if set, every route but /health and /health/live requires it: 'Authorization: Bearer <key>', or the UI's sign-in")
     auth_cookie_max_age_s: int = Field(7 * 24 * 3600, ge=60, description="how long the UI's sign-in lasts, in seconds")
     allowed_origins: str = Field("", description="comma-separated origins (https://host:port) besides the server's own that may send cookie-authenticated POSTs")
+    forwarded_allow_ips: str = Field("127.0.0.1,::1", description="comma-separated addresses or networks of reverse proxies (or *) whose X-Forwarded-For and X-Forwarded-Proto are believed: the client address for the per-address limits, the scheme for the origin check")
     docs: bool = Field(False, description="serve the OpenAPI docs at /docs, /redoc and /openapi.json")
 
     # -- HTTP limits and timeouts --
@@ -89,6 +91,17 @@ class Settings(BaseSettings):
             parts = urlsplit(origin)
             if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
                 raise ValueError(f"not an origin: {origin!r} (expected e.g. https://chat.example.com)")
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies_parse(cls, value: str) -> str:
+        for entry in (e.strip() for e in value.split(",") if e.strip()):
+            if entry != "*":
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"not an address or network: {entry!r} (expected e.g. 10.0.0.5 or 10.0.0.0/24)") from None
         return value
 
     @field_validator("engine_url", mode="before")
