@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import openai
@@ -95,6 +95,20 @@ async def test_httpx_async_client_reads_the_413_of_a_body_over_the_limit(server:
         "/chat_stream": 1, "/v1/chat/completions": 1}
 
 
+async def test_a_chunked_body_gets_its_413_when_its_bytes_pass_the_limit(server: Server) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"user_input": "'
+        for _ in range(10 * MB // 65536):
+            yield b"x" * 65536
+        yield b'"}'
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        refused = await client.post(server.url + "/chat_stream", content=chunks(),
+                                    headers={"Content-Type": "application/json"})
+    assert refused.status_code == 413
+    assert refused.json() == {"error": "request_too_large", "message": TOO_LARGE}
+
+
 @pytest.mark.parametrize("size", [10 * MB, 100 * MB], ids=["10MB", "100MB"])
 async def test_the_openai_sdk_gets_its_413_and_does_not_retry(server: Server, size: int) -> None:
     before = server.requests("/v1/chat/completions")
@@ -161,13 +175,17 @@ def test_a_slow_sender_reads_its_413_at_once_and_is_cut_off_after_the_linger_tim
     assert sent < 20 * MB
 
 
-def test_a_slow_sender_after_a_401_is_cut_off_after_the_linger_time() -> None:
+@pytest.mark.parametrize(("status", "headers"), [
+    (401, b""),
+    (403, b"Cookie: chatstream_session=x\r\nOrigin: https://elsewhere.example\r\n"),
+], ids=["401", "403"])
+def test_a_slow_sender_after_a_401_or_403_is_cut_off_after_the_linger_time(status: int, headers: bytes) -> None:
     """Before, uvicorn went on reading a refused body for as long as the client kept sending."""
-    with Server(api_key=KEY, body_linger_s=1.5) as server:
-        head = (b"POST /chat_stream HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n" % (100 * MB))
+    with Server(api_key=KEY if status == 401 else None, body_linger_s=1.5) as server:
+        head = (b"POST /chat_stream HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n%s"
+                b"Content-Length: %d\r\n\r\n" % (headers, 100 * MB))
         answer, first, ended, _ = slow_upload(server.port, head, seconds=20)
-    assert status_of(answer) == 401
+    assert status_of(answer) == status
     assert 0 <= first < 1.0
     assert 1.4 < ended < 6
     assert b"connection: close" in answer.lower()
