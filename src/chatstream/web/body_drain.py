@@ -1,7 +1,7 @@
 """Lingering reads: an answer sent before the request body has all arrived reaches the client.
 
-A server that refuses a request early (413 for a body over the limit, 401 before the key is
-checked against a body, 403 for a foreign origin) and then closes the connection while the
+A server that refuses a request early (413 for a body over the limit, 401 without the key, 403
+for a foreign origin: all sent before the body is read) and then closes the connection while the
 client is still sending leaves unread bytes behind; the kernel answers them with a reset. Clients
 that send the whole body before reading the answer (httpx, and with it the OpenAI SDKs) then see
 a broken connection instead of the error, and the SDKs retry it. nginx's lingering close is the
