@@ -637,3 +637,22 @@ def test_code_is_highlighted_and_math_is_typeset(chat, new_page) -> None:
     assert page.evaluate("window.__xss") is None
     DOCS.mkdir(exist_ok=True)
     page.screenshot(path=str(DOCS / "ui-code-and-math.png"), animations="disabled")
+
+
+def test_backslash_math_is_typeset_and_code_keeps_its_backslashes(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "Pythagoras: \\( a^2 + b^2 = c^2 \\) and\n\n\\[\n\\frac{a}{b}\n\\]\n\nalso \\[ x_1 \\] inline; "
+               "code `\\(x\\)` stays\n\n```\nprint(\"\\[not math\\]\")\n```\n\nand \\(unclosed")
+    wait_for_reply(page)
+
+    reply = page.locator(REPLY)
+    inline = reply.locator("p math:not([display='block'])").first
+    expect(inline.locator("msup")).to_have_count(3)  # a², b², c²
+    expect(reply.locator(".md-math math[display='block'] mfrac")).to_have_count(1)
+    expect(reply.locator("p math[display='block'] msub")).to_have_count(1)  # \[ ... \] inside a line
+    text = reply.text_content() or ""
+    assert "( a^2" not in text and "\\( a^2" not in text, "the delimiters were shown, not typeset"
+    expect(reply.locator("p code")).to_have_text("\\(x\\)")  # a code span is left alone
+    expect(reply.locator(".md-code pre")).to_have_text('print("\\[not math\\]")')
+    assert "(unclosed" in text  # an unclosed \( is plain text
