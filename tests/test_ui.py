@@ -525,7 +525,7 @@ def test_settings_apply_to_the_conversation_and_bad_values_are_explained(chat, n
     expect(dialog).to_be_visible()
     dialog.get_by_label("Temperature").fill("7")
     dialog.get_by_role("button", name="Save").click()
-    expect(dialog.get_by_role("alert")).to_contain_text("temperature")
+    expect(dialog.get_by_role("alert")).to_have_text("Temperature must be between 0 and 2.")
     expect(dialog).to_be_visible()  # kept open, nothing stored
     assert page.request.get(url + "/conversations").json()["conversations"][0]["settings"] == {}
 
@@ -656,3 +656,74 @@ def test_backslash_math_is_typeset_and_code_keeps_its_backslashes(chat, new_page
     expect(reply.locator("p code")).to_have_text("\\(x\\)")  # a code span is left alone
     expect(reply.locator(".md-code pre")).to_have_text('print("\\[not math\\]")')
     assert "(unclosed" in text  # an unclosed \( is plain text
+
+
+def test_settings_show_the_server_defaults_refuse_what_is_out_of_range_and_set_defaults_for_all_chats(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "hello")
+    wait_for_reply(page)
+    conversation_id = page.request.get(url + "/conversations").json()["current"]
+
+    page.get_by_role("button", name="Settings").click()
+    dialog = page.get_by_role("dialog", name="Conversation settings")
+    # Each empty field shows the value the server will use.
+    for label, default in (("Temperature", "0.7"), ("Top-p", "0.9"), ("Max tokens", "256"), ("Top-k", "50"),
+                           ("Seed", "random")):
+        expect(dialog.get_by_label(label)).to_have_attribute("placeholder", default)
+
+    # Out of range is explained in words for people, and nothing is stored (no silent clamp to 256).
+    alert = dialog.get_by_role("alert")
+    for label, value, message in (
+        ("Max tokens", "100000", "Max tokens must be between 1 and 256 (this server's limit)."),
+        ("Max tokens", "2.5", "Max tokens must be a whole number."),
+        ("Top-p", "0", "Top-p must be more than 0 and at most 1."),
+        ("Top-k", "-1", re.compile(r"^Top-k must be between 0 \(off\) and \d+\.$")),
+    ):
+        dialog.get_by_label(label).fill(value)
+        dialog.get_by_role("button", name="Save").click()
+        expect(alert).to_have_text(message)
+        expect(dialog.get_by_label(label)).to_have_attribute("aria-invalid", "true")
+        dialog.get_by_label(label).fill("")
+    assert page.request.get(url + "/conversations").json()["conversations"][0]["settings"] == {}
+    # The server refuses it too, rather than storing 256.
+    refused = page.request.patch(f"{url}/conversations/{conversation_id}", data={"settings": {"max_tokens": 100000}})
+    assert refused.status == 400 and "at most 256" in refused.json()["message"]
+
+    # Seed and stop: seed 1 picks the mock's code reply, and the stop sequence ends it before the code.
+    dialog.get_by_label("Seed").fill("1")
+    dialog.get_by_label("Stop sequences").fill("```")
+    dialog.get_by_role("button", name="Save").click()
+    expect(dialog).to_be_hidden()
+    stored = page.request.get(url + "/conversations").json()["conversations"][0]["settings"]
+    assert stored == {"seed": 1, "stop": ["```"]}
+    send(page, "code please")
+    wait_for_reply(page, 2)
+    last = page.locator(REPLY).last
+    expect(last).to_contain_text("Second point")  # seed 1's reply ...
+    expect(last.locator(".md-code")).to_have_count(0)  # ... cut at the stop sequence before its code
+    assert "Anything else" not in (last.text_content() or "")
+
+    # Defaults for all chats: stored in the session, used by a new chat, shown as its placeholders.
+    page.get_by_role("button", name="Settings").click()
+    dialog.get_by_label("Defaults for all chats").check()
+    expect(dialog.get_by_label("Seed")).to_have_value("")
+    dialog.get_by_label("Temperature").fill("3")
+    dialog.get_by_role("button", name="Save").click()
+    expect(alert).to_have_text("Temperature must be between 0 and 2.")
+    dialog.get_by_label("Temperature").fill("0.2")
+    dialog.get_by_label("Seed").fill("1")
+    dialog.get_by_role("button", name="Save").click()
+    expect(dialog).to_be_hidden()
+    assert page.request.get(url + "/settings").json()["defaults"] == {"temperature": 0.2, "seed": 1}
+    page.get_by_role("button", name="New chat").click()
+    send(page, "code again")
+    wait_for_reply(page)
+    expect(page.locator(REPLY).locator(".md-code .md-code-lang")).to_have_text("python")  # seed 1 from the defaults
+    page.get_by_role("button", name="Settings").click()
+    expect(dialog.get_by_label("Temperature")).to_have_value("")
+    expect(dialog.get_by_label("Temperature")).to_have_attribute("placeholder", "0.2")
+    expect(dialog.get_by_label("Seed")).to_have_attribute("placeholder", "1")
+    dialog.get_by_role("button", name="Cancel").click()
+    bad = page.request.patch(url + "/settings", data={"defaults": {"temperature": 5}})
+    assert bad.status == 400 and page.request.get(url + "/settings").json()["defaults"] == {"temperature": 0.2, "seed": 1}

@@ -812,62 +812,152 @@ function closeSidebar() {
   sidebarToggle.setAttribute("aria-expanded", "false");
 }
 
-// -- settings of the conversation --
+// -- settings: of this conversation, or the user's defaults for all chats --
 
-const settingFields = {
-  system_prompt: $("setting-system"),
-  temperature: $("setting-temperature"),
-  top_p: $("setting-top-p"),
-  max_tokens: $("setting-max-tokens"),
-};
+/** Each setting: its field, its name for people, and what it may be (limits come from GET settings). */
+const SETTINGS = [
+  { name: "system_prompt", field: $("setting-system"), label: "System prompt", kind: "text" },
+  { name: "temperature", field: $("setting-temperature"), label: "Temperature", kind: "number", min: 0, max: (l) => l.temperature },
+  { name: "top_p", field: $("setting-top-p"), label: "Top-p", kind: "number", above: 0, max: () => 1 },
+  { name: "max_tokens", field: $("setting-max-tokens"), label: "Max tokens", kind: "integer", min: 1, max: (l) => l.max_tokens, limitNote: " (this server's limit)" },
+  { name: "top_k", field: $("setting-top-k"), label: "Top-k", kind: "integer", min: 0, max: (l) => l.top_k ?? 2147483647, minNote: " (off)" },
+  { name: "seed", field: $("setting-seed"), label: "Seed", kind: "integer", min: -(2 ** 63), max: () => 2 ** 64 - 1 },
+  { name: "stop", field: $("setting-stop"), label: "Stop sequences", kind: "lines" },
+];
+const FALLBACK_LIMITS = { temperature: 2, max_tokens: 1 << 20, top_k: null, stop: 4, stop_chars: 100 };
+/** GET settings: { server, limits, defaults } (read again each time the dialog opens). */
+let settingsInfo = { server: {}, limits: FALLBACK_LIMITS, defaults: {} };
 
-function openSettings() {
-  const settings = conversation.settings || {};
-  for (const [name, field] of Object.entries(settingFields)) {
-    field.value = settings[name] ?? "";
+function settingsScope() {
+  return $("scope-all").checked ? "all" : "chat";
+}
+
+function describeDefault(setting, value) {
+  if (setting.name === "stop") return Array.isArray(value) && value.length ? value.join(" · ") : "none (one per line)";
+  if (setting.name === "seed") return value === null || value === undefined ? "random" : String(value);
+  if (setting.name === "system_prompt") return value || "none";
+  if (setting.name === "top_k" && value === 0) return "0 (off)";
+  return value === null || value === undefined ? "" : String(value);
+}
+
+/** Fill the form for the scope chosen: the values set there, and in each empty field the default it falls back to. */
+function fillSettings() {
+  const all = settingsScope() === "all";
+  const values = (all ? settingsInfo.defaults : conversation.settings) || {};
+  for (const setting of SETTINGS) {
+    const value = values[setting.name];
+    setting.field.value = value === undefined || value === null ? "" : Array.isArray(value) ? value.join("\n") : String(value);
+    const fallback = all ? settingsInfo.server[setting.name] : (settingsInfo.defaults[setting.name] ?? settingsInfo.server[setting.name]);
+    setting.field.placeholder = describeDefault(setting, fallback);
+    setting.field.removeAttribute("aria-invalid");
   }
+  $("setting-max-tokens").max = String(settingsInfo.limits.max_tokens);
+  $("settings-text").textContent = all
+    ? "Defaults for every chat of yours; a chat's own settings win. An empty field uses the server's default shown in it."
+    : "These apply to this chat only. An empty field uses the default shown in it.";
   settingsError.hidden = true;
+}
+
+async function openSettings() {
+  try {
+    const result = await api.call("GET", "settings");
+    if (result.ok) settingsInfo = { server: result.body.server || {}, limits: { ...FALLBACK_LIMITS, ...result.body.limits }, defaults: result.body.defaults || {} };
+  } catch {
+    // offline: the form still opens; saving will say what went wrong
+  }
+  $("scope-chat").checked = true;
+  fillSettings();
   settingsDialog.showModal();
-  settingFields.system_prompt.focus();
+  SETTINGS[0].field.focus();
+}
+
+/** The form's values (null: use the default), or `{ error, field }` in words for people. */
+function readSettings() {
+  const limits = settingsInfo.limits;
+  const settings = {};
+  for (const setting of SETTINGS) {
+    const raw = setting.field.value.trim();
+    if (setting.kind === "text") {
+      settings[setting.name] = raw ? setting.field.value : null;
+      continue;
+    }
+    if (setting.kind === "lines") {
+      const lines = setting.field.value.split("\n").filter((line) => line.trim());
+      if (lines.length > limits.stop) return { error: `Give at most ${limits.stop} stop sequences, one per line.`, setting };
+      if (lines.some((line) => line.length > limits.stop_chars)) return { error: `A stop sequence may have at most ${limits.stop_chars} characters.`, setting };
+      settings[setting.name] = lines.length ? lines : null;
+      continue;
+    }
+    if (raw === "") {
+      settings[setting.name] = null;
+      continue;
+    }
+    const value = Number(raw);
+    const max = setting.max(limits);
+    const low = setting.above !== undefined ? `more than ${setting.above}` : `${setting.min}${setting.minNote || ""}`;
+    const range = setting.above !== undefined
+      ? `${setting.label} must be more than ${setting.above} and at most ${max}.`
+      : `${setting.label} must be between ${low} and ${max}${setting.limitNote || ""}.`;
+    if (!Number.isFinite(value)) return { error: `${setting.label} must be a number. ${range}`, setting };
+    if (setting.kind === "integer" && !Number.isInteger(value)) return { error: `${setting.label} must be a whole number.`, setting };
+    if ((setting.above !== undefined ? value <= setting.above : value < setting.min) || value > max) return { error: range, setting };
+    settings[setting.name] = value;
+  }
+  return { settings };
+}
+
+/** A server refusal in the form's words: "'settings.top_k' must be ..." -> "Top-k must be ...". */
+function humanSettingsError(message) {
+  const text = String(message || "").replace(/'settings\.(\w+)'/g, (whole, name) => SETTINGS.find((s) => s.name === name)?.label || name);
+  return sentence(text);
+}
+
+function showSettingsError(text, setting = null) {
+  settingsError.textContent = text;
+  settingsError.hidden = false;
+  if (setting) {
+    setting.field.setAttribute("aria-invalid", "true");
+    setting.field.focus();
+  }
 }
 
 async function saveSettings(event) {
   event.preventDefault();
-  const settings = {};
-  for (const [name, field] of Object.entries(settingFields)) {
-    const raw = field.value.trim();
-    if (name === "system_prompt") settings[name] = raw ? field.value : null;
-    else settings[name] = raw === "" ? null : Number(raw);
+  SETTINGS.forEach((setting) => setting.field.removeAttribute("aria-invalid"));
+  const { settings, error, setting } = readSettings();
+  if (error) {
+    showSettingsError(error, setting);
+    return;
   }
-  for (const [name, value] of Object.entries(settings)) {
-    if (typeof value === "number" && !Number.isFinite(value)) {
-      settingsError.textContent = `${name.replace("_", " ")} must be a number.`;
-      settingsError.hidden = false;
-      return;
-    }
-  }
+  const all = settingsScope() === "all";
   let result;
   try {
-    if (conversation.id) {
+    if (all) {
+      result = await api.call("PATCH", "settings", { defaults: settings });
+    } else if (conversation.id) {
       result = await api.updateConversation(conversation.id, { settings });
     } else {
       const kept = Object.fromEntries(Object.entries(settings).filter(([, value]) => value !== null));
       result = await api.createConversation({ settings: kept });
     }
   } catch {
-    settingsError.textContent = "Could not reach the server. Try again.";
-    settingsError.hidden = false;
+    showSettingsError("Could not reach the server. Try again.");
     return;
   }
   if (!result.ok) {
-    settingsError.textContent = sentence(result.body.message || `The server refused the settings (${result.status})`);
-    settingsError.hidden = false;
+    const param = typeof result.body.param === "string" ? result.body.param.replace(/^settings\./, "") : "";
+    showSettingsError(humanSettingsError(result.body.message || `The server refused the settings (${result.status})`),
+      SETTINGS.find((s) => s.name === param) || null);
     return;
   }
-  conversation = { id: result.body.id, title: result.body.title, settings: result.body.settings || {} };
+  if (all) {
+    settingsInfo.defaults = result.body.defaults || {};
+  } else {
+    conversation = { id: result.body.id, title: result.body.title, settings: result.body.settings || {} };
+  }
   settingsDialog.close();
   await refreshConversations();
-  announce("Settings saved.");
+  announce(all ? "Defaults for all chats saved." : "Settings saved.");
 }
 
 // -- export --
@@ -966,6 +1056,8 @@ backdrop.addEventListener("click", closeSidebar);
 $("open-settings").addEventListener("click", openSettings);
 $("settings-form").addEventListener("submit", saveSettings);
 $("settings-cancel").addEventListener("click", () => settingsDialog.close());
+$("scope-chat").addEventListener("change", fillSettings);
+$("scope-all").addEventListener("change", fillSettings);
 $("export-markdown").addEventListener("click", () => exportConversation("markdown"));
 $("export-json").addEventListener("click", () => exportConversation("json"));
 $("notice-close").addEventListener("click", hideNotice);
