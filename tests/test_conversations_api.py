@@ -72,6 +72,9 @@ def test_the_first_message_starts_a_titled_conversation(client) -> None:
     assert listed["current"] == summary["id"]
     one = client.get(f"/conversations/{summary['id']}").json()
     assert [m["role"] for m in one["messages"]] == ["user", "assistant"]
+    # The conversation also says how each reply ended (the UI shows it again after a reload); /history does not.
+    details = one["messages"][1].pop("details")
+    assert details["finish_reason"] == "stop" and details["completion_tokens"] > 0
     assert one["messages"] == client.get("/history").json()["messages"]
 
 

@@ -210,7 +210,7 @@ def test_stop_keeps_the_partial_reply_also_after_reload(chat, new_page) -> None:
 
     page.get_by_role("button", name="Stop").click()
 
-    expect(page.locator(".msg-assistant .note")).to_have_text("Stopped")
+    expect(page.locator(".msg-assistant .note")).to_have_text("Stopped · the reply is incomplete")
     expect(page.get_by_role("button", name="Send")).to_be_visible()
     partial = (page.locator(REPLY).text_content() or "").strip()
     assert "w59" not in partial
@@ -224,6 +224,29 @@ def test_stop_keeps_the_partial_reply_also_after_reload(chat, new_page) -> None:
     restored = page.locator(REPLY).text_content() or ""
     assert restored.startswith(partial)
     assert "w59" not in restored
+    expect(page.locator(".msg-assistant .note")).to_have_text("Stopped · the reply is incomplete")  # kept with it
+
+
+def test_reloading_mid_reply_marks_it_incomplete_and_every_stats_line_survives(chat, new_page) -> None:
+    url = chat(mock_token_delay=0.05)
+    page = new_page(url)
+    seed_each_turn(page, [2, 2])
+    send(page, "a short one")
+    wait_for_reply(page)
+    stats = page.locator(".stats").text_content()
+    assert stats and re.match(r"\d+ tokens · ", stats)
+    send(page, " ".join(f"w{i}" for i in range(60)))
+    expect(page.locator(REPLY).last).to_contain_text("w3 ")
+
+    page.reload()
+
+    replies = page.locator(".msg-assistant")
+    expect(replies).to_have_count(2)
+    expect(replies.last.locator(".note")).to_have_text("Stopped · the reply is incomplete")
+    expect(replies.last).to_have_class(re.compile(r"\bincomplete\b"))
+    assert "w59" not in (page.locator(REPLY).last.text_content() or "")
+    expect(page.locator(".stats")).to_have_text([stats])  # the finished reply's numbers, as they were
+    expect(replies.first.locator(".note")).to_have_count(0)
 
 
 def seed_each_turn(page: Page, seeds: list[int]) -> list[dict[str, Any]]:
@@ -250,6 +273,7 @@ def test_regenerate_keeps_the_earlier_answer_to_flip_through(chat, new_page) -> 
     send(page, "Tell me something")
     wait_for_reply(page)
     first = page.locator(REPLY).text_content() or ""
+    first_stats = page.locator(".stats").text_content() or ""
     expect(page.locator(".pager")).to_have_count(0)
 
     page.get_by_role("button", name="Regenerate").click()
@@ -262,19 +286,25 @@ def test_regenerate_keeps_the_earlier_answer_to_flip_through(chat, new_page) -> 
     second = page.locator(REPLY).text_content() or ""
     assert second != first and second.startswith("You said: Tell me something")
     expect(page.locator(".pager-position")).to_have_text("2/2")
+    second_stats = page.locator(".stats").text_content() or ""
     expect(page.get_by_role("button", name="Next answer")).to_be_disabled()  # at the newest
     page.get_by_role("button", name="Previous answer").click()
     expect(page.locator(".pager-position")).to_have_text("1/2")
     expect(page.locator(REPLY)).to_have_text(first)
+    # Each answer shows its own numbers (the two canned replies differ in length).
+    expect(page.locator(".stats")).to_have_text(first_stats)
+    assert first_stats.split(" · ")[0] != second_stats.split(" · ")[0]
     # The answer shown is the one the conversation goes on from, also after a reload.
     reply = history(page, url)[1]
     assert reply["version"] == 0 and len(reply["alternatives"]) == 1 and reply["content"] != reply["alternatives"][0]
     page.reload()
     expect(page.locator(".pager-position")).to_have_text("1/2")
     expect(page.locator(REPLY)).to_have_text(first)
+    expect(page.locator(".stats")).to_have_text(first_stats)
     page.get_by_role("button", name="Next answer").click()
     expect(page.locator(".pager-position")).to_have_text("2/2")
     expect(page.locator(REPLY)).to_have_text(second)
+    expect(page.locator(".stats")).to_have_text(second_stats)
     messages = history(page, url)
     assert [m["role"] for m in messages] == ["user", "assistant"] and "version" not in messages[1]
 
@@ -543,6 +573,8 @@ def test_settings_apply_to_the_conversation_and_bad_values_are_explained(chat, n
     expect(page.locator(".stats").last).to_contain_text("3 tokens")
 
     page.reload()
+    expect(page.locator(".msg-assistant .note").last).to_contain_text("length limit")  # kept with the reply
+    expect(page.locator(".stats").last).to_contain_text("3 tokens")
     page.get_by_role("button", name="Settings").click()
     expect(dialog.get_by_label("Max tokens")).to_have_value("3")
     expect(dialog.get_by_label("System prompt")).to_have_value("Answer like a pirate.")
@@ -586,7 +618,8 @@ def test_export_as_markdown_and_json(chat, new_page) -> None:
         page.get_by_role("button", name="JSON (.json)").click()
     body = json.loads(Path(exported.value.path()).read_text())
     assert body["title"] == "Export me"
-    assert body["messages"] == history(page, url)
+    assert body["messages"] == page.request.get(f"{url}/conversations/{body['id']}").json()["messages"]
+    assert body["messages"][1]["details"]["finish_reason"] == "stop"  # how the reply ended goes with it
 
 
 def test_screenshots_for_the_docs(chat, new_page) -> None:

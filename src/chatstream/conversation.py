@@ -49,17 +49,20 @@ class ChatPrompt:
         message: dict[str, Any] = {"role": "assistant", "content": text}
         replaced, self._replaced = self._replaced, None
         if replaced is not None:
-            every = versions(replaced)
+            every, details = versions(replaced), version_details(replaced)
             if text in every:  # the same answer again (or nothing new): no copy, that answer is used
-                version = every.index(text)
-                message["alternatives"] = every[:version] + every[version + 1:]
-                if version < len(message["alternatives"]):
-                    message["version"] = version
-                if not message["alternatives"]:
-                    del message["alternatives"]
+                _set_version(message, every, details, every.index(text))
             else:
-                message["alternatives"] = every[-MAX_ALTERNATIVES:]
+                every, details = every[-MAX_ALTERNATIVES:] + [text], details[-MAX_ALTERNATIVES:] + [None]
+                _set_version(message, every, details, len(every) - 1)
         self.messages.append(message)
+
+    def set_last_reply_details(self, details: dict[str, Any]) -> None:
+        """Attach how the last reply ended (finish reason, token count, speed) to the answer it holds."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            checked = _check_details(details)
+            if checked is not None:
+                self.messages[-1]["details"] = checked
 
     def set_responder_last_msg(self, text: str) -> None:
         if self.messages and self.messages[-1]["role"] == "assistant":
@@ -88,11 +91,7 @@ class ChatPrompt:
         every = versions(message)
         if not 0 <= version < len(every):
             raise IndexError(f"reply {index} has {len(every)} answer(s); there is no answer {version}")
-        message["content"] = every[version]
-        message["alternatives"] = every[:version] + every[version + 1:]
-        message["version"] = version
-        if not message["alternatives"]:
-            del message["alternatives"], message["version"]
+        _set_version(message, every, version_details(message), version)
 
     def edit_user_message(self, index: int, text: str) -> None:
         """Replace the user message at ``index`` and drop everything after it (the conversation branches)."""
@@ -209,12 +208,68 @@ def versions(message: dict[str, Any]) -> list[str]:
     return alternatives[:version] + [message["content"]] + alternatives[version:]
 
 
+def version_details(message: dict[str, Any]) -> list[dict[str, Any] | None]:
+    """How each answer of :func:`versions` ended (``details``), in the same order; None where not known."""
+    alternatives = list(message.get("alternatives") or [])
+    stored = message.get("alternative_details")
+    others = [_check_details(d) for d in stored] if isinstance(stored, list) else []
+    others = (others + [None] * len(alternatives))[: len(alternatives)]
+    version = message.get("version", len(alternatives))
+    return others[:version] + [_check_details(message.get("details"))] + others[version:]
+
+
+def _set_version(message: dict[str, Any], answers: list[str], details: list[dict[str, Any] | None],
+                 version: int) -> None:
+    """Make ``answers[version]`` the reply's content; the other answers (and their details) its alternatives."""
+    for key in ("alternatives", "alternative_details", "version", "details"):
+        message.pop(key, None)
+    message["content"] = answers[version]
+    if details[version] is not None:
+        message["details"] = details[version]
+    others = answers[:version] + answers[version + 1:]
+    if not others:
+        return
+    message["alternatives"] = others
+    other_details = details[:version] + details[version + 1:]
+    if any(d is not None for d in other_details):
+        message["alternative_details"] = other_details
+    if version < len(others):
+        message["version"] = version
+
+
+# What a reply's ``details`` may hold: how it ended, and the figures the UI shows under it.
+_FINISH_REASONS = ("stop", "length", "stopped", "error", "streaming")
+_DETAIL_NUMBERS = ("completion_tokens", "tokens_per_s", "ttft_s", "queue_s")
+
+
+def _check_details(details: Any) -> dict[str, Any] | None:
+    """Only a known finish reason and finite numbers: stored data is never trusted blindly."""
+    if not isinstance(details, dict) or details.get("finish_reason") not in _FINISH_REASONS:
+        return None
+    checked: dict[str, Any] = {"finish_reason": details["finish_reason"]}
+    for name in _DETAIL_NUMBERS:
+        value = details.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e12:
+            checked[name] = value
+    return checked
+
+
 def _copy_message(message: dict[str, Any]) -> dict[str, Any]:
-    """Role and content, plus the other answers of a regenerated reply (and which one is used) if any."""
+    """Role and content, plus the other answers of a regenerated reply (and which one is used) if any,
+    and how each answer ended (``details``, ``alternative_details``)."""
     copy: dict[str, Any] = {"role": message["role"], "content": message["content"]}
+    details = _check_details(message.get("details"))
+    if details is not None:
+        copy["details"] = details
     alternatives = message.get("alternatives")
     if isinstance(alternatives, list) and alternatives and all(isinstance(a, str) for a in alternatives):
-        copy["alternatives"] = alternatives[-MAX_ALTERNATIVES:]
+        kept = len(alternatives[-MAX_ALTERNATIVES:])
+        copy["alternatives"] = alternatives[-kept:]
+        stored = message.get("alternative_details")
+        if isinstance(stored, list) and len(stored) == len(alternatives):
+            others = [_check_details(d) for d in stored[-kept:]]
+            if any(d is not None for d in others):
+                copy["alternative_details"] = others
         version = message.get("version")
         if isinstance(version, int) and not isinstance(version, bool) and 0 <= version < len(copy["alternatives"]):
             copy["version"] = version  # the answer in use sits here among the others (absent: after them)

@@ -365,12 +365,19 @@ class ChatService:
         entry = conversations.get(data, target) if target is not None else None
         return conversations.sampling_values(conversations.effective_settings(data, entry))
 
-    async def history(self, session: Session, conversation_id: str | None = None) -> list[dict[str, Any]]:
+    async def history(self, session: Session, conversation_id: str | None = None,
+                      details: bool = False) -> list[dict[str, Any]]:
+        """The messages; with ``details``, also how each reply ended (what the UI shows under it)."""
         entry = await self.peek_conversation(session, conversation_id)
         if entry is None:
             return []
         stored = entry.get("chat_prompt")
-        return self.chat_prompt_clazz.from_dict(stored if isinstance(stored, dict) else None).messages
+        messages = self.chat_prompt_clazz.from_dict(stored if isinstance(stored, dict) else None).messages
+        if not details:
+            for message in messages:
+                message.pop("details", None)
+                message.pop("alternative_details", None)
+        return messages
 
     async def clear_conversation(self, session: Session, conversation_id: str | None = None) -> None:
         """Without an id: empty the session and give it a new id (a new cookie), as always.

@@ -94,7 +94,7 @@ function updateEmptyState() {
 }
 
 /** A message row; for the assistant, with a live Markdown view and helpers for the stream. */
-function createMessage(role, text = "", alternatives = [], version = alternatives.length) {
+function createMessage(role, text = "", alternatives = [], version = alternatives.length, details = []) {
   const row = el("article", `msg msg-${role}`);
   const body = el("div", "msg-body");
   const bubble = el("div", "bubble");
@@ -114,6 +114,8 @@ function createMessage(role, text = "", alternatives = [], version = alternative
     row, role, text, content, bubble,
     // Every answer of a reply (regenerate keeps them), oldest first; `shown` is on screen and in use.
     versions: [...alternatives.slice(0, version), text, ...alternatives.slice(version)],
+    // How each answer ended ({finish_reason, completion_tokens, tokens_per_s, ttft_s} or null), as `versions`.
+    details: details.length === alternatives.length + 1 ? details : alternatives.map(() => null).concat([null]),
     shown: version,
     stats: "",
     _frame: 0,
@@ -157,11 +159,27 @@ function createMessage(role, text = "", alternatives = [], version = alternative
   };
   row.chatMessage = message;
   if (text) message.render();
+  if (role === "assistant") showDetails(message);
   return message;
 }
 
-function addMessage(role, text, alternatives = [], version = alternatives.length) {
-  const message = createMessage(role, text, alternatives, version);
+/** The stats line and the note of the answer shown: how it ended, also after a reload. */
+function showDetails(message) {
+  const details = message.details[message.shown] || null;
+  message.stats = describeStats(details);
+  message.row.classList.toggle("incomplete", ["stopped", "error", "streaming"].includes(details?.finish_reason));
+  const notes = {
+    length: ["The reply reached the length limit.", ""],
+    stopped: ["Stopped · the reply is incomplete", ""],
+    error: ["The reply failed · it is incomplete", "error"],
+    streaming: ["Still being written · incomplete so far", ""],
+  };
+  const [text, kind] = notes[details?.finish_reason] || ["", ""];
+  message.setNote(text, kind);
+}
+
+function addMessage(role, text, alternatives = [], version = alternatives.length, details = []) {
+  const message = createMessage(role, text, alternatives, version, details);
   thread.append(message.row);
   updateEmptyState();
   return message;
@@ -244,6 +262,7 @@ function pager(message) {
     message.shown = version;
     message.text = message.versions[version];
     message.render();
+    showDetails(message);
     updateActions();
     message.row.querySelector(`[aria-label="${step < 0 ? "Previous" : "Next"} answer"]`)?.focus();
   };
@@ -446,6 +465,7 @@ async function runTurn({ text, regenerate, editIndex = null }) {
   await historyLoaded;
   if (current) return;
   hideNotice();
+  clearTimeout(rereadTimer);
 
   const controller = new AbortController();
   let finish;
@@ -526,11 +546,11 @@ async function runTurn({ text, regenerate, editIndex = null }) {
         reply.setText(reply.text + String(data.text ?? ""));
       } else if (event === "done") {
         outcome = "done";
-        reply.stats = describeStats(data);
+        reply.ended = { finish_reason: data.finish_reason, completion_tokens: data.usage?.completion_tokens, ...data.timing };
         reply.render();
-        if (data.finish_reason === "length") reply.setNote("The reply reached the length limit.");
       } else if (event === "error") {
         outcome = "error";
+        reply.ended = { finish_reason: "error" };
         reply.render();
         reply.setNote(`The reply failed: ${data.message || data.error || "unknown error"}`, "error");
       }
@@ -544,8 +564,8 @@ async function runTurn({ text, regenerate, editIndex = null }) {
     if (error && error.name === "AbortError") {
       outcome = "stopped";
       if (reply.text) {
+        reply.ended = { finish_reason: "stopped" };
         reply.render();
-        reply.setNote("Stopped");
       } else if (replaced) {
         // Stopped before any new text: the server keeps the previous reply.
         reply.row.replaceWith(replaced.row);
@@ -566,6 +586,7 @@ async function runTurn({ text, regenerate, editIndex = null }) {
   } finally {
     reply.row.removeAttribute("aria-busy");
     keepVersions(reply, replaced);
+    if (reply.ended) showDetails(reply);
     current = null;
     setBusy(false);
     updateActions();
@@ -586,11 +607,11 @@ function turnBody(text, regenerate, editIndex) {
 }
 
 /** What the server did for this reply, in one short line. */
-function describeStats(done) {
+function describeStats(details) {
   const parts = [];
-  const tokens = done?.usage?.completion_tokens;
-  const rate = done?.timing?.tokens_per_s;
-  const ttft = done?.timing?.ttft_s;
+  const tokens = details?.completion_tokens;
+  const rate = details?.tokens_per_s;
+  const ttft = details?.ttft_s;
   if (Number.isFinite(tokens)) parts.push(`${tokens} tokens`);
   if (Number.isFinite(rate)) parts.push(`${rate.toFixed(1)} tokens/s`);
   if (Number.isFinite(ttft)) parts.push(`${ttft.toFixed(2)} s to first token`);
@@ -599,15 +620,19 @@ function describeStats(done) {
 
 /** A regenerated reply keeps the answers it replaced, as the server does (the same answer twice counts once). */
 function keepVersions(reply, replaced) {
+  const ended = reply.ended || null;
   if (!replaced || !reply.text) {
     reply.versions = [reply.text];
+    reply.details = [ended];
     reply.shown = 0;
     return;
   }
   const earlier = replaced.versions;
   const known = earlier.indexOf(reply.text);
   reply.versions = known >= 0 ? earlier : [...earlier.slice(-10), reply.text];
+  reply.details = known >= 0 ? replaced.details : [...replaced.details.slice(-10), ended];
   reply.shown = known >= 0 ? known : reply.versions.length - 1;
+  if (known >= 0) reply.ended = reply.details[known] || null;
 }
 
 function stop() {
@@ -727,8 +752,11 @@ async function openConversation(id) {
   input.focus();
 }
 
+let rereadTimer = null;
+
 /** Put conversation `id` on screen, from the server. */
-async function showConversation(id) {
+async function showConversation(id, attempt = 0) {
+  clearTimeout(rereadTimer);
   const result = await api.readConversation(id);
   if (!result.ok) throw new Error(`HTTP ${result.status}`);
   conversation = { id, title: result.body.title || "", settings: result.body.settings || {} };
@@ -737,12 +765,24 @@ async function showConversation(id) {
     if ((message.role === "user" || message.role === "assistant") && typeof message.content === "string") {
       const alternatives = Array.isArray(message.alternatives) ? message.alternatives.filter((a) => typeof a === "string") : [];
       const version = Number.isInteger(message.version) && message.version <= alternatives.length ? message.version : alternatives.length;
-      addMessage(message.role, message.content, alternatives, version);
+      const others = Array.isArray(message.alternative_details) && message.alternative_details.length === alternatives.length
+        ? message.alternative_details : alternatives.map(() => null);
+      const details = [...others.slice(0, version), message.details || null, ...others.slice(version)];
+      addMessage(message.role, message.content, alternatives, version, details);
     }
   }
   updateEmptyState();
   updateActions();
   scrollToBottom();
+  // A reply still being written (this page was reloaded mid-reply, or another tab is writing it):
+  // the server saves how it ended a moment later, so read the conversation again for a while.
+  const last = lastMessage();
+  const unfinished = last && (last.role === "user" || last.details[last.shown]?.finish_reason === "streaming");
+  if (unfinished && attempt < 20) {
+    rereadTimer = setTimeout(() => {
+      if (!current && conversation.id === id) showConversation(id, attempt + 1).catch(() => {});
+    }, Math.min(250 * 2 ** attempt, 2000));
+  }
 }
 
 function startRename(li, item) {

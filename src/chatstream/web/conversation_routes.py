@@ -4,7 +4,7 @@ Usable without the UI::
 
     GET    /conversations          -> {"conversations": [summary, ...] (newest first), "current": id|null, "limit": n}
     POST   /conversations          {"title"?, "settings"?}            -> 201 summary (it becomes current)
-    GET    /conversations/{id}     -> summary + {"messages": [...]}
+    GET    /conversations/{id}     -> summary + {"messages": [...]} (a reply also says how it ended: "details")
     PATCH  /conversations/{id}     {"title"?, "settings"?, "current"?: true, "select"?: {"message", "version"}} -> summary
     DELETE /conversations/{id}     -> {"deleted": id, "current": id|null}
     GET    /settings               -> {"server": {defaults}, "limits": {...}, "defaults": {the user's, for all chats}}
@@ -114,7 +114,7 @@ class _ConversationRoutes:
         data = {} if session.is_new else (await self.service.session_store.get(session.id)) or {}
         book.migrate(data)
         entry = book.get(data, conversation_id)
-        messages = await self.service.history(session, conversation_id)
+        messages = await self.service.history(session, conversation_id, details=True)
         return JSONResponse({**book.summary(conversation_id, entry), "messages": messages})
 
     async def _create(self, request: Request) -> Response:
