@@ -346,7 +346,7 @@ def test_selecting_an_earlier_answer_makes_the_conversation_go_on_from_it(client
     again = client.get("/history").json()["messages"][1]
     assert again == {"role": "assistant", "content": second, "alternatives": [first, third], "version": 1}
 
-    for bad in ({"message": 0, "version": 0}, {"message": 1, "version": 9}, {"message": 5, "version": 0},
+    for bad in ({"message": 0, "version": 1}, {"message": 1, "version": 9}, {"message": 5, "version": 0},
                 {"message": "1", "version": 0}, {"message": 1}, [1, 0]):
         r = client.patch(f"/conversations/{conversation_id}", json={"select": bad})
         assert r.status_code == 400 and r.json()["error"] == "invalid_request", r.text

@@ -543,6 +543,52 @@ def test_edit_a_sent_message_and_resend(chat, new_page) -> None:
     page.get_by_label("Edit message").press("Escape")
     expect(page.locator(".msg-user .content")).to_have_text(["first question", "second, rephrased"])
 
+    # The version it replaced is kept, with the replies after it: a pager on the edited message flips back.
+    edited = page.locator(".msg-user").nth(1)
+    expect(edited.locator(".pager-position")).to_have_text("2/2")
+    expect(page.locator(".msg-user").nth(0).locator(".pager")).to_have_count(0)
+    edited.get_by_role("button", name="Previous version").click()
+    expect(page.locator(".msg-user .content")).to_have_text(["first question", "second question", "third question"])
+    expect(page.locator(".msg-assistant")).to_have_count(3)
+    expect(page.locator(".msg-user").nth(1).locator(".pager-position")).to_have_text("1/2")
+    assert [m["content"] for m in history(page, url) if m["role"] == "user"] == [
+        "first question", "second question", "third question"]  # the conversation goes on from this version
+    page.reload()
+    expect(page.locator(".msg-user .content")).to_have_text(["first question", "second question", "third question"])
+    page.locator(".msg-user").nth(1).get_by_role("button", name="Next version").click()
+    expect(page.locator(".msg-user .content")).to_have_text(["first question", "second, rephrased"])
+    expect(page.locator(".msg-user").nth(1).locator(".pager-position")).to_have_text("2/2")
+    assert (page.locator(REPLY).nth(1).text_content() or "").startswith("You said: second, rephrased")
+    send(page, "and on")  # the conversation goes on from the version shown
+    wait_for_reply(page, 3)
+    assert [m["content"] for m in history(page, url) if m["role"] == "user"] == [
+        "first question", "second, rephrased", "and on"]
+
+
+def test_titles_come_from_the_first_line_and_follow_its_edits_until_renamed(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "Plan a three day trip to the mountains with my family and dog\nWe like hiking.")
+    wait_for_reply(page)
+    expect(page.locator(".conversation-open")).to_have_text(["Plan a three day trip to the mountains…"])
+
+    page.locator(".msg-user").first.get_by_role("button", name="Edit").click()
+    page.get_by_label("Edit message").fill("Best pasta recipes")
+    page.get_by_label("Edit message").press("Enter")
+    wait_for_reply(page)
+    expect(page.locator(".conversation-open")).to_have_text(["Best pasta recipes"])
+
+    page.get_by_role("button", name="Rename Best pasta recipes").click()
+    page.get_by_label("New title").fill("Food")
+    page.get_by_label("New title").press("Enter")
+    expect(page.locator(".conversation-open")).to_have_text(["Food"])
+    page.locator(".msg-user").first.get_by_role("button", name="Edit").click()
+    page.get_by_label("Edit message").fill("Best soup recipes")
+    page.get_by_label("Edit message").press("Enter")
+    wait_for_reply(page)
+    expect(page.locator(".msg-user .content")).to_have_text(["Best soup recipes"])
+    expect(page.locator(".conversation-open")).to_have_text(["Food"])  # the user's title stays
+
 
 def test_settings_apply_to_the_conversation_and_bad_values_are_explained(chat, new_page) -> None:
     url = chat()

@@ -16,6 +16,8 @@ PromptTooLongError = PromptTooLong  # the name this module exported before the d
 _MESSAGE_OVERHEAD_TOKENS = 8
 # Earlier answers a reply keeps when it is regenerated (oldest dropped first).
 MAX_ALTERNATIVES = 10
+# Earlier versions a user message keeps when it is edited, each with the messages that followed it.
+MAX_BRANCHES = 10
 
 
 class ChatPrompt:
@@ -84,7 +86,17 @@ class ChatPrompt:
         return False
 
     def select_version(self, index: int, version: int) -> None:
-        """Make answer ``version`` (see :func:`versions`) of the reply at ``index`` the one the conversation goes on from."""
+        """Make answer ``version`` (see :func:`versions`) of the reply at ``index`` the one the conversation goes on from.
+
+        At a user message that was edited, ``version`` picks one of its versions (see :func:`branches`)
+        and the conversation goes on with the messages that followed that version.
+        """
+        if 0 <= index < len(self.messages) and self.messages[index]["role"] == "user":
+            tails = branches(self.messages[index:])
+            if not 0 <= version < len(tails):
+                raise IndexError(f"message {index} has {len(tails)} version(s); there is no version {version}")
+            self._set_branch(index, tails, version)
+            return
         if not (0 <= index < len(self.messages)) or self.messages[index]["role"] != "assistant":
             raise IndexError(f"message {index} is not a reply of this conversation")
         message = self.messages[index]
@@ -94,12 +106,25 @@ class ChatPrompt:
         _set_version(message, every, version_details(message), version)
 
     def edit_user_message(self, index: int, text: str) -> None:
-        """Replace the user message at ``index`` and drop everything after it (the conversation branches)."""
+        """Replace the user message at ``index`` and what followed it with a new version (the conversation branches).
+
+        The version replaced, with the messages after it, is kept: :meth:`select_version` goes back to it.
+        """
         if not (0 <= index < len(self.messages)) or self.messages[index]["role"] != "user":
             raise IndexError(f"message {index} is not a user message of this conversation")
-        del self.messages[index:]
+        every = branches(self.messages[index:])[-(MAX_BRANCHES - 1):] + [[{"role": "user", "content": text}]]
+        self._set_branch(index, every, len(every) - 1)
+
+    def _set_branch(self, index: int, every: list[list[dict[str, Any]]], version: int) -> None:
+        """Messages from ``index`` on become ``every[version]``; its first message keeps the other versions."""
+        head = dict(every[version][0])
+        others = every[:version] + every[version + 1:]
+        if others:
+            head["branches"] = others
+            if version < len(others):
+                head["branch"] = version
+        self.messages[index:] = [head, *every[version][1:]]
         self.context_start = 0
-        self.add_requester_msg(text)
 
     def clear(self) -> None:
         self.messages.clear()
@@ -208,6 +233,16 @@ def versions(message: dict[str, Any]) -> list[str]:
     return alternatives[:version] + [message["content"]] + alternatives[version:]
 
 
+def branches(tail: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Every version of the user message ``tail[0]``, oldest first, each with the messages that followed it
+    (``tail`` itself, without the versions it keeps, at ``branch``; default: last)."""
+    head = tail[0]
+    others = [b for b in head.get("branches") or [] if isinstance(b, list) and b]
+    current = [{k: v for k, v in head.items() if k not in ("branches", "branch")}, *tail[1:]]
+    version = head.get("branch", len(others))
+    return others[:version] + [current] + others[version:]
+
+
 def version_details(message: dict[str, Any]) -> list[dict[str, Any] | None]:
     """How each answer of :func:`versions` ended (``details``), in the same order; None where not known."""
     alternatives = list(message.get("alternatives") or [])
@@ -273,7 +308,23 @@ def _copy_message(message: dict[str, Any]) -> dict[str, Any]:
         version = message.get("version")
         if isinstance(version, int) and not isinstance(version, bool) and 0 <= version < len(copy["alternatives"]):
             copy["version"] = version  # the answer in use sits here among the others (absent: after them)
+    stored_branches = message.get("branches")
+    if message["role"] == "user" and isinstance(stored_branches, list):
+        kept_branches = [
+            [_copy_message(m) for m in branch if _is_message(m)]
+            for branch in stored_branches[-(MAX_BRANCHES - 1):]
+            if isinstance(branch, list) and branch and _is_message(branch[0]) and branch[0]["role"] == "user"
+        ]
+        if kept_branches:
+            copy["branches"] = kept_branches
+            branch_index = message.get("branch")
+            if isinstance(branch_index, int) and not isinstance(branch_index, bool) and 0 <= branch_index < len(kept_branches):
+                copy["branch"] = branch_index  # this version sits here among the others (absent: after them)
     return copy
+
+
+def _is_message(message: Any) -> bool:
+    return isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)
 
 
 def _group_turns(messages: Sequence[dict[str, str]]) -> list[list[dict[str, str]]]:

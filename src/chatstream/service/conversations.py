@@ -35,7 +35,8 @@ LEGACY_ID = "default"
 
 MAX_CONVERSATIONS = 100
 MAX_TITLE_CHARS = 200
-_TITLE_FROM_MESSAGE_CHARS = 60
+_TITLE_FROM_MESSAGE_CHARS = 40
+AUTO_TITLE_KEY = "title_auto"  # the title was derived from the first message (and follows its edits)
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DEFAULTS_KEY = "defaults"
 SETTING_NAMES = ("system_prompt", "temperature", "top_p", "max_tokens", "top_k", "seed", "stop")
@@ -156,8 +157,9 @@ def store_chat_prompt(data: Data, conversation_id: str, chat_prompt: Data) -> No
     entry = get(data, conversation_id)
     entry["chat_prompt"] = chat_prompt
     entry["updated"] = time.time()
-    if not entry.get("title"):
+    if not entry.get("title") or entry.get(AUTO_TITLE_KEY):  # a title the user gave is never replaced
         entry["title"] = _title_from(chat_prompt)
+        entry[AUTO_TITLE_KEY] = True
     data[CURRENT_KEY] = conversation_id  # the conversation in use is the one a reload shows
 
 
@@ -241,11 +243,15 @@ def effective_settings(data: Data, entry: Data | None) -> Data:
 
 
 def _title_from(chat_prompt: Data) -> str:
+    """The first line of the first user message, cut at a word boundary to about 40 characters."""
     for message in chat_prompt.get("messages") or []:
         if isinstance(message, dict) and message.get("role") == "user" and isinstance(message.get("content"), str):
-            text = " ".join(message["content"].split())
+            lines = [" ".join(line.split()) for line in message["content"].splitlines()]
+            text = next((line for line in lines if line), "")
             if len(text) > _TITLE_FROM_MESSAGE_CHARS:
-                text = text[: _TITLE_FROM_MESSAGE_CHARS - 1].rstrip() + "…"
+                cut = text.rfind(" ", 0, _TITLE_FROM_MESSAGE_CHARS)
+                text = text[: cut if cut >= _TITLE_FROM_MESSAGE_CHARS // 2 else _TITLE_FROM_MESSAGE_CHARS - 1]
+                text = text.rstrip(" ,;:-") + "…"
             return text
     return ""
 

@@ -117,6 +117,9 @@ function createMessage(role, text = "", alternatives = [], version = alternative
     // How each answer ended ({finish_reason, completion_tokens, tokens_per_s, ttft_s} or null), as `versions`.
     details: details.length === alternatives.length + 1 ? details : alternatives.map(() => null).concat([null]),
     shown: version,
+    // A user message that was edited: how many versions it has, and which is shown (each with its own replies).
+    branchCount: 1,
+    branchShown: 0,
     stats: "",
     _frame: 0,
     setText(value) {
@@ -209,6 +212,10 @@ function updateActions() {
     const actions = el("div", "actions");
     if (message.role === "user") {
       if (current || row.classList.contains("editing")) return;
+      if (message.branchCount > 1) {
+        actions.classList.add("has-pager");
+        actions.append(branchPager(message, index));
+      }
       actions.append(actionButton("edit", "Edit", "Edit this message and send it again", () => startEdit(message, index)));
     } else {
       if (!message.text || (current && index === rows.length - 1)) return;
@@ -272,7 +279,43 @@ function pager(message) {
   return box;
 }
 
-/** Edit a sent message in place; sending it drops everything after it (the conversation branches). */
+/** "‹ 1/2 ›" on an edited message: each version with the replies that followed it (the server keeps them all). */
+function branchPager(message, index) {
+  const box = el("span", "pager");
+  const buttons = [["Previous version", "left", -1], ["Next version", "right", 1]].map(([label, name, step]) => {
+    const button = el("button", "icon-button small");
+    button.type = "button";
+    button.setAttribute("aria-label", label);
+    button.append(icon(name));
+    const version = message.branchShown + step;
+    button.disabled = version < 0 || version >= message.branchCount;
+    button.addEventListener("click", async () => {
+      if (current) return;
+      buttons.forEach((b) => { b.disabled = true; });
+      const result = await api.updateConversation(conversation.id, { select: { message: index, version } }).catch(() => null);
+      if (!result || !result.ok) {
+        showNotice("Could not switch to that version. Try again.", { kind: "warn" });
+        updateActions();
+        return;
+      }
+      const top = message.row.offsetTop - log.scrollTop; // keep the message where it was on screen
+      await showConversation(conversation.id, 0, { keepScroll: true });
+      const row = messages()[index];
+      if (row) {
+        log.scrollTop = row.offsetTop - top;
+        row.querySelector(`[aria-label="${label}"]`)?.focus();
+      }
+      refreshConversations().catch(() => {});
+    });
+    return button;
+  });
+  const position = el("span", "pager-position", `${message.branchShown + 1}/${message.branchCount}`);
+  position.setAttribute("aria-live", "polite");
+  box.append(buttons[0], position, buttons[1]);
+  return box;
+}
+
+/** Edit a sent message in place; sending it starts a new version of it (the old one stays, with its replies). */
 function startEdit(message, index) {
   if (current) return;
   const row = message.row;
@@ -483,6 +526,11 @@ async function runTurn({ text, regenerate, editIndex = null }) {
       dropped.forEach((row) => row.remove());
     }
     user = addMessage("user", text);
+    if (dropped.length) {
+      const edited = dropped[0].chatMessage; // the new version comes after the ones this message had
+      user.branchCount = Math.min(edited.branchCount + 1, 10);
+      user.branchShown = user.branchCount - 1;
+    }
   }
   const reply = createMessage("assistant");
   reply.row.setAttribute("aria-busy", "true");
@@ -755,7 +803,7 @@ async function openConversation(id) {
 let rereadTimer = null;
 
 /** Put conversation `id` on screen, from the server. */
-async function showConversation(id, attempt = 0) {
+async function showConversation(id, attempt = 0, { keepScroll = false } = {}) {
   clearTimeout(rereadTimer);
   const result = await api.readConversation(id);
   if (!result.ok) throw new Error(`HTTP ${result.status}`);
@@ -768,12 +816,16 @@ async function showConversation(id, attempt = 0) {
       const others = Array.isArray(message.alternative_details) && message.alternative_details.length === alternatives.length
         ? message.alternative_details : alternatives.map(() => null);
       const details = [...others.slice(0, version), message.details || null, ...others.slice(version)];
-      addMessage(message.role, message.content, alternatives, version, details);
+      const added = addMessage(message.role, message.content, alternatives, version, details);
+      if (message.role === "user" && Array.isArray(message.branches) && message.branches.length) {
+        added.branchCount = message.branches.length + 1;
+        added.branchShown = Number.isInteger(message.branch) && message.branch < message.branches.length ? message.branch : message.branches.length;
+      }
     }
   }
   updateEmptyState();
   updateActions();
-  scrollToBottom();
+  if (!keepScroll) scrollToBottom();
   // A reply still being written (this page was reloaded mid-reply, or another tab is writing it):
   // the server saves how it ended a moment later, so read the conversation again for a while.
   const last = lastMessage();

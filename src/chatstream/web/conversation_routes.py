@@ -14,7 +14,9 @@ A summary is ``{"id", "title", "created", "updated", "message_count", "settings"
 the session lock, so they are refused (409 ``session_busy``) while a reply is being written in
 the session; an id this session does not hold, another user's included, is 404 and nothing more.
 ``select`` picks which answer of a regenerated reply the conversation goes on from (``version``
-indexes the reply's answers oldest first: its ``alternatives`` with ``content`` at ``version``).
+indexes the reply's answers oldest first: its ``alternatives`` with ``content`` at ``version``), or,
+at a user message that was edited, which of its versions (``branches`` with the messages shown at
+``branch``), and the conversation goes on with the messages that followed that version.
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ class _ConversationRoutes:
             settings = self._settings(body["settings"], entry.get("settings")) if "settings" in body else None
             if title is not None:
                 entry["title"] = title
+                entry.pop(book.AUTO_TITLE_KEY, None)  # renamed: edits of the first message no longer retitle it
             if settings is not None:
                 entry["settings"] = settings
             if body.get("current"):
