@@ -419,7 +419,7 @@ def test_a_busy_session_and_a_network_failure_are_explained(chat, new_page) -> N
     }""")
     page.wait_for_timeout(200)
     send(page, "Me too")
-    expect(page.locator("#notice")).to_contain_text("already being written")
+    expect(page.locator("#notice")).to_contain_text("Another reply is being written in this session")
     expect(page.locator("#notice-retry")).to_be_enabled()
     page.evaluate("window.__other.abort()")
     wait_for_history(page, url, 2)  # the other turn ended and let go of the session
@@ -806,3 +806,41 @@ def test_settings_show_the_server_defaults_refuse_what_is_out_of_range_and_set_d
     dialog.get_by_role("button", name="Cancel").click()
     bad = page.request.patch(url + "/settings", data={"defaults": {"temperature": 5}})
     assert bad.status == 400 and page.request.get(url + "/settings").json()["defaults"] == {"temperature": 0.2, "seed": 1}
+
+
+def test_a_busy_notice_from_a_second_tab_says_where_the_reply_is_being_written(chat, new_page) -> None:
+    url = chat(mock_token_delay=0.05)
+    page = new_page(url)
+    send(page, "About cats")
+    wait_for_reply(page)
+    page.get_by_role("button", name="New chat").click()
+    send(page, "About dogs")
+    wait_for_reply(page)
+    other = page.context.new_page()  # a second tab: the same session
+    other.goto(url + "/")
+    other.get_by_role("button", name="About cats", exact=True).click()
+    expect(other.locator(".msg-user .content")).to_have_text(["About cats"])
+
+    page.locator("#input").fill("dogs " * 80)
+    page.locator("#input").press("Enter")
+    expect(page.locator(REPLY).last).to_contain_text("dogs dogs")
+    send(other, "More about cats")
+    # The server's lock covers the whole session and its 409 does not say which conversation is busy.
+    notice = other.locator("#notice")
+    expect(notice).to_contain_text("Another reply is being written in this session (perhaps in another tab)")
+    expect(other.locator("#notice-retry")).to_be_visible()
+    expect(other.locator("#input")).to_have_value("More about cats")  # nothing typed is lost
+    page.get_by_role("button", name="Stop").click()
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    wait_for_history(page, url, 4)
+
+    # A lock per conversation answers which one is busy (conversation_id): the notice names it.
+    dogs = page.request.get(url + "/conversations").json()["conversations"][0]["id"]
+    busy = json.dumps({"error": "session_busy", "message": "busy", "conversation_id": dogs})
+    other.route("**/chat_stream", lambda route: route.fulfill(status=409, body=busy, content_type="application/json"))
+    other.locator("#notice-retry").click()
+    expect(notice).to_contain_text("A reply is already being written in “About dogs” (perhaps in another tab)")
+    other.unroute("**/chat_stream")
+    other.locator("#notice-retry").click()
+    wait_for_reply(other, 2)
+    other.close()

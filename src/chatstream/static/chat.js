@@ -418,6 +418,7 @@ async function readError(response) {
     code: typeof body.error === "string" ? body.error : `http_${response.status}`,
     message: typeof body.message === "string" ? body.message : response.statusText,
     retryAfter: Number.isFinite(retryAfter) ? retryAfter : 0,
+    conversationId: typeof body.conversation_id === "string" ? body.conversation_id : null,
   };
 }
 
@@ -435,8 +436,16 @@ function explain(error) {
       return { text: "The model is still loading. It will be ready shortly.", retry: true, kind: "warn" };
     case "model_unavailable":
       return { text: `The model is not available. ${sentence(error.message)}`, retry: false };
-    case "session_busy":
-      return { text: "A reply is already being written in this conversation (perhaps in another tab). Wait for it to finish, or stop it there, then try again.", retry: true, kind: "warn" };
+    case "session_busy": {
+      // With a lock per conversation the server says which one is busy; a lock per session says nothing more.
+      const busy = error.conversationId;
+      const title = knownConversations.find((item) => item.id === busy)?.title;
+      const where = !busy ? null : busy === conversation.id ? "this conversation" : `“${title || "another conversation"}”`;
+      const text = where
+        ? `A reply is already being written in ${where} (perhaps in another tab). Wait for it to finish, or stop it there, then try again.`
+        : "Another reply is being written in this session (perhaps in another tab). Wait for it to finish, or stop it there, then try again.";
+      return { text, retry: true, kind: "warn" };
+    }
     case "input_too_large":
       return { text: `${sentence(error.message || "Your message is too long")} Shorten it and try again.`, retry: false };
     case "nothing_to_regenerate":
@@ -733,6 +742,7 @@ function errorOf(result) {
     code: typeof result.body.error === "string" ? result.body.error : `http_${result.status}`,
     message: typeof result.body.message === "string" ? result.body.message : "",
     retryAfter: 0,
+    conversationId: typeof result.body.conversation_id === "string" ? result.body.conversation_id : null,
   };
 }
 
