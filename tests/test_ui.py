@@ -844,3 +844,75 @@ def test_a_busy_notice_from_a_second_tab_says_where_the_reply_is_being_written(c
     other.locator("#notice-retry").click()
     wait_for_reply(other, 2)
     other.close()
+
+
+def test_the_page_does_not_move_when_a_reply_starts_or_ends(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "hello")
+    wait_for_reply(page)
+    # Every frame: the height of each row on screen.
+    page.evaluate("""() => {
+        window.__heights = [];
+        const tick = () => {
+            window.__heights.push([...document.querySelectorAll('.msg')].map(r => Math.round(r.getBoundingClientRect().height)));
+            window.__tick = requestAnimationFrame(tick);
+        };
+        tick();
+    }""")
+    send(page, "again")
+    wait_for_reply(page, 2)
+    page.wait_for_timeout(200)
+    frames = page.evaluate("cancelAnimationFrame(window.__tick) || window.__heights")
+
+    earlier = {tuple(frame[:2]) for frame in frames}
+    assert len(earlier) == 1, f"the earlier messages changed height during the turn: {sorted(earlier)}"
+    growing = [frame[3] for frame in frames if len(frame) == 4]
+    assert frames[-1][2] == frames[0][0]  # the new user message is as tall as the first (its Edit row is there)
+    assert growing == sorted(growing), f"the new reply shrank (the page jumped): {growing}"
+
+
+def test_the_status_dot_turns_grey_when_the_server_stops_answering(serve, new_page, browser: Browser) -> None:
+    servers = [serve(create_app(Settings(mock=True, session_secret="ui-tests-" + "x" * 32))) for _ in range(2)]
+    # A failed request checks at once.
+    page = new_page(servers[0].url)
+    expect(page.locator("#model-dot")).to_have_attribute("data-state", "ok")
+    servers[0].stop()
+    send(page, "anyone there?")
+    expect(page.locator("#notice")).to_contain_text("Could not reach the server")
+    expect(page.locator("#model-dot")).to_have_attribute("data-state", "offline")
+    expect(page.locator("#model")).to_have_attribute("title", "Model status: the server does not answer")
+    expect(page.locator("#model-name")).to_have_text("mock · offline")
+
+    # An idle page finds out with its next periodic check.
+    context = browser.new_context()
+    idle = context.new_page()
+    idle.clock.install()
+    idle.goto(servers[1].url + "/")
+    expect(idle.locator("#model-dot")).to_have_attribute("data-state", "ok")
+    servers[1].stop()
+    idle.clock.run_for(16_000)
+    expect(idle.locator("#model-dot")).to_have_attribute("data-state", "offline")
+    context.close()
+
+
+def test_a_jump_to_bottom_button_shows_when_scrolled_up_during_a_reply(chat, new_page) -> None:
+    url = chat(mock_token_delay=0.05)
+    page = new_page(url, viewport={"width": 900, "height": 600})
+    jump = page.get_by_role("button", name="Jump to the latest message")
+    for n in range(2):
+        send(page, f"message {n}")
+        wait_for_reply(page, n + 1)
+    expect(jump).to_be_hidden()
+    send(page, " ".join(["long"] * 120))
+    expect(page.locator(REPLY).last).to_contain_text("long long")
+
+    page.locator("#log").evaluate("log => { log.scrollTop = 0; }")
+    expect(jump).to_be_visible()
+    page.wait_for_timeout(300)
+    assert page.locator("#log").evaluate("log => log.scrollTop") == 0  # the stream does not pull the reader back down
+
+    jump.click()
+    expect(jump).to_be_hidden()
+    assert page.locator("#log").evaluate("log => log.scrollHeight - log.scrollTop - log.clientHeight") < 120
+    page.get_by_role("button", name="Stop").click()

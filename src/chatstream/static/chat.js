@@ -28,6 +28,7 @@ const sidebarToggle = $("sidebar-toggle");
 const backdrop = $("backdrop");
 const settingsDialog = $("settings");
 const settingsError = $("settings-error");
+const jumpButton = $("jump");
 
 const ICONS = {
   logo: "M9 11.5h14M9 16h10M9 20.5h6",
@@ -79,6 +80,12 @@ function nearBottom() {
 
 function scrollToBottom() {
   log.scrollTop = log.scrollHeight;
+  updateJumpButton();
+}
+
+/** "Jump to the latest message" shows while the newest text is out of view (scrolled up). */
+function updateJumpButton() {
+  jumpButton.hidden = nearBottom();
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -202,7 +209,11 @@ function actionButton(name, label, title, onClick) {
   return button;
 }
 
-/** Under each reply: its versions, stats and Copy; Regenerate under the last. Edit on user messages. */
+/**
+ * Under each reply: its versions, stats and Copy; Regenerate under the last. Edit on user messages.
+ * While a reply is written, the rows that cannot be used stay in place, hidden and inert (class
+ * "busy"), and the reply being written has one too: a row appearing or going would move the page.
+ */
 function updateActions() {
   const stick = nearBottom();
   thread.querySelectorAll(".actions").forEach((node) => node.remove());
@@ -210,15 +221,24 @@ function updateActions() {
   rows.forEach((row, index) => {
     const message = row.chatMessage;
     const actions = el("div", "actions");
+    const writing = current && index === rows.length - 1;
     if (message.role === "user") {
-      if (current || row.classList.contains("editing")) return;
+      if (row.classList.contains("editing")) return;
+      if (current) {
+        actions.classList.add("busy");
+        actions.inert = true;
+      }
       if (message.branchCount > 1) {
         actions.classList.add("has-pager");
         actions.append(branchPager(message, index));
       }
       actions.append(actionButton("edit", "Edit", "Edit this message and send it again", () => startEdit(message, index)));
+    } else if (writing) {
+      actions.classList.add("busy");
+      actions.inert = true;
+      actions.append(actionButton("copy", "Copy", "", () => {}));
     } else {
-      if (!message.text || (current && index === rows.length - 1)) return;
+      if (!message.text) return;
       if (message.versions.length > 1) actions.append(pager(message));
       const copy = actionButton("copy", "Copy", "Copy this reply", () => copyText(message.text, copy.lastChild));
       actions.append(copy);
@@ -631,6 +651,7 @@ async function runTurn({ text, regenerate, editIndex = null }) {
       }
     } else if (!response) {
       outcome = "offline";
+      loadHealth();
       undo();
       const message = "Could not reach the server. Check your connection and try again.";
       showNotice(message, { retry });
@@ -1103,23 +1124,33 @@ async function loadHistory() {
   scrollToBottom();
 }
 
+let healthTimer = null;
+let modelLabel = "";
+
+/**
+ * The dot by the model's name: green when ready, amber while loading, red when the server says it
+ * cannot answer, grey when the server does not answer at all. Checked every 15 s (every 3 s while
+ * not ready), at once when a request could not reach the server, and when the tab comes back.
+ */
 async function loadHealth() {
+  clearTimeout(healthTimer);
   let state = "error";
   try {
     const response = await fetch("health", { cache: "no-store" });
     const body = await response.json();
     if (typeof body.model === "string" && body.model) {
-      modelName.textContent = body.model;
+      modelLabel = body.model;
       document.title = `${body.model} · chatstream`;
     }
     state = body.status === "ok" ? "ok" : body.status === "loading" ? "loading" : "error";
   } catch {
-    modelName.textContent = "offline";
+    state = "offline";
   }
+  modelName.textContent = state === "offline" ? (modelLabel ? `${modelLabel} · offline` : "offline") : modelLabel || "unknown";
   modelDot.dataset.state = state;
-  const labels = { ok: "ready", loading: "loading", error: "unavailable" };
+  const labels = { ok: "ready", loading: "loading", error: "unavailable", offline: "the server does not answer" };
   $("model").title = `Model status: ${labels[state]}`;
-  if (state !== "ok") setTimeout(loadHealth, state === "loading" ? 2000 : 5000);
+  healthTimer = setTimeout(loadHealth, state === "ok" ? 15000 : 3000);
 }
 
 // -- composer --
@@ -1173,6 +1204,16 @@ for (const suggestion of document.querySelectorAll(".suggestion")) {
     submit();
   });
 }
+
+log.addEventListener("scroll", updateJumpButton, { passive: true });
+jumpButton.addEventListener("click", () => {
+  scrollToBottom();
+  input.focus({ preventScroll: true });
+});
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState === "visible") loadHealth();
+});
+window.addEventListener("online", loadHealth);
 
 historyLoaded = loadHistory();
 loadHealth();
