@@ -750,6 +750,8 @@ def test_settings_show_the_server_defaults_refuse_what_is_out_of_range_and_set_d
     for label, default in (("Temperature", "0.7"), ("Top-p", "0.9"), ("Max tokens", "256"), ("Top-k", "50"),
                            ("Seed", "random")):
         expect(dialog.get_by_label(label)).to_have_attribute("placeholder", default)
+    DOCS.mkdir(exist_ok=True)
+    page.screenshot(path=str(DOCS / "ui-settings.png"), animations="disabled")
 
     # Out of range is explained in words for people, and nothing is stored (no silent clamp to 256).
     alert = dialog.get_by_role("alert")
