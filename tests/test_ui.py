@@ -918,3 +918,21 @@ def test_a_jump_to_bottom_button_shows_when_scrolled_up_during_a_reply(chat, new
     expect(jump).to_be_hidden()
     assert page.locator("#log").evaluate("log => log.scrollHeight - log.scrollTop - log.clientHeight") < 120
     page.get_by_role("button", name="Stop").click()
+
+
+def test_a_reply_being_written_shows_so_in_another_tab_and_then_how_it_ended(chat, new_page) -> None:
+    url = chat(mock_token_delay=0.05)
+    page = new_page(url)
+    send(page, " ".join(f"w{i}" for i in range(60)))
+    expect(page.locator(REPLY)).to_contain_text("w10 ")
+
+    other = page.context.new_page()  # the same session, opened while the reply streams
+    other.goto(url + "/")
+    expect(other.locator(".msg-assistant .note")).to_have_text("Still being written · incomplete so far")
+    wait_for_reply(page)
+    stats = page.locator(".stats").text_content() or ""
+
+    expect(other.locator(".stats")).to_have_text(stats)  # read again until the reply ended
+    expect(other.locator(".msg-assistant .note")).to_have_count(0)
+    expect(other.locator(REPLY)).to_have_text(page.locator(REPLY).text_content() or "")
+    other.close()
