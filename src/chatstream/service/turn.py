@@ -192,6 +192,10 @@ class Turn:
         if self.session is None:
             return None, None
         chat_prompt = await self.service.load_conversation(self.session, self.conversation_id)
+        last = chat_prompt.messages[-1] if chat_prompt.messages else None
+        if last is not None and (last.get("details") or {}).get("finish_reason") == "streaming":
+            # A checkpoint whose writer died (we hold the lock now): that reply will never end.
+            last["details"] = {"finish_reason": "stopped"}
         previous: str | None = None
         if self.regenerate:
             previous = chat_prompt.get_responder_last_msg()

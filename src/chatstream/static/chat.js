@@ -840,7 +840,10 @@ async function showConversation(id, attempt = 0, { keepScroll = false } = {}) {
   if (!result.ok) throw new Error(`HTTP ${result.status}`);
   conversation = { id, title: result.body.title || "", settings: result.body.settings || {} };
   clearThread();
-  for (const message of result.body.messages || []) {
+  const stored = result.body.messages || [];
+  for (const [position, message] of stored.entries()) {
+    // Only the last reply can still be being written: an older "streaming" one lost its writer.
+    if (position < stored.length - 1 && message.details?.finish_reason === "streaming") message.details = { finish_reason: "stopped" };
     if ((message.role === "user" || message.role === "assistant") && typeof message.content === "string") {
       const alternatives = Array.isArray(message.alternatives) ? message.alternatives.filter((a) => typeof a === "string") : [];
       const version = Number.isInteger(message.version) && message.version <= alternatives.length ? message.version : alternatives.length;
