@@ -84,3 +84,26 @@ def test_a_custom_prompt_class_renders_its_own_format(tokenizer):
     prompt.add_requester_msg("Hi")
     assert tokenizer.decode(prompt.render_ids(100)) == "USER: Hi\nASSISTANT:"
     assert prompt.create_prompt() == "USER: Hi\n"
+
+
+def test_an_edit_keeps_the_replaced_version_with_its_replies_and_the_model_sees_only_the_one_in_use(tokenizer):
+    prompt = ChatPrompt(tokenizer=tokenizer)
+    for text in ("one", "two", "three"):
+        prompt.add_requester_msg(text)
+        prompt.add_responder_msg(f"re {text}")
+    prompt.set_last_reply_details({"finish_reason": "stop", "completion_tokens": 3, "evil": "<x>"})
+
+    prompt.edit_user_message(2, "two, again")
+    prompt.add_responder_msg("re two, again")
+    assert [m["content"] for m in prompt.messages] == ["one", "re one", "two, again", "re two, again"]
+    assert "re three" not in tokenizer.decode(prompt.render_ids(1000))
+
+    restored = ChatPrompt.from_dict(prompt.to_dict(), tokenizer=tokenizer)  # the versions survive as plain data
+    restored.select_version(2, 0)
+    assert [m["content"] for m in restored.messages] == ["one", "re one", "two", "re two", "three", "re three"]
+    assert restored.messages[5]["details"] == {"finish_reason": "stop", "completion_tokens": 3}  # unknown keys dropped
+    assert "two, again" not in tokenizer.decode(restored.render_ids(1000))
+    restored.select_version(2, 1)
+    assert [m["content"] for m in restored.messages] == ["one", "re one", "two, again", "re two, again"]
+    with pytest.raises(IndexError):
+        restored.select_version(2, 2)

@@ -335,8 +335,8 @@ class ChatService:
         prompt = self.chat_prompt_clazz.from_dict(
             stored if isinstance(stored, dict) else None, tokenizer=self.tokenizer, system=self.settings.system_prompt,
         )
-        settings = entry.get("settings") or {}
-        if "system_prompt" in settings:  # the conversation's own system prompt wins over the stored one
+        settings = conversations.effective_settings(data, entry)
+        if "system_prompt" in settings:  # the conversation's (or user's) system prompt wins over the stored one
             prompt.system = settings["system_prompt"] or None
         return prompt
 
@@ -370,15 +370,25 @@ class ChatService:
 
     async def conversation_sampling(self, session: Session, conversation_id: str | None = None) -> dict[str, Any]:
         """The conversation's sampling settings under the engine's names (overrides of the defaults)."""
-        entry = await self.peek_conversation(session, conversation_id)
-        return conversations.sampling_values((entry or {}).get("settings") or {})
+        data = {} if session.is_new else (await self.session_store.get(session.id)) or {}
+        conversations.migrate(data)
+        target = conversations.resolve(data, conversation_id, create=False)
+        entry = conversations.get(data, target) if target is not None else None
+        return conversations.sampling_values(conversations.effective_settings(data, entry))
 
-    async def history(self, session: Session, conversation_id: str | None = None) -> list[dict[str, Any]]:
+    async def history(self, session: Session, conversation_id: str | None = None,
+                      details: bool = False) -> list[dict[str, Any]]:
+        """The messages; with ``details``, also how each reply ended (what the UI shows under it)."""
         entry = await self.peek_conversation(session, conversation_id)
         if entry is None:
             return []
         stored = entry.get("chat_prompt")
-        return self.chat_prompt_clazz.from_dict(stored if isinstance(stored, dict) else None).messages
+        messages = self.chat_prompt_clazz.from_dict(stored if isinstance(stored, dict) else None).messages
+        if not details:
+            for message in messages:
+                message.pop("details", None)
+                message.pop("alternative_details", None)
+        return messages
 
     async def clear_conversation(self, session: Session, conversation_id: str | None = None) -> None:
         """Without an id: empty the session and give it a new id (a new cookie), as always.

@@ -93,8 +93,8 @@ class Turn:
         self._sent = ""  # the part of it the face has handed to its client
         self._client_gone = False
         self._abort: Failed | None = None
-        self.done: Done | None = None  # how it ended: normally, or with a failure (for the log line)
-        self.failure: Failed | None = None
+        self._done: Done | None = None  # how a finished reply ended, kept with it in the history
+        self.failure: Failed | None = None  # how a reply that ended early failed (for the log line)
 
     # -- the face's side --
     async def start(self) -> None:
@@ -126,6 +126,11 @@ class Turn:
             self._abort = Failed(code, message)
         if self._generation is not None and not self._generation.done():
             self._generation.cancel()
+
+    @property
+    def done(self) -> Done | None:
+        """How the reply ended, once it ended normally (``None`` otherwise)."""
+        return self._done
 
     @property
     def sent_text(self) -> str:
@@ -200,6 +205,10 @@ class Turn:
         if self.session is None:
             return None, None
         chat_prompt = await self.service.load_conversation(self.session, self.conversation_id)
+        last = chat_prompt.messages[-1] if chat_prompt.messages else None
+        if last is not None and (last.get("details") or {}).get("finish_reason") == "streaming":
+            # A checkpoint whose writer died (we hold the lock now): that reply will never end.
+            last["details"] = {"finish_reason": "stopped"}
         previous: str | None = None
         if self.regenerate:
             previous = chat_prompt.get_responder_last_msg()
@@ -273,7 +282,7 @@ class Turn:
                         metrics.generation_tokens.inc(output.completion_tokens)
                         if output.completion_tokens > 1:
                             metrics.tpot.observe(elapsed / (output.completion_tokens - 1))
-                        self.done = Done(
+                        self._done = Done(
                             finish_reason=output.finish_reason, message_id=self.message_id,
                             prompt_tokens=output.prompt_tokens or self.prompt_tokens,
                             completion_tokens=output.completion_tokens,
@@ -283,7 +292,7 @@ class Turn:
                                 "tokens_per_s": round(output.completion_tokens / elapsed, 2) if elapsed > 0 else None,
                             },
                         )
-                        self._events.put_nowait(self.done)
+                        self._events.put_nowait(self._done)
                     elif output.finish_reason == "cancelled" and self._client_gone:
                         self.outcome = DISCONNECTED_WHILE_STREAMING
                     else:
@@ -323,7 +332,7 @@ class Turn:
                 continue
             saved = self._sent
             data = chat_prompt.to_dict()
-            data["messages"].append({"role": "assistant", "content": saved})
+            data["messages"].append({"role": "assistant", "content": saved, "details": {"finish_reason": "streaming"}})
             try:
                 await self.service.save_conversation_data(self.session, data, self.conversation_id)
             except Exception:
@@ -335,6 +344,7 @@ class Turn:
         reply = self._sent if self._client_gone else self._generated
         if reply:
             chat_prompt.add_responder_msg(reply)
+            chat_prompt.set_last_reply_details(self._details(reply))
         elif previous is not None:  # a regenerate that produced nothing keeps the old reply
             chat_prompt.add_responder_msg(previous)
         try:
@@ -342,6 +352,14 @@ class Turn:
         except Exception:
             logger.exception("saving the session failed")
             self.outcome = UNKNOWN_ERROR
+
+    def _details(self, reply: str) -> dict[str, Any]:
+        """How the reply ended, for the history (the UI shows it again after a reload)."""
+        done = self._done
+        if done is not None and reply == self._generated:
+            return {"finish_reason": done.finish_reason, "completion_tokens": done.completion_tokens,
+                    **{k: v for k, v in done.timing.items() if v is not None}}
+        return {"finish_reason": "stopped" if self._client_gone else "error"}
 
     async def _call_back(self) -> None:
         if self.callback is None:

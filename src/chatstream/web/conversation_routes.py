@@ -4,15 +4,19 @@ Usable without the UI::
 
     GET    /conversations          -> {"conversations": [summary, ...] (newest first), "current": id|null, "limit": n}
     POST   /conversations          {"title"?, "settings"?}            -> 201 summary (it becomes current)
-    GET    /conversations/{id}     -> summary + {"messages": [...]}
+    GET    /conversations/{id}     -> summary + {"messages": [...]} (a reply also says how it ended: "details")
     PATCH  /conversations/{id}     {"title"?, "settings"?, "current"?: true, "select"?: {"message", "version"}} -> summary
     DELETE /conversations/{id}     -> {"deleted": id, "current": id|null}
+    GET    /settings               -> {"server": {defaults}, "limits": {...}, "defaults": {the user's, for all chats}}
+    PATCH  /settings               {"defaults": {settings}}             -> the same as GET
 
 A summary is ``{"id", "title", "created", "updated", "message_count", "settings"}``. Changes take
 the session lock, so they are refused (409 ``session_busy``) while a reply is being written in
 the session; an id this session does not hold, another user's included, is 404 and nothing more.
 ``select`` picks which answer of a regenerated reply the conversation goes on from (``version``
-indexes the reply's answers oldest first: its ``alternatives`` with ``content`` at ``version``).
+indexes the reply's answers oldest first: its ``alternatives`` with ``content`` at ``version``), or,
+at a user message that was edited, which of its versions (``branches`` with the messages shown at
+``branch``), and the conversation goes on with the messages that followed that version.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def add_conversation_routes(app: Any, service: ChatService) -> None:
     routes = _ConversationRoutes(service)
     app.add_route("/conversations", routes.list_or_create, methods=["GET", "POST"])
     app.add_route("/conversations/{conversation_id}", routes.one, methods=["GET", "PATCH", "DELETE"])
+    app.add_route("/settings", routes.settings, methods=["GET", "PATCH"])
 
 
 class _ConversationRoutes:
@@ -66,6 +71,38 @@ class _ConversationRoutes:
         except ChatError as exc:
             return chat_error_response(exc)
 
+    async def settings(self, request: Request) -> Response:
+        """The server's defaults and limits (what a settings form shows), and the user's defaults for all chats."""
+        try:
+            session = _session_of(request)
+            if request.method == "GET":
+                data = {} if session.is_new else (await self.service.session_store.get(session.id)) or {}
+                return JSONResponse(self._settings_view(book.session_defaults(data)))
+            body = await _json_object(request, {"defaults"}, allow_empty=False, **self._body_limits())
+            async with session.lock(lease_s=self.service.lock_lease_s):
+                data = await session.load()
+                defaults = self._settings(body["defaults"], book.session_defaults(data))
+                if defaults:
+                    data[book.DEFAULTS_KEY] = defaults
+                else:
+                    data.pop(book.DEFAULTS_KEY, None)
+                await session.save()
+            return JSONResponse(self._settings_view(defaults))
+        except ChatError as exc:
+            return chat_error_response(exc)
+
+    def _settings_view(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        server, settings = self.service.defaults, self.service.settings
+        return {
+            "server": {"system_prompt": settings.system_prompt, "temperature": server.temperature,
+                       "top_p": server.top_p, "max_tokens": server.max_new_tokens, "top_k": server.top_k,
+                       "seed": server.seed, "stop": list(server.stop)},
+            "limits": {"temperature": book.MAX_TEMPERATURE, "max_tokens": settings.max_new_tokens,
+                       "top_k": self.service.vocab_size, "stop": book.MAX_STOP_STRINGS,
+                       "stop_chars": book.MAX_STOP_CHARS, "system_prompt_chars": settings.max_input_chars},
+            "defaults": defaults,
+        }
+
     async def _list(self, session: Session) -> Response:
         data = {} if session.is_new else (await self.service.session_store.get(session.id)) or {}
         book.migrate(data)
@@ -79,7 +116,7 @@ class _ConversationRoutes:
         data = {} if session.is_new else (await self.service.session_store.get(session.id)) or {}
         book.migrate(data)
         entry = book.get(data, conversation_id)
-        messages = await self.service.history(session, conversation_id)
+        messages = await self.service.history(session, conversation_id, details=True)
         return JSONResponse({**book.summary(conversation_id, entry), "messages": messages})
 
     async def _create(self, request: Request) -> Response:
@@ -108,6 +145,7 @@ class _ConversationRoutes:
             settings = self._settings(body["settings"], entry.get("settings")) if "settings" in body else None
             if title is not None:
                 entry["title"] = title
+                entry.pop(book.AUTO_TITLE_KEY, None)  # renamed: edits of the first message no longer retitle it
             if settings is not None:
                 entry["settings"] = settings
             if body.get("current"):
