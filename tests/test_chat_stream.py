@@ -159,7 +159,8 @@ def test_max_tokens_above_the_server_limit_is_clamped(serve):
         (b'{"user_input": 42}', 400, "must be a string"),
         (b'{"user_input": "hi", "regenerate": "yes"}', 400, "'regenerate' must be true or false"),
         (b'{"user_input": "hi", "regenrate": true}', 400, "unknown field"),
-        (json.dumps({"user_input": "x" * 8001}).encode(), 413, "limit is 8000"),
+        (json.dumps({"user_input": "x" * 8001}).encode(), 413, "the model's context of 1,024 tokens leaves 768"),
+        (json.dumps({"user_input": "x" * 16385}).encode(), 413, "16,385 characters; this server takes at most 16,384"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_changes_nothing(recorder, body, status, fragment):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import socket
 import sys
 import types
 import typing
@@ -37,11 +38,13 @@ def _add_settings_options(parser: argparse.ArgumentParser, fields: set[str] | No
         env = f"CHATSTREAM_{name.upper()}"
         value = field.get_default(call_default_factory=True)
         default = "none" if value in (None, [], "") else value
-        help_text = f"{field.description} (default: {default}; env {env})"
+        # argparse expands %-codes in help texts: a literal "50%" must reach it as "50%%".
+        description = (field.description or "").replace("%", "%%")
+        help_text = f"{description} (default: {default}; env {env})"
         kind = _scalar_type(field.annotation)
         if typing.get_origin(kind) is list:  # repeatable: --engine-url A --engine-url B
             parser.add_argument(flag, dest=name, action="append", default=None, metavar="URL" if "url" in name else "TEXT",
-                                help=f"{field.description} (env {env})")
+                                help=f"{description} (env {env})")
         elif kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -121,6 +124,21 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, service: ChatService) -> None:
         super().__init__(config)
         self.service = service
+        self.load_error: str | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        watch = asyncio.get_running_loop().create_task(self._stop_if_the_model_fails())
+        try:
+            await super().serve(sockets)
+        finally:
+            watch.cancel()
+
+    async def _stop_if_the_model_fails(self) -> None:
+        """A model that cannot load (a device it cannot use, a broken file) stops the server: a
+        process that answers 503 forever looks alive to a supervisor that would restart or alert."""
+        if not await self.service.wait_ready() and self.service.load_error:
+            self.load_error = self.service.load_error
+            self.should_exit = True
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if not self.should_exit:
@@ -130,34 +148,82 @@ class DrainingServer(uvicorn.Server):
 
 
 def _serve(settings: Settings) -> int:
+    from .logs import configure_server_logging
+
+    configure_server_logging(settings.log_level)  # first: it decides whether tqdm draws progress bars
     from .service import ChatService
     from .web.app import create_app, server_settings
     from .web.server import build_uvicorn_config
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    if settings.log_level.lower() != "debug":
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per upstream call and health check is noise
+    # Everything that can be checked is checked before the model loads: a port in use or a setting
+    # that cannot work is an error at once (exit 2), never a server that answers 503.
     try:
-        if not settings.mock and not getattr(settings, "engine_url", None):  # a remote engine needs no local model
-            from .model_loader import check_model
-
-            check_model(settings.model)  # a typo is an error now, not a server that answers 503 forever
-        settings = server_settings(settings)
-        service = ChatService.from_settings(settings)
-    except (ValueError, OSError) as exc:
-        print(f"chatstream: error: {exc}", file=sys.stderr)
+        listener = listen(settings.host, settings.port)
+    except OSError as exc:
+        print(f"chatstream: error: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc} "
+              "(is another server running there? choose another --port)", file=sys.stderr)
         return 2
-    app = create_app(settings, service)
-    print(f"chatstream: serving on http://{settings.host}:{settings.port}  "
-          f"(model: {_engine_label(settings)}, "
-          f"concurrency {settings.concurrency}, queue {settings.queue_size})", flush=True)
-    config = build_uvicorn_config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-        keep_alive_s=settings.keep_alive_s, header_timeout_s=settings.header_timeout_s,
-        max_connections=settings.max_connections, graceful_shutdown_s=int(settings.drain_timeout_s) + 5,
-    )
-    DrainingServer(config, service).run()
+    with listener:
+        try:
+            if not settings.mock and not settings.engine_url:  # a remote engine needs no local model
+                from .model_loader import check_model
+
+                check_model(settings.model)
+                check_device(settings.device)
+            settings = server_settings(settings)
+            service = ChatService.from_settings(settings)
+        except (ValueError, OSError) as exc:
+            print(f"chatstream: error: {exc}", file=sys.stderr)
+            return 2
+        app = create_app(settings, service)
+        host, port = listener.getsockname()[:2]
+        print(f"chatstream: serving on http://{_url_host(host)}:{port}  "
+              f"(model: {_engine_label(settings)}, "
+              f"concurrency {settings.concurrency}, queue {settings.queue_size})", flush=True)
+        config = build_uvicorn_config(
+            app, host=settings.host, port=port, log_level=settings.log_level.lower(),
+            keep_alive_s=settings.keep_alive_s, header_timeout_s=settings.header_timeout_s,
+            max_connections=settings.max_connections, graceful_shutdown_s=int(settings.drain_timeout_s) + 5,
+            log_config=None,  # configure_server_logging's setup, not uvicorn's
+            forwarded_allow_ips=[ip.strip() for ip in settings.forwarded_allow_ips.split(",") if ip.strip()],
+        )
+        server = DrainingServer(config, service)
+        server.run(sockets=[listener])
+    if server.load_error:
+        print(f"chatstream: error: the model could not be loaded: {server.load_error}", file=sys.stderr)
+        return 2
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound before the model loads so that a port in use is an error at once."""
+    from .web.server import DEFAULT_BACKLOG
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=DEFAULT_BACKLOG)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def check_device(device: str) -> None:
+    """Refuse a torch device this machine cannot run on (ValueError with the reason)."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return
+    if parsed.type != "cuda":
+        raise ValueError(f"--device {device}: chatstream runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ValueError(f"--device {device}: CUDA is not available here ({why}); use --device cpu")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: there is no such GPU ({torch.cuda.device_count()} visible)")
 
 
 def _engine_label(settings: Settings) -> str:

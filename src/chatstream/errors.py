@@ -58,6 +58,17 @@ class PromptTooLong(ChatError):
         self.prompt_tokens = prompt_tokens
         self.limit = limit
 
+    def in_context(self, context_len: int, reply_tokens: int) -> PromptTooLong:
+        """The same refusal in the user's terms: the message's tokens against the model's context."""
+        if self.prompt_tokens is None:
+            return self
+        return PromptTooLong(
+            f"the message is too long: it takes {self.prompt_tokens:,} tokens, and the model's context of "
+            f"{context_len:,} tokens leaves {max(context_len - reply_tokens, 0):,} for it after the {reply_tokens:,} "
+            "kept for the reply; shorten it",
+            prompt_tokens=self.prompt_tokens, limit=context_len - reply_tokens,
+        )
+
 
 class SessionBusy(ChatError):
     """Another turn of the same session is running (possibly in another process)."""

@@ -6,6 +6,7 @@ and, for ``chatstream serve``, as ``--<name>`` (the CLI is generated from these 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Annotated, Any
@@ -59,7 +60,7 @@ class Settings(BaseSettings):
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="default top-p; 1 = off")
     repetition_penalty: float = Field(1.05, gt=0.0, le=10.0, description="default repetition penalty; 1 = off")
     system_prompt: str | None = Field(None, description="system message for new conversations")
-    max_input_chars: int = Field(8000, ge=1, le=10_000_000, description="largest accepted user message, in characters")
+    max_input_chars: int | None = Field(None, ge=1, le=10_000_000, description="largest accepted user message in characters, a cheap bound checked before its tokens are counted (none: 16 per token of the context); a message whose tokens do not fit the context with the reply is refused either way")
     max_history_messages: int = Field(1000, ge=2, le=100_000, description="messages a stored conversation may hold; beyond it a new turn is refused until the conversation is cleared")
     max_messages: int = Field(1000, ge=1, le=100_000, description="messages an OpenAI request may carry")
 
@@ -73,6 +74,7 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="if set, every route but /health and /health/live requires it: 'Authorization: Bearer <key>', or the UI's sign-in")
     auth_cookie_max_age_s: int = Field(7 * 24 * 3600, ge=60, description="how long the UI's sign-in lasts, in seconds")
     allowed_origins: str = Field("", description="comma-separated origins (https://host:port) besides the server's own that may send cookie-authenticated POSTs")
+    forwarded_allow_ips: str = Field("127.0.0.1,::1", description="comma-separated addresses or networks of reverse proxies (or *) whose X-Forwarded-For and X-Forwarded-Proto are believed: the client address for the per-address limits, the scheme for the origin check")
     docs: bool = Field(False, description="serve the OpenAPI docs at /docs, /redoc and /openapi.json")
 
     # -- HTTP limits and timeouts --
@@ -91,6 +93,17 @@ class Settings(BaseSettings):
             parts = urlsplit(origin)
             if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
                 raise ValueError(f"not an origin: {origin!r} (expected e.g. https://chat.example.com)")
+        return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _proxies_parse(cls, value: str) -> str:
+        for entry in (e.strip() for e in value.split(",") if e.strip()):
+            if entry != "*":
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"not an address or network: {entry!r} (expected e.g. 10.0.0.5 or 10.0.0.0/24)") from None
         return value
 
     @field_validator("engine_url", mode="before")

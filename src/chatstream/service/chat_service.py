@@ -34,6 +34,9 @@ T = TypeVar("T")
 CONVERSATION_KEY = "chat_prompt"
 # The context when neither the settings nor the engine give one (the mock).
 FALLBACK_CONTEXT_LEN = 4096
+# Text averages about 4 characters a token; a message with more than 16 per token of the whole
+# context cannot fit, so it is refused before it is tokenized.
+CHARS_PER_TOKEN_BOUND = 16
 
 
 class ChatService:
@@ -142,6 +145,14 @@ class ChatService:
     def context_len(self) -> int:
         """Prompt + reply token budget (settled once the engine is known)."""
         return self.settings.context_len or FALLBACK_CONTEXT_LEN
+
+    @property
+    def max_input_chars(self) -> int:
+        """The character cap on a user message: ``--max-input-chars``, else derived from the context.
+
+        Only a first bound: whether a message fits is decided by counting its tokens.
+        """
+        return self.settings.max_input_chars or self.context_len * CHARS_PER_TOKEN_BOUND
 
     def _settle_context_len(self) -> None:
         """With no ``context_len`` set: what the model supports, capped by what the KV cache holds."""

@@ -38,6 +38,7 @@ from .events import (
     Queued,
     TurnEvent,
 )
+from .turn_log import log_turn
 
 if TYPE_CHECKING:
     from .chat_service import ChatService
@@ -93,6 +94,7 @@ class Turn:
         self._client_gone = False
         self._abort: Failed | None = None
         self._done: Done | None = None  # how a finished reply ended, kept with it in the history
+        self.failure: Failed | None = None  # how a reply that ended early failed (for the log line)
 
     # -- the face's side --
     async def start(self) -> None:
@@ -124,6 +126,16 @@ class Turn:
             self._abort = Failed(code, message)
         if self._generation is not None and not self._generation.done():
             self._generation.cancel()
+
+    @property
+    def done(self) -> Done | None:
+        """How the reply ended, once it ended normally (``None`` otherwise)."""
+        return self._done
+
+    @property
+    def sent_text(self) -> str:
+        """The part of the reply the face has handed to its client so far."""
+        return self._sent
 
     async def wait(self) -> None:
         """Until the turn has fully ended (saved, unlocked, called back)."""
@@ -176,6 +188,7 @@ class Turn:
             if accepted:
                 self.service._turn_ended(self)
                 self.service.metrics.turns.labels(self.face, self.outcome or UNKNOWN_ERROR).inc()
+                log_turn(self)
                 await self._call_back()
                 self._events.put_nowait(None)
 
@@ -302,6 +315,7 @@ class Turn:
 
     def _fail(self, failure: Failed) -> None:
         self.outcome = UNKNOWN_ERROR
+        self.failure = failure
         self._events.put_nowait(failure)
 
     async def _checkpoint(self, chat_prompt: ChatPrompt) -> None:

@@ -62,8 +62,8 @@ class ChatStreamRequest:
             if not user_input.strip():
                 raise InvalidRequest("'user_input' must not be empty", param="user_input")
         if len(user_input) > max_input_chars:
-            raise InputTooLarge(f"'user_input' is {len(user_input)} characters; the limit is {max_input_chars}",
-                                param="user_input")
+            raise InputTooLarge(f"the message is {len(user_input):,} characters; this server takes at most "
+                                f"{max_input_chars:,}", param="user_input")
         stop = data.get("stop")
         if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
             raise InvalidRequest("'stop' must be a string or a list of strings", param="stop")

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..conversation import ChatPrompt
 from ..engine import Engine, SamplingParams
-from ..errors import ChatError, ModelNotReady, QueueFull
+from ..errors import ChatError, ModelNotReady, PromptTooLong, QueueFull
 from ..metrics import CONTENT_TYPE
 from ..service import ChatService, Delta, Done, Failed, Queued, TurnEvent
 from ..service.conversations import check_id
@@ -86,7 +86,7 @@ class ChatStream:
         use_mock_response: bool = False,
         *,
         system_prompt: str | None = None,
-        max_input_chars: int = 8000,
+        max_input_chars: int | None = None,
         session_store: SessionStore | None = None,
         session_secret: str | None = None,
         session_ttl_s: int = 14 * 24 * 3600,
@@ -230,7 +230,7 @@ class ChatStream:
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is listening
         try:
-            parsed = ChatStreamRequest.parse(body, self.settings.max_input_chars)
+            parsed = ChatStreamRequest.parse(body, self.service.max_input_chars)
             session = _session_of(request)
             conversation = await self.service.conversation_sampling(session, parsed.conversation_id)
             params = parsed.to_sampling_params(self.service.defaults, self._limits(), conversation)
@@ -240,6 +240,8 @@ class ChatStream:
             )
             turn.edit_index = parsed.edit_index
             await turn.start()
+        except PromptTooLong as exc:
+            return chat_error_response(exc.in_context(self.service.context_len, params.max_new_tokens))
         except ChatError as exc:
             return chat_error_response(exc)
         if prefers_plain_text(request.headers.get("accept", ""), request.query_params.get("format")):

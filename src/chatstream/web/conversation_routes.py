@@ -178,7 +178,7 @@ class _ConversationRoutes:
     def _settings(self, value: Any, current: Any = None) -> dict[str, Any]:
         service = self.service
         limits = SamplingLimits(max_new_tokens=service.settings.max_new_tokens, vocab_size=service.vocab_size)
-        return book.parse_settings(value, service.defaults, limits, service.settings.max_input_chars,
+        return book.parse_settings(value, service.defaults, limits, service.max_input_chars,
                                    current if isinstance(current, dict) else None)
 
 
