@@ -130,7 +130,8 @@ class OpenAIRoutes:
             self._check_model(parsed.model, param="model")
             params = to_sampling_params(parsed, service.defaults, self._limits())
             explicit = parsed.max_tokens is not None or parsed.max_completion_tokens is not None
-            turn = service.stateless_turn(plain_messages(parsed), params, explicit_max_tokens=explicit)
+            turn = service.stateless_turn(plain_messages(parsed), params, explicit_max_tokens=explicit,
+                                          user=parsed.user)
             await turn.start()
         except OpenAIError as exc:
             return exc.response()
