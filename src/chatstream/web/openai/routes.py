@@ -108,7 +108,7 @@ class OpenAIRoutes:
                                   code="model_loading", headers={"Retry-After": "5"})
             special = data.get("add_special_tokens", False) is True
             tokens = await self.service.run_bounded(
-                lambda: list(self.service.tokenizer.encode(prompt, add_special_tokens=special)))
+                lambda: list(self.service.tokenizer.encode(prompt, add_special_tokens=special)), lane="tokenize")
         except OpenAIError as exc:
             return exc.response()
         except ClientDisconnect:
