@@ -12,9 +12,8 @@ queue, to be recomputed from its tokens later (cheaper to write than swapping KV
 A recomputed sequence computes exactly what it computed the first time: its prompt in prefill
 chunks that end where the prompt ends, then its reply so far one token a step, which runs
 through the decode path as those tokens first did. One prefill over the reply would be a
-different computation (different kernels, another summation order): its K/V then differ in the
-last bits and a later greedy token can flip where two candidates nearly tie (1-2 of 12 greedy
-replies changed under ``--kv-cache-mb 40``).
+different computation (other kernels, another summation order) whose K/V may differ in the last
+bits, and a later greedy token could then flip where two candidates nearly tie.
 """
 
 from __future__ import annotations
