@@ -350,7 +350,7 @@ def test_rendering_cost_is_bounded_by_the_context_not_the_history():
 
 # -- 8. one key protects every route ----------------------------------------------------------
 
-def test_the_api_key_protects_every_route_but_health(serve):
+def test_the_api_key_protects_every_route_but_the_health_probes(serve):
     url = serve(mock_app(api_key="s3cret-key")).url
     with httpx.Client(base_url=url) as anonymous:
         for method, path in (("POST", "/chat_stream"), ("GET", "/history"), ("POST", "/clear_context"),
@@ -359,6 +359,10 @@ def test_the_api_key_protects_every_route_but_health(serve):
             assert r.status_code == 401, path
         assert anonymous.get("/", headers={"accept": "text/html"}).status_code in (303, 307)
         assert anonymous.get("/health").status_code == 200
+        # A liveness probe carries no key: a 401 there would make the orchestrator restart the process.
+        live = anonymous.get("/health/live")
+        assert live.status_code == 200 and live.json()["live"] is True
+        assert anonymous.get("/metrics").status_code == 401
         assert anonymous.get("/docs").status_code in (401, 404)
     with httpx.Client(base_url=url, headers={"authorization": "Bearer s3cret-key"}) as client:
         assert parse_sse(chat(client, "let me in").text)[-1][0] == "done"

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     quantization: str = Field("auto", pattern="^(auto|int8|none)$", description="auto: int8 linear layers on CPU when a start-up timing finds them faster; int8; none (the model's own precision)")
     kernels: str = Field("auto", pattern="^(auto|native|torch)$", description="auto: chatstream's C kernels (built at first use with the machine's C compiler) for a float32 Llama-family model on CPU when they build and pass a check, else PyTorch's operators; native: require them; torch: PyTorch's operators only")
     prefix_caching: bool = Field(True, description="keep KV blocks of finished requests to reuse for prompts that start the same way")
+    shared_prefix_cache: bool = Field(False, description="share cached prompt prefixes across users (a long shared system prompt is computed once), which lets any client confirm text another user sent by timing; off: a user's requests reuse only their own")
     dtype: str | None = Field(None, pattern="^(float32|bfloat16|float16)$", description="weights' dtype (none: float32 on CPU, bfloat16 on CUDA)")
     threads: int | None = Field(None, ge=1, le=1024, description="torch threads for the engine (none: on CPU the usable cores but one, which the event loop keeps)")
 

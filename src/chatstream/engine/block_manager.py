@@ -12,6 +12,11 @@ and a sequence only writes past them). A block whose last owner ends keeps its K
 registered; it is recycled, least recently used first, only when a free block is needed and no
 never-used or unregistered one is left. So a chat's next turn, a regenerate, or an API client
 resending its history computes only the new tokens.
+
+A request's ``params.cache_salt`` stands in for the first block's parent (vLLM's cache salt), so
+its whole chain of keys differs from any other salt's: requests share blocks only within one
+salt. Without isolation, any client could confirm text another user sent (a guessed prompt that
+matches is cached: it is faster and counts more hit tokens).
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from collections import OrderedDict, deque
 
 from .sequence import Sequence
 
-# A block's key: (hash of the previous block's key, or 0 for the first block; its tokens).
-# Matching compares the tokens exactly; the prefix before them is trusted to its 64-bit hash.
+# A block's key: (hash of the previous block's key, or of the request's cache salt for the first block
+# (0 without one); its tokens). Matching compares the tokens exactly; the prefix before them (and the
+# salt) is trusted to its 64-bit hash, which Python keys with a random per-process secret for strings.
 BlockKey = tuple[int, tuple[int, ...]]
 
 
@@ -160,6 +166,10 @@ class BlockManager:
         return self._key_from(seq, i)
 
     def _key_from(self, seq: Sequence, i: int) -> BlockKey:
-        parent = seq.block_hashes[i - 1] if i > 0 else 0
+        parent = seq.block_hashes[i - 1] if i > 0 else _salt_hash(seq.params.cache_salt)
         start = i * self.block_size
         return parent, tuple(seq.token_ids[start : start + self.block_size])
+
+
+def _salt_hash(salt: str | None) -> int:
+    return 0 if salt is None else hash(("cache_salt", salt))

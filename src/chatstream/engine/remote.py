@@ -6,11 +6,19 @@ callbacks, the UI) and sends each turn's messages to ``/v1/chat/completions`` of
 Multi-GPU and multi-node generation is the upstream's job.
 
 With several upstreams a request goes to the healthy one with the fewest outstanding requests.
-An upstream that fails before a reply began (connection refused or reset, a 5xx) is ejected for
-a backoff period and the request is retried on another one; a failure after text was streamed
-cannot be retried (the client has seen it), so the stream ends with an error and the Turn saves
-the partial reply. Cancelling a stream closes the upstream connection at once, which is how an
-OpenAI-compatible server learns the client left and frees its slot.
+A request that fails before its reply began is retried on another upstream; a failure after
+text was streamed cannot be retried (the client has seen it), so the stream ends with an error
+and the Turn saves the partial reply. An upstream that cannot be reached is ejected for a
+backoff period; one that gave a bad answer (a 5xx, an error event, a broken stream) is ejected
+only while another upstream stays available, since one client's odd request can cause it and
+must not cut every other user off. Cancelling a stream closes the upstream connection at once,
+which is how an OpenAI-compatible server learns the client left and frees its slot.
+
+An upstream is another server, not a part of this one, so what it sends is contained: a reply
+ends as ``length`` at ``max_new_tokens`` deltas or ``max_new_tokens * MAX_CHARS_PER_TOKEN``
+characters whatever the upstream does with ``max_tokens``; an SSE line longer than
+``MAX_LINE_BYTES`` (memory stays bounded), a compressed stream, or a chunk whose fields have the
+wrong types ends the request with an error and closes the upstream request.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +45,12 @@ logger = logging.getLogger("chatstream")
 
 # Fields that are not OpenAI's but that vLLM, SGLang and llama.cpp's server accept.
 _EXTENSIONS = ("top_k", "repetition_penalty")
+# One SSE line of an upstream's stream: a chunk carrying one delta is well under 1 KiB.
+MAX_LINE_BYTES = 256 * 1024
+# A reply is cut at max_new_tokens times this many characters: no tokenizer's tokens are
+# longer on average, so only an upstream ignoring max_tokens (or lying) reaches it.
+MAX_CHARS_PER_TOKEN = 64
+_NEWLINE = re.compile(rb"\r\n|\r|\n")
 
 
 @dataclass
@@ -63,7 +78,14 @@ class Upstream:
 
 
 class _Retryable(Exception):
-    """The upstream failed before anything was streamed: another upstream may take the request."""
+    """The request failed on this upstream: another upstream may take it if nothing was streamed yet.
+
+    ``down``: the upstream itself is unreachable (eject it), rather than this answer being bad.
+    """
+
+    def __init__(self, message: str, *, down: bool = False) -> None:
+        super().__init__(message)
+        self.down = down
 
 
 class _Refused(Exception):
@@ -73,8 +95,10 @@ class _Refused(Exception):
 @dataclass
 class _Progress:
     deltas: int = 0
+    chars: int = 0
     finish_reason: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
+    cut: bool = False  # ended by our own length limit, not by the upstream
 
 
 class RemoteEngine:
@@ -228,7 +252,7 @@ class RemoteEngine:
                     await self._stream_from(upstream, stream, messages, params, progress)
                 except _Retryable as exc:
                     last_error = f"{upstream.url}: {exc}"
-                    self._eject(upstream, str(exc))
+                    self._eject(upstream, str(exc), down=exc.down)
                     if progress.deltas:  # the client has seen text: a retry would repeat it
                         stream.put_nowait(_final("error", prompt_tokens, progress.deltas,
                                                  f"the upstream engine failed mid-reply ({last_error})"))
@@ -241,8 +265,11 @@ class RemoteEngine:
                 upstream._consecutive = 0
                 usage = progress.usage
                 reason = "length" if progress.finish_reason == "length" else "stop"
-                stream.put_nowait(_final(reason, int(usage.get("prompt_tokens") or prompt_tokens),
-                                         int(usage.get("completion_tokens") or progress.deltas)))
+                if progress.cut:
+                    completion_tokens = params.max_new_tokens
+                else:  # what the upstream counted, never more than it was allowed
+                    completion_tokens = min(usage.get("completion_tokens") or progress.deltas, params.max_new_tokens)
+                stream.put_nowait(_final(reason, usage.get("prompt_tokens") or prompt_tokens, completion_tokens))
                 return
         except asyncio.CancelledError:
             stream.put_nowait(_final("cancelled", prompt_tokens, progress.deltas))
@@ -255,7 +282,9 @@ class RemoteEngine:
             while True:
                 body = self._request_body(upstream, messages, params)
                 try:
-                    async with self._client.stream("POST", upstream.url + "/v1/chat/completions", json=body) as response:
+                    # identity: a compressed stream could expand without bound before a line is split
+                    async with self._client.stream("POST", upstream.url + "/v1/chat/completions", json=body,
+                                                   headers={"Accept-Encoding": "identity"}) as response:
                         if response.status_code >= 500:
                             raise _Retryable(f"HTTP {response.status_code}: {await _error_text(response)}")
                         if response.status_code >= 400:
@@ -266,8 +295,10 @@ class RemoteEngine:
                                             upstream.url, ", ".join(_EXTENSIONS))
                                 continue
                             raise _Refused(f"HTTP {response.status_code}: {text}")
-                        await self._read_events(response, stream, progress)
-                except httpx.HTTPError as exc:  # connect error, reset, read timeout, broken chunking
+                        await self._read_events(response, stream, params, progress)
+                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nobody answers there
+                    raise _Retryable(_describe(exc), down=True) from None
+                except httpx.HTTPError as exc:  # reset, read timeout, broken chunking: this request's fate
                     raise _Retryable(_describe(exc)) from None
                 if progress.finish_reason is None:
                     raise _Retryable("the stream ended before the reply did")
@@ -275,8 +306,13 @@ class RemoteEngine:
         finally:
             upstream.outstanding -= 1
 
-    async def _read_events(self, response: httpx.Response, stream: RequestStream, progress: _Progress) -> None:
-        async for line in response.aiter_lines():
+    async def _read_events(self, response: httpx.Response, stream: RequestStream, params: SamplingParams,
+                           progress: _Progress) -> None:
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise _Retryable(f"the stream is compressed ({encoding[:50]}) though identity was asked for")
+        max_chars = params.max_new_tokens * MAX_CHARS_PER_TOKEN
+        async for line in _bounded_lines(response.aiter_raw(), MAX_LINE_BYTES):
             if not line.startswith("data:"):
                 continue  # blank lines, comments (chatstream's ": queued" lines), event names
             data = line[5:].strip()
@@ -286,21 +322,24 @@ class RemoteEngine:
                 chunk = json.loads(data)
             except ValueError:
                 raise _Retryable(f"not JSON in the stream: {data[:200]!r}") from None
-            if not isinstance(chunk, dict):
-                continue
-            if "error" in chunk:  # an error event in the stream (vLLM, chatstream)
-                error = chunk["error"]
-                message = error.get("message") if isinstance(error, dict) else error
-                raise _Retryable(f"error in the stream: {message}")
-            if isinstance(chunk.get("usage"), dict):
-                progress.usage = chunk["usage"]
-            for choice in chunk.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    progress.deltas += 1
-                    stream.put_nowait(GenerationOutput(text=text))
-                if choice.get("finish_reason"):
-                    progress.finish_reason = choice["finish_reason"]
+            text, finish_reason, usage = _read_chunk(chunk)
+            if usage is not None:
+                progress.usage = usage
+            if text:
+                if progress.deltas >= params.max_new_tokens or progress.chars + len(text) > max_chars:
+                    # Past what was asked for: end the reply here, as the model would at max_tokens.
+                    room = max_chars - progress.chars
+                    if progress.deltas < params.max_new_tokens and room > 0:
+                        stream.put_nowait(GenerationOutput(text=text[:room]))
+                    logger.warning("upstream %s went past max_tokens=%d: the reply was cut after %d deltas",
+                                   response.url, params.max_new_tokens, progress.deltas)
+                    progress.finish_reason, progress.cut = "length", True
+                    return  # leaving the response closes the upstream request
+                progress.deltas += 1
+                progress.chars += len(text)
+                stream.put_nowait(GenerationOutput(text=text))
+            if finish_reason:
+                progress.finish_reason = finish_reason
 
     def _request_body(self, upstream: Upstream, messages: list[dict[str, str]], params: SamplingParams) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -334,11 +373,19 @@ class RemoteEngine:
         upstream._picked = self._picks
         return upstream
 
-    def _eject(self, upstream: Upstream, reason: str) -> None:
+    def _eject(self, upstream: Upstream, reason: str, *, down: bool = False) -> None:
+        """Take ``upstream`` out of rotation for a backoff period, unless only a bad answer (not
+        ``down``) was seen and no other upstream is available: then it stays, so that one
+        client's request cannot cut every other user off."""
         upstream.failures += 1
+        upstream.last_error = reason
+        now = time.monotonic()
+        if not down and not any(u is not upstream and u.available(now) for u in self._upstreams):
+            logger.warning("upstream %s failed a request (%s); kept in rotation, no other upstream is available",
+                           upstream.url, reason)
+            return
         upstream._consecutive += 1
         upstream.healthy = False
-        upstream.last_error = reason
         backoff = min(self.backoff_s * 2 ** (upstream._consecutive - 1), self.max_backoff_s)
         upstream._ejected_until = time.monotonic() + backoff
         logger.warning("upstream %s ejected for %.0f s: %s", upstream.url, backoff, reason)
@@ -422,6 +469,75 @@ def tokens_of(response: httpx.Response) -> list[int] | None:
     except (ValueError, AttributeError):
         return None
     return tokens if isinstance(tokens, list) else None
+
+
+async def _bounded_lines(chunks: AsyncIterator[bytes], limit: int) -> AsyncIterator[str]:
+    """The lines of a byte stream (``\\r\\n``, ``\\n`` or ``\\r`` ended); a longer line than ``limit`` bytes is an error.
+
+    httpx's ``aiter_lines`` keeps a line in memory however long it grows: one 200 MB line cost
+    264 MB. Here at most ``limit`` bytes plus one network read are held.
+    """
+    line = bytearray()
+    async for chunk in chunks:
+        start = 0
+        for match in _NEWLINE.finditer(chunk):
+            line += chunk[start:match.start()]
+            if len(line) > limit:
+                break
+            yield line.decode("utf-8", errors="replace")
+            line.clear()
+            start = match.end()
+        else:
+            line += chunk[start:]
+        if len(line) > limit:
+            raise _Retryable(f"a line of the stream is longer than {limit} bytes")
+    if line:
+        yield line.decode("utf-8", errors="replace")
+
+
+def _read_chunk(chunk: Any) -> tuple[str, str | None, dict[str, int] | None]:
+    """The text, finish reason and usage of one streamed chunk, checked field by field.
+
+    Anything but OpenAI's types is refused: a number as ``delta.content`` used to end the turn
+    with neither ``done`` nor ``error``.
+    """
+    if not isinstance(chunk, dict):
+        raise _Retryable(f"a chunk of the stream is not an object: {str(chunk)[:200]!r}")
+    if chunk.get("error") is not None:  # an error event in the stream (vLLM, chatstream)
+        error = chunk["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        raise _Retryable(f"error in the stream: {str(message)[:500]}")
+    choices = _typed(chunk, "choices", list) or []
+    text, finish_reason = "", None
+    for choice in choices:
+        if not isinstance(choice, dict):
+            raise _Retryable("a choice of the stream is not an object")
+        delta = _typed(choice, "delta", dict) or {}
+        content = _typed(delta, "content", str, where="delta.content")
+        reason = _typed(choice, "finish_reason", str)
+        if _typed(choice, "index", int) not in (None, 0):
+            continue  # only one choice is asked for
+        text += content or ""
+        finish_reason = reason or finish_reason
+    usage = _typed(chunk, "usage", dict)
+    if usage is None:
+        return text, finish_reason, None
+    counts = {}
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = _typed(usage, name, int, where=f"usage.{name}")
+        if value is not None:
+            if value < 0:
+                raise _Retryable(f"usage.{name} is negative in the stream")
+            counts[name] = value
+    return text, finish_reason, counts
+
+
+def _typed(data: dict[str, Any], key: str, kind: type, *, where: str | None = None) -> Any:
+    """``data[key]`` if it is a ``kind`` or missing/null (None); anything else is a bad answer."""
+    value = data.get(key)
+    if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+        return value
+    raise _Retryable(f"{where or key} in the stream is a {type(value).__name__}, not a {kind.__name__}")
 
 
 def _base_url(url: str) -> str:

@@ -24,6 +24,10 @@ class SamplingParams:
     ``seed`` makes a sampled reply reproducible whatever else shares the batch; any int64 or
     uint64 value is accepted (the engine folds it to 64 bits).
     ``stop`` strings end the reply and are never shown to the client.
+    ``cache_salt`` is not a sampling knob but travels with the request like one: requests share
+    prefix-cache blocks only when their salts are equal (vLLM's ``cache_salt``), so the service
+    gives each user its own and nobody can time or count another user's cached text. ``None``
+    shares with every other unsalted request.
     """
 
     max_new_tokens: int = 256
@@ -33,6 +37,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,6 +57,7 @@ class SamplingParams:
                "seed", "must be an integer in the int64 or uint64 range")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
+        _check(self.cache_salt is None or isinstance(self.cache_salt, str), "cache_salt", "must be a string")
 
 
 class InvalidSamplingParams(ValueError):

@@ -8,6 +8,12 @@ budget (``max_num_batched_tokens``) has room; a long prompt is prefilled in chun
 stalls running decodes for long. When a running sequence needs a block and none is free, the
 newest running sequence is preempted: its blocks are freed and it goes back to the front of the
 queue, to be recomputed from its tokens later (cheaper to write than swapping KV out).
+
+A recomputed sequence computes exactly what it computed the first time: its prompt in prefill
+chunks that end where the prompt ends, then its reply so far one token a step, which runs
+through the decode path as those tokens first did. One prefill over the reply would be a
+different computation (other kernels, another summation order) whose K/V may differ in the last
+bits, and a later greedy token could then flip where two candidates nearly tie.
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ class Scheduler:
         for seq in decoding + prefilling:
             if seq.status is not SequenceStatus.RUNNING:  # preempted to make room for an older one
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = _chunk_size(seq, budget)
             if n == 0:
                 continue
             if not self._make_room(seq, seq.num_computed_tokens + n):
@@ -105,7 +111,7 @@ class Scheduler:
             self.block_manager.admit(seq, hits)  # the cached prefix counts as computed
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = _chunk_size(seq, budget)
             out.chunks.append(ScheduledChunk(seq, n))
             budget -= n
         return out
@@ -125,3 +131,14 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
+
+
+def _chunk_size(seq: Sequence, budget: int) -> int:
+    """Tokens of ``seq`` to compute this step: as many as the budget allows, except that a sequence
+    recomputed after preemption goes as it went the first time (see the module's docstring)."""
+    n = min(seq.num_uncomputed_tokens, budget)
+    if seq.num_completion_tokens == 0:
+        return n  # a new prompt
+    if seq.num_computed_tokens < seq.num_prompt_tokens:
+        return min(n, seq.num_prompt_tokens - seq.num_computed_tokens)
+    return min(n, 1)

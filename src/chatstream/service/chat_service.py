@@ -82,7 +82,9 @@ class ChatService:
         self.draining = False
         self._load_task: asyncio.Task[None] | None = None
         self._turns: set[Turn] = set()
-        self._render_slots: asyncio.Semaphore | None = None
+        # One lane for the turns' prompts, one for /tokenize: a flood of /tokenize never delays a turn.
+        self._lanes: dict[str, asyncio.Semaphore] = {}
+        self._lane_width = {"turns": 1, "tokenize": 1}
         self._last_progress = time.monotonic()
         self._last_stall = 0.0
         self.metrics = Metrics(self)
@@ -138,6 +140,10 @@ class ChatService:
         self.engine = engine
         self.tokenizer = tokenizer or (load_local_tokenizer(settings.tokenizer) if settings.tokenizer
                                        else RemoteTokenizer(engine))
+        if isinstance(self.tokenizer, RemoteTokenizer):
+            # Counting waits on the upstream's /tokenize, not on this CPU: one slow answer must not
+            # hold every other turn's prompt back.
+            self._lane_width["turns"] = settings.concurrency + settings.queue_size
         logger.info("generating on %s; truncation counts tokens with %s", ", ".join(settings.engine_url),
                     describe_counting(self.tokenizer, settings.tokenizer))
 
@@ -293,15 +299,18 @@ class ChatService:
         except TypeError:  # a tokenizer without __len__ (the mock's): no bound to check
             return None
 
-    async def run_bounded(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run CPU-heavy preparation (rendering, tokenizing) off the event loop, one at a time.
+    async def run_bounded(self, fn: Callable[..., T], *args: Any, lane: str = "turns") -> T:
+        """Run CPU-heavy preparation (rendering, tokenizing) off the event loop, one at a time per lane.
 
         One at a time: a flood of large requests then waits here instead of starving the event
-        loop of the GIL with many threads.
+        loop of the GIL with many threads. ``lane="tokenize"`` (the ``/tokenize`` route) waits
+        apart from the turns' prompts (``"turns"``): two 4 MiB /tokenize calls held other users'
+        turns back 7.5 s when they shared one slot.
         """
-        if self._render_slots is None:
-            self._render_slots = asyncio.Semaphore(1)
-        async with self._render_slots:
+        slots = self._lanes.get(lane)
+        if slots is None:
+            slots = self._lanes[lane] = asyncio.Semaphore(self._lane_width.get(lane, 1))
+        async with slots:
             return await asyncio.to_thread(fn, *args)
 
     def render_messages(self, messages: list[dict[str, str]]) -> list[int]:
@@ -428,15 +437,29 @@ class ChatService:
 
         ``conversation_id`` picks one of the session's conversations (default: the current one).
         """
+        params = self._cache_scoped(params, f"session:{session.id}")
         turn = Turn(self, params, session=session, user_input=user_input, regenerate=regenerate,
                     request=request, callback=callback, face=face)
         turn.conversation_id = conversation_id
         return turn
 
     def stateless_turn(self, messages: list[dict[str, str]], params: SamplingParams, *,
-                       explicit_max_tokens: bool = True) -> Turn:
-        """A turn over ``messages`` given whole (the OpenAI API): nothing is read or saved."""
+                       explicit_max_tokens: bool = True, user: str | None = None) -> Turn:
+        """A turn over ``messages`` given whole (the OpenAI API): nothing is read or saved.
+
+        ``user`` (OpenAI's end-user id) scopes the prefix cache: API requests share cached
+        prefixes only with API requests of the same ``user`` (all without one share one scope).
+        """
+        params = self._cache_scoped(params, f"api:{user or ''}")
         return Turn(self, params, messages=messages, explicit_max_tokens=explicit_max_tokens, face="openai")
+
+    def _cache_scoped(self, params: SamplingParams, user: str) -> SamplingParams:
+        """``params`` whose prompt shares prefix-cache blocks only with ``user``'s other requests.
+
+        Shared across users, a cached prefix answers "did anyone send this text?" to whoever sends
+        it too (it is faster and counts more hit tokens): a guessed PIN was found in 100 tries.
+        """
+        return params if self.settings.shared_prefix_cache else replace(params, cache_salt=user)
 
     def _turn_started(self, turn: Turn) -> None:
         self._turns.add(turn)

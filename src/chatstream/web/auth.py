@@ -2,8 +2,9 @@
 
 :class:`AuthMiddleware` stands in front of the whole app. A request passes with the right
 bearer key (compared in constant time) or with the signed cookie that ``POST /login`` sets
-after the key was typed into the login page. Open without either: ``/health`` (load balancers
-probe it), the login page and its assets, ``/login`` and ``/logout``.
+after the key was typed into the login page. Open without either: ``/health`` and ``/health/live``
+(load balancers and liveness probes carry no key), the login page and its assets, ``/login`` and
+``/logout``.
 
 Refusals: a browser navigating to a page is redirected to the login page; anything else gets
 401 JSON with ``WWW-Authenticate: Bearer`` (OpenAI's error shape under ``/v1``). Wrong keys
@@ -101,7 +102,7 @@ class AuthMiddleware:
         app: ASGIApp,
         api_key: str,
         *,
-        open_paths: Iterable[str] = ("/health",),
+        open_paths: Iterable[str] = ("/health", "/health/live"),
         cookie_name: str = "chatstream_auth",
         max_age_s: int = 7 * 24 * 3600,
         secure_cookies: bool = False,

@@ -108,7 +108,7 @@ class OpenAIRoutes:
                                   code="model_loading", headers={"Retry-After": "5"})
             special = data.get("add_special_tokens", False) is True
             tokens = await self.service.run_bounded(
-                lambda: list(self.service.tokenizer.encode(prompt, add_special_tokens=special)))
+                lambda: list(self.service.tokenizer.encode(prompt, add_special_tokens=special)), lane="tokenize")
         except OpenAIError as exc:
             return exc.response()
         except ClientDisconnect:
@@ -130,7 +130,8 @@ class OpenAIRoutes:
             self._check_model(parsed.model, param="model")
             params = to_sampling_params(parsed, service.defaults, self._limits())
             explicit = parsed.max_tokens is not None or parsed.max_completion_tokens is not None
-            turn = service.stateless_turn(plain_messages(parsed), params, explicit_max_tokens=explicit)
+            turn = service.stateless_turn(plain_messages(parsed), params, explicit_max_tokens=explicit,
+                                          user=parsed.user)
             await turn.start()
         except OpenAIError as exc:
             return exc.response()

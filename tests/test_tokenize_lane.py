@@ -1,0 +1,107 @@
+"""``POST /tokenize`` is bounded by --max-body-bytes and never holds chat turns back.
+
+Tokenizing runs off the event loop one at a time, but in its own lane: the turns' prompts do not
+wait behind it. Under load, a turn started while /tokenize calls run ends before they do. With a
+remote engine, counting a turn's tokens waits on the upstream's /tokenize: a slow answer for one
+turn must not hold the others back either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import httpx
+from conftest import parse_sse, wait_until
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from test_remote_containment import FakeUpstream
+
+from chatstream import ChatService, Settings
+from chatstream.web.app import create_app
+
+SLOW_S = 3.0
+
+
+class SlowTokenizeUpstream(FakeUpstream):
+    """The fake upstream with vLLM's /tokenize, which takes SLOW_S for any text saying "slow"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.app.router.routes.append(Route("/tokenize", self.tokenize, methods=["POST"]))
+
+    async def tokenize(self, request: Request) -> JSONResponse:
+        text = (await request.json())["prompt"]
+        if "slow" in text:
+            await asyncio.sleep(SLOW_S)
+        return JSONResponse({"tokens": [1] * len(text.split()), "count": len(text.split())})
+
+
+def finished_at(call: Any, results: dict[str, float], name: str) -> threading.Thread:
+    def run() -> None:
+        call()
+        results[name] = time.monotonic()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def a_turn(url: str, text: str) -> None:
+    with httpx.Client(base_url=url, timeout=60) as client:
+        events = parse_sse(client.post("/chat_stream", json={"user_input": text}).text)
+    assert events[-1][0] == "done", events
+
+
+def remote_front(serve: Any) -> str:
+    fake = SlowTokenizeUpstream()
+    upstream = serve(fake.app).url
+    settings = Settings(engine_url=[upstream], session_store="memory://", session_secret="s", concurrency=4)
+    url: str = serve(create_app(settings)).url
+    assert wait_until(lambda: httpx.get(url + "/health").status_code == 200, timeout=30)
+    return url
+
+
+def test_a_slow_tokenize_call_does_not_queue_turns(serve):
+    url = remote_front(serve)
+    done: dict[str, float] = {}
+    tokenize = finished_at(lambda: httpx.post(url + "/tokenize", json={"prompt": "slow words"}, timeout=60)
+                           .raise_for_status(), done, "tokenize")
+    time.sleep(0.5)  # the /tokenize call is waiting on the upstream
+    turn = finished_at(lambda: a_turn(url, "hello"), done, "turn")
+    tokenize.join()
+    turn.join()
+    assert done["turn"] < done["tokenize"]
+
+
+def test_one_turn_whose_counting_is_slow_does_not_hold_another_back(serve):
+    url = remote_front(serve)
+    done: dict[str, float] = {}
+    slow = finished_at(lambda: a_turn(url, "slow words"), done, "slow")
+    time.sleep(0.5)
+    quick = finished_at(lambda: a_turn(url, "hello"), done, "quick")
+    slow.join()
+    quick.join()
+    assert done["quick"] < done["slow"]
+
+
+def test_large_tokenize_calls_under_load_do_not_delay_turns(serve, default_model):
+    _, tokenizer = default_model
+    settings = Settings(mock=True, mock_token_delay=0.001, session_store="memory://", session_secret="s",
+                        max_body_bytes=2 * 2**20)
+    url = serve(create_app(settings, ChatService(settings, tokenizer=tokenizer))).url
+    big = ("The quick brown fox jumps over the lazy dog. " * 40_000)[:1_500_000]
+    done: dict[str, float] = {}
+    calls = [finished_at(lambda: httpx.post(url + "/tokenize", json={"prompt": big}, timeout=120)
+                         .raise_for_status(), done, f"tokenize {i}") for i in range(2)]
+    time.sleep(0.5)  # the first is tokenizing, the second waits for it
+    turn = finished_at(lambda: a_turn(url, "hello"), done, "turn")
+    for thread in [*calls, turn]:
+        thread.join()
+    assert done["turn"] < min(done["tokenize 0"], done["tokenize 1"])
+    # Bounded by --max-body-bytes, like every body.
+    too_big = httpx.post(url + "/tokenize", json={"prompt": big + big}, timeout=60)
+    assert too_big.status_code == 413
