@@ -50,13 +50,13 @@ class RecordingStore(MemorySessionStore):
 
     last: dict[str, Any] = {}
 
-    async def set(self, session_id: str, data: dict[str, Any], ttl_s: float) -> None:
+    async def set(self, session_id: str, data: dict[str, Any], ttl_s: float, fence: str | None = None) -> None:
         self.last = data
-        await super().set(session_id, data, ttl_s)
+        await super().set(session_id, data, ttl_s, fence)
 
-    async def delete(self, session_id: str) -> None:  # clearing deletes the session
+    async def delete(self, session_id: str, fence: str | None = None) -> None:  # clearing deletes the session
         self.last = {}
-        await super().delete(session_id)
+        await super().delete(session_id, fence)
 
     def history(self) -> list[tuple[str, str]]:
         current = (self.last.get("conversations") or {}).get(self.last.get("current"), {})

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from chatstream.errors import LeaseLost
 from chatstream.session import (
     MemorySessionStore,
     RedisSessionStore,
@@ -181,6 +182,54 @@ async def test_concurrent_acquires_have_exactly_one_winner(open_store: OpenStore
     instances = [open_store(), open_store()]  # for SQLite and Redis: two "processes"
     tokens = await asyncio.gather(*(instances[i % 2].acquire_lock("s1", lease_s=10) for i in range(40)))
     assert len([t for t in tokens if t is not None]) == 1
+
+
+# -- fenced writes: a holder whose lease ran out writes nothing ------------------------------------
+
+@stores(ALL)
+async def test_a_write_fenced_by_a_lease_that_ran_out_is_refused(open_store: OpenStore) -> None:
+    stalled, other = open_store(), open_store()  # for SQLite and Redis: two "processes"
+    token = await stalled.acquire_lock("s1", lease_s=0.3)
+    assert token
+    await stalled.set("s1", {"v": "first"}, ttl_s=60, fence=token)
+    await asyncio.sleep(0.45)  # the holder stalls past its lease
+    with pytest.raises(LeaseLost):
+        await stalled.set("s1", {"v": "stale"}, ttl_s=60, fence=token)
+    taker = await other.acquire_lock("s1", lease_s=10)
+    assert taker
+    await other.set("s1", {"v": "acknowledged"}, ttl_s=60, fence=taker)
+    with pytest.raises(LeaseLost):
+        await stalled.set("s1", {"v": "stale"}, ttl_s=60, fence=token)
+    with pytest.raises(LeaseLost):
+        await stalled.delete("s1", fence=token)
+    assert await other.get("s1") == {"v": "acknowledged"}
+    with pytest.raises(LeaseLost):
+        await other.set("s1", {"v": "guess"}, ttl_s=60, fence="not-the-token")
+    await other.delete("s1", fence=taker)
+    assert await stalled.get("s1") is None
+
+
+@stores(ALL)
+async def test_a_session_whose_lease_ran_out_stops_and_cannot_save(open_store: OpenStore) -> None:
+    store = open_store()
+    session = Session(store, "s" * 32, is_new=False, ttl_s=60)
+    lost: list[bool] = []
+    session.on_lease_lost = lambda: lost.append(True)
+    async with session.lock(lease_s=0.3):
+        session.data = {"v": 1}
+        await session.save()
+        # What a stalled holder sees: its lease runs out and another request takes the lock.
+        assert session._lock_token is not None
+        await store.release_lock(session.id, session._lock_token)
+        taker = await store.acquire_lock(session.id, lease_s=10)
+        assert taker
+        await store.set(session.id, {"v": "the other request's"}, ttl_s=60, fence=taker)
+        await asyncio.sleep(0.3)  # the lease keeper notices at its next renewal
+        assert lost == [True]
+        session.data = {"v": "stale"}
+        with pytest.raises(LeaseLost):
+            await session.save()
+    assert await store.get(session.id) == {"v": "the other request's"}
 
 
 # -- several processes, restarts -----------------------------------------------------------------

@@ -46,8 +46,17 @@ class ChatPrompt:
         self.messages.append({"role": "user", "content": text})
 
     def add_responder_msg(self, text: str) -> None:
+        self.messages.append(self.reply_message(text))
+        self._replaced = None
+
+    def reply_message(self, text: str) -> dict[str, Any]:
+        """The message :meth:`add_responder_msg` would append for ``text``, changing nothing.
+
+        After :meth:`clear_last_responder_message` it carries the earlier answers of the reply
+        being regenerated, so a checkpoint of a reply in progress keeps every answer the user had.
+        """
         message: dict[str, Any] = {"role": "assistant", "content": text}
-        replaced, self._replaced = self._replaced, None
+        replaced = self._replaced
         if replaced is not None:
             every = versions(replaced)
             if text in every:  # the same answer again (or nothing new): no copy, that answer is used
@@ -59,7 +68,7 @@ class ChatPrompt:
                     del message["alternatives"]
             else:
                 message["alternatives"] = every[-MAX_ALTERNATIVES:]
-        self.messages.append(message)
+        return message
 
     def set_responder_last_msg(self, text: str) -> None:
         if self.messages and self.messages[-1]["role"] == "assistant":
@@ -210,8 +219,9 @@ def versions(message: dict[str, Any]) -> list[str]:
 
 
 def _copy_message(message: dict[str, Any]) -> dict[str, Any]:
-    """Role and content, plus the other answers of a regenerated reply (and which one is used) if any."""
-    copy: dict[str, Any] = {"role": message["role"], "content": message["content"]}
+    """The message whole (fields a UI adds, such as ``incomplete`` or ``stats``, are kept), with the
+    other answers of a regenerated reply (and which one is used) checked."""
+    copy: dict[str, Any] = {k: v for k, v in message.items() if k not in ("alternatives", "version")}
     alternatives = message.get("alternatives")
     if isinstance(alternatives, list) and alternatives and all(isinstance(a, str) for a in alternatives):
         copy["alternatives"] = alternatives[-MAX_ALTERNATIVES:]

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from ..admission import AdmissionQueue
 from ..conversation import ChatPrompt
 from ..engine import Engine, SamplingParams
-from ..errors import InvalidRequest, ModelNotReady, PromptTooLong
+from ..errors import InvalidRequest, ModelNotReady, PromptTooLong, StoreUnavailable
 from ..metrics import Metrics
 from ..model_loader import load_model, model_display_name
 from ..session import MemorySessionStore, Session, SessionStore
@@ -32,6 +32,8 @@ T = TypeVar("T")
 
 # The conversation's key in session data (the seed API's name for it).
 CONVERSATION_KEY = "chat_prompt"
+# The session id /health reads to see that the store answers (no session has this id: ids are random).
+_PROBE_ID = "chatstream-health-probe"
 # The context when neither the settings nor the engine give one (the mock).
 FALLBACK_CONTEXT_LEN = 4096
 
@@ -69,7 +71,7 @@ class ChatService:
             top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
         )
         # A session lock is a lease renewed while the turn runs: a crashed holder frees it this fast.
-        self.lock_lease_s = 5.0
+        self.lock_lease_s = settings.session_lease_s
         # How often a streaming reply is saved as it goes (what a killed process can lose at most).
         self.checkpoint_interval_s = 0.5
         self.tokenizer: Any = tokenizer
@@ -273,6 +275,23 @@ class ChatService:
         if upstreams is not None:  # a remote engine: each upstream's state
             body["upstreams"] = [upstream.state() for upstream in upstreams]
         return body
+
+    async def check_store(self, timeout_s: float = 2.0) -> str | None:
+        """Why the session store fails now, or None when it answers (a read, bounded by ``timeout_s``).
+
+        Asked on every ``/health``, so readiness follows the store down and back up without a restart.
+        """
+        store = self.session_store
+        try:
+            async with asyncio.timeout(timeout_s):
+                await store.get(_PROBE_ID)
+        except TimeoutError:
+            return f"the session store did not answer within {timeout_s:g} s"
+        except StoreUnavailable as exc:
+            return exc.message
+        except Exception as exc:  # a custom store's own failure
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     # -- limits --
     @property

@@ -25,7 +25,7 @@ from ..admission import Ticket
 from ..conversation import ChatPrompt
 from ..engine import GenerationStream, SamplingParams
 from ..engine.protocol import accepts_messages
-from ..errors import ChatError, ConversationTooLong, InvalidRequest, NothingToRegenerate
+from ..errors import ChatError, ConversationTooLong, InvalidRequest, LeaseLost, NothingToRegenerate
 from ..session import Session
 from .events import (
     DISCONNECTED_BEFORE_STREAMING,
@@ -92,6 +92,8 @@ class Turn:
         self._sent = ""  # the part of it the face has handed to its client
         self._client_gone = False
         self._abort: Failed | None = None
+        self._done: Done | None = None  # sent only once the reply is saved: a failed save is an error
+        self._ended = False  # a Failed was sent: the stream ends there
 
     # -- the face's side --
     async def start(self) -> None:
@@ -141,6 +143,12 @@ class Turn:
                 self.prompt_tokens = len(self.prompt_ids)
                 self.service.check_ready()
                 ticket = self.service.admission.try_enter()
+                if chat_prompt is not None and self.regenerate:
+                    try:  # the earlier answers are stored before the new one streams
+                        await self._save_partial(chat_prompt, "")
+                    except BaseException:
+                        ticket.release()
+                        raise
                 accepted = True
                 self._accepted.set_result(None)
                 self.service._turn_started(self)
@@ -154,8 +162,8 @@ class Turn:
                     if checkpoints is not None:
                         checkpoints.cancel()
                         await asyncio.wait({checkpoints})
-                    if chat_prompt is not None:
-                        await self._commit(chat_prompt, previous)
+                    failure = await self._commit(chat_prompt, previous) if chat_prompt is not None else None
+                    self._finish(failure)
         except BaseException as exc:
             if not accepted:  # refused: the in-memory conversation is dropped, nothing was saved
                 if isinstance(exc, asyncio.CancelledError):
@@ -169,8 +177,7 @@ class Turn:
                     raise
                 return
             logger.exception("chat turn failed")
-            self.outcome = UNKNOWN_ERROR
-            self._events.put_nowait(Failed("internal_error", "an unexpected error occurred"))
+            self._fail(Failed("internal_error", "an unexpected error occurred"))
         finally:
             if accepted:
                 self.service._turn_ended(self)
@@ -183,8 +190,14 @@ class Turn:
         if self.session is None:
             yield
             return
-        async with self.session.lock(lease_s=self.service.lock_lease_s):
-            yield
+        self.session.on_lease_lost = lambda: self.abort(
+            "lease_lost", "this reply stopped: its hold on the conversation ran out (the server stalled), so "
+            "changes made meanwhile elsewhere are kept and this reply is not saved")
+        try:
+            async with self.session.lock(lease_s=self.service.lock_lease_s):
+                yield
+        finally:
+            self.session.on_lease_lost = None
 
     async def _apply(self) -> tuple[ChatPrompt | None, str | None]:
         """Apply the turn to the stored conversation (in memory until committed)."""
@@ -264,7 +277,7 @@ class Turn:
                         metrics.generation_tokens.inc(output.completion_tokens)
                         if output.completion_tokens > 1:
                             metrics.tpot.observe(elapsed / (output.completion_tokens - 1))
-                        self._events.put_nowait(Done(
+                        self._done = Done(
                             finish_reason=output.finish_reason, message_id=self.message_id,
                             prompt_tokens=output.prompt_tokens or self.prompt_tokens,
                             completion_tokens=output.completion_tokens,
@@ -273,7 +286,7 @@ class Turn:
                                 "ttft_s": round((first_token_at or time.monotonic()) - started, 4),
                                 "tokens_per_s": round(output.completion_tokens / elapsed, 2) if elapsed > 0 else None,
                             },
-                        ))
+                        )
                     elif output.finish_reason == "cancelled" and self._client_gone:
                         self.outcome = DISCONNECTED_WHILE_STREAMING
                     else:
@@ -296,13 +309,23 @@ class Turn:
 
     def _fail(self, failure: Failed) -> None:
         self.outcome = UNKNOWN_ERROR
-        self._events.put_nowait(failure)
+        if not self._ended:
+            self._ended = True
+            self._events.put_nowait(failure)
+
+    def _finish(self, failure: Failed | None) -> None:
+        """Send the end of the stream: ``Done`` only if the reply was also saved."""
+        if failure is not None:
+            self._fail(failure)
+        elif self._done is not None and not self._ended:
+            self._events.put_nowait(self._done)
 
     async def _checkpoint(self, chat_prompt: ChatPrompt) -> None:
         """Save the reply as sent so far every ``checkpoint_interval_s`` while it streams.
 
         If this process dies mid-reply (killed, crashed), the conversation in the store still
         holds the reply up to the last checkpoint, and the session lock's lease frees the session.
+        A checkpoint refused by the store's fence (the lease ran out) stops the turn.
         """
         assert self.session is not None
         saved = ""
@@ -311,15 +334,28 @@ class Turn:
             if self._sent == saved:
                 continue
             saved = self._sent
-            data = chat_prompt.to_dict()
-            data["messages"].append({"role": "assistant", "content": saved})
             try:
-                await self.service.save_conversation_data(self.session, data, self.conversation_id)
+                await self._save_partial(chat_prompt, saved)
+            except LeaseLost as exc:
+                logger.warning("turn %s stopped: %s", self.message_id, exc.message)
+                self.abort(exc.code, "this reply stopped: its hold on the conversation ran out (the server "
+                                     "stalled), so changes made meanwhile elsewhere are kept and this reply is not saved")
+                return
             except Exception:
                 logger.exception("saving a checkpoint of the reply failed")
 
-    async def _commit(self, chat_prompt: ChatPrompt, previous: str | None) -> None:
-        """Write the reply into the history and save; exactly what the client was sent if it left."""
+    async def _save_partial(self, chat_prompt: ChatPrompt, text: str) -> None:
+        """Save the conversation with ``text`` as the reply in progress (with any earlier answers)."""
+        assert self.session is not None
+        data = chat_prompt.to_dict()
+        data["messages"].append(chat_prompt.reply_message(text))
+        await self.service.save_conversation_data(self.session, data, self.conversation_id)
+
+    async def _commit(self, chat_prompt: ChatPrompt, previous: str | None) -> Failed | None:
+        """Write the reply into the history and save; exactly what the client was sent if it left.
+
+        Returns why the save failed, if it did (the client then gets that, never ``Done``).
+        """
         assert self.session is not None
         reply = self._sent if self._client_gone else self._generated
         if reply:
@@ -328,9 +364,15 @@ class Turn:
             chat_prompt.add_responder_msg(previous)
         try:
             await self.service.save_conversation(self.session, chat_prompt, self.conversation_id)
+        except ChatError as exc:
+            logger.error("saving the reply of turn %s failed: %s", self.message_id, exc.message)
+            self.outcome = UNKNOWN_ERROR
+            return Failed(exc.code, f"the reply could not be saved: {exc.message}")
         except Exception:
             logger.exception("saving the session failed")
             self.outcome = UNKNOWN_ERROR
+            return Failed("save_failed", "the reply could not be saved")
+        return None
 
     async def _call_back(self) -> None:
         if self.callback is None:

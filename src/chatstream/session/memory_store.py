@@ -8,7 +8,7 @@ import secrets
 import time
 from collections import OrderedDict
 
-from .store import SessionData, dump_json
+from .store import SessionData, dump_json, lease_lost
 
 
 class MemorySessionStore:
@@ -40,13 +40,16 @@ class MemorySessionStore:
         self._data.move_to_end(session_id)
         return json.loads(text)
 
-    async def set(self, session_id: str, data: SessionData, ttl_s: float) -> None:
-        self._data[session_id] = (time.monotonic() + ttl_s, dump_json(data))
+    async def set(self, session_id: str, data: SessionData, ttl_s: float, fence: str | None = None) -> None:
+        text = dump_json(data)
+        self._check_fence(session_id, fence)
+        self._data[session_id] = (time.monotonic() + ttl_s, text)
         self._data.move_to_end(session_id)
         if len(self._data) > self.max_sessions:
             self._evict(keep=session_id)
 
-    async def delete(self, session_id: str) -> None:
+    async def delete(self, session_id: str, fence: str | None = None) -> None:
+        self._check_fence(session_id, fence)
         self._data.pop(session_id, None)
 
     async def acquire_lock(self, session_id: str, lease_s: float) -> str | None:
@@ -76,6 +79,13 @@ class MemorySessionStore:
 
     async def close(self) -> None:
         pass
+
+    def _check_fence(self, session_id: str, fence: str | None) -> None:
+        if fence is None:
+            return
+        held = self._locks.get(session_id)
+        if held is None or held[0] != fence or held[1] <= time.monotonic():
+            raise lease_lost(session_id)
 
     def _holds(self, session_id: str, now: float) -> bool:
         held = self._locks.get(session_id)

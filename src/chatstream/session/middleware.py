@@ -69,6 +69,8 @@ class Session:
         self._lock_token: str | None = None
         self._locked_id = session_id
         self._lease_keeper: asyncio.Task[None] | None = None
+        # Called (once) when the lock's lease runs out while held: the holder must stop writing.
+        self.on_lease_lost: Callable[[], None] | None = None
 
     def get_session(self) -> dict[str, Any]:
         return self._view
@@ -80,14 +82,19 @@ class Session:
         return self.data
 
     async def save(self) -> None:
+        """Store ``data``; while this request holds the lock, fenced by its token (:class:`LeaseLost`
+        if the lease ran out meanwhile: then nothing is written)."""
         self.used = True
-        await self.store.set(self.id, self.data, self.ttl_s)
+        await self.store.set(self.id, self.data, self.ttl_s, fence=self._fence())
 
     async def clear(self) -> None:
+        await self.store.delete(self.id, fence=self._fence())
         self.data = {}
         self.loaded = True
         self._view.clear()
-        await self.store.delete(self.id)
+
+    def _fence(self) -> str | None:
+        return self._lock_token if self._lock_token is not None and self._locked_id == self.id else None
 
     async def rotate(self) -> None:
         """Move to a fresh session id (a new cookie); the old id's data is deleted."""
@@ -150,14 +157,23 @@ class Session:
             await asyncio.shield(self.store.release_lock(self._locked_id, token))
 
     async def _keep_lease(self, token: str, lease_s: float) -> None:
+        renewed = time.monotonic()
         while True:
             await asyncio.sleep(lease_s / 3)
             try:
-                if not await self.store.refresh_lock(self._locked_id, token, lease_s):
-                    logger.warning("session %s… lost its lock: the lease ran out before it was renewed", self.id[:8])
-                    return
+                if await self.store.refresh_lock(self._locked_id, token, lease_s):
+                    renewed = time.monotonic()
+                    continue
             except Exception:
-                logger.exception("renewing the session lock failed; retrying")
+                if time.monotonic() - renewed < lease_s:
+                    logger.exception("renewing the session lock failed; retrying")
+                    continue
+            # The lease ran out (a stall, or the store was unreachable for longer than the lease):
+            # another request may hold the lock now, and the store refuses this holder's writes.
+            logger.warning("session %s… lost its lock: the lease ran out before it was renewed", self.id[:8])
+            if self.on_lease_lost is not None:
+                self.on_lease_lost()
+            return
 
 
 def resolve_secret(secret: str | None) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import LeaseLost
+
 SessionData = dict[str, Any]
 
 
@@ -24,11 +26,18 @@ class SessionStore(Protocol):
         """The session's data, or None if it does not exist or has expired."""
         ...
 
-    async def set(self, session_id: str, data: SessionData, ttl_s: float) -> None:
-        """Store ``data`` (JSON-serializable) for ``ttl_s`` seconds from now."""
+    async def set(self, session_id: str, data: SessionData, ttl_s: float, fence: str | None = None) -> None:
+        """Store ``data`` (JSON-serializable) for ``ttl_s`` seconds from now.
+
+        With ``fence`` (a lock token), the write happens only if that token still holds the
+        session's lock with an unexpired lease, checked in the same atomic step as the write;
+        otherwise :class:`~chatstream.errors.LeaseLost` is raised and nothing changes.
+        """
         ...
 
-    async def delete(self, session_id: str) -> None: ...
+    async def delete(self, session_id: str, fence: str | None = None) -> None:
+        """Delete the session's data (fenced like :meth:`set` when ``fence`` is given)."""
+        ...
 
     async def acquire_lock(self, session_id: str, lease_s: float) -> str | None:
         """A new owner token, or None while someone else holds an unexpired lease."""
@@ -50,3 +59,10 @@ def dump_json(data: SessionData) -> str:
     if not isinstance(data, dict):
         raise TypeError(f"session data must be a dict, not {type(data).__name__}")
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def lease_lost(session_id: str) -> LeaseLost:
+    return LeaseLost(
+        f"session {session_id[:8]}…: this request's lock lease ran out (it stalled) and the write was refused, "
+        "so nothing changed by others meanwhile is overwritten"
+    )
