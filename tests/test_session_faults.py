@@ -208,3 +208,44 @@ def test_redis_killed_mid_stream_is_an_error_then_503_until_it_is_back(servers: 
         assert wait_until(lambda: client.get("/health").status_code == 200, timeout=10, interval=0.2)
         again = parse_sse(client.post("/chat_stream", json={"user_input": "back?"}).text)
         assert again[-1][0] == "done"
+
+
+def test_a_full_store_ends_the_turn_with_an_error_and_deleting_frees_it(serve: Any, tmp_path: Path) -> None:
+    from fastapi import FastAPI
+
+    from chatstream import ChatStream
+    from chatstream.session import SQLiteSessionStore
+
+    store = SQLiteSessionStore(tmp_path / "sessions.db", max_bytes=256 * 1024)
+    chat_stream = ChatStream(use_mock_response=True, session_store=store, session_secret="test",
+                             max_input_chars=100_000, context_len=1_000_000, mock_token_delay=0.001)
+    app = FastAPI()
+    chat_stream.append_middlewares(app)
+    chat_stream.append_apis(app)
+    url = serve(app).url
+    big = "x" * 30_000  # one word: the mock echoes it in one delta
+    with httpx.Client(base_url=url, timeout=30) as client:
+        first = client.post("/conversations", json={"title": "the big one"}).json()["id"]
+        acknowledged = 0
+        for _ in range(50):
+            events = parse_sse(client.post("/chat_stream", json={"user_input": big}).text)
+            names = [name for name, _ in events]
+            if names[-1] == "done":
+                acknowledged += 1
+                continue
+            # The turn whose save failed says so, and never says done.
+            assert "done" not in names and events[-1][1]["error"] == "store_full", events[-1]
+            break
+        else:
+            raise AssertionError("the store never filled up")
+        assert acknowledged >= 1
+        assert len(client.get("/history").json()["messages"]) == 2 * acknowledged  # every acknowledged turn kept
+        still_full = parse_sse(client.post("/chat_stream", json={"user_input": big}).text)
+        assert still_full[-1][1]["error"] == "store_full"
+        assert client.get("/conversations").status_code == 200  # reads still work
+        deleted = client.delete(f"/conversations/{first}")  # a delete needs no room
+        assert deleted.status_code == 200, deleted.text
+        client.post("/conversations", json={"title": "after the delete"})
+        again = parse_sse(client.post("/chat_stream", json={"user_input": big}).text)
+        assert again[-1][0] == "done"
+        assert [m["content"][:1] for m in client.get("/history").json()["messages"]] == ["x", "Y"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from chatstream.errors import LeaseLost
+from chatstream.errors import LeaseLost, SessionTooLarge, StoreFull
 from chatstream.session import (
     MemorySessionStore,
     RedisSessionStore,
@@ -47,7 +47,7 @@ DATA = {
     "settings": {"temperature": 0.5, "stream": True, "stop": None, "n": [1, 2, {"deep": []}]},
 }
 
-OpenStore = Callable[[], SessionStore]
+OpenStore = Callable[..., SessionStore]
 
 
 @pytest.fixture
@@ -57,22 +57,23 @@ async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     kind = request.param
     opened: list[SessionStore] = []
     if kind == "memory":
-        memory = MemorySessionStore()
+        memories: dict[str, MemorySessionStore] = {}
 
-        def open_one() -> SessionStore:
-            return memory
+        def open_one(**options: Any) -> SessionStore:
+            return memories.setdefault(repr(options), MemorySessionStore(**options))
     elif kind == "sqlite":
-        def open_one() -> SessionStore:
-            return SQLiteSessionStore(tmp_path / "sessions.db")
+        def open_one(**options: Any) -> SessionStore:
+            return SQLiteSessionStore(tmp_path / "sessions.db", **options)
     else:
         url = request.getfixturevalue("redis_server")
         prefix = f"test-{uuid.uuid4().hex}:"
 
-        def open_one() -> SessionStore:
-            return RedisSessionStore.from_url(url, prefix=prefix)
+        def open_one(**options: Any) -> SessionStore:
+            return RedisSessionStore.from_url(url, prefix=prefix, **options)
 
-    def tracked() -> SessionStore:
-        store = open_one()
+    def tracked(**options: Any) -> SessionStore:
+        """``options``: the store's own keyword arguments (e.g. ``max_session_bytes``)."""
+        store = open_one(**options)
         opened.append(store)
         return store
 
@@ -230,6 +231,37 @@ async def test_a_session_whose_lease_ran_out_stops_and_cannot_save(open_store: O
         with pytest.raises(LeaseLost):
             await session.save()
     assert await store.get(session.id) == {"v": "the other request's"}
+
+
+# -- quotas ----------------------------------------------------------------------------------------
+
+@stores(ALL)
+async def test_a_session_over_its_byte_limit_is_refused_naming_the_limit(open_store: OpenStore) -> None:
+    store = open_store(max_session_bytes=10_000)
+    await store.set("s1", {"text": "a" * 5_000}, ttl_s=60)
+    with pytest.raises(SessionTooLarge, match="10000 bytes per session"):
+        await store.set("s1", {"text": "é" * 5_000}, ttl_s=60)  # 10,000+ bytes in UTF-8
+    assert await store.get("s1") == {"text": "a" * 5_000}  # nothing changed
+
+
+async def test_a_full_sqlite_store_refuses_growth_but_shrinking_and_deleting_work(tmp_path: Path) -> None:
+    store = SQLiteSessionStore(tmp_path / "sessions.db", max_bytes=256 * 1024)
+    try:
+        stored = []
+        with pytest.raises(StoreFull):
+            for n in range(100):
+                await store.set(f"s{n}", {"conversations": ["x" * 20_000, "y" * 20_000]}, ttl_s=60)
+                stored.append(f"s{n}")
+        assert 3 <= len(stored) < 100
+        for session_id in stored:  # everything acknowledged is still there
+            assert await store.get(session_id) == {"conversations": ["x" * 20_000, "y" * 20_000]}
+        # Deleting one conversation rewrites the session smaller: that fits in a full store.
+        await store.set(stored[0], {"conversations": ["x" * 20_000]}, ttl_s=60)
+        await store.delete(stored[1])
+        await store.set("new", {"conversations": ["z" * 20_000]}, ttl_s=60)  # the space was freed
+        assert await store.get("new") == {"conversations": ["z" * 20_000]}
+    finally:
+        await store.close()
 
 
 # -- several processes, restarts -----------------------------------------------------------------

@@ -110,7 +110,9 @@ class ChatService:
         if "session_store" not in parts and settings.session_store:
             from ..session import store_from_url
 
-            parts["session_store"] = store_from_url(settings.session_store, settings.resolved_data_dir)
+            parts["session_store"] = store_from_url(
+                settings.session_store, settings.resolved_data_dir,
+                max_session_bytes=settings.session_max_bytes, max_bytes=settings.session_store_max_bytes)
         return cls(settings, **parts)
 
     # -- engine lifecycle --

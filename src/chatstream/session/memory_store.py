@@ -20,11 +20,13 @@ class MemorySessionStore:
     Values are kept as JSON text, so callers get the same fresh copies a networked store gives.
     """
 
-    def __init__(self, max_sessions: int = 10_000, max_locks: int = 10_000) -> None:
+    def __init__(self, max_sessions: int = 10_000, max_locks: int = 10_000, *,
+                 max_session_bytes: int | None = None) -> None:
         if max_sessions < 1 or max_locks < 1:
             raise ValueError("max_sessions and max_locks must be at least 1")
         self.max_sessions = max_sessions
         self.max_locks = max_locks
+        self.max_session_bytes = max_session_bytes
         self._data: OrderedDict[str, tuple[float, str]] = OrderedDict()  # least recently used first
         self._locks: dict[str, tuple[str, float]] = {}  # session id -> (token, lease end)
         self._swept_at = 0.0
@@ -41,7 +43,7 @@ class MemorySessionStore:
         return json.loads(text)
 
     async def set(self, session_id: str, data: SessionData, ttl_s: float, fence: str | None = None) -> None:
-        text = dump_json(data)
+        text = dump_json(data, self.max_session_bytes)
         self._check_fence(session_id, fence)
         self._data[session_id] = (time.monotonic() + ttl_s, text)
         self._data.move_to_end(session_id)

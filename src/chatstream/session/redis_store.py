@@ -37,9 +37,11 @@ class RedisSessionStore:
     """Values are JSON strings under ``<prefix>session:<id>`` with Redis's own TTL; the lock is
     ``<prefix>lock:<id>``, taken with ``SET NX PX`` so its lease expires inside Redis."""
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "chatstream:") -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str = "chatstream:", *,
+                 max_session_bytes: int | None = None) -> None:
         self.client = client
         self.prefix = prefix
+        self.max_session_bytes = max_session_bytes
         self._release = client.register_script(_RELEASE)
         self._refresh = client.register_script(_REFRESH)
         self._fenced_set = client.register_script(_FENCED_SET)
@@ -47,9 +49,10 @@ class RedisSessionStore:
         self.failure: str | None = None  # why the last operation failed, until one succeeds (for /health)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "chatstream:", **options: Any) -> RedisSessionStore:
+    def from_url(cls, url: str, prefix: str = "chatstream:", *, max_session_bytes: int | None = None,
+                 **options: Any) -> RedisSessionStore:
         """``redis://[:password@]host:port/db`` or ``rediss://`` (TLS); no connection is made yet."""
-        return cls(aioredis.Redis.from_url(url, **options), prefix=prefix)
+        return cls(aioredis.Redis.from_url(url, **options), prefix=prefix, max_session_bytes=max_session_bytes)
 
     async def get(self, session_id: str) -> SessionData | None:
         with self._errors():
@@ -59,7 +62,7 @@ class RedisSessionStore:
         return await asyncio.to_thread(json.loads, text) if len(text) > _BIG_VALUE else json.loads(text)
 
     async def set(self, session_id: str, data: SessionData, ttl_s: float, fence: str | None = None) -> None:
-        text = dump_json(data)
+        text = dump_json(data, self.max_session_bytes)
         # PX rather than EX: the same per-key TTL, but a fraction of a second is allowed too.
         with self._errors():
             if fence is None:

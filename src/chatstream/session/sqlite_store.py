@@ -50,8 +50,11 @@ class SQLiteSessionStore:
     removed when read, and by a sweep that runs at most every ``sweep_interval_s`` on writes.
     """
 
-    def __init__(self, path: str | Path, busy_timeout_s: float = 5.0, sweep_interval_s: float = 60.0) -> None:
+    def __init__(self, path: str | Path, busy_timeout_s: float = 5.0, sweep_interval_s: float = 60.0, *,
+                 max_bytes: int | None = None, max_session_bytes: int | None = None) -> None:
         self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.max_session_bytes = max_session_bytes
         self.sweep_interval_s = sweep_interval_s
         self._swept_at = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -67,6 +70,9 @@ class SQLiteSessionStore:
                 logger.warning("SQLite session store %s: WAL mode unavailable (journal_mode=%s)", self.path, mode)
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
             self._db.executescript(_SCHEMA)
+            if max_bytes is not None:  # the store's quota: writes past it fail with SQLITE_FULL (StoreFull)
+                page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+                self._db.execute(f"PRAGMA max_page_count = {max(16, int(max_bytes) // page_size)}")
         except sqlite3.Error:
             self._db.close()
             raise
@@ -89,11 +95,14 @@ class SQLiteSessionStore:
 
     async def set(self, session_id: str, data: SessionData, ttl_s: float, fence: str | None = None) -> None:
         def set_() -> None:
-            text = dump_json(data)
+            text = dump_json(data, self.max_session_bytes)
             now = time.time()
 
             def write() -> None:
                 self._check_fence(session_id, fence, now)
+                # Delete, then insert, in one transaction: the old row's pages are free for the new
+                # one, so a smaller session (a conversation deleted) always fits in a full store.
+                self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
                 self._db.execute(
                     "INSERT INTO sessions (id, data, expires_at) VALUES (?, ?, ?) "
                     "ON CONFLICT (id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at",

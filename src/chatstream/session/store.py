@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import LeaseLost
+from ..errors import LeaseLost, SessionTooLarge
 
 SessionData = dict[str, Any]
 
@@ -54,11 +54,18 @@ class SessionStore(Protocol):
     async def close(self) -> None: ...
 
 
-def dump_json(data: SessionData) -> str:
-    """Compact JSON text; raises TypeError/ValueError for anything that is not plain JSON."""
+def dump_json(data: SessionData, max_bytes: int | None = None) -> str:
+    """Compact JSON text; raises TypeError/ValueError for anything that is not plain JSON, and
+    :class:`SessionTooLarge` when it is over ``max_bytes`` (UTF-8)."""
     if not isinstance(data, dict):
         raise TypeError(f"session data must be a dict, not {type(data).__name__}")
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    if max_bytes is not None and len(text) * 4 > max_bytes and len(size := text.encode()) > max_bytes:
+        raise SessionTooLarge(
+            f"this session would hold {len(size)} bytes; the limit is {max_bytes} bytes per session "
+            "(--session-max-bytes): delete a conversation or clear one to go on"
+        )
+    return text
 
 
 def lease_lost(session_id: str) -> LeaseLost:
