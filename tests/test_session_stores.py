@@ -214,8 +214,8 @@ async def test_a_write_fenced_by_a_lease_that_ran_out_is_refused(open_store: Ope
 async def test_a_session_whose_lease_ran_out_stops_and_cannot_save(open_store: OpenStore) -> None:
     store = open_store()
     session = Session(store, "s" * 32, is_new=False, ttl_s=60)
-    lost: list[bool] = []
-    session.on_lease_lost = lambda: lost.append(True)
+    lost: list[str] = []
+    session.on_lease_lost = lost.append
     async with session.lock(lease_s=0.3):
         session.data = {"v": 1}
         await session.save()
@@ -226,7 +226,7 @@ async def test_a_session_whose_lease_ran_out_stops_and_cannot_save(open_store: O
         assert taker
         await store.set(session.id, {"v": "the other request's"}, ttl_s=60, fence=taker)
         await asyncio.sleep(0.3)  # the lease keeper notices at its next renewal
-        assert lost == [True]
+        assert lost == ["expired"]
         session.data = {"v": "stale"}
         with pytest.raises(LeaseLost):
             await session.save()

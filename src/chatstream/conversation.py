@@ -221,6 +221,8 @@ def versions(message: dict[str, Any]) -> list[str]:
 def _copy_message(message: dict[str, Any]) -> dict[str, Any]:
     """The message whole (fields a UI adds, such as ``incomplete`` or ``stats``, are kept), with the
     other answers of a regenerated reply (and which one is used) checked."""
+    if message["role"] != "assistant":  # e.g. a UI's edit branches on a user message: its own shape, kept
+        return dict(message)
     copy: dict[str, Any] = {k: v for k, v in message.items() if k not in ("alternatives", "version")}
     alternatives = message.get("alternatives")
     if isinstance(alternatives, list) and alternatives and all(isinstance(a, str) for a in alternatives):

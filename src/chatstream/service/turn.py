@@ -46,6 +46,9 @@ logger = logging.getLogger("chatstream")
 
 Callback = Callable[[Any, str], Any]
 
+_LEASE_LOST = ("this reply stopped: its hold on the conversation ran out (this server or its session store stalled), "
+               "so changes made meanwhile elsewhere are kept and this reply is not saved")
+
 
 class Turn:
     """One chat turn. Build it with :meth:`ChatService.session_turn` or :meth:`ChatService.stateless_turn`."""
@@ -143,12 +146,6 @@ class Turn:
                 self.prompt_tokens = len(self.prompt_ids)
                 self.service.check_ready()
                 ticket = self.service.admission.try_enter()
-                if chat_prompt is not None and self.regenerate:
-                    try:  # the earlier answers are stored before the new one streams
-                        await self._save_partial(chat_prompt, "")
-                    except BaseException:
-                        ticket.release()
-                        raise
                 accepted = True
                 self._accepted.set_result(None)
                 self.service._turn_started(self)
@@ -190,14 +187,19 @@ class Turn:
         if self.session is None:
             yield
             return
-        self.session.on_lease_lost = lambda: self.abort(
-            "lease_lost", "this reply stopped: its hold on the conversation ran out (the server stalled), so "
-            "changes made meanwhile elsewhere are kept and this reply is not saved")
+        self.session.on_lease_lost = self._lease_lost
         try:
             async with self.session.lock(lease_s=self.service.lock_lease_s):
                 yield
         finally:
             self.session.on_lease_lost = None
+
+    def _lease_lost(self, reason: str) -> None:
+        if reason == "store_unavailable":
+            self.abort("store_unavailable", "this reply stopped: the session store stopped answering, so it cannot "
+                                            "be saved")
+        else:
+            self.abort("lease_lost", _LEASE_LOST)
 
     async def _apply(self) -> tuple[ChatPrompt | None, str | None]:
         """Apply the turn to the stored conversation (in memory until committed)."""
@@ -325,7 +327,9 @@ class Turn:
 
         If this process dies mid-reply (killed, crashed), the conversation in the store still
         holds the reply up to the last checkpoint, and the session lock's lease frees the session.
-        A checkpoint refused by the store's fence (the lease ran out) stops the turn.
+        A checkpoint refused by the store's fence (the lease ran out) stops the turn. A regenerated
+        reply is saved with its earlier answers (they stay stored until the first checkpoint
+        replaces the message with one that carries them too).
         """
         assert self.session is not None
         saved = ""
@@ -338,8 +342,7 @@ class Turn:
                 await self._save_partial(chat_prompt, saved)
             except LeaseLost as exc:
                 logger.warning("turn %s stopped: %s", self.message_id, exc.message)
-                self.abort(exc.code, "this reply stopped: its hold on the conversation ran out (the server "
-                                     "stalled), so changes made meanwhile elsewhere are kept and this reply is not saved")
+                self.abort(exc.code, _LEASE_LOST)
                 return
             except Exception:
                 logger.exception("saving a checkpoint of the reply failed")

@@ -70,7 +70,8 @@ class Session:
         self._locked_id = session_id
         self._lease_keeper: asyncio.Task[None] | None = None
         # Called (once) when the lock's lease runs out while held: the holder must stop writing.
-        self.on_lease_lost: Callable[[], None] | None = None
+        # Its argument says why: "expired" (a stall) or "store_unavailable" (renewals kept failing).
+        self.on_lease_lost: Callable[[str], None] | None = None
 
     def get_session(self) -> dict[str, Any]:
         return self._view
@@ -160,6 +161,7 @@ class Session:
         renewed = time.monotonic()
         while True:
             await asyncio.sleep(lease_s / 3)
+            reason = "expired"
             try:
                 if await self.store.refresh_lock(self._locked_id, token, lease_s):
                     renewed = time.monotonic()
@@ -168,11 +170,12 @@ class Session:
                 if time.monotonic() - renewed < lease_s:
                     logger.exception("renewing the session lock failed; retrying")
                     continue
+                reason = "store_unavailable"
             # The lease ran out (a stall, or the store was unreachable for longer than the lease):
             # another request may hold the lock now, and the store refuses this holder's writes.
             logger.warning("session %s… lost its lock: the lease ran out before it was renewed", self.id[:8])
             if self.on_lease_lost is not None:
-                self.on_lease_lost()
+                self.on_lease_lost(reason)
             return
 
 
