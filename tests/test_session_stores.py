@@ -220,8 +220,8 @@ async def test_a_session_whose_lease_ran_out_stops_and_cannot_save(open_store: O
         session.data = {"v": 1}
         await session.save()
         # What a stalled holder sees: its lease runs out and another request takes the lock.
-        assert session._lock_token is not None
-        await store.release_lock(session.id, session._lock_token)
+        assert session._lease is not None and session._lease.token is not None
+        await store.release_lock(session.id, session._lease.token)
         taker = await store.acquire_lock(session.id, lease_s=10)
         assert taker
         await store.set(session.id, {"v": "the other request's"}, ttl_s=60, fence=taker)
@@ -239,7 +239,7 @@ async def test_a_session_whose_lease_ran_out_stops_and_cannot_save(open_store: O
 async def test_a_session_over_its_byte_limit_is_refused_naming_the_limit(open_store: OpenStore) -> None:
     store = open_store(max_session_bytes=10_000)
     await store.set("s1", {"text": "a" * 5_000}, ttl_s=60)
-    with pytest.raises(SessionTooLarge, match="10000 bytes per session"):
+    with pytest.raises(SessionTooLarge, match="the limit is 10000 bytes"):
         await store.set("s1", {"text": "é" * 5_000}, ttl_s=60)  # 10,000+ bytes in UTF-8
     assert await store.get("s1") == {"text": "a" * 5_000}  # nothing changed
 
@@ -324,6 +324,21 @@ async def test_a_flood_of_new_sessions_never_evicts_a_session_in_use() -> None:
     for i in range(100):  # once idle, it is evicted like any other least recently used session
         await store.set(f"later-{i}", {}, ttl_s=60)
     assert await store.get("real-user") is None
+
+
+async def test_memory_eviction_takes_a_session_whole_and_spares_one_streaming_in_a_conversation() -> None:
+    store = MemorySessionStore(max_sessions=50)
+    for user in ("streaming", "idle"):  # each: an index and three conversations stored on their own
+        await store.set(user, {"current": "c0"}, ttl_s=60)
+        for n in range(3):
+            await store.set(f"{user}/c{n}", DATA, ttl_s=60)
+    token = await store.acquire_lock("streaming/c1", lease_s=60)  # a reply is being written there
+    for i in range(100):
+        await store.set(f"anonymous-{i}", {}, ttl_s=60)
+    assert await store.get("streaming") == {"current": "c0"}
+    assert [await store.get(f"streaming/c{n}") for n in range(3)] == [DATA] * 3
+    assert [await store.get(k) for k in ("idle", "idle/c0", "idle/c1", "idle/c2")] == [None] * 4  # no half session
+    assert token
 
 
 async def test_memory_evicts_expired_sessions_before_live_ones() -> None:

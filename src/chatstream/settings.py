@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     session_secret: str | None = Field(None, description="secret that signs session cookies (none: generated once and kept in the data folder by chatstream serve; required with Redis)")
     new_sessions_per_minute: int = Field(60, ge=0, description="new sessions one client address may start per minute (0 = no limit)")
     session_ttl_s: int = Field(14 * 24 * 3600, ge=60, description="session lifetime in seconds")
-    session_max_bytes: int = Field(64 * 2**20, ge=4096, description="largest stored session (all its conversations), in bytes: a change beyond it is refused with 413 session_too_large")
+    session_max_bytes: int = Field(16 * 2**20, ge=4096, description="largest stored conversation (its messages as JSON), in bytes: a change beyond it is refused with 413 session_too_large (a session holds at most 100 conversations)")
     session_store_max_bytes: int | None = Field(None, ge=2**20, description="largest SQLite sessions database, in bytes: writes beyond it are refused with 507 store_full while deletes still work (none: the disk; for Redis set its maxmemory)")
     session_lease_s: float = Field(5.0, gt=0.1, le=3600, description="a conversation's lock is a lease renewed while a reply is written: a crashed or stalled holder frees it after this long, and its writes are then refused")
     secure_cookies: bool = Field(False, description="mark cookies Secure (HTTPS only)")

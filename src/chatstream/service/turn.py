@@ -26,7 +26,7 @@ from ..conversation import ChatPrompt
 from ..engine import GenerationStream, SamplingParams
 from ..engine.protocol import accepts_messages
 from ..errors import ChatError, ConversationTooLong, InvalidRequest, LeaseLost, NothingToRegenerate
-from ..session import Session
+from ..session import Lease, Session
 from .events import (
     DISCONNECTED_BEFORE_STREAMING,
     DISCONNECTED_WHILE_STREAMING,
@@ -97,6 +97,7 @@ class Turn:
         self._abort: Failed | None = None
         self._done: Done | None = None  # sent only once the reply is saved: a failed save is an error
         self._ended = False  # a Failed was sent: the stream ends there
+        self._lease: Lease | None = None  # the conversation's lock while the turn holds it: it fences every write
 
     # -- the face's side --
     async def start(self) -> None:
@@ -187,12 +188,18 @@ class Turn:
         if self.session is None:
             yield
             return
-        self.session.on_lease_lost = self._lease_lost
+        service, session = self.service, self.session
+        # The conversation's own lock: the user's other conversations may stream meanwhile.
+        self.conversation_id = await service.start_conversation_id(session, self.conversation_id)
+        service.enter_stream(session)
+        session_id = session.id
         try:
-            async with self.session.lock(lease_s=self.service.lock_lease_s):
+            async with service.hold_conversation(session, self.conversation_id, on_lost=self._lease_lost) as lease:
+                self._lease = lease
                 yield
         finally:
-            self.session.on_lease_lost = None
+            self._lease = None
+            service.leave_stream(session_id)
 
     def _lease_lost(self, reason: str) -> None:
         if reason == "store_unavailable":
@@ -352,7 +359,7 @@ class Turn:
         assert self.session is not None
         data = chat_prompt.to_dict()
         data["messages"].append(chat_prompt.reply_message(text))
-        await self.service.save_conversation_data(self.session, data, self.conversation_id)
+        await self.service.save_conversation_data(self.session, data, self.conversation_id, self._lease)
 
     async def _commit(self, chat_prompt: ChatPrompt, previous: str | None) -> Failed | None:
         """Write the reply into the history and save; exactly what the client was sent if it left.
@@ -366,7 +373,7 @@ class Turn:
         elif previous is not None:  # a regenerate that produced nothing keeps the old reply
             chat_prompt.add_responder_msg(previous)
         try:
-            await self.service.save_conversation(self.session, chat_prompt, self.conversation_id)
+            await self.service.save_conversation(self.session, chat_prompt, self.conversation_id, self._lease)
         except ChatError as exc:
             logger.error("saving the reply of turn %s failed: %s", self.message_id, exc.message)
             self.outcome = UNKNOWN_ERROR

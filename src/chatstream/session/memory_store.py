@@ -104,8 +104,20 @@ class MemorySessionStore:
             self._swept_at = now
             for session_id in [s for s, (expires, _) in self._data.items() if expires <= now]:
                 del self._data[session_id]
+        # A session's conversations are stored under "<session id>/<conversation id>": a session goes
+        # whole (its index and every conversation), and one with any lock held counts as in use.
+        keep_group = _group(keep)
         while len(self._data) > self.max_sessions:
-            victim = next((s for s in self._data if s != keep and not self._holds(s, now)), None)
+            in_use = {_group(s) for s in self._locks if self._holds(s, now)}
+            victim = next((s for s in self._data if _group(s) not in in_use and _group(s) != keep_group), None)
             if victim is None:  # everything else is locked: the least recently used goes
-                victim = next(s for s in self._data if s != keep)
-            del self._data[victim]
+                victim = next((s for s in self._data if _group(s) != keep_group), None)
+            if victim is None:
+                return
+            group = _group(victim)
+            for key in [k for k in self._data if _group(k) == group]:
+                del self._data[key]
+
+
+def _group(key: str) -> str:
+    return key.split("/", 1)[0]

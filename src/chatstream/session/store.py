@@ -62,8 +62,8 @@ def dump_json(data: SessionData, max_bytes: int | None = None) -> str:
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     if max_bytes is not None and len(text) * 4 > max_bytes and len(size := text.encode()) > max_bytes:
         raise SessionTooLarge(
-            f"this session would hold {len(size)} bytes; the limit is {max_bytes} bytes per session "
-            "(--session-max-bytes): delete a conversation or clear one to go on"
+            f"this would store {len(size)} bytes under one key (a conversation); the limit is {max_bytes} bytes "
+            "(--session-max-bytes): clear the conversation or start another to go on"
         )
     return text
 

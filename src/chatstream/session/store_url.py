@@ -19,7 +19,7 @@ def store_from_url(url: str, data_dir: Path, *, max_session_bytes: int | None = 
                    max_bytes: int | None = None) -> SessionStore:
     """The store ``url`` names; ``data_dir`` holds the default SQLite file.
 
-    ``max_session_bytes`` bounds each session; ``max_bytes`` bounds the SQLite file (Redis is
+    ``max_session_bytes`` bounds each value stored (a session's index, one conversation); ``max_bytes`` bounds the SQLite file (Redis is
     bounded by its own ``maxmemory``; memory by its number of sessions).
 
     Raises ValueError naming the accepted forms when the URL is not one of them.
