@@ -145,6 +145,27 @@ def test_killing_the_server_mid_regenerate_keeps_every_earlier_answer(servers: A
     assert len(versions(after)) == 4  # and the part of the new answer saved before the kill
 
 
+def test_killing_the_server_mid_edit_keeps_the_branch_it_replaces(servers: Any, tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/sessions.db"
+    (url,) = servers(1, store, delay="0.1")
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for text in ("first question", "second question"):
+            r = client.post("/chat_stream", json={"user_input": text, "max_tokens": 3})
+            assert parse_sse(r.text)[-1][0] == "done"
+        before = client.get("/history").json()["messages"]
+        with client.stream("POST", "/chat_stream", json={"user_input": LONG_INPUT, "edit_index": 0}) as reply:
+            first_delta(reply.iter_lines())
+            time.sleep(1.2)  # past a checkpoint or two of the new branch
+            servers.procs[0].send_signal(signal.SIGKILL)
+            servers.procs[0].wait(timeout=10)
+        cookies = dict(client.cookies)
+    (url,) = servers(1, store)
+    with httpx.Client(base_url=url, timeout=30, cookies=cookies) as client:
+        after = client.get("/history").json()["messages"]
+    assert after[0]["content"] == LONG_INPUT and after[1]["content"].startswith("You")  # what it was sent
+    assert after[0]["branches"] == [before]  # the whole replaced branch, as it was
+
+
 # -- the store goes away, or fills up ------------------------------------------------------------------
 
 @pytest.fixture

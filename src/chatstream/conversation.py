@@ -104,12 +104,22 @@ class ChatPrompt:
             del message["alternatives"], message["version"]
 
     def edit_user_message(self, index: int, text: str) -> None:
-        """Replace the user message at ``index`` and drop everything after it (the conversation branches)."""
+        """Replace the user message at ``index`` and drop everything after it (the conversation branches).
+
+        What it replaces is kept, not lost: the new message's ``branches`` lists the earlier
+        branches from this point (each the messages it held, the edited one first; the newest
+        ``MAX_ALTERNATIVES``), so every save of the new branch, checkpoints included, stores them too.
+        """
         if not (0 <= index < len(self.messages)) or self.messages[index]["role"] != "user":
             raise IndexError(f"message {index} is not a user message of this conversation")
+        replaced = self.messages[index:]
+        earlier = replaced[0].get("branches")
+        branch = [{k: v for k, v in m.items() if k != "branches"} if i == 0 else m for i, m in enumerate(replaced)]
+        branches = (list(earlier) if isinstance(earlier, list) else []) + [branch]
         del self.messages[index:]
         self.context_start = 0
         self.add_requester_msg(text)
+        self.messages[-1]["branches"] = branches[-MAX_ALTERNATIVES:]
 
     def clear(self) -> None:
         self.messages.clear()
