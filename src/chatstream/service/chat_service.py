@@ -284,7 +284,7 @@ class ChatService:
             body["upstreams"] = [upstream.state() for upstream in upstreams]
         return body
 
-    async def check_store(self, timeout_s: float = 2.0) -> str | None:
+    async def check_store(self, timeout_s: float = 5.0) -> str | None:
         """Why the session store fails now, or None when it answers (a read, bounded by ``timeout_s``).
 
         Asked on every ``/health``, so readiness follows the store down and back up without a restart.

@@ -271,7 +271,8 @@ class ChatStream:
         session store fails."""
         await self.start_queue_worker()
         body = self.service.health()
-        store_failure = await self.service.check_store()
+        # Only asked once the model is ready: before that the answer is 503 "loading" anyway.
+        store_failure = await self.service.check_store() if self.service.ready else None
         if store_failure is not None:  # turns cannot be saved: send traffic elsewhere until it is back
             body.update(status="store_unavailable", store_error=store_failure)
         return JSONResponse(body, status_code=200 if self.service.ready and store_failure is None else 503)
