@@ -65,10 +65,11 @@ def test_round_trips_as_plain_data_only(tokenizer):
     assert junk.messages == []
 
 
-def test_messages_keep_the_fields_a_ui_adds(tokenizer):
+def test_messages_keep_the_fields_the_ui_stores(tokenizer):
     stored = {"messages": [
-        {"role": "user", "content": "q", "alternatives": [{"content": "an earlier edit", "messages": []}]},
-        {"role": "assistant", "content": "a", "incomplete": True, "stats": {"tokens": 3, "tokens_per_s": 9.5},
+        {"role": "user", "content": "q", "branches": [[{"role": "user", "content": "an earlier version"},
+                                                        {"role": "assistant", "content": "its reply"}]]},
+        {"role": "assistant", "content": "a", "details": {"finish_reason": "stop", "completion_tokens": 3},
          "alternatives": ["older"], "version": 0},
     ]}
     again = ChatPrompt.from_dict(stored, tokenizer=tokenizer)
@@ -84,6 +85,7 @@ def test_a_reply_in_progress_carries_the_earlier_answers_of_a_regenerate(tokeniz
     prompt.clear_last_responder_message()
     # What a checkpoint stores while the third answer streams: both earlier answers, nothing consumed.
     assert prompt.reply_message("thi") == {"role": "assistant", "content": "thi", "alternatives": ["first", "second"]}
+    assert prompt.messages[-1]["role"] == "user"  # nothing was consumed or added
     prompt.add_responder_msg("third")
     assert prompt.messages[-1] == {"role": "assistant", "content": "third", "alternatives": ["first", "second"]}
 
@@ -107,3 +109,26 @@ def test_a_custom_prompt_class_renders_its_own_format(tokenizer):
     prompt.add_requester_msg("Hi")
     assert tokenizer.decode(prompt.render_ids(100)) == "USER: Hi\nASSISTANT:"
     assert prompt.create_prompt() == "USER: Hi\n"
+
+
+def test_an_edit_keeps_the_replaced_version_with_its_replies_and_the_model_sees_only_the_one_in_use(tokenizer):
+    prompt = ChatPrompt(tokenizer=tokenizer)
+    for text in ("one", "two", "three"):
+        prompt.add_requester_msg(text)
+        prompt.add_responder_msg(f"re {text}")
+    prompt.set_last_reply_details({"finish_reason": "stop", "completion_tokens": 3, "evil": "<x>"})
+
+    prompt.edit_user_message(2, "two, again")
+    prompt.add_responder_msg("re two, again")
+    assert [m["content"] for m in prompt.messages] == ["one", "re one", "two, again", "re two, again"]
+    assert "re three" not in tokenizer.decode(prompt.render_ids(1000))
+
+    restored = ChatPrompt.from_dict(prompt.to_dict(), tokenizer=tokenizer)  # the versions survive as plain data
+    restored.select_version(2, 0)
+    assert [m["content"] for m in restored.messages] == ["one", "re one", "two", "re two", "three", "re three"]
+    assert restored.messages[5]["details"] == {"finish_reason": "stop", "completion_tokens": 3}  # unknown keys dropped
+    assert "two, again" not in tokenizer.decode(restored.render_ids(1000))
+    restored.select_version(2, 1)
+    assert [m["content"] for m in restored.messages] == ["one", "re one", "two, again", "re two, again"]
+    with pytest.raises(IndexError):
+        restored.select_version(2, 2)

@@ -72,6 +72,9 @@ def test_the_first_message_starts_a_titled_conversation(client) -> None:
     assert listed["current"] == summary["id"]
     one = client.get(f"/conversations/{summary['id']}").json()
     assert [m["role"] for m in one["messages"]] == ["user", "assistant"]
+    # The conversation also says how each reply ended (the UI shows it again after a reload); /history does not.
+    details = one["messages"][1].pop("details")
+    assert details["finish_reason"] == "stop" and details["completion_tokens"] > 0
     assert one["messages"] == client.get("/history").json()["messages"]
 
 
@@ -165,7 +168,9 @@ def test_another_users_conversation_is_404_and_never_shown(server) -> None:
     ("post", "/conversations", {"settings": {"max_tokens": 0}}, "settings.max_tokens"),
     ("post", "/conversations", {"settings": {"max_tokens": "many"}}, "settings.max_tokens"),
     ("post", "/conversations", {"settings": {"system_prompt": 3}}, "settings.system_prompt"),
-    ("post", "/conversations", {"settings": {"top_k": 3}}, "settings.top_k"),
+    ("post", "/conversations", {"settings": {"min_p": 0.1}}, "settings.min_p"),
+    ("post", "/conversations", {"settings": {"stop": [""]}}, "settings.stop"),
+    ("post", "/conversations", {"settings": {"seed": 1.5}}, "settings.seed"),
     ("post", "/conversations", {"settings": []}, "settings"),
     ("patch", "/conversations/{id}", {}, None),
     ("patch", "/conversations/{id}", {"current": False}, "current"),
@@ -196,12 +201,13 @@ def test_settings_are_kept_and_apply_to_the_conversations_turns(client) -> None:
     # A request's own override still wins over the conversation's setting.
     assert done(chat(client, "again", max_tokens=5))["usage"]["completion_tokens"] == 5
 
-    # null removes a setting; a too large max_tokens is clamped to the server's limit, as on the wire.
+    # null removes a setting; a stored max_tokens above the server's limit is refused, naming the limit
+    # (a stored setting clamped in silence would not be what the user sees in the form).
     r = client.patch(f"/conversations/{short}", json={"settings": {"max_tokens": None, "top_p": 0.5}})
     assert r.json()["settings"] == {"temperature": 0.2, "top_p": 0.5}
     r = client.patch(f"/conversations/{short}", json={"settings": {"max_tokens": 10**9}})
-    assert r.json()["settings"]["max_tokens"] == Settings().max_new_tokens
-    assert client.get("/conversations").json()["conversations"][0]["settings"]["max_tokens"] == Settings().max_new_tokens
+    assert r.status_code == 400 and f"at most {Settings().max_new_tokens}" in r.json()["message"]
+    assert client.get("/conversations").json()["conversations"][0]["settings"] == {"temperature": 0.2, "top_p": 0.5}
 
     other = client.post("/conversations").json()["id"]
     assert done(chat(client, "tell me a long story", conversation_id=other))["usage"]["completion_tokens"] > 3
@@ -343,7 +349,7 @@ def test_selecting_an_earlier_answer_makes_the_conversation_go_on_from_it(client
     again = client.get("/history").json()["messages"][1]
     assert again == {"role": "assistant", "content": second, "alternatives": [first, third], "version": 1}
 
-    for bad in ({"message": 0, "version": 0}, {"message": 1, "version": 9}, {"message": 5, "version": 0},
+    for bad in ({"message": 0, "version": 1}, {"message": 1, "version": 9}, {"message": 5, "version": 0},
                 {"message": "1", "version": 0}, {"message": 1}, [1, 0]):
         r = client.patch(f"/conversations/{conversation_id}", json={"select": bad})
         assert r.status_code == 400 and r.json()["error"] == "invalid_request", r.text

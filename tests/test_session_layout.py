@@ -81,7 +81,8 @@ def test_a_session_written_by_the_previous_version_is_read_then_split(serve: Cal
                    {"role": "assistant", "content": "a1b", "alternatives": ["a1a"]}]}},
         "c2": {"title": "untouched", "created": 1.0, "updated": 1.5, "settings": {},
                "chat_prompt": {"system": "Be brief.", "messages": [
-                   {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2", "stats": {"n": 1}}]}},
+                   {"role": "user", "content": "q2"},
+                   {"role": "assistant", "content": "a2", "details": {"finish_reason": "stop", "completion_tokens": 1}}]}},
     }}
     asyncio.run(store.set(session_id, legacy, 3600))
     with httpx.Client(base_url=serve(app_on(store, mock_token_delay=0.001)).url, timeout=30,
@@ -94,7 +95,7 @@ def test_a_session_written_by_the_previous_version_is_read_then_split(serve: Cal
         c2 = client.get("/conversations/c2").json()
     assert [m["content"] for m in c1["messages"]][:3] == ["q1", "a1b", "q3"] and c1["message_count"] == 4
     assert c1["messages"][1]["alternatives"] == ["a1a"] and c1["settings"] == {"temperature": 0.2}
-    assert c2["messages"] == legacy["conversations"]["c2"]["chat_prompt"]["messages"]  # extra fields kept
+    assert c2["messages"] == legacy["conversations"]["c2"]["chat_prompt"]["messages"]  # details kept
     index = asyncio.run(store.get(session_id))
     assert index is not None and all("chat_prompt" not in entry for entry in index["conversations"].values())
     assert asyncio.run(store.get(f"{session_id}/c2")) == legacy["conversations"]["c2"]["chat_prompt"]

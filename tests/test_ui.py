@@ -210,7 +210,7 @@ def test_stop_keeps_the_partial_reply_also_after_reload(chat, new_page) -> None:
 
     page.get_by_role("button", name="Stop").click()
 
-    expect(page.locator(".msg-assistant .note")).to_have_text("Stopped")
+    expect(page.locator(".msg-assistant .note")).to_have_text("Stopped · the reply is incomplete")
     expect(page.get_by_role("button", name="Send")).to_be_visible()
     partial = (page.locator(REPLY).text_content() or "").strip()
     assert "w59" not in partial
@@ -224,6 +224,29 @@ def test_stop_keeps_the_partial_reply_also_after_reload(chat, new_page) -> None:
     restored = page.locator(REPLY).text_content() or ""
     assert restored.startswith(partial)
     assert "w59" not in restored
+    expect(page.locator(".msg-assistant .note")).to_have_text("Stopped · the reply is incomplete")  # kept with it
+
+
+def test_reloading_mid_reply_marks_it_incomplete_and_every_stats_line_survives(chat, new_page) -> None:
+    url = chat(mock_token_delay=0.05)
+    page = new_page(url)
+    seed_each_turn(page, [2, 2])
+    send(page, "a short one")
+    wait_for_reply(page)
+    stats = page.locator(".stats").text_content()
+    assert stats and re.match(r"\d+ tokens · ", stats)
+    send(page, " ".join(f"w{i}" for i in range(60)))
+    expect(page.locator(REPLY).last).to_contain_text("w3 ")
+
+    page.reload()
+
+    replies = page.locator(".msg-assistant")
+    expect(replies).to_have_count(2)
+    expect(replies.last.locator(".note")).to_have_text("Stopped · the reply is incomplete")
+    expect(replies.last).to_have_class(re.compile(r"\bincomplete\b"))
+    assert "w59" not in (page.locator(REPLY).last.text_content() or "")
+    expect(page.locator(".stats")).to_have_text([stats])  # the finished reply's numbers, as they were
+    expect(replies.first.locator(".note")).to_have_count(0)
 
 
 def seed_each_turn(page: Page, seeds: list[int]) -> list[dict[str, Any]]:
@@ -250,6 +273,7 @@ def test_regenerate_keeps_the_earlier_answer_to_flip_through(chat, new_page) -> 
     send(page, "Tell me something")
     wait_for_reply(page)
     first = page.locator(REPLY).text_content() or ""
+    first_stats = page.locator(".stats").text_content() or ""
     expect(page.locator(".pager")).to_have_count(0)
 
     page.get_by_role("button", name="Regenerate").click()
@@ -262,19 +286,25 @@ def test_regenerate_keeps_the_earlier_answer_to_flip_through(chat, new_page) -> 
     second = page.locator(REPLY).text_content() or ""
     assert second != first and second.startswith("You said: Tell me something")
     expect(page.locator(".pager-position")).to_have_text("2/2")
+    second_stats = page.locator(".stats").text_content() or ""
     expect(page.get_by_role("button", name="Next answer")).to_be_disabled()  # at the newest
     page.get_by_role("button", name="Previous answer").click()
     expect(page.locator(".pager-position")).to_have_text("1/2")
     expect(page.locator(REPLY)).to_have_text(first)
+    # Each answer shows its own numbers (the two canned replies differ in length).
+    expect(page.locator(".stats")).to_have_text(first_stats)
+    assert first_stats.split(" · ")[0] != second_stats.split(" · ")[0]
     # The answer shown is the one the conversation goes on from, also after a reload.
     reply = history(page, url)[1]
     assert reply["version"] == 0 and len(reply["alternatives"]) == 1 and reply["content"] != reply["alternatives"][0]
     page.reload()
     expect(page.locator(".pager-position")).to_have_text("1/2")
     expect(page.locator(REPLY)).to_have_text(first)
+    expect(page.locator(".stats")).to_have_text(first_stats)
     page.get_by_role("button", name="Next answer").click()
     expect(page.locator(".pager-position")).to_have_text("2/2")
     expect(page.locator(REPLY)).to_have_text(second)
+    expect(page.locator(".stats")).to_have_text(second_stats)
     messages = history(page, url)
     assert [m["role"] for m in messages] == ["user", "assistant"] and "version" not in messages[1]
 
@@ -389,7 +419,7 @@ def test_a_busy_session_and_a_network_failure_are_explained(chat, new_page) -> N
     }""")
     page.wait_for_timeout(200)
     send(page, "Me too")
-    expect(page.locator("#notice")).to_contain_text("already being written")
+    expect(page.locator("#notice")).to_contain_text("Another reply is being written in this session")
     expect(page.locator("#notice-retry")).to_be_enabled()
     page.evaluate("window.__other.abort()")
     wait_for_history(page, url, 2)  # the other turn ended and let go of the session
@@ -513,6 +543,52 @@ def test_edit_a_sent_message_and_resend(chat, new_page) -> None:
     page.get_by_label("Edit message").press("Escape")
     expect(page.locator(".msg-user .content")).to_have_text(["first question", "second, rephrased"])
 
+    # The version it replaced is kept, with the replies after it: a pager on the edited message flips back.
+    edited = page.locator(".msg-user").nth(1)
+    expect(edited.locator(".pager-position")).to_have_text("2/2")
+    expect(page.locator(".msg-user").nth(0).locator(".pager")).to_have_count(0)
+    edited.get_by_role("button", name="Previous version").click()
+    expect(page.locator(".msg-user .content")).to_have_text(["first question", "second question", "third question"])
+    expect(page.locator(".msg-assistant")).to_have_count(3)
+    expect(page.locator(".msg-user").nth(1).locator(".pager-position")).to_have_text("1/2")
+    assert [m["content"] for m in history(page, url) if m["role"] == "user"] == [
+        "first question", "second question", "third question"]  # the conversation goes on from this version
+    page.reload()
+    expect(page.locator(".msg-user .content")).to_have_text(["first question", "second question", "third question"])
+    page.locator(".msg-user").nth(1).get_by_role("button", name="Next version").click()
+    expect(page.locator(".msg-user .content")).to_have_text(["first question", "second, rephrased"])
+    expect(page.locator(".msg-user").nth(1).locator(".pager-position")).to_have_text("2/2")
+    assert (page.locator(REPLY).nth(1).text_content() or "").startswith("You said: second, rephrased")
+    send(page, "and on")  # the conversation goes on from the version shown
+    wait_for_reply(page, 3)
+    assert [m["content"] for m in history(page, url) if m["role"] == "user"] == [
+        "first question", "second, rephrased", "and on"]
+
+
+def test_titles_come_from_the_first_line_and_follow_its_edits_until_renamed(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "Plan a three day trip to the mountains with my family and dog\nWe like hiking.")
+    wait_for_reply(page)
+    expect(page.locator(".conversation-open")).to_have_text(["Plan a three day trip to the mountains…"])
+
+    page.locator(".msg-user").first.get_by_role("button", name="Edit").click()
+    page.get_by_label("Edit message").fill("Best pasta recipes")
+    page.get_by_label("Edit message").press("Enter")
+    wait_for_reply(page)
+    expect(page.locator(".conversation-open")).to_have_text(["Best pasta recipes"])
+
+    page.get_by_role("button", name="Rename Best pasta recipes").click()
+    page.get_by_label("New title").fill("Food")
+    page.get_by_label("New title").press("Enter")
+    expect(page.locator(".conversation-open")).to_have_text(["Food"])
+    page.locator(".msg-user").first.get_by_role("button", name="Edit").click()
+    page.get_by_label("Edit message").fill("Best soup recipes")
+    page.get_by_label("Edit message").press("Enter")
+    wait_for_reply(page)
+    expect(page.locator(".msg-user .content")).to_have_text(["Best soup recipes"])
+    expect(page.locator(".conversation-open")).to_have_text(["Food"])  # the user's title stays
+
 
 def test_settings_apply_to_the_conversation_and_bad_values_are_explained(chat, new_page) -> None:
     url = chat()
@@ -525,7 +601,7 @@ def test_settings_apply_to_the_conversation_and_bad_values_are_explained(chat, n
     expect(dialog).to_be_visible()
     dialog.get_by_label("Temperature").fill("7")
     dialog.get_by_role("button", name="Save").click()
-    expect(dialog.get_by_role("alert")).to_contain_text("temperature")
+    expect(dialog.get_by_role("alert")).to_have_text("Temperature must be between 0 and 2.")
     expect(dialog).to_be_visible()  # kept open, nothing stored
     assert page.request.get(url + "/conversations").json()["conversations"][0]["settings"] == {}
 
@@ -543,6 +619,8 @@ def test_settings_apply_to_the_conversation_and_bad_values_are_explained(chat, n
     expect(page.locator(".stats").last).to_contain_text("3 tokens")
 
     page.reload()
+    expect(page.locator(".msg-assistant .note").last).to_contain_text("length limit")  # kept with the reply
+    expect(page.locator(".stats").last).to_contain_text("3 tokens")
     page.get_by_role("button", name="Settings").click()
     expect(dialog.get_by_label("Max tokens")).to_have_value("3")
     expect(dialog.get_by_label("System prompt")).to_have_value("Answer like a pirate.")
@@ -586,7 +664,8 @@ def test_export_as_markdown_and_json(chat, new_page) -> None:
         page.get_by_role("button", name="JSON (.json)").click()
     body = json.loads(Path(exported.value.path()).read_text())
     assert body["title"] == "Export me"
-    assert body["messages"] == history(page, url)
+    assert body["messages"] == page.request.get(f"{url}/conversations/{body['id']}").json()["messages"]
+    assert body["messages"][1]["details"]["finish_reason"] == "stop"  # how the reply ended goes with it
 
 
 def test_screenshots_for_the_docs(chat, new_page) -> None:
@@ -637,3 +716,223 @@ def test_code_is_highlighted_and_math_is_typeset(chat, new_page) -> None:
     assert page.evaluate("window.__xss") is None
     DOCS.mkdir(exist_ok=True)
     page.screenshot(path=str(DOCS / "ui-code-and-math.png"), animations="disabled")
+
+
+def test_backslash_math_is_typeset_and_code_keeps_its_backslashes(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "Pythagoras: \\( a^2 + b^2 = c^2 \\) and\n\n\\[\n\\frac{a}{b}\n\\]\n\nalso \\[ x_1 \\] inline; "
+               "code `\\(x\\)` stays\n\n```\nprint(\"\\[not math\\]\")\n```\n\nand \\(unclosed")
+    wait_for_reply(page)
+
+    reply = page.locator(REPLY)
+    inline = reply.locator("p math:not([display='block'])").first
+    expect(inline.locator("msup")).to_have_count(3)  # a², b², c²
+    expect(reply.locator(".md-math math[display='block'] mfrac")).to_have_count(1)
+    expect(reply.locator("p math[display='block'] msub")).to_have_count(1)  # \[ ... \] inside a line
+    text = reply.text_content() or ""
+    assert "( a^2" not in text and "\\( a^2" not in text, "the delimiters were shown, not typeset"
+    expect(reply.locator("p code")).to_have_text("\\(x\\)")  # a code span is left alone
+    expect(reply.locator(".md-code pre")).to_have_text('print("\\[not math\\]")')
+    assert "(unclosed" in text  # an unclosed \( is plain text
+
+
+def test_settings_show_the_server_defaults_refuse_what_is_out_of_range_and_set_defaults_for_all_chats(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "hello")
+    wait_for_reply(page)
+    conversation_id = page.request.get(url + "/conversations").json()["current"]
+
+    page.get_by_role("button", name="Settings").click()
+    dialog = page.get_by_role("dialog", name="Conversation settings")
+    # Each empty field shows the value the server will use.
+    for label, default in (("Temperature", "0.7"), ("Top-p", "0.9"), ("Max tokens", "256"), ("Top-k", "50"),
+                           ("Seed", "random")):
+        expect(dialog.get_by_label(label)).to_have_attribute("placeholder", default)
+    DOCS.mkdir(exist_ok=True)
+    page.screenshot(path=str(DOCS / "ui-settings.png"), animations="disabled")
+
+    # Out of range is explained in words for people, and nothing is stored (no silent clamp to 256).
+    alert = dialog.get_by_role("alert")
+    for label, value, message in (
+        ("Max tokens", "100000", "Max tokens must be between 1 and 256 (this server's limit)."),
+        ("Max tokens", "2.5", "Max tokens must be a whole number."),
+        ("Top-p", "0", "Top-p must be more than 0 and at most 1."),
+        ("Top-k", "-1", re.compile(r"^Top-k must be between 0 \(off\) and \d+\.$")),
+    ):
+        dialog.get_by_label(label).fill(value)
+        dialog.get_by_role("button", name="Save").click()
+        expect(alert).to_have_text(message)
+        expect(dialog.get_by_label(label)).to_have_attribute("aria-invalid", "true")
+        dialog.get_by_label(label).fill("")
+    assert page.request.get(url + "/conversations").json()["conversations"][0]["settings"] == {}
+    # The server refuses it too, rather than storing 256.
+    refused = page.request.patch(f"{url}/conversations/{conversation_id}", data={"settings": {"max_tokens": 100000}})
+    assert refused.status == 400 and "at most 256" in refused.json()["message"]
+
+    # Seed and stop: seed 1 picks the mock's code reply, and the stop sequence ends it before the code.
+    dialog.get_by_label("Seed").fill("1")
+    dialog.get_by_label("Stop sequences").fill("```")
+    dialog.get_by_role("button", name="Save").click()
+    expect(dialog).to_be_hidden()
+    stored = page.request.get(url + "/conversations").json()["conversations"][0]["settings"]
+    assert stored == {"seed": 1, "stop": ["```"]}
+    send(page, "code please")
+    wait_for_reply(page, 2)
+    last = page.locator(REPLY).last
+    expect(last).to_contain_text("Second point")  # seed 1's reply ...
+    expect(last.locator(".md-code")).to_have_count(0)  # ... cut at the stop sequence before its code
+    assert "Anything else" not in (last.text_content() or "")
+
+    # Defaults for all chats: stored in the session, used by a new chat, shown as its placeholders.
+    page.get_by_role("button", name="Settings").click()
+    dialog.get_by_label("Defaults for all chats").check()
+    expect(dialog.get_by_label("Seed")).to_have_value("")
+    dialog.get_by_label("Temperature").fill("3")
+    dialog.get_by_role("button", name="Save").click()
+    expect(alert).to_have_text("Temperature must be between 0 and 2.")
+    dialog.get_by_label("Temperature").fill("0.2")
+    dialog.get_by_label("Seed").fill("1")
+    dialog.get_by_role("button", name="Save").click()
+    expect(dialog).to_be_hidden()
+    assert page.request.get(url + "/settings").json()["defaults"] == {"temperature": 0.2, "seed": 1}
+    page.get_by_role("button", name="New chat").click()
+    send(page, "code again")
+    wait_for_reply(page)
+    expect(page.locator(REPLY).locator(".md-code .md-code-lang")).to_have_text("python")  # seed 1 from the defaults
+    page.get_by_role("button", name="Settings").click()
+    expect(dialog.get_by_label("Temperature")).to_have_value("")
+    expect(dialog.get_by_label("Temperature")).to_have_attribute("placeholder", "0.2")
+    expect(dialog.get_by_label("Seed")).to_have_attribute("placeholder", "1")
+    dialog.get_by_role("button", name="Cancel").click()
+    bad = page.request.patch(url + "/settings", data={"defaults": {"temperature": 5}})
+    assert bad.status == 400 and page.request.get(url + "/settings").json()["defaults"] == {"temperature": 0.2, "seed": 1}
+
+
+def test_a_busy_notice_from_a_second_tab_says_where_the_reply_is_being_written(chat, new_page) -> None:
+    url = chat(mock_token_delay=0.05)
+    page = new_page(url)
+    send(page, "About cats")
+    wait_for_reply(page)
+    page.get_by_role("button", name="New chat").click()
+    send(page, "About dogs")
+    wait_for_reply(page)
+    other = page.context.new_page()  # a second tab: the same session
+    other.goto(url + "/")
+    other.get_by_role("button", name="About cats", exact=True).click()
+    expect(other.locator(".msg-user .content")).to_have_text(["About cats"])
+
+    page.locator("#input").fill("dogs " * 80)
+    page.locator("#input").press("Enter")
+    expect(page.locator(REPLY).last).to_contain_text("dogs dogs")
+    send(other, "More about cats")
+    # The server's lock covers the whole session and its 409 does not say which conversation is busy.
+    notice = other.locator("#notice")
+    expect(notice).to_contain_text("Another reply is being written in this session (perhaps in another tab)")
+    expect(other.locator("#notice-retry")).to_be_visible()
+    expect(other.locator("#input")).to_have_value("More about cats")  # nothing typed is lost
+    page.get_by_role("button", name="Stop").click()
+    expect(page.get_by_role("button", name="Send")).to_be_visible()
+    wait_for_history(page, url, 4)
+
+    # A lock per conversation answers which one is busy (conversation_id): the notice names it.
+    dogs = page.request.get(url + "/conversations").json()["conversations"][0]["id"]
+    busy = json.dumps({"error": "session_busy", "message": "busy", "conversation_id": dogs})
+    other.route("**/chat_stream", lambda route: route.fulfill(status=409, body=busy, content_type="application/json"))
+    other.locator("#notice-retry").click()
+    expect(notice).to_contain_text("A reply is already being written in “About dogs” (perhaps in another tab)")
+    other.unroute("**/chat_stream")
+    other.locator("#notice-retry").click()
+    wait_for_reply(other, 2)
+    other.close()
+
+
+def test_the_page_does_not_move_when_a_reply_starts_or_ends(chat, new_page) -> None:
+    url = chat()
+    page = new_page(url)
+    send(page, "hello")
+    wait_for_reply(page)
+    # Every frame: the height of each row on screen.
+    page.evaluate("""() => {
+        window.__heights = [];
+        const tick = () => {
+            window.__heights.push([...document.querySelectorAll('.msg')].map(r => Math.round(r.getBoundingClientRect().height)));
+            window.__tick = requestAnimationFrame(tick);
+        };
+        tick();
+    }""")
+    send(page, "again")
+    wait_for_reply(page, 2)
+    page.wait_for_timeout(200)
+    frames = page.evaluate("cancelAnimationFrame(window.__tick) || window.__heights")
+
+    earlier = {tuple(frame[:2]) for frame in frames}
+    assert len(earlier) == 1, f"the earlier messages changed height during the turn: {sorted(earlier)}"
+    growing = [frame[3] for frame in frames if len(frame) == 4]
+    assert frames[-1][2] == frames[0][0]  # the new user message is as tall as the first (its Edit row is there)
+    assert growing == sorted(growing), f"the new reply shrank (the page jumped): {growing}"
+
+
+def test_the_status_dot_turns_grey_when_the_server_stops_answering(serve, new_page, browser: Browser) -> None:
+    servers = [serve(create_app(Settings(mock=True, session_secret="ui-tests-" + "x" * 32))) for _ in range(2)]
+    # A failed request checks at once.
+    page = new_page(servers[0].url)
+    expect(page.locator("#model-dot")).to_have_attribute("data-state", "ok")
+    servers[0].stop()
+    send(page, "anyone there?")
+    expect(page.locator("#notice")).to_contain_text("Could not reach the server")
+    expect(page.locator("#model-dot")).to_have_attribute("data-state", "offline")
+    expect(page.locator("#model")).to_have_attribute("title", "Model status: the server does not answer")
+    expect(page.locator("#model-name")).to_have_text("mock · offline")
+
+    # An idle page finds out with its next periodic check.
+    context = browser.new_context()
+    idle = context.new_page()
+    idle.clock.install()
+    idle.goto(servers[1].url + "/")
+    expect(idle.locator("#model-dot")).to_have_attribute("data-state", "ok")
+    servers[1].stop()
+    idle.clock.run_for(16_000)
+    expect(idle.locator("#model-dot")).to_have_attribute("data-state", "offline")
+    context.close()
+
+
+def test_a_jump_to_bottom_button_shows_when_scrolled_up_during_a_reply(chat, new_page) -> None:
+    url = chat(mock_token_delay=0.05)
+    page = new_page(url, viewport={"width": 900, "height": 600})
+    jump = page.get_by_role("button", name="Jump to the latest message")
+    for n in range(2):
+        send(page, f"message {n}")
+        wait_for_reply(page, n + 1)
+    expect(jump).to_be_hidden()
+    send(page, " ".join(["long"] * 120))
+    expect(page.locator(REPLY).last).to_contain_text("long long")
+
+    page.locator("#log").evaluate("log => { log.scrollTop = 0; }")
+    expect(jump).to_be_visible()
+    page.wait_for_timeout(300)
+    assert page.locator("#log").evaluate("log => log.scrollTop") == 0  # the stream does not pull the reader back down
+
+    jump.click()
+    expect(jump).to_be_hidden()
+    assert page.locator("#log").evaluate("log => log.scrollHeight - log.scrollTop - log.clientHeight") < 120
+    page.get_by_role("button", name="Stop").click()
+
+
+def test_a_reply_being_written_shows_so_in_another_tab_and_then_how_it_ended(chat, new_page) -> None:
+    url = chat(mock_token_delay=0.05)
+    page = new_page(url)
+    send(page, " ".join(f"w{i}" for i in range(60)))
+    expect(page.locator(REPLY)).to_contain_text("w10 ")
+
+    other = page.context.new_page()  # the same session, opened while the reply streams
+    other.goto(url + "/")
+    expect(other.locator(".msg-assistant .note")).to_have_text("Still being written · incomplete so far")
+    wait_for_reply(page)
+    stats = page.locator(".stats").text_content() or ""
+
+    expect(other.locator(".stats")).to_have_text(stats)  # read again until the reply ended
+    expect(other.locator(".msg-assistant .note")).to_have_count(0)
+    expect(other.locator(REPLY)).to_have_text(page.locator(REPLY).text_content() or "")
+    other.close()

@@ -16,6 +16,8 @@ PromptTooLongError = PromptTooLong  # the name this module exported before the d
 _MESSAGE_OVERHEAD_TOKENS = 8
 # Earlier answers a reply keeps when it is regenerated (oldest dropped first).
 MAX_ALTERNATIVES = 10
+# Earlier versions a user message keeps when it is edited, each with the messages that followed it.
+MAX_BRANCHES = 10
 
 
 class ChatPrompt:
@@ -58,17 +60,20 @@ class ChatPrompt:
         message: dict[str, Any] = {"role": "assistant", "content": text}
         replaced = self._replaced
         if replaced is not None:
-            every = versions(replaced)
+            every, details = versions(replaced), version_details(replaced)
             if text in every:  # the same answer again (or nothing new): no copy, that answer is used
-                version = every.index(text)
-                message["alternatives"] = every[:version] + every[version + 1:]
-                if version < len(message["alternatives"]):
-                    message["version"] = version
-                if not message["alternatives"]:
-                    del message["alternatives"]
+                _set_version(message, every, details, every.index(text))
             else:
-                message["alternatives"] = every[-MAX_ALTERNATIVES:]
+                every, details = every[-MAX_ALTERNATIVES:] + [text], details[-MAX_ALTERNATIVES:] + [None]
+                _set_version(message, every, details, len(every) - 1)
         return message
+
+    def set_last_reply_details(self, details: dict[str, Any]) -> None:
+        """Attach how the last reply ended (finish reason, token count, speed) to the answer it holds."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            checked = _check_details(details)
+            if checked is not None:
+                self.messages[-1]["details"] = checked
 
     def set_responder_last_msg(self, text: str) -> None:
         if self.messages and self.messages[-1]["role"] == "assistant":
@@ -90,36 +95,45 @@ class ChatPrompt:
         return False
 
     def select_version(self, index: int, version: int) -> None:
-        """Make answer ``version`` (see :func:`versions`) of the reply at ``index`` the one the conversation goes on from."""
+        """Make answer ``version`` (see :func:`versions`) of the reply at ``index`` the one the conversation goes on from.
+
+        At a user message that was edited, ``version`` picks one of its versions (see :func:`branches`)
+        and the conversation goes on with the messages that followed that version.
+        """
+        if 0 <= index < len(self.messages) and self.messages[index]["role"] == "user":
+            tails = branches(self.messages[index:])
+            if not 0 <= version < len(tails):
+                raise IndexError(f"message {index} has {len(tails)} version(s); there is no version {version}")
+            self._set_branch(index, tails, version)
+            return
         if not (0 <= index < len(self.messages)) or self.messages[index]["role"] != "assistant":
             raise IndexError(f"message {index} is not a reply of this conversation")
         message = self.messages[index]
         every = versions(message)
         if not 0 <= version < len(every):
             raise IndexError(f"reply {index} has {len(every)} answer(s); there is no answer {version}")
-        message["content"] = every[version]
-        message["alternatives"] = every[:version] + every[version + 1:]
-        message["version"] = version
-        if not message["alternatives"]:
-            del message["alternatives"], message["version"]
+        _set_version(message, every, version_details(message), version)
 
     def edit_user_message(self, index: int, text: str) -> None:
-        """Replace the user message at ``index`` and drop everything after it (the conversation branches).
+        """Replace the user message at ``index`` and what followed it with a new version (the conversation branches).
 
-        What it replaces is kept, not lost: the new message's ``branches`` lists the earlier
-        branches from this point (each the messages it held, the edited one first; the newest
-        ``MAX_ALTERNATIVES``), so every save of the new branch, checkpoints included, stores them too.
+        The version replaced, with the messages after it, is kept: :meth:`select_version` goes back to it.
         """
         if not (0 <= index < len(self.messages)) or self.messages[index]["role"] != "user":
             raise IndexError(f"message {index} is not a user message of this conversation")
-        replaced = self.messages[index:]
-        earlier = replaced[0].get("branches")
-        branch = [{k: v for k, v in m.items() if k != "branches"} if i == 0 else m for i, m in enumerate(replaced)]
-        branches = (list(earlier) if isinstance(earlier, list) else []) + [branch]
-        del self.messages[index:]
+        every = branches(self.messages[index:])[-(MAX_BRANCHES - 1):] + [[{"role": "user", "content": text}]]
+        self._set_branch(index, every, len(every) - 1)
+
+    def _set_branch(self, index: int, every: list[list[dict[str, Any]]], version: int) -> None:
+        """Messages from ``index`` on become ``every[version]``; its first message keeps the other versions."""
+        head = dict(every[version][0])
+        others = every[:version] + every[version + 1:]
+        if others:
+            head["branches"] = others
+            if version < len(others):
+                head["branch"] = version
+        self.messages[index:] = [head, *every[version][1:]]
         self.context_start = 0
-        self.add_requester_msg(text)
-        self.messages[-1]["branches"] = branches[-MAX_ALTERNATIVES:]
 
     def clear(self) -> None:
         self.messages.clear()
@@ -228,19 +242,98 @@ def versions(message: dict[str, Any]) -> list[str]:
     return alternatives[:version] + [message["content"]] + alternatives[version:]
 
 
+def branches(tail: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Every version of the user message ``tail[0]``, oldest first, each with the messages that followed it
+    (``tail`` itself, without the versions it keeps, at ``branch``; default: last)."""
+    head = tail[0]
+    others = [b for b in head.get("branches") or [] if isinstance(b, list) and b]
+    current = [{k: v for k, v in head.items() if k not in ("branches", "branch")}, *tail[1:]]
+    version = head.get("branch", len(others))
+    return others[:version] + [current] + others[version:]
+
+
+def version_details(message: dict[str, Any]) -> list[dict[str, Any] | None]:
+    """How each answer of :func:`versions` ended (``details``), in the same order; None where not known."""
+    alternatives = list(message.get("alternatives") or [])
+    stored = message.get("alternative_details")
+    others = [_check_details(d) for d in stored] if isinstance(stored, list) else []
+    others = (others + [None] * len(alternatives))[: len(alternatives)]
+    version = message.get("version", len(alternatives))
+    return others[:version] + [_check_details(message.get("details"))] + others[version:]
+
+
+def _set_version(message: dict[str, Any], answers: list[str], details: list[dict[str, Any] | None],
+                 version: int) -> None:
+    """Make ``answers[version]`` the reply's content; the other answers (and their details) its alternatives."""
+    for key in ("alternatives", "alternative_details", "version", "details"):
+        message.pop(key, None)
+    message["content"] = answers[version]
+    if details[version] is not None:
+        message["details"] = details[version]
+    others = answers[:version] + answers[version + 1:]
+    if not others:
+        return
+    message["alternatives"] = others
+    other_details = details[:version] + details[version + 1:]
+    if any(d is not None for d in other_details):
+        message["alternative_details"] = other_details
+    if version < len(others):
+        message["version"] = version
+
+
+# What a reply's ``details`` may hold: how it ended, and the figures the UI shows under it.
+_FINISH_REASONS = ("stop", "length", "stopped", "error", "streaming")
+_DETAIL_NUMBERS = ("completion_tokens", "tokens_per_s", "ttft_s", "queue_s")
+
+
+def _check_details(details: Any) -> dict[str, Any] | None:
+    """Only a known finish reason and finite numbers: stored data is never trusted blindly."""
+    if not isinstance(details, dict) or details.get("finish_reason") not in _FINISH_REASONS:
+        return None
+    checked: dict[str, Any] = {"finish_reason": details["finish_reason"]}
+    for name in _DETAIL_NUMBERS:
+        value = details.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1e12:
+            checked[name] = value
+    return checked
+
+
 def _copy_message(message: dict[str, Any]) -> dict[str, Any]:
-    """The message whole (fields a UI adds, such as ``incomplete`` or ``stats``, are kept), with the
-    other answers of a regenerated reply (and which one is used) checked."""
-    if message["role"] != "assistant":  # e.g. a UI's edit branches on a user message: its own shape, kept
-        return dict(message)
-    copy: dict[str, Any] = {k: v for k, v in message.items() if k not in ("alternatives", "version")}
+    """Role and content, plus the other answers of a regenerated reply (and which one is used) if any,
+    and how each answer ended (``details``, ``alternative_details``)."""
+    copy: dict[str, Any] = {"role": message["role"], "content": message["content"]}
+    details = _check_details(message.get("details"))
+    if details is not None:
+        copy["details"] = details
     alternatives = message.get("alternatives")
     if isinstance(alternatives, list) and alternatives and all(isinstance(a, str) for a in alternatives):
-        copy["alternatives"] = alternatives[-MAX_ALTERNATIVES:]
+        kept = len(alternatives[-MAX_ALTERNATIVES:])
+        copy["alternatives"] = alternatives[-kept:]
+        stored = message.get("alternative_details")
+        if isinstance(stored, list) and len(stored) == len(alternatives):
+            others = [_check_details(d) for d in stored[-kept:]]
+            if any(d is not None for d in others):
+                copy["alternative_details"] = others
         version = message.get("version")
         if isinstance(version, int) and not isinstance(version, bool) and 0 <= version < len(copy["alternatives"]):
             copy["version"] = version  # the answer in use sits here among the others (absent: after them)
+    stored_branches = message.get("branches")
+    if message["role"] == "user" and isinstance(stored_branches, list):
+        kept_branches = [
+            [_copy_message(m) for m in branch if _is_message(m)]
+            for branch in stored_branches[-(MAX_BRANCHES - 1):]
+            if isinstance(branch, list) and branch and _is_message(branch[0]) and branch[0]["role"] == "user"
+        ]
+        if kept_branches:
+            copy["branches"] = kept_branches
+            branch_index = message.get("branch")
+            if isinstance(branch_index, int) and not isinstance(branch_index, bool) and 0 <= branch_index < len(kept_branches):
+                copy["branch"] = branch_index  # this version sits here among the others (absent: after them)
     return copy
+
+
+def _is_message(message: Any) -> bool:
+    return isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)
 
 
 def _group_turns(messages: Sequence[dict[str, str]]) -> list[list[dict[str, str]]]:

@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     # -- HTTP limits and timeouts --
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="largest request body, in bytes (413 beyond)")
     body_timeout_s: float = Field(15.0, gt=0, description="a request body that stops arriving for this long is answered 408")
+    body_linger_s: float = Field(5.0, ge=0, le=300, description="after an early answer (413, 401, 403) to a request whose body is still arriving, read and discard the rest for at most this long, so that the client reads the answer instead of a connection reset (0: close at once)")
+    body_linger_bytes: int = Field(128 * 2**20, ge=0, description="read and discard at most this much of a refused body (a declared larger rest: close at once)")
     header_timeout_s: float = Field(10.0, gt=0, description="a connection must finish its request headers this fast, else it is closed")
     keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this long")
     max_connections: int | None = Field(None, ge=1, description="open connections at most; more get 503 at once (none: from the file-descriptor limit, at most 4096)")

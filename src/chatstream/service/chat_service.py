@@ -407,8 +407,9 @@ class ChatService:
         prompt = self.chat_prompt_clazz.from_dict(
             stored if isinstance(stored, dict) else None, tokenizer=self.tokenizer, system=self.settings.system_prompt,
         )
-        settings = (conversations.get(index, target).get("settings") if known else None) or {}
-        if "system_prompt" in settings:  # the conversation's own system prompt wins over the stored one
+        entry = conversations.get(index, target) if known else None
+        settings = conversations.effective_settings(index, entry)
+        if "system_prompt" in settings:  # the conversation's (or user's) system prompt wins over the stored one
             prompt.system = settings["system_prompt"] or None
         return prompt
 
@@ -437,16 +438,23 @@ class ChatService:
         """The conversation's sampling settings under the engine's names (overrides of the defaults)."""
         index = await self.read_index(session)
         target = conversations.resolve(index, conversation_id, create=False)
-        entry = conversations.get(index, target) if target is not None else {}
-        return conversations.sampling_values(entry.get("settings") or {})
+        entry = conversations.get(index, target) if target is not None else None
+        return conversations.sampling_values(conversations.effective_settings(index, entry))
 
-    async def history(self, session: Session, conversation_id: str | None = None) -> list[dict[str, Any]]:
+    async def history(self, session: Session, conversation_id: str | None = None,
+                      details: bool = False) -> list[dict[str, Any]]:
+        """The messages; with ``details``, also how each reply ended (what the UI shows under it)."""
         index = await self.read_index(session)
         target = conversations.resolve(index, conversation_id, create=False)
         if target is None:
             return []
         stored = await self.read_chat_prompt_data(session, target, index)
-        return self.chat_prompt_clazz.from_dict(stored if isinstance(stored, dict) else None).messages
+        messages = self.chat_prompt_clazz.from_dict(stored if isinstance(stored, dict) else None).messages
+        if not details:
+            for message in messages:
+                message.pop("details", None)
+                message.pop("alternative_details", None)
+        return messages
 
     @contextlib.asynccontextmanager
     async def hold_conversation(self, session: Session, conversation_id: str,

@@ -3,8 +3,10 @@
 The session's own key holds the index (everything JSON, never pickled)::
 
     {"conversations": {"<id>": {"title": str, "created": float, "updated": float, "message_count": int,
-                                "settings": {"system_prompt"?, "temperature"?, "top_p"?, "max_tokens"?}}},
-     "current": "<id>" | None}
+                                "settings": {"system_prompt"?, "temperature"?, "top_p"?, "max_tokens"?,
+                                             "top_k"?, "seed"?, "stop"?}}},
+     "current": "<id>" | None,
+     "defaults": {settings as above}}   # the user's defaults for all chats (a chat's own settings win)
 
 and each conversation's messages live under ``<session id>/<conversation id>`` as
 ``{"system", "messages", "context_start"?}`` with their own lock, so a turn reads and writes one
@@ -38,10 +40,14 @@ LEGACY_ID = "default"
 
 MAX_CONVERSATIONS = 100
 MAX_TITLE_CHARS = 200
-_TITLE_FROM_MESSAGE_CHARS = 60
+_TITLE_FROM_MESSAGE_CHARS = 40
+AUTO_TITLE_KEY = "title_auto"  # the title was derived from the first message (and follows its edits)
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-SETTING_NAMES = ("system_prompt", "temperature", "top_p", "max_tokens")
+DEFAULTS_KEY = "defaults"
+SETTING_NAMES = ("system_prompt", "temperature", "top_p", "max_tokens", "top_k", "seed", "stop")
 MAX_TEMPERATURE = 2.0  # what the server's own settings allow
+MAX_STOP_STRINGS = 4  # as the OpenAI API allows
+MAX_STOP_CHARS = 100
 
 Data = dict[str, Any]
 
@@ -195,8 +201,9 @@ def note_chat_prompt(data: Data, conversation_id: str, chat_prompt: Data) -> Non
     messages = chat_prompt.get("messages")
     entry["message_count"] = len(messages) if isinstance(messages, list) else 0
     entry["updated"] = time.time()
-    if not entry.get("title"):
+    if not entry.get("title") or entry.get(AUTO_TITLE_KEY):  # a title the user gave is never replaced
         entry["title"] = _title_from(chat_prompt)
+        entry[AUTO_TITLE_KEY] = True
     data[CURRENT_KEY] = conversation_id  # the conversation in use is the one a reload shows
 
 
@@ -238,27 +245,57 @@ def parse_settings(value: Any, defaults: SamplingParams, limits: SamplingLimits,
     temperature = result.get("temperature")
     if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > MAX_TEMPERATURE:
         raise InvalidRequest(f"'settings.temperature' must be at most {MAX_TEMPERATURE:g}", param="settings.temperature")
-    # The same checks (and the same clamp of max_tokens) as a request's own overrides.
-    params = to_sampling_params(defaults, limits, sampling_values(result),
-                                {"max_new_tokens": "settings.max_tokens", "temperature": "settings.temperature",
-                                 "top_p": "settings.top_p"})
-    if "max_tokens" in result:
-        result["max_tokens"] = params.max_new_tokens
+    # Stored settings are refused above the server's limit, not clamped: the user would not see the change.
+    max_tokens = result.get("max_tokens")
+    if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > limits.max_new_tokens:
+        raise InvalidRequest(f"'settings.max_tokens' must be at most {limits.max_new_tokens} (this server's limit)",
+                             param="settings.max_tokens")
+    stop = result.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
+                or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+            raise InvalidRequest(f"'settings.stop' must be a list of at most {MAX_STOP_STRINGS} non-empty strings "
+                                 f"of at most {MAX_STOP_CHARS} characters", param="settings.stop")
+        result["stop"] = stop
+    # The same checks as a request's own overrides.
+    to_sampling_params(defaults, limits, sampling_values(result),
+                       {"max_new_tokens": "settings.max_tokens", "temperature": "settings.temperature",
+                        "top_p": "settings.top_p", "top_k": "settings.top_k", "seed": "settings.seed",
+                        "stop": "settings.stop"})
     return result
 
 
 def sampling_values(settings: Mapping[str, Any]) -> Data:
     """A conversation's settings under the engine's names (what ``to_sampling_params`` takes)."""
-    names = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens"}
-    return {names[k]: v for k, v in settings.items() if k in names}
+    names = {"temperature": "temperature", "top_p": "top_p", "max_tokens": "max_new_tokens", "top_k": "top_k",
+             "seed": "seed", "stop": "stop"}
+    return {names[k]: tuple(v) if k == "stop" else v for k, v in settings.items() if k in names}
+
+
+def session_defaults(data: Data) -> Data:
+    """The user's settings for all chats (empty if none or damaged)."""
+    defaults = data.get(DEFAULTS_KEY)
+    return dict(defaults) if isinstance(defaults, dict) else {}
+
+
+def effective_settings(data: Data, entry: Data | None) -> Data:
+    """What applies to a conversation: the user's defaults, then the conversation's own settings."""
+    own = (entry or {}).get("settings")
+    return {**session_defaults(data), **(own if isinstance(own, dict) else {})}
 
 
 def _title_from(chat_prompt: Data) -> str:
+    """The first line of the first user message, cut at a word boundary to about 40 characters."""
     for message in chat_prompt.get("messages") or []:
         if isinstance(message, dict) and message.get("role") == "user" and isinstance(message.get("content"), str):
-            text = " ".join(message["content"].split())
+            lines = [" ".join(line.split()) for line in message["content"].splitlines()]
+            text = next((line for line in lines if line), "")
             if len(text) > _TITLE_FROM_MESSAGE_CHARS:
-                text = text[: _TITLE_FROM_MESSAGE_CHARS - 1].rstrip() + "…"
+                cut = text.rfind(" ", 0, _TITLE_FROM_MESSAGE_CHARS)
+                text = text[: cut if cut >= _TITLE_FROM_MESSAGE_CHARS // 2 else _TITLE_FROM_MESSAGE_CHARS - 1]
+                text = text.rstrip(" ,;:-") + "…"
             return text
     return ""
 

@@ -95,7 +95,9 @@ class Turn:
         self._sent = ""  # the part of it the face has handed to its client
         self._client_gone = False
         self._abort: Failed | None = None
-        self._done: Done | None = None  # sent only once the reply is saved: a failed save is an error
+        # How a finished reply ended (kept with it in the history); sent only once the reply is saved,
+        # so a failed save is an error, never done.
+        self._done: Done | None = None
         self._ended = False  # a Failed was sent: the stream ends there
         self._lease: Lease | None = None  # the conversation's lock while the turn holds it: it fences every write
 
@@ -213,6 +215,10 @@ class Turn:
         if self.session is None:
             return None, None
         chat_prompt = await self.service.load_conversation(self.session, self.conversation_id)
+        last = chat_prompt.messages[-1] if chat_prompt.messages else None
+        if last is not None and (last.get("details") or {}).get("finish_reason") == "streaming":
+            # A checkpoint whose writer died (we hold the lock now): that reply will never end.
+            last["details"] = {"finish_reason": "stopped"}
         previous: str | None = None
         if self.regenerate:
             previous = chat_prompt.get_responder_last_msg()
@@ -358,7 +364,9 @@ class Turn:
         """Save the conversation with ``text`` as the reply in progress (with any earlier answers)."""
         assert self.session is not None
         data = chat_prompt.to_dict()
-        data["messages"].append(chat_prompt.reply_message(text))
+        message = chat_prompt.reply_message(text)
+        message["details"] = {"finish_reason": "streaming"}  # marked "stopped" by the next turn if its writer died
+        data["messages"].append(message)
         await self.service.save_conversation_data(self.session, data, self.conversation_id, self._lease)
 
     async def _commit(self, chat_prompt: ChatPrompt, previous: str | None) -> Failed | None:
@@ -370,6 +378,7 @@ class Turn:
         reply = self._sent if self._client_gone else self._generated
         if reply:
             chat_prompt.add_responder_msg(reply)
+            chat_prompt.set_last_reply_details(self._details(reply))
         elif previous is not None:  # a regenerate that produced nothing keeps the old reply
             chat_prompt.add_responder_msg(previous)
         try:
@@ -383,6 +392,14 @@ class Turn:
             self.outcome = UNKNOWN_ERROR
             return Failed("save_failed", "the reply could not be saved")
         return None
+
+    def _details(self, reply: str) -> dict[str, Any]:
+        """How the reply ended, for the history (the UI shows it again after a reload)."""
+        done = self._done
+        if done is not None and reply == self._generated:
+            return {"finish_reason": done.finish_reason, "completion_tokens": done.completion_tokens,
+                    **{k: v for k, v in done.timing.items() if v is not None}}
+        return {"finish_reason": "stopped" if self._client_gone else "error"}
 
     async def _call_back(self) -> None:
         if self.callback is None:

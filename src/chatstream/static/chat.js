@@ -28,6 +28,7 @@ const sidebarToggle = $("sidebar-toggle");
 const backdrop = $("backdrop");
 const settingsDialog = $("settings");
 const settingsError = $("settings-error");
+const jumpButton = $("jump");
 
 const ICONS = {
   logo: "M9 11.5h14M9 16h10M9 20.5h6",
@@ -79,6 +80,12 @@ function nearBottom() {
 
 function scrollToBottom() {
   log.scrollTop = log.scrollHeight;
+  updateJumpButton();
+}
+
+/** "Jump to the latest message" shows while the newest text is out of view (scrolled up). */
+function updateJumpButton() {
+  jumpButton.hidden = nearBottom();
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -94,7 +101,7 @@ function updateEmptyState() {
 }
 
 /** A message row; for the assistant, with a live Markdown view and helpers for the stream. */
-function createMessage(role, text = "", alternatives = [], version = alternatives.length) {
+function createMessage(role, text = "", alternatives = [], version = alternatives.length, details = []) {
   const row = el("article", `msg msg-${role}`);
   const body = el("div", "msg-body");
   const bubble = el("div", "bubble");
@@ -114,7 +121,12 @@ function createMessage(role, text = "", alternatives = [], version = alternative
     row, role, text, content, bubble,
     // Every answer of a reply (regenerate keeps them), oldest first; `shown` is on screen and in use.
     versions: [...alternatives.slice(0, version), text, ...alternatives.slice(version)],
+    // How each answer ended ({finish_reason, completion_tokens, tokens_per_s, ttft_s} or null), as `versions`.
+    details: details.length === alternatives.length + 1 ? details : alternatives.map(() => null).concat([null]),
     shown: version,
+    // A user message that was edited: how many versions it has, and which is shown (each with its own replies).
+    branchCount: 1,
+    branchShown: 0,
     stats: "",
     _frame: 0,
     setText(value) {
@@ -157,11 +169,27 @@ function createMessage(role, text = "", alternatives = [], version = alternative
   };
   row.chatMessage = message;
   if (text) message.render();
+  if (role === "assistant") showDetails(message);
   return message;
 }
 
-function addMessage(role, text, alternatives = [], version = alternatives.length) {
-  const message = createMessage(role, text, alternatives, version);
+/** The stats line and the note of the answer shown: how it ended, also after a reload. */
+function showDetails(message) {
+  const details = message.details[message.shown] || null;
+  message.stats = describeStats(details);
+  message.row.classList.toggle("incomplete", ["stopped", "error", "streaming"].includes(details?.finish_reason));
+  const notes = {
+    length: ["The reply reached the length limit.", ""],
+    stopped: ["Stopped · the reply is incomplete", ""],
+    error: ["The reply failed · it is incomplete", "error"],
+    streaming: ["Still being written · incomplete so far", ""],
+  };
+  const [text, kind] = notes[details?.finish_reason] || ["", ""];
+  message.setNote(text, kind);
+}
+
+function addMessage(role, text, alternatives = [], version = alternatives.length, details = []) {
+  const message = createMessage(role, text, alternatives, version, details);
   thread.append(message.row);
   updateEmptyState();
   return message;
@@ -181,7 +209,11 @@ function actionButton(name, label, title, onClick) {
   return button;
 }
 
-/** Under each reply: its versions, stats and Copy; Regenerate under the last. Edit on user messages. */
+/**
+ * Under each reply: its versions, stats and Copy; Regenerate under the last. Edit on user messages.
+ * While a reply is written, the rows that cannot be used stay in place, hidden and inert (class
+ * "busy"), and the reply being written has one too: a row appearing or going would move the page.
+ */
 function updateActions() {
   const stick = nearBottom();
   thread.querySelectorAll(".actions").forEach((node) => node.remove());
@@ -189,11 +221,24 @@ function updateActions() {
   rows.forEach((row, index) => {
     const message = row.chatMessage;
     const actions = el("div", "actions");
+    const writing = current && index === rows.length - 1;
     if (message.role === "user") {
-      if (current || row.classList.contains("editing")) return;
+      if (row.classList.contains("editing")) return;
+      if (current) {
+        actions.classList.add("busy");
+        actions.inert = true;
+      }
+      if (message.branchCount > 1) {
+        actions.classList.add("has-pager");
+        actions.append(branchPager(message, index));
+      }
       actions.append(actionButton("edit", "Edit", "Edit this message and send it again", () => startEdit(message, index)));
+    } else if (writing) {
+      actions.classList.add("busy");
+      actions.inert = true;
+      actions.append(actionButton("copy", "Copy", "", () => {}));
     } else {
-      if (!message.text || (current && index === rows.length - 1)) return;
+      if (!message.text) return;
       if (message.versions.length > 1) actions.append(pager(message));
       const copy = actionButton("copy", "Copy", "Copy this reply", () => copyText(message.text, copy.lastChild));
       actions.append(copy);
@@ -244,6 +289,7 @@ function pager(message) {
     message.shown = version;
     message.text = message.versions[version];
     message.render();
+    showDetails(message);
     updateActions();
     message.row.querySelector(`[aria-label="${step < 0 ? "Previous" : "Next"} answer"]`)?.focus();
   };
@@ -253,7 +299,43 @@ function pager(message) {
   return box;
 }
 
-/** Edit a sent message in place; sending it drops everything after it (the conversation branches). */
+/** "‹ 1/2 ›" on an edited message: each version with the replies that followed it (the server keeps them all). */
+function branchPager(message, index) {
+  const box = el("span", "pager");
+  const buttons = [["Previous version", "left", -1], ["Next version", "right", 1]].map(([label, name, step]) => {
+    const button = el("button", "icon-button small");
+    button.type = "button";
+    button.setAttribute("aria-label", label);
+    button.append(icon(name));
+    const version = message.branchShown + step;
+    button.disabled = version < 0 || version >= message.branchCount;
+    button.addEventListener("click", async () => {
+      if (current) return;
+      buttons.forEach((b) => { b.disabled = true; });
+      const result = await api.updateConversation(conversation.id, { select: { message: index, version } }).catch(() => null);
+      if (!result || !result.ok) {
+        showNotice("Could not switch to that version. Try again.", { kind: "warn" });
+        updateActions();
+        return;
+      }
+      const top = message.row.offsetTop - log.scrollTop; // keep the message where it was on screen
+      await showConversation(conversation.id, 0, { keepScroll: true });
+      const row = messages()[index];
+      if (row) {
+        log.scrollTop = row.offsetTop - top;
+        row.querySelector(`[aria-label="${label}"]`)?.focus();
+      }
+      refreshConversations().catch(() => {});
+    });
+    return button;
+  });
+  const position = el("span", "pager-position", `${message.branchShown + 1}/${message.branchCount}`);
+  position.setAttribute("aria-live", "polite");
+  box.append(buttons[0], position, buttons[1]);
+  return box;
+}
+
+/** Edit a sent message in place; sending it starts a new version of it (the old one stays, with its replies). */
 function startEdit(message, index) {
   if (current) return;
   const row = message.row;
@@ -356,6 +438,7 @@ async function readError(response) {
     code: typeof body.error === "string" ? body.error : `http_${response.status}`,
     message: typeof body.message === "string" ? body.message : response.statusText,
     retryAfter: Number.isFinite(retryAfter) ? retryAfter : 0,
+    conversationId: typeof body.conversation_id === "string" ? body.conversation_id : null,
   };
 }
 
@@ -373,8 +456,16 @@ function explain(error) {
       return { text: "The model is still loading. It will be ready shortly.", retry: true, kind: "warn" };
     case "model_unavailable":
       return { text: `The model is not available. ${sentence(error.message)}`, retry: false };
-    case "session_busy":
-      return { text: "A reply is already being written in this conversation (perhaps in another tab). Wait for it to finish, or stop it there, then try again.", retry: true, kind: "warn" };
+    case "session_busy": {
+      // With a lock per conversation the server says which one is busy; a lock per session says nothing more.
+      const busy = error.conversationId;
+      const title = knownConversations.find((item) => item.id === busy)?.title;
+      const where = !busy ? null : busy === conversation.id ? "this conversation" : `“${title || "another conversation"}”`;
+      const text = where
+        ? `A reply is already being written in ${where} (perhaps in another tab). Wait for it to finish, or stop it there, then try again.`
+        : "Another reply is being written in this session (perhaps in another tab). Wait for it to finish, or stop it there, then try again.";
+      return { text, retry: true, kind: "warn" };
+    }
     case "input_too_large":
       return { text: `${sentence(error.message || "Your message is too long")} Shorten it and try again.`, retry: false };
     case "nothing_to_regenerate":
@@ -446,6 +537,7 @@ async function runTurn({ text, regenerate, editIndex = null }) {
   await historyLoaded;
   if (current) return;
   hideNotice();
+  clearTimeout(rereadTimer);
 
   const controller = new AbortController();
   let finish;
@@ -463,6 +555,11 @@ async function runTurn({ text, regenerate, editIndex = null }) {
       dropped.forEach((row) => row.remove());
     }
     user = addMessage("user", text);
+    if (dropped.length) {
+      const edited = dropped[0].chatMessage; // the new version comes after the ones this message had
+      user.branchCount = Math.min(edited.branchCount + 1, 10);
+      user.branchShown = user.branchCount - 1;
+    }
   }
   const reply = createMessage("assistant");
   reply.row.setAttribute("aria-busy", "true");
@@ -526,11 +623,11 @@ async function runTurn({ text, regenerate, editIndex = null }) {
         reply.setText(reply.text + String(data.text ?? ""));
       } else if (event === "done") {
         outcome = "done";
-        reply.stats = describeStats(data);
+        reply.ended = { finish_reason: data.finish_reason, completion_tokens: data.usage?.completion_tokens, ...data.timing };
         reply.render();
-        if (data.finish_reason === "length") reply.setNote("The reply reached the length limit.");
       } else if (event === "error") {
         outcome = "error";
+        reply.ended = { finish_reason: "error" };
         reply.render();
         reply.setNote(`The reply failed: ${data.message || data.error || "unknown error"}`, "error");
       }
@@ -544,8 +641,8 @@ async function runTurn({ text, regenerate, editIndex = null }) {
     if (error && error.name === "AbortError") {
       outcome = "stopped";
       if (reply.text) {
+        reply.ended = { finish_reason: "stopped" };
         reply.render();
-        reply.setNote("Stopped");
       } else if (replaced) {
         // Stopped before any new text: the server keeps the previous reply.
         reply.row.replaceWith(replaced.row);
@@ -554,6 +651,7 @@ async function runTurn({ text, regenerate, editIndex = null }) {
       }
     } else if (!response) {
       outcome = "offline";
+      loadHealth();
       undo();
       const message = "Could not reach the server. Check your connection and try again.";
       showNotice(message, { retry });
@@ -566,6 +664,7 @@ async function runTurn({ text, regenerate, editIndex = null }) {
   } finally {
     reply.row.removeAttribute("aria-busy");
     keepVersions(reply, replaced);
+    if (reply.ended) showDetails(reply);
     current = null;
     setBusy(false);
     updateActions();
@@ -586,11 +685,11 @@ function turnBody(text, regenerate, editIndex) {
 }
 
 /** What the server did for this reply, in one short line. */
-function describeStats(done) {
+function describeStats(details) {
   const parts = [];
-  const tokens = done?.usage?.completion_tokens;
-  const rate = done?.timing?.tokens_per_s;
-  const ttft = done?.timing?.ttft_s;
+  const tokens = details?.completion_tokens;
+  const rate = details?.tokens_per_s;
+  const ttft = details?.ttft_s;
   if (Number.isFinite(tokens)) parts.push(`${tokens} tokens`);
   if (Number.isFinite(rate)) parts.push(`${rate.toFixed(1)} tokens/s`);
   if (Number.isFinite(ttft)) parts.push(`${ttft.toFixed(2)} s to first token`);
@@ -599,15 +698,19 @@ function describeStats(done) {
 
 /** A regenerated reply keeps the answers it replaced, as the server does (the same answer twice counts once). */
 function keepVersions(reply, replaced) {
+  const ended = reply.ended || null;
   if (!replaced || !reply.text) {
     reply.versions = [reply.text];
+    reply.details = [ended];
     reply.shown = 0;
     return;
   }
   const earlier = replaced.versions;
   const known = earlier.indexOf(reply.text);
   reply.versions = known >= 0 ? earlier : [...earlier.slice(-10), reply.text];
+  reply.details = known >= 0 ? replaced.details : [...replaced.details.slice(-10), ended];
   reply.shown = known >= 0 ? known : reply.versions.length - 1;
+  if (known >= 0) reply.ended = reply.details[known] || null;
 }
 
 function stop() {
@@ -660,6 +763,7 @@ function errorOf(result) {
     code: typeof result.body.error === "string" ? result.body.error : `http_${result.status}`,
     message: typeof result.body.message === "string" ? result.body.message : "",
     retryAfter: 0,
+    conversationId: typeof result.body.conversation_id === "string" ? result.body.conversation_id : null,
   };
 }
 
@@ -727,22 +831,44 @@ async function openConversation(id) {
   input.focus();
 }
 
+let rereadTimer = null;
+
 /** Put conversation `id` on screen, from the server. */
-async function showConversation(id) {
+async function showConversation(id, attempt = 0, { keepScroll = false } = {}) {
+  clearTimeout(rereadTimer);
   const result = await api.readConversation(id);
   if (!result.ok) throw new Error(`HTTP ${result.status}`);
   conversation = { id, title: result.body.title || "", settings: result.body.settings || {} };
   clearThread();
-  for (const message of result.body.messages || []) {
+  const stored = result.body.messages || [];
+  for (const [position, message] of stored.entries()) {
+    // Only the last reply can still be being written: an older "streaming" one lost its writer.
+    if (position < stored.length - 1 && message.details?.finish_reason === "streaming") message.details = { finish_reason: "stopped" };
     if ((message.role === "user" || message.role === "assistant") && typeof message.content === "string") {
       const alternatives = Array.isArray(message.alternatives) ? message.alternatives.filter((a) => typeof a === "string") : [];
       const version = Number.isInteger(message.version) && message.version <= alternatives.length ? message.version : alternatives.length;
-      addMessage(message.role, message.content, alternatives, version);
+      const others = Array.isArray(message.alternative_details) && message.alternative_details.length === alternatives.length
+        ? message.alternative_details : alternatives.map(() => null);
+      const details = [...others.slice(0, version), message.details || null, ...others.slice(version)];
+      const added = addMessage(message.role, message.content, alternatives, version, details);
+      if (message.role === "user" && Array.isArray(message.branches) && message.branches.length) {
+        added.branchCount = message.branches.length + 1;
+        added.branchShown = Number.isInteger(message.branch) && message.branch < message.branches.length ? message.branch : message.branches.length;
+      }
     }
   }
   updateEmptyState();
   updateActions();
-  scrollToBottom();
+  if (!keepScroll) scrollToBottom();
+  // A reply still being written (this page was reloaded mid-reply, or another tab is writing it):
+  // the server saves how it ended a moment later, so read the conversation again for a while.
+  const last = lastMessage();
+  const unfinished = last && (last.role === "user" || last.details[last.shown]?.finish_reason === "streaming");
+  if (unfinished && attempt < 20) {
+    rereadTimer = setTimeout(() => {
+      if (!current && conversation.id === id) showConversation(id, attempt + 1).catch(() => {});
+    }, Math.min(250 * 2 ** attempt, 2000));
+  }
 }
 
 function startRename(li, item) {
@@ -812,62 +938,152 @@ function closeSidebar() {
   sidebarToggle.setAttribute("aria-expanded", "false");
 }
 
-// -- settings of the conversation --
+// -- settings: of this conversation, or the user's defaults for all chats --
 
-const settingFields = {
-  system_prompt: $("setting-system"),
-  temperature: $("setting-temperature"),
-  top_p: $("setting-top-p"),
-  max_tokens: $("setting-max-tokens"),
-};
+/** Each setting: its field, its name for people, and what it may be (limits come from GET settings). */
+const SETTINGS = [
+  { name: "system_prompt", field: $("setting-system"), label: "System prompt", kind: "text" },
+  { name: "temperature", field: $("setting-temperature"), label: "Temperature", kind: "number", min: 0, max: (l) => l.temperature },
+  { name: "top_p", field: $("setting-top-p"), label: "Top-p", kind: "number", above: 0, max: () => 1 },
+  { name: "max_tokens", field: $("setting-max-tokens"), label: "Max tokens", kind: "integer", min: 1, max: (l) => l.max_tokens, limitNote: " (this server's limit)" },
+  { name: "top_k", field: $("setting-top-k"), label: "Top-k", kind: "integer", min: 0, max: (l) => l.top_k ?? 2147483647, minNote: " (off)" },
+  { name: "seed", field: $("setting-seed"), label: "Seed", kind: "integer", min: -(2 ** 63), max: () => 2 ** 64 - 1 },
+  { name: "stop", field: $("setting-stop"), label: "Stop sequences", kind: "lines" },
+];
+const FALLBACK_LIMITS = { temperature: 2, max_tokens: 1 << 20, top_k: null, stop: 4, stop_chars: 100 };
+/** GET settings: { server, limits, defaults } (read again each time the dialog opens). */
+let settingsInfo = { server: {}, limits: FALLBACK_LIMITS, defaults: {} };
 
-function openSettings() {
-  const settings = conversation.settings || {};
-  for (const [name, field] of Object.entries(settingFields)) {
-    field.value = settings[name] ?? "";
+function settingsScope() {
+  return $("scope-all").checked ? "all" : "chat";
+}
+
+function describeDefault(setting, value) {
+  if (setting.name === "stop") return Array.isArray(value) && value.length ? value.join(" · ") : "none (one per line)";
+  if (setting.name === "seed") return value === null || value === undefined ? "random" : String(value);
+  if (setting.name === "system_prompt") return value || "none";
+  if (setting.name === "top_k" && value === 0) return "0 (off)";
+  return value === null || value === undefined ? "" : String(value);
+}
+
+/** Fill the form for the scope chosen: the values set there, and in each empty field the default it falls back to. */
+function fillSettings() {
+  const all = settingsScope() === "all";
+  const values = (all ? settingsInfo.defaults : conversation.settings) || {};
+  for (const setting of SETTINGS) {
+    const value = values[setting.name];
+    setting.field.value = value === undefined || value === null ? "" : Array.isArray(value) ? value.join("\n") : String(value);
+    const fallback = all ? settingsInfo.server[setting.name] : (settingsInfo.defaults[setting.name] ?? settingsInfo.server[setting.name]);
+    setting.field.placeholder = describeDefault(setting, fallback);
+    setting.field.removeAttribute("aria-invalid");
   }
+  $("setting-max-tokens").max = String(settingsInfo.limits.max_tokens);
+  $("settings-text").textContent = all
+    ? "Defaults for every chat of yours; a chat's own settings win. An empty field uses the server's default shown in it."
+    : "These apply to this chat only. An empty field uses the default shown in it.";
   settingsError.hidden = true;
+}
+
+async function openSettings() {
+  try {
+    const result = await api.call("GET", "settings");
+    if (result.ok) settingsInfo = { server: result.body.server || {}, limits: { ...FALLBACK_LIMITS, ...result.body.limits }, defaults: result.body.defaults || {} };
+  } catch {
+    // offline: the form still opens; saving will say what went wrong
+  }
+  $("scope-chat").checked = true;
+  fillSettings();
   settingsDialog.showModal();
-  settingFields.system_prompt.focus();
+  SETTINGS[0].field.focus();
+}
+
+/** The form's values (null: use the default), or `{ error, field }` in words for people. */
+function readSettings() {
+  const limits = settingsInfo.limits;
+  const settings = {};
+  for (const setting of SETTINGS) {
+    const raw = setting.field.value.trim();
+    if (setting.kind === "text") {
+      settings[setting.name] = raw ? setting.field.value : null;
+      continue;
+    }
+    if (setting.kind === "lines") {
+      const lines = setting.field.value.split("\n").filter((line) => line.trim());
+      if (lines.length > limits.stop) return { error: `Give at most ${limits.stop} stop sequences, one per line.`, setting };
+      if (lines.some((line) => line.length > limits.stop_chars)) return { error: `A stop sequence may have at most ${limits.stop_chars} characters.`, setting };
+      settings[setting.name] = lines.length ? lines : null;
+      continue;
+    }
+    if (raw === "") {
+      settings[setting.name] = null;
+      continue;
+    }
+    const value = Number(raw);
+    const max = setting.max(limits);
+    const low = setting.above !== undefined ? `more than ${setting.above}` : `${setting.min}${setting.minNote || ""}`;
+    const range = setting.above !== undefined
+      ? `${setting.label} must be more than ${setting.above} and at most ${max}.`
+      : `${setting.label} must be between ${low} and ${max}${setting.limitNote || ""}.`;
+    if (!Number.isFinite(value)) return { error: `${setting.label} must be a number. ${range}`, setting };
+    if (setting.kind === "integer" && !Number.isInteger(value)) return { error: `${setting.label} must be a whole number.`, setting };
+    if ((setting.above !== undefined ? value <= setting.above : value < setting.min) || value > max) return { error: range, setting };
+    settings[setting.name] = value;
+  }
+  return { settings };
+}
+
+/** A server refusal in the form's words: "'settings.top_k' must be ..." -> "Top-k must be ...". */
+function humanSettingsError(message) {
+  const text = String(message || "").replace(/'settings\.(\w+)'/g, (whole, name) => SETTINGS.find((s) => s.name === name)?.label || name);
+  return sentence(text);
+}
+
+function showSettingsError(text, setting = null) {
+  settingsError.textContent = text;
+  settingsError.hidden = false;
+  if (setting) {
+    setting.field.setAttribute("aria-invalid", "true");
+    setting.field.focus();
+  }
 }
 
 async function saveSettings(event) {
   event.preventDefault();
-  const settings = {};
-  for (const [name, field] of Object.entries(settingFields)) {
-    const raw = field.value.trim();
-    if (name === "system_prompt") settings[name] = raw ? field.value : null;
-    else settings[name] = raw === "" ? null : Number(raw);
+  SETTINGS.forEach((setting) => setting.field.removeAttribute("aria-invalid"));
+  const { settings, error, setting } = readSettings();
+  if (error) {
+    showSettingsError(error, setting);
+    return;
   }
-  for (const [name, value] of Object.entries(settings)) {
-    if (typeof value === "number" && !Number.isFinite(value)) {
-      settingsError.textContent = `${name.replace("_", " ")} must be a number.`;
-      settingsError.hidden = false;
-      return;
-    }
-  }
+  const all = settingsScope() === "all";
   let result;
   try {
-    if (conversation.id) {
+    if (all) {
+      result = await api.call("PATCH", "settings", { defaults: settings });
+    } else if (conversation.id) {
       result = await api.updateConversation(conversation.id, { settings });
     } else {
       const kept = Object.fromEntries(Object.entries(settings).filter(([, value]) => value !== null));
       result = await api.createConversation({ settings: kept });
     }
   } catch {
-    settingsError.textContent = "Could not reach the server. Try again.";
-    settingsError.hidden = false;
+    showSettingsError("Could not reach the server. Try again.");
     return;
   }
   if (!result.ok) {
-    settingsError.textContent = sentence(result.body.message || `The server refused the settings (${result.status})`);
-    settingsError.hidden = false;
+    const param = typeof result.body.param === "string" ? result.body.param.replace(/^settings\./, "") : "";
+    showSettingsError(humanSettingsError(result.body.message || `The server refused the settings (${result.status})`),
+      SETTINGS.find((s) => s.name === param) || null);
     return;
   }
-  conversation = { id: result.body.id, title: result.body.title, settings: result.body.settings || {} };
+  if (all) {
+    settingsInfo.defaults = result.body.defaults || {};
+  } else {
+    conversation = { id: result.body.id, title: result.body.title, settings: result.body.settings || {} };
+  }
   settingsDialog.close();
   await refreshConversations();
-  announce("Settings saved.");
+  announce(all ? "Defaults for all chats saved." : "Settings saved.");
 }
 
 // -- export --
@@ -911,23 +1127,33 @@ async function loadHistory() {
   scrollToBottom();
 }
 
+let healthTimer = null;
+let modelLabel = "";
+
+/**
+ * The dot by the model's name: green when ready, amber while loading, red when the server says it
+ * cannot answer, grey when the server does not answer at all. Checked every 15 s (every 3 s while
+ * not ready), at once when a request could not reach the server, and when the tab comes back.
+ */
 async function loadHealth() {
+  clearTimeout(healthTimer);
   let state = "error";
   try {
     const response = await fetch("health", { cache: "no-store" });
     const body = await response.json();
     if (typeof body.model === "string" && body.model) {
-      modelName.textContent = body.model;
+      modelLabel = body.model;
       document.title = `${body.model} · chatstream`;
     }
     state = body.status === "ok" ? "ok" : body.status === "loading" ? "loading" : "error";
   } catch {
-    modelName.textContent = "offline";
+    state = "offline";
   }
+  modelName.textContent = state === "offline" ? (modelLabel ? `${modelLabel} · offline` : "offline") : modelLabel || "unknown";
   modelDot.dataset.state = state;
-  const labels = { ok: "ready", loading: "loading", error: "unavailable" };
+  const labels = { ok: "ready", loading: "loading", error: "unavailable", offline: "the server does not answer" };
   $("model").title = `Model status: ${labels[state]}`;
-  if (state !== "ok") setTimeout(loadHealth, state === "loading" ? 2000 : 5000);
+  healthTimer = setTimeout(loadHealth, state === "ok" ? 15000 : 3000);
 }
 
 // -- composer --
@@ -966,6 +1192,8 @@ backdrop.addEventListener("click", closeSidebar);
 $("open-settings").addEventListener("click", openSettings);
 $("settings-form").addEventListener("submit", saveSettings);
 $("settings-cancel").addEventListener("click", () => settingsDialog.close());
+$("scope-chat").addEventListener("change", fillSettings);
+$("scope-all").addEventListener("change", fillSettings);
 $("export-markdown").addEventListener("click", () => exportConversation("markdown"));
 $("export-json").addEventListener("click", () => exportConversation("json"));
 $("notice-close").addEventListener("click", hideNotice);
@@ -979,6 +1207,16 @@ for (const suggestion of document.querySelectorAll(".suggestion")) {
     submit();
   });
 }
+
+log.addEventListener("scroll", updateJumpButton, { passive: true });
+jumpButton.addEventListener("click", () => {
+  scrollToBottom();
+  input.focus({ preventScroll: true });
+});
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState === "visible") loadHealth();
+});
+window.addEventListener("online", loadHealth);
 
 historyLoaded = loadHistory();
 loadHealth();

@@ -1,6 +1,6 @@
 // Chat replies as Markdown, with well-kept libraries (vendored under static/vendor/, loaded by
 // index.html as plain scripts): markdown-it parses (raw HTML off, images off), KaTeX writes math
-// as MathML ($...$ inline, $$...$$ on their own lines), highlight.js colours code, and DOMPurify
+// as MathML ($...$ or \(...\) inline, $$...$$ or \[...\] as blocks), highlight.js colours code, and DOMPurify
 // sanitizes the result before it becomes DOM. Model text reaches the page only through DOMPurify.
 
 const { markdownit, DOMPurify, hljs, katex } = globalThis;
@@ -53,8 +53,27 @@ function renderMath(tex, displayMode) {
   }
 }
 
-/** `$...$` inline and `$$...$$` blocks (a `$` before a digit or space is money, not math). */
+/**
+ * `$...$` and `\(...\)` inline, `$$...$$` and `\[...\]` blocks (a `$` before a digit or space is
+ * money, not math). The backslash forms run before markdown-it's escapes, which would eat the
+ * backslashes; an unclosed `\(` stays an escape. Code spans and blocks are parsed first: untouched.
+ */
 function mathPlugin(markdown) {
+  markdown.inline.ruler.before("escape", "math_inline_backslash", (state, silent) => {
+    const src = state.src;
+    const start = state.pos;
+    if (src[start] !== "\\" || (src[start + 1] !== "(" && src[start + 1] !== "[")) return false;
+    const display = src[start + 1] === "[";
+    const end = src.indexOf(display ? "\\]" : "\\)", start + 2);
+    if (end < 0 || !src.slice(start + 2, end).trim()) return false;
+    if (!silent) {
+      const token = state.push("math_inline", "math", 0);
+      token.content = src.slice(start + 2, end);
+      token.markup = display ? "$$" : "$";
+    }
+    state.pos = end + 2;
+    return true;
+  });
   markdown.inline.ruler.after("escape", "math_inline", (state, silent) => {
     const src = state.src;
     const start = state.pos;
@@ -82,16 +101,17 @@ function mathPlugin(markdown) {
   markdown.block.ruler.after("blockquote", "math_block", (state, startLine, endLine, silent) => {
     const lineStart = state.bMarks[startLine] + state.tShift[startLine];
     const firstLine = state.src.slice(lineStart, state.eMarks[startLine]).trim();
-    if (!firstLine.startsWith("$$")) return false;
+    const [open, close] = firstLine.startsWith("$$") ? ["$$", "$$"] : firstLine.startsWith("\\[") ? ["\\[", "\\]"] : [];
+    if (!open) return false;
     let content;
     let line = startLine;
-    if (firstLine.length > 4 && firstLine.endsWith("$$")) {
+    if (firstLine.length > 4 && firstLine.endsWith(close)) {
       content = firstLine.slice(2, -2);
-    } else if (firstLine === "$$") {
+    } else if (firstLine === open) {
       const lines = [];
       for (line = startLine + 1; line < endLine; line++) {
         const text = state.src.slice(state.bMarks[line] + state.tShift[line], state.eMarks[line]);
-        if (text.trim() === "$$") break;
+        if (text.trim() === close) break;
         lines.push(text);
       }
       if (line >= endLine) return false; // not closed (yet, while streaming): plain text for now

@@ -13,6 +13,7 @@ from ..metrics import MetricsMiddleware
 from ..service import ChatService
 from ..settings import Settings
 from .auth import AuthMiddleware
+from .body_drain import BodyDrainMiddleware
 from .chat_stream import ChatStream
 from .limits import BodyLimitMiddleware
 from .origin import OriginCheckMiddleware
@@ -46,8 +47,8 @@ def create_app(settings: Settings | None = None, service: ChatService | None = N
     chat_stream.append_apis(app)
     chat_stream.append_openai_apis(app)  # the key is checked for every route by AuthMiddleware
     chat_stream.append_ui(app)
-    # The last added runs first: Metrics -> Origin -> Auth -> BodyLimit -> Session -> routes. Auth comes before
-    # the body limit so that no body of an unauthenticated client is ever buffered.
+    # The last added runs first: BodyDrain -> Metrics -> Origin -> Auth -> BodyLimit -> Session -> routes. Auth
+    # comes before the body limit so that no body of an unauthenticated client is ever buffered.
     chat_stream.append_middlewares(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        read_timeout_s=settings.body_timeout_s)
@@ -56,7 +57,9 @@ def create_app(settings: Settings | None = None, service: ChatService | None = N
                            max_age_s=settings.auth_cookie_max_age_s)
     origins = [o.strip() for o in settings.allowed_origins.split(",") if o.strip()]
     app.add_middleware(OriginCheckMiddleware, allowed_origins=origins)
-    app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # outermost: sees every answer
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # sees every answer
+    # Outside every middleware that may answer before reading the body (Origin, Auth, BodyLimit).
+    app.add_middleware(BodyDrainMiddleware, linger_s=settings.body_linger_s, linger_bytes=settings.body_linger_bytes)
     return app
 
 

@@ -4,9 +4,11 @@ Usable without the UI::
 
     GET    /conversations          -> {"conversations": [summary, ...] (newest first), "current": id|null, "limit": n}
     POST   /conversations          {"title"?, "settings"?}            -> 201 summary (it becomes current)
-    GET    /conversations/{id}     -> summary + {"messages": [...]}
+    GET    /conversations/{id}     -> summary + {"messages": [...]} (a reply also says how it ended: "details")
     PATCH  /conversations/{id}     {"title"?, "settings"?, "current"?: true, "select"?: {"message", "version"}} -> summary
     DELETE /conversations/{id}     -> {"deleted": id, "current": id|null}
+    GET    /settings               -> {"server": {defaults}, "limits": {...}, "defaults": {the user's, for all chats}}
+    PATCH  /settings               {"defaults": {settings}}             -> the same as GET
 
 A summary is ``{"id", "title", "created", "updated", "message_count", "settings"}``. Renaming,
 settings and creating change only the session's small index (under its lock, held for
@@ -15,7 +17,9 @@ own lock, so they are refused (409 ``session_busy``, naming the conversation) wh
 being written into it; an id this session does not hold, another user's included, is 404 and
 nothing more.
 ``select`` picks which answer of a regenerated reply the conversation goes on from (``version``
-indexes the reply's answers oldest first: its ``alternatives`` with ``content`` at ``version``).
+indexes the reply's answers oldest first: its ``alternatives`` with ``content`` at ``version``), or,
+at a user message that was edited, which of its versions (``branches`` with the messages shown at
+``branch``), and the conversation goes on with the messages that followed that version.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ def add_conversation_routes(app: Any, service: ChatService) -> None:
     routes = _ConversationRoutes(service)
     app.add_route("/conversations", routes.list_or_create, methods=["GET", "POST"])
     app.add_route("/conversations/{conversation_id}", routes.one, methods=["GET", "PATCH", "DELETE"])
+    app.add_route("/settings", routes.settings, methods=["GET", "PATCH"])
 
 
 class _ConversationRoutes:
@@ -69,6 +74,39 @@ class _ConversationRoutes:
         except ChatError as exc:
             return chat_error_response(exc)
 
+    async def settings(self, request: Request) -> Response:
+        """The server's defaults and limits (what a settings form shows), and the user's defaults for all chats."""
+        try:
+            session = _session_of(request)
+            if request.method == "GET":
+                data = await self.service.read_index(session)
+                return JSONResponse(self._settings_view(book.session_defaults(data)))
+            body = await _json_object(request, {"defaults"}, allow_empty=False, **self._body_limits())
+
+            def change(data: dict[str, Any]) -> dict[str, Any]:  # the defaults live in the session's index
+                defaults = self._settings(body["defaults"], book.session_defaults(data))
+                if defaults:
+                    data[book.DEFAULTS_KEY] = defaults
+                else:
+                    data.pop(book.DEFAULTS_KEY, None)
+                return defaults
+
+            return JSONResponse(self._settings_view(await self.service.update_index(session, change)))
+        except ChatError as exc:
+            return chat_error_response(exc)
+
+    def _settings_view(self, defaults: dict[str, Any]) -> dict[str, Any]:
+        server, settings = self.service.defaults, self.service.settings
+        return {
+            "server": {"system_prompt": settings.system_prompt, "temperature": server.temperature,
+                       "top_p": server.top_p, "max_tokens": server.max_new_tokens, "top_k": server.top_k,
+                       "seed": server.seed, "stop": list(server.stop)},
+            "limits": {"temperature": book.MAX_TEMPERATURE, "max_tokens": settings.max_new_tokens,
+                       "top_k": self.service.vocab_size, "stop": book.MAX_STOP_STRINGS,
+                       "stop_chars": book.MAX_STOP_CHARS, "system_prompt_chars": settings.max_input_chars},
+            "defaults": defaults,
+        }
+
     async def _list(self, session: Session) -> Response:
         data = await self.service.read_index(session)
         return JSONResponse({
@@ -80,7 +118,7 @@ class _ConversationRoutes:
     async def _read(self, session: Session, conversation_id: str) -> Response:
         data = await self.service.read_index(session)
         entry = book.get(data, conversation_id)
-        messages = await self.service.history(session, conversation_id)
+        messages = await self.service.history(session, conversation_id, details=True)
         return JSONResponse({**book.summary(conversation_id, entry), "messages": messages})
 
     async def _create(self, request: Request) -> Response:
@@ -114,6 +152,7 @@ class _ConversationRoutes:
             entry = book.get(data, conversation_id)
             if title is not None:
                 entry["title"] = title
+                entry.pop(book.AUTO_TITLE_KEY, None)  # renamed: edits of the first message no longer retitle it
             if settings is not None:
                 entry["settings"] = settings
             if body.get("current"):
@@ -131,7 +170,12 @@ class _ConversationRoutes:
             except IndexError as exc:
                 raise InvalidRequest(str(exc), param="select") from None
             await session.put_part(conversation_id, {**(stored or {}), **prompt.to_dict()}, lease)
-            return JSONResponse(await self.service.update_index(session, change))
+
+            def change_and_count(data: dict[str, Any]) -> dict[str, Any]:
+                book.get(data, conversation_id)["message_count"] = len(prompt.messages)  # a branch has its own
+                return change(data)
+
+            return JSONResponse(await self.service.update_index(session, change_and_count))
 
     async def _delete(self, session: Session, conversation_id: str) -> Response:
         if session.is_new:

@@ -11,7 +11,9 @@ and hands it on in one message, so every refusal happens before the app has star
 - a client that sends nothing for ``read_timeout_s`` mid-body is a 408;
 - a client that disconnects mid-body gets no answer and leaves no log line.
 
-Each refusal closes the connection (the rest of the body is never read).
+Each refusal closes the connection; this middleware never reads the rest of the body (in ``create_app``,
+:class:`~chatstream.web.body_drain.BodyDrainMiddleware` reads and discards it first, within bounds, so
+that the client reads the refusal instead of a connection reset).
 """
 
 from __future__ import annotations
