@@ -54,7 +54,7 @@ def test_a_users_conversations_stream_in_parallel_and_a_busy_one_is_named(serve:
             # The same conversation is busy, and the answer says which one.
             busy = client.post("/chat_stream", json={"user_input": "again", "conversation_id": first})
             assert busy.status_code == 409 and busy.json()["error"] == "session_busy"
-            assert first in busy.json()["message"]
+            assert busy.json()["conversation_id"] == first and first in busy.json()["message"]
             assert client.delete(f"/conversations/{first}").status_code == 409
             # Another conversation of the same user streams meanwhile, and the list can change.
             other = parse_sse(client.post("/chat_stream", json={"user_input": "meanwhile",

@@ -60,9 +60,14 @@ class PromptTooLong(ChatError):
 
 
 class SessionBusy(ChatError):
-    """Another turn of the same session is running (possibly in another process)."""
+    """Another turn of the same conversation is running (possibly in another process);
+    ``conversation_id`` names it when the lock was a conversation's."""
 
     code = "session_busy"
+
+    def __init__(self, message: str, conversation_id: str | None = None) -> None:
+        super().__init__(message)
+        self.conversation_id = conversation_id
 
 
 class QueueFull(ChatError):

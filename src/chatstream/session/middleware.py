@@ -162,13 +162,14 @@ class Session:
     @contextlib.asynccontextmanager
     async def hold(self, part: str, lease_s: float, busy: str,
                    on_lost: Callable[[str], None] | None = None) -> AsyncIterator[Lease]:
-        """Hold the lock of one part of this session (``<session id>/<part>``); :class:`SessionBusy`
-        with the message ``busy`` while another request holds it. Parts lock independently of each
-        other and of :meth:`lock`, so a user's conversations can stream in parallel."""
+        """Hold the lock of one part of this session (``<session id>/<part>``, a conversation);
+        :class:`SessionBusy` naming it, with the message ``busy``, while another request holds it.
+        Parts lock independently of each other and of :meth:`lock`, so a user's conversations can
+        stream in parallel."""
         self.claim()
         lease = Lease(self.store, self._part_key(part), lease_s, on_lost)
         if not await lease.acquire():
-            raise SessionBusy(busy)
+            raise SessionBusy(busy, conversation_id=part)
         self.used = True
         try:
             yield lease

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..conversation import ChatPrompt
 from ..engine import Engine, SamplingParams
-from ..errors import ChatError, ModelNotReady, QueueFull, StoreUnavailable
+from ..errors import ChatError, ModelNotReady, QueueFull, SessionBusy, StoreUnavailable
 from ..metrics import CONTENT_TYPE
 from ..service import ChatService, Delta, Done, Failed, Queued, TurnEvent
 from ..service.conversations import check_id
@@ -61,7 +61,11 @@ def chat_error_response(exc: ChatError) -> JSONResponse:
     retry_after = getattr(exc, "retry_after", None)
     if isinstance(exc, (QueueFull, ModelNotReady, StoreUnavailable)) and retry_after:
         headers["Retry-After"] = str(retry_after)
-    return error_response(_STATUS.get(exc.code, 400), exc.code, exc.message, headers)
+    response = error_response(_STATUS.get(exc.code, 400), exc.code, exc.message, headers)
+    if isinstance(exc, SessionBusy) and exc.conversation_id is not None:  # which conversation is busy (the UI names it)
+        response = JSONResponse({"error": exc.code, "message": exc.message, "conversation_id": exc.conversation_id},
+                                status_code=409)
+    return response
 
 
 class ChatStream:
