@@ -344,7 +344,7 @@ class ChatService:
     # -- conversations in sessions (an index, and each conversation on its own: see service/conversations.py) --
     async def read_index(self, session: Session) -> dict[str, Any]:
         """The session's index of conversations, read without a lock (nothing is written)."""
-        data = {} if session.is_new else (await session.store.get(session.id)) or {}
+        data = {} if session.unseen else (await session.store.get(session.id)) or {}
         conversations.migrate(data)
         return data
 
@@ -376,16 +376,16 @@ class ChatService:
                 session, lambda data: conversations.resolve(data, None, create=True))
         return target
 
-    async def start_conversation_id(self, session: Session, conversation_id: str | None) -> str:
+    async def start_conversation_id(self, session: Session, conversation_id: str | None) -> tuple[str, Any]:
         """The conversation a turn writes into: the one given (which must exist), else the current
         one, else a new id that enters the index with the turn's first save (a refused turn creates
-        nothing)."""
+        nothing); and which conversation is current now (see :func:`conversations.note_chat_prompt`)."""
         index = await self.read_index(session)
         target = conversations.resolve(index, conversation_id, create=False)
         if target is None:
             conversations.check_room(index)
             target = conversations.new_id()
-        return target
+        return target, index.get(conversations.CURRENT_KEY)
 
     async def read_chat_prompt_data(self, session: Session, conversation_id: str,
                                     index: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -414,25 +414,29 @@ class ChatService:
         return prompt
 
     async def save_conversation(self, session: Session, chat_prompt: ChatPrompt,
-                                conversation_id: str | None = None, lease: Lease | None = None) -> None:
+                                conversation_id: str | None = None, lease: Lease | None = None,
+                                current_was: Any = ...) -> None:
         """Store the conversation's messages (fenced by ``lease``, its lock), then note it in the index."""
         target = conversation_id or await self.resolve_conversation(session, None, create=True) or ""
         data = chat_prompt.to_dict()
         await session.put_part(target, data, lease)
         session.get_session()[CONVERSATION_KEY] = chat_prompt  # what the seed API's callback reads
         try:
-            await self.update_index(session, lambda index: conversations.note_chat_prompt(index, target, data))
+            await self.update_index(
+                session, lambda index: conversations.note_chat_prompt(index, target, data, current_was))
         except SessionBusy:  # the messages are saved; only the list's title/count/time lag behind
             logger.warning("the index of session %s… stayed busy; conversation %s saved without it", session.id[:8], target)
 
     async def save_conversation_data(self, session: Session, data: dict[str, Any],
-                                     conversation_id: str | None = None, lease: Lease | None = None) -> None:
+                                     conversation_id: str | None = None, lease: Lease | None = None,
+                                     current_was: Any = ...) -> None:
         """Save a conversation given as plain data (a checkpoint of a reply in progress): its messages,
         and the index only for a conversation the turn started."""
         target = conversation_id or await self.resolve_conversation(session, None, create=True) or ""
         await session.put_part(target, data, lease)
         if target not in ((await self.read_index(session)).get(conversations.CONVERSATIONS_KEY) or {}):
-            await self.update_index(session, lambda index: conversations.note_chat_prompt(index, target, data))
+            await self.update_index(
+                session, lambda index: conversations.note_chat_prompt(index, target, data, current_was))
 
     async def conversation_sampling(self, session: Session, conversation_id: str | None = None) -> dict[str, Any]:
         """The conversation's sampling settings under the engine's names (overrides of the defaults)."""

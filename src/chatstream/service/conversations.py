@@ -190,11 +190,14 @@ def delete(data: Data, conversation_id: str) -> None:
         data[CURRENT_KEY] = newest[0][0] if newest else None
 
 
-def note_chat_prompt(data: Data, conversation_id: str, chat_prompt: Data) -> None:
+def note_chat_prompt(data: Data, conversation_id: str, chat_prompt: Data, current_was: Any = ...) -> None:
     """Record in the index that a conversation's messages changed; the first user message names an untitled one.
 
     A conversation a turn started (there was none) enters the index here, with its first messages.
+    It becomes the current one unless the current one changed since ``current_was`` (what it was
+    when the turn began): a chat the user opened meanwhile ("New chat") stays current.
     """
+    current_now = data.get(CURRENT_KEY)
     if conversation_id not in migrate(data):
         create_conversation(data, conversation_id=conversation_id)
     entry = get(data, conversation_id)
@@ -204,7 +207,8 @@ def note_chat_prompt(data: Data, conversation_id: str, chat_prompt: Data) -> Non
     if not entry.get("title") or entry.get(AUTO_TITLE_KEY):  # a title the user gave is never replaced
         entry["title"] = _title_from(chat_prompt)
         entry[AUTO_TITLE_KEY] = True
-    data[CURRENT_KEY] = conversation_id  # the conversation in use is the one a reload shows
+    # The conversation in use is the one a reload shows.
+    data[CURRENT_KEY] = conversation_id if current_was is ... or current_now == current_was else current_now
 
 
 # -- validation of what clients send --

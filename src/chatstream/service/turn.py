@@ -100,6 +100,7 @@ class Turn:
         self._done: Done | None = None
         self._ended = False  # a Failed was sent: the stream ends there
         self._lease: Lease | None = None  # the conversation's lock while the turn holds it: it fences every write
+        self._current_was: Any = ...  # the session's current conversation when the turn began
 
     # -- the face's side --
     async def start(self) -> None:
@@ -192,7 +193,7 @@ class Turn:
             return
         service, session = self.service, self.session
         # The conversation's own lock: the user's other conversations may stream meanwhile.
-        self.conversation_id = await service.start_conversation_id(session, self.conversation_id)
+        self.conversation_id, self._current_was = await service.start_conversation_id(session, self.conversation_id)
         service.enter_stream(session)
         session_id = session.id
         try:
@@ -367,7 +368,8 @@ class Turn:
         message = chat_prompt.reply_message(text)
         message["details"] = {"finish_reason": "streaming"}  # marked "stopped" by the next turn if its writer died
         data["messages"].append(message)
-        await self.service.save_conversation_data(self.session, data, self.conversation_id, self._lease)
+        await self.service.save_conversation_data(self.session, data, self.conversation_id, self._lease,
+                                                  self._current_was)
 
     async def _commit(self, chat_prompt: ChatPrompt, previous: str | None) -> Failed | None:
         """Write the reply into the history and save; exactly what the client was sent if it left.
@@ -382,7 +384,8 @@ class Turn:
         elif previous is not None:  # a regenerate that produced nothing keeps the old reply
             chat_prompt.add_responder_msg(previous)
         try:
-            await self.service.save_conversation(self.session, chat_prompt, self.conversation_id, self._lease)
+            await self.service.save_conversation(self.session, chat_prompt, self.conversation_id, self._lease,
+                                                 self._current_was)
         except ChatError as exc:
             logger.error("saving the reply of turn %s failed: %s", self.message_id, exc.message)
             self.outcome = UNKNOWN_ERROR

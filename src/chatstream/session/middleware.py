@@ -72,12 +72,18 @@ class Session:
         # Its argument says why: "expired" (a stall) or "store_unavailable" (renewals kept failing).
         self.on_lease_lost: Callable[[str], None] | None = None
 
+    @property
+    def unseen(self) -> bool:
+        """Nothing can be stored under this id yet: a new session this request has not locked or
+        written (once it has, parallel requests with its new cookie may write too, so reads go to the store)."""
+        return self.is_new and not self.used
+
     def get_session(self) -> dict[str, Any]:
         return self._view
 
     async def load(self) -> SessionData:
         if not self.loaded:
-            self.data = ({} if self.is_new else await self.store.get(self.id)) or {}
+            self.data = ({} if self.unseen else await self.store.get(self.id)) or {}
             self.loaded = True
         return self.data
 
@@ -177,7 +183,7 @@ class Session:
             await lease.release()
 
     async def get_part(self, part: str) -> SessionData | None:
-        return None if self.is_new else await self.store.get(self._part_key(part))
+        return None if self.unseen else await self.store.get(self._part_key(part))
 
     async def put_part(self, part: str, data: SessionData, lease: Lease | None) -> None:
         """Store ``data`` as ``part``, fenced by ``lease`` (:class:`LeaseLost` if it ran out)."""
