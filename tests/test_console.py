@@ -46,21 +46,26 @@ def finish(child: pexpect.spawn) -> int:
 
 
 class RecordingStore(MemorySessionStore):
-    """The in-memory store, remembering what was saved last, to look at the server's history."""
+    """The in-memory store, remembering which session was saved last, to look at the server's history."""
 
-    last: dict[str, Any] = {}
+    session_id: str | None = None
 
-    async def set(self, session_id: str, data: dict[str, Any], ttl_s: float) -> None:
-        self.last = data
-        await super().set(session_id, data, ttl_s)
+    async def set(self, session_id: str, data: dict[str, Any], ttl_s: float, fence: str | None = None) -> None:
+        await super().set(session_id, data, ttl_s, fence)
+        self.session_id = session_id.split("/")[0]
 
-    async def delete(self, session_id: str) -> None:  # clearing deletes the session
-        self.last = {}
-        await super().delete(session_id)
+    async def delete(self, session_id: str, fence: str | None = None) -> None:  # clearing deletes the session
+        await super().delete(session_id, fence)
+        if session_id == self.session_id:
+            self.session_id = None
 
     def history(self) -> list[tuple[str, str]]:
-        current = (self.last.get("conversations") or {}).get(self.last.get("current"), {})
-        messages = (current.get("chat_prompt") or {}).get("messages", [])
+        """The current conversation of the session saved last (its index, then its own document)."""
+        if self.session_id not in self._data:
+            return []
+        index = json.loads(self._data[self.session_id][1])
+        stored = self._data.get(f"{self.session_id}/{index.get('current')}")
+        messages = json.loads(stored[1]).get("messages", []) if stored else []
         return [(m["role"], m["content"]) for m in messages]
 
 

@@ -65,6 +65,31 @@ def test_round_trips_as_plain_data_only(tokenizer):
     assert junk.messages == []
 
 
+def test_messages_keep_the_fields_the_ui_stores(tokenizer):
+    stored = {"messages": [
+        {"role": "user", "content": "q", "branches": [[{"role": "user", "content": "an earlier version"},
+                                                        {"role": "assistant", "content": "its reply"}]]},
+        {"role": "assistant", "content": "a", "details": {"finish_reason": "stop", "completion_tokens": 3},
+         "alternatives": ["older"], "version": 0},
+    ]}
+    again = ChatPrompt.from_dict(stored, tokenizer=tokenizer)
+    assert again.to_dict()["messages"] == stored["messages"]
+    assert again.kept_messages() == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+def test_a_reply_in_progress_carries_the_earlier_answers_of_a_regenerate(tokenizer):
+    prompt = conversation(tokenizer, turns=1)
+    prompt.add_responder_msg("first")
+    prompt.clear_last_responder_message()
+    prompt.add_responder_msg("second")
+    prompt.clear_last_responder_message()
+    # What a checkpoint stores while the third answer streams: both earlier answers, nothing consumed.
+    assert prompt.reply_message("thi") == {"role": "assistant", "content": "thi", "alternatives": ["first", "second"]}
+    assert prompt.messages[-1]["role"] == "user"  # nothing was consumed or added
+    prompt.add_responder_msg("third")
+    assert prompt.messages[-1] == {"role": "assistant", "content": "third", "alternatives": ["first", "second"]}
+
+
 def test_regenerate_helpers(tokenizer):
     prompt = conversation(tokenizer, turns=1)
     assert prompt.clear_last_responder_message() is False  # last is a user turn

@@ -302,6 +302,9 @@ def test_editing_a_sent_message_branches_the_conversation(client) -> None:
     assert [m["content"] for m in messages if m["role"] == "user"] == ["first question", "second, rephrased"]
     assert len(messages) == 4 and messages[3]["content"].startswith("You said: second, rephrased")
     assert done(r)["status"] == "success"
+    # The branch the edit replaced is kept on the new message, not lost.
+    (branch,) = messages[2]["branches"]
+    assert [m["content"] for m in branch if m["role"] == "user"] == ["second question", "third question"]
     for bad, status in (({"edit_index": 1}, 400), ({"edit_index": 99}, 400), ({"edit_index": -1}, 400),
                         ({"edit_index": "2"}, 400), ({"edit_index": 0, "regenerate": True}, 400)):
         r = client.post("/chat_stream", json={"user_input": "x", **bad})

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from chatstream.errors import LeaseLost, SessionTooLarge, StoreFull
 from chatstream.session import (
     MemorySessionStore,
     RedisSessionStore,
@@ -46,7 +47,7 @@ DATA = {
     "settings": {"temperature": 0.5, "stream": True, "stop": None, "n": [1, 2, {"deep": []}]},
 }
 
-OpenStore = Callable[[], SessionStore]
+OpenStore = Callable[..., SessionStore]
 
 
 @pytest.fixture
@@ -56,22 +57,23 @@ async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     kind = request.param
     opened: list[SessionStore] = []
     if kind == "memory":
-        memory = MemorySessionStore()
+        memories: dict[str, MemorySessionStore] = {}
 
-        def open_one() -> SessionStore:
-            return memory
+        def open_one(**options: Any) -> SessionStore:
+            return memories.setdefault(repr(options), MemorySessionStore(**options))
     elif kind == "sqlite":
-        def open_one() -> SessionStore:
-            return SQLiteSessionStore(tmp_path / "sessions.db")
+        def open_one(**options: Any) -> SessionStore:
+            return SQLiteSessionStore(tmp_path / "sessions.db", **options)
     else:
         url = request.getfixturevalue("redis_server")
         prefix = f"test-{uuid.uuid4().hex}:"
 
-        def open_one() -> SessionStore:
-            return RedisSessionStore.from_url(url, prefix=prefix)
+        def open_one(**options: Any) -> SessionStore:
+            return RedisSessionStore.from_url(url, prefix=prefix, **options)
 
-    def tracked() -> SessionStore:
-        store = open_one()
+    def tracked(**options: Any) -> SessionStore:
+        """``options``: the store's own keyword arguments (e.g. ``max_session_bytes``)."""
+        store = open_one(**options)
         opened.append(store)
         return store
 
@@ -183,6 +185,85 @@ async def test_concurrent_acquires_have_exactly_one_winner(open_store: OpenStore
     assert len([t for t in tokens if t is not None]) == 1
 
 
+# -- fenced writes: a holder whose lease ran out writes nothing ------------------------------------
+
+@stores(ALL)
+async def test_a_write_fenced_by_a_lease_that_ran_out_is_refused(open_store: OpenStore) -> None:
+    stalled, other = open_store(), open_store()  # for SQLite and Redis: two "processes"
+    token = await stalled.acquire_lock("s1", lease_s=0.3)
+    assert token
+    await stalled.set("s1", {"v": "first"}, ttl_s=60, fence=token)
+    await asyncio.sleep(0.45)  # the holder stalls past its lease
+    with pytest.raises(LeaseLost):
+        await stalled.set("s1", {"v": "stale"}, ttl_s=60, fence=token)
+    taker = await other.acquire_lock("s1", lease_s=10)
+    assert taker
+    await other.set("s1", {"v": "acknowledged"}, ttl_s=60, fence=taker)
+    with pytest.raises(LeaseLost):
+        await stalled.set("s1", {"v": "stale"}, ttl_s=60, fence=token)
+    with pytest.raises(LeaseLost):
+        await stalled.delete("s1", fence=token)
+    assert await other.get("s1") == {"v": "acknowledged"}
+    with pytest.raises(LeaseLost):
+        await other.set("s1", {"v": "guess"}, ttl_s=60, fence="not-the-token")
+    await other.delete("s1", fence=taker)
+    assert await stalled.get("s1") is None
+
+
+@stores(ALL)
+async def test_a_session_whose_lease_ran_out_stops_and_cannot_save(open_store: OpenStore) -> None:
+    store = open_store()
+    session = Session(store, "s" * 32, is_new=False, ttl_s=60)
+    lost: list[str] = []
+    session.on_lease_lost = lost.append
+    async with session.lock(lease_s=0.3):
+        session.data = {"v": 1}
+        await session.save()
+        # What a stalled holder sees: its lease runs out and another request takes the lock.
+        assert session._lease is not None and session._lease.token is not None
+        await store.release_lock(session.id, session._lease.token)
+        taker = await store.acquire_lock(session.id, lease_s=10)
+        assert taker
+        await store.set(session.id, {"v": "the other request's"}, ttl_s=60, fence=taker)
+        await asyncio.sleep(0.3)  # the lease keeper notices at its next renewal
+        assert lost == ["expired"]
+        session.data = {"v": "stale"}
+        with pytest.raises(LeaseLost):
+            await session.save()
+    assert await store.get(session.id) == {"v": "the other request's"}
+
+
+# -- quotas ----------------------------------------------------------------------------------------
+
+@stores(ALL)
+async def test_a_session_over_its_byte_limit_is_refused_naming_the_limit(open_store: OpenStore) -> None:
+    store = open_store(max_session_bytes=10_000)
+    await store.set("s1", {"text": "a" * 5_000}, ttl_s=60)
+    with pytest.raises(SessionTooLarge, match="the limit is 10000 bytes"):
+        await store.set("s1", {"text": "é" * 5_000}, ttl_s=60)  # 10,000+ bytes in UTF-8
+    assert await store.get("s1") == {"text": "a" * 5_000}  # nothing changed
+
+
+async def test_a_full_sqlite_store_refuses_growth_but_shrinking_and_deleting_work(tmp_path: Path) -> None:
+    store = SQLiteSessionStore(tmp_path / "sessions.db", max_bytes=256 * 1024)
+    try:
+        stored = []
+        with pytest.raises(StoreFull):
+            for n in range(100):
+                await store.set(f"s{n}", {"conversations": ["x" * 20_000, "y" * 20_000]}, ttl_s=60)
+                stored.append(f"s{n}")
+        assert 3 <= len(stored) < 100
+        for session_id in stored:  # everything acknowledged is still there
+            assert await store.get(session_id) == {"conversations": ["x" * 20_000, "y" * 20_000]}
+        # Deleting one conversation rewrites the session smaller: that fits in a full store.
+        await store.set(stored[0], {"conversations": ["x" * 20_000]}, ttl_s=60)
+        await store.delete(stored[1])
+        await store.set("new", {"conversations": ["z" * 20_000]}, ttl_s=60)  # the space was freed
+        assert await store.get("new") == {"conversations": ["z" * 20_000]}
+    finally:
+        await store.close()
+
+
 # -- several processes, restarts -----------------------------------------------------------------
 
 @stores(SHARED)
@@ -243,6 +324,21 @@ async def test_a_flood_of_new_sessions_never_evicts_a_session_in_use() -> None:
     for i in range(100):  # once idle, it is evicted like any other least recently used session
         await store.set(f"later-{i}", {}, ttl_s=60)
     assert await store.get("real-user") is None
+
+
+async def test_memory_eviction_takes_a_session_whole_and_spares_one_streaming_in_a_conversation() -> None:
+    store = MemorySessionStore(max_sessions=50)
+    for user in ("streaming", "idle"):  # each: an index and three conversations stored on their own
+        await store.set(user, {"current": "c0"}, ttl_s=60)
+        for n in range(3):
+            await store.set(f"{user}/c{n}", DATA, ttl_s=60)
+    token = await store.acquire_lock("streaming/c1", lease_s=60)  # a reply is being written there
+    for i in range(100):
+        await store.set(f"anonymous-{i}", {}, ttl_s=60)
+    assert await store.get("streaming") == {"current": "c0"}
+    assert [await store.get(f"streaming/c{n}") for n in range(3)] == [DATA] * 3
+    assert [await store.get(k) for k in ("idle", "idle/c0", "idle/c1", "idle/c2")] == [None] * 4  # no half session
+    assert token
 
 
 async def test_memory_evicts_expired_sessions_before_live_ones() -> None:

@@ -410,7 +410,9 @@ def test_a_full_server_says_busy_and_offers_retry(chat, new_page) -> None:
 def test_a_busy_session_and_a_network_failure_are_explained(chat, new_page) -> None:
     url = chat(mock_token_delay=0.05)
     page = new_page(url)
-    # Another tab of the same session is generating: the server answers 409.
+    send(page, "First")
+    wait_for_reply(page)
+    # Another tab of the same session is generating in this conversation: the server answers 409, naming it.
     page.evaluate("""() => {
         window.__other = new AbortController();
         fetch('chat_stream', {method: 'POST', body: JSON.stringify({user_input: 'x '.repeat(100)}),
@@ -419,10 +421,10 @@ def test_a_busy_session_and_a_network_failure_are_explained(chat, new_page) -> N
     }""")
     page.wait_for_timeout(200)
     send(page, "Me too")
-    expect(page.locator("#notice")).to_contain_text("Another reply is being written in this session")
+    expect(page.locator("#notice")).to_contain_text("A reply is already being written in this conversation")
     expect(page.locator("#notice-retry")).to_be_enabled()
     page.evaluate("window.__other.abort()")
-    wait_for_history(page, url, 2)  # the other turn ended and let go of the session
+    wait_for_history(page, url, 4)  # the other turn ended and let go of the conversation
 
     page.route("**/chat_stream", lambda route: route.abort("internetdisconnected"))
     page.locator("#input").fill("")
@@ -432,7 +434,7 @@ def test_a_busy_session_and_a_network_failure_are_explained(chat, new_page) -> N
 
     page.unroute("**/chat_stream")
     page.locator("#notice-retry").click()
-    wait_for_reply(page)
+    wait_for_reply(page, 2)
 
 
 def test_phone_sized_screen(chat, new_page) -> None:
@@ -826,25 +828,26 @@ def test_a_busy_notice_from_a_second_tab_says_where_the_reply_is_being_written(c
     page.locator("#input").fill("dogs " * 80)
     page.locator("#input").press("Enter")
     expect(page.locator(REPLY).last).to_contain_text("dogs dogs")
+    # Each conversation has its own lock: the cats conversation answers while the dogs one streams.
     send(other, "More about cats")
-    # The server's lock covers the whole session and its 409 does not say which conversation is busy.
+    wait_for_reply(other, 2)
     notice = other.locator("#notice")
-    expect(notice).to_contain_text("Another reply is being written in this session (perhaps in another tab)")
-    expect(other.locator("#notice-retry")).to_be_visible()
-    expect(other.locator("#input")).to_have_value("More about cats")  # nothing typed is lost
+    expect(notice).to_be_hidden()
     page.get_by_role("button", name="Stop").click()
     expect(page.get_by_role("button", name="Send")).to_be_visible()
     wait_for_history(page, url, 4)
 
-    # A lock per conversation answers which one is busy (conversation_id): the notice names it.
-    dogs = page.request.get(url + "/conversations").json()["conversations"][0]["id"]
+    # A 409 names the busy conversation (conversation_id): the notice says which one.
+    dogs = next(c["id"] for c in page.request.get(url + "/conversations").json()["conversations"]
+                if c["title"] == "About dogs")
     busy = json.dumps({"error": "session_busy", "message": "busy", "conversation_id": dogs})
     other.route("**/chat_stream", lambda route: route.fulfill(status=409, body=busy, content_type="application/json"))
-    other.locator("#notice-retry").click()
+    send(other, "Even more about cats")
     expect(notice).to_contain_text("A reply is already being written in “About dogs” (perhaps in another tab)")
+    expect(other.locator("#input")).to_have_value("Even more about cats")  # nothing typed is lost
     other.unroute("**/chat_stream")
     other.locator("#notice-retry").click()
-    wait_for_reply(other, 2)
+    wait_for_reply(other, 3)
     other.close()
 
 

@@ -48,8 +48,17 @@ class ChatPrompt:
         self.messages.append({"role": "user", "content": text})
 
     def add_responder_msg(self, text: str) -> None:
+        self.messages.append(self.reply_message(text))
+        self._replaced = None
+
+    def reply_message(self, text: str) -> dict[str, Any]:
+        """The message :meth:`add_responder_msg` would append for ``text``, changing nothing.
+
+        After :meth:`clear_last_responder_message` it carries the earlier answers of the reply
+        being regenerated, so a checkpoint of a reply in progress keeps every answer the user had.
+        """
         message: dict[str, Any] = {"role": "assistant", "content": text}
-        replaced, self._replaced = self._replaced, None
+        replaced = self._replaced
         if replaced is not None:
             every, details = versions(replaced), version_details(replaced)
             if text in every:  # the same answer again (or nothing new): no copy, that answer is used
@@ -57,7 +66,7 @@ class ChatPrompt:
             else:
                 every, details = every[-MAX_ALTERNATIVES:] + [text], details[-MAX_ALTERNATIVES:] + [None]
                 _set_version(message, every, details, len(every) - 1)
-        self.messages.append(message)
+        return message
 
     def set_last_reply_details(self, details: dict[str, Any]) -> None:
         """Attach how the last reply ended (finish reason, token count, speed) to the answer it holds."""

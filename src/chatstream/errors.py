@@ -71,9 +71,14 @@ class PromptTooLong(ChatError):
 
 
 class SessionBusy(ChatError):
-    """Another turn of the same session is running (possibly in another process)."""
+    """Another turn of the same conversation is running (possibly in another process);
+    ``conversation_id`` names it when the lock was a conversation's."""
 
     code = "session_busy"
+
+    def __init__(self, message: str, conversation_id: str | None = None) -> None:
+        super().__init__(message)
+        self.conversation_id = conversation_id
 
 
 class QueueFull(ChatError):
@@ -93,3 +98,34 @@ class ModelNotReady(ChatError):
         super().__init__(message)
         self.code = code
         self.retry_after = retry_after
+
+
+class StoreUnavailable(ChatError):
+    """The session store cannot be reached or failed (Redis down, a damaged database): retry shortly."""
+
+    code = "store_unavailable"
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StoreFull(ChatError):
+    """The session store is out of space (its byte quota, or the disk): deleting conversations frees it."""
+
+    code = "store_full"
+
+
+class SessionTooLarge(ChatError):
+    """This session holds the most bytes a session may: delete a conversation (or clear it) to go on."""
+
+    code = "session_too_large"
+
+
+class LeaseLost(ChatError):
+    """A write came from a holder whose lock lease ran out (it stalled): the store refused it.
+
+    This is the fence that keeps a stalled process from overwriting what others changed meanwhile.
+    """
+
+    code = "lease_lost"

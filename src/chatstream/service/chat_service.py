@@ -9,19 +9,20 @@ its events and errors into their own wire format.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from ..admission import AdmissionQueue
 from ..conversation import ChatPrompt
 from ..engine import Engine, SamplingParams
-from ..errors import InvalidRequest, ModelNotReady, PromptTooLong
+from ..errors import InvalidRequest, ModelNotReady, PromptTooLong, SessionBusy, StoreUnavailable
 from ..metrics import Metrics
 from ..model_loader import load_model, model_display_name
-from ..session import MemorySessionStore, Session, SessionStore
+from ..session import Lease, MemorySessionStore, Session, SessionStore
 from ..settings import Settings
 from . import conversations
 from .turn import Callback, Turn
@@ -32,6 +33,12 @@ T = TypeVar("T")
 
 # The conversation's key in session data (the seed API's name for it).
 CONVERSATION_KEY = "chat_prompt"
+# Replies one session may stream at once (in its different conversations), per process.
+MAX_PARALLEL_REPLIES = 4
+# How long a change to a session's index of conversations waits for another one to finish.
+_INDEX_WAIT_S = 2.0
+# The session id /health reads to see that the store answers (no session has this id: ids are random).
+_PROBE_ID = "chatstream-health-probe"
 # The context when neither the settings nor the engine give one (the mock).
 FALLBACK_CONTEXT_LEN = 4096
 # Text averages about 4 characters a token; a message with more than 16 per token of the whole
@@ -72,7 +79,7 @@ class ChatService:
             top_p=settings.top_p, repetition_penalty=settings.repetition_penalty,
         )
         # A session lock is a lease renewed while the turn runs: a crashed holder frees it this fast.
-        self.lock_lease_s = 5.0
+        self.lock_lease_s = settings.session_lease_s
         # How often a streaming reply is saved as it goes (what a killed process can lose at most).
         self.checkpoint_interval_s = 0.5
         self.tokenizer: Any = tokenizer
@@ -85,6 +92,7 @@ class ChatService:
         # One lane for the turns' prompts, one for /tokenize: a flood of /tokenize never delays a turn.
         self._lanes: dict[str, asyncio.Semaphore] = {}
         self._lane_width = {"turns": 1, "tokenize": 1}
+        self._streams: dict[str, int] = {}  # session id -> replies streaming in it
         self._last_progress = time.monotonic()
         self._last_stall = 0.0
         self.metrics = Metrics(self)
@@ -113,7 +121,9 @@ class ChatService:
         if "session_store" not in parts and settings.session_store:
             from ..session import store_from_url
 
-            parts["session_store"] = store_from_url(settings.session_store, settings.resolved_data_dir)
+            parts["session_store"] = store_from_url(
+                settings.session_store, settings.resolved_data_dir,
+                max_session_bytes=settings.session_max_bytes, max_bytes=settings.session_store_max_bytes)
         return cls(settings, **parts)
 
     # -- engine lifecycle --
@@ -291,6 +301,23 @@ class ChatService:
             body["upstreams"] = [upstream.state() for upstream in upstreams]
         return body
 
+    async def check_store(self, timeout_s: float = 5.0) -> str | None:
+        """Why the session store fails now, or None when it answers (a read, bounded by ``timeout_s``).
+
+        Asked on every ``/health``, so readiness follows the store down and back up without a restart.
+        """
+        store = self.session_store
+        try:
+            async with asyncio.timeout(timeout_s):
+                await store.get(_PROBE_ID)
+        except TimeoutError:
+            return f"the session store did not answer within {timeout_s:g} s"
+        except StoreUnavailable as exc:
+            return exc.message
+        except Exception as exc:  # a custom store's own failure
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
     # -- limits --
     @property
     def vocab_size(self) -> int | None:
@@ -334,70 +361,133 @@ class ChatService:
             prompt_tokens=prompt_tokens, limit=self.context_len,
         )
 
-    # -- conversations in sessions (several per session: see service/conversations.py) --
-    async def load_conversation(self, session: Session, conversation_id: str | None = None) -> ChatPrompt:
-        """The conversation ``conversation_id`` (default: the current one, created if there is none)."""
-        data = await session.load()
+    # -- conversations in sessions (an index, and each conversation on its own: see service/conversations.py) --
+    async def read_index(self, session: Session) -> dict[str, Any]:
+        """The session's index of conversations, read without a lock (nothing is written)."""
+        data = {} if session.unseen else (await session.store.get(session.id)) or {}
         conversations.migrate(data)
-        entry = conversations.get(data, conversations.resolve(data, conversation_id, create=True) or "")
-        stored = entry.get("chat_prompt")
+        return data
+
+    async def update_index(self, session: Session, change: Callable[[dict[str, Any]], T]) -> T:
+        """Apply ``change`` to a fresh read of the index under the session's lock, and save it.
+
+        The lock is held for this only (milliseconds), and waited for briefly: changes to the index
+        from several conversations' turns never overwrite each other.
+        """
+        async with session.lock(lease_s=self.lock_lease_s, wait_s=_INDEX_WAIT_S):
+            session.loaded = False  # a fresh read: another request may have changed it
+            data = await session.load()
+            for conversation_id, stored in conversations.split_legacy(data).items():
+                # An older layout, split on its first change; a conversation already stored on its own
+                # (a turn saves its messages before the index) is newer than the copy in the index.
+                if await session.get_part(conversation_id) is None:
+                    await session.put_part(conversation_id, stored, None)
+            result = change(data)
+            await session.save()
+            return result
+
+    async def resolve_conversation(self, session: Session, conversation_id: str | None, *, create: bool) -> str | None:
+        """The id a request means: the one given (which must exist), else the current one (created
+        if there is none and ``create``)."""
+        index = await self.read_index(session)
+        target = conversations.resolve(index, conversation_id, create=False)
+        if target is None and create:
+            target = await self.update_index(
+                session, lambda data: conversations.resolve(data, None, create=True))
+        return target
+
+    async def start_conversation_id(self, session: Session, conversation_id: str | None) -> tuple[str, Any]:
+        """The conversation a turn writes into: the one given (which must exist), else the current
+        one, else a new id that enters the index with the turn's first save (a refused turn creates
+        nothing); and which conversation is current now (see :func:`conversations.note_chat_prompt`)."""
+        index = await self.read_index(session)
+        target = conversations.resolve(index, conversation_id, create=False)
+        if target is None:
+            conversations.check_room(index)
+            target = conversations.new_id()
+        return target, index.get(conversations.CURRENT_KEY)
+
+    async def read_chat_prompt_data(self, session: Session, conversation_id: str,
+                                    index: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """One conversation's stored messages (``{"system", "messages", "context_start"?}``)."""
+        index = index if index is not None else await self.read_index(session)
+        entry = conversations.get(index, conversation_id)
+        stored = await session.get_part(conversation_id)
+        return stored if stored is not None else conversations.legacy_chat_prompt(entry)
+
+    async def load_conversation(self, session: Session, conversation_id: str | None = None) -> ChatPrompt:
+        """The conversation ``conversation_id`` (default: the current one, created if there is none).
+
+        An id not in the index yet is a conversation a turn is starting: it is empty.
+        """
+        target = conversation_id or await self.resolve_conversation(session, None, create=True) or ""
+        index = await self.read_index(session)
+        known = target in (index.get(conversations.CONVERSATIONS_KEY) or {})
+        stored = await self.read_chat_prompt_data(session, target, index) if known else None
         prompt = self.chat_prompt_clazz.from_dict(
             stored if isinstance(stored, dict) else None, tokenizer=self.tokenizer, system=self.settings.system_prompt,
         )
-        settings = conversations.effective_settings(data, entry)
+        entry = conversations.get(index, target) if known else None
+        settings = conversations.effective_settings(index, entry)
         if "system_prompt" in settings:  # the conversation's (or user's) system prompt wins over the stored one
             prompt.system = settings["system_prompt"] or None
         return prompt
 
     async def save_conversation(self, session: Session, chat_prompt: ChatPrompt,
-                                conversation_id: str | None = None) -> None:
-        data = await session.load()
-        conversations.migrate(data)
-        target = conversations.resolve(data, conversation_id, create=True) or ""
-        conversations.store_chat_prompt(data, target, chat_prompt.to_dict())
+                                conversation_id: str | None = None, lease: Lease | None = None,
+                                current_was: Any = ...) -> None:
+        """Store the conversation's messages (fenced by ``lease``, its lock), then note it in the index."""
+        target = conversation_id or await self.resolve_conversation(session, None, create=True) or ""
+        data = chat_prompt.to_dict()
+        await session.put_part(target, data, lease)
         session.get_session()[CONVERSATION_KEY] = chat_prompt  # what the seed API's callback reads
-        await session.save()
+        try:
+            await self.update_index(
+                session, lambda index: conversations.note_chat_prompt(index, target, data, current_was))
+        except SessionBusy:  # the messages are saved; only the list's title/count/time lag behind
+            logger.warning("the index of session %s… stayed busy; conversation %s saved without it", session.id[:8], target)
 
     async def save_conversation_data(self, session: Session, data: dict[str, Any],
-                                     conversation_id: str | None = None) -> None:
-        """Save a conversation given as plain data (a checkpoint of a reply in progress)."""
-        stored = await session.load()
-        conversations.migrate(stored)
-        target = conversations.resolve(stored, conversation_id, create=True) or ""
-        conversations.store_chat_prompt(stored, target, data)
-        await session.save()
-
-    async def peek_conversation(self, session: Session, conversation_id: str | None = None) -> dict[str, Any] | None:
-        """The stored conversation entry, read without holding the lock or caching the session data.
-
-        Raises :class:`ConversationNotFound` for an id this session does not hold.
-        """
-        data = {} if session.is_new else (await self.session_store.get(session.id)) or {}
-        conversations.migrate(data)
-        target = conversations.resolve(data, conversation_id, create=False)
-        return conversations.get(data, target) if target is not None else None
+                                     conversation_id: str | None = None, lease: Lease | None = None,
+                                     current_was: Any = ...) -> None:
+        """Save a conversation given as plain data (a checkpoint of a reply in progress): its messages,
+        and the index only for a conversation the turn started."""
+        target = conversation_id or await self.resolve_conversation(session, None, create=True) or ""
+        await session.put_part(target, data, lease)
+        if target not in ((await self.read_index(session)).get(conversations.CONVERSATIONS_KEY) or {}):
+            await self.update_index(
+                session, lambda index: conversations.note_chat_prompt(index, target, data, current_was))
 
     async def conversation_sampling(self, session: Session, conversation_id: str | None = None) -> dict[str, Any]:
         """The conversation's sampling settings under the engine's names (overrides of the defaults)."""
-        data = {} if session.is_new else (await self.session_store.get(session.id)) or {}
-        conversations.migrate(data)
-        target = conversations.resolve(data, conversation_id, create=False)
-        entry = conversations.get(data, target) if target is not None else None
-        return conversations.sampling_values(conversations.effective_settings(data, entry))
+        index = await self.read_index(session)
+        target = conversations.resolve(index, conversation_id, create=False)
+        entry = conversations.get(index, target) if target is not None else None
+        return conversations.sampling_values(conversations.effective_settings(index, entry))
 
     async def history(self, session: Session, conversation_id: str | None = None,
                       details: bool = False) -> list[dict[str, Any]]:
         """The messages; with ``details``, also how each reply ended (what the UI shows under it)."""
-        entry = await self.peek_conversation(session, conversation_id)
-        if entry is None:
+        index = await self.read_index(session)
+        target = conversations.resolve(index, conversation_id, create=False)
+        if target is None:
             return []
-        stored = entry.get("chat_prompt")
+        stored = await self.read_chat_prompt_data(session, target, index)
         messages = self.chat_prompt_clazz.from_dict(stored if isinstance(stored, dict) else None).messages
         if not details:
             for message in messages:
                 message.pop("details", None)
                 message.pop("alternative_details", None)
         return messages
+
+    @contextlib.asynccontextmanager
+    async def hold_conversation(self, session: Session, conversation_id: str,
+                                on_lost: Callable[[str], None] | None = None) -> AsyncIterator[Lease]:
+        """The conversation's own lock; :class:`SessionBusy` naming it while a reply is written into it."""
+        busy = (f"a reply is already being generated in conversation {conversation_id!r}; "
+                "wait for it to finish or stop it")
+        async with session.hold(conversation_id, self.lock_lease_s, busy, on_lost) as lease:
+            yield lease
 
     async def clear_conversation(self, session: Session, conversation_id: str | None = None) -> None:
         """Without an id: empty the session and give it a new id (a new cookie), as always.
@@ -407,18 +497,38 @@ class ChatService:
         if conversation_id is not None:
             if session.is_new:
                 raise conversations.ConversationNotFound(f"there is no conversation {conversation_id!r} in this session")
-            async with session.lock(lease_s=self.lock_lease_s):
-                data = await session.load()
-                conversations.migrate(data)
-                entry = conversations.get(data, conversation_id)
-                entry["chat_prompt"] = {"messages": []}
-                await session.save()
+            conversations.get(await self.read_index(session), conversation_id)
+            async with self.hold_conversation(session, conversation_id) as lease:
+                await session.put_part(conversation_id, {"messages": []}, lease)
+                await self.update_index(
+                    session, lambda index: conversations.note_chat_prompt(index, conversation_id, {"messages": []}))
             return
         if session.is_new:
             return  # nothing stored: create nothing
-        async with session.lock(lease_s=self.lock_lease_s):
+        async with contextlib.AsyncExitStack() as held:
+            await held.enter_async_context(session.lock(lease_s=self.lock_lease_s))
+            index = await self.read_index(session)
+            leases = [await held.enter_async_context(self.hold_conversation(session, cid))
+                      for cid in index.get(conversations.CONVERSATIONS_KEY) or {}]
+            for cid, lease in zip(index.get(conversations.CONVERSATIONS_KEY) or {}, leases):
+                await session.delete_part(cid, lease)
             await session.clear()
         await session.rotate()
+
+    def enter_stream(self, session: Session) -> None:
+        """Count a reply streaming in ``session``; :class:`SessionBusy` past the per-session limit."""
+        running = self._streams.get(session.id, 0)
+        if running >= MAX_PARALLEL_REPLIES:
+            raise SessionBusy(f"{MAX_PARALLEL_REPLIES} replies are already being generated in this session "
+                              "(the most one user may run at once); wait for one to finish")
+        self._streams[session.id] = running + 1
+
+    def leave_stream(self, session_id: str) -> None:
+        running = self._streams.get(session_id, 0) - 1
+        if running > 0:
+            self._streams[session_id] = running
+        else:
+            self._streams.pop(session_id, None)
 
     # -- turns --
     def session_turn(

@@ -1,18 +1,23 @@
-"""Several conversations per session, kept as plain JSON inside the session data.
+"""Several conversations per session: a small index, and each conversation stored on its own.
 
-Layout of the session data (everything JSON, never pickled)::
+The session's own key holds the index (everything JSON, never pickled)::
 
-    {"conversations": {"<id>": {"title": str, "created": float, "updated": float,
+    {"conversations": {"<id>": {"title": str, "created": float, "updated": float, "message_count": int,
                                 "settings": {"system_prompt"?, "temperature"?, "top_p"?, "max_tokens"?,
-                                             "top_k"?, "seed"?, "stop"?},
-                                "chat_prompt": {"system", "messages", "context_start"?}}},
+                                             "top_k"?, "seed"?, "stop"?}}},
      "current": "<id>" | None,
      "defaults": {settings as above}}   # the user's defaults for all chats (a chat's own settings win)
 
-Sessions written before there were several conversations hold one ``"chat_prompt"`` at the top
-level: :func:`migrate` turns it into the conversation ``"default"`` (a fixed id, so that reads
-which do not save agree on it) and makes it current. The functions here only edit such a dict;
-loading, locking and saving stay with :class:`~chatstream.service.ChatService` and the faces.
+and each conversation's messages live under ``<session id>/<conversation id>`` as
+``{"system", "messages", "context_start"?}`` with their own lock, so a turn reads and writes one
+conversation (never the whole session) and a user's conversations can stream in parallel.
+
+Older layouts are read as they are and split on the next change (:func:`split_legacy`): until
+this release each index entry held its conversation as ``"chat_prompt"``; before there were
+several conversations the session held one ``"chat_prompt"`` at the top level, which
+:func:`migrate` turns into the conversation ``"default"`` (a fixed id, so that reads which do not
+save agree on it). The functions here only edit such a dict; loading, locking and saving stay
+with :class:`~chatstream.service.ChatService` and the faces.
 """
 
 from __future__ import annotations
@@ -88,15 +93,38 @@ def ordered(data: Data) -> list[tuple[str, Data]]:
 
 def summary(conversation_id: str, entry: Data) -> Data:
     """What a list shows of one conversation."""
-    messages = (entry.get("chat_prompt") or {}).get("messages") or []
+    count = entry.get("message_count")
+    if not isinstance(count, int) or isinstance(count, bool):
+        legacy = entry.get(LEGACY_KEY)
+        messages = legacy.get("messages") if isinstance(legacy, dict) else None
+        count = len(messages) if isinstance(messages, list) else 0
     return {
         "id": conversation_id,
         "title": entry.get("title") if isinstance(entry.get("title"), str) else "",
         "created": _number(entry.get("created")),
         "updated": _number(entry.get("updated")),
-        "message_count": len(messages) if isinstance(messages, list) else 0,
+        "message_count": count,
         "settings": dict(entry.get("settings") or {}),
     }
+
+
+def split_legacy(data: Data) -> dict[str, Data]:
+    """Take the conversations an older layout kept inside the index out of it; returns them by id
+    (the caller stores each on its own before saving the index)."""
+    split: dict[str, Data] = {}
+    for conversation_id, entry in migrate(data).items():
+        legacy = entry.pop(LEGACY_KEY, None)
+        if isinstance(legacy, dict):
+            split[conversation_id] = legacy
+            messages = legacy.get("messages")
+            entry["message_count"] = len(messages) if isinstance(messages, list) else 0
+    return split
+
+
+def legacy_chat_prompt(entry: Data) -> Data | None:
+    """The conversation an older layout kept inside its index entry, if it is one of those."""
+    legacy = entry.get(LEGACY_KEY)
+    return legacy if isinstance(legacy, dict) else None
 
 
 # -- lookups --
@@ -130,16 +158,26 @@ def resolve(data: Data, conversation_id: str | None, *, create: bool) -> str | N
 
 # -- changes (in memory; the caller saves) --
 
-def create_conversation(data: Data, title: str = "", settings: Mapping[str, Any] | None = None) -> str:
-    conversations = migrate(data)
-    if len(conversations) >= MAX_CONVERSATIONS:
+def check_room(data: Data) -> None:
+    """Raise :class:`TooManyConversations` if the session cannot hold another conversation."""
+    if len(migrate(data)) >= MAX_CONVERSATIONS:
         raise TooManyConversations(
             f"this session already holds {MAX_CONVERSATIONS} conversations: delete one to start another"
         )
-    conversation_id = uuid.uuid4().hex
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def create_conversation(data: Data, title: str = "", settings: Mapping[str, Any] | None = None,
+                        conversation_id: str | None = None) -> str:
+    check_room(data)
+    conversations = migrate(data)
+    conversation_id = conversation_id or new_id()
     now = time.time()
-    conversations[conversation_id] = {"title": title, "created": now, "updated": now,
-                                      "settings": dict(settings or {}), "chat_prompt": {"messages": []}}
+    conversations[conversation_id] = {"title": title, "created": now, "updated": now, "message_count": 0,
+                                      "settings": dict(settings or {})}
     data[CURRENT_KEY] = conversation_id
     return conversation_id
 
@@ -152,15 +190,25 @@ def delete(data: Data, conversation_id: str) -> None:
         data[CURRENT_KEY] = newest[0][0] if newest else None
 
 
-def store_chat_prompt(data: Data, conversation_id: str, chat_prompt: Data) -> None:
-    """Write a conversation's messages back; the first user message names an untitled one."""
+def note_chat_prompt(data: Data, conversation_id: str, chat_prompt: Data, current_was: Any = ...) -> None:
+    """Record in the index that a conversation's messages changed; the first user message names an untitled one.
+
+    A conversation a turn started (there was none) enters the index here, with its first messages.
+    It becomes the current one unless the current one changed since ``current_was`` (what it was
+    when the turn began): a chat the user opened meanwhile ("New chat") stays current.
+    """
+    current_now = data.get(CURRENT_KEY)
+    if conversation_id not in migrate(data):
+        create_conversation(data, conversation_id=conversation_id)
     entry = get(data, conversation_id)
-    entry["chat_prompt"] = chat_prompt
+    messages = chat_prompt.get("messages")
+    entry["message_count"] = len(messages) if isinstance(messages, list) else 0
     entry["updated"] = time.time()
     if not entry.get("title") or entry.get(AUTO_TITLE_KEY):  # a title the user gave is never replaced
         entry["title"] = _title_from(chat_prompt)
         entry[AUTO_TITLE_KEY] = True
-    data[CURRENT_KEY] = conversation_id  # the conversation in use is the one a reload shows
+    # The conversation in use is the one a reload shows.
+    data[CURRENT_KEY] = conversation_id if current_was is ... or current_now == current_was else current_now
 
 
 # -- validation of what clients send --

@@ -25,8 +25,8 @@ from ..admission import Ticket
 from ..conversation import ChatPrompt
 from ..engine import GenerationStream, SamplingParams
 from ..engine.protocol import accepts_messages
-from ..errors import ChatError, ConversationTooLong, InvalidRequest, NothingToRegenerate
-from ..session import Session
+from ..errors import ChatError, ConversationTooLong, InvalidRequest, LeaseLost, NothingToRegenerate
+from ..session import Lease, Session
 from .events import (
     DISCONNECTED_BEFORE_STREAMING,
     DISCONNECTED_WHILE_STREAMING,
@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("chatstream")
 
 Callback = Callable[[Any, str], Any]
+
+_LEASE_LOST = ("this reply stopped: its hold on the conversation ran out (this server or its session store stalled), "
+               "so changes made meanwhile elsewhere are kept and this reply is not saved")
 
 
 class Turn:
@@ -93,7 +96,12 @@ class Turn:
         self._sent = ""  # the part of it the face has handed to its client
         self._client_gone = False
         self._abort: Failed | None = None
-        self._done: Done | None = None  # how a finished reply ended, kept with it in the history
+        # How a finished reply ended (kept with it in the history); sent only once the reply is saved,
+        # so a failed save is an error, never done.
+        self._done: Done | None = None
+        self._ended = False  # a Failed was sent: the stream ends there
+        self._lease: Lease | None = None  # the conversation's lock while the turn holds it: it fences every write
+        self._current_was: Any = ...  # the session's current conversation when the turn began
         self.failure: Failed | None = None  # how a reply that ended early failed (for the log line)
 
     # -- the face's side --
@@ -167,8 +175,8 @@ class Turn:
                     if checkpoints is not None:
                         checkpoints.cancel()
                         await asyncio.wait({checkpoints})
-                    if chat_prompt is not None:
-                        await self._commit(chat_prompt, previous)
+                    failure = await self._commit(chat_prompt, previous) if chat_prompt is not None else None
+                    self._finish(failure)
         except BaseException as exc:
             if not accepted:  # refused: the in-memory conversation is dropped, nothing was saved
                 if isinstance(exc, asyncio.CancelledError):
@@ -182,8 +190,7 @@ class Turn:
                     raise
                 return
             logger.exception("chat turn failed")
-            self.outcome = UNKNOWN_ERROR
-            self._events.put_nowait(Failed("internal_error", "an unexpected error occurred"))
+            self._fail(Failed("internal_error", "an unexpected error occurred"))
         finally:
             if accepted:
                 self.service._turn_ended(self)
@@ -197,8 +204,25 @@ class Turn:
         if self.session is None:
             yield
             return
-        async with self.session.lock(lease_s=self.service.lock_lease_s):
-            yield
+        service, session = self.service, self.session
+        # The conversation's own lock: the user's other conversations may stream meanwhile.
+        self.conversation_id, self._current_was = await service.start_conversation_id(session, self.conversation_id)
+        service.enter_stream(session)
+        session_id = session.id
+        try:
+            async with service.hold_conversation(session, self.conversation_id, on_lost=self._lease_lost) as lease:
+                self._lease = lease
+                yield
+        finally:
+            self._lease = None
+            service.leave_stream(session_id)
+
+    def _lease_lost(self, reason: str) -> None:
+        if reason == "store_unavailable":
+            self.abort("store_unavailable", "this reply stopped: the session store stopped answering, so it cannot "
+                                            "be saved")
+        else:
+            self.abort("lease_lost", _LEASE_LOST)
 
     async def _apply(self) -> tuple[ChatPrompt | None, str | None]:
         """Apply the turn to the stored conversation (in memory until committed)."""
@@ -292,7 +316,6 @@ class Turn:
                                 "tokens_per_s": round(output.completion_tokens / elapsed, 2) if elapsed > 0 else None,
                             },
                         )
-                        self._events.put_nowait(self._done)
                     elif output.finish_reason == "cancelled" and self._client_gone:
                         self.outcome = DISCONNECTED_WHILE_STREAMING
                     else:
@@ -316,13 +339,25 @@ class Turn:
     def _fail(self, failure: Failed) -> None:
         self.outcome = UNKNOWN_ERROR
         self.failure = failure
-        self._events.put_nowait(failure)
+        if not self._ended:
+            self._ended = True
+            self._events.put_nowait(failure)
+
+    def _finish(self, failure: Failed | None) -> None:
+        """Send the end of the stream: ``Done`` only if the reply was also saved."""
+        if failure is not None:
+            self._fail(failure)
+        elif self._done is not None and not self._ended:
+            self._events.put_nowait(self._done)
 
     async def _checkpoint(self, chat_prompt: ChatPrompt) -> None:
         """Save the reply as sent so far every ``checkpoint_interval_s`` while it streams.
 
         If this process dies mid-reply (killed, crashed), the conversation in the store still
         holds the reply up to the last checkpoint, and the session lock's lease frees the session.
+        A checkpoint refused by the store's fence (the lease ran out) stops the turn. A regenerated
+        reply is saved with its earlier answers (they stay stored until the first checkpoint
+        replaces the message with one that carries them too).
         """
         assert self.session is not None
         saved = ""
@@ -331,15 +366,30 @@ class Turn:
             if self._sent == saved:
                 continue
             saved = self._sent
-            data = chat_prompt.to_dict()
-            data["messages"].append({"role": "assistant", "content": saved, "details": {"finish_reason": "streaming"}})
             try:
-                await self.service.save_conversation_data(self.session, data, self.conversation_id)
+                await self._save_partial(chat_prompt, saved)
+            except LeaseLost as exc:
+                logger.warning("turn %s stopped: %s", self.message_id, exc.message)
+                self.abort(exc.code, _LEASE_LOST)
+                return
             except Exception:
                 logger.exception("saving a checkpoint of the reply failed")
 
-    async def _commit(self, chat_prompt: ChatPrompt, previous: str | None) -> None:
-        """Write the reply into the history and save; exactly what the client was sent if it left."""
+    async def _save_partial(self, chat_prompt: ChatPrompt, text: str) -> None:
+        """Save the conversation with ``text`` as the reply in progress (with any earlier answers)."""
+        assert self.session is not None
+        data = chat_prompt.to_dict()
+        message = chat_prompt.reply_message(text)
+        message["details"] = {"finish_reason": "streaming"}  # marked "stopped" by the next turn if its writer died
+        data["messages"].append(message)
+        await self.service.save_conversation_data(self.session, data, self.conversation_id, self._lease,
+                                                  self._current_was)
+
+    async def _commit(self, chat_prompt: ChatPrompt, previous: str | None) -> Failed | None:
+        """Write the reply into the history and save; exactly what the client was sent if it left.
+
+        Returns why the save failed, if it did (the client then gets that, never ``Done``).
+        """
         assert self.session is not None
         reply = self._sent if self._client_gone else self._generated
         if reply:
@@ -348,10 +398,17 @@ class Turn:
         elif previous is not None:  # a regenerate that produced nothing keeps the old reply
             chat_prompt.add_responder_msg(previous)
         try:
-            await self.service.save_conversation(self.session, chat_prompt, self.conversation_id)
+            await self.service.save_conversation(self.session, chat_prompt, self.conversation_id, self._lease,
+                                                 self._current_was)
+        except ChatError as exc:
+            logger.error("saving the reply of turn %s failed: %s", self.message_id, exc.message)
+            self.outcome = UNKNOWN_ERROR
+            return Failed(exc.code, f"the reply could not be saved: {exc.message}")
         except Exception:
             logger.exception("saving the session failed")
             self.outcome = UNKNOWN_ERROR
+            return Failed("save_failed", "the reply could not be saved")
+        return None
 
     def _details(self, reply: str) -> dict[str, Any]:
         """How the reply ended, for the history (the UI shows it again after a reload)."""

@@ -2,6 +2,7 @@
 
 from ..errors import SessionBusy
 from .data_dir import default_data_dir, load_or_create_secret
+from .lease import Lease
 from .memory_store import MemorySessionStore
 from .middleware import Session, SessionMiddleware, TooManySessions
 from .redis_store import RedisSessionStore
@@ -10,6 +11,7 @@ from .store import SessionData, SessionStore
 from .store_url import store_from_url
 
 __all__ = [
+    "Lease",
     "MemorySessionStore",
     "RedisSessionStore",
     "SQLiteSessionStore",

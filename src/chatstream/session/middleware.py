@@ -23,6 +23,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ChatError, SessionBusy
+from .lease import Lease
 from .memory_store import MemorySessionStore
 from .store import SessionData, SessionStore
 
@@ -66,28 +67,40 @@ class Session:
         self._admit_new = admit_new
         self._claimed = not is_new
         self._view: dict[str, Any] = {}
-        self._lock_token: str | None = None
-        self._locked_id = session_id
-        self._lease_keeper: asyncio.Task[None] | None = None
+        self._lease: Lease | None = None
+        # Called (once) when the lock's lease runs out while held: the holder must stop writing.
+        # Its argument says why: "expired" (a stall) or "store_unavailable" (renewals kept failing).
+        self.on_lease_lost: Callable[[str], None] | None = None
+
+    @property
+    def unseen(self) -> bool:
+        """Nothing can be stored under this id yet: a new session this request has not locked or
+        written (once it has, parallel requests with its new cookie may write too, so reads go to the store)."""
+        return self.is_new and not self.used
 
     def get_session(self) -> dict[str, Any]:
         return self._view
 
     async def load(self) -> SessionData:
         if not self.loaded:
-            self.data = ({} if self.is_new else await self.store.get(self.id)) or {}
+            self.data = ({} if self.unseen else await self.store.get(self.id)) or {}
             self.loaded = True
         return self.data
 
     async def save(self) -> None:
+        """Store ``data``; while this request holds the lock, fenced by its token (:class:`LeaseLost`
+        if the lease ran out meanwhile: then nothing is written)."""
         self.used = True
-        await self.store.set(self.id, self.data, self.ttl_s)
+        await self.store.set(self.id, self.data, self.ttl_s, fence=self._fence())
 
     async def clear(self) -> None:
+        await self.store.delete(self.id, fence=self._fence())
         self.data = {}
         self.loaded = True
         self._view.clear()
-        await self.store.delete(self.id)
+
+    def _fence(self) -> str | None:
+        return self._lease.token if self._lease is not None and self._lease.name == self.id else None
 
     async def rotate(self) -> None:
         """Move to a fresh session id (a new cookie); the old id's data is deleted."""
@@ -105,16 +118,20 @@ class Session:
         self._claimed = True
 
     @contextlib.asynccontextmanager
-    async def lock(self, lease_s: float = DEFAULT_LEASE_S) -> AsyncIterator[None]:
-        """Hold this session's lock for the block; :class:`SessionBusy` if another request holds it.
+    async def lock(self, lease_s: float = DEFAULT_LEASE_S, wait_s: float = 0.0) -> AsyncIterator[None]:
+        """Hold this session's lock for the block; :class:`SessionBusy` if another request holds it
+        (for longer than ``wait_s``).
 
         The lock is a lease renewed every ``lease_s / 3`` while held, so a process that dies
         holding it frees the session within ``lease_s``. A new session counts against its
         client's quota here (:class:`TooManySessions`).
         """
         self.claim()
-        if not await self._acquire(lease_s):
-            raise SessionBusy("a reply is already being generated in this session; wait for it to finish or stop it")
+        deadline = time.monotonic() + wait_s
+        while not await self._acquire(lease_s):
+            if time.monotonic() >= deadline:
+                raise SessionBusy("this session is being changed by another request; retry shortly")
+            await asyncio.sleep(0.02)
         try:
             yield
         finally:
@@ -129,35 +146,55 @@ class Session:
         await self._release()
 
     async def _acquire(self, lease_s: float) -> bool:
-        if self._lock_token is not None:
+        if self._lease is not None:
             return False  # already held by this very request: not re-entrant
-        token = await self.store.acquire_lock(self.id, lease_s)
-        if token is None:
+        lease = Lease(self.store, self.id, lease_s, on_lost=self._lease_lost)
+        if not await lease.acquire():
             return False
         self.used = True  # the response (which may start streaming before the save) carries the cookie
-        self._locked_id = self.id
-        self._lock_token = token
-        self._lease_keeper = asyncio.create_task(self._keep_lease(token, lease_s))
+        self._lease = lease
         return True
 
     async def _release(self) -> None:
-        token, keeper = self._lock_token, self._lease_keeper
-        self._lock_token = self._lease_keeper = None
-        if keeper is not None:
-            keeper.cancel()
-        if token is not None:
-            # Shielded: a request cancelled while releasing still releases.
-            await asyncio.shield(self.store.release_lock(self._locked_id, token))
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            await lease.release()
 
-    async def _keep_lease(self, token: str, lease_s: float) -> None:
-        while True:
-            await asyncio.sleep(lease_s / 3)
-            try:
-                if not await self.store.refresh_lock(self._locked_id, token, lease_s):
-                    logger.warning("session %s… lost its lock: the lease ran out before it was renewed", self.id[:8])
-                    return
-            except Exception:
-                logger.exception("renewing the session lock failed; retrying")
+    def _lease_lost(self, reason: str) -> None:
+        if self.on_lease_lost is not None:
+            self.on_lease_lost(reason)
+
+    # -- parts: a conversation (or anything else) stored under its own key and lock --
+    @contextlib.asynccontextmanager
+    async def hold(self, part: str, lease_s: float, busy: str,
+                   on_lost: Callable[[str], None] | None = None) -> AsyncIterator[Lease]:
+        """Hold the lock of one part of this session (``<session id>/<part>``, a conversation);
+        :class:`SessionBusy` naming it, with the message ``busy``, while another request holds it.
+        Parts lock independently of each other and of :meth:`lock`, so a user's conversations can
+        stream in parallel."""
+        self.claim()
+        lease = Lease(self.store, self._part_key(part), lease_s, on_lost)
+        if not await lease.acquire():
+            raise SessionBusy(busy, conversation_id=part)
+        self.used = True
+        try:
+            yield lease
+        finally:
+            await lease.release()
+
+    async def get_part(self, part: str) -> SessionData | None:
+        return None if self.unseen else await self.store.get(self._part_key(part))
+
+    async def put_part(self, part: str, data: SessionData, lease: Lease | None) -> None:
+        """Store ``data`` as ``part``, fenced by ``lease`` (:class:`LeaseLost` if it ran out)."""
+        self.used = True
+        await self.store.set(self._part_key(part), data, self.ttl_s, fence=lease.token if lease else None)
+
+    async def delete_part(self, part: str, lease: Lease | None) -> None:
+        await self.store.delete(self._part_key(part), fence=lease.token if lease else None)
+
+    def _part_key(self, part: str) -> str:
+        return f"{self.id}/{part}"
 
 
 def resolve_secret(secret: str | None) -> str:

@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from .store import SessionData, dump_json
+from ..errors import StoreFull, StoreUnavailable
+from .store import SessionData, dump_json, lease_lost
 
 T = TypeVar("T")
 logger = logging.getLogger("chatstream.session")
@@ -49,8 +50,11 @@ class SQLiteSessionStore:
     removed when read, and by a sweep that runs at most every ``sweep_interval_s`` on writes.
     """
 
-    def __init__(self, path: str | Path, busy_timeout_s: float = 5.0, sweep_interval_s: float = 60.0) -> None:
+    def __init__(self, path: str | Path, busy_timeout_s: float = 5.0, sweep_interval_s: float = 60.0, *,
+                 max_bytes: int | None = None, max_session_bytes: int | None = None) -> None:
         self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.max_session_bytes = max_session_bytes
         self.sweep_interval_s = sweep_interval_s
         self._swept_at = 0.0
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -66,14 +70,18 @@ class SQLiteSessionStore:
                 logger.warning("SQLite session store %s: WAL mode unavailable (journal_mode=%s)", self.path, mode)
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
             self._db.executescript(_SCHEMA)
+            if max_bytes is not None:  # the store's quota: writes past it fail with SQLITE_FULL (StoreFull)
+                page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
+                self._db.execute(f"PRAGMA max_page_count = {max(16, int(max_bytes) // page_size)}")
         except sqlite3.Error:
             self._db.close()
             raise
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatstream-sqlite")
         self._closed = False
+        self.failure: str | None = None  # why the last operation failed, until one succeeds (for /health)
 
     async def get(self, session_id: str) -> SessionData | None:
-        def get() -> str | None:
+        def get() -> SessionData | None:
             now = time.time()
             row = self._db.execute("SELECT data, expires_at FROM sessions WHERE id = ?", (session_id,)).fetchone()
             if row is None:
@@ -81,28 +89,43 @@ class SQLiteSessionStore:
             if row[1] <= now:
                 self._db.execute("DELETE FROM sessions WHERE id = ? AND expires_at <= ?", (session_id, now))
                 return None
-            return row[0]
+            return json.loads(row[0])  # parsed here, on the store's thread, not on the event loop
 
-        text = await self._run(get)
-        return None if text is None else json.loads(text)
+        return await self._run(get)
 
-    async def set(self, session_id: str, data: SessionData, ttl_s: float) -> None:
-        text = dump_json(data)
-
+    async def set(self, session_id: str, data: SessionData, ttl_s: float, fence: str | None = None) -> None:
         def set_() -> None:
+            text = dump_json(data, self.max_session_bytes)
             now = time.time()
-            self._db.execute(
-                "INSERT INTO sessions (id, data, expires_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at",
-                (session_id, text, now + ttl_s),
-            )
+
+            def write() -> None:
+                self._check_fence(session_id, fence, now)
+                # Delete, then insert, in one transaction: the old row's pages are free for the new
+                # one, so a smaller session (a conversation deleted) always fits in a full store.
+                self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+                self._db.execute(
+                    "INSERT INTO sessions (id, data, expires_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at",
+                    (session_id, text, now + ttl_s),
+                )
+
+            self._transaction(write)
             if now - self._swept_at >= self.sweep_interval_s:
                 self._sweep(now)
 
         await self._run(set_)
 
-    async def delete(self, session_id: str) -> None:
-        await self._run(lambda: self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,)))
+    async def delete(self, session_id: str, fence: str | None = None) -> None:
+        def delete() -> None:
+            now = time.time()
+
+            def write() -> None:
+                self._check_fence(session_id, fence, now)
+                self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+
+            self._transaction(write)
+
+        await self._run(delete)
 
     async def acquire_lock(self, session_id: str, lease_s: float) -> str | None:
         token = secrets.token_urlsafe(16)
@@ -141,6 +164,27 @@ class SQLiteSessionStore:
         await self._run(self._db.close, closing=True)
         self._thread.shutdown(wait=False)
 
+    def _transaction(self, write: Callable[[], None]) -> None:
+        """``write`` in one transaction that holds SQLite's write lock from its first read (so a
+        fence checked in it still holds when the write commits, whatever other processes do)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            write()
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    def _check_fence(self, session_id: str, fence: str | None, now: float) -> None:
+        if fence is None:
+            return
+        held = self._db.execute(
+            "SELECT 1 FROM session_locks WHERE id = ? AND token = ? AND expires_at > ?", (session_id, fence, now)
+        ).fetchone()
+        if held is None:
+            raise lease_lost(session_id)
+
     def _sweep(self, now: float) -> None:
         self._swept_at = now
         # Indexed on expires_at, and in batches, so a sweep never holds the write lock for long.
@@ -153,7 +197,19 @@ class SQLiteSessionStore:
     async def _run(self, fn: Callable[[], T], closing: bool = False) -> T:
         if self._closed and not closing:
             raise RuntimeError("the session store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:  # reachable, only out of space
+                self.failure = None
+                raise StoreFull(
+                    "the session store is full (its size limit or the disk): delete conversations to free space"
+                ) from exc
+            self.failure = f"{type(exc).__name__}: {exc}"
+            logger.error("SQLite session store %s failed: %s", self.path, self.failure)
+            raise StoreUnavailable(f"the session store failed ({self.failure}); retry shortly") from exc
+        self.failure = None
+        return result
 
     def __repr__(self) -> str:
         return f"SQLiteSessionStore({str(self.path)!r})"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol, runtime_checkable
 
+from ..errors import LeaseLost, SessionTooLarge
+
 SessionData = dict[str, Any]
 
 
@@ -24,11 +26,18 @@ class SessionStore(Protocol):
         """The session's data, or None if it does not exist or has expired."""
         ...
 
-    async def set(self, session_id: str, data: SessionData, ttl_s: float) -> None:
-        """Store ``data`` (JSON-serializable) for ``ttl_s`` seconds from now."""
+    async def set(self, session_id: str, data: SessionData, ttl_s: float, fence: str | None = None) -> None:
+        """Store ``data`` (JSON-serializable) for ``ttl_s`` seconds from now.
+
+        With ``fence`` (a lock token), the write happens only if that token still holds the
+        session's lock with an unexpired lease, checked in the same atomic step as the write;
+        otherwise :class:`~chatstream.errors.LeaseLost` is raised and nothing changes.
+        """
         ...
 
-    async def delete(self, session_id: str) -> None: ...
+    async def delete(self, session_id: str, fence: str | None = None) -> None:
+        """Delete the session's data (fenced like :meth:`set` when ``fence`` is given)."""
+        ...
 
     async def acquire_lock(self, session_id: str, lease_s: float) -> str | None:
         """A new owner token, or None while someone else holds an unexpired lease."""
@@ -45,8 +54,22 @@ class SessionStore(Protocol):
     async def close(self) -> None: ...
 
 
-def dump_json(data: SessionData) -> str:
-    """Compact JSON text; raises TypeError/ValueError for anything that is not plain JSON."""
+def dump_json(data: SessionData, max_bytes: int | None = None) -> str:
+    """Compact JSON text; raises TypeError/ValueError for anything that is not plain JSON, and
+    :class:`SessionTooLarge` when it is over ``max_bytes`` (UTF-8)."""
     if not isinstance(data, dict):
         raise TypeError(f"session data must be a dict, not {type(data).__name__}")
-    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    if max_bytes is not None and len(text) * 4 > max_bytes and len(size := text.encode()) > max_bytes:
+        raise SessionTooLarge(
+            f"this would store {len(size)} bytes under one key (a conversation); the limit is {max_bytes} bytes "
+            "(--session-max-bytes): clear the conversation or start another to go on"
+        )
+    return text
+
+
+def lease_lost(session_id: str) -> LeaseLost:
+    return LeaseLost(
+        f"session {session_id[:8]}…: this request's lock lease ran out (it stalled) and the write was refused, "
+        "so nothing changed by others meanwhile is overwritten"
+    )

@@ -15,8 +15,12 @@ ACCEPTED_FORMS = (
 )
 
 
-def store_from_url(url: str, data_dir: Path) -> SessionStore:
+def store_from_url(url: str, data_dir: Path, *, max_session_bytes: int | None = None,
+                   max_bytes: int | None = None) -> SessionStore:
     """The store ``url`` names; ``data_dir`` holds the default SQLite file.
+
+    ``max_session_bytes`` bounds each value stored (a session's index, one conversation); ``max_bytes`` bounds the SQLite file (Redis is
+    bounded by its own ``maxmemory``; memory by its number of sessions).
 
     Raises ValueError naming the accepted forms when the URL is not one of them.
     """
@@ -27,7 +31,7 @@ def store_from_url(url: str, data_dir: Path) -> SessionStore:
             raise _bad(url, "memory:// takes nothing after it")
         from .memory_store import MemorySessionStore
 
-        return MemorySessionStore()
+        return MemorySessionStore(max_session_bytes=max_session_bytes)
     if scheme == "sqlite":
         if parts.netloc or parts.query:
             raise _bad(url, "use sqlite:// alone, or sqlite:/// followed by an absolute path")
@@ -39,7 +43,7 @@ def store_from_url(url: str, data_dir: Path) -> SessionStore:
             raise _bad(url, "the path must be absolute: sqlite:///absolute/path.db")
         from .sqlite_store import SQLiteSessionStore
 
-        return SQLiteSessionStore(path)
+        return SQLiteSessionStore(path, max_bytes=max_bytes, max_session_bytes=max_session_bytes)
     if scheme in ("redis", "rediss"):
         if not parts.hostname:
             raise _bad(url, "a host is required: redis://host:port/db")
@@ -49,7 +53,7 @@ def store_from_url(url: str, data_dir: Path) -> SessionStore:
 
         try:
             client_url = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
-            return RedisSessionStore.from_url(client_url, prefix=prefix)
+            return RedisSessionStore.from_url(client_url, prefix=prefix, max_session_bytes=max_session_bytes)
         except (ValueError, TypeError) as exc:
             raise _bad(url, str(exc)) from None
     raise _bad(url, "unknown scheme")

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..conversation import ChatPrompt
 from ..engine import Engine, SamplingParams
-from ..errors import ChatError, ModelNotReady, PromptTooLong, QueueFull
+from ..errors import ChatError, ModelNotReady, PromptTooLong, QueueFull, SessionBusy, StoreUnavailable
 from ..metrics import CONTENT_TYPE
 from ..service import ChatService, Delta, Done, Failed, Queued, TurnEvent
 from ..service.conversations import check_id
@@ -44,6 +44,10 @@ _STATUS = {
     "model_loading": 503,
     "model_unavailable": 503,
     "shutting_down": 503,
+    "store_unavailable": 503,
+    "store_full": 507,
+    "session_too_large": 413,
+    "lease_lost": 409,
 }
 
 
@@ -55,9 +59,13 @@ def error_response(status_code: int, code: str, message: str, headers: dict[str,
 def chat_error_response(exc: ChatError) -> JSONResponse:
     headers = {}
     retry_after = getattr(exc, "retry_after", None)
-    if isinstance(exc, (QueueFull, ModelNotReady)) and retry_after:
+    if isinstance(exc, (QueueFull, ModelNotReady, StoreUnavailable)) and retry_after:
         headers["Retry-After"] = str(retry_after)
-    return error_response(_STATUS.get(exc.code, 400), exc.code, exc.message, headers)
+    response = error_response(_STATUS.get(exc.code, 400), exc.code, exc.message, headers)
+    if isinstance(exc, SessionBusy) and exc.conversation_id is not None:  # which conversation is busy (the UI names it)
+        response = JSONResponse({"error": exc.code, "message": exc.message, "conversation_id": exc.conversation_id},
+                                status_code=409)
+    return response
 
 
 class ChatStream:
@@ -265,9 +273,15 @@ class ChatStream:
         return JSONResponse({"messages": messages})
 
     async def handle_health_request(self, request: Request) -> Response:
-        """Readiness: 200 once turns can be served; 503 while loading, failed or draining."""
+        """Readiness: 200 once turns can be served; 503 while loading, failed, draining or while the
+        session store fails."""
         await self.start_queue_worker()
-        return JSONResponse(self.service.health(), status_code=200 if self.service.ready else 503)
+        body = self.service.health()
+        # Only asked once the model is ready: before that the answer is 503 "loading" anyway.
+        store_failure = await self.service.check_store() if self.service.ready else None
+        if store_failure is not None:  # turns cannot be saved: send traffic elsewhere until it is back
+            body.update(status="store_unavailable", store_error=store_failure)
+        return JSONResponse(body, status_code=200 if self.service.ready and store_failure is None else 503)
 
     async def handle_liveness_request(self, request: Request) -> Response:
         """Liveness: 503 when the engine is stuck (work running, no progress) or stopped by a fault."""

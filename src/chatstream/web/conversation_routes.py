@@ -10,9 +10,12 @@ Usable without the UI::
     GET    /settings               -> {"server": {defaults}, "limits": {...}, "defaults": {the user's, for all chats}}
     PATCH  /settings               {"defaults": {settings}}             -> the same as GET
 
-A summary is ``{"id", "title", "created", "updated", "message_count", "settings"}``. Changes take
-the session lock, so they are refused (409 ``session_busy``) while a reply is being written in
-the session; an id this session does not hold, another user's included, is 404 and nothing more.
+A summary is ``{"id", "title", "created", "updated", "message_count", "settings"}``. Renaming,
+settings and creating change only the session's small index (under its lock, held for
+milliseconds), so they work while replies stream; ``select`` and DELETE take the conversation's
+own lock, so they are refused (409 ``session_busy``, naming the conversation) while a reply is
+being written into it; an id this session does not hold, another user's included, is 404 and
+nothing more.
 ``select`` picks which answer of a regenerated reply the conversation goes on from (``version``
 indexes the reply's answers oldest first: its ``alternatives`` with ``content`` at ``version``), or,
 at a user message that was edited, which of its versions (``branches`` with the messages shown at
@@ -76,18 +79,19 @@ class _ConversationRoutes:
         try:
             session = _session_of(request)
             if request.method == "GET":
-                data = {} if session.is_new else (await self.service.session_store.get(session.id)) or {}
+                data = await self.service.read_index(session)
                 return JSONResponse(self._settings_view(book.session_defaults(data)))
             body = await _json_object(request, {"defaults"}, allow_empty=False, **self._body_limits())
-            async with session.lock(lease_s=self.service.lock_lease_s):
-                data = await session.load()
+
+            def change(data: dict[str, Any]) -> dict[str, Any]:  # the defaults live in the session's index
                 defaults = self._settings(body["defaults"], book.session_defaults(data))
                 if defaults:
                     data[book.DEFAULTS_KEY] = defaults
                 else:
                     data.pop(book.DEFAULTS_KEY, None)
-                await session.save()
-            return JSONResponse(self._settings_view(defaults))
+                return defaults
+
+            return JSONResponse(self._settings_view(await self.service.update_index(session, change)))
         except ChatError as exc:
             return chat_error_response(exc)
 
@@ -104,8 +108,7 @@ class _ConversationRoutes:
         }
 
     async def _list(self, session: Session) -> Response:
-        data = {} if session.is_new else (await self.service.session_store.get(session.id)) or {}
-        book.migrate(data)
+        data = await self.service.read_index(session)
         return JSONResponse({
             "conversations": [book.summary(cid, entry) for cid, entry in book.ordered(data)],
             "current": data.get(book.CURRENT_KEY),
@@ -113,8 +116,7 @@ class _ConversationRoutes:
         })
 
     async def _read(self, session: Session, conversation_id: str) -> Response:
-        data = {} if session.is_new else (await self.service.session_store.get(session.id)) or {}
-        book.migrate(data)
+        data = await self.service.read_index(session)
         entry = book.get(data, conversation_id)
         messages = await self.service.history(session, conversation_id, details=True)
         return JSONResponse({**book.summary(conversation_id, entry), "messages": messages})
@@ -124,11 +126,12 @@ class _ConversationRoutes:
         title = book.parse_title(body["title"]) if "title" in body else ""
         settings = self._settings(body["settings"]) if "settings" in body else {}
         session = _session_of(request)
-        async with session.lock(lease_s=self.service.lock_lease_s):
-            data = await session.load()
+
+        def create(data: dict[str, Any]) -> dict[str, Any]:
             conversation_id = book.create_conversation(data, title, settings)
-            await session.save()
-        return JSONResponse(book.summary(conversation_id, book.get(data, conversation_id)), status_code=201)
+            return book.summary(conversation_id, book.get(data, conversation_id))
+
+        return JSONResponse(await self.service.update_index(session, create), status_code=201)
 
     async def _patch(self, request: Request, session: Session, conversation_id: str) -> Response:
         body = await _json_object(request, _PATCH_FIELDS, allow_empty=False, **self._body_limits())
@@ -138,11 +141,15 @@ class _ConversationRoutes:
         select = _parse_select(body["select"]) if "select" in body else None
         if session.is_new:
             raise book.ConversationNotFound(f"there is no conversation {conversation_id!r} in this session")
-        async with session.lock(lease_s=self.service.lock_lease_s):
-            data = await session.load()
-            book.migrate(data)
+        book.get(await self.service.read_index(session), conversation_id)
+        # Settings are checked before anything is written, against the stored ones.
+        settings = None
+        if "settings" in body:
+            current = book.get(await self.service.read_index(session), conversation_id).get("settings")
+            settings = self._settings(body["settings"], current)
+
+        def change(data: dict[str, Any]) -> dict[str, Any]:
             entry = book.get(data, conversation_id)
-            settings = self._settings(body["settings"], entry.get("settings")) if "settings" in body else None
             if title is not None:
                 entry["title"] = title
                 entry.pop(book.AUTO_TITLE_KEY, None)  # renamed: edits of the first message no longer retitle it
@@ -150,26 +157,39 @@ class _ConversationRoutes:
                 entry["settings"] = settings
             if body.get("current"):
                 data[book.CURRENT_KEY] = conversation_id
-            if select is not None:
-                stored = entry.get("chat_prompt")
-                prompt = self.service.chat_prompt_clazz.from_dict(stored if isinstance(stored, dict) else None)
-                try:
-                    prompt.select_version(*select)
-                except IndexError as exc:
-                    raise InvalidRequest(str(exc), param="select") from None
-                entry["chat_prompt"] = {**(stored or {}), **prompt.to_dict()}
-            await session.save()
-        return JSONResponse(book.summary(conversation_id, entry))
+            return book.summary(conversation_id, entry)
+
+        if select is None:
+            return JSONResponse(await self.service.update_index(session, change))
+        # Picking an answer rewrites the conversation's messages: that takes its own lock.
+        async with self.service.hold_conversation(session, conversation_id) as lease:
+            stored = await self.service.read_chat_prompt_data(session, conversation_id)
+            prompt = self.service.chat_prompt_clazz.from_dict(stored if isinstance(stored, dict) else None)
+            try:
+                prompt.select_version(*select)
+            except IndexError as exc:
+                raise InvalidRequest(str(exc), param="select") from None
+            await session.put_part(conversation_id, {**(stored or {}), **prompt.to_dict()}, lease)
+
+            def change_and_count(data: dict[str, Any]) -> dict[str, Any]:
+                book.get(data, conversation_id)["message_count"] = len(prompt.messages)  # a branch has its own
+                return change(data)
+
+            return JSONResponse(await self.service.update_index(session, change_and_count))
 
     async def _delete(self, session: Session, conversation_id: str) -> Response:
         if session.is_new:
             raise book.ConversationNotFound(f"there is no conversation {conversation_id!r} in this session")
-        async with session.lock(lease_s=self.service.lock_lease_s):
-            data = await session.load()
-            book.migrate(data)
-            book.delete(data, conversation_id)
-            await session.save()
-        return JSONResponse({"deleted": conversation_id, "current": data.get(book.CURRENT_KEY)})
+        book.get(await self.service.read_index(session), conversation_id)
+        async with self.service.hold_conversation(session, conversation_id) as lease:
+
+            def delete(data: dict[str, Any]) -> Any:
+                book.delete(data, conversation_id)
+                return data.get(book.CURRENT_KEY)
+
+            current = await self.service.update_index(session, delete)
+            await session.delete_part(conversation_id, lease)
+        return JSONResponse({"deleted": conversation_id, "current": current})
 
     def _body_limits(self) -> dict[str, Any]:
         # Bounded here too: the routes may run in an app without chatstream's body-limit middleware.

@@ -1,0 +1,275 @@
+"""Faults where a turn meets the session store: stalled holders, crashes mid-regenerate, a store
+that goes away or fills up. Real `chatstream serve` processes, real SQLite files, real Redis.
+
+Every case counts what a user was told was done (201/200 answers, ``done`` events) and checks
+that all of it is still there afterwards: 0 acknowledged changes lost.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from conftest import parse_sse, wait_until
+from test_cli import free_port, start, stop, wait_healthy
+
+LEASE_S = 1.0  # short, so a stall "longer than the lease" takes a second or two
+LONG_INPUT = " ".join(f"w{i}" for i in range(120))  # the mock echoes it word by word: a long reply
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[Any]:
+    """``servers(n, store)`` starts ``n`` mock servers sharing ``store`` and one secret."""
+    procs: list[subprocess.Popen] = []
+
+    def launch(count: int, store: str, delay: str = "0.05") -> list[str]:
+        env = {"CHATSTREAM_SESSION_STORE": store, "CHATSTREAM_SESSION_SECRET": "shared-secret",
+               "CHATSTREAM_DATA_DIR": str(tmp_path), "CHATSTREAM_SESSION_LEASE_S": str(LEASE_S)}
+        urls = []
+        for _ in range(count):
+            port = free_port()
+            procs.append(start(["--mock", "--mock-token-delay", delay, "--port", str(port)], env=env))
+            urls.append(f"http://127.0.0.1:{port}")
+        for url, proc in zip(urls, procs[-count:]):
+            wait_healthy(url, proc)
+        return urls
+
+    launch.procs = procs  # type: ignore[attr-defined]
+    try:
+        yield launch
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                stop(proc)
+
+
+def events_of(lines: Iterator[str]) -> list[tuple[str, dict]]:
+    return parse_sse("\n".join(lines) + "\n")
+
+
+def first_delta(lines: Iterator[str]) -> None:
+    next(line for line in lines if line.startswith("event: delta"))
+
+
+def stalled_holder_loses_nothing(a: str, b: str, stall: Any, resume: Any) -> None:
+    """A streams a reply; A (or its store) stalls past the lease; B changes the session meanwhile."""
+    with httpx.Client(base_url=a, timeout=30) as on_a, httpx.Client(base_url=b, timeout=30) as on_b:
+        assert parse_sse(on_a.post("/chat_stream", json={"user_input": "setup"}).text)[-1][0] == "done"
+        on_b.cookies.update(on_a.cookies)
+        streaming_id = on_a.get("/conversations").json()["current"]
+        with on_a.stream("POST", "/chat_stream", json={"user_input": LONG_INPUT}) as reply:
+            lines = reply.iter_lines()
+            first_delta(lines)
+            stall()
+            time.sleep(LEASE_S * 2)
+            resume()
+            acknowledged = []
+
+            def b_creates() -> bool:  # B may have to wait for A's lease to run out
+                r = on_b.post("/conversations", json={"title": "made on B"})
+                if r.status_code == 201:
+                    acknowledged.append(("created", r.json()["id"]))
+                return r.status_code == 201
+
+            assert wait_until(b_creates, timeout=10, interval=0.2)
+            renamed = on_b.patch(f"/conversations/{streaming_id}", json={"title": "renamed on B"})
+            assert renamed.status_code == 200, renamed.text
+            events = events_of(lines)
+        # A's reply stops with a clear error instead of overwriting B's changes, and never says done.
+        assert [name for name, _ in events].count("done") == 0
+        assert events[-1][0] == "error" and events[-1][1]["error"] == "lease_lost", events[-3:]
+        time.sleep(LEASE_S)
+        listed = {c["id"]: c["title"] for c in on_b.get("/conversations").json()["conversations"]}
+    assert listed[acknowledged[0][1]] == "made on B"
+    assert listed[streaming_id] == "renamed on B"
+
+
+def test_a_stopped_process_cannot_overwrite_what_another_changed_meanwhile_sqlite(servers: Any, tmp_path: Path) -> None:
+    a, b = servers(2, f"sqlite:///{tmp_path}/sessions.db")
+    proc_a = servers.procs[0]
+    stalled_holder_loses_nothing(a, b, lambda: proc_a.send_signal(signal.SIGSTOP),
+                                 lambda: proc_a.send_signal(signal.SIGCONT))
+
+
+def test_a_paused_redis_cannot_make_a_holder_overwrite_what_another_changed(servers: Any, redis_server: str) -> None:
+    a, b = servers(2, f"{redis_server}?prefix=fence-{os.getpid()}-{time.monotonic_ns()}:")
+    admin = redis.Redis.from_url(redis_server)
+    try:
+        stalled_holder_loses_nothing(a, b, lambda: admin.client_pause(int(LEASE_S * 2000)), lambda: None)
+    finally:
+        admin.client_unpause()
+        admin.close()
+
+
+# -- regenerate: earlier answers are stored before the new one streams -------------------------------
+
+def versions(message: dict) -> list[str]:
+    alternatives = list(message.get("alternatives") or [])
+    version = message.get("version", len(alternatives))
+    return alternatives[:version] + [message["content"]] + alternatives[version:]
+
+
+def test_killing_the_server_mid_regenerate_keeps_every_earlier_answer(servers: Any, tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/sessions.db"
+    (url,) = servers(1, store, delay="0.1")
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for n, regenerate in ((4, False), (5, True), (6, True)):  # three different answers to one question
+            r = client.post("/chat_stream", json={"user_input": LONG_INPUT, "regenerate": regenerate, "max_tokens": n})
+            assert parse_sse(r.text)[-1][0] == "done"
+        earlier = versions(client.get("/history").json()["messages"][-1])
+        assert len(set(earlier)) == 3
+        with client.stream("POST", "/chat_stream", json={"user_input": "", "regenerate": True}) as reply:
+            lines = reply.iter_lines()
+            first_delta(lines)
+            time.sleep(1.2)  # past a checkpoint or two of the new answer
+            with httpx.Client(base_url=url, timeout=30, cookies=dict(client.cookies)) as reader:
+                during = reader.get("/history").json()["messages"][-1]
+            assert set(earlier) <= set(versions(during)), during
+            servers.procs[0].send_signal(signal.SIGKILL)
+            servers.procs[0].wait(timeout=10)
+        cookies = dict(client.cookies)
+    (url,) = servers(1, store)
+    time.sleep(LEASE_S)
+    with httpx.Client(base_url=url, timeout=30, cookies=cookies) as client:
+        after = client.get("/history").json()["messages"][-1]
+    assert set(earlier) <= set(versions(after)), after
+    assert len(versions(after)) == 4  # and the part of the new answer saved before the kill
+
+
+def test_killing_the_server_mid_edit_keeps_the_branch_it_replaces(servers: Any, tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/sessions.db"
+    (url,) = servers(1, store, delay="0.1")
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for text in ("first question", "second question"):
+            r = client.post("/chat_stream", json={"user_input": text, "max_tokens": 3})
+            assert parse_sse(r.text)[-1][0] == "done"
+        before = client.get("/history").json()["messages"]
+        with client.stream("POST", "/chat_stream", json={"user_input": LONG_INPUT, "edit_index": 0}) as reply:
+            first_delta(reply.iter_lines())
+            time.sleep(1.2)  # past a checkpoint or two of the new branch
+            servers.procs[0].send_signal(signal.SIGKILL)
+            servers.procs[0].wait(timeout=10)
+        cookies = dict(client.cookies)
+    (url,) = servers(1, store)
+    with httpx.Client(base_url=url, timeout=30, cookies=cookies) as client:
+        after = client.get("/history").json()["messages"]
+    assert after[0]["content"] == LONG_INPUT and after[1]["content"].startswith("You")  # what it was sent
+    def texts(messages: list[dict]) -> list[tuple[str, str]]:
+        return [(m["role"], m["content"]) for m in messages]
+
+    assert [texts(branch) for branch in after[0]["branches"]] == [texts(before)]  # the whole replaced branch
+
+
+# -- the store goes away, or fills up ------------------------------------------------------------------
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[Any]:
+    """A redis-server of this test's own, which the test may kill and start again on the same port."""
+    port = free_port()
+    procs: list[subprocess.Popen] = []
+
+    def launch() -> None:
+        procs.append(subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        client = redis.Redis(port=port)
+        assert wait_until(lambda: _pings(client), timeout=10)
+        client.close()
+
+    def kill() -> None:
+        procs[-1].kill()
+        procs[-1].wait(timeout=10)
+
+    launch()
+    try:
+        yield f"redis://127.0.0.1:{port}/0", kill, launch
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_redis_killed_mid_stream_is_an_error_then_503_until_it_is_back(servers: Any, own_redis: Any) -> None:
+    store, kill, restart = own_redis
+    (url,) = servers(1, store)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        assert parse_sse(client.post("/chat_stream", json={"user_input": "setup"}).text)[-1][0] == "done"
+        with client.stream("POST", "/chat_stream", json={"user_input": LONG_INPUT}) as reply:
+            lines = reply.iter_lines()
+            first_delta(lines)
+            kill()
+            events = events_of(lines)
+        names = [name for name, _ in events]
+        assert "done" not in names and names[-1] == "error", events[-3:]
+        assert events[-1][1]["error"] == "store_unavailable", events[-1]
+        # While the store is down: 503 with Retry-After everywhere, never 500; /health is not ready.
+        for method, path, body in (("POST", "/chat_stream", {"user_input": "hello?"}), ("GET", "/conversations", None),
+                                   ("POST", "/conversations", {}), ("GET", "/history", None)):
+            r = client.request(method, path, json=body)
+            assert r.status_code == 503 and r.json()["error"] == "store_unavailable", (path, r.status_code, r.text)
+            assert int(r.headers["retry-after"]) > 0
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "store_unavailable"
+        # Back without restarting chatstream.
+        restart()
+        assert wait_until(lambda: client.get("/health").status_code == 200, timeout=10, interval=0.2)
+        again = parse_sse(client.post("/chat_stream", json={"user_input": "back?"}).text)
+        assert again[-1][0] == "done"
+
+
+def test_a_full_store_ends_the_turn_with_an_error_and_deleting_frees_it(serve: Any, tmp_path: Path) -> None:
+    from fastapi import FastAPI
+
+    from chatstream import ChatStream
+    from chatstream.session import SQLiteSessionStore
+
+    store = SQLiteSessionStore(tmp_path / "sessions.db", max_bytes=256 * 1024)
+    chat_stream = ChatStream(use_mock_response=True, session_store=store, session_secret="test",
+                             max_input_chars=100_000, context_len=1_000_000, mock_token_delay=0.001)
+    app = FastAPI()
+    chat_stream.append_middlewares(app)
+    chat_stream.append_apis(app)
+    url = serve(app).url
+    big = "x" * 30_000  # one word: the mock echoes it in one delta
+    with httpx.Client(base_url=url, timeout=30) as client:
+        first = client.post("/conversations", json={"title": "the big one"}).json()["id"]
+        acknowledged = 0
+        for _ in range(50):
+            events = parse_sse(client.post("/chat_stream", json={"user_input": big}).text)
+            names = [name for name, _ in events]
+            if names[-1] == "done":
+                acknowledged += 1
+                continue
+            # The turn whose save failed says so, and never says done.
+            assert "done" not in names and events[-1][1]["error"] == "store_full", events[-1]
+            break
+        else:
+            raise AssertionError("the store never filled up")
+        assert acknowledged >= 1
+        assert len(client.get("/history").json()["messages"]) == 2 * acknowledged  # every acknowledged turn kept
+        still_full = parse_sse(client.post("/chat_stream", json={"user_input": big}).text)
+        assert still_full[-1][1]["error"] == "store_full"
+        assert client.get("/conversations").status_code == 200  # reads still work
+        deleted = client.delete(f"/conversations/{first}")  # a delete needs no room
+        assert deleted.status_code == 200, deleted.text
+        client.post("/conversations", json={"title": "after the delete"})
+        again = parse_sse(client.post("/chat_stream", json={"user_input": big}).text)
+        assert again[-1][0] == "done"
+        assert [m["content"][:1] for m in client.get("/history").json()["messages"]] == ["x", "Y"]
