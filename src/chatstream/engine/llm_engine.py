@@ -22,6 +22,7 @@ import torch
 
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
+from .grammar import GrammarMasks
 from .model_runner import ModelRunner, kv_bytes_per_token
 from .protocol import FinishReason, GenerationOutput
 from .quantization import quantize_linears_int8, resolve_quantization
@@ -91,6 +92,7 @@ class LLMEngine:
             model = model.to(dtype)
         model.eval()
         self.tokenizer = tokenizer
+        self._grammars = GrammarMasks(tokenizer)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         model_limit: int = getattr(config, "max_position_embeddings", None) or 1 << 20
         if max_model_len is not None and max_model_len < 1:
@@ -339,7 +341,10 @@ class LLMEngine:
             return
         for chunk in plan.chunks:
             self._blocks.register_computed(chunk.seq)
+        self._constrain(sampled, logits)
         for chunk, token in zip(sampled, self._sample(sampled, logits)):
+            if chunk.seq.is_finished:  # its grammar failed
+                continue
             if isinstance(token, Exception):
                 self._finish(chunk.seq, "error", error=f"sampling failed: {token!r}")
                 continue
@@ -349,6 +354,33 @@ class LLMEngine:
                 logger.exception("appending a token failed for request %s", chunk.seq.request_id)
                 if not chunk.seq.is_finished:
                     self._finish(chunk.seq, "error", error=f"generation failed: {exc!r}")
+
+    def _constrain(self, sampled: list[ScheduledChunk], logits: torch.Tensor) -> None:
+        """Apply each row's grammar and logit bias to its logits, in place; rows whose grammar fails
+        are finished with an error (their row is still sampled, but the token is never used)."""
+        rows, matchers = [], []
+        for row, chunk in enumerate(sampled):
+            seq = chunk.seq
+            if seq.params.logit_bias:
+                ids = torch.tensor([t for t, _ in seq.params.logit_bias], dtype=torch.long, device=logits.device)
+                bias = torch.tensor([b for _, b in seq.params.logit_bias], dtype=logits.dtype, device=logits.device)
+                logits[row].index_add_(0, ids.clamp(max=logits.shape[1] - 1), bias * (ids < logits.shape[1]))
+            if seq.params.grammar is None:
+                continue
+            try:
+                if seq.matcher is None:
+                    seq.matcher = self._grammars.matcher(seq.params.grammar)
+                rows.append(row)
+                matchers.append(seq.matcher)
+            except Exception as exc:
+                self._finish(seq, "error", error=f"the grammar failed: {exc}")
+        if rows:
+            try:
+                self._grammars.apply(logits, rows, matchers)
+            except Exception as exc:
+                logger.exception("grammar masks failed")
+                for row in rows:
+                    self._finish(sampled[row].seq, "error", error=f"the grammar failed: {exc!r}")
 
     def _sample(self, sampled: list[ScheduledChunk], logits: torch.Tensor) -> list[int | Exception]:
         """One token per row; if the batch fails, each row alone, so only a faulty row fails."""
@@ -390,7 +422,12 @@ class LLMEngine:
         if token in self._eos_ids:
             self._finish(seq, "stop")
             return
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            self._finish(seq, "error", error=f"the grammar refused token {token}: {seq.matcher.get_error()}")
+            return
         text, stopped = seq.stop_matcher.feed(seq.detokenizer.step(token))
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
+            stopped = True
         if stopped:
             self._finish(seq, "stop", text)
         elif seq.num_completion_tokens >= seq.params.max_new_tokens or seq.num_tokens > self.max_model_len:

@@ -24,6 +24,8 @@ class SamplingParams:
     ``seed`` makes a sampled reply reproducible whatever else shares the batch; any int64 or
     uint64 value is accepted (the engine folds it to 64 bits).
     ``stop`` strings end the reply and are never shown to the client.
+    ``grammar`` (an llguidance grammar: see :mod:`chatstream.service.structured`) allows only
+    replies it matches; ``logit_bias`` adds a bias to the logits of some token ids.
     """
 
     max_new_tokens: int = 256
@@ -33,6 +35,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    grammar: str | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    max_logit_bias = 300  # entries, as OpenAI allows
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,6 +58,15 @@ class SamplingParams:
                "seed", "must be an integer in the int64 or uint64 range")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
+        _check(self.grammar is None or (isinstance(self.grammar, str) and 0 < len(self.grammar) <= 1 << 20),
+               "grammar", "must be a non-empty string of at most 1 MiB")
+        try:
+            object.__setattr__(self, "logit_bias", tuple(dict(self.logit_bias).items()))
+        except (TypeError, ValueError):
+            raise InvalidSamplingParams("logit_bias", "must map token ids to numbers") from None
+        _check(len(self.logit_bias) <= self.max_logit_bias, "logit_bias", f"at most {self.max_logit_bias} entries")
+        _check(all(_is_int(t) and 0 <= t <= _INT32_MAX and _is_finite(b) and -100 <= b <= 100
+                   for t, b in self.logit_bias), "logit_bias", "maps token ids to numbers between -100 and 100")
 
 
 class InvalidSamplingParams(ValueError):

@@ -412,10 +412,16 @@ class ChatService:
         turn.conversation_id = conversation_id
         return turn
 
-    def stateless_turn(self, messages: list[dict[str, str]], params: SamplingParams, *,
-                       explicit_max_tokens: bool = True) -> Turn:
-        """A turn over ``messages`` given whole (the OpenAI API): nothing is read or saved."""
-        return Turn(self, params, messages=messages, explicit_max_tokens=explicit_max_tokens, face="openai")
+    def stateless_turn(self, messages: list[dict[str, Any]], params: SamplingParams, *,
+                       explicit_max_tokens: bool = True,
+                       render: Callable[[list[dict[str, Any]]], list[int]] | None = None) -> Turn:
+        """A turn over ``messages`` given whole (the OpenAI API): nothing is read or saved.
+
+        ``render`` turns them into prompt ids (default :meth:`render_messages`); the OpenAI face
+        passes its own for tools and for ``/v1/completions``' raw prompts. It runs off the loop.
+        """
+        return Turn(self, params, messages=messages, explicit_max_tokens=explicit_max_tokens, face="openai",
+                    render=render)
 
     def _turn_started(self, turn: Turn) -> None:
         self._turns.add(turn)

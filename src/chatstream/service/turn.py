@@ -63,6 +63,7 @@ class Turn:
         callback: Callback | None = None,
         explicit_max_tokens: bool = True,
         face: str = "chat_stream",
+        render: Callable[[list[dict[str, Any]]], list[int]] | None = None,
     ) -> None:
         if (session is None) == (messages is None):
             raise TypeError("a turn needs a session (stateful) or messages (stateless), not both")
@@ -76,6 +77,7 @@ class Turn:
         self.callback = callback
         self.explicit_max_tokens = explicit_max_tokens  # stateless: False lets the reply shrink to fit
         self.face = face  # which face runs it, for metrics
+        self.render = render  # stateless: how ``messages`` become prompt ids (default: the chat template)
         self.message_id = uuid.uuid4().hex
         self.conversation_id: str | None = None  # which of the session's conversations (None: the current one)
         self.edit_index: int | None = None  # a user message that this turn's input replaces (the rest is dropped)
@@ -216,7 +218,7 @@ class Turn:
             budget = self.service.context_len - self.params.max_new_tokens
             return await self.service.run_bounded(chat_prompt.render_ids, budget)
         assert self.messages is not None
-        ids = await self.service.run_bounded(self.service.render_messages, self.messages)
+        ids = await self.service.run_bounded(self.render or self.service.render_messages, self.messages)
         self.params = self.service.fit_to_context(self.params, len(ids), self.explicit_max_tokens)
         return ids
 

@@ -29,12 +29,31 @@ from ..auth import bearer_token
 from ..json_body import BadJSON, parse_json_body
 from ..limits import BodyTimeout, BodyTooLarge, read_request_body
 from ..streaming import TurnStreamingResponse, watch_disconnect
+from .completions import (
+    CompletionRequest,
+    TextCompletion,
+    completion_sampling_params,
+    parse_completion_request,
+    prompt_text,
+)
 from .protocol import (
     ChatCompletionRequest,
     OpenAIError,
+    forced_functions,
+    offered_tools,
     parse_chat_completion_request,
     plain_messages,
     to_sampling_params,
+)
+from .tools import (
+    ToolCallStream,
+    ToolFormat,
+    new_call_id,
+    parse_forced_call,
+    parse_tool_calls,
+    template_messages,
+    template_supports_tools,
+    tool_format,
 )
 
 _PARSE_ON_LOOP_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
@@ -49,6 +68,7 @@ def add_openai_routes(app: Any, service: Any, api_key: str | None = None) -> Non
     """
     api = OpenAIRoutes(getattr(service, "service", service), api_key=api_key)
     app.add_route("/v1/chat/completions", api.handle_chat_completions, methods=["POST"])
+    app.add_route("/v1/completions", api.handle_completions, methods=["POST"])
     app.add_route("/v1/models", api.handle_models, methods=["GET"])
     app.add_route("/v1/models/{model:path}", api.handle_model, methods=["GET"])
     app.add_route("/tokenize", api.handle_tokenize, methods=["POST"])
@@ -71,7 +91,7 @@ class OpenAIRoutes:
         except OpenAIError as exc:
             return exc.response()
         return OpenAIError(404, f"Invalid URL ({request.method} {request.url.path}): this server implements "
-                                "/v1/chat/completions and /v1/models.", code="unknown_url").response()
+                                "/v1/chat/completions, /v1/completions and /v1/models.", code="unknown_url").response()
 
     async def handle_models(self, request: Request) -> Response:
         try:
@@ -130,7 +150,11 @@ class OpenAIRoutes:
             self._check_model(parsed.model, param="model")
             params = to_sampling_params(parsed, service.defaults, self._limits())
             explicit = parsed.max_tokens is not None or parsed.max_completion_tokens is not None
-            turn = service.stateless_turn(plain_messages(parsed), params, explicit_max_tokens=explicit)
+            messages = plain_messages(parsed)
+            tools = offered_tools(parsed)
+            with_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+            render = (lambda m: self._render_with_tools(m, tools)) if with_tools else None
+            turn = service.stateless_turn(messages, params, explicit_max_tokens=explicit, render=render)
             await turn.start()
         except OpenAIError as exc:
             return exc.response()
@@ -139,13 +163,79 @@ class OpenAIRoutes:
             return _openai_error(exc, service.context_len, parsed).response()
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is listening
-        completion = _Completion(turn, model=service.model_name,
-                                 include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage))
+        fmt = tool_format(service.tokenizer, getattr(service.settings, "tool_call_parser", None)) if tools else None
+        completion = _Completion(turn, model=self.response_model(parsed.model),
+                                 include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage),
+                                 tools=fmt, forced=bool(forced_functions(parsed)))
+        if parsed.stream:
+            return TurnStreamingResponse(turn, completion.encode_chunk, "text/event-stream")
+        return _WholeCompletion(turn, completion)
+
+    async def handle_completions(self, request: Request) -> Any:
+        """``POST /v1/completions``: the prompt as given, no chat template."""
+        service = self.service
+        parsed: CompletionRequest | None = None
+        try:
+            self._authorize(request)
+            await service.start()
+            body = await _read_body(request, service.settings.max_body_bytes, service.settings.body_timeout_s)
+            parsed = parse_completion_request(body)
+            self._check_model(parsed.model, param="model")
+            params = completion_sampling_params(parsed, service.defaults, self._limits())
+            prompt = prompt_text(parsed)
+            vocab = self.service.vocab_size or 1 << 31
+            if isinstance(prompt, list) and not all(0 <= t < vocab for t in prompt):
+                raise OpenAIError(400, "Invalid value for 'prompt': a token id is beyond the vocabulary.",
+                                  param="prompt", code="invalid_value")
+            text = prompt if isinstance(prompt, str) else ""
+            ids = None if isinstance(prompt, str) else list(prompt)
+            turn = service.stateless_turn([{"role": "user", "content": text}], params,
+                                          explicit_max_tokens=parsed.max_tokens is not None,
+                                          render=lambda _: ids if ids is not None else self._encode_prompt(text))
+            await turn.start()
+        except OpenAIError as exc:
+            return exc.response()
+        except ChatError as exc:
+            if isinstance(exc, PromptTooLong):
+                return OpenAIError(400, f"This model's maximum context length is {service.context_len} tokens; the "
+                                   f"prompt has {exc.prompt_tokens} and the completion may have "
+                                   f"{params.max_new_tokens}. Please reduce the prompt or max_tokens.",
+                                   param="prompt", code="context_length_exceeded").response()
+            return _openai_error(exc, service.context_len, None).response()
+        except ClientDisconnect:
+            return Response(status_code=400)
+        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        completion = _TextEncoder(TextCompletion(self.response_model(parsed.model), include_usage))
         if parsed.stream:
             return TurnStreamingResponse(turn, completion.encode_chunk, "text/event-stream")
         return _WholeCompletion(turn, completion)
 
     # -- helpers --
+    def _encode_prompt(self, text: str) -> list[int]:
+        return list(self.service.tokenizer.encode(text, add_special_tokens=True))
+
+    def _render_with_tools(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[int]:
+        """Prompt ids with the tools and tool messages through the chat template (off the event loop)."""
+        tokenizer = self.service.tokenizer
+        native = template_supports_tools(tokenizer)
+        rendered = template_messages(messages, tools, native)
+        if not native:  # the tools are described in the system message, calls and results are text
+            return self.service.render_messages(rendered)
+        try:
+            text = tokenizer.apply_chat_template(rendered, tools=tools or None, add_generation_prompt=True,
+                                                 tokenize=False)
+        except Exception as exc:
+            raise InvalidRequest(f"the messages cannot be rendered with the model's chat template: {exc}",
+                                 param="messages") from None
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def response_model(self, asked: str | None) -> str:
+        """The ``model`` a response names: the one asked for if it is served, else the first served name."""
+        names = self.served_names
+        if asked is not None and asked in names:
+            return asked
+        return (names or [self.service.model_name])[0]
+
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
             return
@@ -179,9 +269,9 @@ class OpenAIRoutes:
         return SamplingLimits(max_new_tokens=self.service.settings.max_new_tokens, vocab_size=self.service.vocab_size)
 
 
-def _openai_error(exc: ChatError, context_len: int, request: ChatCompletionRequest) -> OpenAIError:
+def _openai_error(exc: ChatError, context_len: int, request: ChatCompletionRequest | None) -> OpenAIError:
     """A domain error in OpenAI's envelope."""
-    if isinstance(exc, PromptTooLong):
+    if isinstance(exc, PromptTooLong) and request is not None:
         asked = request.max_completion_tokens or request.max_tokens
         prompt = exc.prompt_tokens or 0
         requested = f"However, your messages resulted in {prompt} tokens" if asked is None else (
@@ -213,13 +303,17 @@ async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> byte
 class _Completion:
     """Encodes one turn's events as OpenAI chat-completion chunks (or collects them whole)."""
 
-    def __init__(self, turn: Turn, *, model: str, include_usage: bool) -> None:
+    def __init__(self, turn: Turn, *, model: str, include_usage: bool, tools: ToolFormat | None = None,
+                 forced: bool = False) -> None:
         self.turn = turn
         self.model = model
         self.include_usage = include_usage
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self._role_sent = False
+        self.forced = forced  # the reply is exactly one call's JSON (the grammar made it so)
+        self._calls = ToolCallStream(tools) if tools is not None and not forced else None
+        self._forced_text = ""
 
     def encode_chunk(self, event: TurnEvent) -> str | None:
         if isinstance(event, Queued):
@@ -229,19 +323,50 @@ class _Completion:
         head = "" if self._role_sent else self._chunk({"role": "assistant", "content": ""})
         self._role_sent = True
         if isinstance(event, Delta):
-            return head + self._chunk({"content": event.text})
+            if self.forced:
+                self._forced_text += event.text
+                return head or None
+            text = self._calls.feed(event.text) if self._calls is not None else event.text
+            return head + self._chunk({"content": text}) if text else head or None
         assert isinstance(event, Done)
-        out = head + self._chunk({}, finish_reason=event.finish_reason)
+        text, calls = self._end("")
+        out = head + (self._chunk({"content": text}) if text else "")
+        for index, call in enumerate(calls):
+            out += self._chunk({"tool_calls": [{"index": index, **call}]})
+        out += self._chunk({}, finish_reason=self.finish_reason(event, calls))
         if self.include_usage:
             out += _sse({**self._chunk_head(), "choices": [], "usage": self.usage(event)})
         return out + "data: [DONE]\n\n"
 
+    def _end(self, whole: str) -> tuple[str, list[dict[str, Any]]]:
+        """The text still to send and the tool calls, at the end of the reply."""
+        if self.forced:
+            text = whole or self._forced_text
+            calls = parse_forced_call(text)
+            text = "" if calls else text
+        elif self._calls is not None and whole:
+            content, calls = parse_tool_calls(whole, self._calls.fmt)
+            text = content or ""
+        elif self._calls is not None:
+            text, calls = self._calls.finish()
+        else:
+            text, calls = whole, []
+        return text, [{"id": new_call_id(), "type": "function", "function": c} for c in calls]
+
+    @staticmethod
+    def finish_reason(done: Done, calls: list[Any]) -> str:
+        return "tool_calls" if calls and done.finish_reason == "stop" else done.finish_reason
+
     def whole(self, text: str, done: Done) -> dict[str, Any]:
+        content, calls = self._end(text)
+        message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else ""),
+                                   "refusal": None}
+        if calls:
+            message["tool_calls"] = calls
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None, "finish_reason": done.finish_reason,
+                "index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason(done, calls),
             }],
             "usage": self.usage(done),
         }
@@ -262,10 +387,33 @@ class _Completion:
         return _sse(chunk)
 
 
+class _TextEncoder:
+    """``/v1/completions``' events: ``text_completion`` chunks, then ``[DONE]``."""
+
+    def __init__(self, completion: TextCompletion) -> None:
+        self.completion = completion
+
+    def encode_chunk(self, event: TurnEvent) -> str | None:
+        if isinstance(event, Queued):
+            return f": queued, position {event.position}\n\n"
+        if isinstance(event, Failed):
+            return _sse(_failure(event).body)
+        if isinstance(event, Delta):
+            return _sse(self.completion.chunk(event.text))
+        assert isinstance(event, Done)
+        out = _sse(self.completion.chunk("", event.finish_reason))
+        if self.completion.include_usage:
+            out += _sse(self.completion.usage_chunk(event))
+        return out + "data: [DONE]\n\n"
+
+    def whole(self, text: str, done: Done) -> dict[str, Any]:
+        return self.completion.whole(text, done)
+
+
 class _WholeCompletion(Response):
     """The non-streaming answer: waits for the whole reply, listening for a client that leaves."""
 
-    def __init__(self, turn: Turn, completion: _Completion) -> None:
+    def __init__(self, turn: Turn, completion: _Completion | _TextEncoder) -> None:
         self.background = None  # not Response.__init__: the body is only known at the end
         self.turn = turn
         self.completion = completion

@@ -1,0 +1,254 @@
+"""The wider OpenAI surface on the mock engine: served names, CORS, /v1/completions, tools, logit_bias,
+and Open WebUI's request bodies (tests/fixtures/openwebui). Grammar-constrained output needs the real
+model: see test_structured_output.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from chatstream import Settings
+from chatstream.web.app import create_app
+from chatstream.web.openai.tools import ToolCallStream, parse_tool_calls
+
+FIXTURES = Path(__file__).parent / "fixtures"
+USER = [{"role": "user", "content": "hello there"}]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def mock_server(serve: Any, **settings: Any) -> str:
+    settings = {"mock": True, "mock_token_delay": 0.001, "session_secret": "test-secret", **settings}
+    return serve(create_app(Settings(**settings))).url
+
+
+def client(url: str, api_key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
+
+
+def sse_events(text: str) -> list[Any]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+# -- the served name ---------------------------------------------------------------------------
+
+def test_responses_name_the_served_model(serve):
+    url = mock_server(serve, served_model_name="smol, smollm2")
+    c = client(url)
+    assert c.chat.completions.create(model="smollm2", messages=USER).model == "smollm2"
+    chunks = list(c.chat.completions.create(model="smol", messages=USER, stream=True))
+    assert {chunk.model for chunk in chunks} == {"smol"}
+    # Left out: the first served name, never the internal one.
+    assert httpx.post(f"{url}/v1/chat/completions", json={"messages": USER}).json()["model"] == "smol"
+    assert c.completions.create(model="smollm2", prompt="Once upon").model == "smollm2"
+
+
+# -- CORS ----------------------------------------------------------------------------------------
+
+def test_cors_preflight_and_answers_for_a_browser_app_with_a_key(serve):
+    url = mock_server(serve, api_key="k", cors_origins="https://app.example.com")
+    preflight = httpx.options(f"{url}/v1/chat/completions", headers={
+        "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": USER},
+                   headers={"Origin": "https://app.example.com", "Authorization": "Bearer k"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "access-control-allow-credentials" not in r.headers  # keys, never cookies
+    # Another origin gets no grant, and the key is still required.
+    other = httpx.options(f"{url}/v1/chat/completions", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    assert httpx.post(f"{url}/v1/chat/completions", json={"messages": USER},
+                      headers={"Origin": "https://app.example.com"}).status_code == 401
+
+
+def test_without_cors_origins_there_are_no_cors_headers(serve):
+    url = mock_server(serve)
+    r = httpx.options(f"{url}/v1/chat/completions", headers={
+        "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
+
+
+# -- /v1/completions -------------------------------------------------------------------------------
+
+def test_completions_whole_and_streamed(serve):
+    url = mock_server(serve)
+    c = client(url)
+    whole = c.completions.create(model="mock", prompt="Once upon a time", max_tokens=5)
+    assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
+    (choice,) = whole.choices
+    assert choice.text and choice.finish_reason == "length" and whole.usage.completion_tokens == 5
+    assert whole.usage.prompt_tokens == len(b"Once upon a time")  # the mock tokenizer: a token a byte
+    chunks = list(c.completions.create(model="mock", prompt=["Once upon a time"], max_tokens=5, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == choice.text
+    assert chunks[-1].usage.completion_tokens == 5 and chunks[-2].choices[0].finish_reason == "length"
+    tokens = c.completions.create(model="mock", prompt=list(b"Hi"), max_tokens=3)
+    assert tokens.usage.prompt_tokens == 2
+
+
+def test_completions_default_to_16_tokens_like_openai(serve):
+    url = mock_server(serve)
+    done = client(url).completions.create(model="mock", prompt="x " * 10)
+    assert done.usage.completion_tokens == 16 and done.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": "a", "n": 2}, "n"),
+    ({"prompt": "a", "echo": True}, "echo"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "a", "temperature": 3}, "temperature"),
+    ({"prompt": "a", "logprobs": 2}, "logprobs"),
+    ({"prompt": "a", "best_of": 3}, "best_of"),
+    ({"prompt": "a", "wat": 1}, "wat"),
+    ({"prompt": [1, -5]}, "prompt"),
+    ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": "a", "response_format": {"type": "yaml"}}, "response_format.type"),
+])
+def test_bad_completions_are_400_naming_the_parameter(serve, body, param):
+    url = mock_server(serve)
+    r = httpx.post(f"{url}/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+# -- tools -------------------------------------------------------------------------------------------
+
+def test_tools_are_accepted_and_a_text_answer_stays_text(serve):
+    url = mock_server(serve)
+    reply = client(url).chat.completions.create(model="mock", messages=USER, tools=[WEATHER], tool_choice="auto")
+    (choice,) = reply.choices
+    assert choice.finish_reason == "stop" and choice.message.tool_calls is None
+    assert choice.message.content.startswith("You said: hello there")
+
+
+def test_a_tool_call_in_the_reply_comes_back_as_tool_calls(serve):
+    # The mock echoes the user's message, so the reply carries the call exactly as a model writes it.
+    url = mock_server(serve, max_new_tokens=400)
+    ask = {"model": "mock", "messages": [{"role": "user", "content": CALL}], "tools": [WEATHER]}
+    reply = client(url).chat.completions.create(**ask)
+    (choice,) = reply.choices
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert choice.message.content == "You said:"  # the text before the call
+    # Streamed: the text streams, the call comes whole as a tool_calls delta, then finish_reason tool_calls.
+    chunks = list(client(url).chat.completions.create(**ask, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert "<tool_call>" not in text and text.strip() == "You said:"
+    (delta,) = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert delta.index == 0 and delta.function.name == "get_weather"
+    assert json.loads(delta.function.arguments) == {"city": "Paris"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_messages_in_the_history_are_accepted(serve):
+    url = mock_server(serve)
+    messages = [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+    reply = client(url).chat.completions.create(model="mock", messages=messages, tools=[WEATHER])
+    # The mock echoes the last user-side message: the tool result, written as a <tool_response>.
+    assert "<tool_response>\nsunny, 21 C\n</tool_response>" in reply.choices[0].message.content
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice.function.name"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}], "tools": [WEATHER]}, None),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"logit_bias": {"abc": 3}}, "logit_bias"),
+    ({"logit_bias": {"5": 300}}, "logit_bias"),
+])
+def test_bad_tool_and_format_fields_are_400_naming_them(serve, body, param):
+    url = mock_server(serve)
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": USER, **body})
+    if param is None:
+        assert r.status_code == 200, r.text
+        return
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("text, fmt, content, calls", [
+    ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', "hermes", None, [("f", {"a": 1})]),
+    ('Sure. <tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": {"b": "x"}}'
+     '</tool_call>', "hermes", "Sure.", [("f", {}), ("g", {"b": "x"})]),
+    ('<tool_call>{"name": "f", "arguments": {"a": 1}', "hermes", None, []),  # cut off: stays text
+    ('{"name": "f", "parameters": {"a": 1}}', "llama3_json", None, [("f", {"a": 1})]),
+    ('<|python_tag|>{"name": "f", "parameters": {}}; {"name": "g", "parameters": {}}', "llama3_json", None,
+     [("f", {}), ("g", {})]),
+    ('The answer is {x}', "llama3_json", None, []),
+    ('[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}]', "mistral", None, [("f", {"a": 1})]),
+    ("no calls here", "mistral", None, []),
+])
+def test_tool_call_formats_parse_whole_and_streamed(text, fmt, content, calls):
+    got_content, got = parse_tool_calls(text, fmt)
+    assert [(c["name"], json.loads(c["arguments"])) for c in got] == calls
+    if calls:
+        assert got_content == content
+    else:
+        assert got_content == text
+    # Streamed a few characters at a time, the same calls, and exactly the text around them.
+    stream = ToolCallStream(fmt)
+    sent = "".join(stream.feed(text[i:i + 3]) for i in range(0, len(text), 3))
+    rest, streamed = stream.finish()
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed] == calls
+    assert (sent + rest).strip() == (content or "" if calls else text).strip()
+
+
+def test_logit_bias_is_accepted(serve):
+    url = mock_server(serve)
+    reply = client(url).chat.completions.create(model="mock", messages=USER, logit_bias={"42": 5, "7": -100})
+    assert reply.choices[0].finish_reason == "stop"
+
+
+# -- Open WebUI -----------------------------------------------------------------------------------------
+
+def _openwebui(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / "openwebui" / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["chat_with_builtin_tools", "chat_after_tool_result"])
+def test_open_webui_chats_stream_with_its_default_tools(serve, name):
+    url = mock_server(serve, served_model_name="smollm2")
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=_openwebui(name), timeout=30) as r:
+        assert r.status_code == 200, r.read()
+        events = sse_events(r.read().decode())
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert text.startswith("You said:")
+    assert events[-1]["usage"]["completion_tokens"] > 0 and events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert {e["model"] for e in events} == {"smollm2"}
+
+
+@pytest.mark.parametrize("name", ["title_generation", "follow_up_generation"])
+def test_open_webui_background_tasks_answer_whole(serve, name):
+    url = mock_server(serve, served_model_name="smollm2")
+    r = httpx.post(f"{url}/v1/chat/completions", json=_openwebui(name), timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"]
