@@ -252,3 +252,63 @@ def test_open_webui_background_tasks_answer_whole(serve, name):
     r = httpx.post(f"{url}/v1/chat/completions", json=_openwebui(name), timeout=30)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"]
+
+
+# -- /v1/responses --------------------------------------------------------------------------------------
+
+def test_responses_text_in_text_out_with_instructions(serve):
+    url = mock_server(serve, served_model_name="smol")
+    response = client(url).responses.create(model="smol", input="hello there", instructions="Be brief.")
+    assert response.object == "response" and response.id.startswith("resp_") and response.status == "completed"
+    assert response.output_text.startswith("You said: hello there") and response.model == "smol"
+    assert response.instructions == "Be brief." and response.usage.output_tokens > 0
+
+
+def test_responses_chain_with_previous_response_id_from_the_session_store(serve):
+    url = mock_server(serve)
+    c = client(url)
+    first = c.responses.create(model="mock", input="my name is Ada", max_output_tokens=3)
+    assert first.status == "incomplete" and first.incomplete_details.reason == "max_output_tokens"
+    second = c.responses.create(model="mock", input=[{"role": "user", "content": "what is my name?"}],
+                                previous_response_id=first.id)
+    assert second.previous_response_id == first.id
+    # The prompt held the whole conversation: the mock counts it in the usage.
+    assert second.usage.input_tokens > first.usage.input_tokens + len(first.output_text)
+    assert c.responses.retrieve(first.id).output_text == first.output_text
+    c.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.create(model="mock", input="again", previous_response_id=first.id)
+    unstored = c.responses.create(model="mock", input="x", store=False)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(unstored.id)
+
+
+def test_responses_stream_typed_events(serve):
+    url = mock_server(serve)
+    events = list(client(url).responses.create(model="mock", input="hello there", stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == events[-1].response.output_text and text.startswith("You said: hello there")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "input"),
+    ({"input": ""}, "input"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "previous_response_id": "../etc"}, "previous_response_id"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "bogus"}}}},
+     "text.format.schema"),
+    ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
+])
+def test_bad_responses_are_400_naming_the_field(serve, body, param):
+    url = mock_server(serve)
+    r = httpx.post(f"{url}/v1/responses", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

@@ -16,15 +16,16 @@ import hmac
 import json
 import time
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from ...errors import ChatError, InvalidRequest, ModelNotReady, PromptTooLong, QueueFull
+from ...errors import ChatError, InvalidParams, InvalidRequest, ModelNotReady, PromptTooLong, QueueFull
 from ...service import ChatService, Delta, Done, Failed, Queued, Turn, TurnEvent
 from ...service.sampling import SamplingLimits
+from ...service.sampling import to_sampling_params as to_engine_params
 from ..auth import bearer_token
 from ..json_body import BadJSON, parse_json_body
 from ..limits import BodyTimeout, BodyTooLarge, read_request_body
@@ -44,6 +45,15 @@ from .protocol import (
     parse_chat_completion_request,
     plain_messages,
     to_sampling_params,
+)
+from .responses import (
+    STORE_PREFIX,
+    ResponseObject,
+    StoringTurn,
+    check_response_id,
+    format_grammar,
+    input_messages,
+    parse_responses_request,
 )
 from .tools import (
     ToolCallStream,
@@ -69,6 +79,8 @@ def add_openai_routes(app: Any, service: Any, api_key: str | None = None) -> Non
     api = OpenAIRoutes(getattr(service, "service", service), api_key=api_key)
     app.add_route("/v1/chat/completions", api.handle_chat_completions, methods=["POST"])
     app.add_route("/v1/completions", api.handle_completions, methods=["POST"])
+    app.add_route("/v1/responses", api.handle_responses, methods=["POST"])
+    app.add_route("/v1/responses/{response_id}", api.handle_stored_response, methods=["GET", "DELETE"])
     app.add_route("/v1/models", api.handle_models, methods=["GET"])
     app.add_route("/v1/models/{model:path}", api.handle_model, methods=["GET"])
     app.add_route("/tokenize", api.handle_tokenize, methods=["POST"])
@@ -91,7 +103,7 @@ class OpenAIRoutes:
         except OpenAIError as exc:
             return exc.response()
         return OpenAIError(404, f"Invalid URL ({request.method} {request.url.path}): this server implements "
-                                "/v1/chat/completions, /v1/completions and /v1/models.", code="unknown_url").response()
+                                "/v1/chat/completions, /v1/completions, /v1/responses and /v1/models.", code="unknown_url").response()
 
     async def handle_models(self, request: Request) -> Response:
         try:
@@ -209,6 +221,77 @@ class OpenAIRoutes:
         if parsed.stream:
             return TurnStreamingResponse(turn, completion.encode_chunk, "text/event-stream")
         return _WholeCompletion(turn, completion)
+
+    async def handle_responses(self, request: Request) -> Any:
+        """``POST /v1/responses``: see :mod:`.responses`."""
+        service = self.service
+        try:
+            self._authorize(request)
+            await service.start()
+            body = await _read_body(request, service.settings.max_body_bytes, service.settings.body_timeout_s)
+            parsed = parse_responses_request(body)
+            self._check_model(parsed.model, param="model")
+            history: list[dict[str, Any]] = []
+            if parsed.previous_response_id is not None:
+                stored = await service.session_store.get(
+                    STORE_PREFIX + check_response_id(parsed.previous_response_id))
+                if stored is None:
+                    raise OpenAIError(404, f"Previous response with id '{parsed.previous_response_id}' not found.",
+                                      param="previous_response_id", code="previous_response_not_found")
+                history = list(stored.get("messages") or [])
+            conversation = history + input_messages(parsed)
+            if len(conversation) > service.settings.max_messages:
+                raise OpenAIError(400, f"The conversation has {len(conversation)} messages; this server keeps at "
+                                  f"most {service.settings.max_messages}.", param="input", code="too_many_messages")
+            head = [{"role": "system", "content": parsed.instructions}] if parsed.instructions else []
+            values: dict[str, Any] = {k: v for k, v in (("temperature", parsed.temperature), ("top_p", parsed.top_p))
+                                      if v is not None}
+            values["max_new_tokens"] = parsed.max_output_tokens or service.settings.max_new_tokens
+            try:
+                values["grammar"] = format_grammar(parsed)
+                params = to_engine_params(service.defaults, self._limits(), values,
+                                          {"max_new_tokens": "max_output_tokens"})
+            except InvalidParams as exc:
+                raise OpenAIError(400, f"Invalid value for {exc.message}.", param=exc.param,
+                                  code="invalid_value") from None
+            turn = service.stateless_turn(head + conversation, params,
+                                          explicit_max_tokens=parsed.max_output_tokens is not None)
+            await turn.start()
+        except OpenAIError as exc:
+            return exc.response()
+        except ChatError as exc:
+            return _openai_error(exc, service.context_len, None).response()
+        except ClientDisconnect:
+            return Response(status_code=400)
+        response = ResponseObject(parsed, self.response_model(parsed.model))
+
+        async def store(text: str, done: Done) -> None:
+            if parsed.store is not False:
+                record = {"messages": [*conversation, {"role": "assistant", "content": text}],
+                          "response": response.whole(text, done)}
+                await service.session_store.set(STORE_PREFIX + response.id, record, service.settings.session_ttl_s)
+
+        storing = cast(Turn, StoringTurn(turn, store))
+        if parsed.stream:
+            return TurnStreamingResponse(storing, response.encode_event, "text/event-stream")
+        return _WholeCompletion(storing, response)
+
+    async def handle_stored_response(self, request: Request) -> Response:
+        """``GET`` a stored response again, or ``DELETE`` it."""
+        try:
+            self._authorize(request)
+            response_id = check_response_id(request.path_params["response_id"], param="response_id")
+            store = self.service.session_store
+            stored = await store.get(STORE_PREFIX + response_id)
+            if stored is None:
+                raise OpenAIError(404, f"Response with id '{response_id}' not found.", param="response_id",
+                                  code="not_found")
+        except OpenAIError as exc:
+            return exc.response()
+        if request.method == "DELETE":
+            await store.delete(STORE_PREFIX + response_id)
+            return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+        return JSONResponse(stored.get("response"))
 
     # -- helpers --
     def _encode_prompt(self, text: str) -> list[int]:
@@ -413,7 +496,7 @@ class _TextEncoder:
 class _WholeCompletion(Response):
     """The non-streaming answer: waits for the whole reply, listening for a client that leaves."""
 
-    def __init__(self, turn: Turn, completion: _Completion | _TextEncoder) -> None:
+    def __init__(self, turn: Turn, completion: _Completion | _TextEncoder | ResponseObject) -> None:
         self.background = None  # not Response.__init__: the body is only known at the end
         self.turn = turn
         self.completion = completion

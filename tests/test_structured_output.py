@@ -1,0 +1,169 @@
+"""Structured output and forced tool calls on the embedded model, through real clients (the openai SDK,
+LangChain): the grammar is enforced token by token, so even a 135M model answers in the schema."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Literal
+
+import jsonschema
+import openai
+import pytest
+from conftest import LiveServer
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+
+from chatstream import ChatStream
+from chatstream.web.openai import add_openai_routes
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["engineer", "doctor", "artist", "teacher"]},
+        "retired": {"type": "boolean"},
+        "skills": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 1, "maxItems": 3},
+        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city", "zip"], "additionalProperties": False},
+    },
+    "required": ["name", "age", "role", "retired", "skills", "address"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The current time in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}},
+                   "required": ["zone"], "additionalProperties": False}}}
+ASK = [{"role": "user", "content": "Describe a person as JSON."}]
+
+
+@pytest.fixture(scope="module")
+def url(default_model: Any) -> Any:
+    model, tokenizer = default_model
+    chat_stream = ChatStream(model, tokenizer, temperature=1.0, max_new_tokens=160, context_len=1024,
+                             model_name="smol", num_of_concurrent_executions=8, max_queue_size=200)
+    app = FastAPI()
+    add_openai_routes(app, chat_stream)
+    server = LiveServer(app).start()
+    yield server.url
+    server.stop()
+    asyncio.run(chat_stream.shutdown())  # gives the shared model its own layers back
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_100_json_schema_replies_all_validate(url):
+    async def ask(c: openai.AsyncOpenAI, seed: int) -> Any:
+        reply = await c.chat.completions.create(
+            model="smol", messages=ASK, seed=seed, max_tokens=160,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA,
+                                                                    "strict": True}})
+        return reply.choices[0]
+
+    async def run_all() -> list[Any]:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600) as c:
+            return await asyncio.gather(*(ask(c, seed) for seed in range(100)))
+
+    choices = asyncio.run(run_all())
+    valid = 0
+    for choice in choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), PERSON_SCHEMA)
+        valid += 1
+    assert valid == 100
+    assert len({c.message.content for c in choices}) > 50  # sampled: the seeds give different people
+
+
+def test_json_object_mode_answers_an_object(url):
+    reply = client(url).chat.completions.create(model="smol", messages=ASK, seed=3, max_tokens=160,
+                                                response_format={"type": "json_object"})
+    if reply.choices[0].finish_reason == "stop":  # an object can be longer than max_tokens
+        assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    else:
+        assert reply.choices[0].message.content.startswith("{")
+
+
+class Person(BaseModel):
+    name: str = Field(max_length=20)
+    age: int = Field(ge=0, le=120)
+    role: Literal["engineer", "doctor", "artist", "teacher"]
+
+
+def test_openai_parse_with_a_pydantic_model(url):
+    parsed = client(url).chat.completions.parse(model="smol", messages=ASK, response_format=Person, seed=1)
+    person = parsed.choices[0].message.parsed
+    assert isinstance(person, Person) and 0 <= person.age <= 120
+
+
+def test_constrained_and_free_rows_share_the_engine(url):
+    async def run_all() -> list[Any]:
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600) as c:
+            return await asyncio.gather(*(
+                c.chat.completions.create(model="smol", messages=ASK, seed=i, max_tokens=40,
+                                          **({"response_format": {"type": "json_schema", "json_schema": {
+                                              "name": "p", "schema": PERSON_SCHEMA}}} if i % 2 else {}))
+                for i in range(8)))
+
+    replies = asyncio.run(run_all())
+    for i, reply in enumerate(replies):
+        text = reply.choices[0].message.content
+        if i % 2 and reply.choices[0].finish_reason == "stop":
+            jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+        elif i % 2:
+            assert text.startswith('{"name":"')
+        else:
+            assert text and not text.startswith('{"name":"')
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_required_returns_a_valid_call(url, stream):
+    ask = {"model": "smol", "messages": [{"role": "user", "content": "What's the weather in Paris?"}],
+           "tools": [WEATHER, TIME], "tool_choice": "required", "seed": 5, "max_tokens": 80}
+    if stream:
+        chunks = list(client(url).chat.completions.create(**ask, stream=True))
+        (delta,) = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+        name, arguments = delta.function.name, delta.function.arguments
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    else:
+        choice = client(url).chat.completions.create(**ask).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        name, arguments = call.function.name, call.function.arguments
+    schema = {"get_weather": WEATHER, "get_time": TIME}[name]["function"]["parameters"]
+    jsonschema.validate(json.loads(arguments), schema)
+
+
+def test_a_named_tool_choice_calls_that_tool(url):
+    choice = client(url).chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "hello"}], tools=[WEATHER, TIME], seed=2,
+        tool_choice={"type": "function", "function": {"name": "get_time"}}, max_tokens=80).choices[0]
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_time" and isinstance(json.loads(call.function.arguments)["zone"], str)
+
+
+def test_langchain_structured_output_and_bound_tools(url):
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model="smol", base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300,
+                     seed=4, max_completion_tokens=120)
+    person = llm.with_structured_output(Person, method="json_schema").invoke("Describe a person.")
+    assert isinstance(person, Person)
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The current weather in a city."""
+        return "sunny"
+
+    message = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Oslo?")
+    (call,) = message.tool_calls
+    assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
