@@ -385,13 +385,13 @@ class LLMEngine:
     def _sample(self, sampled: list[ScheduledChunk], logits: torch.Tensor) -> list[int | Exception]:
         """One token per row; if the batch fails, each row alone, so only a faulty row fails."""
         try:
-            return sample(logits, self._sampling_batch(sampled, logits.device)).tolist()
+            return sample(logits, self._sampling_batch(sampled, logits.device)).tokens.tolist()
         except Exception:
             logger.exception("batched sampling failed; sampling row by row")
         tokens: list[int | Exception] = []
         for row, chunk in enumerate(sampled):
             try:
-                tokens.append(int(sample(logits[row : row + 1], self._sampling_batch([chunk], logits.device))[0]))
+                tokens.append(int(sample(logits[row : row + 1], self._sampling_batch([chunk], logits.device)).tokens[0]))
             except Exception as exc:
                 tokens.append(exc)
         return tokens
@@ -415,6 +415,15 @@ class LLMEngine:
         if penalised:
             batch.seen_rows = tensor([row for row, s in penalised for _ in s.token_ids], torch.long)
             batch.seen_tokens = tensor([t for _, s in penalised for t in s.token_ids], torch.long)
+        if any(p.min_p > 0 for p in params):
+            batch.min_p = tensor([p.min_p for p in params], torch.float32)
+        counted = [(row, s) for row, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty]
+        if counted:
+            batch.presence_penalty = tensor([p.presence_penalty for p in params], torch.float32)
+            batch.frequency_penalty = tensor([p.frequency_penalty for p in params], torch.float32)
+            replies = [(row, s.token_ids[s.num_prompt_tokens :]) for row, s in counted]
+            batch.output_rows = tensor([row for row, reply in replies for _ in reply], torch.long)
+            batch.output_tokens = tensor([t for _, reply in replies for t in reply], torch.long)
         return batch
 
     def _append(self, seq: Sequence, token: int) -> None:
