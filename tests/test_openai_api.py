@@ -146,13 +146,11 @@ def test_the_model_may_be_left_out(serve):
 # -- refused requests ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("param, value", [
-    ("n", 2),
+    ("n", 9),
     ("functions", [{"name": "f", "parameters": {}}]),
     ("function_call", "auto"),
     ("logprobs", True),
     ("top_logprobs", 2),
-    ("frequency_penalty", 0.5),
-    ("presence_penalty", 0.5),
     ("modalities", ["text", "audio"]),
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("store", True),

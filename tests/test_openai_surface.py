@@ -183,6 +183,9 @@ def test_tool_messages_in_the_history_are_accepted(serve):
      "response_format.json_schema.schema"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
     ({"logit_bias": {"abc": 3}}, "logit_bias"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"min_p": 1.5}, "min_p"),
     ({"logit_bias": {"5": 300}}, "logit_bias"),
 ])
 def test_bad_tool_and_format_fields_are_400_naming_them(serve, body, param):
@@ -312,3 +315,38 @@ def test_bad_responses_are_400_naming_the_field(serve, body, param):
     r = httpx.post(f"{url}/v1/responses", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+# -- n ------------------------------------------------------------------------------------------------
+
+def test_n_choices_whole_and_streamed(serve):
+    url = mock_server(serve, concurrency=2, queue_size=5)
+    c = client(url)
+    whole = c.chat.completions.create(model="mock", messages=USER, n=3, seed=5, temperature=1.0)
+    assert [choice.index for choice in whole.choices] == [0, 1, 2]
+    assert all(choice.message.content.startswith("You said: hello there") for choice in whole.choices)
+    assert len({choice.message.content for choice in whole.choices}) > 1  # each choice has its own seed
+    single = c.chat.completions.create(model="mock", messages=USER, seed=5, temperature=1.0)
+    assert whole.choices[0].message.content == single.choices[0].message.content
+    per_choice = single.usage.completion_tokens
+    assert whole.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counts once
+    assert whole.usage.completion_tokens == sum(
+        c.chat.completions.create(model="mock", messages=USER, seed=5 + i, temperature=1.0).usage.completion_tokens
+        for i in range(3)) and per_choice > 0
+    chunks = list(c.chat.completions.create(model="mock", messages=USER, n=3, seed=5, temperature=1.0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert len({chunk.id for chunk in chunks}) == 1
+    for i in range(3):
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == i)
+        assert text == whole.choices[i].message.content
+    finishes = [ch.choices[0] for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert sorted(f.index for f in finishes) == [0, 1, 2]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_n_beyond_the_queue_is_503_and_starts_nothing(serve):
+    url = mock_server(serve, concurrency=1, queue_size=1)
+    with pytest.raises(openai.InternalServerError) as exc:
+        client(url).chat.completions.create(model="mock", messages=USER, n=3)
+    assert exc.value.status_code == 503
+    assert client(url).chat.completions.create(model="mock", messages=USER, n=2).choices[1].index == 1

@@ -20,12 +20,12 @@ from chatstream.web.openai import add_openai_routes
 PERSON_SCHEMA = {
     "type": "object",
     "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 20},
+        "name": {"type": "string", "minLength": 1, "maxLength": 12},
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "role": {"enum": ["engineer", "doctor", "artist", "teacher"]},
         "retired": {"type": "boolean"},
-        "skills": {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 1, "maxItems": 3},
-        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+        "skills": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 1, "maxItems": 2},
+        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
                                                      "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
                     "required": ["city", "zip"], "additionalProperties": False},
     },
@@ -48,7 +48,7 @@ ASK = [{"role": "user", "content": "Describe a person as JSON."}]
 def url(default_model: Any) -> Any:
     model, tokenizer = default_model
     chat_stream = ChatStream(model, tokenizer, temperature=1.0, max_new_tokens=160, context_len=1024,
-                             model_name="smol", num_of_concurrent_executions=8, max_queue_size=200)
+                             model_name="smol", num_of_concurrent_executions=16, max_queue_size=200)
     app = FastAPI()
     add_openai_routes(app, chat_stream)
     server = LiveServer(app).start()
@@ -61,6 +61,7 @@ def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
+@pytest.mark.timeout(900)  # 100 replies of ~45 tokens: about 3 minutes on a loaded 2-core machine
 def test_100_json_schema_replies_all_validate(url):
     async def ask(c: openai.AsyncOpenAI, seed: int) -> Any:
         reply = await c.chat.completions.create(
@@ -167,3 +168,16 @@ def test_langchain_structured_output_and_bound_tools(url):
     message = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Oslo?")
     (call,) = message.tool_calls
     assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
+
+
+def test_penalties_and_min_p_reach_the_sampler(url):
+    ask = {"model": "smol", "messages": [{"role": "user", "content": "Say 'cat' twenty times."}],
+           "temperature": 0, "max_tokens": 24}
+    plain = client(url).chat.completions.create(**ask).choices[0].message.content
+    for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        penalised = client(url).chat.completions.create(**ask, **extra).choices[0].message.content
+        assert penalised != plain, extra
+        assert penalised.lower().count("cat") < plain.lower().count("cat"), (plain, penalised)
+    # min_p 1 keeps only the most likely token: sampling at any temperature becomes greedy.
+    assert client(url).chat.completions.create(**{**ask, "temperature": 1.5}, extra_body={"min_p": 1.0},
+                                               seed=3).choices[0].message.content == plain

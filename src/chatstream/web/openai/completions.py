@@ -41,6 +41,7 @@ class CompletionRequest(BaseModel):
     user: str | None = None
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None  # vLLM's extension: JSON out of a raw prompt
     # Accepted only with the value that asks for nothing extra.
@@ -59,8 +60,6 @@ _REFUSED = [
     ("echo", lambda v: bool(v), "echoing the prompt"),
     ("suffix", lambda v: bool(v), "a suffix (insertion)"),
     ("logprobs", lambda v: v not in (None, 0), "log probabilities"),
-    ("frequency_penalty", lambda v: v not in (None, 0), "a frequency penalty (use repetition_penalty)"),
-    ("presence_penalty", lambda v: v not in (None, 0), "a presence penalty (use repetition_penalty)"),
 ]
 
 
@@ -99,7 +98,8 @@ def prompt_text(request: CompletionRequest) -> str | list[int]:
 def completion_sampling_params(request: CompletionRequest, defaults: SamplingParams,
                                limits: SamplingLimits) -> SamplingParams:
     values: dict[str, Any] = {k: getattr(request, k) for k in
-                              ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+                              ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "min_p",
+                               "presence_penalty", "frequency_penalty")
                               if getattr(request, k) is not None}
     values["max_new_tokens"] = request.max_tokens or DEFAULT_MAX_TOKENS
     try:

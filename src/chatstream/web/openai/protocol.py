@@ -27,6 +27,7 @@ from ...service.structured import response_format_grammar, tool_call_grammar
 from ..json_body import BadJSON, parse_json_body
 
 _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
+MAX_CHOICES = 8  # n: each choice is a generation of its own, taking a slot
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -133,6 +134,7 @@ class ChatCompletionRequest(BaseModel):
     # Extensions that vLLM and others accept as well.
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
     # Accepted and ignored: they change nothing about the reply.
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
@@ -140,12 +142,12 @@ class ChatCompletionRequest(BaseModel):
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
     parallel_tool_calls: bool | None = None
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     # Accepted only with the value that asks for nothing extra (checked in _check_supported).
     n: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
@@ -165,13 +167,11 @@ class ChatCompletionRequest(BaseModel):
 
 # (parameter, is the value something we cannot do?, what it asks for)
 _UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("n", lambda v: v not in (None, 1), "more than one choice (n > 1)"),
+    ("n", lambda v: v is not None and v > MAX_CHOICES, f"more than {MAX_CHOICES} choices"),
     ("functions", lambda v: bool(v), "the deprecated 'functions' (use 'tools')"),
     ("function_call", lambda v: v not in (None, "none"), "the deprecated 'function_call' (use 'tool_choice')"),
     ("logprobs", lambda v: bool(v), "log probabilities"),
     ("top_logprobs", lambda v: v not in (None, 0), "log probabilities"),
-    ("frequency_penalty", lambda v: v not in (None, 0), "a frequency penalty (use repetition_penalty)"),
-    ("presence_penalty", lambda v: v not in (None, 0), "a presence penalty (use repetition_penalty)"),
     ("modalities", lambda v: v is not None and set(v) != {"text"}, "an output modality other than text"),
     ("store", lambda v: bool(v), "storing completions"),
     ("audio", lambda v: v is not None, "audio output"),
@@ -366,7 +366,8 @@ def plain_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 # The request's sampling fields under the engine's names (the parameter table of this wire).
 _SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                    "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop"}
+                    "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop", "min_p": "min_p",
+                    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 
 
 def to_sampling_params(request: ChatCompletionRequest, defaults: SamplingParams, limits: SamplingLimits) -> SamplingParams:

@@ -16,6 +16,8 @@ import hmac
 import json
 import time
 import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import replace
 from typing import Any, cast
 
 from starlette.requests import ClientDisconnect, Request
@@ -29,7 +31,7 @@ from ...service.sampling import to_sampling_params as to_engine_params
 from ..auth import bearer_token
 from ..json_body import BadJSON, parse_json_body
 from ..limits import BodyTimeout, BodyTooLarge, read_request_body
-from ..streaming import TurnStreamingResponse, watch_disconnect
+from ..streaming import TurnStreamingResponse, wait_for_disconnect, watch_disconnect
 from .completions import (
     CompletionRequest,
     TextCompletion,
@@ -166,22 +168,37 @@ class OpenAIRoutes:
             tools = offered_tools(parsed)
             with_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
             render = (lambda m: self._render_with_tools(m, tools)) if with_tools else None
-            turn = service.stateless_turn(messages, params, explicit_max_tokens=explicit, render=render)
-            await turn.start()
+            turns: list[Turn] = []
+            for index in range(parsed.n or 1):  # n choices: n turns; the prefix cache shares the prompt's blocks
+                seed = None if params.seed is None else (params.seed + index) % (1 << 64)
+                choice_params = replace(params, seed=seed) if index else params
+                turns.append(service.stateless_turn(messages, choice_params, explicit_max_tokens=explicit,
+                                                    render=render))
+                await turns[-1].start()
         except OpenAIError as exc:
             return exc.response()
         except ChatError as exc:
             assert parsed is not None  # turns only start from a parsed request
+            for started in turns:
+                started.cancel()
             return _openai_error(exc, service.context_len, parsed).response()
         except ClientDisconnect:
+            for started in turns:
+                started.cancel()
             return Response(status_code=400)  # nobody is listening
         fmt = tool_format(service.tokenizer, getattr(service.settings, "tool_call_parser", None)) if tools else None
-        completion = _Completion(turn, model=self.response_model(parsed.model),
-                                 include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage),
-                                 tools=fmt, forced=bool(forced_functions(parsed)))
+        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        completions = [_Completion(turn, model=self.response_model(parsed.model), include_usage=include_usage,
+                                   tools=fmt, forced=bool(forced_functions(parsed)), index=index)
+                       for index, turn in enumerate(turns)]
+        if len(turns) > 1:
+            choices = _Choices(completions)
+            if parsed.stream:
+                return TurnStreamingResponse(cast(Turn, choices), choices.encode_chunk, "text/event-stream")
+            return _WholeChoices(choices)
         if parsed.stream:
-            return TurnStreamingResponse(turn, completion.encode_chunk, "text/event-stream")
-        return _WholeCompletion(turn, completion)
+            return TurnStreamingResponse(turns[0], completions[0].encode_chunk, "text/event-stream")
+        return _WholeCompletion(turns[0], completions[0])
 
     async def handle_completions(self, request: Request) -> Any:
         """``POST /v1/completions``: the prompt as given, no chat template."""
@@ -387,8 +404,10 @@ class _Completion:
     """Encodes one turn's events as OpenAI chat-completion chunks (or collects them whole)."""
 
     def __init__(self, turn: Turn, *, model: str, include_usage: bool, tools: ToolFormat | None = None,
-                 forced: bool = False) -> None:
+                 forced: bool = False, index: int = 0) -> None:
         self.turn = turn
+        self.index = index
+        self.last = True  # the stream ends with this choice (else _Choices ends it)
         self.model = model
         self.include_usage = include_usage
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -417,6 +436,8 @@ class _Completion:
         for index, call in enumerate(calls):
             out += self._chunk({"tool_calls": [{"index": index, **call}]})
         out += self._chunk({}, finish_reason=self.finish_reason(event, calls))
+        if not self.last:
+            return out
         if self.include_usage:
             out += _sse({**self._chunk_head(), "choices": [], "usage": self.usage(event)})
         return out + "data: [DONE]\n\n"
@@ -449,7 +470,8 @@ class _Completion:
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": [{
-                "index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason(done, calls),
+                "index": self.index, "message": message, "logprobs": None,
+                "finish_reason": self.finish_reason(done, calls),
             }],
             "usage": self.usage(done),
         }
@@ -463,11 +485,105 @@ class _Completion:
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> str:
         chunk = {**self._chunk_head(), "choices": [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            {"index": self.index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         ]}
         if self.include_usage:
             chunk["usage"] = None
         return _sse(chunk)
+
+
+class _Choices:
+    """``n`` > 1: the choices' turns as one (events tagged with their choice), under one completion id."""
+
+    def __init__(self, completions: list[_Completion]) -> None:
+        self.completions = completions
+        for completion in completions:
+            completion.id, completion.created, completion.last = completions[0].id, completions[0].created, False
+        self.dones: dict[int, Done] = {}
+
+    def cancel(self) -> None:
+        for completion in self.completions:
+            completion.turn.cancel()
+
+    async def events(self) -> AsyncGenerator[tuple[int, TurnEvent], None]:
+        queue: asyncio.Queue[tuple[int, TurnEvent] | None] = asyncio.Queue()
+
+        async def pump(index: int, turn: Turn) -> None:
+            async for event in turn.events():
+                queue.put_nowait((index, event))
+            queue.put_nowait(None)
+
+        tasks = [asyncio.create_task(pump(i, c.turn)) for i, c in enumerate(self.completions)]
+        try:
+            ended = 0
+            while ended < len(tasks):
+                item = await queue.get()
+                if item is None:
+                    ended += 1
+                    continue
+                yield item
+                if isinstance(item[1], Failed):  # one choice failed: the answer has failed
+                    self.cancel()
+                    return
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def encode_chunk(self, item: Any) -> str | None:
+        index, event = item
+        if isinstance(event, Queued):
+            return None
+        out = self.completions[index].encode_chunk(event)
+        if isinstance(event, Failed):
+            return (out or "") + "data: [DONE]\n\n"
+        if isinstance(event, Done):
+            self.dones[index] = event
+            if len(self.dones) == len(self.completions):
+                if self.completions[0].include_usage:
+                    out = (out or "") + _sse({**self.completions[0]._chunk_head(), "choices": [],
+                                              "usage": self.usage()})
+                out = (out or "") + "data: [DONE]\n\n"
+        return out
+
+    def usage(self) -> dict[str, int]:
+        prompt = max(d.prompt_tokens for d in self.dones.values())  # the prompt counts once, as OpenAI's
+        completion = sum(d.completion_tokens for d in self.dones.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class _WholeChoices(Response):
+    """The non-streaming answer of ``n`` > 1 choices."""
+
+    def __init__(self, choices: _Choices) -> None:
+        self.background = None
+        self.choices = choices
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        listener = asyncio.create_task(wait_for_disconnect(receive))
+        listener.add_done_callback(lambda task: None if task.cancelled() else self.choices.cancel())
+        try:
+            texts: dict[int, list[str]] = {i: [] for i in range(len(self.choices.completions))}
+            status, body = 500, cast(Any, _failure(None).body)
+            async for index, event in self.choices.events():
+                if isinstance(event, Delta):
+                    texts[index].append(event.text)
+                elif isinstance(event, Done):
+                    self.choices.dones[index] = event
+                elif isinstance(event, Failed):
+                    error = _failure(event)
+                    status, body = error.status, error.body
+            if len(self.choices.dones) == len(texts):
+                answers = [c.whole("".join(texts[i]), self.choices.dones[i])
+                           for i, c in enumerate(self.choices.completions)]
+                status, body = 200, {**answers[0], "choices": [a["choices"][0] for a in answers],
+                                     "usage": self.choices.usage()}
+            if not listener.done():
+                await _send_json(send, status, body)
+        except asyncio.CancelledError:
+            self.choices.cancel()
+            raise
+        finally:
+            listener.cancel()
 
 
 class _TextEncoder:
