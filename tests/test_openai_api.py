@@ -149,8 +149,6 @@ def test_the_model_may_be_left_out(serve):
     ("n", 9),
     ("functions", [{"name": "f", "parameters": {}}]),
     ("function_call", "auto"),
-    ("logprobs", True),
-    ("top_logprobs", 2),
     ("modalities", ["text", "audio"]),
     ("audio", {"voice": "alloy", "format": "wav"}),
     ("store", True),

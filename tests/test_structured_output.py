@@ -181,3 +181,25 @@ def test_penalties_and_min_p_reach_the_sampler(url):
     # min_p 1 keeps only the most likely token: sampling at any temperature becomes greedy.
     assert client(url).chat.completions.create(**{**ask, "temperature": 1.5}, extra_body={"min_p": 1.0},
                                                seed=3).choices[0].message.content == plain
+
+
+def test_logprobs_come_from_the_samplers_distribution(url):
+    ask = {"model": "smol", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+           "temperature": 0, "max_tokens": 6, "logprobs": True, "top_logprobs": 3}
+    whole = client(url).chat.completions.create(**ask).choices[0]
+    entries = whole.logprobs.content
+    assert len(entries) == 6 and "".join(e.token for e in entries) == whole.message.content
+    for entry in entries:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the sampled token is the most likely one
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
+        assert bytes(entry.bytes).decode() == entry.token
+    chunks = list(client(url).chat.completions.create(**ask, stream=True))
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 3)) for e in streamed] == [(e.token, round(e.logprob, 3)) for e in entries]
+    # Under a grammar the distribution is the constrained one: the only allowed first token is '{'-led.
+    constrained = client(url).chat.completions.create(
+        **{**ask, "max_tokens": 2}, response_format={"type": "json_object"}).choices[0]
+    first = constrained.logprobs.content[0]
+    assert first.token.lstrip().startswith("{") and all(t.logprob < -100 or t.token.lstrip().startswith("{")
+                                                        for t in first.top_logprobs)

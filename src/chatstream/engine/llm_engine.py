@@ -140,6 +140,7 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._broken: str | None = None
         self._outbox: list[tuple[RequestStream, GenerationOutput]] = []  # worker only; see _flush
+        self._step_logprobs: torch.Tensor | None = None  # this step's [B, V] log-probabilities, when a row asks
         self.num_steps = 0  # for metrics: steps run and the time they took
         self.step_seconds = 0.0
 
@@ -342,9 +343,13 @@ class LLMEngine:
         for chunk in plan.chunks:
             self._blocks.register_computed(chunk.seq)
         self._constrain(sampled, logits)
-        for chunk, token in zip(sampled, self._sample(sampled, logits)):
+        self._step_logprobs = None
+        for row, (chunk, token) in enumerate(zip(sampled, self._sample(sampled, logits))):
             if chunk.seq.is_finished:  # its grammar failed
                 continue
+            if isinstance(token, int) and chunk.seq.params.logprobs is not None and self._step_logprobs is not None:
+                chunk.seq.pending_logprobs.append(self._logprob_entry(self._step_logprobs[row], token,
+                                                                      chunk.seq.params.logprobs))
             if isinstance(token, Exception):
                 self._finish(chunk.seq, "error", error=f"sampling failed: {token!r}")
                 continue
@@ -385,7 +390,10 @@ class LLMEngine:
     def _sample(self, sampled: list[ScheduledChunk], logits: torch.Tensor) -> list[int | Exception]:
         """One token per row; if the batch fails, each row alone, so only a faulty row fails."""
         try:
-            return sample(logits, self._sampling_batch(sampled, logits.device)).tokens.tolist()
+            want = any(c.seq.params.logprobs is not None for c in sampled)
+            out = sample(logits, self._sampling_batch(sampled, logits.device), want_logprobs=want)
+            self._step_logprobs = out.logprobs
+            return out.tokens.tolist()
         except Exception:
             logger.exception("batched sampling failed; sampling row by row")
         tokens: list[int | Exception] = []
@@ -395,6 +403,17 @@ class LLMEngine:
             except Exception as exc:
                 tokens.append(exc)
         return tokens
+
+    def _logprob_entry(self, row: torch.Tensor, token: int, top: int) -> dict[str, Any]:
+        """OpenAI's ``{"token", "logprob", "bytes", "top_logprobs"}`` for one sampled token (the
+        distribution after penalties, bias and grammar, before temperature and truncation)."""
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self.tokenizer.decode([token_id])
+            return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+        best = row.topk(top) if top else None
+        return {**entry(token, float(row[token])), "top_logprobs": [] if best is None else [
+            entry(int(i), float(v)) for v, i in zip(best.values.tolist(), best.indices.tolist())]}
 
     def _sampling_batch(self, sampled: list[ScheduledChunk], device: torch.device) -> SamplingBatch:
         seqs = [c.seq for c in sampled]
@@ -442,13 +461,14 @@ class LLMEngine:
         elif seq.num_completion_tokens >= seq.params.max_new_tokens or seq.num_tokens > self.max_model_len:
             self._finish(seq, "length", text)
         elif text:
-            self._outbox.append((seq.stream, GenerationOutput(text=text)))
+            self._outbox.append((seq.stream, GenerationOutput(text=text, logprobs=_take_logprobs(seq))))
 
     def _finish(self, seq: Sequence, reason: FinishReason, text: str = "", error: str | None = None) -> None:
         self._scheduler.finish(seq)
         text += seq.stop_matcher.flush()  # held-back text that never became a stop string
         self._outbox.append(
-            (seq.stream, _final(reason, seq.num_prompt_tokens, seq.num_completion_tokens, text=text, error=error))
+            (seq.stream, _final(reason, seq.num_prompt_tokens, seq.num_completion_tokens, text=text, error=error,
+                                logprobs=_take_logprobs(seq)))
         )
 
     def _finish_all(self, reason: FinishReason, error: str | None = None) -> None:
@@ -468,7 +488,8 @@ def _default_threads(device: torch.device) -> int | None:
 
 
 def _final(
-    reason: FinishReason, prompt_tokens: int, completion_tokens: int, *, text: str = "", error: str | None = None
+    reason: FinishReason, prompt_tokens: int, completion_tokens: int, *, text: str = "", error: str | None = None,
+    logprobs: tuple[dict[str, Any], ...] = (),
 ) -> GenerationOutput:
     return GenerationOutput(
         text=text,
@@ -477,7 +498,14 @@ def _final(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         error=error,
+        logprobs=logprobs,
     )
+
+
+def _take_logprobs(seq: Sequence) -> tuple[dict[str, Any], ...]:
+    taken = tuple(seq.pending_logprobs)
+    seq.pending_logprobs.clear()
+    return taken
 
 
 def _to_int64(seed: int) -> int:

@@ -44,6 +44,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     grammar: str | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely (k <= 20)
 
     max_logit_bias = 300  # entries, as OpenAI allows
 
@@ -70,6 +71,8 @@ class SamplingParams:
                "seed", "must be an integer in the int64 or uint64 range")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+               "logprobs", "must be an integer between 0 and 20")
         _check(self.grammar is None or (isinstance(self.grammar, str) and 0 < len(self.grammar) <= 1 << 20),
                "grammar", "must be a non-empty string of at most 1 MiB")
         try:

@@ -41,6 +41,7 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     num_registered_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
+    pending_logprobs: list[dict[str, Any]] = field(default_factory=list)  # not yet sent with an output
     matcher: Any = None  # the grammar's llguidance matcher, made at the first step (see grammar.py)
 
     def __post_init__(self) -> None:

@@ -241,6 +241,7 @@ class Turn:
         metrics = self.service.metrics
         metrics.queue_wait.observe(started - received)
         first_token_at: float | None = None
+        logprobs: tuple[dict[str, Any], ...] = ()  # of tokens whose text is not out yet
         loop = asyncio.get_running_loop()
         assert self.service.engine is not None
         engine = self.service.engine
@@ -251,12 +252,14 @@ class Turn:
                 async for output in stream:
                     deadline.reschedule(loop.time() + settings.stall_timeout_s)
                     self.service.note_progress()
+                    logprobs = (*logprobs, *output.logprobs) if output.logprobs else logprobs
                     if output.text:
                         if first_token_at is None:
                             first_token_at = time.monotonic()
                             metrics.ttft.observe(first_token_at - started)
                         self._generated += output.text
-                        self._events.put_nowait(Delta(output.text))
+                        self._events.put_nowait(Delta(output.text, logprobs))
+                        logprobs = ()
                     if not output.finished:
                         continue
                     if output.finish_reason in ("stop", "length"):
@@ -269,7 +272,7 @@ class Turn:
                         self._events.put_nowait(Done(
                             finish_reason=output.finish_reason, message_id=self.message_id,
                             prompt_tokens=output.prompt_tokens or self.prompt_tokens,
-                            completion_tokens=output.completion_tokens,
+                            completion_tokens=output.completion_tokens, logprobs=logprobs,
                             timing={
                                 "queue_s": round(started - received, 4),
                                 "ttft_s": round((first_token_at or time.monotonic()) - started, 4),

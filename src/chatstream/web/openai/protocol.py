@@ -147,7 +147,7 @@ class ChatCompletionRequest(BaseModel):
     # Accepted only with the value that asks for nothing extra (checked in _check_supported).
     n: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
@@ -170,8 +170,6 @@ _UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     ("n", lambda v: v is not None and v > MAX_CHOICES, f"more than {MAX_CHOICES} choices"),
     ("functions", lambda v: bool(v), "the deprecated 'functions' (use 'tools')"),
     ("function_call", lambda v: v not in (None, "none"), "the deprecated 'function_call' (use 'tool_choice')"),
-    ("logprobs", lambda v: bool(v), "log probabilities"),
-    ("top_logprobs", lambda v: v not in (None, 0), "log probabilities"),
     ("modalities", lambda v: v is not None and set(v) != {"text"}, "an output modality other than text"),
     ("store", lambda v: bool(v), "storing completions"),
     ("audio", lambda v: v is not None, "audio output"),
@@ -271,6 +269,9 @@ def _check_supported(request: ChatCompletionRequest) -> None:
     for i, message in enumerate(request.messages):
         _check_message(i, message)
     _check_tool_choice(request)
+    if request.top_logprobs and not request.logprobs:
+        raise OpenAIError(400, "Invalid value for 'top_logprobs': it requires 'logprobs' to be true.",
+                          param="top_logprobs", code="invalid_value")
     for token in request.logit_bias or {}:
         if not token.isdigit() or len(token) > 9:
             raise OpenAIError(400, f"Invalid value for 'logit_bias': the key {token!r} is not a token id.",
@@ -379,6 +380,8 @@ def to_sampling_params(request: ChatCompletionRequest, defaults: SamplingParams,
     asked = request.max_completion_tokens or request.max_tokens
     values["max_new_tokens"] = asked if asked is not None else limits.max_new_tokens
     wire_names = {engine: wire for wire, engine in _SAMPLING_FIELDS.items()} | {"max_new_tokens": name}
+    if request.logprobs:
+        values["logprobs"] = request.top_logprobs or 0
     if request.logit_bias:
         values["logit_bias"] = tuple((int(t), b) for t, b in request.logit_bias.items())
         wire_names["logit_bias"] = "logit_bias"

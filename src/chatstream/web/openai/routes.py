@@ -16,7 +16,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import replace
 from typing import Any, cast
 
@@ -429,13 +429,15 @@ class _Completion:
                 self._forced_text += event.text
                 return head or None
             text = self._calls.feed(event.text) if self._calls is not None else event.text
+            if event.logprobs:
+                return head + self._chunk({"content": text}, logprobs=event.logprobs)
             return head + self._chunk({"content": text}) if text else head or None
         assert isinstance(event, Done)
         text, calls = self._end("")
         out = head + (self._chunk({"content": text}) if text else "")
         for index, call in enumerate(calls):
             out += self._chunk({"tool_calls": [{"index": index, **call}]})
-        out += self._chunk({}, finish_reason=self.finish_reason(event, calls))
+        out += self._chunk({}, finish_reason=self.finish_reason(event, calls), logprobs=event.logprobs or None)
         if not self.last:
             return out
         if self.include_usage:
@@ -483,9 +485,11 @@ class _Completion:
     def _chunk_head(self) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> str:
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
+               logprobs: Sequence[dict[str, Any]] | None = None) -> str:
         chunk = {**self._chunk_head(), "choices": [
-            {"index": self.index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            {"index": self.index, "delta": delta, "finish_reason": finish_reason,
+             "logprobs": {"content": list(logprobs), "refusal": None} if logprobs else None}
         ]}
         if self.include_usage:
             chunk["usage"] = None
@@ -563,18 +567,24 @@ class _WholeChoices(Response):
         listener.add_done_callback(lambda task: None if task.cancelled() else self.choices.cancel())
         try:
             texts: dict[int, list[str]] = {i: [] for i in range(len(self.choices.completions))}
+            logprobs: dict[int, list[dict[str, Any]]] = {i: [] for i in texts}
             status, body = 500, cast(Any, _failure(None).body)
             async for index, event in self.choices.events():
                 if isinstance(event, Delta):
                     texts[index].append(event.text)
+                    logprobs[index] += event.logprobs
                 elif isinstance(event, Done):
                     self.choices.dones[index] = event
+                    logprobs[index] += event.logprobs
                 elif isinstance(event, Failed):
                     error = _failure(event)
                     status, body = error.status, error.body
             if len(self.choices.dones) == len(texts):
                 answers = [c.whole("".join(texts[i]), self.choices.dones[i])
                            for i, c in enumerate(self.choices.completions)]
+                for i, answer in enumerate(answers):
+                    if logprobs[i]:
+                        answer["choices"][0]["logprobs"] = {"content": logprobs[i], "refusal": None}
                 status, body = 200, {**answers[0], "choices": [a["choices"][0] for a in answers],
                                      "usage": self.choices.usage()}
             if not listener.done():
@@ -621,12 +631,17 @@ class _WholeCompletion(Response):
         listener = watch_disconnect(receive, self.turn)
         try:
             text: list[str] = []
-            status, body = 500, _failure(None).body
+            logprobs: list[dict[str, Any]] = []
+            status, body = 500, cast(Any, _failure(None).body)
             async for event in self.turn.events():
                 if isinstance(event, Delta):
                     text.append(event.text)
+                    logprobs += event.logprobs
                 elif isinstance(event, Done):
                     status, body = 200, self.completion.whole("".join(text), event)
+                    logprobs += event.logprobs
+                    if logprobs:
+                        body["choices"][0]["logprobs"] = {"content": logprobs, "refusal": None}
                 elif isinstance(event, Failed):
                     error = _failure(event)
                     status, body = error.status, error.body
