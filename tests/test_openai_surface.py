@@ -350,3 +350,60 @@ def test_n_beyond_the_queue_is_503_and_starts_nothing(serve):
         client(url).chat.completions.create(model="mock", messages=USER, n=3)
     assert exc.value.status_code == 503
     assert client(url).chat.completions.create(model="mock", messages=USER, n=2).choices[1].index == 1
+
+
+
+@pytest.mark.parametrize("response_format, param", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}},
+     "response_format.json_schema.schema"),
+    ({"type": "yaml"}, "response_format.type"),
+    ("json", "response_format"),
+])
+def test_chat_stream_refuses_a_bad_response_format(serve, response_format, param):
+    url = mock_server(serve)
+    r = httpx.post(f"{url}/chat_stream", json={"user_input": "hi", "response_format": response_format})
+    assert r.status_code == 400 and f"'{param}'" in r.json()["message"], r.text
+
+
+# -- OpenAI's published schemas ---------------------------------------------------------------------------
+
+def _nullable(schema: Any) -> Any:
+    """OpenAI's spec still marks null-able fields OpenAPI 3.0's way (``nullable: true``), which JSON Schema
+    validators ignore: spell it as JSON Schema (``anyOf`` with ``null``)."""
+    if isinstance(schema, list):
+        return [_nullable(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _nullable(v) for k, v in schema.items() if k != "nullable"}
+    return {"anyOf": [out, {"type": "null"}]} if schema.get("nullable") is True else out
+
+
+OPENAPI = _nullable(json.loads((FIXTURES / "openai_openapi_excerpt.json").read_text()))
+
+
+def check_schema(instance: Any, name: str) -> None:
+    """Validate against OpenAI's own component schema (tests/fixtures/openai_openapi_excerpt.json)."""
+    import jsonschema
+
+    jsonschema.validate(instance, {"$ref": f"#/components/schemas/{name}", "components": OPENAPI["components"]})
+
+
+def test_answers_validate_against_openais_published_schemas(serve):
+    url = mock_server(serve, max_new_tokens=400)
+    tools = {"messages": [{"role": "user", "content": CALL}], "tools": [WEATHER]}
+    for body in ({"messages": USER}, {"messages": USER, "n": 2}, tools):
+        whole = httpx.post(f"{url}/v1/chat/completions", json=body).json()
+        check_schema(whole, "CreateChatCompletionResponse")
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30,
+                          json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+            for chunk in sse_events(r.read().decode()):
+                check_schema(chunk, "CreateChatCompletionStreamResponse")
+    assert whole["choices"][0]["message"]["tool_calls"]  # the tool call answer was among those checked
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "Once", "max_tokens": 4})
+    check_schema(r.json(), "CreateCompletionResponse")
+    # The spec has no stream schema for /v1/completions: its chunks are the completion object, with
+    # finish_reason null until the last (as OpenAI's own stream sends them).
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "Once", "stream": True, "max_tokens": 4})
+    chunks = sse_events(r.text)
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    check_schema(chunks[-1], "CreateCompletionResponse")

@@ -7,12 +7,14 @@ import asyncio
 import json
 from typing import Any, Literal
 
+import httpx
 import jsonschema
 import openai
 import pytest
 from conftest import LiveServer
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
+from test_openai_surface import check_schema
 
 from chatstream import ChatStream
 from chatstream.web.openai import add_openai_routes
@@ -51,6 +53,8 @@ def url(default_model: Any) -> Any:
                              model_name="smol", num_of_concurrent_executions=16, max_queue_size=200)
     app = FastAPI()
     add_openai_routes(app, chat_stream)
+    chat_stream.append_apis(app)  # /chat_stream too, for the seed API's users
+    chat_stream.append_middlewares(app)
     server = LiveServer(app).start()
     yield server.url
     server.stop()
@@ -194,6 +198,8 @@ def test_logprobs_come_from_the_samplers_distribution(url):
         assert entry.top_logprobs[0].token == entry.token  # greedy: the sampled token is the most likely one
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
         assert bytes(entry.bytes).decode() == entry.token
+    raw = httpx.post(f"{url}/v1/chat/completions", json=ask, timeout=300).json()
+    check_schema(raw, "CreateChatCompletionResponse")  # OpenAI's published schema, logprobs included
     chunks = list(client(url).chat.completions.create(**ask, stream=True))
     streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [(e.token, round(e.logprob, 3)) for e in streamed] == [(e.token, round(e.logprob, 3)) for e in entries]
@@ -203,3 +209,11 @@ def test_logprobs_come_from_the_samplers_distribution(url):
     first = constrained.logprobs.content[0]
     assert first.token.lstrip().startswith("{") and all(t.logprob < -100 or t.token.lstrip().startswith("{")
                                                         for t in first.top_logprobs)
+
+
+def test_chat_stream_takes_a_response_format_too(url):
+    r = httpx.post(f"{url}/chat_stream", headers={"Accept": "text/plain"}, timeout=300, json={
+        "user_input": "Describe a person.", "seed": 9, "max_tokens": 160,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON_SCHEMA}}})
+    assert r.status_code == 200, r.text
+    jsonschema.validate(json.loads(r.text), PERSON_SCHEMA)
