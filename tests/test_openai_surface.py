@@ -344,12 +344,17 @@ def test_n_choices_whole_and_streamed(serve):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_n_beyond_the_queue_is_503_and_starts_nothing(serve):
-    url = mock_server(serve, concurrency=1, queue_size=1)
-    with pytest.raises(openai.InternalServerError) as exc:
-        client(url).chat.completions.create(model="mock", messages=USER, n=3)
-    assert exc.value.status_code == 503
-    assert client(url).chat.completions.create(model="mock", messages=USER, n=2).choices[1].index == 1
+def test_n_beyond_what_the_server_can_hold_is_400_and_a_full_queue_503(serve):
+    url = mock_server(serve, concurrency=1, queue_size=2, mock_token_delay=0.05)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(url).chat.completions.create(model="mock", messages=USER, n=4)
+    assert exc.value.param == "n"
+    with client(url).chat.completions.create(model="mock", messages=USER, stream=True) as busy:
+        next(iter(busy))  # one slot taken: n=3 no longer fits, and nothing of it starts
+        with pytest.raises(openai.InternalServerError) as exc:
+            client(url).chat.completions.create(model="mock", messages=USER, n=3)
+        assert exc.value.status_code == 503
+    assert client(url).chat.completions.create(model="mock", messages=USER, n=3).choices[2].index == 2
 
 
 

@@ -169,6 +169,10 @@ class OpenAIRoutes:
             with_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
             render = (lambda m: self._render_with_tools(m, tools)) if with_tools else None
             turns: list[Turn] = []
+            room = service.settings.concurrency + service.settings.queue_size
+            if (parsed.n or 1) > room:
+                raise OpenAIError(400, f"Invalid value for 'n': {parsed.n} choices are {parsed.n} generations; this "
+                                  f"server runs or queues at most {room} at once.", param="n", code="invalid_value")
             for index in range(parsed.n or 1):  # n choices: n turns; the prefix cache shares the prompt's blocks
                 seed = None if params.seed is None else (params.seed + index) % (1 << 64)
                 choice_params = replace(params, seed=seed) if index else params
