@@ -16,8 +16,10 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from test_openai_surface import check_schema
 
-from chatstream import ChatStream
+from chatstream import ChatStream, Settings
+from chatstream.service import ChatService
 from chatstream.web.openai import add_openai_routes
+from chatstream.web.openai.tools import template_messages
 
 PERSON_SCHEMA = {
     "type": "object",
@@ -217,3 +219,39 @@ def test_chat_stream_takes_a_response_format_too(url):
         "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON_SCHEMA}}})
     assert r.status_code == 200, r.text
     jsonschema.validate(json.loads(r.text), PERSON_SCHEMA)
+
+
+# A chat template that knows tools (as Llama 3.1's and Qwen's do): tools go into the last user turn,
+# calls are written from their object arguments. The mock engine echoes that turn back.
+TOOLS_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'user' and loop.last and tools %}TOOLS {{ tools | map(attribute='function.name') | join(',') }}\n"
+    "{% endif %}{{ m.content }}{% for c in m.tool_calls or [] %}CALLED {{ c.function.name }} "
+    "{{ c.function.arguments.city }}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_knows_tools_renders_them_itself(serve, default_model):
+    import copy
+
+    tokenizer = copy.deepcopy(default_model[1])
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    service = ChatService(Settings(mock=True, mock_token_delay=0.001), tokenizer=tokenizer)
+    app = FastAPI()
+    add_openai_routes(app, service)
+    base = serve(app).url
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "rain"},
+                {"role": "user", "content": "and tomorrow?"}]
+    reply = client(base).chat.completions.create(model="m", messages=messages, tools=[WEATHER, TIME])
+    assert reply.choices[0].message.content.startswith("You said: TOOLS get_weather,get_time\nand tomorrow?")
+    # The call in the history reaches the template with its arguments as an object (not a JSON string),
+    # and the tool message as a tool message.
+    rendered = template_messages(
+        [{"role": m["role"], "content": m["content"] or "", **{k: v for k, v in m.items() if k not in ("role", "content")}}
+         for m in messages], [WEATHER, TIME], native=True)
+    prompt = tokenizer.apply_chat_template(rendered, tools=[WEATHER, TIME], tokenize=False, add_generation_prompt=True)
+    assert "CALLED get_weather Oslo" in prompt and "<|im_start|>tool\nrain" in prompt
