@@ -225,10 +225,21 @@ def test_tool_call_formats_parse_whole_and_streamed(text, fmt, content, calls):
     assert (sent + rest).strip() == (content or "" if calls else text).strip()
 
 
-def test_logit_bias_is_accepted(serve):
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"42": 5}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": USER, "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),
+])
+def test_what_the_mock_engine_cannot_honour_is_refused_not_ignored(serve, path, body, param):
     url = mock_server(serve)
-    reply = client(url).chat.completions.create(model="mock", messages=USER, logit_bias={"42": 5, "7": -100})
-    assert reply.choices[0].finish_reason == "stop"
+    r = httpx.post(url + path, json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert r.json()["error"]["code"] == "unsupported_parameter"
+    r = httpx.post(f"{url}/chat_stream", json={"user_input": "hi", "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and "response_format" in r.json()["message"]
 
 
 # -- Open WebUI -----------------------------------------------------------------------------------------

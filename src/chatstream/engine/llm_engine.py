@@ -69,6 +69,9 @@ class LLMEngine:
     and quantized layers until :meth:`shutdown`.
     """
 
+    # SamplingParams.grammar, logit_bias and logprobs are honoured (the mock and remote engines cannot).
+    constrains = True
+
     def __init__(
         self,
         model: Any,

@@ -303,6 +303,15 @@ class ChatService:
                                  param="messages") from None
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
+    def cannot_honour(self, params: SamplingParams) -> str | None:
+        """The first of ``grammar``, ``logit_bias``, ``logprobs`` that ``params`` asks for and the
+        engine cannot honour (the mock and remote engines); None when all is well or no engine is up yet."""
+        if self.engine is None or getattr(self.engine, "constrains", False):
+            return None
+        asked = {"grammar": params.grammar is not None, "logit_bias": bool(params.logit_bias),
+                 "logprobs": params.logprobs is not None}
+        return next((name for name, on in asked.items() if on), None)
+
     def fit_to_context(self, params: SamplingParams, prompt_tokens: int, explicit_max_tokens: bool) -> SamplingParams:
         """Shorten the reply to what the context leaves, or refuse a prompt that leaves too little."""
         room = self.context_len - prompt_tokens

@@ -42,6 +42,7 @@ from .completions import (
 from .protocol import (
     ChatCompletionRequest,
     OpenAIError,
+    _unsupported,
     forced_functions,
     offered_tools,
     parse_chat_completion_request,
@@ -163,6 +164,8 @@ class OpenAIRoutes:
                 parsed = parse_chat_completion_request(body, max_messages)
             self._check_model(parsed.model, param="model")
             params = to_sampling_params(parsed, service.defaults, self._limits())
+            grammar_from = "tool_choice" if forced_functions(parsed) else "response_format"
+            self._check_engine(params, {"grammar": grammar_from})
             explicit = parsed.max_tokens is not None or parsed.max_completion_tokens is not None
             messages = plain_messages(parsed)
             tools = offered_tools(parsed)
@@ -215,6 +218,7 @@ class OpenAIRoutes:
             parsed = parse_completion_request(body)
             self._check_model(parsed.model, param="model")
             params = completion_sampling_params(parsed, service.defaults, self._limits())
+            self._check_engine(params, {"grammar": "response_format"})
             prompt = prompt_text(parsed)
             vocab = self.service.vocab_size or 1 << 31
             if isinstance(prompt, list) and not all(0 <= t < vocab for t in prompt):
@@ -272,6 +276,7 @@ class OpenAIRoutes:
                 values["grammar"] = format_grammar(parsed)
                 params = to_engine_params(service.defaults, self._limits(), values,
                                           {"max_new_tokens": "max_output_tokens"})
+                self._check_engine(params, {"grammar": "text.format"})
             except InvalidParams as exc:
                 raise OpenAIError(400, f"Invalid value for {exc.message}.", param=exc.param,
                                   code="invalid_value") from None
@@ -315,6 +320,13 @@ class OpenAIRoutes:
         return JSONResponse(stored.get("response"))
 
     # -- helpers --
+    def _check_engine(self, params: Any, wire_names: dict[str, str]) -> None:
+        """400 for a field the engine would silently ignore (the mock and remote engines enforce no grammar)."""
+        lacking = self.service.cannot_honour(params)
+        if lacking is not None:
+            param = wire_names.get(lacking, lacking)
+            raise _unsupported(param, f"'{param}' with this engine (only the local engine enforces it)")
+
     def _encode_prompt(self, text: str) -> list[int]:
         return list(self.service.tokenizer.encode(text, add_special_tokens=True))
 
