@@ -29,7 +29,8 @@ _chat_fields = st.sampled_from(["user_input", "regenerate", "max_tokens", "tempe
 _chat_bodies = st.dictionaries(_chat_fields, _values, max_size=5)
 _openai_fields = st.sampled_from(["messages", "model", "max_tokens", "max_completion_tokens", "temperature",
                                   "top_p", "top_k", "seed", "stop", "stream", "stream_options", "n", "tools",
-                                  "repetition_penalty", "user", "logprobs"])
+                                  "repetition_penalty", "user", "logprobs", "top_logprobs", "tool_choice",
+                                  "response_format", "logit_bias", "min_p", "presence_penalty"])
 _messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "tool", "x"]),
                                             "content": _values}), max_size=4)
 _openai_bodies = st.dictionaries(_openai_fields, st.one_of(_values, _messages), max_size=5)
@@ -72,9 +73,13 @@ def test_chat_stream_never_5xx_and_a_refusal_changes_nothing(fuzz_server, body, 
 
 
 @_FUZZ
-@given(body=st.one_of(_openai_bodies, _raw), headers=_headers)
-def test_openai_never_5xx(fuzz_server, body, headers):
-    r = fuzz_server.post("/v1/chat/completions", content=_encode(body), headers=headers)
+@given(body=st.one_of(_openai_bodies, _raw), headers=_headers,
+       path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/responses"]))
+def test_openai_never_5xx(fuzz_server, body, headers, path):
+    if path != "/v1/chat/completions" and isinstance(body, dict):  # the other routes' main fields
+        body = {("prompt" if path == "/v1/completions" else "input") if k == "messages" else k: v
+                for k, v in body.items()}
+    r = fuzz_server.post(path, content=_encode(body), headers=headers)
     assert r.status_code < 500, (r.status_code, r.text[:300])
     if r.status_code >= 400:
         assert "error" in r.json()

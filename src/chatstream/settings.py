@@ -27,6 +27,7 @@ class Settings(BaseSettings):
 
     # -- model and engine --
     model: str | None = Field(None, description="local Hugging Face model folder, .gguf file or installed model package name (none: the embedded SmolLM2-135M-Instruct)")
+    tool_call_parser: str = Field("auto", pattern="^(auto|hermes|llama3_json|mistral)$", description="how /v1 finds tool calls in a reply: auto (from the chat template), hermes (<tool_call>), llama3_json, mistral ([TOOL_CALLS])")
     served_model_name: str | None = Field(None, description="comma-separated model names /v1 accepts (none: any name, like llama.cpp's server); the first is the name /v1/models shows")
     mock: bool = Field(False, description="stream canned text without a model")
     mock_token_delay: float = Field(0.03, ge=0.0, le=10.0, description="seconds between mock tokens")
@@ -79,6 +80,7 @@ class Settings(BaseSettings):
     auth_cookie_max_age_s: int = Field(7 * 24 * 3600, ge=60, description="how long the UI's sign-in lasts, in seconds")
     allowed_origins: str = Field("", description="comma-separated origins (https://host:port) besides the server's own that may send cookie-authenticated POSTs")
     forwarded_allow_ips: str = Field("127.0.0.1,::1", description="comma-separated addresses or networks of reverse proxies (or *) whose X-Forwarded-For and X-Forwarded-Proto are believed: the client address for the per-address limits, the scheme for the origin check")
+    cors_origins: str = Field("", description="comma-separated origins (https://host:port, or *) whose browser apps may call the API with a key: CORS headers and OPTIONS preflights (never with cookies)")
     docs: bool = Field(False, description="serve the OpenAPI docs at /docs, /redoc and /openapi.json")
 
     # -- HTTP limits and timeouts --

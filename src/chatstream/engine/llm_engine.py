@@ -22,6 +22,7 @@ import torch
 
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
+from .grammar import GrammarMasks
 from .model_runner import ModelRunner, kv_bytes_per_token
 from .protocol import FinishReason, GenerationOutput
 from .quantization import quantize_linears_int8, resolve_quantization
@@ -68,6 +69,9 @@ class LLMEngine:
     and quantized layers until :meth:`shutdown`.
     """
 
+    # SamplingParams.grammar, logit_bias and logprobs are honoured (the mock and remote engines cannot).
+    constrains = True
+
     def __init__(
         self,
         model: Any,
@@ -91,6 +95,7 @@ class LLMEngine:
             model = model.to(dtype)
         model.eval()
         self.tokenizer = tokenizer
+        self._grammars = GrammarMasks(tokenizer)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         model_limit: int = getattr(config, "max_position_embeddings", None) or 1 << 20
         if max_model_len is not None and max_model_len < 1:
@@ -138,6 +143,7 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._broken: str | None = None
         self._outbox: list[tuple[RequestStream, GenerationOutput]] = []  # worker only; see _flush
+        self._step_logprobs: torch.Tensor | None = None  # this step's [B, V] log-probabilities, when a row asks
         self.num_steps = 0  # for metrics: steps run and the time they took
         self.step_seconds = 0.0
 
@@ -339,7 +345,14 @@ class LLMEngine:
             return
         for chunk in plan.chunks:
             self._blocks.register_computed(chunk.seq)
-        for chunk, token in zip(sampled, self._sample(sampled, logits)):
+        self._constrain(sampled, logits)
+        self._step_logprobs = None
+        for row, (chunk, token) in enumerate(zip(sampled, self._sample(sampled, logits))):
+            if chunk.seq.is_finished:  # its grammar failed
+                continue
+            if isinstance(token, int) and chunk.seq.params.logprobs is not None and self._step_logprobs is not None:
+                chunk.seq.pending_logprobs.append(self._logprob_entry(self._step_logprobs[row], token,
+                                                                      chunk.seq.params.logprobs))
             if isinstance(token, Exception):
                 self._finish(chunk.seq, "error", error=f"sampling failed: {token!r}")
                 continue
@@ -350,19 +363,60 @@ class LLMEngine:
                 if not chunk.seq.is_finished:
                     self._finish(chunk.seq, "error", error=f"generation failed: {exc!r}")
 
+    def _constrain(self, sampled: list[ScheduledChunk], logits: torch.Tensor) -> None:
+        """Apply each row's grammar and logit bias to its logits, in place; rows whose grammar fails
+        are finished with an error (their row is still sampled, but the token is never used)."""
+        rows, matchers = [], []
+        for row, chunk in enumerate(sampled):
+            seq = chunk.seq
+            if seq.params.logit_bias:
+                ids = torch.tensor([t for t, _ in seq.params.logit_bias], dtype=torch.long, device=logits.device)
+                bias = torch.tensor([b for _, b in seq.params.logit_bias], dtype=logits.dtype, device=logits.device)
+                logits[row].index_add_(0, ids.clamp(max=logits.shape[1] - 1), bias * (ids < logits.shape[1]))
+            if seq.params.grammar is None:
+                continue
+            try:
+                if seq.matcher is None:
+                    seq.matcher = self._grammars.matcher(seq.params.grammar)
+                rows.append(row)
+                matchers.append(seq.matcher)
+            except Exception as exc:
+                self._finish(seq, "error", error=f"the grammar failed: {exc}")
+        if rows:
+            try:
+                self._grammars.apply(logits, rows, matchers)
+            except Exception as exc:
+                logger.exception("grammar masks failed")
+                for row in rows:
+                    self._finish(sampled[row].seq, "error", error=f"the grammar failed: {exc!r}")
+
     def _sample(self, sampled: list[ScheduledChunk], logits: torch.Tensor) -> list[int | Exception]:
         """One token per row; if the batch fails, each row alone, so only a faulty row fails."""
         try:
-            return sample(logits, self._sampling_batch(sampled, logits.device)).tolist()
+            want = any(c.seq.params.logprobs is not None for c in sampled)
+            out = sample(logits, self._sampling_batch(sampled, logits.device), want_logprobs=want)
+            self._step_logprobs = out.logprobs
+            return out.tokens.tolist()
         except Exception:
             logger.exception("batched sampling failed; sampling row by row")
         tokens: list[int | Exception] = []
         for row, chunk in enumerate(sampled):
             try:
-                tokens.append(int(sample(logits[row : row + 1], self._sampling_batch([chunk], logits.device))[0]))
+                tokens.append(int(sample(logits[row : row + 1], self._sampling_batch([chunk], logits.device)).tokens[0]))
             except Exception as exc:
                 tokens.append(exc)
         return tokens
+
+    def _logprob_entry(self, row: torch.Tensor, token: int, top: int) -> dict[str, Any]:
+        """OpenAI's ``{"token", "logprob", "bytes", "top_logprobs"}`` for one sampled token (the
+        distribution after penalties, bias and grammar, before temperature and truncation)."""
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self.tokenizer.decode([token_id])
+            return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(text.encode("utf-8"))}
+
+        best = row.topk(top) if top else None
+        return {**entry(token, float(row[token])), "top_logprobs": [] if best is None else [
+            entry(int(i), float(v)) for v, i in zip(best.values.tolist(), best.indices.tolist())]}
 
     def _sampling_batch(self, sampled: list[ScheduledChunk], device: torch.device) -> SamplingBatch:
         seqs = [c.seq for c in sampled]
@@ -383,6 +437,15 @@ class LLMEngine:
         if penalised:
             batch.seen_rows = tensor([row for row, s in penalised for _ in s.token_ids], torch.long)
             batch.seen_tokens = tensor([t for _, s in penalised for t in s.token_ids], torch.long)
+        if any(p.min_p > 0 for p in params):
+            batch.min_p = tensor([p.min_p for p in params], torch.float32)
+        counted = [(row, s) for row, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty]
+        if counted:
+            batch.presence_penalty = tensor([p.presence_penalty for p in params], torch.float32)
+            batch.frequency_penalty = tensor([p.frequency_penalty for p in params], torch.float32)
+            replies = [(row, s.token_ids[s.num_prompt_tokens :]) for row, s in counted]
+            batch.output_rows = tensor([row for row, reply in replies for _ in reply], torch.long)
+            batch.output_tokens = tensor([t for _, reply in replies for t in reply], torch.long)
         return batch
 
     def _append(self, seq: Sequence, token: int) -> None:
@@ -390,19 +453,25 @@ class LLMEngine:
         if token in self._eos_ids:
             self._finish(seq, "stop")
             return
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            self._finish(seq, "error", error=f"the grammar refused token {token}: {seq.matcher.get_error()}")
+            return
         text, stopped = seq.stop_matcher.feed(seq.detokenizer.step(token))
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar is complete
+            stopped = True
         if stopped:
             self._finish(seq, "stop", text)
         elif seq.num_completion_tokens >= seq.params.max_new_tokens or seq.num_tokens > self.max_model_len:
             self._finish(seq, "length", text)
         elif text:
-            self._outbox.append((seq.stream, GenerationOutput(text=text)))
+            self._outbox.append((seq.stream, GenerationOutput(text=text, logprobs=_take_logprobs(seq))))
 
     def _finish(self, seq: Sequence, reason: FinishReason, text: str = "", error: str | None = None) -> None:
         self._scheduler.finish(seq)
         text += seq.stop_matcher.flush()  # held-back text that never became a stop string
         self._outbox.append(
-            (seq.stream, _final(reason, seq.num_prompt_tokens, seq.num_completion_tokens, text=text, error=error))
+            (seq.stream, _final(reason, seq.num_prompt_tokens, seq.num_completion_tokens, text=text, error=error,
+                                logprobs=_take_logprobs(seq)))
         )
 
     def _finish_all(self, reason: FinishReason, error: str | None = None) -> None:
@@ -422,7 +491,8 @@ def _default_threads(device: torch.device) -> int | None:
 
 
 def _final(
-    reason: FinishReason, prompt_tokens: int, completion_tokens: int, *, text: str = "", error: str | None = None
+    reason: FinishReason, prompt_tokens: int, completion_tokens: int, *, text: str = "", error: str | None = None,
+    logprobs: tuple[dict[str, Any], ...] = (),
 ) -> GenerationOutput:
     return GenerationOutput(
         text=text,
@@ -431,7 +501,14 @@ def _final(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         error=error,
+        logprobs=logprobs,
     )
+
+
+def _take_logprobs(seq: Sequence) -> tuple[dict[str, Any], ...]:
+    taken = tuple(seq.pending_logprobs)
+    seq.pending_logprobs.clear()
+    return taken
 
 
 def _to_int64(seed: int) -> int:

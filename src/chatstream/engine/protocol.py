@@ -33,6 +33,9 @@ class GenerationOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # With SamplingParams.logprobs: one entry per token sampled since the previous event, in OpenAI's
+    # shape ({"token", "logprob", "bytes", "top_logprobs": [...]}).
+    logprobs: tuple[dict[str, Any], ...] = ()
 
 
 @runtime_checkable

@@ -19,8 +19,12 @@ _UINT64_MAX = 2**64 - 1
 class SamplingParams:
     """How one request is sampled. Every request in a batch carries its own.
 
-    ``temperature == 0`` means greedy. ``top_k == 0`` and ``top_p == 1`` switch those filters off;
-    a ``top_k`` above the vocabulary size keeps the whole vocabulary.
+    ``temperature == 0`` means greedy. ``top_k == 0``, ``top_p == 1`` and ``min_p == 0`` switch
+    those filters off; a ``top_k`` above the vocabulary size keeps the whole vocabulary. ``min_p``
+    keeps the tokens at least ``min_p`` times as likely as the most likely one.
+    ``repetition_penalty`` (HF semantics, over prompt and reply) divides a seen token's positive
+    logit and multiplies a negative one; ``presence_penalty`` and ``frequency_penalty`` (OpenAI
+    semantics, over the reply) subtract ``presence`` once and ``frequency`` per occurrence.
     ``seed`` makes a sampled reply reproducible whatever else shares the batch; any int64 or
     uint64 value is accepted (the engine folds it to 64 bits).
     ``stop`` strings end the reply and are never shown to the client.
@@ -28,6 +32,8 @@ class SamplingParams:
     prefix-cache blocks only when their salts are equal (vLLM's ``cache_salt``), so the service
     gives each user its own and nobody can time or count another user's cached text. ``None``
     shares with every other unsalted request.
+    ``grammar`` (an llguidance grammar: see :mod:`chatstream.service.structured`) allows only
+    replies it matches; ``logit_bias`` adds a bias to the logits of some token ids.
     """
 
     max_new_tokens: int = 256
@@ -35,9 +41,17 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     cache_salt: str | None = None
+    grammar: str | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely (k <= 20)
+
+    max_logit_bias = 300  # entries, as OpenAI allows
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,11 +67,27 @@ class SamplingParams:
                "top_k", f"must be an integer between 0 and {_INT32_MAX}")
         _check(_is_finite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 100.0,
                "repetition_penalty", "must be a finite number in (0, 100]")
+        _check(_is_finite(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "must be a finite number in [0, 1]")
+        _check(_is_finite(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0,
+               "presence_penalty", "must be a finite number between -2 and 2")
+        _check(_is_finite(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0,
+               "frequency_penalty", "must be a finite number between -2 and 2")
         _check(self.seed is None or (_is_int(self.seed) and _INT64_MIN <= self.seed <= _UINT64_MAX),
                "seed", "must be an integer in the int64 or uint64 range")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
         _check(self.cache_salt is None or isinstance(self.cache_salt, str), "cache_salt", "must be a string")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+               "logprobs", "must be an integer between 0 and 20")
+        _check(self.grammar is None or (isinstance(self.grammar, str) and 0 < len(self.grammar) <= 1 << 20),
+               "grammar", "must be a non-empty string of at most 1 MiB")
+        try:
+            object.__setattr__(self, "logit_bias", tuple(dict(self.logit_bias).items()))
+        except (TypeError, ValueError):
+            raise InvalidSamplingParams("logit_bias", "must map token ids to numbers") from None
+        _check(len(self.logit_bias) <= self.max_logit_bias, "logit_bias", f"at most {self.max_logit_bias} entries")
+        _check(all(_is_int(t) and 0 <= t <= _INT32_MAX and _is_finite(b) and -100 <= b <= 100
+                   for t, b in self.logit_bias), "logit_bias", "maps token ids to numbers between -100 and 100")
 
 
 class InvalidSamplingParams(ValueError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from .detokenizer import IncrementalDetokenizer
 from .sampling_params import SamplingParams
@@ -40,6 +41,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     num_registered_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
+    pending_logprobs: list[dict[str, Any]] = field(default_factory=list)  # not yet sent with an output
+    matcher: Any = None  # the grammar's llguidance matcher, made at the first step (see grammar.py)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

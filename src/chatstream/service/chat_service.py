@@ -350,6 +350,15 @@ class ChatService:
                                  param="messages") from None
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
+    def cannot_honour(self, params: SamplingParams) -> str | None:
+        """The first of ``grammar``, ``logit_bias``, ``logprobs`` that ``params`` asks for and the
+        engine cannot honour (the mock and remote engines); None when all is well or no engine is up yet."""
+        if self.engine is None or getattr(self.engine, "constrains", False):
+            return None
+        asked = {"grammar": params.grammar is not None, "logit_bias": bool(params.logit_bias),
+                 "logprobs": params.logprobs is not None}
+        return next((name for name, on in asked.items() if on), None)
+
     def fit_to_context(self, params: SamplingParams, prompt_tokens: int, explicit_max_tokens: bool) -> SamplingParams:
         """Shorten the reply to what the context leaves, or refuse a prompt that leaves too little."""
         room = self.context_len - prompt_tokens
@@ -553,15 +562,19 @@ class ChatService:
         turn.conversation_id = conversation_id
         return turn
 
-    def stateless_turn(self, messages: list[dict[str, str]], params: SamplingParams, *,
-                       explicit_max_tokens: bool = True, user: str | None = None) -> Turn:
+    def stateless_turn(self, messages: list[dict[str, Any]], params: SamplingParams, *,
+                       explicit_max_tokens: bool = True, user: str | None = None,
+                       render: Callable[[list[dict[str, Any]]], list[int]] | None = None) -> Turn:
         """A turn over ``messages`` given whole (the OpenAI API): nothing is read or saved.
 
         ``user`` (OpenAI's end-user id) scopes the prefix cache: API requests share cached
         prefixes only with API requests of the same ``user`` (all without one share one scope).
+        ``render`` turns them into prompt ids (default :meth:`render_messages`); the OpenAI face
+        passes its own for tools and for ``/v1/completions``' raw prompts. It runs off the loop.
         """
         params = self._cache_scoped(params, f"api:{user or ''}")
-        return Turn(self, params, messages=messages, explicit_max_tokens=explicit_max_tokens, face="openai")
+        return Turn(self, params, messages=messages, explicit_max_tokens=explicit_max_tokens, face="openai",
+                    render=render)
 
     def _cache_scoped(self, params: SamplingParams, user: str) -> SamplingParams:
         """``params`` whose prompt shares prefix-cache blocks only with ``user``'s other requests.

@@ -24,6 +24,7 @@ class Delta:
     """New text only: all deltas of a turn concatenate to its reply."""
 
     text: str
+    logprobs: tuple[dict[str, Any], ...] = ()  # the tokens sampled since the last event (when asked for)
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Done:
     prompt_tokens: int
     completion_tokens: int
     timing: dict[str, Any] = field(default_factory=dict)
+    logprobs: tuple[dict[str, Any], ...] = ()  # of tokens that came with no text (e.g. a stop string's)
 
 
 @dataclass(frozen=True)

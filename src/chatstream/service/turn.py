@@ -67,6 +67,7 @@ class Turn:
         callback: Callback | None = None,
         explicit_max_tokens: bool = True,
         face: str = "chat_stream",
+        render: Callable[[list[dict[str, Any]]], list[int]] | None = None,
     ) -> None:
         if (session is None) == (messages is None):
             raise TypeError("a turn needs a session (stateful) or messages (stateless), not both")
@@ -80,6 +81,7 @@ class Turn:
         self.callback = callback
         self.explicit_max_tokens = explicit_max_tokens  # stateless: False lets the reply shrink to fit
         self.face = face  # which face runs it, for metrics
+        self.render = render  # stateless: how ``messages`` become prompt ids (default: the chat template)
         self.message_id = uuid.uuid4().hex
         self.conversation_id: str | None = None  # which of the session's conversations (None: the current one)
         self.edit_index: int | None = None  # a user message that this turn's input replaces (the rest is dropped)
@@ -258,7 +260,7 @@ class Turn:
             budget = self.service.context_len - self.params.max_new_tokens
             return await self.service.run_bounded(chat_prompt.render_ids, budget)
         assert self.messages is not None
-        ids = await self.service.run_bounded(self.service.render_messages, self.messages)
+        ids = await self.service.run_bounded(self.render or self.service.render_messages, self.messages)
         self.params = self.service.fit_to_context(self.params, len(ids), self.explicit_max_tokens)
         return ids
 
@@ -281,6 +283,7 @@ class Turn:
         metrics = self.service.metrics
         metrics.queue_wait.observe(started - received)
         first_token_at: float | None = None
+        logprobs: tuple[dict[str, Any], ...] = ()  # of tokens whose text is not out yet
         loop = asyncio.get_running_loop()
         assert self.service.engine is not None
         engine = self.service.engine
@@ -291,12 +294,14 @@ class Turn:
                 async for output in stream:
                     deadline.reschedule(loop.time() + settings.stall_timeout_s)
                     self.service.note_progress()
+                    logprobs = (*logprobs, *output.logprobs) if output.logprobs else logprobs
                     if output.text:
                         if first_token_at is None:
                             first_token_at = time.monotonic()
                             metrics.ttft.observe(first_token_at - started)
                         self._generated += output.text
-                        self._events.put_nowait(Delta(output.text))
+                        self._events.put_nowait(Delta(output.text, logprobs))
+                        logprobs = ()
                     if not output.finished:
                         continue
                     if output.finish_reason in ("stop", "length"):
@@ -309,7 +314,7 @@ class Turn:
                         self._done = Done(
                             finish_reason=output.finish_reason, message_id=self.message_id,
                             prompt_tokens=output.prompt_tokens or self.prompt_tokens,
-                            completion_tokens=output.completion_tokens,
+                            completion_tokens=output.completion_tokens, logprobs=logprobs,
                             timing={
                                 "queue_s": round(started - received, 4),
                                 "ttft_s": round((first_token_at or time.monotonic()) - started, 4),

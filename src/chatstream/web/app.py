@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from ..metrics import MetricsMiddleware
 from ..service import ChatService
@@ -47,8 +48,8 @@ def create_app(settings: Settings | None = None, service: ChatService | None = N
     chat_stream.append_apis(app)
     chat_stream.append_openai_apis(app)  # the key is checked for every route by AuthMiddleware
     chat_stream.append_ui(app)
-    # The last added runs first: BodyDrain -> Metrics -> Origin -> Auth -> BodyLimit -> Session -> routes. Auth
-    # comes before the body limit so that no body of an unauthenticated client is ever buffered.
+    # The last added runs first: BodyDrain -> Metrics -> CORS -> Origin -> Auth -> BodyLimit -> Session -> routes.
+    # Auth comes before the body limit so that no body of an unauthenticated client is ever buffered.
     chat_stream.append_middlewares(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
                        read_timeout_s=settings.body_timeout_s)
@@ -57,6 +58,10 @@ def create_app(settings: Settings | None = None, service: ChatService | None = N
                            max_age_s=settings.auth_cookie_max_age_s)
     origins = [o.strip() for o in settings.allowed_origins.split(",") if o.strip()]
     app.add_middleware(OriginCheckMiddleware, allowed_origins=origins)
+    cors = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if cors:  # outside auth: a preflight carries no key. Keys, not cookies: no credentials.
+        app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST", "OPTIONS"],
+                           allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)
     app.add_middleware(MetricsMiddleware, metrics=service.metrics)  # sees every answer
     # Outside every middleware that may answer before reading the body (Origin, Auth, BodyLimit).
     app.add_middleware(BodyDrainMiddleware, linger_s=settings.body_linger_s, linger_bytes=settings.body_linger_bytes)

@@ -10,13 +10,15 @@ from ..engine import SamplingParams
 from ..errors import InputTooLarge, InvalidRequest
 from ..service.conversations import check_id
 from ..service.sampling import SamplingLimits, to_sampling_params
+from ..service.structured import response_format_grammar
 from .json_body import BadJSON, parse_json_body
 
 # Optional generation overrides, under their OpenAI names -> the engine's names.
 _OVERRIDES = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-              "seed": "seed", "stop": "stop", "repetition_penalty": "repetition_penalty"}
+              "seed": "seed", "stop": "stop", "repetition_penalty": "repetition_penalty", "min_p": "min_p",
+              "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 _WIRE_NAMES = {engine: wire for wire, engine in _OVERRIDES.items()}
-_FIELDS = {"user_input", "regenerate", "conversation_id", "edit_index"} | set(_OVERRIDES)
+_FIELDS = {"user_input", "regenerate", "conversation_id", "edit_index", "response_format"} | set(_OVERRIDES)
 
 
 def parse_json_object(body: bytes, fields: Collection[str]) -> dict[str, Any]:
@@ -68,6 +70,9 @@ class ChatStreamRequest:
         if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
             raise InvalidRequest("'stop' must be a string or a list of strings", param="stop")
         overrides = {_OVERRIDES[k]: v for k, v in data.items() if k in _OVERRIDES and v is not None}
+        grammar = response_format_grammar(data.get("response_format"))  # OpenAI's shape; JSON replies
+        if grammar is not None:
+            overrides["grammar"] = grammar
         conversation_id = data.get("conversation_id")
         if conversation_id is not None:
             conversation_id = check_id(conversation_id)

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from ..conversation import ChatPrompt
 from ..engine import Engine, SamplingParams
-from ..errors import ChatError, ModelNotReady, PromptTooLong, QueueFull, SessionBusy, StoreUnavailable
+from ..errors import ChatError, InvalidRequest, ModelNotReady, PromptTooLong, QueueFull, SessionBusy, StoreUnavailable
 from ..metrics import CONTENT_TYPE
 from ..service import ChatService, Delta, Done, Failed, Queued, TurnEvent
 from ..service.conversations import check_id
@@ -242,6 +242,9 @@ class ChatStream:
             session = _session_of(request)
             conversation = await self.service.conversation_sampling(session, parsed.conversation_id)
             params = parsed.to_sampling_params(self.service.defaults, self._limits(), conversation)
+            if self.service.cannot_honour(params) == "grammar":
+                raise InvalidRequest("'response_format' is not supported by this engine (only the local engine "
+                                     "enforces it)", param="response_format")
             turn = self.service.session_turn(
                 session, params, user_input=parsed.user_input, regenerate=parsed.regenerate,
                 request=request, callback=callback, conversation_id=parsed.conversation_id,

@@ -2,8 +2,10 @@
 :class:`SamplingParams`. Behaviour follows OpenAI's where the two can differ:
 
 - Errors are ``{"error": {"message", "type", "param", "code"}}``. A parameter this server cannot
-  honour (``n`` > 1, tools, logprobs, JSON mode, penalties, ...) is a 400 naming it, never
-  silently ignored; an unknown parameter is a 400 too.
+  honour (``n`` > 1, logprobs, audio, ...) is a 400 naming it, never silently ignored; an unknown
+  parameter is a 400 too.
+- ``tools`` go through the chat template and calls come back as ``tool_calls`` (see ``tools.py``);
+  ``response_format`` and a forced ``tool_choice`` become a grammar the engine enforces.
 - Messages are never dropped to fit: a prompt plus ``max_tokens`` beyond the context is a 400
   ``context_length_exceeded``. ``max_tokens`` defaults to the server's ``max_new_tokens``
   (shortened to what the context leaves); a larger one is clamped to it.
@@ -21,9 +23,11 @@ from ...engine import SamplingParams
 from ...errors import InvalidParams
 from ...service.sampling import SamplingLimits
 from ...service.sampling import to_sampling_params as sampling_params
+from ...service.structured import response_format_grammar, tool_call_grammar
 from ..json_body import BadJSON, parse_json_body
 
 _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
+MAX_CHOICES = 8  # n: each choice is a generation of its own, taking a slot
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -63,13 +67,46 @@ class _ContentPart(BaseModel):
     text: str | None = None
 
 
+class _CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made earlier, sent back in the history."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: _CalledFunction
+
+
 class ChatMessage(BaseModel):
-    """One message of ``messages``. Tool and function messages are not supported."""
+    """One message of ``messages`` (``function`` messages, OpenAI's deprecated form, are not supported)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[_ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)
+    tool_call_id: str | None = None
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    """One of ``tools``: only function tools exist here."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class StreamOptions(BaseModel):
@@ -97,6 +134,7 @@ class ChatCompletionRequest(BaseModel):
     # Extensions that vLLM and others accept as well.
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
     # Accepted and ignored: they change nothing about the reply.
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
@@ -104,18 +142,18 @@ class ChatCompletionRequest(BaseModel):
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
     parallel_tool_calls: bool | None = None
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     # Accepted only with the value that asks for nothing extra (checked in _check_supported).
     n: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
     modalities: list[str] | None = None
     store: bool | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
     functions: list[Any] | None = None
     function_call: Any = None
     audio: Any = None
@@ -129,17 +167,9 @@ class ChatCompletionRequest(BaseModel):
 
 # (parameter, is the value something we cannot do?, what it asks for)
 _UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("n", lambda v: v not in (None, 1), "more than one choice (n > 1)"),
-    ("tools", lambda v: bool(v), "tool calling"),
-    ("tool_choice", lambda v: v not in (None, "none"), "tool calling"),
-    ("functions", lambda v: bool(v), "function calling"),
-    ("function_call", lambda v: v not in (None, "none"), "function calling"),
-    ("logprobs", lambda v: bool(v), "log probabilities"),
-    ("top_logprobs", lambda v: v not in (None, 0), "log probabilities"),
-    ("frequency_penalty", lambda v: v not in (None, 0), "a frequency penalty (use repetition_penalty)"),
-    ("presence_penalty", lambda v: v not in (None, 0), "a presence penalty (use repetition_penalty)"),
-    ("logit_bias", lambda v: bool(v), "logit bias"),
-    ("response_format", lambda v: v is not None and v.get("type") != "text", "a response format other than text"),
+    ("n", lambda v: v is not None and v > MAX_CHOICES, f"more than {MAX_CHOICES} choices"),
+    ("functions", lambda v: bool(v), "the deprecated 'functions' (use 'tools')"),
+    ("function_call", lambda v: v not in (None, "none"), "the deprecated 'function_call' (use 'tool_choice')"),
     ("modalities", lambda v: v is not None and set(v) != {"text"}, "an output modality other than text"),
     ("store", lambda v: bool(v), "storing completions"),
     ("audio", lambda v: v is not None, "audio output"),
@@ -151,8 +181,8 @@ _UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     ("prompt_cache_options", lambda v: v is not None, "prompt cache options"),
 ]
 _IGNORED_MESSAGE_FIELDS = {"refusal", "annotations"}  # what clients echo back from a reply
-_UNSUPPORTED_MESSAGE_FIELDS = {"tool_calls": "tool calls", "function_call": "function calls",
-                               "audio": "audio", "tool_call_id": "tool messages"}
+_UNSUPPORTED_MESSAGE_FIELDS = {"function_call": "the deprecated 'function_call' (use 'tool_calls')",
+                               "audio": "audio"}
 
 
 def parse_chat_completion_request(body: bytes, max_messages: int) -> ChatCompletionRequest:
@@ -193,8 +223,8 @@ def _validation_error(exc: ValidationError) -> OpenAIError:
     if kind == "missing":
         return OpenAIError(400, f"Missing required parameter: '{loc}'.", param=loc,
                            code="missing_required_parameter")
-    if loc.endswith(".role") and error.get("input") in ("tool", "function"):
-        return _unsupported(loc, f"messages with role '{error['input']}' (tool calling)")
+    if loc.endswith(".role") and error.get("input") == "function":
+        return _unsupported(loc, "messages with the deprecated role 'function' (use 'tool')")
     message = str(error["msg"]).removeprefix("Value error, ")
     union = next((p for p in error["loc"] if p in _UNION_BRANCHES), None)
     if union is not None and union != "_ContentPart":  # the value fits no branch: name them all
@@ -238,6 +268,56 @@ def _check_supported(request: ChatCompletionRequest) -> None:
                           param="stop", code="invalid_value")
     for i, message in enumerate(request.messages):
         _check_message(i, message)
+    _check_tool_choice(request)
+    if request.top_logprobs and not request.logprobs:
+        raise OpenAIError(400, "Invalid value for 'top_logprobs': it requires 'logprobs' to be true.",
+                          param="top_logprobs", code="invalid_value")
+    for token in request.logit_bias or {}:
+        if not token.isdigit() or len(token) > 9:
+            raise OpenAIError(400, f"Invalid value for 'logit_bias': the key {token!r} is not a token id.",
+                              param="logit_bias", code="invalid_value")
+
+
+def _check_tool_choice(request: ChatCompletionRequest) -> None:
+    choice = request.tool_choice
+    if choice is None:
+        return
+    names = [t.function.name for t in request.tools or []]
+    if not names and choice != "none":
+        raise OpenAIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are given.",
+                          param="tool_choice", code="invalid_value")
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise OpenAIError(400, "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
+                              "{\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                              param="tool_choice", code="invalid_value")
+        return
+    function = choice.get("function")
+    name = function.get("name") if isinstance(function, dict) else None
+    if choice.get("type") != "function" or not isinstance(name, str):
+        raise OpenAIError(400, "Invalid value for 'tool_choice': expected {\"type\": \"function\", "
+                          "\"function\": {\"name\": ...}}.", param="tool_choice", code="invalid_value")
+    if name not in names:
+        raise OpenAIError(400, f"Invalid value for 'tool_choice': no tool named {name!r} is in 'tools'.",
+                          param="tool_choice.function.name", code="invalid_value")
+
+
+def forced_functions(request: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The functions one of which the reply must call (``tool_choice`` required or named); else none."""
+    choice, tools = request.tool_choice, request.tools or []
+    if choice == "required":
+        return [t.function.model_dump(exclude_none=True) for t in tools]
+    if isinstance(choice, dict):
+        name = choice["function"]["name"]
+        return [t.function.model_dump(exclude_none=True) for t in tools if t.function.name == name]
+    return []
+
+
+def offered_tools(request: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """The tools the prompt describes (none with ``tool_choice: none``)."""
+    if request.tool_choice == "none":
+        return []
+    return [t.model_dump(exclude_none=True) for t in request.tools or []]
 
 
 def _check_message(i: int, message: ChatMessage) -> None:
@@ -248,7 +328,13 @@ def _check_message(i: int, message: ChatMessage) -> None:
             raise _unsupported(f"messages[{i}].{field}", _UNSUPPORTED_MESSAGE_FIELDS[field])
         raise OpenAIError(400, f"Unrecognized argument in messages[{i}]: {field}",
                           param=f"messages[{i}].{field}", code="unknown_parameter")
-    if message.content is None:
+    if message.role == "tool" and not message.tool_call_id:
+        raise OpenAIError(400, f"Missing required parameter: 'messages[{i}].tool_call_id'.",
+                          param=f"messages[{i}].tool_call_id", code="missing_required_parameter")
+    if message.tool_calls and message.role != "assistant":
+        raise OpenAIError(400, f"Invalid value for 'messages[{i}].tool_calls': only assistant messages have them.",
+                          param=f"messages[{i}].tool_calls", code="invalid_value")
+    if message.content is None and not message.tool_calls:
         raise OpenAIError(400, f"Missing required parameter: 'messages[{i}].content'.",
                           param=f"messages[{i}].content", code="missing_required_parameter")
     if isinstance(message.content, list):
@@ -261,20 +347,28 @@ def _check_message(i: int, message: ChatMessage) -> None:
                                   param=f"{param}.text", code="missing_required_parameter")
 
 
-def plain_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
-    """``{"role", "content"}`` dicts as :class:`ChatPrompt` renders them (``developer`` is ``system``)."""
-    out = []
+def plain_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """``{"role", "content"}`` dicts as :class:`ChatPrompt` renders them (``developer`` is ``system``),
+    with ``tool_calls`` and ``tool_call_id`` where the message has them."""
+    out: list[dict[str, Any]] = []
     for message in request.messages:
         content = message.content
         if isinstance(content, list):
             content = "\n".join(part.text or "" for part in content)
-        out.append({"role": "system" if message.role == "developer" else message.role, "content": content or ""})
+        plain: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
+                                 "content": content or ""}
+        if message.tool_calls:
+            plain["tool_calls"] = [c.model_dump() for c in message.tool_calls]
+        if message.tool_call_id:
+            plain["tool_call_id"] = message.tool_call_id
+        out.append(plain)
     return out
 
 
 # The request's sampling fields under the engine's names (the parameter table of this wire).
 _SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                    "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop"}
+                    "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop", "min_p": "min_p",
+                    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 
 
 def to_sampling_params(request: ChatCompletionRequest, defaults: SamplingParams, limits: SamplingLimits) -> SamplingParams:
@@ -286,7 +380,18 @@ def to_sampling_params(request: ChatCompletionRequest, defaults: SamplingParams,
     asked = request.max_completion_tokens or request.max_tokens
     values["max_new_tokens"] = asked if asked is not None else limits.max_new_tokens
     wire_names = {engine: wire for wire, engine in _SAMPLING_FIELDS.items()} | {"max_new_tokens": name}
+    if request.logprobs:
+        values["logprobs"] = request.top_logprobs or 0
+    if request.logit_bias:
+        values["logit_bias"] = tuple((int(t), b) for t, b in request.logit_bias.items())
+        wire_names["logit_bias"] = "logit_bias"
     try:
+        forced = forced_functions(request)
+        values["grammar"] = (tool_call_grammar(forced) if forced
+                             else response_format_grammar(request.response_format))
+        if limits.vocab_size and any(t >= limits.vocab_size for t, _ in values.get("logit_bias", ())):
+            raise InvalidParams(f"'logit_bias' has a token id beyond the vocabulary ({limits.vocab_size})",
+                                param="logit_bias")
         return sampling_params(defaults, limits, values, wire_names)
     except InvalidParams as exc:
         raise OpenAIError(400, f"Invalid value for {exc.message}.", param=exc.param, code="invalid_value") from None

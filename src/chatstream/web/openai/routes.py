@@ -16,25 +16,57 @@ import hmac
 import json
 import time
 import uuid
-from typing import Any
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import replace
+from typing import Any, cast
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from ...errors import ChatError, InvalidRequest, ModelNotReady, PromptTooLong, QueueFull
+from ...errors import ChatError, InvalidParams, InvalidRequest, ModelNotReady, PromptTooLong, QueueFull
 from ...service import ChatService, Delta, Done, Failed, Queued, Turn, TurnEvent
 from ...service.sampling import SamplingLimits
+from ...service.sampling import to_sampling_params as to_engine_params
 from ..auth import bearer_token
 from ..json_body import BadJSON, parse_json_body
 from ..limits import BodyTimeout, BodyTooLarge, read_request_body
-from ..streaming import TurnStreamingResponse, watch_disconnect
+from ..streaming import TurnStreamingResponse, wait_for_disconnect, watch_disconnect
+from .completions import (
+    CompletionRequest,
+    TextCompletion,
+    completion_sampling_params,
+    parse_completion_request,
+    prompt_text,
+)
 from .protocol import (
     ChatCompletionRequest,
     OpenAIError,
+    _unsupported,
+    forced_functions,
+    offered_tools,
     parse_chat_completion_request,
     plain_messages,
     to_sampling_params,
+)
+from .responses import (
+    STORE_PREFIX,
+    ResponseObject,
+    StoringTurn,
+    check_response_id,
+    format_grammar,
+    input_messages,
+    parse_responses_request,
+)
+from .tools import (
+    ToolCallStream,
+    ToolFormat,
+    new_call_id,
+    parse_forced_call,
+    parse_tool_calls,
+    template_messages,
+    template_supports_tools,
+    tool_format,
 )
 
 _PARSE_ON_LOOP_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
@@ -49,6 +81,9 @@ def add_openai_routes(app: Any, service: Any, api_key: str | None = None) -> Non
     """
     api = OpenAIRoutes(getattr(service, "service", service), api_key=api_key)
     app.add_route("/v1/chat/completions", api.handle_chat_completions, methods=["POST"])
+    app.add_route("/v1/completions", api.handle_completions, methods=["POST"])
+    app.add_route("/v1/responses", api.handle_responses, methods=["POST"])
+    app.add_route("/v1/responses/{response_id}", api.handle_stored_response, methods=["GET", "DELETE"])
     app.add_route("/v1/models", api.handle_models, methods=["GET"])
     app.add_route("/v1/models/{model:path}", api.handle_model, methods=["GET"])
     app.add_route("/tokenize", api.handle_tokenize, methods=["POST"])
@@ -71,7 +106,7 @@ class OpenAIRoutes:
         except OpenAIError as exc:
             return exc.response()
         return OpenAIError(404, f"Invalid URL ({request.method} {request.url.path}): this server implements "
-                                "/v1/chat/completions and /v1/models.", code="unknown_url").response()
+                                "/v1/chat/completions, /v1/completions, /v1/responses and /v1/models.", code="unknown_url").response()
 
     async def handle_models(self, request: Request) -> Response:
         try:
@@ -129,24 +164,194 @@ class OpenAIRoutes:
                 parsed = parse_chat_completion_request(body, max_messages)
             self._check_model(parsed.model, param="model")
             params = to_sampling_params(parsed, service.defaults, self._limits())
+            grammar_from = "tool_choice" if forced_functions(parsed) else "response_format"
+            self._check_engine(params, {"grammar": grammar_from})
             explicit = parsed.max_tokens is not None or parsed.max_completion_tokens is not None
-            turn = service.stateless_turn(plain_messages(parsed), params, explicit_max_tokens=explicit,
-                                          user=parsed.user)
-            await turn.start()
+            messages = plain_messages(parsed)
+            tools = offered_tools(parsed)
+            with_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+            render = (lambda m: self._render_with_tools(m, tools)) if with_tools else None
+            turns: list[Turn] = []
+            room = service.settings.concurrency + service.settings.queue_size
+            if (parsed.n or 1) > room:
+                raise OpenAIError(400, f"Invalid value for 'n': {parsed.n} choices are {parsed.n} generations; this "
+                                  f"server runs or queues at most {room} at once.", param="n", code="invalid_value")
+            for index in range(parsed.n or 1):  # n choices: n turns; the prefix cache shares the prompt's blocks
+                seed = None if params.seed is None else (params.seed + index) % (1 << 64)
+                choice_params = replace(params, seed=seed) if index else params
+                turns.append(service.stateless_turn(messages, choice_params, explicit_max_tokens=explicit,
+                                                    user=parsed.user, render=render))
+                await turns[-1].start()
         except OpenAIError as exc:
             return exc.response()
         except ChatError as exc:
             assert parsed is not None  # turns only start from a parsed request
+            for started in turns:
+                started.cancel()
             return _openai_error(exc, service.context_len, parsed).response()
         except ClientDisconnect:
+            for started in turns:
+                started.cancel()
             return Response(status_code=400)  # nobody is listening
-        completion = _Completion(turn, model=service.model_name,
-                                 include_usage=bool(parsed.stream_options and parsed.stream_options.include_usage))
+        fmt = tool_format(service.tokenizer, getattr(service.settings, "tool_call_parser", None)) if tools else None
+        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        completions = [_Completion(turn, model=self.response_model(parsed.model), include_usage=include_usage,
+                                   tools=fmt, forced=bool(forced_functions(parsed)), index=index)
+                       for index, turn in enumerate(turns)]
+        if len(turns) > 1:
+            choices = _Choices(completions)
+            if parsed.stream:
+                return TurnStreamingResponse(cast(Turn, choices), choices.encode_chunk, "text/event-stream")
+            return _WholeChoices(choices)
+        if parsed.stream:
+            return TurnStreamingResponse(turns[0], completions[0].encode_chunk, "text/event-stream")
+        return _WholeCompletion(turns[0], completions[0])
+
+    async def handle_completions(self, request: Request) -> Any:
+        """``POST /v1/completions``: the prompt as given, no chat template."""
+        service = self.service
+        parsed: CompletionRequest | None = None
+        try:
+            self._authorize(request)
+            await service.start()
+            body = await _read_body(request, service.settings.max_body_bytes, service.settings.body_timeout_s)
+            parsed = parse_completion_request(body)
+            self._check_model(parsed.model, param="model")
+            params = completion_sampling_params(parsed, service.defaults, self._limits())
+            self._check_engine(params, {"grammar": "response_format"})
+            prompt = prompt_text(parsed)
+            vocab = self.service.vocab_size or 1 << 31
+            if isinstance(prompt, list) and not all(0 <= t < vocab for t in prompt):
+                raise OpenAIError(400, "Invalid value for 'prompt': a token id is beyond the vocabulary.",
+                                  param="prompt", code="invalid_value")
+            text = prompt if isinstance(prompt, str) else ""
+            ids = None if isinstance(prompt, str) else list(prompt)
+            turn = service.stateless_turn([{"role": "user", "content": text}], params,
+                                          explicit_max_tokens=parsed.max_tokens is not None, user=parsed.user,
+                                          render=lambda _: ids if ids is not None else self._encode_prompt(text))
+            await turn.start()
+        except OpenAIError as exc:
+            return exc.response()
+        except ChatError as exc:
+            if isinstance(exc, PromptTooLong):
+                return OpenAIError(400, f"This model's maximum context length is {service.context_len} tokens; the "
+                                   f"prompt has {exc.prompt_tokens} and the completion may have "
+                                   f"{params.max_new_tokens}. Please reduce the prompt or max_tokens.",
+                                   param="prompt", code="context_length_exceeded").response()
+            return _openai_error(exc, service.context_len, None).response()
+        except ClientDisconnect:
+            return Response(status_code=400)
+        include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
+        completion = _TextEncoder(TextCompletion(self.response_model(parsed.model), include_usage))
         if parsed.stream:
             return TurnStreamingResponse(turn, completion.encode_chunk, "text/event-stream")
         return _WholeCompletion(turn, completion)
 
+    async def handle_responses(self, request: Request) -> Any:
+        """``POST /v1/responses``: see :mod:`.responses`."""
+        service = self.service
+        try:
+            self._authorize(request)
+            await service.start()
+            body = await _read_body(request, service.settings.max_body_bytes, service.settings.body_timeout_s)
+            parsed = parse_responses_request(body)
+            self._check_model(parsed.model, param="model")
+            history: list[dict[str, Any]] = []
+            if parsed.previous_response_id is not None:
+                stored = await service.session_store.get(
+                    STORE_PREFIX + check_response_id(parsed.previous_response_id))
+                if stored is None:
+                    raise OpenAIError(404, f"Previous response with id '{parsed.previous_response_id}' not found.",
+                                      param="previous_response_id", code="previous_response_not_found")
+                history = list(stored.get("messages") or [])
+            conversation = history + input_messages(parsed)
+            if len(conversation) > service.settings.max_messages:
+                raise OpenAIError(400, f"The conversation has {len(conversation)} messages; this server keeps at "
+                                  f"most {service.settings.max_messages}.", param="input", code="too_many_messages")
+            head = [{"role": "system", "content": parsed.instructions}] if parsed.instructions else []
+            values: dict[str, Any] = {k: v for k, v in (("temperature", parsed.temperature), ("top_p", parsed.top_p))
+                                      if v is not None}
+            values["max_new_tokens"] = parsed.max_output_tokens or service.settings.max_new_tokens
+            try:
+                values["grammar"] = format_grammar(parsed)
+                params = to_engine_params(service.defaults, self._limits(), values,
+                                          {"max_new_tokens": "max_output_tokens"})
+                self._check_engine(params, {"grammar": "text.format"})
+            except InvalidParams as exc:
+                raise OpenAIError(400, f"Invalid value for {exc.message}.", param=exc.param,
+                                  code="invalid_value") from None
+            turn = service.stateless_turn(head + conversation, params, user=parsed.user,
+                                          explicit_max_tokens=parsed.max_output_tokens is not None)
+            await turn.start()
+        except OpenAIError as exc:
+            return exc.response()
+        except ChatError as exc:
+            return _openai_error(exc, service.context_len, None).response()
+        except ClientDisconnect:
+            return Response(status_code=400)
+        response = ResponseObject(parsed, self.response_model(parsed.model))
+
+        async def store(text: str, done: Done) -> None:
+            if parsed.store is not False:
+                record = {"messages": [*conversation, {"role": "assistant", "content": text}],
+                          "response": response.whole(text, done)}
+                await service.session_store.set(STORE_PREFIX + response.id, record, service.settings.session_ttl_s)
+
+        storing = cast(Turn, StoringTurn(turn, store))
+        if parsed.stream:
+            return TurnStreamingResponse(storing, response.encode_event, "text/event-stream")
+        return _WholeCompletion(storing, response)
+
+    async def handle_stored_response(self, request: Request) -> Response:
+        """``GET`` a stored response again, or ``DELETE`` it."""
+        try:
+            self._authorize(request)
+            response_id = check_response_id(request.path_params["response_id"], param="response_id")
+            store = self.service.session_store
+            stored = await store.get(STORE_PREFIX + response_id)
+            if stored is None:
+                raise OpenAIError(404, f"Response with id '{response_id}' not found.", param="response_id",
+                                  code="not_found")
+        except OpenAIError as exc:
+            return exc.response()
+        if request.method == "DELETE":
+            await store.delete(STORE_PREFIX + response_id)
+            return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+        return JSONResponse(stored.get("response"))
+
     # -- helpers --
+    def _check_engine(self, params: Any, wire_names: dict[str, str]) -> None:
+        """400 for a field the engine would silently ignore (the mock and remote engines enforce no grammar)."""
+        lacking = self.service.cannot_honour(params)
+        if lacking is not None:
+            param = wire_names.get(lacking, lacking)
+            raise _unsupported(param, f"'{param}' with this engine (only the local engine enforces it)")
+
+    def _encode_prompt(self, text: str) -> list[int]:
+        return list(self.service.tokenizer.encode(text, add_special_tokens=True))
+
+    def _render_with_tools(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> list[int]:
+        """Prompt ids with the tools and tool messages through the chat template (off the event loop)."""
+        tokenizer = self.service.tokenizer
+        native = template_supports_tools(tokenizer)
+        rendered = template_messages(messages, tools, native)
+        if not native:  # the tools are described in the system message, calls and results are text
+            return self.service.render_messages(rendered)
+        try:
+            text = tokenizer.apply_chat_template(rendered, tools=tools or None, add_generation_prompt=True,
+                                                 tokenize=False)
+        except Exception as exc:
+            raise InvalidRequest(f"the messages cannot be rendered with the model's chat template: {exc}",
+                                 param="messages") from None
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+    def response_model(self, asked: str | None) -> str:
+        """The ``model`` a response names: the one asked for if it is served, else the first served name."""
+        names = self.served_names
+        if asked is not None and asked in names:
+            return asked
+        return (names or [self.service.model_name])[0]
+
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
             return
@@ -180,9 +385,9 @@ class OpenAIRoutes:
         return SamplingLimits(max_new_tokens=self.service.settings.max_new_tokens, vocab_size=self.service.vocab_size)
 
 
-def _openai_error(exc: ChatError, context_len: int, request: ChatCompletionRequest) -> OpenAIError:
+def _openai_error(exc: ChatError, context_len: int, request: ChatCompletionRequest | None) -> OpenAIError:
     """A domain error in OpenAI's envelope."""
-    if isinstance(exc, PromptTooLong):
+    if isinstance(exc, PromptTooLong) and request is not None:
         asked = request.max_completion_tokens or request.max_tokens
         prompt = exc.prompt_tokens or 0
         requested = f"However, your messages resulted in {prompt} tokens" if asked is None else (
@@ -214,13 +419,19 @@ async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> byte
 class _Completion:
     """Encodes one turn's events as OpenAI chat-completion chunks (or collects them whole)."""
 
-    def __init__(self, turn: Turn, *, model: str, include_usage: bool) -> None:
+    def __init__(self, turn: Turn, *, model: str, include_usage: bool, tools: ToolFormat | None = None,
+                 forced: bool = False, index: int = 0) -> None:
         self.turn = turn
+        self.index = index
+        self.last = True  # the stream ends with this choice (else _Choices ends it)
         self.model = model
         self.include_usage = include_usage
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self._role_sent = False
+        self.forced = forced  # the reply is exactly one call's JSON (the grammar made it so)
+        self._calls = ToolCallStream(tools) if tools is not None and not forced else None
+        self._forced_text = ""
 
     def encode_chunk(self, event: TurnEvent) -> str | None:
         if isinstance(event, Queued):
@@ -230,19 +441,55 @@ class _Completion:
         head = "" if self._role_sent else self._chunk({"role": "assistant", "content": ""})
         self._role_sent = True
         if isinstance(event, Delta):
-            return head + self._chunk({"content": event.text})
+            if self.forced:
+                self._forced_text += event.text
+                return head or None
+            text = self._calls.feed(event.text) if self._calls is not None else event.text
+            if event.logprobs:
+                return head + self._chunk({"content": text}, logprobs=event.logprobs)
+            return head + self._chunk({"content": text}) if text else head or None
         assert isinstance(event, Done)
-        out = head + self._chunk({}, finish_reason=event.finish_reason)
+        text, calls = self._end("")
+        out = head + (self._chunk({"content": text}) if text else "")
+        for index, call in enumerate(calls):
+            out += self._chunk({"tool_calls": [{"index": index, **call}]})
+        out += self._chunk({}, finish_reason=self.finish_reason(event, calls), logprobs=event.logprobs or None)
+        if not self.last:
+            return out
         if self.include_usage:
             out += _sse({**self._chunk_head(), "choices": [], "usage": self.usage(event)})
         return out + "data: [DONE]\n\n"
 
+    def _end(self, whole: str) -> tuple[str, list[dict[str, Any]]]:
+        """The text still to send and the tool calls, at the end of the reply."""
+        if self.forced:
+            text = whole or self._forced_text
+            calls = parse_forced_call(text)
+            text = "" if calls else text
+        elif self._calls is not None and whole:
+            content, calls = parse_tool_calls(whole, self._calls.fmt)
+            text = content or ""
+        elif self._calls is not None:
+            text, calls = self._calls.finish()
+        else:
+            text, calls = whole, []
+        return text, [{"id": new_call_id(), "type": "function", "function": c} for c in calls]
+
+    @staticmethod
+    def finish_reason(done: Done, calls: list[Any]) -> str:
+        return "tool_calls" if calls and done.finish_reason == "stop" else done.finish_reason
+
     def whole(self, text: str, done: Done) -> dict[str, Any]:
+        content, calls = self._end(text)
+        message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else ""),
+                                   "refusal": None}
+        if calls:
+            message["tool_calls"] = calls
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": [{
-                "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None, "finish_reason": done.finish_reason,
+                "index": self.index, "message": message, "logprobs": None,
+                "finish_reason": self.finish_reason(done, calls),
             }],
             "usage": self.usage(done),
         }
@@ -254,19 +501,144 @@ class _Completion:
     def _chunk_head(self) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
 
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> str:
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None,
+               logprobs: Sequence[dict[str, Any]] | None = None) -> str:
         chunk = {**self._chunk_head(), "choices": [
-            {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            {"index": self.index, "delta": delta, "finish_reason": finish_reason,
+             "logprobs": {"content": list(logprobs), "refusal": None} if logprobs else None}
         ]}
         if self.include_usage:
             chunk["usage"] = None
         return _sse(chunk)
 
 
+class _Choices:
+    """``n`` > 1: the choices' turns as one (events tagged with their choice), under one completion id."""
+
+    def __init__(self, completions: list[_Completion]) -> None:
+        self.completions = completions
+        for completion in completions:
+            completion.id, completion.created, completion.last = completions[0].id, completions[0].created, False
+        self.dones: dict[int, Done] = {}
+
+    def cancel(self) -> None:
+        for completion in self.completions:
+            completion.turn.cancel()
+
+    async def events(self) -> AsyncGenerator[tuple[int, TurnEvent], None]:
+        queue: asyncio.Queue[tuple[int, TurnEvent] | None] = asyncio.Queue()
+
+        async def pump(index: int, turn: Turn) -> None:
+            async for event in turn.events():
+                queue.put_nowait((index, event))
+            queue.put_nowait(None)
+
+        tasks = [asyncio.create_task(pump(i, c.turn)) for i, c in enumerate(self.completions)]
+        try:
+            ended = 0
+            while ended < len(tasks):
+                item = await queue.get()
+                if item is None:
+                    ended += 1
+                    continue
+                yield item
+                if isinstance(item[1], Failed):  # one choice failed: the answer has failed
+                    self.cancel()
+                    return
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def encode_chunk(self, item: Any) -> str | None:
+        index, event = item
+        if isinstance(event, Queued):
+            return None
+        out = self.completions[index].encode_chunk(event)
+        if isinstance(event, Failed):
+            return (out or "") + "data: [DONE]\n\n"
+        if isinstance(event, Done):
+            self.dones[index] = event
+            if len(self.dones) == len(self.completions):
+                if self.completions[0].include_usage:
+                    out = (out or "") + _sse({**self.completions[0]._chunk_head(), "choices": [],
+                                              "usage": self.usage()})
+                out = (out or "") + "data: [DONE]\n\n"
+        return out
+
+    def usage(self) -> dict[str, int]:
+        prompt = max(d.prompt_tokens for d in self.dones.values())  # the prompt counts once, as OpenAI's
+        completion = sum(d.completion_tokens for d in self.dones.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class _WholeChoices(Response):
+    """The non-streaming answer of ``n`` > 1 choices."""
+
+    def __init__(self, choices: _Choices) -> None:
+        self.background = None
+        self.choices = choices
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        listener = asyncio.create_task(wait_for_disconnect(receive))
+        listener.add_done_callback(lambda task: None if task.cancelled() else self.choices.cancel())
+        try:
+            texts: dict[int, list[str]] = {i: [] for i in range(len(self.choices.completions))}
+            logprobs: dict[int, list[dict[str, Any]]] = {i: [] for i in texts}
+            status, body = 500, cast(Any, _failure(None).body)
+            async for index, event in self.choices.events():
+                if isinstance(event, Delta):
+                    texts[index].append(event.text)
+                    logprobs[index] += event.logprobs
+                elif isinstance(event, Done):
+                    self.choices.dones[index] = event
+                    logprobs[index] += event.logprobs
+                elif isinstance(event, Failed):
+                    error = _failure(event)
+                    status, body = error.status, error.body
+            if len(self.choices.dones) == len(texts):
+                answers = [c.whole("".join(texts[i]), self.choices.dones[i])
+                           for i, c in enumerate(self.choices.completions)]
+                for i, answer in enumerate(answers):
+                    if logprobs[i]:
+                        answer["choices"][0]["logprobs"] = {"content": logprobs[i], "refusal": None}
+                status, body = 200, {**answers[0], "choices": [a["choices"][0] for a in answers],
+                                     "usage": self.choices.usage()}
+            if not listener.done():
+                await _send_json(send, status, body)
+        except asyncio.CancelledError:
+            self.choices.cancel()
+            raise
+        finally:
+            listener.cancel()
+
+
+class _TextEncoder:
+    """``/v1/completions``' events: ``text_completion`` chunks, then ``[DONE]``."""
+
+    def __init__(self, completion: TextCompletion) -> None:
+        self.completion = completion
+
+    def encode_chunk(self, event: TurnEvent) -> str | None:
+        if isinstance(event, Queued):
+            return f": queued, position {event.position}\n\n"
+        if isinstance(event, Failed):
+            return _sse(_failure(event).body)
+        if isinstance(event, Delta):
+            return _sse(self.completion.chunk(event.text))
+        assert isinstance(event, Done)
+        out = _sse(self.completion.chunk("", event.finish_reason))
+        if self.completion.include_usage:
+            out += _sse(self.completion.usage_chunk(event))
+        return out + "data: [DONE]\n\n"
+
+    def whole(self, text: str, done: Done) -> dict[str, Any]:
+        return self.completion.whole(text, done)
+
+
 class _WholeCompletion(Response):
     """The non-streaming answer: waits for the whole reply, listening for a client that leaves."""
 
-    def __init__(self, turn: Turn, completion: _Completion) -> None:
+    def __init__(self, turn: Turn, completion: _Completion | _TextEncoder | ResponseObject) -> None:
         self.background = None  # not Response.__init__: the body is only known at the end
         self.turn = turn
         self.completion = completion
@@ -275,12 +647,17 @@ class _WholeCompletion(Response):
         listener = watch_disconnect(receive, self.turn)
         try:
             text: list[str] = []
-            status, body = 500, _failure(None).body
+            logprobs: list[dict[str, Any]] = []
+            status, body = 500, cast(Any, _failure(None).body)
             async for event in self.turn.events():
                 if isinstance(event, Delta):
                     text.append(event.text)
+                    logprobs += event.logprobs
                 elif isinstance(event, Done):
                     status, body = 200, self.completion.whole("".join(text), event)
+                    logprobs += event.logprobs
+                    if logprobs:
+                        body["choices"][0]["logprobs"] = {"content": logprobs, "refusal": None}
                 elif isinstance(event, Failed):
                     error = _failure(event)
                     status, body = error.status, error.body

@@ -1,0 +1,70 @@
+"""Structured output for every face: a ``response_format`` (OpenAI's shape) or a forced tool call
+becomes an llguidance grammar in :attr:`SamplingParams.grammar`, which the engine enforces token by
+token (see :mod:`chatstream.engine.grammar`). JSON comes out compact (no free whitespace: a small
+model could otherwise pad forever); ``strict: false`` schemas tolerate keywords llguidance cannot
+enforce (they are ignored), ``strict: true`` ones are refused when a keyword cannot be enforced.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..engine.grammar import GrammarError, check_grammar
+from ..errors import InvalidParams
+
+MAX_SCHEMA_BYTES = 64 * 1024
+
+
+def json_schema_grammar(schema: Mapping[str, Any], *, strict: bool = False, param: str = "response_format") -> str:
+    """The grammar of JSON documents matching ``schema``; :class:`InvalidParams` naming ``param`` if unusable."""
+    import llguidance
+
+    if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+        raise InvalidParams(f"'{param}': the schema is larger than {MAX_SCHEMA_BYTES} bytes", param=param)
+    try:
+        grammar: str = llguidance.LLMatcher.grammar_from_json_schema(
+            dict(schema), defaults={"whitespace_flexible": False, "lenient": not strict})
+        check_grammar(grammar)
+    except (GrammarError, ValueError, TypeError) as exc:
+        raise InvalidParams(f"'{param}': the JSON schema cannot be enforced: {exc}", param=param) from None
+    return grammar
+
+
+def response_format_grammar(value: Any, param: str = "response_format") -> str | None:
+    """The grammar for an OpenAI ``response_format``: ``text`` (none), ``json_object``, ``json_schema``."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise InvalidParams(f"'{param}' must be an object like {{\"type\": \"json_object\"}}", param=param)
+    kind = value.get("type")
+    extra = set(value) - {"type", "json_schema"}
+    if extra:
+        raise InvalidParams(f"'{param}' has unknown fields: {', '.join(sorted(extra))}", param=f"{param}.{min(extra)}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_schema_grammar({"type": "object"}, param=param)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str) or not spec["name"]:
+            raise InvalidParams(f"'{param}.json_schema' must be an object with a 'name' and a 'schema'",
+                                param=f"{param}.json_schema")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, Mapping):
+            raise InvalidParams(f"'{param}.json_schema.schema' must be a JSON schema object",
+                                param=f"{param}.json_schema.schema")
+        return json_schema_grammar(schema, strict=spec.get("strict") is True, param=f"{param}.json_schema.schema")
+    raise InvalidParams(f"'{param}.type' must be 'text', 'json_object' or 'json_schema'", param=f"{param}.type")
+
+
+def tool_call_grammar(functions: Sequence[Mapping[str, Any]], param: str = "tool_choice") -> str:
+    """A grammar for one call, ``{"name": ..., "arguments": {...}}``, of one of ``functions``
+    (OpenAI function definitions: ``name`` and a ``parameters`` schema)."""
+    calls = [{
+        "type": "object",
+        "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
+        "required": ["name", "arguments"], "additionalProperties": False,
+    } for f in functions]
+    return json_schema_grammar(calls[0] if len(calls) == 1 else {"anyOf": calls}, param=param)

@@ -1,0 +1,425 @@
+"""The wider OpenAI surface on the mock engine: served names, CORS, /v1/completions, tools, logit_bias,
+and Open WebUI's request bodies (tests/fixtures/openwebui). Grammar-constrained output needs the real
+model: see test_structured_output.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from chatstream import Settings
+from chatstream.web.app import create_app
+from chatstream.web.openai.tools import ToolCallStream, parse_tool_calls
+
+FIXTURES = Path(__file__).parent / "fixtures"
+USER = [{"role": "user", "content": "hello there"}]
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def mock_server(serve: Any, **settings: Any) -> str:
+    settings = {"mock": True, "mock_token_delay": 0.001, "session_secret": "test-secret", **settings}
+    return serve(create_app(Settings(**settings))).url
+
+
+def client(url: str, api_key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0)
+
+
+def sse_events(text: str) -> list[Any]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+# -- the served name ---------------------------------------------------------------------------
+
+def test_responses_name_the_served_model(serve):
+    url = mock_server(serve, served_model_name="smol, smollm2")
+    c = client(url)
+    assert c.chat.completions.create(model="smollm2", messages=USER).model == "smollm2"
+    chunks = list(c.chat.completions.create(model="smol", messages=USER, stream=True))
+    assert {chunk.model for chunk in chunks} == {"smol"}
+    # Left out: the first served name, never the internal one.
+    assert httpx.post(f"{url}/v1/chat/completions", json={"messages": USER}).json()["model"] == "smol"
+    assert c.completions.create(model="smollm2", prompt="Once upon").model == "smollm2"
+
+
+# -- CORS ----------------------------------------------------------------------------------------
+
+def test_cors_preflight_and_answers_for_a_browser_app_with_a_key(serve):
+    url = mock_server(serve, api_key="k", cors_origins="https://app.example.com")
+    preflight = httpx.options(f"{url}/v1/chat/completions", headers={
+        "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": USER},
+                   headers={"Origin": "https://app.example.com", "Authorization": "Bearer k"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert "access-control-allow-credentials" not in r.headers  # keys, never cookies
+    # Another origin gets no grant, and the key is still required.
+    other = httpx.options(f"{url}/v1/chat/completions", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    assert httpx.post(f"{url}/v1/chat/completions", json={"messages": USER},
+                      headers={"Origin": "https://app.example.com"}).status_code == 401
+
+
+def test_without_cors_origins_there_are_no_cors_headers(serve):
+    url = mock_server(serve)
+    r = httpx.options(f"{url}/v1/chat/completions", headers={
+        "Origin": "https://app.example.com", "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
+
+
+# -- /v1/completions -------------------------------------------------------------------------------
+
+def test_completions_whole_and_streamed(serve):
+    url = mock_server(serve)
+    c = client(url)
+    whole = c.completions.create(model="mock", prompt="Once upon a time", max_tokens=5)
+    assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
+    (choice,) = whole.choices
+    assert choice.text and choice.finish_reason == "length" and whole.usage.completion_tokens == 5
+    assert whole.usage.prompt_tokens == len(b"Once upon a time")  # the mock tokenizer: a token a byte
+    chunks = list(c.completions.create(model="mock", prompt=["Once upon a time"], max_tokens=5, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == choice.text
+    assert chunks[-1].usage.completion_tokens == 5 and chunks[-2].choices[0].finish_reason == "length"
+    tokens = c.completions.create(model="mock", prompt=list(b"Hi"), max_tokens=3)
+    assert tokens.usage.prompt_tokens == 2
+
+
+def test_completions_default_to_16_tokens_like_openai(serve):
+    url = mock_server(serve)
+    done = client(url).completions.create(model="mock", prompt="x " * 10)
+    assert done.usage.completion_tokens == 16 and done.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": "a", "n": 2}, "n"),
+    ({"prompt": "a", "echo": True}, "echo"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "a", "temperature": 3}, "temperature"),
+    ({"prompt": "a", "logprobs": 2}, "logprobs"),
+    ({"prompt": "a", "best_of": 3}, "best_of"),
+    ({"prompt": "a", "wat": 1}, "wat"),
+    ({"prompt": [1, -5]}, "prompt"),
+    ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+    ({"prompt": "a", "response_format": {"type": "yaml"}}, "response_format.type"),
+])
+def test_bad_completions_are_400_naming_the_parameter(serve, body, param):
+    url = mock_server(serve)
+    r = httpx.post(f"{url}/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+# -- tools -------------------------------------------------------------------------------------------
+
+def test_tools_are_accepted_and_a_text_answer_stays_text(serve):
+    url = mock_server(serve)
+    reply = client(url).chat.completions.create(model="mock", messages=USER, tools=[WEATHER], tool_choice="auto")
+    (choice,) = reply.choices
+    assert choice.finish_reason == "stop" and choice.message.tool_calls is None
+    assert choice.message.content.startswith("You said: hello there")
+
+
+def test_a_tool_call_in_the_reply_comes_back_as_tool_calls(serve):
+    # The mock echoes the user's message, so the reply carries the call exactly as a model writes it.
+    url = mock_server(serve, max_new_tokens=400)
+    ask = {"model": "mock", "messages": [{"role": "user", "content": CALL}], "tools": [WEATHER]}
+    reply = client(url).chat.completions.create(**ask)
+    (choice,) = reply.choices
+    assert choice.finish_reason == "tool_calls"
+    (call,) = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert choice.message.content == "You said:"  # the text before the call
+    # Streamed: the text streams, the call comes whole as a tool_calls delta, then finish_reason tool_calls.
+    chunks = list(client(url).chat.completions.create(**ask, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert "<tool_call>" not in text and text.strip() == "You said:"
+    (delta,) = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert delta.index == 0 and delta.function.name == "get_weather"
+    assert json.loads(delta.function.arguments) == {"city": "Paris"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_messages_in_the_history_are_accepted(serve):
+    url = mock_server(serve)
+    messages = [
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+    ]
+    reply = client(url).chat.completions.create(model="mock", messages=messages, tools=[WEATHER])
+    # The mock echoes the last user-side message: the tool result, written as a <tool_response>.
+    assert "<tool_response>\nsunny, 21 C\n</tool_response>" in reply.choices[0].message.content
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice.function.name"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}], "tools": [WEATHER]}, None),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
+     "response_format.json_schema.schema"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    ({"logit_bias": {"abc": 3}}, "logit_bias"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"logit_bias": {"5": 300}}, "logit_bias"),
+])
+def test_bad_tool_and_format_fields_are_400_naming_them(serve, body, param):
+    url = mock_server(serve)
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": USER, **body})
+    if param is None:
+        assert r.status_code == 200, r.text
+        return
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+@pytest.mark.parametrize("text, fmt, content, calls", [
+    ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', "hermes", None, [("f", {"a": 1})]),
+    ('Sure. <tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": {"b": "x"}}'
+     '</tool_call>', "hermes", "Sure.", [("f", {}), ("g", {"b": "x"})]),
+    ('<tool_call>{"name": "f", "arguments": {"a": 1}', "hermes", None, []),  # cut off: stays text
+    ('{"name": "f", "parameters": {"a": 1}}', "llama3_json", None, [("f", {"a": 1})]),
+    ('<|python_tag|>{"name": "f", "parameters": {}}; {"name": "g", "parameters": {}}', "llama3_json", None,
+     [("f", {}), ("g", {})]),
+    ('The answer is {x}', "llama3_json", None, []),
+    ('[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}]', "mistral", None, [("f", {"a": 1})]),
+    ("no calls here", "mistral", None, []),
+])
+def test_tool_call_formats_parse_whole_and_streamed(text, fmt, content, calls):
+    got_content, got = parse_tool_calls(text, fmt)
+    assert [(c["name"], json.loads(c["arguments"])) for c in got] == calls
+    if calls:
+        assert got_content == content
+    else:
+        assert got_content == text
+    # Streamed a few characters at a time, the same calls, and exactly the text around them.
+    stream = ToolCallStream(fmt)
+    sent = "".join(stream.feed(text[i:i + 3]) for i in range(0, len(text), 3))
+    rest, streamed = stream.finish()
+    assert [(c["name"], json.loads(c["arguments"])) for c in streamed] == calls
+    assert (sent + rest).strip() == (content or "" if calls else text).strip()
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"42": 5}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": USER, "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),
+])
+def test_what_the_mock_engine_cannot_honour_is_refused_not_ignored(serve, path, body, param):
+    url = mock_server(serve)
+    r = httpx.post(url + path, json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert r.json()["error"]["code"] == "unsupported_parameter"
+    r = httpx.post(f"{url}/chat_stream", json={"user_input": "hi", "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and "response_format" in r.json()["message"]
+
+
+# -- Open WebUI -----------------------------------------------------------------------------------------
+
+def _openwebui(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / "openwebui" / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["chat_with_builtin_tools", "chat_after_tool_result"])
+def test_open_webui_chats_stream_with_its_default_tools(serve, name):
+    url = mock_server(serve, served_model_name="smollm2")
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=_openwebui(name), timeout=30) as r:
+        assert r.status_code == 200, r.read()
+        events = sse_events(r.read().decode())
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert text.startswith("You said:")
+    assert events[-1]["usage"]["completion_tokens"] > 0 and events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert {e["model"] for e in events} == {"smollm2"}
+
+
+@pytest.mark.parametrize("name", ["title_generation", "follow_up_generation"])
+def test_open_webui_background_tasks_answer_whole(serve, name):
+    url = mock_server(serve, served_model_name="smollm2")
+    r = httpx.post(f"{url}/v1/chat/completions", json=_openwebui(name), timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"]
+
+
+# -- /v1/responses --------------------------------------------------------------------------------------
+
+def test_responses_text_in_text_out_with_instructions(serve):
+    url = mock_server(serve, served_model_name="smol")
+    response = client(url).responses.create(model="smol", input="hello there", instructions="Be brief.")
+    assert response.object == "response" and response.id.startswith("resp_") and response.status == "completed"
+    assert response.output_text.startswith("You said: hello there") and response.model == "smol"
+    assert response.instructions == "Be brief." and response.usage.output_tokens > 0
+
+
+def test_responses_chain_with_previous_response_id_from_the_session_store(serve):
+    url = mock_server(serve)
+    c = client(url)
+    first = c.responses.create(model="mock", input="my name is Ada", max_output_tokens=3)
+    assert first.status == "incomplete" and first.incomplete_details.reason == "max_output_tokens"
+    second = c.responses.create(model="mock", input=[{"role": "user", "content": "what is my name?"}],
+                                previous_response_id=first.id)
+    assert second.previous_response_id == first.id
+    # The prompt held the whole conversation: the mock counts it in the usage.
+    assert second.usage.input_tokens > first.usage.input_tokens + len(first.output_text)
+    assert c.responses.retrieve(first.id).output_text == first.output_text
+    c.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.create(model="mock", input="again", previous_response_id=first.id)
+    unstored = c.responses.create(model="mock", input="x", store=False)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(unstored.id)
+
+
+def test_responses_stream_typed_events(serve):
+    url = mock_server(serve)
+    events = list(client(url).responses.create(model="mock", input="hello there", stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == events[-1].response.output_text and text.startswith("You said: hello there")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({}, "input"),
+    ({"input": ""}, "input"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "previous_response_id": "../etc"}, "previous_response_id"),
+    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "bogus"}}}},
+     "text.format.schema"),
+    ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
+])
+def test_bad_responses_are_400_naming_the_field(serve, body, param):
+    url = mock_server(serve)
+    r = httpx.post(f"{url}/v1/responses", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+# -- n ------------------------------------------------------------------------------------------------
+
+def test_n_choices_whole_and_streamed(serve):
+    url = mock_server(serve, concurrency=2, queue_size=5)
+    c = client(url)
+    whole = c.chat.completions.create(model="mock", messages=USER, n=3, seed=5, temperature=1.0)
+    assert [choice.index for choice in whole.choices] == [0, 1, 2]
+    assert all(choice.message.content.startswith("You said: hello there") for choice in whole.choices)
+    assert len({choice.message.content for choice in whole.choices}) > 1  # each choice has its own seed
+    single = c.chat.completions.create(model="mock", messages=USER, seed=5, temperature=1.0)
+    assert whole.choices[0].message.content == single.choices[0].message.content
+    per_choice = single.usage.completion_tokens
+    assert whole.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counts once
+    assert whole.usage.completion_tokens == sum(
+        c.chat.completions.create(model="mock", messages=USER, seed=5 + i, temperature=1.0).usage.completion_tokens
+        for i in range(3)) and per_choice > 0
+    chunks = list(c.chat.completions.create(model="mock", messages=USER, n=3, seed=5, temperature=1.0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert len({chunk.id for chunk in chunks}) == 1
+    for i in range(3):
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == i)
+        assert text == whole.choices[i].message.content
+    finishes = [ch.choices[0] for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert sorted(f.index for f in finishes) == [0, 1, 2]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_n_beyond_what_the_server_can_hold_is_400_and_a_full_queue_503(serve):
+    url = mock_server(serve, concurrency=1, queue_size=2, mock_token_delay=0.05)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(url).chat.completions.create(model="mock", messages=USER, n=4)
+    assert exc.value.param == "n"
+    with client(url).chat.completions.create(model="mock", messages=USER, stream=True) as busy:
+        next(iter(busy))  # one slot taken: n=3 no longer fits, and nothing of it starts
+        with pytest.raises(openai.InternalServerError) as exc:
+            client(url).chat.completions.create(model="mock", messages=USER, n=3)
+        assert exc.value.status_code == 503
+    assert client(url).chat.completions.create(model="mock", messages=USER, n=3).choices[2].index == 2
+
+
+
+@pytest.mark.parametrize("response_format, param", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}},
+     "response_format.json_schema.schema"),
+    ({"type": "yaml"}, "response_format.type"),
+    ("json", "response_format"),
+])
+def test_chat_stream_refuses_a_bad_response_format(serve, response_format, param):
+    url = mock_server(serve)
+    r = httpx.post(f"{url}/chat_stream", json={"user_input": "hi", "response_format": response_format})
+    assert r.status_code == 400 and f"'{param}'" in r.json()["message"], r.text
+
+
+# -- OpenAI's published schemas ---------------------------------------------------------------------------
+
+def _nullable(schema: Any) -> Any:
+    """OpenAI's spec still marks null-able fields OpenAPI 3.0's way (``nullable: true``), which JSON Schema
+    validators ignore: spell it as JSON Schema (``anyOf`` with ``null``)."""
+    if isinstance(schema, list):
+        return [_nullable(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _nullable(v) for k, v in schema.items() if k != "nullable"}
+    return {"anyOf": [out, {"type": "null"}]} if schema.get("nullable") is True else out
+
+
+OPENAPI = _nullable(json.loads((FIXTURES / "openai_openapi_excerpt.json").read_text()))
+
+
+def check_schema(instance: Any, name: str) -> None:
+    """Validate against OpenAI's own component schema (tests/fixtures/openai_openapi_excerpt.json)."""
+    import jsonschema
+
+    jsonschema.validate(instance, {"$ref": f"#/components/schemas/{name}", "components": OPENAPI["components"]})
+
+
+def test_answers_validate_against_openais_published_schemas(serve):
+    url = mock_server(serve, max_new_tokens=400)
+    tools = {"messages": [{"role": "user", "content": CALL}], "tools": [WEATHER]}
+    for body in ({"messages": USER}, {"messages": USER, "n": 2}, tools):
+        whole = httpx.post(f"{url}/v1/chat/completions", json=body).json()
+        check_schema(whole, "CreateChatCompletionResponse")
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=30,
+                          json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+            for chunk in sse_events(r.read().decode()):
+                check_schema(chunk, "CreateChatCompletionStreamResponse")
+    assert whole["choices"][0]["message"]["tool_calls"]  # the tool call answer was among those checked
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "Once", "max_tokens": 4})
+    check_schema(r.json(), "CreateCompletionResponse")
+    # The spec has no stream schema for /v1/completions: its chunks are the completion object, with
+    # finish_reason null until the last (as OpenAI's own stream sends them).
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "Once", "stream": True, "max_tokens": 4})
+    chunks = sse_events(r.text)
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    check_schema(chunks[-1], "CreateCompletionResponse")
