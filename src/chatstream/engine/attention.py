@@ -68,6 +68,9 @@ class BatchMetadata:
     # Cache block and slot of each new token (what write_index encodes), for native writes.
     token_blocks: torch.Tensor | None = None
     token_offsets: torch.Tensor | None = None
+    # Without native kernels: decode attention through PyTorch's CPU flash kernel (the backend's
+    # choice on one thread), else gather + bmm.
+    decode_flash: bool = False
 
 
 def paged_attention_forward(
@@ -130,18 +133,8 @@ def _decode(q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: f
         return batch.native.paged_decode_attention(
             q, cache, batch.pair_blocks, batch.decode_starts, batch.decode_lengths, scale
         ).to(q.dtype)
-    if q.device.type == "cpu" and _CPU_FLASH is not None:
-        # On one thread: split across two, the kernel's many tiny (pair, head) problems took 2.6x
-        # longer (19 -> 50 ms of a 16-sequence step on 2 cores), while the matmuls around it
-        # gain from every thread.
-        threads = torch.get_num_threads()
-        if threads == 1:
-            return _decode_flash(_CPU_FLASH, q, cache, batch, scale)
-        torch.set_num_threads(1)
-        try:
-            return _decode_flash(_CPU_FLASH, q, cache, batch, scale)
-        finally:
-            torch.set_num_threads(threads)
+    if batch.decode_flash and _CPU_FLASH is not None:
+        return _decode_flash(_CPU_FLASH, q, cache, batch, scale)
     return _decode_bmm(q, cache, batch, scale)
 
 
@@ -220,6 +213,10 @@ def _prefill(
     mask = torch.arange(context, device=q.device)[None, :] <= q_pos[:, None]
     out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
+
+
+def cpu_flash_available() -> bool:
+    return _CPU_FLASH is not None
 
 
 def register() -> None:

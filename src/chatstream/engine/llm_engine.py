@@ -24,7 +24,7 @@ from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarMasks
 from .model_runner import ModelRunner, kv_bytes_per_token
-from .protocol import FinishReason, GenerationOutput
+from .protocol import EngineInfo, FinishReason, GenerationOutput
 from .quantization import quantize_linears_int8, resolve_quantization
 from .sampler import SamplingBatch, sample
 from .sampling_params import SamplingParams
@@ -122,17 +122,17 @@ class LLMEngine:
             self._blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
         )
         try:
-            self._runner = ModelRunner(model, self._blocks, kernels=kernels)
+            self._runner = ModelRunner(model, self._blocks, kernels=kernels, threads=self._num_threads)
         except Exception:  # e.g. kernels="native" where none can be built: leave the model as it was
             if self._restore_linears is not None:
                 self._restore_linears()
             raise
+        self.backend = self._runner.backend
+        logger.info("backend: %s", self.backend.describe())
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.0f MiB) on %s; prefix caching %s; linear layers %s; "
-            "kernels %s",
+            "KV cache: %d blocks of %d tokens (%.0f MiB) on %s; prefix caching %s",
             num_blocks, block_size, num_blocks * block_bytes / 2**20, model.device,
-            "on" if enable_prefix_caching else "off", "int8" if self._restore_linears else str(model.dtype),
-            "native" if self._runner.native else "torch",
+            "on" if enable_prefix_caching else "off",
         )
 
         # Shared with the worker, guarded by _wake's lock.
@@ -193,6 +193,11 @@ class LLMEngine:
     @property
     def num_blocks(self) -> int:
         return self._blocks.num_blocks
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(max_model_len=self.max_model_len, num_blocks=self.num_blocks, block_size=self.block_size,
+                          error=self.error, backend=self.backend.as_dict())
 
     @property
     def block_size(self) -> int:
