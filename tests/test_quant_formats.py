@@ -9,7 +9,7 @@ import torch
 from gguf import GGMLQuantizationType, quants
 
 from chatstream.engine.quant import native as quant_native
-from chatstream.engine.quant.formats import BlockWeight, from_gguf
+from chatstream.engine.quant.formats import BlockWeight, TiledWeight, from_gguf
 
 OUT, IN = 37, 512  # odd channel count: a partial tile of 4; two Q4_K/Q6_K super-blocks per row
 # bytes per block, values per block, where its fp16 scale fields are
@@ -64,6 +64,16 @@ def test_other_types_are_requantized_to_8_bits_within_half_a_step() -> None:
     assert (error <= 0.5 * step * 1.01 + 1e-6).all()
 
 
+@pytest.mark.parametrize("type_name", list(LAYOUTS))
+def test_tiled_layout_keeps_every_value_and_row_lookup(type_name: str) -> None:
+    blocks = from_gguf(random_tensor(type_name), type_name, (OUT, IN))
+    tiled = TiledWeight.from_blocks(blocks)
+    assert torch.equal(tiled.values(), blocks.values())
+    rows = torch.tensor([36, 0, 17, 17])
+    assert torch.equal(tiled.values(rows), blocks.values()[rows])
+    assert tiled.nbytes == blocks.nbytes * 48 // OUT  # only padding to 16 channels (37 -> 48 here)
+
+
 @pytest.fixture(scope="module", params=[(), ("-mno-avx512f",)], ids=["native", "avx2"])
 def kernels(request: pytest.FixtureRequest) -> quant_native.QuantKernels:
     loaded = quant_native.load(request.param)
@@ -76,7 +86,7 @@ def kernels(request: pytest.FixtureRequest) -> quant_native.QuantKernels:
 @pytest.mark.parametrize("type_name", list(LAYOUTS))
 def test_kernel_multiplies_each_format_as_pytorch_does(kernels: quant_native.QuantKernels, type_name: str) -> None:
     raw = random_tensor(type_name, seed=1)
-    weight = from_gguf(raw, type_name, (OUT, IN))
+    weight = TiledWeight.from_blocks(from_gguf(raw, type_name, (OUT, IN)))
     x = torch.randn(6, IN, generator=torch.Generator().manual_seed(2))
     bias = torch.randn(OUT)
     rows = kernels.quantize(x)
@@ -90,7 +100,7 @@ def test_kernel_multiplies_each_format_as_pytorch_does(kernels: quant_native.Qua
 
 
 def test_kernel_writes_into_slices_and_accumulates(kernels: quant_native.QuantKernels) -> None:
-    weight = from_gguf(random_tensor("Q4_1"), "Q4_1", (OUT, IN))
+    weight = TiledWeight.from_blocks(from_gguf(random_tensor("Q4_1"), "Q4_1", (OUT, IN)))
     rows = kernels.quantize(torch.randn(3, IN))
     alone = kernels.linear(rows, weight)
     wide = torch.zeros(3, OUT + 5)
@@ -105,6 +115,7 @@ def test_bad_inputs_are_refused_with_the_reason(kernels: quant_native.QuantKerne
         from_gguf(np.zeros((2, 34), dtype=np.uint8), "Q8_0", (2, 30))
     with pytest.raises(ValueError, match="rows"):
         kernels.quantize(torch.randn(2, 33))
-    weight = BlockWeight(8, torch.zeros(2, 64, dtype=torch.int8), torch.zeros(2, 2, dtype=torch.float16), None, 2, 64)
+    weight = TiledWeight.from_blocks(
+        BlockWeight(8, torch.zeros(2, 64, dtype=torch.int8), torch.zeros(2, 2, dtype=torch.float16), None, 2, 64))
     with pytest.raises(ValueError, match="64"):
         kernels.linear(kernels.quantize(torch.randn(1, 32)), weight)

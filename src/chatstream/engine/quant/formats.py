@@ -72,6 +72,58 @@ class BlockWeight:
                            self.out_features, self.in_features, self.source)
 
 
+@dataclass
+class TiledWeight:
+    """A :class:`BlockWeight` laid out for the kernels (``quant/kernels.c``): 16 output channels side
+    by side, block after block, values unsigned (``value = d * u + m``; 8-bit: ``u = q + 128``,
+    ``m = -128 d``, not stored). Same bytes as the blocks, plus zero padding to 16 channels."""
+
+    kind: int
+    qs: torch.Tensor  # uint8 [tiles, blocks, groups (4-bit: 4, 8-bit: 8), 16, 4]
+    d: torch.Tensor  # fp16 [tiles, blocks, 16]
+    m: torch.Tensor | None  # fp16 [tiles, blocks, 16], 4-bit only
+    out_features: int
+    in_features: int
+    source: str = ""
+
+    @classmethod
+    def from_blocks(cls, w: BlockWeight) -> TiledWeight:
+        tiles, nb = -(-w.out_features // 16), w.in_features // 32
+        pad = tiles * 16 - w.out_features
+
+        def padded(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
+
+        if w.kind == 4:  # byte j of a block (values j and j + 16) goes to group j // 4, lane j % 4
+            qs = padded(w.qs).view(tiles, 16, nb, 4, 4).permute(0, 2, 3, 1, 4)
+        else:
+            qs = (padded(w.qs).view(torch.uint8) ^ 0x80).view(tiles, 16, nb, 8, 4).permute(0, 2, 3, 1, 4)
+
+        def scales(t: torch.Tensor) -> torch.Tensor:
+            return padded(t).view(tiles, 16, nb).permute(0, 2, 1).contiguous()
+
+        return cls(w.kind, qs.contiguous(), scales(w.d), None if w.m is None else scales(w.m),
+                   w.out_features, w.in_features, w.source)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+
+    def values(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 matrix (or only ``rows`` of it)."""
+        ids = torch.arange(self.out_features) if rows is None else rows
+        tile, lane = ids // 16, ids % 16
+        qs = self.qs[tile, :, :, lane]  # [n, blocks, groups, 4]
+        n = qs.shape[0]
+        if self.kind == 4:
+            u = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, -1, 32).float()
+        else:
+            u = qs.reshape(n, -1, 32).float()
+        d = self.d[tile, :, lane].float()  # [n, blocks]
+        m = self.m[tile, :, lane].float() if self.m is not None else -128 * d
+        return (u * d[..., None] + m[..., None]).reshape(n, self.in_features)
+
+
 def from_gguf(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> BlockWeight:
     """A :class:`BlockWeight` from a 2-D GGUF tensor's bytes (as stored: one row of blocks per
     output channel); ``shape`` is ``(out, in)``. Copies only what the layout change needs."""

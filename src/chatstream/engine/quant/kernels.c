@@ -1,20 +1,14 @@
 /* chatstream's kernels for block-quantized weights (GGUF's formats, see chatstream.engine.quant),
  * compiled at first use like ../kernels.c: plain C through ctypes, no Python or torch headers.
  *
- * Weights stay in blocks of 32 values, one fp16 scale `d` each (and one fp16 offset `m` for the
- * 4-bit kind): value = d * q + m. Two kinds cover the GGUF formats:
- *   kind 4: q in [0, 15], two per byte (byte j of a block: value j low nibble, value j + 16 high),
- *           the layout of ggml's Q4_0/Q4_1; Q4_0 is m = -8 d, Q4_K is d = d * scale, m = -dmin * min;
- *   kind 8: q in [-127, 127], one signed byte each (ggml's Q8_0), m = 0.
- * Activations are quantized per block of 32 as llama.cpp does (int8, one float scale, and the
- * block's scaled sum for the 4-bit offsets), so every product is an integer dot product of 32
- * bytes: AVX-512 VNNI's vpdpbusd (256-bit, AVX512VL) where the compiler targets it, AVX2's
- * vpmaddubsw + vpmaddwd otherwise, plain C elsewhere. The library is built with -march=native on
- * the machine that runs it, so the CPU's features pick the variant; `quant_isa` says which.
- *
- * Each call computes a tile of 4 output channels at a time: their blocks are unpacked once into
- * a small buffer (bytes and float scales, in L1), then every activation row is dotted with the 4,
- * so a weight is read from memory once per step whatever the batch. */
+ * Weights stay in blocks of 32 values, one fp16 scale `d` each and an offset `m`: value = d * u + m
+ * with u unsigned, 4 bits (GGUF's Q4_0, Q4_1, Q4_K) or 8 bits (Q8_0, and what other types are
+ * requantized to), in a tiled layout (below) made once at load time. Activations are quantized per
+ * block of 32 as llama.cpp does (int8, one float scale, and the block's scaled sum, which the
+ * offsets multiply), so every product is an integer dot product: AVX-512 VNNI's vpdpbusd on 16
+ * channels at once where the compiler targets it, plain C loops (vectorised for AVX2 by the
+ * compiler) elsewhere. The library is built with -march=native on the machine that runs it, so
+ * the CPU's features pick the variant; `quant_isa` says which. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -26,20 +20,16 @@
 #define INLINE static inline __attribute__((always_inline))
 #define TILE 4
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define QUANT_ISA 2
-INLINE __m256i dot32(__m256i u, __m256i s) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s); }
 #elif defined(__AVX2__)
 #define QUANT_ISA 1
-/* |u| <= 127 (kind 8 after the sign trick) or <= 15 (kind 4): pairs never saturate int16. */
-INLINE __m256i dot32(__m256i u, __m256i s) {
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-}
 #else
 #define QUANT_ISA 0
 #endif
 
-/* Which variant was compiled: 2 AVX-512 VNNI, 1 AVX2, 0 plain C. */
+/* Which variant was compiled: 2 AVX-512 VNNI, 1 AVX2 (the plain C tiles, vectorised by the
+ * compiler for AVX2), 0 plain C. */
 int quant_isa(void) { return QUANT_ISA; }
 
 INLINE float half_to_float(uint16_t h) {
@@ -90,126 +80,126 @@ void quantize_blocks(const float *restrict x, int64_t rows, int64_t k, int64_t x
     }
 }
 
-/* One output channel's blocks unpacked: bytes (kind 4: q; kind 8: |q|, with q's signs in `sign`),
- * scales and offsets as floats. */
-static void unpack_row(int kind, const uint8_t *restrict w, const uint16_t *restrict wd, const uint16_t *restrict wm,
-                       int64_t nb, uint8_t *restrict u, int8_t *restrict sign, float *restrict d, float *restrict m) {
+/* ---- the tiled layout: 16 output channels side by side, block after block ----
+ * Tile t holds channels 16t..16t+15 (zero-padded), its blocks in order; block b of a tile is the
+ * 512 values of its 16 channels as VNNI wants them, groups of 4 consecutive values per channel:
+ *   kind 8: [8 groups][16 channels][4] bytes, u = q + 128 (unsigned), so value = d * u + m with
+ *           m = -128 d (computed here, not stored);
+ *   kind 4: [4 groups][16 channels][4] bytes, low nibble group g (values 4g..4g+3 of the block),
+ *           high nibble group g + 4 (values 16 + 4g..): byte j of a ggml Q4 block, moved.
+ * d and m: fp16 [tiles][blocks][16]. Unsigned weights times signed int8 activations is exactly
+ * vpdpbusd's operand order; each block's int32 sums then take one float multiply-add for the
+ * scale and one for the offset, for 16 channels at once. */
+#define BLOCK_BYTES(kind) ((kind) == 4 ? 256 : 512)
+
+#if QUANT_ISA == 2
+INLINE void tile_rows(int kind, const int R, const int8_t *restrict xq, const float *restrict xd,
+                      const float *restrict xs, int64_t k, const uint8_t *restrict w, const uint16_t *restrict wd,
+                      const uint16_t *restrict wm, __m512 *acc) {
+    const int64_t nb = k / 32;
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        d[b] = half_to_float(wd[b]);
-        m[b] = kind == 4 ? half_to_float(wm[b]) : 0.f;
-    }
-    if (kind == 4) {
-        for (int64_t b = 0; b < nb; b++) {
-#if defined(__AVX2__)
-            const __m128i v = _mm_loadu_si128((const __m128i *)(w + b * 16)), lowbits = _mm_set1_epi8(0x0f);
-            _mm_storeu_si128((__m128i *)(u + b * 32), _mm_and_si128(v, lowbits));
-            _mm_storeu_si128((__m128i *)(u + b * 32 + 16), _mm_and_si128(_mm_srli_epi16(v, 4), lowbits));
-#else
-            for (int j = 0; j < 16; j++) {
-                u[b * 32 + j] = w[b * 16 + j] & 0x0f;
-                u[b * 32 + 16 + j] = w[b * 16 + j] >> 4;
+        const uint8_t *wb = w + b * BLOCK_BYTES(kind);
+        __m512i W[8];
+        if (kind == 4) {
+            const __m512i low = _mm512_set1_epi8(0x0f);
+            for (int g = 0; g < 4; g++) {
+                const __m512i v = _mm512_loadu_si512((const void *)(wb + 64 * g));
+                W[g] = _mm512_and_si512(v, low);
+                W[g + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
             }
-#endif
+        } else {
+            for (int g = 0; g < 8; g++) W[g] = _mm512_loadu_si512((const void *)(wb + 64 * g));
         }
-    } else {
-        const int8_t *q = (const int8_t *)w;
-        memcpy(sign, q, (size_t)nb * 32);
-#pragma omp simd
-        for (int64_t i = 0; i < nb * 32; i++) u[i] = (uint8_t)(q[i] < 0 ? -q[i] : q[i]);
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + b * 16)));
+        const __m512 mv = kind == 4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wm + b * 16)))
+                                    : _mm512_mul_ps(dv, _mm512_set1_ps(-128.f));
+        for (int r = 0; r < R; r++) {
+            const int8_t *x = xq + r * k + b * 32;
+            __m512i sum = _mm512_setzero_si512();
+            for (int g = 0; g < 8; g++) {
+                int32_t four;
+                memcpy(&four, x + 4 * g, 4);
+                sum = _mm512_dpbusd_epi32(sum, W[g], _mm512_set1_epi32(four));
+            }
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dv, _mm512_set1_ps(xd[r * nb + b])), acc[r]);
+            acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs[r * nb + b]), acc[r]);
+        }
     }
 }
-
-INLINE float dot_floats(const float *restrict a, const float *restrict b, int64_t n) {
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < n; i++) sum += a[i] * b[i];
-    return sum;
-}
-
-#if QUANT_ISA > 0
-INLINE float hsum(__m256 v) {
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_movehdup_ps(x));
-    return _mm_cvtss_f32(x);
-}
 #endif
 
-/* out[r][c] (+)= sum over blocks b of d[c][b] * xd[r][b] * (q[c][b] . xq[r][b]) + m[c][b] * xs[r][b]
- * (+ bias[c]), for channels c in [c0, c1): the 4-bit offsets m multiply the activations' scaled
- * block sums. xq, xd, xs come from quantize_blocks. */
-static void linear_range(int kind, const int8_t *restrict xq, const float *restrict xd, const float *restrict xs,
-                         int64_t rows, int64_t k, const uint8_t *restrict w, const uint16_t *restrict wd,
-                         const uint16_t *restrict wm, int64_t c0, int64_t c1, const float *restrict bias,
-                         float *restrict out, int64_t out_stride, int accumulate, uint8_t *restrict work) {
-    const int64_t nb = k / 32, row_bytes = kind == 4 ? k / 2 : k;
-    uint8_t *u = work;                                  /* [TILE][k] */
-    int8_t *sign = (int8_t *)(work + TILE * k);         /* [TILE][k], kind 8 */
-    float *d = (float *)(work + 2 * TILE * k);          /* [TILE][nb] */
-    float *m = d + TILE * nb;                           /* [TILE][nb] */
-    float *scales = m + TILE * nb;                      /* [nb] */
-    for (int64_t c = c0; c < c1; c += TILE) {
-        const int width = c1 - c >= TILE ? TILE : (int)(c1 - c);
-        for (int j = 0; j < TILE; j++) {
-            const int64_t ch = c + (j < width ? j : 0); /* a partial tile repeats its first channel */
-            unpack_row(kind, w + ch * row_bytes, wd + ch * nb, kind == 4 ? wm + ch * nb : NULL, nb, u + j * k,
-                       sign + j * k, d + j * nb, m + j * nb);
+/* The same sums in plain C (what an AVX2-only or non-x86 build compiles; gcc vectorises it). */
+static void tile_rows_c(int kind, int64_t rows, const int8_t *restrict xq, const float *restrict xd,
+                        const float *restrict xs, int64_t k, const uint8_t *restrict w, const uint16_t *restrict wd,
+                        const uint16_t *restrict wm, float *restrict acc /* [rows][16] */) {
+    const int64_t nb = k / 32;
+    memset(acc, 0, sizeof(float) * 16 * rows);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *wb = w + b * BLOCK_BYTES(kind);
+        uint8_t u[32][16]; /* [value in block][channel] */
+        for (int g = 0; g < 8; g++)
+            for (int c = 0; c < 16; c++)
+                for (int kk = 0; kk < 4; kk++)
+                    u[4 * g + kk][c] = kind == 4 ? (g < 4 ? wb[(g * 16 + c) * 4 + kk] & 0x0f
+                                                          : wb[((g - 4) * 16 + c) * 4 + kk] >> 4)
+                                                 : wb[(g * 16 + c) * 4 + kk];
+        float d[16], m[16];
+        for (int c = 0; c < 16; c++) {
+            d[c] = half_to_float(wd[b * 16 + c]);
+            m[c] = kind == 4 ? half_to_float(wm[b * 16 + c]) : -128.f * d[c];
         }
         for (int64_t r = 0; r < rows; r++) {
-            const int8_t *x = xq + r * k;
-            const float *xdr = xd + r * nb;
-            float result[TILE];
-#if QUANT_ISA > 0
-            __m256 acc[TILE];
-            for (int j = 0; j < TILE; j++) acc[j] = _mm256_setzero_ps();
-            for (int64_t b = 0; b < nb; b++) {
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(x + b * 32));
-                for (int j = 0; j < TILE; j++) {
-                    const __m256i uv = _mm256_loadu_si256((const __m256i *)(u + j * k + b * 32));
-                    /* kind 8: |q| . (x with q's sign) = q . x, with an unsigned left operand */
-                    const __m256i sv = kind == 4 ? xv
-                        : _mm256_sign_epi8(xv, _mm256_loadu_si256((const __m256i *)(sign + j * k + b * 32)));
-                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(uv, sv)), _mm256_set1_ps(d[j * nb + b] * xdr[b]),
-                                             acc[j]);
-                }
-            }
-            for (int j = 0; j < TILE; j++) result[j] = hsum(acc[j]);
-#else
-            for (int j = 0; j < TILE; j++) {
-                float total = 0.f;
-                for (int64_t b = 0; b < nb; b++) {
-                    int32_t isum = 0;
-                    for (int i = 0; i < 32; i++) {
-                        const int32_t wv = kind == 4 ? u[j * k + b * 32 + i] : sign[j * k + b * 32 + i];
-                        isum += wv * x[b * 32 + i];
-                    }
-                    total += (float)isum * (d[j * nb + b] * xdr[b]);
-                }
-                result[j] = total;
-            }
-#endif
-            (void)scales;
-            float *o = out + r * out_stride + c;
-            for (int j = 0; j < width; j++) {
-                float v = result[j];
-                if (kind == 4) v += dot_floats(m + j * nb, xs + r * nb, nb);
-                if (bias) v += bias[c + j];
-                o[j] = accumulate ? o[j] + v : v;
-            }
+            const int8_t *x = xq + r * k + b * 32;
+            int32_t sum[16] = {0};
+            for (int i = 0; i < 32; i++)
+#pragma omp simd
+                for (int c = 0; c < 16; c++) sum[c] += (int32_t)u[i][c] * (int32_t)x[i];
+            const float xdb = xd[r * nb + b], xsb = xs[r * nb + b];
+#pragma omp simd
+            for (int c = 0; c < 16; c++) acc[r * 16 + c] += (float)sum[c] * (d[c] * xdb) + m[c] * xsb;
         }
     }
 }
 
-/* Bytes of work buffer linear_range needs for inputs of width k. */
-int64_t quant_work_bytes(int64_t k) { return 2 * TILE * k + (2 * TILE + 1) * (k / 32) * 4 + 64; }
+INLINE void store_tile(const float *restrict v, int64_t c, int64_t n, const float *restrict bias, float *restrict o,
+                       int accumulate) {
+    for (int j = 0; j < 16 && c + j < n; j++) {
+        float y = v[j] + (bias ? bias[c + j] : 0.f);
+        o[c + j] = accumulate ? o[c + j] + y : y;
+    }
+}
 
-/* out [rows, n] (rows out_stride apart) (+)= x . W^T (+ bias), W [n, k] of `kind` (see the top).
- * `work` holds quant_work_bytes(k) bytes. Returns 0, or -1 for a bad kind or k. */
+/* out [rows, n] (rows out_stride apart) (+)= x . W^T (+ bias), W [n, k] tiled as above.
+ * Returns 0, or -1 for a bad kind or k. */
 int quant_linear(int kind, const int8_t *restrict xq, const float *restrict xd, const float *restrict xs,
                  int64_t rows, int64_t k, const uint8_t *restrict w, const uint16_t *restrict wd,
                  const uint16_t *restrict wm, int64_t n, const float *restrict bias, float *restrict out,
-                 int64_t out_stride, int accumulate, uint8_t *restrict work) {
+                 int64_t out_stride, int accumulate) {
     if ((kind != 4 && kind != 8) || k % 32 != 0) return -1;
-    linear_range(kind, xq, xd, xs, rows, k, w, wd, wm, 0, n, bias, out, out_stride, accumulate, work);
+    const int64_t nb = k / 32, tiles = (n + 15) / 16, tile_bytes = nb * BLOCK_BYTES(kind);
+    for (int64_t t = 0; t < tiles; t++) {
+        const uint8_t *wt = w + t * tile_bytes;
+        const uint16_t *dt = wd + t * nb * 16, *mt = kind == 4 ? wm + t * nb * 16 : NULL;
+        for (int64_t r0 = 0; r0 < rows;) {
+            const int64_t step = rows - r0 >= 4 ? 4 : 1;
+            float v[4][16];
+#if QUANT_ISA == 2
+            __m512 acc[4];
+            if (kind == 4) {
+                if (step == 4) tile_rows(4, 4, xq + r0 * k, xd + r0 * nb, xs + r0 * nb, k, wt, dt, mt, acc);
+                else tile_rows(4, 1, xq + r0 * k, xd + r0 * nb, xs + r0 * nb, k, wt, dt, mt, acc);
+            } else {
+                if (step == 4) tile_rows(8, 4, xq + r0 * k, xd + r0 * nb, xs + r0 * nb, k, wt, dt, mt, acc);
+                else tile_rows(8, 1, xq + r0 * k, xd + r0 * nb, xs + r0 * nb, k, wt, dt, mt, acc);
+            }
+            for (int r = 0; r < step; r++) _mm512_storeu_ps(v[r], acc[r]);
+#else
+            tile_rows_c(kind, step, xq + r0 * k, xd + r0 * nb, xs + r0 * nb, k, wt, dt, mt, &v[0][0]);
+#endif
+            for (int r = 0; r < step; r++) store_tile(v[r], t * 16, n, bias, out + (r0 + r) * out_stride, accumulate);
+            r0 += step;
+        }
+    }
     return 0;
 }

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import native
-from .formats import BlockWeight, requantize_q8
+from .formats import BlockWeight, TiledWeight, requantize_q8
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +45,11 @@ class QuantKernels:
         self.path = path
         lib = ctypes.CDLL(str(path))
         lib.quantize_blocks.argtypes = [_P, _I, _I, _I, _P, _P, _P]
-        lib.quant_linear.argtypes = [ctypes.c_int, _P, _P, _P, _I, _I, _P, _P, _P, _I, _P, _P, _I, ctypes.c_int, _P]
+        lib.quant_linear.argtypes = [ctypes.c_int, _P, _P, _P, _I, _I, _P, _P, _P, _I, _P, _P, _I, ctypes.c_int]
         lib.quant_linear.restype = ctypes.c_int
-        lib.quant_work_bytes.argtypes = [_I]
-        lib.quant_work_bytes.restype = _I
         lib.quant_isa.restype = ctypes.c_int
         self._lib = lib
         self.isa = ISA_NAMES[lib.quant_isa()]
-        self._work: dict[int, torch.Tensor] = {}
 
     def quantize(self, x: torch.Tensor) -> BlockRows:
         """float32 ``[rows, k]`` (unit stride within a row, ``k`` a multiple of 32) -> :class:`BlockRows`."""
@@ -65,7 +62,7 @@ class QuantKernels:
                                   out.s.data_ptr())
         return out
 
-    def linear(self, rows: BlockRows, weight: BlockWeight, bias: torch.Tensor | None = None,
+    def linear(self, rows: BlockRows, weight: TiledWeight, bias: torch.Tensor | None = None,
                out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
         """``rows @ weight.T (+ bias)`` as float32 ``[rows, out_features]``, written into ``out`` (a
         view with unit column stride, e.g. a slice of a wider output) or added to it (``accumulate``)."""
@@ -78,14 +75,11 @@ class QuantKernels:
             raise ValueError(f"out must be float32 {(n_rows, weight.out_features)} with unit column stride")
         if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
             raise ValueError("bias must be contiguous float32")
-        work = self._work.get(k)
-        if work is None:
-            work = self._work[k] = torch.empty(int(self._lib.quant_work_bytes(k)), dtype=torch.uint8)
         status = self._lib.quant_linear(
             weight.kind, rows.q.data_ptr(), rows.d.data_ptr(), rows.s.data_ptr(), n_rows, k,
             weight.qs.data_ptr(), weight.d.data_ptr(), None if weight.m is None else weight.m.data_ptr(),
             weight.out_features, None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0),
-            int(accumulate), work.data_ptr(),
+            int(accumulate),
         )
         if status != 0:
             raise ValueError(f"the quantized kernel takes kind 4 or 8 and whole blocks, not kind {weight.kind}, k {k}")
@@ -128,7 +122,7 @@ def check(kernels: QuantKernels) -> None:
     nibbles = torch.randint(0, 256, (7, 48), generator=generator, dtype=torch.uint8)
     scales = (torch.rand(7, 3, generator=generator) / 8).half()
     weight4 = BlockWeight(4, nibbles, scales, (-8 * scales.float()).half(), 7, 96, "check")
-    for weight in (weight8, weight4):
+    for weight in (TiledWeight.from_blocks(weight8), TiledWeight.from_blocks(weight4)):
         expected = x_blocks @ weight.values().T
         if not torch.allclose(kernels.linear(rows, weight), expected, rtol=1e-4, atol=1e-4):
             raise QuantKernelError(f"{kernels.path} disagrees with PyTorch on its kind-{weight.kind} check")
