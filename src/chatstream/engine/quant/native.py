@@ -13,6 +13,7 @@ import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,6 +51,9 @@ class QuantKernels:
         lib.quant_isa.restype = ctypes.c_int
         self._lib = lib
         self.isa = ISA_NAMES[lib.quant_isa()]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> QuantKernels:
+        return self  # a loaded library: copies of a model share it
 
     def quantize(self, x: torch.Tensor) -> BlockRows:
         """float32 ``[rows, k]`` (unit stride within a row, ``k`` a multiple of 32) -> :class:`BlockRows`."""
