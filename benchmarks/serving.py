@@ -65,7 +65,12 @@ class LoadConfig:
     warmup: int = 0
     warmup_max_tokens: int | None = None  # warm-up replies may be shorter; default: max_tokens
     seed: int = 0
-    temperature: float = 0.0
+    # Chat sampling by default, what chat UIs send (and chatstream's own defaults); temperature 0 = greedy.
+    # Every server gets the same parameters: repetition penalty off (llama-server's default).
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
     model_name: str | None = None  # openai: default is the first id of GET /v1/models
     clear_context: bool = True
     request_timeout: float = 300.0
@@ -231,9 +236,27 @@ def _chatstream_body(cfg: LoadConfig, index: int) -> dict[str, Any]:
         "max_tokens": cfg.max_tokens,
         "temperature": cfg.temperature,
     }
-    if cfg.temperature > 0:
-        body["seed"] = cfg.seed * 1_000_003 + index
+    body.update(_sampling(cfg, index))
     return body
+
+
+def _sampling(cfg: LoadConfig, index: int) -> dict[str, Any]:
+    """The sampling fields every protocol sends alike: a fixed seed per request when sampling."""
+    fields: dict[str, Any] = {"repetition_penalty": cfg.repetition_penalty}
+    if cfg.temperature > 0:
+        fields.update(top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed * 1_000_003 + index)
+    return fields
+
+
+def sampling_label(cfg: LoadConfig) -> str:
+    if cfg.temperature <= 0:
+        return "greedy (temperature 0)"
+    return f"temperature {cfg.temperature:g}, top_p {cfg.top_p:g}, top_k {cfg.top_k}, seed per request"
+
+
+def greedy(cfg: LoadConfig) -> LoadConfig:
+    """The same load, greedy: the second run every report gives."""
+    return replace(cfg, temperature=0.0)
 
 
 async def _chatstream_request(client: httpx.AsyncClient, cfg: LoadConfig, record: RequestRecord) -> None:
@@ -281,8 +304,7 @@ def _openai_body(cfg: LoadConfig, index: int, model_name: str) -> dict[str, Any]
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if cfg.temperature > 0:
-        body["seed"] = cfg.seed * 1_000_003 + index
+    body.update(_sampling(cfg, index))
     return body
 
 
@@ -503,7 +525,7 @@ def summarize(
     from_usage = sum(r.tokens_from_usage for r in ok)
     prompt_tokens = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
     return {
-        "config": {k: v for k, v in asdict(cfg).items() if k != "progress"},
+        "config": {k: v for k, v in asdict(cfg).items() if k != "progress"} | {"sampling": sampling_label(cfg)},
         "model_name": model_name,
         "requests": len(records),
         "ok": len(ok),
@@ -558,7 +580,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     dpt = summary["deltas_per_token"]
     lines = [
         f"{cfg['protocol']} load on {cfg['url']}: {amount}, {cfg['clients']} clients, "
-        f"max_tokens {cfg['max_tokens']}, temperature {cfg['temperature']}"
+        f"max_tokens {cfg['max_tokens']}, {cfg.get('sampling') or 'temperature ' + str(cfg['temperature'])}"
         + (f", model {summary['model_name']}" if summary["model_name"] else ""),
         f"  requests ok / sent   {summary['ok']} / {summary['requests']}",
         f"  wall time            {summary['wall_s']:.2f} s",
@@ -595,7 +617,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=0, help="unmeasured requests sent first")
     parser.add_argument("--warmup-max-tokens", type=int, help="max_tokens of warm-up requests (default: --max-tokens)")
     parser.add_argument("--seed", type=int, default=0, help="picks the prompts (and sampling seeds)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7, chat sampling)")
+    parser.add_argument("--top-p", type=float, default=0.9)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--no-greedy-run", action="store_true",
+                        help="skip the second, greedy run that follows a sampled one")
     parser.add_argument("--model-name", help="openai: model to request (default: first of GET /v1/models)")
     parser.add_argument(
         "--keep-context",
@@ -620,6 +647,9 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         warmup_max_tokens=args.warmup_max_tokens,
         seed=args.seed,
         temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
         model_name=args.model_name,
         clear_context=not args.keep_context,
         request_timeout=args.request_timeout,
@@ -634,13 +664,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = asyncio.run(run_load(cfg))
-    print(format_summary(summary))
+    configs = [cfg] if cfg.temperature <= 0 or args.no_greedy_run else [cfg, greedy(cfg)]
+    summaries = []
+    for one in configs:
+        summary = asyncio.run(run_load(one))
+        print(format_summary(summary))
+        summaries.append(summary)
     if args.output_json:
         with open(args.output_json, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(summaries[0] if len(summaries) == 1 else {"sampled": summaries[0], "greedy": summaries[1]},
+                      f, indent=2)
             f.write("\n")
-    return 0 if summary["ok"] else 1
+    return 0 if all(s["ok"] for s in summaries) else 1
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Time one engine decode step at batch 1/16/32: float32 vs int8 linear layers, transformers' forward vs the fused one, native kernels vs PyTorch's operators.
 
-    .venv/bin/python -m benchmarks.step_time [--batches 1,16,32] [--steps 10] [--context 128]
+    .venv/bin/python -m benchmarks.step_time [--batches 1,16,32] [--steps 10] [--context 128] [--sampling-only]
 
 Every sequence has a ``--context``-token prompt already prefilled; the figure is the fastest of
 ``--steps`` decode steps over ``--rounds`` interleaved rounds (one token per sequence, the whole forward with the paged
 attention). Also prints the mean per-token NLL of a fixed text for each variant, the quality
-side of the trade. Absolute times drift on a shared machine: compare variants within one run.
+side of the trade, and a second table: the engine default's step with greedy, chat sampling and the
+full-sort sampler it replaced. Absolute times drift on a shared machine: compare variants within one run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,10 +22,13 @@ import torch
 from chatstream.engine import quantization
 from chatstream.engine.block_manager import BlockManager
 from chatstream.engine.model_runner import ModelRunner
+from chatstream.engine.sampler import sample
 from chatstream.engine.sampling_params import SamplingParams
 from chatstream.engine.scheduler import Scheduler
 from chatstream.engine.sequence import Sequence
 from chatstream.model_loader import load_model
+
+from .sampler import full_sort_sample, make_batch
 
 TEXT = (
     "The sun is the star at the centre of the Solar System. It is a massive, nearly perfect sphere of hot "
@@ -34,8 +39,10 @@ TEXT = (
 
 
 def decode_step_ms(
-    model: Any, batch: int, context: int, steps: int, fused: bool = True, kernels: str = "auto"
+    model: Any, batch: int, context: int, steps: int, fused: bool = True, kernels: str = "auto",
+    sampler: Callable[[torch.Tensor], Any] | None = None,
 ) -> float:
+    """The fastest decode step; with ``sampler``, each step's logits are also sampled, inside the timing."""
     blocks = BlockManager(batch * (context // 16 + steps // 16 + 2), 16, enable_prefix_caching=False)
     scheduler = Scheduler(blocks, max_num_seqs=batch, max_num_batched_tokens=batch * context)
     runner = ModelRunner(model, blocks, fused=fused, kernels=kernels)
@@ -51,7 +58,9 @@ def decode_step_ms(
                     seq.token_ids.append(42)
                 chunks = scheduler.schedule().chunks
                 start = time.perf_counter()
-                runner.execute(chunks)
+                _, logits = runner.execute(chunks)
+                if sampler is not None:
+                    sampler(logits)
                 times.append(time.perf_counter() - start)
         return min(times[2:]) * 1e3
     finally:
@@ -70,6 +79,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sampling-only", action="store_true", help="only the table of samplers")
     opts = parser.parse_args()
     batches = [int(b) for b in opts.batches.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
@@ -85,6 +95,11 @@ def main() -> None:
         "int8, down_proj float, fused forward, native kernels": (("down_proj",), True, "native"),
         "int8, lm_head float, fused forward, native kernels": (("lm_head",), True, "native"),
     }
+    if opts.sampling_only:
+        model, _ = load_model()
+        quantization.quantize_linears_int8(model)
+        sampling_table(model, batches, opts)
+        return
     models = {}
     for label, (keep, _, _) in variants.items():
         model, tokenizer = load_model(quantized=False)  # float32; GGUF blocks: benchmarks.gguf
@@ -106,6 +121,27 @@ def main() -> None:
     for label, model in models.items():
         row = [f"{best[label, b]:.1f}" for b in batches]
         print(f"| {label} | " + " | ".join(row) + f" | {mean_nll(model, tokenizer):.3f} |", flush=True)
+    sampling_table(models["int8 everywhere, fused forward, native kernels (engine default)"], batches, opts)
+
+
+def sampling_table(model: Any, batches: list[int], opts: argparse.Namespace) -> None:
+    """The engine default's decode step with each sampler: what a chat UI's parameters cost per step."""
+    def samplers(b: int) -> dict[str, Callable[[torch.Tensor], Any] | None]:
+        chat = make_batch(b, 0.7, 50, 0.9, 1.05, opts.context)
+        greedy = make_batch(b, 0.0, 0, 1.0, 1.0, 0)
+        return {"forward only": None, "+ greedy": lambda logits: sample(logits, greedy),
+                "+ chat sampling (T 0.7, top-k 50, top-p 0.9, rep 1.05)": lambda logits: sample(logits, chat),
+                "+ chat sampling, full-sort sampler (before)": lambda logits: full_sort_sample(logits, chat)}
+    best: dict[tuple[str, int], float] = {}
+    for _ in range(opts.rounds):
+        for b in batches:
+            for label, sampler in samplers(b).items():
+                ms = decode_step_ms(model, b, opts.context, opts.steps, sampler=sampler)
+                best[label, b] = min(best.get((label, b), ms), ms)
+    print("\n| decode step, engine default | " + " | ".join(f"batch {b} (ms)" for b in batches) + " |")
+    print("|---|" + "---|" * len(batches))
+    for label in samplers(1):
+        print(f"| {label} | " + " | ".join(f"{best[label, b]:.1f}" for b in batches) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

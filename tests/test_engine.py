@@ -156,6 +156,19 @@ async def test_repetition_penalty_changes_a_greedy_reply(engine: LLMEngine, toke
     assert penalised != plain
 
 
+async def test_min_p_and_openai_penalties_reach_the_sampler(engine: LLMEngine, tokenizer: Any) -> None:
+    """min_p 1 keeps only the most likely token: a hot sampled reply is the greedy one; a frequency
+    penalty (over the reply only) changes a reply that repeats itself."""
+    prompt = chat(tokenizer, "Count from one to twenty, separated by commas.")
+    plain, _ = await generate_text(engine, prompt, SamplingParams(max_new_tokens=20))
+    only_top = SamplingParams(max_new_tokens=20, temperature=1.5, min_p=1.0, seed=5)
+    assert (await generate_text(engine, prompt, only_top))[0] == plain
+    penalised, _ = await generate_text(engine, prompt, SamplingParams(max_new_tokens=20, frequency_penalty=2.0))
+    assert penalised != plain
+    present, _ = await generate_text(engine, prompt, SamplingParams(max_new_tokens=20, presence_penalty=2.0))
+    assert present != plain
+
+
 async def test_extreme_but_valid_parameters_never_disturb_a_neighbour(engine: LLMEngine, tokenizer: Any) -> None:
     """Values at the edge of every bound run next to a normal request, which replies as if alone."""
     normal = chat(tokenizer, QUESTIONS[1])

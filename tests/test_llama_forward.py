@@ -157,7 +157,7 @@ def test_only_llama_family_models_take_the_fused_path(own_model: tuple[Any, Any]
 
 def test_the_onednn_int8_kernel_gives_the_same_products_bit_for_bit(own_model: tuple[Any, Any]) -> None:
     """The engine may compute the output projection through oneDNN's prepacked int8 kernel
-    (where a start-up timing finds it faster): its results must equal ``_int_mm``'s exactly, so
+    (the backend's choice where that kernel exists): its results must equal ``_int_mm``'s exactly, so
     the choice never changes a token."""
     model, _ = own_model
     head = Int8Linear(model.get_output_embeddings())  # a quantized copy; the model is untouched

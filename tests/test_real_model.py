@@ -88,3 +88,13 @@ def test_leaving_mid_stream_frees_the_slot_at_once(real_server):
         assert chat_stream.admission.running == 0
         assert wait_until(lambda: chat_stream.engine.num_running == 0, timeout=2)
         assert c.get("/history").json()["messages"][-1]["role"] == "assistant"
+
+
+def test_health_and_metrics_name_the_backend(real_server):
+    server, chat_stream, _ = real_server
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        backend = c.get("/health").json()["backend"]
+        metrics = c.get("/metrics").text
+    assert backend["forward"] in ("fused", "hf") and backend["ops"] in ("native", "torch")
+    assert backend["linear"] in ("float", "int8-vnni", "int8-intmm") and backend["device"] == "cpu"
+    assert f'forward="{backend["forward"]}"' in metrics and "chatstream_engine_backend_info{" in metrics

@@ -12,9 +12,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .engine.protocol import engine_info
 
 if TYPE_CHECKING:
     from .service import ChatService
@@ -89,7 +91,12 @@ class _ServiceCollector(Collector):
                 counter = CounterMetricFamily(name, help_text)
                 counter.add_metric([], value)
                 yield counter
-        upstreams = getattr(engine, "upstreams", None)
+        info = engine_info(engine)
+        if info.backend is not None:
+            backend = InfoMetricFamily("chatstream_engine_backend", "The code path the engine runs, chosen at start-up")
+            backend.add_metric([], {key: str(value) for key, value in info.backend.items()})
+            yield backend
+        upstreams = info.upstreams
         if isinstance(upstreams, list):
             healthy = GaugeMetricFamily("chatstream_upstream_healthy", "1 when the upstream engine is in rotation",
                                         labels=["upstream"])

@@ -131,17 +131,10 @@ def _decode(q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: f
             q, cache, batch.pair_blocks, batch.decode_starts, batch.decode_lengths, scale
         ).to(q.dtype)
     if q.device.type == "cpu" and _CPU_FLASH is not None:
-        # On one thread: split across two, the kernel's many tiny (pair, head) problems took 2.6x
-        # longer (19 -> 50 ms of a 16-sequence step on 2 cores), while the matmuls around it
-        # gain from every thread.
-        threads = torch.get_num_threads()
-        if threads == 1:
-            return _decode_flash(_CPU_FLASH, q, cache, batch, scale)
-        torch.set_num_threads(1)
-        try:
-            return _decode_flash(_CPU_FLASH, q, cache, batch, scale)
-        finally:
-            torch.set_num_threads(threads)
+        # Threads are the engine's, set once: this no longer drops to one thread per call (on 2
+        # cores the kernel's tiny (pair, head) problems ran 2.6x slower on two threads, but the
+        # engine's default there is one thread, and the native kernel is the CPU default).
+        return _decode_flash(_CPU_FLASH, q, cache, batch, scale)
     return _decode_bmm(q, cache, batch, scale)
 
 

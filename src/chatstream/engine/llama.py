@@ -15,7 +15,7 @@ Other architectures keep running through transformers with the paged attention p
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,9 @@ from .attention import BatchMetadata, paged_attention
 from .native import NativeKernels, PackedInt8Weight
 from .quant.gguf_model import QuantLinear, quant_linears
 from .quantization import Int8Linear, OnednnInt8Weight, int8_linear
+
+if TYPE_CHECKING:
+    from .backend import Backend
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -74,10 +77,10 @@ class _Projection:
         self.packed = PackedInt8Weight.pack(self.weight, self.weight_scale, self.bias)
         return self.packed
 
-    def use_onednn_if_faster(self) -> None:
-        """Compute through oneDNN's prepacked int8 kernel where it is faster (same sums, bit for bit)."""
+    def use_onednn(self) -> None:
+        """Compute through oneDNN's prepacked int8 kernel (the same sums, bit for bit)."""
         if self.weight_scale is not None:
-            self.onednn = OnednnInt8Weight.if_faster(self.weight)
+            self.onednn = OnednnInt8Weight.check(self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
@@ -128,7 +131,7 @@ class LlamaForward:
     """``forward(ids, positions, batch, keep)`` -> logits of the ``keep`` rows, for the engine's
     flattened ragged batch (one ``[N]`` sequence of tokens from many requests)."""
 
-    def __init__(self, model: Any, native: NativeKernels | None = None) -> None:
+    def __init__(self, model: Any, backend: Backend, native: NativeKernels | None = None) -> None:
         config = model.config
         inner = model.model
         self.embed = inner.embed_tokens  # nn.Embedding, or QuantEmbedding's blocks
@@ -140,16 +143,17 @@ class LlamaForward:
         self.lm_head = _Projection([model.get_output_embeddings()])
         projections = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         projections.append(self.lm_head)
-        # Native kernels (float32 on CPU): RoPE, the KV write and decode attention always; with int8
-        # weights and a CPU with the native int8 matmul, also norms, activation quantization,
-        # matmuls, dequantization and residual adds (six native calls a layer).
-        self.native = native if native is not None and dtype == torch.float32 else None
-        if self.native is not None and self.native.int8 and all(p.weight_scale is not None for p in projections):
+        # The path is the backend's (chosen once, in .backend). Native kernels (float32 on CPU):
+        # RoPE, the KV write and decode attention always; with int8-vnni linears also norms,
+        # activation quantization, matmuls, dequantization and residual adds (six native calls a
+        # layer); GGUF block linears (gguf-blocks) run their own kernels (quant/).
+        self.native = native if backend.ops == "native" else None
+        if backend.linear == "int8-vnni":
             for p in projections:
                 p.pack()
-        else:
+        elif backend.lm_head_onednn:
             # The widest matmul of a step; the hidden layers measured no faster through oneDNN here.
-            self.lm_head.use_onednn_if_faster()
+            self.lm_head.use_onednn()
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.num_heads)

@@ -23,7 +23,7 @@ import torch
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, kv_bytes_per_token
-from .protocol import FinishReason, GenerationOutput
+from .protocol import EngineInfo, FinishReason, GenerationOutput
 from .quantization import quantize_linears_int8, resolve_quantization
 from .sampler import SamplingBatch, sample
 from .sampling_params import SamplingParams
@@ -117,17 +117,17 @@ class LLMEngine:
             self._blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
         )
         try:
-            self._runner = ModelRunner(model, self._blocks, kernels=kernels)
+            self._runner = ModelRunner(model, self._blocks, kernels=kernels, threads=self._num_threads)
         except Exception:  # e.g. kernels="native" where none can be built: leave the model as it was
             if self._restore_linears is not None:
                 self._restore_linears()
             raise
+        self.backend = self._runner.backend
+        logger.info("backend: %s", self.backend.describe())
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.0f MiB) on %s; prefix caching %s; linear layers %s; "
-            "kernels %s",
+            "KV cache: %d blocks of %d tokens (%.0f MiB) on %s; prefix caching %s",
             num_blocks, block_size, num_blocks * block_bytes / 2**20, model.device,
-            "on" if enable_prefix_caching else "off", "int8" if self._restore_linears else str(model.dtype),
-            "native" if self._runner.native else "torch",
+            "on" if enable_prefix_caching else "off",
         )
 
         # Shared with the worker, guarded by _wake's lock.
@@ -187,6 +187,11 @@ class LLMEngine:
     @property
     def num_blocks(self) -> int:
         return self._blocks.num_blocks
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(max_model_len=self.max_model_len, num_blocks=self.num_blocks, block_size=self.block_size,
+                          error=self.error, backend=self.backend.as_dict())
 
     @property
     def block_size(self) -> int:
@@ -353,13 +358,13 @@ class LLMEngine:
     def _sample(self, sampled: list[ScheduledChunk], logits: torch.Tensor) -> list[int | Exception]:
         """One token per row; if the batch fails, each row alone, so only a faulty row fails."""
         try:
-            return sample(logits, self._sampling_batch(sampled, logits.device)).tolist()
+            return sample(logits, self._sampling_batch(sampled, logits.device)).tokens.tolist()
         except Exception:
             logger.exception("batched sampling failed; sampling row by row")
         tokens: list[int | Exception] = []
         for row, chunk in enumerate(sampled):
             try:
-                tokens.append(int(sample(logits[row : row + 1], self._sampling_batch([chunk], logits.device))[0]))
+                tokens.append(int(sample(logits[row : row + 1], self._sampling_batch([chunk], logits.device)).tokens[0]))
             except Exception as exc:
                 tokens.append(exc)
         return tokens
@@ -383,6 +388,15 @@ class LLMEngine:
         if penalised:
             batch.seen_rows = tensor([row for row, s in penalised for _ in s.token_ids], torch.long)
             batch.seen_tokens = tensor([t for _, s in penalised for t in s.token_ids], torch.long)
+        if any(p.min_p > 0 for p in params):
+            batch.min_p = tensor([p.min_p for p in params], torch.float32)
+        counted = [(row, s) for row, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty]
+        if counted:
+            batch.presence_penalty = tensor([p.presence_penalty for p in params], torch.float32)
+            batch.frequency_penalty = tensor([p.frequency_penalty for p in params], torch.float32)
+            replies = [(row, s.token_ids[s.num_prompt_tokens :]) for row, s in counted]
+            batch.output_rows = tensor([row for row, reply in replies for _ in reply], torch.long)
+            batch.output_tokens = tensor([t for _, reply in replies for t in reply], torch.long)
         return batch
 
     def _append(self, seq: Sequence, token: int) -> None:

@@ -12,13 +12,14 @@ from typing import Any
 
 import torch
 
-from . import attention, llama, native
+from . import attention, llama
 from .attention import BatchMetadata, PagedKVCache, PrefillSegment
+from .backend import select_backend
 from .block_manager import BlockManager
 from .scheduler import ScheduledChunk
 
 
-def _attention_shape(config: Any) -> tuple[int, int, int, int]:
+def attention_shape(config: Any) -> tuple[int, int, int, int]:
     """(layers, attention heads, KV heads, head dim) of a decoder config."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_heads = config.num_attention_heads
@@ -28,24 +29,30 @@ def _attention_shape(config: Any) -> tuple[int, int, int, int]:
 
 
 def kv_bytes_per_token(model: Any) -> int:
-    layers, _, kv_heads, head_dim = _attention_shape(model.config)
+    layers, _, kv_heads, head_dim = attention_shape(model.config)
     return 2 * layers * kv_heads * head_dim * model.dtype.itemsize
 
 
 class ModelRunner:
-    """``fused``: run Llama-family models through :mod:`.llama`'s fused forward (same tokens,
-    fewer operators); other models, or ``fused=False``, run through transformers' own forward.
-    ``kernels``: ``"auto"`` runs the fused forward's RoPE, KV writes, decode attention (and int8
-    layers, on CPUs with AVX-512 VNNI) through :mod:`.native`'s kernels for a float32 model on CPU
-    when they build and pass their check here, ``"native"`` requires them, ``"torch"`` uses
-    PyTorch's operators only."""
+    """Runs the model on the path of ``backend`` (:func:`.backend.select_backend`: by default
+    chosen here from ``fused`` and ``kernels``). ``fused``: run Llama-family models through
+    :mod:`.llama`'s fused forward (same tokens, fewer operators); other models, or ``fused=False``,
+    run through transformers' own forward. ``kernels``: ``"auto"`` runs the fused forward's RoPE,
+    KV writes, decode attention (and int8 layers, on CPUs with AVX-512 VNNI) through
+    :mod:`.native`'s kernels for a float32 model on CPU when they build and pass their check,
+    ``"native"`` requires them, ``"torch"`` uses PyTorch's operators only."""
 
-    def __init__(self, model: Any, blocks: BlockManager, *, fused: bool = True, kernels: str = "auto") -> None:
+    def __init__(
+        self, model: Any, blocks: BlockManager, *, fused: bool = True, kernels: str = "auto", threads: int | None = None
+    ) -> None:
         self.model = model
         self.device = model.device
         self.blocks = blocks
         self.block_size = block_size = blocks.block_size
-        layers, num_heads, self.num_kv_heads, head_dim = _attention_shape(model.config)
+        self.backend, self.native = select_backend(
+            model, fused=fused, kernels=kernels, threads=threads, block_size=block_size
+        )
+        layers, _, self.num_kv_heads, head_dim = attention_shape(model.config)
         shape = (blocks.num_blocks, self.num_kv_heads, 2, block_size, head_dim)
         # torch.empty, so host memory is only committed as the cache fills; blocks are zeroed on
         # first use instead, because decode reads the unused tail of a sequence's last block (masked
@@ -54,23 +61,7 @@ class ModelRunner:
             [torch.empty(shape, dtype=model.dtype, device=self.device) for _ in range(layers)]
         )
         self._num_zeroed = 0
-        if kernels not in native.KERNELS:
-            raise ValueError(f"kernels must be one of {native.KERNELS}, not {kernels!r}")
-        native_fits = self.device.type == "cpu" and model.dtype == torch.float32
-        if kernels == "native" and not native_fits:
-            raise ValueError(f"native kernels run float32 models on CPU, not {model.dtype} on {self.device}")
-        native_fits = native_fits and native.NativeKernels.fits(num_heads, self.num_kv_heads, head_dim, block_size)
-        if kernels == "native" and not native_fits:
-            raise ValueError("native kernels take at most 64 attention heads of at most 256 dimensions, in blocks of at most 256 tokens")
-        self.native = native.load(kernels) if native_fits else None
-        self.fused = llama.LlamaForward(model, self.native) if fused and llama.supports(model) else None
-        if self.fused is None or self.fused.native is None:
-            # Only the fused forward writes the cache in the native kernels' layout (keys
-            # transposed); transformers' forward keeps PyTorch's attention.
-            if kernels == "native" and native_fits:
-                raise ValueError("native kernels run Llama-family models (llama, mistral, qwen2) through the "
-                                 "fused forward only")
-            self.native = None
+        self.fused = llama.LlamaForward(model, self.backend, self.native) if self.backend.forward == "fused" else None
         attention.register()
         self._previous_attn = model.config._attn_implementation
         model.set_attn_implementation(attention.ATTENTION_NAME)

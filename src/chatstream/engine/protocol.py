@@ -54,9 +54,26 @@ class GenerationStream(Protocol):
     async def aclose(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the service, ``/health`` and ``/metrics`` show about an engine; None where it does not apply."""
+
+    model_name: str | None = None  # a remote engine's served model (local engines: the service's name)
+    max_model_len: int | None = None  # longest prompt + reply the engine admits
+    num_blocks: int | None = None  # KV-cache blocks, and their size in tokens
+    block_size: int | None = None
+    error: str | None = None  # why the engine stopped working, if it crashed
+    upstreams: list[Any] | None = None  # a remote engine's upstreams (url, healthy, outstanding, state())
+    backend: dict[str, Any] | None = None  # the code path a local engine runs (.backend.Backend)
+
+
 @runtime_checkable
 class Engine(Protocol):
-    """What the web layers need from a text generator."""
+    """What the web layers need from a text generator.
+
+    An engine may also have an ``info`` property returning :class:`EngineInfo`; read it through
+    :func:`engine_info`, which gives an empty one for engines written before it was added.
+    """
 
     @property
     def ready(self) -> bool:
@@ -86,6 +103,12 @@ class Engine(Protocol):
         ignore them; a remote engine sends them to its upstream, which renders its own prompt.
         """
         ...
+
+
+def engine_info(engine: Any) -> EngineInfo:
+    """``engine.info``, or an empty :class:`EngineInfo` for an engine without one (or no engine)."""
+    info = getattr(engine, "info", None)
+    return info if isinstance(info, EngineInfo) else EngineInfo()
 
 
 def accepts_messages(engine: Any) -> bool:

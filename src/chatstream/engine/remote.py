@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from .protocol import GenerationOutput
+from .protocol import EngineInfo, GenerationOutput
 from .sampling_params import SamplingParams
 from .stream import RequestStream
 
@@ -137,6 +137,10 @@ class RemoteEngine:
     @property
     def num_running(self) -> int:
         return len(self._tasks)
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(model_name=self.served_model, upstreams=self.upstreams)
 
     def tokenize_upstream(self) -> Upstream | None:
         """A healthy upstream to count tokens on (for :class:`RemoteTokenizer`)."""

@@ -1,11 +1,24 @@
 """Per-row sampling over a batch of logits, vectorised: one set of tensor ops for all rows.
 
-Every row carries its own temperature, top-k, top-p, repetition penalty and seed. A row is sampled
-by inverting its CDF at a uniform ``u`` (``searchsorted(cumsum(probs), u)``), with ``u`` a
-counter-based hash of ``(seed, step)`` (splitmix64). A row's randomness therefore depends only on
-its own seed and how many tokens it has produced, never on what else shares the batch, with no
-per-row generator and no Python loop over rows. (Gumbel-max would do too, but needs a hash per
-vocabulary entry: ~10 extra passes over ``[B, V]``; this needs one uniform per row.)
+Every row carries its own temperature, top-k, top-p, min-p, penalties and seed. A row is sampled
+by inverting its CDF, in token-id order, at a uniform ``u`` (``searchsorted(cumsum(probs), u)``),
+with ``u`` a counter-based hash of ``(seed, step)`` (splitmix64). A row's randomness therefore
+depends only on its own seed and how many tokens it has produced, never on what else shares the
+batch, with no per-row generator and no Python loop over rows. (Gumbel-max would do too, but needs
+a hash per vocabulary entry: ~10 extra passes over ``[B, V]``; this needs one uniform per row.)
+
+Truncation (top-k, top-p, min-p) never sorts the vocabulary: the tokens any of them keeps are a
+prefix of the row sorted by logit, so a partial selection of the largest ``C`` (``torch.topk``) is
+enough whenever that prefix ends inside the ``C`` candidates. ``C`` is the largest top-k in the
+batch, or :data:`CANDIDATES` for rows filtered by top-p/min-p alone (their probabilities are
+normalised over the whole vocabulary, so the cut is exact). A row whose kept prefix might run past
+its candidates (a very flat distribution) is redone over the whole vocabulary, so the result is
+always the same as sorting everything.
+
+Hooks for callers that need more than a token: ``mask`` (bool ``[B, V]``, ``True`` = allowed, e.g.
+a grammar) removes tokens before anything else, greedy included; ``want_logprobs`` returns the
+log-probabilities of the logits after penalties and the mask (before temperature and truncation).
+Both cost nothing when unused.
 """
 
 from __future__ import annotations
@@ -13,6 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# Candidates taken for rows truncated by top-p/min-p without a top-k: a chat model's top-p 0.9
+# nucleus is almost always far smaller; a row whose nucleus is larger is redone over the vocabulary.
+CANDIDATES = 1024
 
 
 @dataclass
@@ -25,30 +42,106 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor  # float [B]; 1 means off
     seed: torch.Tensor  # int64 [B]
     step: torch.Tensor  # int64 [B], tokens generated so far
-    # (row, token id) pairs of tokens already seen by rows with a repetition penalty.
+    # (row, token id) pairs of tokens already seen (prompt and reply) by rows with a repetition penalty.
     seen_rows: torch.Tensor | None = None
     seen_tokens: torch.Tensor | None = None
+    min_p: torch.Tensor | None = None  # float [B]; 0 means off; None when no row uses it
+    presence_penalty: torch.Tensor | None = None  # float [B]; None when no row uses either penalty
+    frequency_penalty: torch.Tensor | None = None  # float [B]
+    # (row, token id) pairs, one per generated token, of rows with a presence/frequency penalty.
+    output_rows: torch.Tensor | None = None
+    output_tokens: torch.Tensor | None = None
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Return one token id per row of ``logits`` [B, V]."""
+@dataclass
+class SampleOutput:
+    tokens: torch.Tensor  # int64 [B]
+    # float [B, V] log-softmax of the logits after penalties and mask; only with want_logprobs.
+    logprobs: torch.Tensor | None = None
+
+
+def sample(
+    logits: torch.Tensor, batch: SamplingBatch, mask: torch.Tensor | None = None, want_logprobs: bool = False
+) -> SampleOutput:
+    """Sample one token id per row of ``logits`` [B, V]."""
     logits = logits.float()
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
     if batch.seen_rows is not None and batch.seen_tokens is not None:
         logits = _apply_repetition_penalty(logits, batch)
-    greedy = logits.argmax(dim=-1)
+    if batch.output_rows is not None and batch.output_tokens is not None:
+        logits = _apply_presence_frequency(logits, batch)
+    logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
     sampled_rows = batch.temperature > 0
     if not bool(sampled_rows.any()):
-        return greedy
-    temperature = torch.where(sampled_rows, batch.temperature, 1.0)
-    scaled = logits / temperature[:, None]
-    if bool(((batch.top_k > 0) | (batch.top_p < 1)).any()):
-        scaled = _top_k_top_p(scaled, batch.top_k, batch.top_p)
-    cdf = scaled.softmax(dim=-1).cumsum(dim=-1)
+        return SampleOutput(logits.argmax(dim=-1), logprobs)
+    tokens = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    if not bool(sampled_rows.all()):
+        greedy = (~sampled_rows).nonzero().squeeze(1)
+        tokens[greedy] = logits[greedy].argmax(dim=-1)
+    vocab = logits.shape[1]
+    top_k = torch.where((batch.top_k > 0) & (batch.top_k < vocab), batch.top_k, 0)
+    min_p = batch.min_p if batch.min_p is not None else torch.zeros_like(batch.top_p)
+    filtered = sampled_rows & ((top_k > 0) | (batch.top_p < 1) | (min_p > 0))
+    plain = sampled_rows & ~filtered
     u = _uniform(batch.seed, batch.step)
-    # The first token whose CDF reaches u; zero-probability tokens can never be that first one.
-    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1)
-    drawn = drawn.clamp_(max=logits.shape[1] - 1)
-    return torch.where(sampled_rows, drawn, greedy)
+    temperature = batch.temperature[:, None]
+    if bool(plain.any()):  # temperature only: the whole vocabulary is the distribution
+        rows = plain.nonzero().squeeze(1)
+        scaled = _rows(logits, rows) / temperature[rows]
+        tokens[rows] = _draw(scaled.softmax(dim=-1), torch.arange(vocab, device=logits.device)[None, :], u[rows])
+    if bool(filtered.any()):
+        rows = filtered.nonzero().squeeze(1)
+        scaled = _rows(logits, rows) / temperature[rows]
+        k, p, m = top_k[rows], batch.top_p[rows], min_p[rows]
+        need = torch.where(k > 0, k.clamp(max=CANDIDATES), CANDIDATES)
+        count = min(vocab, int(need.max()))
+        drawn, spilled = _truncated_draw(scaled, k, p, m, u[rows], count)
+        tokens[rows] = drawn
+        if count < vocab and bool(spilled.any()):  # the kept prefix may run past the candidates
+            redo = spilled.nonzero().squeeze(1)
+            tokens[rows[redo]] = _truncated_draw(scaled[redo], k[redo], p[redo], m[redo], u[rows[redo]], vocab)[0]
+    return SampleOutput(tokens, logprobs)
+
+
+def _truncated_draw(
+    scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor, count: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw from the ``count`` largest logits of each row after top-k, top-p and min-p.
+
+    Returns the tokens and, per row, whether its last candidate was kept (then tokens past the
+    candidates might belong to the kept set too, and the draw is only right if ``count`` is the
+    whole vocabulary).
+    """
+    values, ids = scaled.topk(count, dim=-1)  # sorted, largest first
+    rank = torch.arange(count, device=scaled.device)[None, :]
+    drop = (rank >= top_k[:, None]) & (top_k > 0)[:, None]
+    # top-p's probabilities are those after top-k: over the top-k when there is one, else the vocabulary.
+    total = values.masked_fill(drop, float("-inf")).logsumexp(dim=-1, keepdim=True)
+    if bool((top_k == 0).any()):
+        total = torch.where((top_k > 0)[:, None], total, scaled.logsumexp(dim=-1, keepdim=True))
+    probs = (values - total).exp().masked_fill(drop, 0.0)
+    # Drop a token once the tokens before it already cover top_p (the first one always stays).
+    drop |= ((probs.cumsum(dim=-1) - probs) > top_p[:, None]) & (top_p < 1)[:, None]
+    drop |= probs < (min_p * probs[:, 0])[:, None]
+    # A top-k larger than the candidates also normalises over tokens past them: never exact here.
+    spilled = (~drop[:, -1] & (top_k == 0)) | (top_k > count)
+    # Invert the CDF in token-id order, as over the whole vocabulary: the same u picks the same token.
+    ids, order = ids.sort(dim=-1)
+    kept = values.masked_fill(drop, float("-inf")).gather(1, order)
+    return _draw(kept.softmax(dim=-1), ids, u), spilled
+
+
+def _rows(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``logits[rows]``, without the copy when that is every row (the usual batch: all alike)."""
+    return logits if rows.shape[0] == logits.shape[0] else logits[rows]
+
+
+def _draw(probs: torch.Tensor, ids: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The id of the first entry whose CDF reaches ``u``; zero-probability entries never are."""
+    cdf = probs.cumsum(dim=-1)
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=probs.shape[1] - 1)
+    return ids.expand(probs.shape[0], -1).gather(1, drawn).squeeze(1)
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -62,16 +155,19 @@ def _apply_repetition_penalty(logits: torch.Tensor, batch: SamplingBatch) -> tor
     return logits
 
 
-def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(logits.shape[1], device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, logits.shape[1])[:, None]
-    drop = rank >= k
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
-    # Drop a token once the tokens before it already cover top_p (the first one always stays).
-    drop |= ((probs.cumsum(dim=-1) - probs) > top_p[:, None]) & (top_p < 1)[:, None]
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+def _apply_presence_frequency(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """OpenAI semantics over the reply so far: ``logit -= count * frequency + (count > 0) * presence``."""
+    rows, tokens = batch.output_rows, batch.output_tokens
+    assert rows is not None and tokens is not None
+    assert batch.presence_penalty is not None and batch.frequency_penalty is not None
+    vocab = logits.shape[1]
+    logits = logits.clone()
+    flat = logits.view(-1)
+    flat.index_put_((rows * vocab + tokens,), -batch.frequency_penalty[rows], accumulate=True)
+    present = torch.unique(rows * vocab + tokens)
+    flat.index_put_((present,), -batch.presence_penalty[torch.div(present, vocab, rounding_mode="floor")],
+                    accumulate=True)
+    return logits
 
 
 def _signed(value: int) -> int:

@@ -19,8 +19,12 @@ _UINT64_MAX = 2**64 - 1
 class SamplingParams:
     """How one request is sampled. Every request in a batch carries its own.
 
-    ``temperature == 0`` means greedy. ``top_k == 0`` and ``top_p == 1`` switch those filters off;
-    a ``top_k`` above the vocabulary size keeps the whole vocabulary.
+    ``temperature == 0`` means greedy. ``top_k == 0``, ``top_p == 1`` and ``min_p == 0`` switch
+    those filters off; a ``top_k`` above the vocabulary size keeps the whole vocabulary. ``min_p``
+    keeps the tokens at least ``min_p`` times as likely as the most likely one.
+    ``repetition_penalty`` (HF semantics, over prompt and reply) divides a seen token's positive
+    logit and multiplies a negative one; ``presence_penalty`` and ``frequency_penalty`` (OpenAI
+    semantics, over the reply) subtract ``presence`` once and ``frequency`` per occurrence.
     ``seed`` makes a sampled reply reproducible whatever else shares the batch; any int64 or
     uint64 value is accepted (the engine folds it to 64 bits).
     ``stop`` strings end the reply and are never shown to the client.
@@ -31,6 +35,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
 
@@ -48,6 +55,11 @@ class SamplingParams:
                "top_k", f"must be an integer between 0 and {_INT32_MAX}")
         _check(_is_finite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 100.0,
                "repetition_penalty", "must be a finite number in (0, 100]")
+        _check(_is_finite(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "must be a finite number in [0, 1]")
+        _check(_is_finite(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0,
+               "presence_penalty", "must be a finite number between -2 and 2")
+        _check(_is_finite(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0,
+               "frequency_penalty", "must be a finite number between -2 and 2")
         _check(self.seed is None or (_is_int(self.seed) and _INT64_MIN <= self.seed <= _UINT64_MAX),
                "seed", "must be an integer in the int64 or uint64 range")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")

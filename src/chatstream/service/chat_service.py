@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from ..admission import AdmissionQueue
 from ..conversation import ChatPrompt
 from ..engine import Engine, SamplingParams
+from ..engine.protocol import engine_info
 from ..errors import InvalidRequest, ModelNotReady, PromptTooLong
 from ..metrics import Metrics
 from ..model_loader import load_model, model_display_name
@@ -147,9 +148,9 @@ class ChatService:
         """With no ``context_len`` set: what the model supports, capped by what the KV cache holds."""
         if self.settings.context_len is not None or self.engine is None:
             return
-        engine = self.engine
-        known = [getattr(engine, "max_model_len", None)]
-        blocks, block_size = getattr(engine, "num_blocks", None), getattr(engine, "block_size", None)
+        info = engine_info(self.engine)
+        known = [info.max_model_len]
+        blocks, block_size = info.num_blocks, info.block_size
         if isinstance(blocks, int) and isinstance(block_size, int):
             known.append(blocks * block_size)
         limits = [n for n in known if isinstance(n, int) and not isinstance(n, bool) and n > 0]
@@ -182,7 +183,7 @@ class ChatService:
         if self.engine is not None:
             await self.engine.start()
             if self._name_from_engine:
-                self.model_name = getattr(self.engine, "served_model", None) or self.model_name
+                self.model_name = engine_info(self.engine).model_name or self.model_name
 
     async def wait_ready(self) -> bool:
         """Wait for the background load; True if the engine is ready."""
@@ -219,7 +220,7 @@ class ChatService:
     @property
     def engine_error(self) -> str | None:
         """Why the engine stopped working (it crashed), if it did."""
-        error = getattr(self.engine, "error", None)
+        error = engine_info(self.engine).error
         return error if isinstance(error, str) else None
 
     @property
@@ -269,9 +270,11 @@ class ChatService:
         }
         if self.load_error or self.engine_error:
             body["error"] = self.load_error or self.engine_error
-        upstreams = getattr(self.engine, "upstreams", None)
-        if upstreams is not None:  # a remote engine: each upstream's state
-            body["upstreams"] = [upstream.state() for upstream in upstreams]
+        info = engine_info(self.engine)
+        if info.backend is not None:  # a local engine: the code path it runs
+            body["backend"] = info.backend
+        if info.upstreams is not None:  # a remote engine: each upstream's state
+            body["upstreams"] = [upstream.state() for upstream in info.upstreams]
         return body
 
     # -- limits --

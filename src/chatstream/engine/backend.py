@@ -1,0 +1,102 @@
+"""Which code path runs the model: chosen once, at start-up, in one place, from facts only.
+
+A :class:`Backend` names the forward (chatstream's fused Llama forward or transformers' own), the
+attention and small ops (chatstream's C kernels or PyTorch's operators), the linear layers' format
+(float, int8 through the native VNNI kernel, int8 through ``torch._int_mm``, with the output
+projection through oneDNN's prepacked int8 kernel where it exists) and the KV cache's layout.
+:func:`select_backend` decides it from the device, dtype, architecture, the CPU's features (what
+the native build reports) and the user's flags. No timing takes part, so the same model on the
+same machine runs the same path, busy or quiet, and gives the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+
+from . import llama, native
+from .quant.gguf_model import QuantLinear
+from .quantization import Int8Linear
+
+Forward = Literal["fused", "hf"]
+Ops = Literal["native", "torch"]
+Linear = Literal["float", "int8-vnni", "int8-intmm", "gguf-blocks"]
+KVLayout = Literal["keys-transposed", "heads-blocks"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One engine's code path; see the module docstring."""
+
+    device: str
+    dtype: str
+    forward: Forward
+    ops: Ops
+    linear: Linear
+    lm_head_onednn: bool  # int8-intmm's output projection through oneDNN's prepacked kernel
+    kv_layout: KVLayout
+    threads: int
+
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        linear = self.linear + (" (lm_head oneDNN)" if self.lm_head_onednn else "")
+        return (f"{self.forward} forward, {self.ops} ops, {linear} linears, KV {self.kv_layout}, "
+                f"{self.device} {self.dtype}, {self.threads} threads")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def select_backend(model: Any, *, fused: bool = True, kernels: str = "auto", threads: int | None = None,
+                   block_size: int = 16) -> tuple[Backend, native.NativeKernels | None]:
+    """The backend for ``model`` as it is now (its linears already int8 or float), and the native
+    kernels it uses. ``kernels="native"`` raises when they cannot run this model; ``"auto"`` falls
+    back to PyTorch's operators."""
+    from .model_runner import attention_shape
+
+    if kernels not in native.KERNELS:
+        raise ValueError(f"kernels must be one of {native.KERNELS}, not {kernels!r}")
+    device, dtype = model.device, model.dtype
+    _, num_heads, num_kv_heads, head_dim = attention_shape(model.config)
+    int8 = any(isinstance(m, Int8Linear) for m in model.modules())
+    forward: Forward = "fused" if fused and llama.supports(model) else "hf"
+    nk: native.NativeKernels | None = None
+    if kernels != "torch":
+        why_not = None
+        if device.type != "cpu" or dtype != torch.float32:
+            why_not = f"native kernels run float32 models on CPU, not {dtype} on {device}"
+        elif not native.NativeKernels.fits(num_heads, num_kv_heads, head_dim, block_size):
+            why_not = ("native kernels take at most 64 attention heads of at most 256 dimensions, "
+                       "in blocks of at most 256 tokens")
+        elif forward != "fused":
+            # Only the fused forward writes the cache in the native layout (keys transposed).
+            why_not = "native kernels run Llama-family models (llama, mistral, qwen2) through the fused forward only"
+        if why_not is not None and kernels == "native":
+            raise ValueError(why_not)
+        if why_not is None:
+            nk = native.load(kernels)
+    linear: Linear = "float"
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        linear = "gguf-blocks"  # GGUF weights kept in blocks, through quant/'s kernels
+    elif int8:
+        linear = "int8-vnni" if nk is not None and nk.int8 and forward == "fused" else "int8-intmm"
+    lm_head_onednn = linear == "int8-intmm" and forward == "fused" and _onednn_int8_exact(model)
+    backend = Backend(
+        device=str(device), dtype=str(dtype).removeprefix("torch."), forward=forward,
+        ops="native" if nk is not None else "torch", linear=linear, lm_head_onednn=lm_head_onednn,
+        kv_layout="keys-transposed" if nk is not None else "heads-blocks",
+        threads=threads if threads is not None else torch.get_num_threads(),
+    )
+    return backend, nk
+
+
+def _onednn_int8_exact(model: Any) -> bool:
+    """Whether oneDNN's int8 kernel exists here and gives ``_int_mm``'s sums exactly (a check of
+    correctness, not a timing: where it exists it measured up to ~3x faster for a wide output
+    projection, 1.2 vs 3.4 ms for SmolLM2's 49,152 x 576 lm_head at one row)."""
+    from .quantization import OnednnInt8Weight
+
+    head = model.get_output_embeddings()
+    return isinstance(head, Int8Linear) and OnednnInt8Weight.check(head.weight[:64]) is not None

@@ -1,0 +1,109 @@
+"""Every backend this machine can run, against transformers: one backend chosen once, from facts.
+
+Each (forward, ops, linear format) the engine can take here runs the same prompts through the
+engine's own runner: the float ones must give transformers' logits and its greedy replies, the
+int8 ones must pass the int8 quality gate against them. Then: two engines started on the same
+model choose the same backend and give the same greedy tokens (no timing takes part).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import torch
+from test_llama_forward import teacher_forced
+from test_quantization import PROMPTS, chat
+
+from chatstream.engine import SamplingParams, native
+from chatstream.engine.backend import select_backend
+from chatstream.engine.llm_engine import LLMEngine
+from chatstream.engine.quantization import quantize_linears_int8
+from chatstream.model_loader import load_model
+
+
+@pytest.fixture(scope="module")
+def own_model() -> tuple[Any, Any]:
+    return load_model()  # its own copy: int8 swaps layers in place
+
+
+@pytest.fixture(scope="module")
+def greedy(own_model: tuple[Any, Any]) -> tuple[list[list[int]], list[list[int]], list[torch.Tensor]]:
+    """Three prompts, transformers' greedy replies (12 tokens) and its logits along them (one plain forward each)."""
+    model, tokenizer = own_model
+    prompts = [chat(tokenizer, p) for p in PROMPTS[:3]]
+    with torch.inference_mode():
+        replies = [model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
+                   for p in prompts]
+        logits = [model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1 : len(p) + len(r) - 1]
+                  for p, r in zip(prompts, replies)]
+    return prompts, replies, logits
+
+
+def _native_int8() -> bool:
+    kernels = native.load("auto")
+    return kernels is not None and kernels.int8
+
+
+# (fused forward, kernels flag, int8 linears) -> the backend's (forward, ops, linear) on this machine.
+MATRIX = [
+    (False, "torch", False), (True, "torch", False), (True, "native", False),
+    (False, "torch", True), (True, "torch", True), (True, "native", True),
+]
+
+
+@pytest.mark.parametrize(("fused", "kernels", "int8"), MATRIX,
+                         ids=["hf-float", "fused-torch-float", "fused-native-float", "hf-int8", "fused-torch-int8",
+                              "fused-native-int8"])
+def test_every_backend_gives_transformers_logits_or_passes_the_int8_gate(
+    own_model: tuple[Any, Any], greedy: tuple[list[list[int]], list[list[int]], list[torch.Tensor]],
+    fused: bool, kernels: str, int8: bool,
+) -> None:
+    model, _ = own_model
+    prompts, replies, reference = greedy
+    restore = quantize_linears_int8(model) if int8 else None
+    try:
+        backend, _ = select_backend(model, fused=fused, kernels=kernels)
+        assert (backend.forward, backend.ops) == ("fused" if fused else "hf", kernels)
+        expected_linear = "float" if not int8 else "int8-vnni" if kernels == "native" and _native_int8() else "int8-intmm"
+        assert backend.linear == expected_linear
+        assert backend.kv_layout == ("keys-transposed" if kernels == "native" else "heads-blocks")
+        logits = teacher_forced(model, prompts, replies, fused=fused, step_tokens=64, kernels=kernels)
+    finally:
+        if restore is not None:
+            restore()
+    if not int8:
+        for ref, got, reply in zip(reference, logits, replies):
+            torch.testing.assert_close(got, ref, atol=2e-3, rtol=1e-4)
+            assert got.argmax(-1).tolist() == reply  # transformers' own greedy reply
+        return
+    agreed = [sum(a == b for a, b in zip(rows.argmax(-1).tolist(), reply)) / len(reply)
+              for rows, reply in zip(logits, replies)]
+    assert min(agreed) >= 0.75 and sum(agreed) / len(agreed) >= 0.85, agreed  # test_quantization's gate
+
+
+async def _greedy_tokens(engine: LLMEngine, prompts: list[list[int]]) -> list[str]:
+    async def one(prompt: list[int]) -> str:
+        text = ""
+        async for output in engine.generate(prompt, SamplingParams(max_new_tokens=16)):
+            text += output.text
+        return text
+
+    try:
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+    finally:
+        await engine.shutdown()
+
+
+def test_starting_twice_chooses_the_same_backend_and_the_same_greedy_tokens(own_model: tuple[Any, Any]) -> None:
+    model, tokenizer = own_model
+    prompts = [chat(tokenizer, p) for p in PROMPTS[:3]]
+    runs = []
+    for _ in range(2):
+        engine = LLMEngine(model, tokenizer, max_num_seqs=4, kv_cache_memory_bytes=64 << 20)
+        backend = engine.backend
+        assert engine.info.backend == backend.as_dict()
+        runs.append((backend, asyncio.run(_greedy_tokens(engine, prompts))))
+    assert runs[0] == runs[1]
+    assert runs[0][0].linear.startswith("int8")  # auto on a float32 CPU model: int8, by rule, not by timing

@@ -1,0 +1,150 @@
+"""The batched sampler: the same tokens as the full-sort sampler it replaced, per-row randomness, min-p,
+presence/frequency penalties, and the mask/logprobs hooks."""
+
+from __future__ import annotations
+
+import torch
+
+from chatstream.engine.sampler import CANDIDATES, SamplingBatch, _uniform, sample
+
+VOCAB = 8192  # above CANDIDATES, small enough for the full-sort reference to be quick
+
+
+def old_sample(logits: torch.Tensor, batch: SamplingBatch, min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """The sampler before the partial selection (main f034501), kept as the reference: it sorts the
+    whole vocabulary of every row. ``min_p`` is the one addition: a mask on the sorted probabilities."""
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    sampled_rows = batch.temperature > 0
+    if not bool(sampled_rows.any()):
+        return greedy
+    temperature = torch.where(sampled_rows, batch.temperature, 1.0)
+    scaled = logits / temperature[:, None]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(scaled.shape[1])[None, :]
+    k = torch.where(batch.top_k > 0, batch.top_k, scaled.shape[1])[:, None]
+    drop = rank >= k
+    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    drop |= ((probs.cumsum(dim=-1) - probs) > batch.top_p[:, None]) & (batch.top_p < 1)[:, None]
+    if min_p is not None:
+        drop |= probs < (min_p * probs[:, 0])[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    scaled = torch.empty_like(scaled).scatter_(1, order, sorted_logits)
+    cdf = scaled.softmax(dim=-1).cumsum(dim=-1)
+    u = _uniform(batch.seed, batch.step)
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp_(max=logits.shape[1] - 1)
+    return torch.where(sampled_rows, drawn, greedy)
+
+
+def make_batch(rows: list[tuple[float, int, float]], step: int = 0, seed0: int = 0) -> SamplingBatch:
+    n = len(rows)
+    return SamplingBatch(
+        temperature=torch.tensor([r[0] for r in rows]),
+        top_k=torch.tensor([r[1] for r in rows], dtype=torch.long),
+        top_p=torch.tensor([r[2] for r in rows]),
+        repetition_penalty=torch.ones(n),
+        seed=torch.arange(seed0, seed0 + n, dtype=torch.long) * 7919 - 3,
+        step=torch.full((n,), step, dtype=torch.long),
+    )
+
+
+def chat_like_logits(rows: int, generator: torch.Generator, spread: float = 4.0) -> torch.Tensor:
+    """A long tail and a few likely tokens, like a chat model's logits (no exact ties)."""
+    logits = torch.randn(rows, VOCAB, generator=generator) * spread
+    top = torch.randint(0, VOCAB, (rows, 8), generator=generator)
+    return logits.scatter_add(1, top, torch.rand(rows, 8, generator=generator) * 10 + 10)
+
+
+# (temperature, top_k, top_p): greedy, temperature alone, each filter alone, the chat defaults,
+# a top-k past the candidates, a top-k past the vocabulary, a tiny top_p, a nucleus past the candidates.
+ROWS = [
+    (0.0, 0, 1.0), (0.7, 0, 1.0), (0.7, 50, 1.0), (0.7, 0, 0.9), (0.7, 50, 0.9), (1.0, 40, 0.95),
+    (1.3, 2000, 0.9), (0.8, VOCAB + 5, 0.8), (100.0, 2**31 - 1, 1e-9), (5.0, 0, 0.99), (1.0, 1, 1.0),
+]
+
+
+def test_same_tokens_as_the_full_sort_sampler_for_every_parameter_mix() -> None:
+    generator = torch.Generator().manual_seed(0)
+    rows = ROWS * 2
+    mismatches = 0
+    for step in range(5):
+        logits = chat_like_logits(len(rows), generator, spread=1.0 + step)
+        batch = make_batch(rows, step=step, seed0=step)
+        new, old = sample(logits, batch).tokens, old_sample(logits, batch)
+        mismatches += int((new != old).sum())
+    assert mismatches == 0
+
+
+def test_a_nucleus_larger_than_the_candidates_is_still_exact() -> None:
+    """Flat logits: top-p 0.9 keeps ~90% of the vocabulary, far past the candidate set."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, VOCAB, generator=generator) * 0.1
+    rows = [(1.0, 0, 0.9)] * 4 + [(1.0, 0, 0.5)] * 4
+    for step in range(4):
+        batch = make_batch(rows, step=step)
+        tokens = sample(logits, batch).tokens
+        assert torch.equal(tokens, old_sample(logits, batch))
+    ranks = (logits > logits.gather(1, tokens[:, None])).sum(dim=1)
+    assert int(ranks.max()) >= CANDIDATES  # the draws do reach past the candidates
+
+
+def test_a_rows_tokens_depend_only_on_its_own_seed() -> None:
+    generator = torch.Generator().manual_seed(2)
+    logits = chat_like_logits(len(ROWS), generator)
+    batch = make_batch(ROWS, step=3)
+    together = sample(logits, batch).tokens
+    for row in range(len(ROWS)):
+        alone = make_batch([ROWS[row]], step=3)
+        alone.seed = batch.seed[row : row + 1]
+        assert int(sample(logits[row : row + 1], alone).tokens[0]) == int(together[row])
+
+
+def test_min_p_keeps_only_tokens_close_to_the_most_likely_one() -> None:
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(16, VOCAB, generator=generator) * 2.0
+    rows = [(1.0, 0, 1.0)] * 8 + [(1.0, 50, 0.95)] * 8
+    min_p = torch.tensor([0.05, 0.2, 0.5, 0.9, 0.001, 0.0, 1.0, 0.1] * 2)
+    for step in range(8):
+        batch = make_batch(rows, step=step)
+        batch.min_p = min_p
+        tokens = sample(logits, batch).tokens
+        assert torch.equal(tokens, old_sample(logits, batch, min_p))
+        probs = logits.softmax(dim=-1)
+        chosen = probs.gather(1, tokens[:, None]).squeeze(1)
+        assert bool((chosen >= min_p * probs.max(dim=-1).values * (1 - 1e-5)).all())
+    always_top = make_batch([(1.0, 0, 1.0)])
+    always_top.min_p = torch.tensor([1.0])
+    assert int(sample(logits[:1], always_top).tokens[0]) == int(logits[0].argmax())
+
+
+def test_presence_and_frequency_penalties_follow_openai() -> None:
+    logits = torch.zeros(3, 10)
+    logits[:, 4] = 1.0  # the favourite, 1.0 ahead of the rest
+    batch = make_batch([(0.0, 0, 1.0)] * 3)
+    batch.presence_penalty = torch.tensor([0.0, 1.1, 0.0])
+    batch.frequency_penalty = torch.tensor([0.3, 0.0, 0.6])
+    # Row 0 said 4 three times (0.9 off: still ahead), row 1 once (1.1 off), row 2 twice (1.2 off).
+    batch.output_rows = torch.tensor([0, 0, 0, 1, 2, 2])
+    batch.output_tokens = torch.tensor([4, 4, 4, 4, 4, 4])
+    out = sample(logits, batch, want_logprobs=True)
+    assert out.tokens.tolist() == [4, 0, 0]
+    assert out.logprobs is not None
+    expected = torch.stack([logits[0] - 0.9 * (torch.arange(10) == 4), logits[1] - 1.1 * (torch.arange(10) == 4),
+                            logits[2] - 1.2 * (torch.arange(10) == 4)]).log_softmax(dim=-1)
+    assert torch.allclose(out.logprobs, expected, atol=1e-6)
+    negative = make_batch([(0.0, 0, 1.0)])
+    negative.presence_penalty, negative.frequency_penalty = torch.tensor([0.0]), torch.tensor([-2.0])
+    negative.output_rows, negative.output_tokens = torch.tensor([0]), torch.tensor([7])
+    assert int(sample(logits[:1], negative).tokens[0]) == 7  # a negative penalty favours the repeat
+
+
+def test_a_mask_removes_tokens_from_greedy_and_sampled_rows_alike() -> None:
+    generator = torch.Generator().manual_seed(4)
+    logits = chat_like_logits(len(ROWS), generator)
+    allowed = torch.rand(len(ROWS), VOCAB, generator=generator) < 0.3
+    for step in range(4):
+        batch = make_batch(ROWS, step=step)
+        tokens = sample(logits, batch, mask=allowed).tokens
+        assert bool(allowed.gather(1, tokens[:, None]).all())
+        assert torch.equal(tokens, old_sample(logits.masked_fill(~allowed, float("-inf")), batch))
+    assert sample(logits, make_batch(ROWS)).logprobs is None  # nothing extra unless asked
