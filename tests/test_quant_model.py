@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 import torch
 from test_llama_forward import teacher_forced
 from test_quantization import chat
@@ -13,7 +14,7 @@ from test_quantization import chat
 from chatstream.engine.llm_engine import LLMEngine
 from chatstream.engine.quant.gguf_model import QuantEmbedding, QuantLinear, resident_bytes
 from chatstream.engine.sampling_params import SamplingParams
-from chatstream.model_loader import default_model_path
+from chatstream.model_loader import default_model_path, load_model
 
 TEXT = (
     "The sun is the star at the centre of the Solar System. It is a massive, nearly perfect sphere of hot "
@@ -38,6 +39,12 @@ def dequantized(model: Any) -> Any:
         elif isinstance(module, QuantEmbedding):
             setattr(parent, child, torch.nn.Embedding.from_pretrained(module.weight_blocks.values()))
     return model
+
+
+@pytest.fixture(scope="module")
+def default_model() -> tuple[Any, Any]:
+    """The embedded model as ``chatstream serve`` loads it: from its GGUF, weights as stored."""
+    return load_model()
 
 
 def nll_and_top1(model: Any, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
