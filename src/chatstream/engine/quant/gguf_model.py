@@ -11,11 +11,13 @@ a small folder under the cache directory, keyed by the file's content; later loa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +110,13 @@ def gguf_info(path: Path) -> tuple[dict[str, Any], Path]:
             for t in reader.tensors
         ],
     }
-    del reader
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".gguf-", dir=folder.parent))
     try:
-        AutoConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(staging)
-        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(staging)
+        with _reader_reused(path, reader):
+            AutoConfig.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(staging)
+            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(staging)
+        del reader
         (staging / "gguf-tensors.json").write_text(json.dumps(info))
         try:
             staging.rename(folder)
@@ -123,6 +126,24 @@ def gguf_info(path: Path) -> tuple[dict[str, Any], Path]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return info, folder
+
+
+@contextlib.contextmanager
+def _reader_reused(path: Path, reader: Any) -> Iterator[None]:
+    """transformers parses the file again for its config and again for its tokenizer (every
+    metadata entry, one Python object each: most of a first load); hand it this parse instead."""
+    import gguf
+
+    original = gguf.GGUFReader
+
+    def reuse(target: Any, *args: Any, **kwargs: Any) -> Any:
+        return reader if Path(target).resolve() == path.resolve() else original(target, *args, **kwargs)
+
+    gguf.GGUFReader = reuse  # type: ignore[assignment,misc]
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original  # type: ignore[misc]
 
 
 def load_gguf(path: Path, kernels: quant_native.QuantKernels | None | str = "auto") -> tuple[Any, Any]:
