@@ -69,6 +69,7 @@ def test_every_backend_gives_transformers_logits_or_passes_the_int8_gate(
         expected_linear = "float" if not int8 else "int8-vnni" if kernels == "native" and _native_int8() else "int8-intmm"
         assert backend.linear == expected_linear
         assert backend.kv_layout == ("keys-transposed" if kernels == "native" else "heads-blocks")
+        assert (backend.decode_attention == "native") == (kernels == "native")
         logits = teacher_forced(model, prompts, replies, fused=fused, step_tokens=64, kernels=kernels)
     finally:
         if restore is not None:

@@ -68,6 +68,9 @@ class BatchMetadata:
     # Cache block and slot of each new token (what write_index encodes), for native writes.
     token_blocks: torch.Tensor | None = None
     token_offsets: torch.Tensor | None = None
+    # Without native kernels: decode attention through PyTorch's CPU flash kernel (the backend's
+    # choice on one thread), else gather + bmm.
+    decode_flash: bool = False
 
 
 def paged_attention_forward(
@@ -130,10 +133,7 @@ def _decode(q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: f
         return batch.native.paged_decode_attention(
             q, cache, batch.pair_blocks, batch.decode_starts, batch.decode_lengths, scale
         ).to(q.dtype)
-    if q.device.type == "cpu" and _CPU_FLASH is not None:
-        # Threads are the engine's, set once: this no longer drops to one thread per call (on 2
-        # cores the kernel's tiny (pair, head) problems ran 2.6x slower on two threads, but the
-        # engine's default there is one thread, and the native kernel is the CPU default).
+    if batch.decode_flash and _CPU_FLASH is not None:
         return _decode_flash(_CPU_FLASH, q, cache, batch, scale)
     return _decode_bmm(q, cache, batch, scale)
 
@@ -213,6 +213,10 @@ def _prefill(
     mask = torch.arange(context, device=q.device)[None, :] <= q_pos[:, None]
     out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
+
+
+def cpu_flash_available() -> bool:
+    return _CPU_FLASH is not None
 
 
 def register() -> None:

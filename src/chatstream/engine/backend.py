@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from . import llama, native
+from . import attention, llama, native
 from .quant.gguf_model import QuantLinear
 from .quantization import Int8Linear
 
@@ -24,6 +24,7 @@ Forward = Literal["fused", "hf"]
 Ops = Literal["native", "torch"]
 Linear = Literal["float", "int8-vnni", "int8-intmm", "gguf-blocks"]
 KVLayout = Literal["keys-transposed", "heads-blocks"]
+DecodeAttention = Literal["native", "flash", "bmm"]
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,14 @@ class Backend:
     linear: Linear
     lm_head_onednn: bool  # int8-intmm's output projection through oneDNN's prepacked kernel
     kv_layout: KVLayout
+    decode_attention: DecodeAttention
     threads: int
 
     def describe(self) -> str:
         """One line for the start-up log."""
         linear = self.linear + (" (lm_head oneDNN)" if self.lm_head_onednn else "")
         return (f"{self.forward} forward, {self.ops} ops, {linear} linears, KV {self.kv_layout}, "
-                f"{self.device} {self.dtype}, {self.threads} threads")
+                f"{self.decode_attention} decode attention, {self.device} {self.dtype}, {self.threads} threads")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,11 +85,17 @@ def select_backend(model: Any, *, fused: bool = True, kernels: str = "auto", thr
     elif int8:
         linear = "int8-vnni" if nk is not None and nk.int8 and forward == "fused" else "int8-intmm"
     lm_head_onednn = linear == "int8-intmm" and forward == "fused" and _onednn_int8_exact(model)
+    threads = threads if threads is not None else torch.get_num_threads()
+    # Without the native kernel, decode attention goes through PyTorch's CPU flash kernel on one
+    # thread only: split across two, its many tiny (pair, head) problems ran 2.6x slower (2 cores).
+    decode_attention: DecodeAttention = "native" if nk is not None else "bmm"
+    if nk is None and device.type == "cpu" and threads == 1 and attention.cpu_flash_available():
+        decode_attention = "flash"
     backend = Backend(
         device=str(device), dtype=str(dtype).removeprefix("torch."), forward=forward,
         ops="native" if nk is not None else "torch", linear=linear, lm_head_onednn=lm_head_onednn,
         kv_layout="keys-transposed" if nk is not None else "heads-blocks",
-        threads=threads if threads is not None else torch.get_num_threads(),
+        decode_attention=decode_attention, threads=threads,
     )
     return backend, nk
 

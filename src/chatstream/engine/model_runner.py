@@ -151,6 +151,7 @@ class ModelRunner:
             pair_bias=bias.repeat_interleave(self.num_kv_heads, dim=0)[:, None, :],
             prefills=prefills,
             native=self.native,
+            decode_flash=self.backend.decode_attention == "flash",
             decode_starts=torch.tensor(decode_starts, dtype=torch.long, device=dev),
             decode_lengths=torch.tensor(decode_lengths, dtype=torch.long, device=dev),
             token_blocks=token_blocks,
