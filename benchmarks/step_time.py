@@ -102,7 +102,7 @@ def main() -> None:
         return
     models = {}
     for label, (keep, _, _) in variants.items():
-        model, tokenizer = load_model()
+        model, tokenizer = load_model(quantized=False)  # float32; GGUF blocks: benchmarks.gguf
         if keep is not None:
             quantization._KEEP_FLOAT = keep  # a benchmark-only override, to show why the default keeps them
             quantization.quantize_linears_int8(model)

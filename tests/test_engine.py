@@ -91,7 +91,7 @@ async def test_alone_matches_transformers_greedy_generate(engine: LLMEngine, tok
     """The paged attention computes what the model's own attention computes."""
     from chatstream.model_loader import load_model
 
-    reference_model, _ = load_model()  # a separate copy: the engine swapped the shared one's attention
+    reference_model, _ = load_model(quantized=False)  # a separate float32 copy: the engine swapped the shared one's attention
     for question in QUESTIONS[1:3]:
         prompt = chat(tokenizer, question)
         with torch.inference_mode():

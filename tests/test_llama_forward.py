@@ -35,7 +35,7 @@ from chatstream.model_loader import load_model
 
 @pytest.fixture(scope="module")
 def own_model() -> tuple[Any, Any]:
-    return load_model()  # its own copy: int8 swaps layers in place
+    return load_model(quantized=False)  # float32, its own copy: int8 swaps layers in place
 
 
 @pytest.fixture(scope="module")

@@ -147,7 +147,7 @@ def test_native_norm_and_activation_quantize_what_pytorch_computes(kernels: nati
 
 @pytest.fixture(scope="module")
 def own_model() -> tuple[Any, Any]:
-    return load_model()  # its own copy: int8 swaps layers in place
+    return load_model(quantized=False)  # float32, its own copy: int8 swaps layers in place
 
 
 def test_the_engines_int8_step_with_native_kernels_is_as_good_as_pytorchs(

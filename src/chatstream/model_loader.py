@@ -190,6 +190,21 @@ def _link_legacy_conversion(gguf: Path, target: Path) -> bool:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _quantized_gguf(model_path: str | os.PathLike[str] | None) -> Path | None:
+    """The GGUF file to load quantized (CPU, float32 activations): a quantized file of an
+    architecture the quantized path runs. ``CHATSTREAM_GGUF_DEQUANTIZE=1`` converts to float
+    instead, as before."""
+    if os.environ.get("CHATSTREAM_GGUF_DEQUANTIZE", "").lower() in ("1", "true", "yes"):
+        return None
+    path = check_model(model_path)
+    if path.suffix != ".gguf":
+        return None
+    from .engine.quant.gguf_model import ARCHITECTURES, gguf_info, is_quantized
+
+    info, _ = gguf_info(path)
+    return path if info["architecture"] in ARCHITECTURES and is_quantized(info) else None
+
+
 def default_dtype(device: str) -> Any:
     import torch
 
@@ -201,18 +216,26 @@ def load_model(
     *,
     device: str = "cpu",
     dtype: Any = None,
+    quantized: bool = True,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)``.
 
     With no argument, the embedded default model (SmolLM2-135M-Instruct). Otherwise a local
-    Hugging Face model folder or a ``.gguf`` file. Nothing is fetched from a model hub.
+    Hugging Face model folder or a ``.gguf`` file. Nothing is fetched from a model hub. A quantized
+    GGUF file on CPU keeps its weights quantized (:mod:`chatstream.engine.quant`) unless
+    ``quantized=False`` (or ``dtype`` other than float32, or another device): then it is converted
+    to float once, as a safetensors folder in the cache.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):  # "float32", "bfloat16", ... as the settings give it
-        import torch
-
         dtype = getattr(torch, dtype)
+    gguf = _quantized_gguf(model_path) if quantized and str(device) == "cpu" and dtype in (None, torch.float32) else None
+    if gguf is not None:  # kept quantized, as stored: see engine/quant
+        from .engine.quant.gguf_model import load_gguf
+
+        return load_gguf(gguf)
     folder = resolve_model_folder(model_path)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model: Any = AutoModelForCausalLM.from_pretrained(

@@ -17,11 +17,12 @@ from typing import Any, Literal
 import torch
 
 from . import attention, llama, native
+from .quant.gguf_model import QuantLinear
 from .quantization import Int8Linear
 
 Forward = Literal["fused", "hf"]
 Ops = Literal["native", "torch"]
-Linear = Literal["float", "int8-vnni", "int8-intmm"]
+Linear = Literal["float", "int8-vnni", "int8-intmm", "gguf-blocks"]
 KVLayout = Literal["keys-transposed", "heads-blocks"]
 DecodeAttention = Literal["native", "flash", "bmm"]
 
@@ -79,7 +80,9 @@ def select_backend(model: Any, *, fused: bool = True, kernels: str = "auto", thr
         if why_not is None:
             nk = native.load(kernels)
     linear: Linear = "float"
-    if int8:
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        linear = "gguf-blocks"  # GGUF weights kept in blocks, through quant/'s kernels
+    elif int8:
         linear = "int8-vnni" if nk is not None and nk.int8 and forward == "fused" else "int8-intmm"
     lm_head_onednn = linear == "int8-intmm" and forward == "fused" and _onednn_int8_exact(model)
     threads = threads if threads is not None else torch.get_num_threads()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .attention import BatchMetadata, paged_attention
 from .native import NativeKernels, PackedInt8Weight
+from .quant.gguf_model import QuantLinear, quant_linears
 from .quantization import Int8Linear, OnednnInt8Weight, int8_linear
 
 if TYPE_CHECKING:
@@ -33,15 +34,25 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 class _Projection:
     """Several linear layers over the same input, computed as one matmul; outputs side by side."""
 
-    def __init__(self, linears: list[torch.nn.Linear | Int8Linear]) -> None:
+    def __init__(self, linears: list[torch.nn.Linear | Int8Linear | QuantLinear]) -> None:
         widths = [m.out_features for m in linears]
         self.bias: torch.Tensor | None = None
+        self.weight_scale: torch.Tensor | None = None  # set for int8 weights
+        self.onednn: OnednnInt8Weight | None = None
+        self.packed: PackedInt8Weight | None = None
+        # GGUF block weights: each layer kept as it is, computed side by side (see quant_linears)
+        self.quant = [m for m in linears if isinstance(m, QuantLinear)] or None
+        if self.quant is not None:
+            self.weight = torch.empty(0)
+            return
+        self._init_float([m for m in linears if not isinstance(m, QuantLinear)], widths)
+
+    def _init_float(self, linears: list[torch.nn.Linear | Int8Linear], widths: list[int]) -> None:
         if any(m.bias is not None for m in linears):
             self.bias = torch.cat([
                 m.bias.detach() if m.bias is not None else torch.zeros(w, device=m.weight.device)
                 for m, w in zip(linears, widths)
             ])
-        self.weight_scale: torch.Tensor | None = None  # set for int8 weights
         if len(linears) == 1:
             self.weight = linears[0].weight.detach()
             if isinstance(linears[0], Int8Linear):
@@ -58,8 +69,6 @@ class _Projection:
                 start += w
         if self.bias is not None:  # int8 layers keep a float32 bias; float ones the model's dtype
             self.bias = self.bias.to(torch.float32 if self.weight_scale is not None else self.weight.dtype)
-        self.onednn: OnednnInt8Weight | None = None
-        self.packed: PackedInt8Weight | None = None
 
     def pack(self) -> PackedInt8Weight:
         """The int8 weight laid out for the native kernel (the ``[out, in]`` one stays for ``--kernels torch``
@@ -74,6 +83,8 @@ class _Projection:
             self.onednn = OnednnInt8Weight.check(self.weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return quant_linears(self.quant, x).to(x.dtype)
         if self.weight_scale is not None:
             return int8_linear(x.float(), self.weight, self.weight_scale, self.bias, self.onednn).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
@@ -102,7 +113,7 @@ def supports(model: Any) -> bool:
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
         return False
-    linear_types = (torch.nn.Linear, Int8Linear)
+    linear_types = (torch.nn.Linear, Int8Linear, QuantLinear)
     for layer in inner.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         groups = (
@@ -123,17 +134,19 @@ class LlamaForward:
     def __init__(self, model: Any, backend: Backend, native: NativeKernels | None = None) -> None:
         config = model.config
         inner = model.model
-        self.embed = inner.embed_tokens.weight
+        self.embed = inner.embed_tokens  # nn.Embedding, or QuantEmbedding's blocks
         self.rotary = inner.rotary_emb
         self.layers = [_Layer(layer) for layer in inner.layers]
         self.norm = inner.norm.weight.detach()
+        dtype, device = self.norm.dtype, self.norm.device
         self.eps = float(config.rms_norm_eps)
         self.lm_head = _Projection([model.get_output_embeddings()])
         projections = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         projections.append(self.lm_head)
         # The path is the backend's (chosen once, in .backend). Native kernels (float32 on CPU):
         # RoPE, the KV write and decode attention always; with int8-vnni linears also norms,
-        # activation quantization, matmuls, dequantization and residual adds (six native calls a layer).
+        # activation quantization, matmuls, dequantization and residual adds (six native calls a
+        # layer); GGUF block linears (gguf-blocks) run their own kernels (quant/).
         self.native = native if backend.ops == "native" else None
         if backend.linear == "int8-vnni":
             for p in projections:
@@ -148,7 +161,7 @@ class LlamaForward:
         self.scale = self.head_dim**-0.5
         half = self.head_dim // 2
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated)
-        self.sin_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(self.embed.device, self.embed.dtype)
+        self.sin_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device, dtype)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: BatchMetadata, keep: torch.Tensor
@@ -156,7 +169,7 @@ class LlamaForward:
         n = input_ids.shape[0]
         h_heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
         qk_width = (h_heads + kv_heads) * d
-        x = F.embedding(input_ids, self.embed)
+        x = self.embed(input_ids)
         cos, sin = self.rotary(x[None], positions[None])
         cos, sin = cos[0][:, None, :], (sin[0] * self.sin_sign)[:, None, :]  # [N, 1, D]
         if self.native is not None:

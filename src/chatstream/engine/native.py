@@ -276,25 +276,27 @@ def load(mode: str = "auto") -> NativeKernels | None:
         return None
 
 
-def build() -> Path:
-    """Compile ``kernels.c`` once per (source, compiler, CPU); returns the cached shared library."""
+def build(source_path: Path = SOURCE, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile ``kernels.c`` (or another source of chatstream's, e.g. ``quant/kernels.c``, with
+    ``extra_flags``) once per (source, flags, compiler, CPU); returns the cached shared library."""
     from ..model_loader import cache_dir
 
+    flags = (*FLAGS, *extra_flags)
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise NativeKernelError("no C compiler found (set CC, or install gcc)")
-    source = SOURCE.read_bytes()
+    source = source_path.read_bytes()
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeKernelError(f"{compiler} --version failed: {exc}") from exc
-    key = hashlib.sha256(b"\0".join([source, version, " ".join(FLAGS).encode(), _cpu_identity()])).hexdigest()
-    target = cache_dir() / "kernels" / f"kernels-{key[:16]}.so"
+    key = hashlib.sha256(b"\0".join([source, version, " ".join(flags).encode(), _cpu_identity()])).hexdigest()
+    target = cache_dir() / "kernels" / f"{source_path.stem}-{key[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.stem}.{os.getpid()}.partial.so")  # processes may race: last rename wins
-    command = [compiler, *FLAGS, "-o", str(partial), str(SOURCE), "-lm"]
+    command = [compiler, *flags, "-o", str(partial), str(source_path), "-lm"]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as exc:

@@ -1,0 +1,100 @@
+"""Make a random-weight GGUF file of a real model's shape, with llama.cpp's own tools.
+
+    .venv/bin/python -m benchmarks.make_gguf --shape llama-3.2-1b --type Q4_K_M --out /tmp/llama-1b.Q4_K_M.gguf \\
+        [--tools /work/peers/bin]
+
+Speed and memory depend on the shape and the weight format, not on what the weights learned, so a
+random model of Llama-3.2-1B's or Llama-3.1-8B's shape (with SmolLM2's tokenizer: the vocabulary
+of the embedded model, 49,152 tokens) measures what serving the real one costs. The weights are
+written as a bfloat16 Hugging Face folder (transformers' own initialisation), converted to an F16
+GGUF by llama.cpp's ``convert_hf_to_gguf.py`` and quantized by ``llama-quantize`` (both in
+``--tools``; ``../shared/peers/build-llama-server.sh`` builds them). Peak memory: the float32
+model while it is initialised (4.3 GB for 1B, 32 GB for 8B: too much for a 24 GiB machine, so 8B
+is initialised layer by layer in bfloat16 on the meta device and filled in place, ~16 GB), then
+the converter's and quantizer's own (they stream tensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SHAPES: dict[str, dict[str, int | float | bool]] = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, rope_theta=500000.0),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, rope_theta=500000.0),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64, tie_word_embeddings=True, rope_theta=10000.0),
+}
+
+
+def hf_folder(shape: str, folder: Path) -> None:
+    """A random-weight Llama of ``shape`` with the embedded model's tokenizer, as bfloat16 safetensors."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from chatstream.engine.quant.gguf_model import gguf_info
+    from chatstream.model_loader import default_model_path
+
+    _, meta = gguf_info(default_model_path())  # SmolLM2's tokenizer, as the GGUF loader keeps it
+    tokenizer = AutoTokenizer.from_pretrained(meta)
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192, rms_norm_eps=1e-5,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         **SHAPES[shape])  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():  # filled tensor by tensor: never the whole model in float32
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, config.initializer_range)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
+    parser.add_argument("--type", default="Q4_K_M", help="llama-quantize's type (Q4_K_M, Q4_0, Q8_0, ...)")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--tools", type=Path, default=Path("/work/peers/bin"),
+                        help="folder with convert_hf_to_gguf.py, its gguf-py and llama-quantize")
+    opts = parser.parse_args()
+    converter, quantize = opts.tools / "convert_hf_to_gguf.py", opts.tools / "llama-quantize"
+    for tool in (converter, quantize):
+        if not tool.exists():
+            raise SystemExit(f"{tool} is missing: build llama.cpp's tools with ../shared/peers/build-llama-server.sh")
+    work = Path(tempfile.mkdtemp(prefix="make-gguf-", dir=opts.out.parent))
+    try:
+        print(f"random {opts.shape} weights -> {work}", flush=True)
+        hf_folder(opts.shape, work / "hf")
+        f16 = work / "model.f16.gguf"
+        # The converter imports sentencepiece before it looks for a tokenizer.model (this tokenizer has
+        # none: it is BPE, so it is never called); a stand-in spares installing it.
+        stub = work / "stub" / "sentencepiece"
+        stub.mkdir(parents=True)
+        (stub / "__init__.py").write_text("class SentencePieceProcessor:  # never used: no tokenizer.model\n    pass\n")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(opts.tools / "gguf-py"), str(stub.parent)])}
+        subprocess.run([sys.executable, str(converter), str(work / "hf"), "--outtype", "f16", "--outfile", str(f16)],
+                       check=True, env=env)
+        shutil.rmtree(work / "hf")
+        subprocess.run([str(quantize), str(f16), str(opts.out), opts.type], check=True)
+        print(f"{opts.out}: {opts.out.stat().st_size / 2**20:.0f} MiB", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The block-quantized matmul (``quant/kernels.c``), built and loaded like :mod:`..native`'s kernels.
+
+:class:`QuantKernels` quantizes float32 activation rows per block of 32 and multiplies them by a
+:class:`~.formats.BlockWeight`. The library is compiled with ``-march=native``, so the variant
+(AVX-512 VNNI, AVX2, plain C) follows the CPU it runs on; ``isa`` names it. A start-up check
+compares it with the float product of the same blocks; where it cannot be built or disagrees,
+:func:`load` returns None and the layers dequantize with PyTorch instead (correct, slower).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import native
+from .formats import BlockWeight, TiledWeight, requantize_q8
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+ISA_NAMES = {2: "avx512-vnni", 1: "avx2", 0: "c"}
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+class QuantKernelError(RuntimeError):
+    """The quantized kernels could not be built, loaded or verified here."""
+
+
+@dataclass
+class BlockRows:
+    """Activation rows quantized per block of 32: int8 ``q`` ``[rows, k]``, float32 scales ``d`` and
+    scaled block sums ``s`` ``[rows, k / 32]``."""
+
+    q: torch.Tensor
+    d: torch.Tensor
+    s: torch.Tensor
+
+
+class QuantKernels:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        lib.quantize_blocks.argtypes = [_P, _I, _I, _I, _P, _P, _P]
+        lib.quant_linear.argtypes = [ctypes.c_int, _P, _P, _P, _I, _I, _P, _P, _P, _I, _P, _P, _I, ctypes.c_int]
+        lib.quant_linear.restype = ctypes.c_int
+        lib.quant_isa.restype = ctypes.c_int
+        self._lib = lib
+        self.isa = ISA_NAMES[lib.quant_isa()]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> QuantKernels:
+        return self  # a loaded library: copies of a model share it
+
+    def quantize(self, x: torch.Tensor) -> BlockRows:
+        """float32 ``[rows, k]`` (unit stride within a row, ``k`` a multiple of 32) -> :class:`BlockRows`."""
+        if x.dim() != 2 or x.dtype != torch.float32 or x.stride(1) != 1 or x.shape[1] % 32:
+            raise ValueError(f"expected float32 rows [rows, k * 32] with unit stride, got {x.dtype} {tuple(x.shape)}")
+        rows, k = x.shape
+        out = BlockRows(torch.empty((rows, k), dtype=torch.int8), torch.empty((rows, k // 32)),
+                        torch.empty((rows, k // 32)))
+        self._lib.quantize_blocks(x.data_ptr(), rows, k, x.stride(0), out.q.data_ptr(), out.d.data_ptr(),
+                                  out.s.data_ptr())
+        return out
+
+    def linear(self, rows: BlockRows, weight: TiledWeight, bias: torch.Tensor | None = None,
+               out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+        """``rows @ weight.T (+ bias)`` as float32 ``[rows, out_features]``, written into ``out`` (a
+        view with unit column stride, e.g. a slice of a wider output) or added to it (``accumulate``)."""
+        n_rows, k = rows.q.shape
+        if k != weight.in_features:
+            raise ValueError(f"rows of {k} values for a weight of {weight.in_features}")
+        if out is None:
+            out = torch.empty((n_rows, weight.out_features), dtype=torch.float32)
+        elif out.shape != (n_rows, weight.out_features) or out.dtype != torch.float32 or out.stride(1) != 1:
+            raise ValueError(f"out must be float32 {(n_rows, weight.out_features)} with unit column stride")
+        if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+            raise ValueError("bias must be contiguous float32")
+        status = self._lib.quant_linear(
+            weight.kind, rows.q.data_ptr(), rows.d.data_ptr(), rows.s.data_ptr(), n_rows, k,
+            weight.qs.data_ptr(), weight.d.data_ptr(), None if weight.m is None else weight.m.data_ptr(),
+            weight.out_features, None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0),
+            int(accumulate),
+        )
+        if status != 0:
+            raise ValueError(f"the quantized kernel takes kind 4 or 8 and whole blocks, not kind {weight.kind}, k {k}")
+        return out
+
+
+def build(extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile ``quant/kernels.c`` (cached like ``kernels.c``); ``("-mno-avx512f",)`` builds the AVX2 variant."""
+    return native.build(SOURCE, extra_flags)
+
+
+_loaded: dict[Path, QuantKernels | None] = {}
+
+
+def load(extra_flags: tuple[str, ...] = ()) -> QuantKernels | None:
+    """The checked kernels, or None (logged) where they cannot be built or fail their check."""
+    try:
+        path = build(extra_flags)
+    except (native.NativeKernelError, OSError) as exc:
+        logger.warning("quantized kernels unavailable, dequantizing with PyTorch instead: %s", exc)
+        return None
+    if path not in _loaded:
+        try:
+            kernels = QuantKernels(path)
+            check(kernels)
+            _loaded[path] = kernels
+        except (QuantKernelError, OSError) as exc:
+            logger.warning("quantized kernels unavailable, dequantizing with PyTorch instead: %s", exc)
+            _loaded[path] = None
+    return _loaded[path]
+
+
+def check(kernels: QuantKernels) -> None:
+    """Both kinds against the float product of the same quantized values (odd rows and channels)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 96, generator=generator)
+    rows = kernels.quantize(x)
+    x_blocks = (rows.q.float().view(5, 3, 32) * rows.d[..., None]).view(5, 96)
+    weight8 = requantize_q8(torch.randn(7, 96, generator=generator).numpy(), "check")
+    nibbles = torch.randint(0, 256, (7, 48), generator=generator, dtype=torch.uint8)
+    scales = (torch.rand(7, 3, generator=generator) / 8).half()
+    weight4 = BlockWeight(4, nibbles, scales, (-8 * scales.float()).half(), 7, 96, "check")
+    for weight in (TiledWeight.from_blocks(weight8), TiledWeight.from_blocks(weight4)):
+        expected = x_blocks @ weight.values().T
+        if not torch.allclose(kernels.linear(rows, weight), expected, rtol=1e-4, atol=1e-4):
+            raise QuantKernelError(f"{kernels.path} disagrees with PyTorch on its kind-{weight.kind} check")
