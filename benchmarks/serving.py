@@ -70,6 +70,7 @@ class LoadConfig:
     temperature: float = 0.7
     top_p: float = 0.9
     top_k: int = 50
+    min_p: float = 0.05  # llama-server's default, sent to every server so all cut the same tail
     repetition_penalty: float = 1.0
     model_name: str | None = None  # openai: default is the first id of GET /v1/models
     clear_context: bool = True
@@ -244,14 +245,14 @@ def _sampling(cfg: LoadConfig, index: int) -> dict[str, Any]:
     """The sampling fields every protocol sends alike: a fixed seed per request when sampling."""
     fields: dict[str, Any] = {"repetition_penalty": cfg.repetition_penalty}
     if cfg.temperature > 0:
-        fields.update(top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed * 1_000_003 + index)
+        fields.update(top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p, seed=cfg.seed * 1_000_003 + index)
     return fields
 
 
 def sampling_label(cfg: LoadConfig) -> str:
     if cfg.temperature <= 0:
         return "greedy (temperature 0)"
-    return f"temperature {cfg.temperature:g}, top_p {cfg.top_p:g}, top_k {cfg.top_k}, seed per request"
+    return f"temperature {cfg.temperature:g}, top_p {cfg.top_p:g}, top_k {cfg.top_k}, min_p {cfg.min_p:g}, seed per request"
 
 
 def greedy(cfg: LoadConfig) -> LoadConfig:
@@ -620,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7, chat sampling)")
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--min-p", type=float, default=0.05)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--no-greedy-run", action="store_true",
                         help="skip the second, greedy run that follows a sampled one")
@@ -649,6 +651,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
+        min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
         model_name=args.model_name,
         clear_context=not args.keep_context,

@@ -4,6 +4,7 @@ weights kept as stored: its numbers against the float forward of the same dequan
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from test_quantization import chat
 from chatstream.engine.llm_engine import LLMEngine
 from chatstream.engine.quant.gguf_model import QuantEmbedding, QuantLinear, resident_bytes
 from chatstream.engine.sampling_params import SamplingParams
-from chatstream.model_loader import default_model_path, load_model
+from chatstream.model_loader import _float_copy_is_large, default_model_path, load_model
 
 TEXT = (
     "The sun is the star at the centre of the Solar System. It is a massive, nearly perfect sphere of hot "
@@ -44,7 +45,7 @@ def dequantized(model: Any) -> Any:
 @pytest.fixture(scope="module")
 def default_model() -> tuple[Any, Any]:
     """The embedded model as ``chatstream serve`` loads it: from its GGUF, weights as stored."""
-    return load_model()
+    return load_model(quantized=True)
 
 
 def nll_and_top1(model: Any, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -102,3 +103,18 @@ async def test_the_engine_serves_the_gguf_model_with_native_kernels(default_mode
     finally:
         await engine.shutdown()
     assert outputs[-1].finished and "primary colors" in "".join(o.text for o in outputs)
+
+
+def test_gguf_weights_auto_keeps_the_blocks_only_where_float32_would_crowd_the_memory(tmp_path):
+    """``--gguf-weights auto`` decides from the file's size and the machine's memory only: the
+    default model (94 MiB) converts; a file whose 8x float32 copy passes a quarter of memory stays
+    in blocks. Sparse files: nothing is written to disk."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert not _float_copy_is_large(default_model_path())
+    small, large = tmp_path / "small.gguf", tmp_path / "large.gguf"
+    with small.open("wb") as f:
+        f.truncate(memory // 32)
+    with large.open("wb") as f:
+        f.truncate(memory // 32 + 1)
+    assert not _float_copy_is_large(small)
+    assert _float_copy_is_large(large)

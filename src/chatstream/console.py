@@ -80,14 +80,15 @@ class LocalChat:
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalChat:
         """Load ``settings.model`` (the embedded default if unset), or the mock engine with ``settings.mock``."""
-        from .model_loader import ModelNotFoundError, load_model
+        from .model_loader import GGUF_WEIGHTS, ModelNotFoundError, load_model
         from .service import ChatService
 
         settings = settings.model_copy(update={"concurrency": 1, "queue_size": 0})
         if settings.mock:
             return cls(ChatService.from_settings(settings))
         try:
-            model, tokenizer = load_model(settings.model, device=settings.device)
+            model, tokenizer = load_model(settings.model, device=settings.device,
+                                          quantized=GGUF_WEIGHTS[settings.gguf_weights])
         except ModelNotFoundError as exc:
             raise ConsoleError(str(exc)) from None
         return cls(ChatService.from_settings(settings, model=model, tokenizer=tokenizer))

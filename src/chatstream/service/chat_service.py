@@ -22,7 +22,7 @@ from ..engine import Engine, SamplingParams
 from ..engine.protocol import engine_info
 from ..errors import InvalidRequest, ModelNotReady, PromptTooLong, SessionBusy, StoreUnavailable
 from ..metrics import Metrics
-from ..model_loader import load_model, model_display_name
+from ..model_loader import GGUF_WEIGHTS, load_model, model_display_name
 from ..session import Lease, MemorySessionStore, Session, SessionStore
 from ..settings import Settings
 from . import conversations
@@ -222,7 +222,8 @@ class ChatService:
     async def _load(self) -> None:
         try:
             model, tokenizer = await asyncio.to_thread(
-                load_model, self.settings.model, device=self.settings.device, dtype=self.settings.dtype)
+                load_model, self.settings.model, device=self.settings.device, dtype=self.settings.dtype,
+                quantized=GGUF_WEIGHTS[self.settings.gguf_weights])
             self._attach(model, tokenizer)
             self._settle_context_len()
             assert self.engine is not None
