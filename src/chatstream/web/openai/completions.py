@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ...engine import SamplingParams
 from ...errors import InvalidParams
@@ -18,8 +18,7 @@ from ...service.events import Done
 from ...service.sampling import SamplingLimits
 from ...service.sampling import to_sampling_params as sampling_params
 from ...service.structured import response_format_grammar
-from ..json_body import BadJSON, parse_json_body
-from .protocol import _INT64_MIN, _UINT64_END, OpenAIError, StreamOptions, _unsupported, _validation_error
+from .protocol import _INT64_MIN, _UINT64_END, OpenAIError, StreamOptions, _unsupported, json_object, validated
 
 DEFAULT_MAX_TOKENS = 16
 
@@ -64,19 +63,7 @@ _REFUSED = [
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
-    try:
-        data = parse_json_body(body)
-    except BadJSON as exc:
-        raise OpenAIError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
-    try:
-        request = CompletionRequest.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
-    for param, refused, what in _REFUSED:
-        if refused(getattr(request, param)):
-            raise _unsupported(param, what)
+    request = validated(CompletionRequest, json_object(body), _REFUSED)
     if isinstance(request.prompt, list) and not isinstance(request.prompt and request.prompt[0], int) \
             and len(request.prompt) != 1:
         raise _unsupported("prompt", "several prompts in one request (send one request each)")

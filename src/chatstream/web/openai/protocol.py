@@ -13,8 +13,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse
@@ -191,21 +191,42 @@ def parse_chat_completion_request(body: bytes, max_messages: int) -> ChatComplet
     The JSON is parsed strictly first (bounded nesting, no NaN, no lone surrogates) and the
     message count checked before the schema walks every message.
     """
+    data = json_object(body)
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > max_messages:
+        raise OpenAIError(400, f"Invalid 'messages': {len(messages)} messages; this server accepts at most {max_messages}.",
+                          param="messages", code="too_many_messages")
+    request = validated(ChatCompletionRequest, data, _UNSUPPORTED)
+    _check_supported(request)
+    return request
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, parsed strictly (bounded nesting, no NaN, no lone surrogates),
+    or a 400 ``invalid_json``."""
     try:
         data = parse_json_body(body)
     except BadJSON as exc:
         raise OpenAIError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
-    messages = data.get("messages")
-    if isinstance(messages, list) and len(messages) > max_messages:
-        raise OpenAIError(400, f"Invalid 'messages': {len(messages)} messages; this server accepts at most {max_messages}.",
-                          param="messages", code="too_many_messages")
+    return data
+
+
+Refusals = Sequence[tuple[str, Callable[[Any], bool], str]]
+RequestT = TypeVar("RequestT", bound=BaseModel)
+
+
+def validated(model: type[RequestT], data: dict[str, Any], refused: Refusals) -> RequestT:
+    """``data`` as a ``model``, or a 400 naming the first bad field or the first field that is
+    set to something this server refuses (``(field, is_refused, what it would ask for)``)."""
     try:
-        request = ChatCompletionRequest.model_validate(data)
+        request = model.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
-    _check_supported(request)
+    for param, is_refused, what in refused:
+        if is_refused(getattr(request, param)):
+            raise _unsupported(param, what)
     return request
 
 
@@ -252,9 +273,6 @@ def _param_of(loc: tuple[Any, ...]) -> str:
 
 
 def _check_supported(request: ChatCompletionRequest) -> None:
-    for param, refused, what in _UNSUPPORTED:
-        if refused(getattr(request, param)):
-            raise _unsupported(param, what)
     if request.stream_options is not None and not request.stream:
         raise OpenAIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                           param="stream_options", code="invalid_value")

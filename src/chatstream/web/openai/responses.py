@@ -17,13 +17,12 @@ import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import InvalidParams
 from ...service import Delta, Done, Failed, Queued, Turn, TurnEvent
 from ...service.structured import json_schema_grammar, response_format_grammar
-from ..json_body import BadJSON, parse_json_body
-from .protocol import OpenAIError, _unsupported, _validation_error
+from .protocol import OpenAIError, json_object, validated
 
 STORE_PREFIX = "openai-response:"
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
@@ -91,19 +90,7 @@ _REFUSED = [
 
 
 def parse_responses_request(body: bytes) -> ResponsesRequest:
-    try:
-        data = parse_json_body(body)
-    except BadJSON as exc:
-        raise OpenAIError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
-    try:
-        request = ResponsesRequest.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
-    for param, refused, what in _REFUSED:
-        if refused(getattr(request, param)):
-            raise _unsupported(param, what)
+    request = validated(ResponsesRequest, json_object(body), _REFUSED)
     return request
 
 
