@@ -3,6 +3,7 @@ README's links lead to files in the repository (the architecture document includ
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -18,8 +19,11 @@ def make_dry_run(*args: str) -> list[str]:
     """The commands `make` would run for a fresh environment (-B: as if nothing were installed yet)."""
     if shutil.which("make") is None:
         pytest.fail("make is not installed")
-    proc = subprocess.run(["make", "-n", "-B", "VENV=/nonexistent-venv", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    # Run under `make test` too: a make inherited through MAKEFLAGS/MAKELEVEL prints
+    # "Entering/Leaving directory" lines, and a parent's -n or -k must not leak in.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "-B", "VENV=/nonexistent-venv", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
     return [line for line in proc.stdout.splitlines() if not line.startswith("#")]
 
