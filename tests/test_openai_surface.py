@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel
 
 from chatstream import Settings
 from chatstream.web.app import create_app
@@ -22,6 +23,12 @@ WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+class Weather(BaseModel):
+    """The weather in a city"""
+
+    city: str
 
 
 def mock_server(serve: Any, **settings: Any) -> str:
@@ -146,13 +153,64 @@ def test_a_tool_call_in_the_reply_comes_back_as_tool_calls(serve):
     assert call.id.startswith("call_") and call.type == "function"
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
     assert choice.message.content == "You said:"  # the text before the call
-    # Streamed: the text streams, the call comes whole as a tool_calls delta, then finish_reason tool_calls.
+    # Streamed: the text streams, then the call as OpenAI sends it: id, type and name with empty
+    # arguments first, then the arguments in fragments as they are generated; finish_reason tool_calls.
     chunks = list(client(url).chat.completions.create(**ask, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert "<tool_call>" not in text and text.strip() == "You said:"
-    (delta,) = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
-    assert delta.index == 0 and delta.function.name == "get_weather"
-    assert json.loads(delta.function.arguments) == {"city": "Paris"}
+    first, *rest = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+    assert first.index == 0 and first.id.startswith("call_") and first.type == "function"
+    assert first.function.name == "get_weather" and first.function.arguments == ""
+    assert len(rest) > 1 and all(d.index == 0 and d.id is None and d.function.name is None for d in rest)
+    assert json.loads("".join(d.function.arguments for d in rest)) == {"city": "Paris"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_the_openai_sdk_stream_helper_assembles_streamed_calls(serve):
+    url = mock_server(serve, max_new_tokens=400)
+    two = CALL + CALL.replace("Paris", "Oslo")
+    with client(url).chat.completions.stream(model="mock", messages=[{"role": "user", "content": two}],
+                                             tools=[openai.pydantic_function_tool(Weather, name="get_weather")]) as stream:
+        events = list(stream)
+        final = stream.get_final_completion()
+    arg_deltas = [e for e in events if e.type == "tool_calls.function.arguments.delta"]
+    assert len(arg_deltas) >= 4 and {e.index for e in arg_deltas} == {0, 1}
+    done = [e for e in events if e.type == "tool_calls.function.arguments.done"]
+    assert [(e.name, e.parsed_arguments) for e in done] == [("get_weather", Weather(city="Paris")),
+                                                           ("get_weather", Weather(city="Oslo"))]
+    calls = final.choices[0].message.tool_calls
+    assert [c.function.parsed_arguments.city for c in calls] == ["Paris", "Oslo"]
+    assert final.choices[0].finish_reason == "tool_calls" and len({c.id for c in calls}) == 2
+
+
+def test_langchain_aggregates_streamed_tool_call_chunks(serve):
+    from langchain_openai import ChatOpenAI
+
+    url = mock_server(serve, max_new_tokens=400)
+    llm = ChatOpenAI(model="mock", base_url=f"{url}/v1", api_key="unused", max_retries=0).bind_tools([WEATHER])
+    chunks = list(llm.stream(CALL))
+    assert sum(1 for c in chunks if c.tool_call_chunks) >= 3  # the name, then fragments, not one whole call
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total += chunk
+    (call,) = total.tool_calls
+    assert call["name"] == "get_weather" and call["args"] == {"city": "Paris"} and call["id"].startswith("call_")
+
+
+def test_parallel_tool_calls_false_keeps_only_the_first_call(serve):
+    url = mock_server(serve, max_new_tokens=400)
+    two = [{"role": "user", "content": CALL + CALL.replace("Paris", "Oslo")}]
+    c = client(url)
+    both = c.chat.completions.create(model="mock", messages=two, tools=[WEATHER])
+    assert len(both.choices[0].message.tool_calls) == 2  # parallel_tool_calls defaults to true
+    one = c.chat.completions.create(model="mock", messages=two, tools=[WEATHER], parallel_tool_calls=False)
+    (call,) = one.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    chunks = list(c.chat.completions.create(model="mock", messages=two, tools=[WEATHER], parallel_tool_calls=False,
+                                            stream=True))
+    deltas = [d for ch in chunks for d in ch.choices[0].delta.tool_calls or []]
+    assert {d.index for d in deltas} == {0} and sum(1 for d in deltas if d.id) == 1
+    assert json.loads("".join(d.function.arguments for d in deltas)) == {"city": "Paris"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
@@ -217,12 +275,55 @@ def test_tool_call_formats_parse_whole_and_streamed(text, fmt, content, calls):
         assert got_content == content
     else:
         assert got_content == text
+    if text.startswith('<tool_call>{"name": "f", "arguments": {"a": 1') and not calls:
+        return  # cut off: streamed, its name and the arguments so far have gone out (see the test below)
     # Streamed a few characters at a time, the same calls, and exactly the text around them.
     stream = ToolCallStream(fmt)
-    sent = "".join(stream.feed(text[i:i + 3]) for i in range(0, len(text), 3))
-    rest, streamed = stream.finish()
-    assert [(c["name"], json.loads(c["arguments"])) for c in streamed] == calls
+    sent, deltas = "", []
+    for i in range(0, len(text), 3):
+        piece, new = stream.feed(text[i:i + 3])
+        sent, deltas = sent + piece, deltas + new
+    rest, last = stream.finish()
+    assert [(c["name"], json.loads(c["arguments"])) for c in stream.calls] == calls
+    assert _assembled(deltas + last) == [(c["name"], c["arguments"]) for c in stream.calls]
     assert (sent + rest).strip() == (content or "" if calls else text).strip()
+
+
+def _assembled(deltas: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Tool-call deltas put together the way OpenAI's clients do (by index, arguments concatenated)."""
+    calls: dict[int, list[str]] = {}
+    for delta in deltas:
+        if "id" in delta:
+            assert delta["function"]["arguments"] == "" and delta["type"] == "function"
+            calls[delta["index"]] = [delta["function"]["name"], ""]
+        calls[delta["index"]][1] += delta["function"]["arguments"]
+    return [(name, arguments) for name, arguments in calls.values()]
+
+
+@pytest.mark.parametrize("fmt, text", [
+    ("hermes", 'I will look. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}\n'
+               '</tool_call>'),
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris", "days": [1, 2]}}'),
+    ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}]'),
+])
+def test_a_streamed_call_sends_its_name_first_then_argument_fragments(fmt, text):
+    stream = ToolCallStream(fmt)
+    per_token = [stream.feed(text[i:i + 2])[1] for i in range(0, len(text), 2)]
+    sent = [d for deltas in per_token for d in deltas]
+    assert sent[0]["function"] == {"name": "get_weather", "arguments": ""} and sent[0]["id"].startswith("call_")
+    fragments = [d["function"]["arguments"] for d in sent[1:]]
+    assert len(fragments) > 5  # as generated, not the whole call at the end
+    assert json.loads("".join(fragments)) == {"city": "Paris", "days": [1, 2]}
+    # The name went out before the arguments were complete.
+    first = next(i for i, deltas in enumerate(per_token) if deltas)
+    assert first < len(per_token) - 5
+    assert stream.finish() == ("", [])
+
+
+def test_a_call_cut_off_by_the_token_limit_streams_what_was_written():
+    stream = ToolCallStream("hermes")
+    _, deltas = stream.feed('<tool_call>{"name": "f", "arguments": {"a": 1')
+    assert _assembled(deltas + stream.finish()[1]) == [("f", '{"a": 1')]
 
 
 @pytest.mark.parametrize("path, body, param", [

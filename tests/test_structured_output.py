@@ -138,8 +138,10 @@ def test_tool_choice_required_returns_a_valid_call(url, stream):
            "tools": [WEATHER, TIME], "tool_choice": "required", "seed": 5, "max_tokens": 80}
     if stream:
         chunks = list(client(url).chat.completions.create(**ask, stream=True))
-        (delta,) = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
-        name, arguments = delta.function.name, delta.function.arguments
+        first, *fragments = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+        assert first.id.startswith("call_") and first.function.arguments == ""  # the name first, as OpenAI's
+        assert len(fragments) > 1  # then the arguments as they are generated
+        name, arguments = first.function.name, "".join(d.function.arguments for d in fragments)
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
     else:
         choice = client(url).chat.completions.create(**ask).choices[0]

@@ -196,7 +196,8 @@ class OpenAIRoutes:
         fmt = tool_format(service.tokenizer, getattr(service.settings, "tool_call_parser", None)) if tools else None
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         completions = [_Completion(turn, model=self.response_model(parsed.model), include_usage=include_usage,
-                                   tools=fmt, forced=bool(forced_functions(parsed)), index=index)
+                                   tools=fmt, forced=bool(forced_functions(parsed)), index=index,
+                                   parallel_calls=parsed.parallel_tool_calls is not False)
                        for index, turn in enumerate(turns)]
         if len(turns) > 1:
             choices = _Choices(completions)
@@ -420,7 +421,7 @@ class _Completion:
     """Encodes one turn's events as OpenAI chat-completion chunks (or collects them whole)."""
 
     def __init__(self, turn: Turn, *, model: str, include_usage: bool, tools: ToolFormat | None = None,
-                 forced: bool = False, index: int = 0) -> None:
+                 forced: bool = False, index: int = 0, parallel_calls: bool = True) -> None:
         self.turn = turn
         self.index = index
         self.last = True  # the stream ends with this choice (else _Choices ends it)
@@ -430,8 +431,9 @@ class _Completion:
         self.created = int(time.time())
         self._role_sent = False
         self.forced = forced  # the reply is exactly one call's JSON (the grammar made it so)
-        self._calls = ToolCallStream(tools) if tools is not None and not forced else None
-        self._forced_text = ""
+        self.parallel_calls = parallel_calls  # False: at most one call (parallel_tool_calls: false)
+        self._calls = ToolCallStream(tools or "hermes", forced=forced, parallel=parallel_calls) \
+            if tools is not None or forced else None
 
     def encode_chunk(self, event: TurnEvent) -> str | None:
         if isinstance(event, Queued):
@@ -441,18 +443,19 @@ class _Completion:
         head = "" if self._role_sent else self._chunk({"role": "assistant", "content": ""})
         self._role_sent = True
         if isinstance(event, Delta):
-            if self.forced:
-                self._forced_text += event.text
-                return head or None
-            text = self._calls.feed(event.text) if self._calls is not None else event.text
-            if event.logprobs:
-                return head + self._chunk({"content": text}, logprobs=event.logprobs)
-            return head + self._chunk({"content": text}) if text else head or None
+            text, deltas = self._calls.feed(event.text) if self._calls is not None else (event.text, [])
+            out = head
+            if text or event.logprobs:
+                out += self._chunk({"content": text}, logprobs=event.logprobs)
+            if deltas:  # OpenAI's shape: the name first (empty arguments), then argument fragments
+                out += self._chunk({"tool_calls": deltas})
+            return out or None
         assert isinstance(event, Done)
-        text, calls = self._end("")
+        text, deltas = self._calls.finish() if self._calls is not None else ("", [])
         out = head + (self._chunk({"content": text}) if text else "")
-        for index, call in enumerate(calls):
-            out += self._chunk({"tool_calls": [{"index": index, **call}]})
+        if deltas:
+            out += self._chunk({"tool_calls": deltas})
+        calls = self._calls.calls if self._calls is not None else []
         out += self._chunk({}, finish_reason=self.finish_reason(event, calls), logprobs=event.logprobs or None)
         if not self.last:
             return out
@@ -461,18 +464,17 @@ class _Completion:
         return out + "data: [DONE]\n\n"
 
     def _end(self, whole: str) -> tuple[str, list[dict[str, Any]]]:
-        """The text still to send and the tool calls, at the end of the reply."""
+        """The content and the tool calls of a whole reply."""
         if self.forced:
-            text = whole or self._forced_text
-            calls = parse_forced_call(text)
-            text = "" if calls else text
-        elif self._calls is not None and whole:
+            calls = parse_forced_call(whole)
+            text = "" if calls else whole
+        elif self._calls is not None:
             content, calls = parse_tool_calls(whole, self._calls.fmt)
             text = content or ""
-        elif self._calls is not None:
-            text, calls = self._calls.finish()
         else:
             text, calls = whole, []
+        if not self.parallel_calls:
+            calls = calls[:1]
         return text, [{"id": new_call_id(), "type": "function", "function": c} for c in calls]
 
     @staticmethod

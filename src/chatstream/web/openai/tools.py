@@ -10,7 +10,8 @@ format the model writes, picked from the chat template (or the ``tool_call_parse
 - ``llama3_json``: a reply that is ``{"name": ..., "parameters": {...}}`` (Llama 3.1+), ``;``-separated
 - ``mistral``: ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``
 
-Streaming holds back only text that may start a tool call; a call is sent whole when the reply ends.
+Streaming holds back only text that may start a tool call; a call's name goes out as soon as it is
+written, then its arguments in fragments as they are generated (:class:`ToolCallStream`).
 """
 
 from __future__ import annotations
@@ -168,25 +169,57 @@ def parse_forced_call(text: str) -> list[dict[str, str]]:
 
 
 class ToolCallStream:
-    """Splits a streamed reply into text to send now and a tool-call part parsed at the end."""
+    """Splits a streamed reply into content to send now and tool-call deltas, as OpenAI streams them:
+    a call's first delta has its ``id``, ``type`` and ``function.name`` with empty ``arguments``, and
+    the arguments follow in fragments as the model writes them (not the whole call at the end).
 
-    def __init__(self, fmt: ToolFormat) -> None:
+    ``forced``: the whole reply is one call's ``{"name", "arguments"}`` JSON (a grammar made it so).
+    ``parallel=False`` (``parallel_tool_calls: false``): calls after the first are dropped.
+    A call region in which no call could be read is sent as content at the end, as the whole parse does.
+    """
+
+    def __init__(self, fmt: ToolFormat, *, forced: bool = False, parallel: bool = True) -> None:
         self.fmt = fmt
         self.marker = _MARKERS[fmt]
         self._held = ""  # text that may be the start of a call
-        self._call_text: str | None = None  # from the call's start to the end, once seen
+        self._in_calls = forced  # past the start of the call region
+        self._raw = ""  # the call region as written
         self._sent_text = False
+        self._scanner = _CallScanner(max_calls=None if parallel else 1)
 
-    def feed(self, text: str) -> str:
-        """Add a delta; returns the part that can be sent as content now."""
-        if self._call_text is not None:
-            self._call_text += text
-            return ""
+    @property
+    def calls(self) -> list[dict[str, str]]:
+        """The calls streamed so far: ``{"id", "name", "arguments"}``."""
+        return self._scanner.calls
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """Add a delta; returns ``(content to send now, tool-call deltas to send now)``."""
+        if self._in_calls:
+            return "", self._scan(text)
+        content = self._split(text)
+        if self._in_calls:
+            pending, self._held = self._held, ""
+            return content, self._scan(pending)
+        return content, []
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """At the end: ``(content still to send, tool-call deltas still to send)``."""
+        if not self._in_calls:
+            return self._held, []
+        deltas = self._scanner.finish()
+        return ("", deltas) if self._scanner.calls else (self._raw, [])
+
+    def _scan(self, text: str) -> list[dict[str, Any]]:
+        self._raw += text
+        return self._scanner.feed(text)
+
+    def _split(self, text: str) -> str:
+        """Content before the call region; on finding its start, keeps the rest in ``_held``."""
         pending = self._held + text
         if self.fmt == "llama3_json" and not self._sent_text:
             stripped = pending.lstrip()
             if stripped.startswith("{") or stripped.startswith(self.marker):
-                self._call_text, self._held = pending, ""
+                self._in_calls, self._held = True, stripped
                 return ""
             if not stripped or self.marker.startswith(stripped):
                 self._held = pending
@@ -198,16 +231,159 @@ class ToolCallStream:
             return pending
         start = pending.find(self.marker)
         if start >= 0:
-            self._call_text, self._held = pending[start:], ""
+            self._in_calls, self._held = True, pending[start + len(self.marker):]
+            self._raw = self.marker
             return pending[:start]
         keep = next((k for k in range(min(len(self.marker) - 1, len(pending)), 0, -1)
                      if self.marker.startswith(pending[-k:])), 0)
         self._held = pending[len(pending) - keep:] if keep else ""
         return pending[:len(pending) - keep]
 
-    def finish(self) -> tuple[str, list[dict[str, str]]]:
-        """At the end: ``(text still to send, calls)``."""
-        if self._call_text is None:
-            return self._held, []
-        _, calls = parse_tool_calls(self._call_text, self.fmt)
-        return ("", calls) if calls else (self._call_text, [])
+
+_CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:')
+
+
+class _CallScanner:
+    """Reads call objects (``{"name": ..., "arguments": ...}``) out of a call region character by
+    character, whatever separates them (tags, ``[``, ``,``, ``;``, whitespace: skipped). Once the
+    name is known its header delta goes out; the arguments' JSON text is passed on as it comes. An
+    object with its arguments before its name is sent whole when it closes."""
+
+    def __init__(self, max_calls: int | None) -> None:
+        self.max_calls = max_calls
+        self.calls: list[dict[str, str]] = []
+        self._state = "seek"  # seek | head | args | tail | done
+        self._buf = ""  # head: the object so far; args: a string or scalar value so far
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+        self._args_kind = ""  # "{"/"[": streamed; '"' or "scalar": sent once complete
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for char in text:
+            if self._state == "done":
+                break
+            if self._state == "seek":
+                if char == "{":
+                    self._state, self._buf, self._depth, self._in_string = "head", "{", 1, False
+                continue
+            if self._state == "head":
+                self._buf += char
+                closed = self._track(char)
+                match = _CALL_HEAD.match(self._buf)
+                if match:
+                    out.append(self._start(json.loads(f'"{match.group(1)}"')))
+                    self._state, self._args_kind, self._buf = "args", "", ""
+                elif closed:
+                    out += self._whole(self._buf)
+                continue
+            if self._state == "args":
+                piece = self._args_char(char)
+                if piece:
+                    out.append({"index": len(self.calls) - 1, "function": {"arguments": piece}})
+                continue
+            if self._track(char):  # tail: the rest of the call object
+                self._end_call()
+        return _merge(out)
+
+    def finish(self) -> list[dict[str, Any]]:
+        """A value cut off (the reply hit its token limit): what there is of it."""
+        if self._state == "args" and self._args_kind in ('"', "scalar") and self._buf:
+            value, self._buf = self._buf, ""
+            self.calls[-1]["arguments"] += value
+            return [{"index": len(self.calls) - 1, "function": {"arguments": value}}]
+        return []
+
+    def _track(self, char: str) -> bool:
+        """Follow JSON nesting; True when this character closes the outermost value."""
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif char == "\\":
+                self._escaped = True
+            elif char == '"':
+                self._in_string = False
+            return False
+        if char == '"':
+            self._in_string = True
+        elif char in "{[":
+            self._depth += 1
+        elif char in "}]":
+            self._depth -= 1
+            return self._depth == 0
+        return False
+
+    def _args_char(self, char: str) -> str:
+        """One character of the arguments value: returned when it is to be streamed now."""
+        if not self._args_kind:
+            if char.isspace():
+                return ""
+            self._args_kind = char if char in '{["' else "scalar"
+            self._depth, self._in_string, self._escaped = 0, False, False
+        if self._args_kind in "{[":
+            closed = self._track(char)
+            self.calls[-1]["arguments"] += char
+            if closed:
+                self._state, self._depth = "tail", 1
+            return char
+        if self._args_kind == '"':  # arguments given as a JSON string: send the string's content, once whole
+            self._buf += char
+            if len(self._buf) == 1:
+                return ""
+            if self._escaped:
+                self._escaped = False
+            elif char == "\\":
+                self._escaped = True
+            elif char == '"':
+                return self._string_done()
+            return ""
+        if char in ",}":
+            self.calls[-1]["arguments"] += self._buf
+            value, self._buf, self._state, self._depth = self._buf, "", "tail", 1
+            if char == "}":
+                self._end_call()
+            return value
+        self._buf += char
+        return ""
+
+    def _string_done(self) -> str:
+        try:
+            value = json.loads(self._buf)
+        except ValueError:
+            value = self._buf
+        self._buf, self._state, self._depth = "", "tail", 1
+        self.calls[-1]["arguments"] += str(value)
+        return str(value)
+
+    def _start(self, name: str) -> dict[str, Any]:
+        call_id = new_call_id()
+        self.calls.append({"id": call_id, "name": name, "arguments": ""})
+        return {"index": len(self.calls) - 1, "id": call_id, "type": "function",
+                "function": {"name": name, "arguments": ""}}
+
+    def _whole(self, text: str) -> list[dict[str, Any]]:
+        self._end_call()
+        values = _json_values(text) or []
+        call = _call(values[0]) if values else None
+        if call is None:
+            return []
+        head = self._start(call["name"])
+        self.calls[-1]["arguments"] = call["arguments"]
+        self._end_call()
+        return [head, {"index": head["index"], "function": {"arguments": call["arguments"]}}]
+
+    def _end_call(self) -> None:
+        done = self.max_calls is not None and len(self.calls) >= self.max_calls
+        self._state, self._buf, self._depth, self._in_string = ("done" if done else "seek"), "", 0, False
+
+
+def _merge(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Argument fragments of one call in one feed as one delta (a header keeps its own)."""
+    out: list[dict[str, Any]] = []
+    for delta in deltas:
+        if out and "id" not in delta and out[-1]["index"] == delta["index"] and "id" not in out[-1]:
+            out[-1]["function"]["arguments"] += delta["function"]["arguments"]
+        else:
+            out.append(delta)
+    return out
