@@ -110,15 +110,45 @@ def test_completions_default_to_16_tokens_like_openai(serve):
     assert done.usage.completion_tokens == 16 and done.choices[0].finish_reason == "length"
 
 
+def test_completions_n_choices_and_echo(serve):
+    url = mock_server(serve, concurrency=2, queue_size=4)
+    c = client(url)
+    ask = {"model": "mock", "prompt": "Once upon a time", "max_tokens": 12, "seed": 3, "temperature": 1.0}
+    whole = c.completions.create(**ask, n=3)
+    assert [choice.index for choice in whole.choices] == [0, 1, 2]
+    assert len({choice.text for choice in whole.choices}) > 1  # each choice has its own seed
+    assert whole.choices[0].text == c.completions.create(**ask).choices[0].text
+    assert whole.usage.prompt_tokens == len(b"Once upon a time") and whole.usage.completion_tokens == 36
+    chunks = list(c.completions.create(**ask, n=3, stream=True, stream_options={"include_usage": True}))
+    assert len({chunk.id for chunk in chunks}) == 1 and chunks[-1].usage.completion_tokens == 36
+    for i in range(3):
+        assert "".join(ch.choices[0].text for ch in chunks if ch.choices and ch.choices[0].index == i) \
+            == whole.choices[i].text
+    assert sorted(ch.choices[0].index for ch in chunks if ch.choices and ch.choices[0].finish_reason) == [0, 1, 2]
+    # echo: the prompt, then its continuation (token-id prompts are decoded), whole and streamed.
+    echoed = c.completions.create(**ask, echo=True).choices[0].text
+    assert echoed == "Once upon a time" + whole.choices[0].text
+    assert c.completions.create(**{**ask, "prompt": list(b"Once upon a time")}, echo=True).choices[0].text == echoed
+    streamed = list(c.completions.create(**ask, echo=True, stream=True))
+    assert streamed[0].choices[0].text == "Once upon a time"
+    assert "".join(ch.choices[0].text for ch in streamed) == echoed
+    assert whole.choices[0].logprobs is None  # not asked for
+
+
 @pytest.mark.parametrize("body, param", [
     ({}, "prompt"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": ["a", "b"]}, "prompt"),
-    ({"prompt": "a", "n": 2}, "n"),
-    ({"prompt": "a", "echo": True}, "echo"),
+    ({"prompt": "a", "n": 9}, "n"),
+    ({"prompt": "a", "n": 0}, "n"),
+    ({"prompt": "a", "echo": "yes"}, "echo"),
+    ({"prompt": "a", "echo": True, "logprobs": 1}, "echo"),
+    ({"prompt": "a", "logprobs": 6}, "logprobs"),
+    ({"prompt": "a", "logprobs": True}, "logprobs"),
+    ({"prompt": "a", "n": 2, "best_of": 3}, "best_of"),
+    ({"prompt": "a", "suffix": "end"}, "suffix"),
     ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "a", "temperature": 3}, "temperature"),
-    ({"prompt": "a", "logprobs": 2}, "logprobs"),
     ({"prompt": "a", "best_of": 3}, "best_of"),
     ({"prompt": "a", "wat": 1}, "wat"),
     ({"prompt": [1, -5]}, "prompt"),
@@ -332,6 +362,7 @@ def test_a_call_cut_off_by_the_token_limit_streams_what_was_written():
     ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"messages": USER, "tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
     ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs"),
     ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),
 ])
 def test_what_the_mock_engine_cannot_honour_is_refused_not_ignored(serve, path, body, param):

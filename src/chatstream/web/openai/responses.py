@@ -207,7 +207,7 @@ class ResponseObject:
         kind = "response.completed" if status == "completed" else "response.incomplete"
         return out + self._event(kind, response=self.body(status, text, event))
 
-    def whole(self, text: str, done: Done) -> dict[str, Any]:
+    def whole(self, text: str, done: Done, logprobs: Any = ()) -> dict[str, Any]:
         return self.body(self.status_of(done), text, done)
 
 

@@ -16,7 +16,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import replace
 from typing import Any, cast
 
@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from ...engine import SamplingParams
 from ...errors import ChatError, InvalidParams, InvalidRequest, ModelNotReady, PromptTooLong, QueueFull
 from ...service import ChatService, Delta, Done, Failed, Queued, Turn, TurnEvent
 from ...service.sampling import SamplingLimits
@@ -36,6 +37,7 @@ from .completions import (
     CompletionRequest,
     TextCompletion,
     completion_sampling_params,
+    completion_usage,
     parse_completion_request,
     prompt_text,
 )
@@ -171,27 +173,14 @@ class OpenAIRoutes:
             tools = offered_tools(parsed)
             with_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
             render = (lambda m: self._render_with_tools(m, tools)) if with_tools else None
-            turns: list[Turn] = []
-            room = service.settings.concurrency + service.settings.queue_size
-            if (parsed.n or 1) > room:
-                raise OpenAIError(400, f"Invalid value for 'n': {parsed.n} choices are {parsed.n} generations; this "
-                                  f"server runs or queues at most {room} at once.", param="n", code="invalid_value")
-            for index in range(parsed.n or 1):  # n choices: n turns; the prefix cache shares the prompt's blocks
-                seed = None if params.seed is None else (params.seed + index) % (1 << 64)
-                choice_params = replace(params, seed=seed) if index else params
-                turns.append(service.stateless_turn(messages, choice_params, explicit_max_tokens=explicit,
-                                                    user=parsed.user, render=render))
-                await turns[-1].start()
+            turns = await self._start_choices(parsed.n or 1, params, lambda choice_params: service.stateless_turn(
+                messages, choice_params, explicit_max_tokens=explicit, user=parsed.user, render=render))
         except OpenAIError as exc:
             return exc.response()
         except ChatError as exc:
             assert parsed is not None  # turns only start from a parsed request
-            for started in turns:
-                started.cancel()
             return _openai_error(exc, service.context_len, parsed).response()
         except ClientDisconnect:
-            for started in turns:
-                started.cancel()
             return Response(status_code=400)  # nobody is listening
         fmt = tool_format(service.tokenizer, getattr(service.settings, "tool_call_parser", None)) if tools else None
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
@@ -212,6 +201,7 @@ class OpenAIRoutes:
         """``POST /v1/completions``: the prompt as given, no chat template."""
         service = self.service
         parsed: CompletionRequest | None = None
+        turns: list[Turn] = []
         try:
             self._authorize(request)
             await service.start()
@@ -227,10 +217,13 @@ class OpenAIRoutes:
                                   param="prompt", code="invalid_value")
             text = prompt if isinstance(prompt, str) else ""
             ids = None if isinstance(prompt, str) else list(prompt)
-            turn = service.stateless_turn([{"role": "user", "content": text}], params,
-                                          explicit_max_tokens=parsed.max_tokens is not None, user=parsed.user,
-                                          render=lambda _: ids if ids is not None else self._encode_prompt(text))
-            await turn.start()
+            echo = ""
+            if parsed.echo:
+                echo = text if ids is None else await service.run_bounded(
+                    lambda: str(service.tokenizer.decode(ids)), lane="tokenize")
+            turns = await self._start_choices(parsed.n or 1, params, lambda choice_params: service.stateless_turn(
+                [{"role": "user", "content": text}], choice_params, explicit_max_tokens=parsed.max_tokens is not None,
+                user=parsed.user, render=lambda _: ids if ids is not None else self._encode_prompt(text)))
         except OpenAIError as exc:
             return exc.response()
         except ChatError as exc:
@@ -243,10 +236,38 @@ class OpenAIRoutes:
         except ClientDisconnect:
             return Response(status_code=400)
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
-        completion = _TextEncoder(TextCompletion(self.response_model(parsed.model), include_usage))
+        model = self.response_model(parsed.model)
+        encoders = [_TextEncoder(turn, TextCompletion(model, include_usage, index=index, echo=echo,
+                                                      logprobs=parsed.logprobs is not None))
+                    for index, turn in enumerate(turns)]
+        if len(turns) > 1:
+            choices = _Choices(encoders)
+            if parsed.stream:
+                return TurnStreamingResponse(cast(Turn, choices), choices.encode_chunk, "text/event-stream")
+            return _WholeChoices(choices)
         if parsed.stream:
-            return TurnStreamingResponse(turn, completion.encode_chunk, "text/event-stream")
-        return _WholeCompletion(turn, completion)
+            return TurnStreamingResponse(turns[0], encoders[0].encode_chunk, "text/event-stream")
+        return _WholeCompletion(turns[0], encoders[0])
+
+    async def _start_choices(self, n: int, params: SamplingParams,
+                             new_turn: Callable[[SamplingParams], Turn]) -> list[Turn]:
+        """Start ``n`` turns, one a choice (choice ``i`` seeded ``seed + i``; the prefix cache shares the
+        prompt's blocks); a 400 when ``n`` can never fit, and none left running when one fails to start."""
+        room = self.service.settings.concurrency + self.service.settings.queue_size
+        if n > room:
+            raise OpenAIError(400, f"Invalid value for 'n': {n} choices are {n} generations; this "
+                              f"server runs or queues at most {room} at once.", param="n", code="invalid_value")
+        turns: list[Turn] = []
+        try:
+            for index in range(n):
+                seed = None if params.seed is None else (params.seed + index) % (1 << 64)
+                turns.append(new_turn(replace(params, seed=seed) if index else params))
+                await turns[-1].start()
+        except BaseException:
+            for started in turns:
+                started.cancel()
+            raise
+        return turns
 
     async def handle_responses(self, request: Request) -> Any:
         """``POST /v1/responses``: see :mod:`.responses`."""
@@ -481,7 +502,7 @@ class _Completion:
     def finish_reason(done: Done, calls: list[Any]) -> str:
         return "tool_calls" if calls and done.finish_reason == "stop" else done.finish_reason
 
-    def whole(self, text: str, done: Done) -> dict[str, Any]:
+    def whole(self, text: str, done: Done, logprobs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
         content, calls = self._end(text)
         message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else ""),
                                    "refusal": None}
@@ -490,7 +511,8 @@ class _Completion:
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": [{
-                "index": self.index, "message": message, "logprobs": None,
+                "index": self.index, "message": message,
+                "logprobs": {"content": list(logprobs), "refusal": None} if logprobs else None,
                 "finish_reason": self.finish_reason(done, calls),
             }],
             "usage": self.usage(done),
@@ -517,7 +539,7 @@ class _Completion:
 class _Choices:
     """``n`` > 1: the choices' turns as one (events tagged with their choice), under one completion id."""
 
-    def __init__(self, completions: list[_Completion]) -> None:
+    def __init__(self, completions: Sequence[_Completion | _TextEncoder]) -> None:
         self.completions = completions
         for completion in completions:
             completion.id, completion.created, completion.last = completions[0].id, completions[0].created, False
@@ -598,11 +620,8 @@ class _WholeChoices(Response):
                     error = _failure(event)
                     status, body = error.status, error.body
             if len(self.choices.dones) == len(texts):
-                answers = [c.whole("".join(texts[i]), self.choices.dones[i])
+                answers = [c.whole("".join(texts[i]), self.choices.dones[i], logprobs[i])
                            for i, c in enumerate(self.choices.completions)]
-                for i, answer in enumerate(answers):
-                    if logprobs[i]:
-                        answer["choices"][0]["logprobs"] = {"content": logprobs[i], "refusal": None}
                 status, body = 200, {**answers[0], "choices": [a["choices"][0] for a in answers],
                                      "usage": self.choices.usage()}
             if not listener.done():
@@ -615,26 +634,57 @@ class _WholeChoices(Response):
 
 
 class _TextEncoder:
-    """``/v1/completions``' events: ``text_completion`` chunks, then ``[DONE]``."""
+    """``/v1/completions``' events for one choice: ``text_completion`` chunks, then ``[DONE]``."""
 
-    def __init__(self, completion: TextCompletion) -> None:
+    def __init__(self, turn: Turn, completion: TextCompletion) -> None:
+        self.turn = turn
         self.completion = completion
+        self.index = completion.index
+        self.include_usage = completion.include_usage
+        self.last = True  # the stream ends with this choice (else _Choices ends it)
+        self._echoed = not completion.echo
+
+    @property
+    def id(self) -> str:
+        return self.completion.id
+
+    @id.setter
+    def id(self, value: str) -> None:
+        self.completion.id = value
+
+    @property
+    def created(self) -> int:
+        return self.completion.created
+
+    @created.setter
+    def created(self, value: int) -> None:
+        self.completion.created = value
+
+    def _chunk_head(self) -> dict[str, Any]:
+        return self.completion.head()
 
     def encode_chunk(self, event: TurnEvent) -> str | None:
         if isinstance(event, Queued):
             return f": queued, position {event.position}\n\n"
         if isinstance(event, Failed):
             return _sse(_failure(event).body)
+        out = "" if self._echoed else _sse(self.completion.chunk(self.completion.echo))
+        self._echoed = True
         if isinstance(event, Delta):
-            return _sse(self.completion.chunk(event.text))
+            return out + _sse(self.completion.chunk(event.text, logprobs=event.logprobs))
         assert isinstance(event, Done)
-        out = _sse(self.completion.chunk("", event.finish_reason))
-        if self.completion.include_usage:
+        out += _sse(self.completion.chunk("", event.finish_reason, event.logprobs))
+        if not self.last:
+            return out
+        if self.include_usage:
             out += _sse(self.completion.usage_chunk(event))
         return out + "data: [DONE]\n\n"
 
-    def whole(self, text: str, done: Done) -> dict[str, Any]:
-        return self.completion.whole(text, done)
+    def whole(self, text: str, done: Done, logprobs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+        return self.completion.whole(text, done, logprobs)
+
+    def usage(self, done: Done) -> dict[str, int]:
+        return completion_usage(done)
 
 
 class _WholeCompletion(Response):
@@ -656,10 +706,8 @@ class _WholeCompletion(Response):
                     text.append(event.text)
                     logprobs += event.logprobs
                 elif isinstance(event, Done):
-                    status, body = 200, self.completion.whole("".join(text), event)
                     logprobs += event.logprobs
-                    if logprobs:
-                        body["choices"][0]["logprobs"] = {"content": logprobs, "refusal": None}
+                    status, body = 200, self.completion.whole("".join(text), event, logprobs)
                 elif isinstance(event, Failed):
                     error = _failure(event)
                     status, body = error.status, error.body
