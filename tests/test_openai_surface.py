@@ -22,6 +22,7 @@ USER = [{"role": "user", "content": "hello there"}]
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+R_WEATHER = {"type": "function", **WEATHER["function"]}  # the Responses API's shape of a function tool
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
@@ -364,6 +365,7 @@ def test_a_call_cut_off_by_the_token_limit_streams_what_was_written():
     ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs"),
     ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_object"}}}, "text.format"),
+    ("/v1/responses", {"input": "x", "tools": [R_WEATHER], "tool_choice": "required"}, "tool_choice"),
 ])
 def test_what_the_mock_engine_cannot_honour_is_refused_not_ignored(serve, path, body, param):
     url = mock_server(serve)
@@ -442,10 +444,63 @@ def test_responses_stream_typed_events(serve):
     assert text == events[-1].response.output_text and text.startswith("You said: hello there")
 
 
+def test_responses_return_function_calls_and_take_their_outputs(serve):
+    url = mock_server(serve, max_new_tokens=400)
+    c = client(url)
+    first = c.responses.create(model="mock", input=CALL, tools=[R_WEATHER])
+    message, call = first.output
+    assert message.type == "message" and message.content[0].text.strip() == "You said:"
+    assert call.type == "function_call" and call.name == "get_weather" and call.status == "completed"
+    assert json.loads(call.arguments) == {"city": "Paris"} and call.call_id.startswith("call_")
+    assert first.tools[0].name == "get_weather" and first.tool_choice == "auto"
+    # The result goes back as a function_call_output, continuing the stored conversation; the model
+    # reads it as a tool result (the mock echoes it as the template wrote it).
+    second = c.responses.create(model="mock", previous_response_id=first.id, tools=[R_WEATHER], input=[
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}])
+    assert "<tool_response>\nsunny, 21 C\n</tool_response>" in second.output_text
+    # Or the client keeps the state: the first reply's output items sent back as input.
+    manual = c.responses.create(model="mock", store=False, tools=[R_WEATHER], input=[
+        {"role": "user", "content": CALL}, *[item.model_dump(exclude_none=True) for item in first.output],
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}])
+    assert manual.output_text == second.output_text
+    # parallel_tool_calls false: one call of two.
+    two = c.responses.create(model="mock", input=CALL + CALL.replace("Paris", "Oslo"), tools=[R_WEATHER])
+    assert [i.type for i in two.output] == ["message", "function_call", "function_call"]
+    one = c.responses.create(model="mock", input=CALL + CALL.replace("Paris", "Oslo"), tools=[R_WEATHER],
+                             parallel_tool_calls=False)
+    assert [i.type for i in one.output] == ["message", "function_call"]
+
+
+def test_responses_stream_function_call_arguments(serve):
+    url = mock_server(serve, max_new_tokens=400)
+    with client(url).responses.stream(model="mock", input=CALL, tools=[R_WEATHER]) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    kinds = [e.type for e in events]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    added = [e for e in events if e.type == "response.output_item.added"]
+    assert [e.item.type for e in added] == ["message", "function_call"]
+    assert added[1].item.name == "get_weather" and added[1].item.arguments == "" and added[1].output_index == 1
+    deltas = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(deltas) > 1 and {e.item_id for e in deltas} == {added[1].item.id}  # fragments as generated
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert done.arguments == "".join(e.delta for e in deltas) and json.loads(done.arguments) == {"city": "Paris"}
+    # The message is done before the call starts; the call's item is done before the response.
+    assert kinds.index("response.output_item.done") < kinds.index("response.function_call_arguments.delta")
+    assert kinds[-2:] == ["response.output_item.done", "response.completed"]
+    assert final.output[1].arguments == done.arguments and final.output[1].call_id == added[1].item.call_id
+    assert client(url).responses.retrieve(final.id).output[1].call_id == final.output[1].call_id
+
+
 @pytest.mark.parametrize("body, param", [
     ({}, "input"),
     ({"input": ""}, "input"),
-    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"input": "x", "tools": [{"type": "function", "name": "bad name!"}]}, "tools[0].name"),
+    ({"input": "x", "tool_choice": "required"}, "tool_choice"),
+    ({"input": "x", "tools": [R_WEATHER], "tool_choice": "often"}, "tool_choice"),
+    ({"input": "x", "tools": [R_WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice.name"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),
     ({"input": "x", "previous_response_id": "../etc"}, "previous_response_id"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
@@ -548,6 +603,8 @@ def test_answers_validate_against_openais_published_schemas(serve):
                 check_schema(chunk, "CreateChatCompletionStreamResponse")
     assert whole["choices"][0]["message"]["tool_calls"]  # the tool call answer was among those checked
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "Once", "max_tokens": 4})
+    check_schema(r.json(), "CreateCompletionResponse")
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "Once", "max_tokens": 4, "n": 2, "echo": True})
     check_schema(r.json(), "CreateCompletionResponse")
     # The spec has no stream schema for /v1/completions: its chunks are the completion object, with
     # finish_reason null until the last (as OpenAI's own stream sends them).

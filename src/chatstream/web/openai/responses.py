@@ -1,12 +1,19 @@
-"""OpenAI's Responses API, text in and text out: ``POST /v1/responses`` (whole or streamed as its
-typed events) and ``GET``/``DELETE /v1/responses/{id}``.
+"""OpenAI's Responses API: ``POST /v1/responses`` (whole or streamed as its typed events) and
+``GET``/``DELETE /v1/responses/{id}``.
 
 ``instructions`` is a system message for this response only (not carried to the next, as OpenAI
 does). With ``store`` (the default, as OpenAI's), the conversation so far (input and output, not
 the instructions) is kept in chatstream's session store under its own key
 (``openai-response:<id>``, for ``--session-ttl-s``), so ``previous_response_id`` continues it:
-server-side state is what chatstream already keeps. Tools, images, files, reasoning and
-background runs are refused, each with a 400 naming the field.
+server-side state is what chatstream already keeps.
+
+Function tools come in the Responses shape (``{"type": "function", "name", "parameters"}``) and go
+through the chat wire's machinery: rendered by the chat template, calls parsed (and streamed, as
+``response.function_call_arguments.delta`` events) into ``function_call`` output items;
+``function_call`` and ``function_call_output`` input items become the assistant's calls and
+``tool`` messages; ``tool_choice`` ``required`` or a named function is enforced by the grammar.
+Other tool types, images, files, reasoning and background runs are refused, each with a 400
+naming the field.
 """
 
 from __future__ import annotations
@@ -15,14 +22,15 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from ...errors import InvalidParams
 from ...service import Delta, Done, Failed, Queued, Turn, TurnEvent
 from ...service.structured import json_schema_grammar, response_format_grammar
-from .protocol import OpenAIError, json_object, validated
+from .protocol import FunctionDefinition, OpenAIError, json_object, validated
+from .tools import ToolCallStream, ToolFormat
 
 STORE_PREFIX = "openai-response:"
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
@@ -33,6 +41,7 @@ class _InputPart(BaseModel):
     type: Literal["input_text", "output_text"]
     text: str
     annotations: list[Any] | None = None
+    logprobs: list[Any] | None = None  # a reply's output_text sent back as input has them
 
 
 class InputMessage(BaseModel):
@@ -44,12 +53,54 @@ class InputMessage(BaseModel):
     status: str | None = None
 
 
+class FunctionCallItem(BaseModel):
+    """A call the model made earlier (a ``function_call`` output item sent back as input)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1, max_length=100)
+    name: str
+    arguments: str
+    id: str | None = None
+    status: str | None = None
+    namespace: str | None = None
+
+
+class FunctionCallOutputItem(BaseModel):
+    """The result of a call, for the model to read (a ``tool`` message of the chat wire)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1, max_length=100)
+    output: str | list[_InputPart]
+    id: str | None = None
+    status: str | None = None
+
+
+def _item_type(item: Any) -> str:
+    kind = item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
+    return kind if kind in ("message", "function_call", "function_call_output") else "message"
+
+
+InputItem = Annotated[
+    Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    Discriminator(_item_type),
+]
+
+
+class FunctionTool(FunctionDefinition):
+    """One of ``tools`` in the Responses shape: the function's fields at the top level."""
+
+    type: Literal["function"]
+
+
 class ResponsesRequest(BaseModel):
     """The body of ``POST /v1/responses``; JSON types are checked strictly."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    input: str | list[InputMessage] = Field(min_length=1)
+    input: str | list[InputItem] = Field(min_length=1)
     model: str | None = None
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
@@ -66,9 +117,9 @@ class ResponsesRequest(BaseModel):
     service_tier: str | None = None
     parallel_tool_calls: bool | None = None
     truncation: Literal["disabled"] | None = None
+    tools: list[FunctionTool] | None = Field(None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
     # Accepted only with the value that asks for nothing extra.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     reasoning: Any = None
     include: list[str] | None = None
     background: bool | None = None
@@ -78,8 +129,6 @@ class ResponsesRequest(BaseModel):
 
 
 _REFUSED = [
-    ("tools", lambda v: bool(v), "tools on /v1/responses (use /v1/chat/completions)"),
-    ("tool_choice", lambda v: v not in (None, "none", "auto"), "tools on /v1/responses (use /v1/chat/completions)"),
     ("reasoning", lambda v: v is not None, "reasoning"),
     ("include", lambda v: bool(v), "extra output ('include')"),
     ("background", lambda v: bool(v), "background responses"),
@@ -90,8 +139,55 @@ _REFUSED = [
 
 
 def parse_responses_request(body: bytes) -> ResponsesRequest:
-    request = validated(ResponsesRequest, json_object(body), _REFUSED)
+    data = json_object(body)
+    for i, tool in enumerate(data.get("tools") or [] if isinstance(data.get("tools"), list) else []):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind != "function":
+            raise OpenAIError(400, f"Unsupported parameter 'tools[{i}].type': this server does not support "
+                              f"'{kind}' tools (only 'function').", param=f"tools[{i}].type",
+                              code="unsupported_parameter")
+    request = validated(ResponsesRequest, data, _REFUSED)
+    _check_tool_choice(request)
     return request
+
+
+def _check_tool_choice(request: ResponsesRequest) -> None:
+    choice = request.tool_choice
+    if choice is None:
+        return
+    names = [t.name for t in request.tools or []]
+    if not names and choice != "none":
+        raise OpenAIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are given.",
+                          param="tool_choice", code="invalid_value")
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise OpenAIError(400, "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
+                              "{\"type\": \"function\", \"name\": ...}.", param="tool_choice", code="invalid_value")
+        return
+    if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+        raise OpenAIError(400, "Invalid value for 'tool_choice': expected {\"type\": \"function\", \"name\": ...}.",
+                          param="tool_choice", code="invalid_value")
+    if choice["name"] not in names:
+        raise OpenAIError(400, f"Invalid value for 'tool_choice': no tool named {choice['name']!r} is in 'tools'.",
+                          param="tool_choice.name", code="invalid_value")
+
+
+def chat_tools(request: ResponsesRequest) -> list[dict[str, Any]]:
+    """The tools in the chat wire's shape, as the prompt describes them (none with ``tool_choice: none``)."""
+    if request.tool_choice == "none":
+        return []
+    return [{"type": "function", "function": t.model_dump(exclude_none=True, exclude={"type"})}
+            for t in request.tools or []]
+
+
+def forced_functions(request: ResponsesRequest) -> list[dict[str, Any]]:
+    """The functions one of which the reply must call (``tool_choice`` required or named); else none."""
+    choice, tools = request.tool_choice, request.tools or []
+    if choice == "required":
+        return [t.model_dump(exclude_none=True, exclude={"type"}) for t in tools]
+    if isinstance(choice, dict):
+        return [t.model_dump(exclude_none=True, exclude={"type"}) for t in tools if t.name == choice["name"]]
+    return []
 
 
 def format_grammar(request: ResponsesRequest) -> str | None:
@@ -110,13 +206,26 @@ def format_grammar(request: ResponsesRequest) -> str | None:
     return response_format_grammar({"type": fmt.get("type")}, param="text.format")
 
 
-def input_messages(request: ResponsesRequest) -> list[dict[str, str]]:
+def input_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
+    """The input as chat messages: ``function_call`` items become the assistant's ``tool_calls``
+    (joined to the assistant message before them), ``function_call_output`` items ``tool`` messages."""
     if isinstance(request.input, str):
         return [{"role": "user", "content": request.input}]
-    out = []
+    out: list[dict[str, Any]] = []
     for item in request.input:
-        content = item.content if isinstance(item.content, str) else "".join(p.text for p in item.content)
-        out.append({"role": "system" if item.role == "developer" else item.role, "content": content})
+        if isinstance(item, FunctionCallItem):
+            call = {"id": item.call_id, "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments}}
+            if out and out[-1]["role"] == "assistant":
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif isinstance(item, FunctionCallOutputItem):
+            output = item.output if isinstance(item.output, str) else "".join(p.text for p in item.output)
+            out.append({"role": "tool", "tool_call_id": item.call_id, "content": output})
+        else:
+            content = item.content if isinstance(item.content, str) else "".join(p.text for p in item.content)
+            out.append({"role": "system" if item.role == "developer" else item.role, "content": content})
     return out
 
 
@@ -128,28 +237,40 @@ def check_response_id(value: str, param: str = "previous_response_id") -> str:
 
 
 class ResponseObject:
-    """One response: its JSON object, and its stream of typed events."""
+    """One response: its JSON object, and its stream of typed events.
 
-    def __init__(self, request: ResponsesRequest, model: str) -> None:
+    Output items are built as the reply streams: a ``message`` for text, then a ``function_call``
+    item for each call (its arguments streamed as they are generated). :meth:`complete` ends it,
+    once, for the stored copy and for the last events alike.
+    """
+
+    def __init__(self, request: ResponsesRequest, model: str, tools: ToolFormat | None = None,
+                 forced: bool = False) -> None:
         self.request = request
         self.id = f"resp_{uuid.uuid4().hex}"
-        self.message_id = f"msg_{uuid.uuid4().hex}"
         self.created_at = int(time.time())
         self.model = model
         self._sequence = 0
-        self._text: list[str] = []
         self._started = False
+        self._calls = ToolCallStream(tools or "hermes", forced=forced,
+                                     parallel=request.parallel_tool_calls is not False) \
+            if tools is not None or forced else None
+        self._fed = 0  # characters of the reply seen so far
+        self.items: list[dict[str, Any]] = []  # output items, as they are so far
+        self._message: int | None = None  # index of the open message item
+        self._call: int | None = None  # index of the function_call item whose arguments stream
+        self._end: tuple[str, dict[str, Any]] | None = None  # the last events and the final body
 
-    def body(self, status: str, text: str = "", done: Done | None = None, error: dict[str, Any] | None = None
-             ) -> dict[str, Any]:
+    def body(self, status: str, done: Done | None = None, error: dict[str, Any] | None = None) -> dict[str, Any]:
         r = self.request
-        output = [] if status in ("in_progress", "failed") else [self._message(text, status)]
+        output = [] if status in ("in_progress", "failed") else self.items
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
             "model": self.model, "output": output, "instructions": r.instructions,
             "previous_response_id": r.previous_response_id, "store": r.store is not False,
             "max_output_tokens": r.max_output_tokens, "temperature": r.temperature, "top_p": r.top_p,
-            "parallel_tool_calls": r.parallel_tool_calls is not False, "tool_choice": "auto", "tools": [],
+            "parallel_tool_calls": r.parallel_tool_calls is not False, "tool_choice": r.tool_choice or "auto",
+            "tools": [t.model_dump(exclude_none=True) for t in r.tools or []],
             "text": r.text or {"format": {"type": "text"}}, "truncation": "disabled", "metadata": r.metadata or {},
             "user": r.user, "error": error, "reasoning": {"effort": None, "summary": None},
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
@@ -158,10 +279,6 @@ class ResponseObject:
                 "output_tokens": done.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": done.prompt_tokens + done.completion_tokens},
         }
-
-    def _message(self, text: str, status: str) -> dict[str, Any]:
-        return {"type": "message", "id": self.message_id, "status": status, "role": "assistant",
-                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
 
     @staticmethod
     def status_of(done: Done) -> str:
@@ -183,32 +300,104 @@ class ResponseObject:
         if isinstance(event, Failed):
             error = {"code": event.code, "message": event.message}
             return out + self._event("response.failed", response=self.body("failed", error=error))
-        item = {"output_index": 0, "item_id": self.message_id}
         if isinstance(event, Delta):
-            if not self._text:
-                out += self._event("response.output_item.added", output_index=0,
-                                   item={**self._message("", "in_progress"), "content": []})
-                out += self._event("response.content_part.added", **item, content_index=0,
-                                   part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-            self._text.append(event.text)
-            return out + self._event("response.output_text.delta", **item, content_index=0, delta=event.text,
-                                     logprobs=[])
-        assert isinstance(event, Done)
-        text, status = "".join(self._text), self.status_of(event)
-        if not self._text:
-            out += self._event("response.output_item.added", output_index=0,
-                               item={**self._message("", "in_progress"), "content": []})
-            out += self._event("response.content_part.added", **item, content_index=0,
-                               part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
-        out += self._event("response.output_text.done", **item, content_index=0, text=text, logprobs=[])
-        out += self._event("response.content_part.done", **item, content_index=0,
-                           part={"type": "output_text", "text": text, "annotations": [], "logprobs": []})
-        out += self._event("response.output_item.done", output_index=0, item=self._message(text, status))
-        kind = "response.completed" if status == "completed" else "response.incomplete"
-        return out + self._event(kind, response=self.body(status, text, event))
+            return out + self._feed(event.text)
+        return out + self.complete("", event)[0]
+
+    def complete(self, text: str, done: Done) -> tuple[str, dict[str, Any]]:
+        """End the response: ``text`` is the whole reply (what was not streamed yet is fed first).
+        Returns the last events and the final body; later calls return the same."""
+        if self._end is None:
+            out = self._feed(text[self._fed:]) if len(text) > self._fed else ""
+            status = self.status_of(done)
+            if self._calls is not None:
+                rest, deltas = self._calls.finish()
+                out += self._text(rest) + self._call_deltas(deltas)
+            out += self._close_call()
+            if not self.items:
+                out += self._text("", force=True)
+            out += self._close_message(status)
+            kind = "response.completed" if status == "completed" else "response.incomplete"
+            final = self.body(status, done)
+            self._end = (out + self._event(kind, response=final), final)
+        return self._end
 
     def whole(self, text: str, done: Done, logprobs: Any = ()) -> dict[str, Any]:
-        return self.body(self.status_of(done), text, done)
+        return self.complete(text, done)[1]
+
+    def chat_message(self) -> dict[str, Any]:
+        """The reply as the chat wire's assistant message (text and ``tool_calls``), to be stored."""
+        text = "".join(i["content"][0]["text"] for i in self.items if i["type"] == "message")
+        calls = [{"id": i["call_id"], "type": "function", "function": {"name": i["name"], "arguments": i["arguments"]}}
+                 for i in self.items if i["type"] == "function_call"]
+        return {"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})}
+
+    # -- building the output items --
+    def _feed(self, text: str) -> str:
+        self._fed += len(text)
+        if self._calls is None:
+            return self._text(text)
+        content, deltas = self._calls.feed(text)
+        return self._text(content) + self._call_deltas(deltas)
+
+    def _text(self, text: str, force: bool = False) -> str:
+        if not text and not force:
+            return ""
+        out = ""
+        if self._message is None:
+            self._message = len(self.items)
+            message_id = f"msg_{uuid.uuid4().hex}"
+            self.items.append({"type": "message", "id": message_id, "status": "in_progress", "role": "assistant",
+                               "content": []})
+            out += self._event("response.output_item.added", output_index=self._message, item=dict(self.items[-1]))
+            self.items[-1]["content"] = [{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]
+            out += self._event("response.content_part.added", **self._where(), content_index=0,
+                               part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+        if not text:
+            return out
+        self.items[self._message]["content"][0]["text"] += text
+        return out + self._event("response.output_text.delta", **self._where(), content_index=0, delta=text,
+                                 logprobs=[])
+
+    def _where(self) -> dict[str, Any]:
+        assert self._message is not None
+        return {"output_index": self._message, "item_id": self.items[self._message]["id"]}
+
+    def _close_message(self, status: str) -> str:
+        if self._message is None or self.items[self._message]["status"] != "in_progress":
+            return ""
+        item = self.items[self._message]
+        part = item["content"][0]
+        item["status"] = status
+        return (self._event("response.output_text.done", **self._where(), content_index=0, text=part["text"],
+                            logprobs=[])
+                + self._event("response.content_part.done", **self._where(), content_index=0, part=part)
+                + self._event("response.output_item.done", output_index=self._message, item=item))
+
+    def _call_deltas(self, deltas: list[dict[str, Any]]) -> str:
+        out = ""
+        for delta in deltas:
+            if "id" in delta:  # a new call: the text before it is complete
+                out += self._close_call() + self._close_message("completed")
+                self._call = len(self.items)
+                self.items.append({"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": delta["id"],
+                                   "name": delta["function"]["name"], "arguments": "", "status": "in_progress"})
+                out += self._event("response.output_item.added", output_index=self._call, item=dict(self.items[-1]))
+            elif self._call is not None and delta["function"]["arguments"]:
+                item = self.items[self._call]
+                item["arguments"] += delta["function"]["arguments"]
+                out += self._event("response.function_call_arguments.delta", output_index=self._call,
+                                   item_id=item["id"], delta=delta["function"]["arguments"])
+        return out
+
+    def _close_call(self) -> str:
+        if self._call is None:
+            return ""
+        index, item = self._call, self.items[self._call]
+        self._call, item["status"] = None, "completed"
+        return (self._event("response.function_call_arguments.done", output_index=index, item_id=item["id"],
+                            name=item["name"], arguments=item["arguments"])
+                + self._event("response.output_item.done", output_index=index, item=item))
 
 
 class StoringTurn:

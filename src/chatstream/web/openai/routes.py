@@ -29,6 +29,7 @@ from ...errors import ChatError, InvalidParams, InvalidRequest, ModelNotReady, P
 from ...service import ChatService, Delta, Done, Failed, Queued, Turn, TurnEvent
 from ...service.sampling import SamplingLimits
 from ...service.sampling import to_sampling_params as to_engine_params
+from ...service.structured import tool_call_grammar
 from ..auth import bearer_token
 from ..json_body import BadJSON, parse_json_body
 from ..limits import BodyTimeout, BodyTooLarge, read_request_body
@@ -55,11 +56,13 @@ from .responses import (
     STORE_PREFIX,
     ResponseObject,
     StoringTurn,
+    chat_tools,
     check_response_id,
     format_grammar,
     input_messages,
     parse_responses_request,
 )
+from .responses import forced_functions as response_forced_functions
 from .tools import (
     ToolCallStream,
     ToolFormat,
@@ -294,16 +297,20 @@ class OpenAIRoutes:
             values: dict[str, Any] = {k: v for k, v in (("temperature", parsed.temperature), ("top_p", parsed.top_p))
                                       if v is not None}
             values["max_new_tokens"] = parsed.max_output_tokens or service.settings.max_new_tokens
+            forced = response_forced_functions(parsed)
             try:
-                values["grammar"] = format_grammar(parsed)
+                values["grammar"] = tool_call_grammar(forced) if forced else format_grammar(parsed)
                 params = to_engine_params(service.defaults, self._limits(), values,
                                           {"max_new_tokens": "max_output_tokens"})
-                self._check_engine(params, {"grammar": "text.format"})
+                self._check_engine(params, {"grammar": "tool_choice" if forced else "text.format"})
             except InvalidParams as exc:
                 raise OpenAIError(400, f"Invalid value for {exc.message}.", param=exc.param,
                                   code="invalid_value") from None
+            tools = chat_tools(parsed)
+            with_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in conversation)
             turn = service.stateless_turn(head + conversation, params, user=parsed.user,
-                                          explicit_max_tokens=parsed.max_output_tokens is not None)
+                                          explicit_max_tokens=parsed.max_output_tokens is not None,
+                                          render=(lambda m: self._render_with_tools(m, tools)) if with_tools else None)
             await turn.start()
         except OpenAIError as exc:
             return exc.response()
@@ -311,12 +318,13 @@ class OpenAIRoutes:
             return _openai_error(exc, service.context_len, None).response()
         except ClientDisconnect:
             return Response(status_code=400)
-        response = ResponseObject(parsed, self.response_model(parsed.model))
+        fmt = tool_format(service.tokenizer, getattr(service.settings, "tool_call_parser", None)) if tools else None
+        response = ResponseObject(parsed, self.response_model(parsed.model), tools=fmt, forced=bool(forced))
 
         async def store(text: str, done: Done) -> None:
+            final = response.whole(text, done)  # ends the response: the stored copy is what is sent
             if parsed.store is not False:
-                record = {"messages": [*conversation, {"role": "assistant", "content": text}],
-                          "response": response.whole(text, done)}
+                record = {"messages": [*conversation, response.chat_message()], "response": final}
                 await service.session_store.set(STORE_PREFIX + response.id, record, service.settings.session_ttl_s)
 
         storing = cast(Turn, StoringTurn(turn, store))
