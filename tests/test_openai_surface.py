@@ -355,6 +355,10 @@ def test_a_call_cut_off_by_the_token_limit_streams_what_was_written():
     stream = ToolCallStream("hermes")
     _, deltas = stream.feed('<tool_call>{"name": "f", "arguments": {"a": 1')
     assert _assembled(deltas + stream.finish()[1]) == [("f", '{"a": 1')]
+    # Arguments a model wrote as a JSON string: their content, decoded as far as it goes.
+    stream = ToolCallStream("hermes")
+    _, deltas = stream.feed('<tool_call>{"name": "f", "arguments": "{\\"a')
+    assert _assembled(deltas + stream.finish()[1]) == [("f", '{"a')]
 
 
 @pytest.mark.parametrize("path, body, param", [

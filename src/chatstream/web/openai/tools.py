@@ -291,6 +291,11 @@ class _CallScanner:
         """A value cut off (the reply hit its token limit): what there is of it."""
         if self._state == "args" and self._args_kind in ('"', "scalar") and self._buf:
             value, self._buf = self._buf, ""
+            if self._args_kind == '"':  # a string's content, as when whole
+                try:
+                    value = str(json.loads(value.removesuffix("\\") + '"'))
+                except ValueError:
+                    value = value[1:]
             self.calls[-1]["arguments"] += value
             return [{"index": len(self.calls) - 1, "function": {"arguments": value}}]
         return []
