@@ -5,6 +5,7 @@ model: see test_structured_output.py."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -381,29 +382,70 @@ def test_what_the_mock_engine_cannot_honour_is_refused_not_ignored(serve, path, 
 
 
 # -- Open WebUI -----------------------------------------------------------------------------------------
+# Request bodies recorded from a real Open WebUI 0.12.4 with its default settings (tests/fixtures/openwebui/).
 
 def _openwebui(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / "openwebui" / f"{name}.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["chat_with_builtin_tools", "chat_after_tool_result"])
+OPENWEBUI_CHATS = ["chat_first_message", "chat_second_turn"]  # Regenerate resent chat_first_message as it was
+OPENWEBUI_TASKS = ["title_generation", "follow_up_generation", "tags_generation"]
+
+
+def openwebui_server(serve: Any, **settings: Any) -> str:
+    # The mock tokenizer counts a token a byte: the 26 KB of tools need a context like a real model's.
+    # The name is the one Open WebUI read from /v1/models in the recorded run (the embedded model's).
+    return mock_server(serve, context_len=1 << 16, served_model_name="SmolLM2-135M-Instruct", **settings)
+
+
+def test_open_webui_default_chat_sends_its_36_builtin_tools_and_no_usage_request():
+    body = _openwebui("chat_first_message")
+    assert body["stream"] is True and "stream_options" not in body and "tool_choice" not in body
+    assert len(body["tools"]) == 36 and {"search_memories", "get_current_timestamp"} <= {
+        t["function"]["name"] for t in body["tools"]}
+
+
+@pytest.mark.parametrize("name", OPENWEBUI_CHATS)
 def test_open_webui_chats_stream_with_its_default_tools(serve, name):
-    url = mock_server(serve, served_model_name="smollm2")
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=_openwebui(name), timeout=30) as r:
+    url = openwebui_server(serve)
+    body = _openwebui(name)
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
         assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
         events = sse_events(r.read().decode())
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
     assert text.startswith("You said:")
-    assert events[-1]["usage"]["completion_tokens"] > 0 and events[-2]["choices"][0]["finish_reason"] == "stop"
-    assert {e["model"] for e in events} == {"smollm2"}
+    assert events[-1]["choices"][0]["finish_reason"] == "stop" and "usage" not in events[-1]  # none asked for
+    assert {e["model"] for e in events} == {body["model"]}
 
 
-@pytest.mark.parametrize("name", ["title_generation", "follow_up_generation"])
+def test_open_webui_stop_ends_the_generation_on_the_server(serve):
+    url = openwebui_server(serve, mock_token_delay=0.05)
+    # Stop in Open WebUI closes its upstream request: the turn ends there, counted as a disconnect.
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=_openwebui("chat_stopped"), timeout=30) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            chunk = json.loads(line[6:]) if line.startswith("data: {") else {}
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                break  # the first words are on the screen: the person clicks Stop
+    for _ in range(100):
+        metrics = httpx.get(f"{url}/metrics").text
+        if 'chatstream_turns_total{face="openai",outcome="client_disconnected_while_streaming"} 1.0' in metrics:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the stopped turn was not ended on the server")
+    assert 'outcome="success"' not in metrics
+
+
+@pytest.mark.parametrize("name", OPENWEBUI_TASKS)
 def test_open_webui_background_tasks_answer_whole(serve, name):
-    url = mock_server(serve, served_model_name="smollm2")
-    r = httpx.post(f"{url}/v1/chat/completions", json=_openwebui(name), timeout=30)
+    url = openwebui_server(serve)
+    body = _openwebui(name)
+    assert body["stream"] is False and "tools" not in body
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 200, r.text
-    assert r.json()["choices"][0]["message"]["content"]
+    assert r.json()["choices"][0]["message"]["content"] and r.json()["model"] == body["model"]
 
 
 # -- /v1/responses --------------------------------------------------------------------------------------

@@ -348,6 +348,12 @@ class LLMEngine:
             for chunk in plan.chunks:
                 self._finish(chunk.seq, "error", error=f"generation failed: {exc!r}")
             return
+        sampling = {id(chunk) for chunk in sampled}
+        for chunk in plan.chunks:
+            if id(chunk) not in sampling:
+                # A long prompt (Open WebUI's 36 built-in tools: 7k tokens) is prefilled over several
+                # steps; an empty event says it is moving, so the stall watchdog does not end it.
+                self._outbox.append((chunk.seq.stream, GenerationOutput(text="")))
         for chunk in plan.chunks:
             self._blocks.register_computed(chunk.seq)
         self._constrain(sampled, logits)
