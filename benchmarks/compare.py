@@ -233,6 +233,8 @@ def chatstream_command(opts: argparse.Namespace, concurrency: int) -> list[str]:
     ]
     if opts.model:
         argv += ["--model", opts.model]
+    if getattr(opts, "gguf_weights", None):
+        argv += ["--gguf-weights", opts.gguf_weights]
     if opts.mock:
         argv.append("--mock")
     return argv
@@ -1130,6 +1132,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--min-p", type=float, default=0.05)
     parser.add_argument("--no-greedy", action="store_true", help="skip the second, greedy load on each server")
+    parser.add_argument(
+        "--gguf-weights", choices=["auto", "stored", "float"], default=None,
+        help="chatstream serve --gguf-weights for a quantized .gguf --model (default: chatstream's own, auto)",
+    )
     parser.add_argument(
         "--model", help="model folder or .gguf for chatstream --model (default: embedded; reference: a .gguf, "
         "which llama.cpp runs as is)",

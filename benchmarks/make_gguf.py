@@ -6,12 +6,12 @@
 Speed and memory depend on the shape and the weight format, not on what the weights learned, so a
 random model of Llama-3.2-1B's or Llama-3.1-8B's shape (with SmolLM2's tokenizer: the vocabulary
 of the embedded model, 49,152 tokens) measures what serving the real one costs. The weights are
-written as a bfloat16 Hugging Face folder (transformers' own initialisation), converted to an F16
-GGUF by llama.cpp's ``convert_hf_to_gguf.py`` and quantized by ``llama-quantize`` (both in
-``--tools``; ``../shared/peers/build-llama-server.sh`` builds them). Peak memory: the float32
-model while it is initialised (4.3 GB for 1B, 32 GB for 8B: too much for a 24 GiB machine, so 8B
-is initialised layer by layer in bfloat16 on the meta device and filled in place, ~16 GB), then
-the converter's and quantizer's own (they stream tensors).
+written as a bfloat16 Hugging Face folder one layer a safetensors shard (the model itself only on
+the meta device: peak 834 MiB for 8B), converted by llama.cpp's ``convert_hf_to_gguf.py`` (it
+streams: peak 1,569 MiB for 8B) to F16, or to Q8_0 where the folder and an F16 file together would
+pass 24 GB of disk (8B), and quantized by ``llama-quantize`` (tensor by tensor; both tools in
+``--tools``; ``../shared/peers/build-llama-server.sh`` builds them). ``--from-folder`` quantizes a
+real model folder instead (the quality gate's files: ``benchmarks.quality``).
 """
 
 from __future__ import annotations
