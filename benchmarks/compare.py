@@ -129,6 +129,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,6 +204,7 @@ class RunResult:
     failure: str | None = None
     note: str | None = None
     seconds: float = 0.0
+    memory: dict[str, float] = field(default_factory=dict)  # MiB: see ServerMemory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +233,8 @@ def chatstream_command(opts: argparse.Namespace, concurrency: int) -> list[str]:
     ]
     if opts.model:
         argv += ["--model", opts.model]
+    if getattr(opts, "gguf_weights", None):
+        argv += ["--gguf-weights", opts.gguf_weights]
     if opts.mock:
         argv.append("--mock")
     return argv
@@ -614,6 +618,65 @@ class ServerProcess:
         self._log.close()
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (chatstream's engine or tokenizer workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
+def tree_memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) summed over ``pid``'s process tree, in KiB, from /proc/PID/status."""
+    rss = hwm = 0
+    for member in process_tree(pid):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                rss += int(line.split()[1])
+            elif line.startswith("VmHWM:"):
+                hwm += int(line.split()[1])
+    return rss, hwm
+
+
+class ServerMemory:
+    """A server's resident memory, its whole process tree: once ready (``ready``), the highest sum of
+    VmRSS sampled every 0.2 s under load (``sampled_peak``), the sum of the processes' VmHWM at the end
+    (``peak``: loading included; an upper bound when several processes peak at different times) and
+    VmRSS once the load is over (``steady``). MiB."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.figures: dict[str, float] = {"ready": tree_memory_kib(pid)[0] / 1024}
+        self._peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            self._peak_kib = max(self._peak_kib, tree_memory_kib(self.pid)[0])
+
+    def finish(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        rss, hwm = tree_memory_kib(self.pid)
+        self._peak_kib = max(self._peak_kib, rss)
+        self.figures.update(sampled_peak=self._peak_kib / 1024, peak=max(hwm, self._peak_kib) / 1024, steady=rss / 1024)
+        return self.figures
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -780,6 +843,7 @@ def run_one(plan: RunPlan, opts: argparse.Namespace, log_dir: Path) -> RunResult
     try:
         server.wait_ready(base_url + plan.ready_path, plan.ready_timeout or opts.ready_timeout)
         print(f"  ready after {time.monotonic() - started:.1f} s", flush=True)
+        memory = ServerMemory(server.process.pid)
         protocol = plan.protocol
         if protocol == "auto":
             if openai_route_available(base_url):
@@ -814,6 +878,8 @@ def run_one(plan: RunPlan, opts: argparse.Namespace, log_dir: Path) -> RunResult
                     result.failure = f"no request succeeded: {summary['errors']}"
             result.summaries[mode] = summary
             result.summary = result.summary or summary
+        result.memory = memory.finish()
+        print("  resident MiB: " + ", ".join(f"{k} {v:,.0f}" for k, v in result.memory.items()), flush=True)
     except (RuntimeError, OSError) as exc:
         result.failure = str(exc).splitlines()[0]
         print(f"  FAILED: {exc}", file=sys.stderr, flush=True)
@@ -963,6 +1029,20 @@ def render_markdown(
             ]) + " |"
         )
     lines.append("")
+    base_memory = base.memory.get("peak") if base else None
+    if any(r.memory for r in results):
+        lines += [
+            "Resident memory of each server's whole process tree (/proc/PID/status, MiB): once ready; the "
+            "highest VmRSS sampled every 0.2 s under load; peak = the processes' VmHWM summed (loading "
+            "included); after the load.",
+            "",
+            "| run | ready | sampled peak under load | peak (VmHWM) | peak vs base | after the load |",
+            "|---|---:|---:|---:|---:|---:|",
+            *[f"| {r.plan.label} | {_num(r.memory.get('ready'), 0)} | {_num(r.memory.get('sampled_peak'), 0)} "
+              f"| {_num(r.memory.get('peak'), 0)} | {_ratio(r.memory.get('peak'), base_memory)} "
+              f"| {_num(r.memory.get('steady'), 0)} |" for r in results if r.memory],
+            "",
+        ]
     notes = [r.note for r in results if r.note]
     dpt = [f"{r.plan.label}: {r.summary['deltas_per_token']}" for r in results if r.summary]
     lines += [
@@ -1052,6 +1132,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--min-p", type=float, default=0.05)
     parser.add_argument("--no-greedy", action="store_true", help="skip the second, greedy load on each server")
+    parser.add_argument(
+        "--gguf-weights", choices=["auto", "stored", "float"], default=None,
+        help="chatstream serve --gguf-weights for a quantized .gguf --model (default: chatstream's own, auto)",
+    )
     parser.add_argument(
         "--model", help="model folder or .gguf for chatstream --model (default: embedded; reference: a .gguf, "
         "which llama.cpp runs as is)",

@@ -6,18 +6,19 @@
 Speed and memory depend on the shape and the weight format, not on what the weights learned, so a
 random model of Llama-3.2-1B's or Llama-3.1-8B's shape (with SmolLM2's tokenizer: the vocabulary
 of the embedded model, 49,152 tokens) measures what serving the real one costs. The weights are
-written as a bfloat16 Hugging Face folder (transformers' own initialisation), converted to an F16
-GGUF by llama.cpp's ``convert_hf_to_gguf.py`` and quantized by ``llama-quantize`` (both in
-``--tools``; ``../shared/peers/build-llama-server.sh`` builds them). Peak memory: the float32
-model while it is initialised (4.3 GB for 1B, 32 GB for 8B: too much for a 24 GiB machine, so 8B
-is initialised layer by layer in bfloat16 on the meta device and filled in place, ~16 GB), then
-the converter's and quantizer's own (they stream tensors).
+written as a bfloat16 Hugging Face folder one layer a safetensors shard (the model itself only on
+the meta device: peak 834 MiB for 8B), converted by llama.cpp's ``convert_hf_to_gguf.py`` (it
+streams: peak 1,569 MiB for 8B) to F16, or to Q8_0 where the folder and an F16 file together would
+pass 24 GB of disk (8B), and quantized by ``llama-quantize`` (tensor by tensor; both tools in
+``--tools``; ``../shared/peers/build-llama-server.sh`` builds them). ``--from-folder`` quantizes a
+real model folder instead (the quality gate's files: ``benchmarks.quality``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,8 +36,14 @@ SHAPES: dict[str, dict[str, int | float | bool]] = {
 
 
 def hf_folder(shape: str, folder: Path) -> None:
-    """A random-weight Llama of ``shape`` with the embedded model's tokenizer, as bfloat16 safetensors."""
+    """A random-weight Llama of ``shape`` with the embedded model's tokenizer, as bfloat16 safetensors
+    written one layer a shard: the model is built on the meta device (names and shapes only) and each
+    shard's tensors are made, saved and freed before the next, so the peak is one layer (or the
+    embedding), not the model (~16 GB in bfloat16 for 8B)."""
+    import json
+
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from chatstream.engine.quant.gguf_model import gguf_info
@@ -47,21 +54,45 @@ def hf_folder(shape: str, folder: Path) -> None:
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192, rms_norm_eps=1e-5,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          **SHAPES[shape])  # type: ignore[arg-type]
-    torch.manual_seed(0)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():  # filled tensor by tensor: never the whole model in float32
-        for name, param in model.named_parameters():
+        model = LlamaForCausalLM(config)
+    shards: dict[str, list[tuple[str, torch.Size]]] = {}
+    for name, param in model.named_parameters():  # a tied lm_head is not listed: it is the embedding
+        layer = re.match(r"model\.layers\.(\d+)\.", name)
+        shards.setdefault(f"layer{int(layer.group(1)):03d}" if layer else name.split(".")[-2], []).append(
+            (name, param.shape))
+    generator = torch.Generator().manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, (_, params) in enumerate(sorted(shards.items())):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for name, shape_ in params:
+            tensor = torch.empty(shape_, dtype=torch.bfloat16)
             if "norm" in name:
-                param.fill_(1.0)
+                tensor.fill_(1.0)
             else:
-                param.normal_(0.0, config.initializer_range)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    model.save_pretrained(folder)
+                tensor.normal_(0.0, config.initializer_range, generator=generator)
+            tensors[name] = tensor
+            weight_map[name] = file
+            total += tensor.numel() * 2
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.architectures = ["LlamaForCausalLM"]  # what the converter picks its model class by
+    config.dtype = torch.bfloat16
+    config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def _peak_mib(who: str) -> float:
+    """Peak resident memory of this process, or of the largest child waited for so far (Linux: KiB)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF if who == "self" else resource.RUSAGE_CHILDREN)
+    return usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -69,6 +100,13 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
     parser.add_argument("--type", default="Q4_K_M", help="llama-quantize's type (Q4_K_M, Q4_0, Q8_0, ...)")
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--from-folder", type=Path, default=None,
+                        help="quantize this Hugging Face folder's weights instead of random ones (e.g. the embedded "
+                             "model's float32 conversion in ~/.cache/chatstream/models/), for the quality gate")
+    parser.add_argument("--intermediate", choices=["auto", "f32", "f16", "q8_0"], default="auto",
+                        help="the converter's output, which llama-quantize then quantizes: f16, or q8_0 (half the "
+                             "disk; requantized with --allow-requantize); auto: q8_0 where the bfloat16 folder and "
+                             "an F16 file together would pass 24 GB of disk (8B: 16 + 16 GB); f32 with --from-folder")
     parser.add_argument("--tools", type=Path, default=Path("/work/peers/bin"),
                         help="folder with convert_hf_to_gguf.py, its gguf-py and llama-quantize")
     opts = parser.parse_args()
@@ -78,20 +116,29 @@ def main() -> None:
             raise SystemExit(f"{tool} is missing: build llama.cpp's tools with ../shared/peers/build-llama-server.sh")
     work = Path(tempfile.mkdtemp(prefix="make-gguf-", dir=opts.out.parent))
     try:
-        print(f"random {opts.shape} weights -> {work}", flush=True)
-        hf_folder(opts.shape, work / "hf")
-        f16 = work / "model.f16.gguf"
+        if opts.from_folder is None:
+            print(f"random {opts.shape} weights -> {work}", flush=True)
+            hf_folder(opts.shape, work / "hf")
+            print(f"weights written; peak RSS so far {_peak_mib('self'):.0f} MiB", flush=True)
+        folder = opts.from_folder or work / "hf"
+        folder_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        intermediate = opts.intermediate if opts.intermediate != "auto" else (
+            "f32" if opts.from_folder else "q8_0" if 2 * folder_bytes > 24e9 else "f16")
+        f16 = work / f"model.{intermediate}.gguf"
         # The converter imports sentencepiece before it looks for a tokenizer.model (this tokenizer has
         # none: it is BPE, so it is never called); a stand-in spares installing it.
         stub = work / "stub" / "sentencepiece"
         stub.mkdir(parents=True)
         (stub / "__init__.py").write_text("class SentencePieceProcessor:  # never used: no tokenizer.model\n    pass\n")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(opts.tools / "gguf-py"), str(stub.parent)])}
-        subprocess.run([sys.executable, str(converter), str(work / "hf"), "--outtype", "f16", "--outfile", str(f16)],
+        subprocess.run([sys.executable, str(converter), str(folder), "--outtype", intermediate, "--outfile", str(f16)],
                        check=True, env=env)
-        shutil.rmtree(work / "hf")
-        subprocess.run([str(quantize), str(f16), str(opts.out), opts.type], check=True)
-        print(f"{opts.out}: {opts.out.stat().st_size / 2**20:.0f} MiB", flush=True)
+        print(f"converted to {intermediate}; the converter's peak RSS {_peak_mib('children'):.0f} MiB", flush=True)
+        shutil.rmtree(work / "hf", ignore_errors=True)
+        requantize = ["--allow-requantize"] if intermediate == "q8_0" else []
+        subprocess.run([str(quantize), *requantize, str(f16), str(opts.out), opts.type], check=True)
+        print(f"{opts.out}: {opts.out.stat().st_size / 2**20:.0f} MiB; the largest child's peak RSS "
+              f"{_peak_mib('children'):.0f} MiB", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
