@@ -98,7 +98,7 @@ def test_a_session_written_by_the_previous_version_is_read_then_split(serve: Cal
     assert c2["messages"] == legacy["conversations"]["c2"]["chat_prompt"]["messages"]  # details kept
     index = asyncio.run(store.get(session_id))
     assert index is not None and all("chat_prompt" not in entry for entry in index["conversations"].values())
-    assert asyncio.run(store.get(f"{session_id}/c2")) == legacy["conversations"]["c2"]["chat_prompt"]
+    assert asyncio.run(store.get_messages(f"{session_id}/c2")) == legacy["conversations"]["c2"]["chat_prompt"]
     asyncio.run(store.close())
 
 

@@ -183,12 +183,22 @@ class Session:
             await lease.release()
 
     async def get_part(self, part: str) -> SessionData | None:
-        return None if self.unseen else await self.store.get(self._part_key(part))
+        """The conversation stored as ``part`` (``{**head, "messages": [...]}``), or None."""
+        return None if self.unseen else await self.store.get_messages(self._part_key(part))
 
-    async def put_part(self, part: str, data: SessionData, lease: Lease | None) -> None:
-        """Store ``data`` as ``part``, fenced by ``lease`` (:class:`LeaseLost` if it ran out)."""
+    async def put_part(self, part: str, data: SessionData, lease: Lease | None, *, migrating: bool = False) -> None:
+        """Store the conversation ``data`` as ``part``, all of its messages, fenced by ``lease``
+        (:class:`LeaseLost` if it ran out)."""
+        head = {k: v for k, v in data.items() if k != "messages"}
+        await self.put_messages(part, head, 0, list(data.get("messages") or []), lease, migrating=migrating)
+
+    async def put_messages(self, part: str, head: SessionData, start: int, messages: list[SessionData],
+                           lease: Lease | None, *, migrating: bool = False) -> None:
+        """Messages of the conversation ``part`` from position ``start`` on become ``messages``
+        (the rest are removed), its head ``head``; fenced by ``lease``."""
         self.used = True
-        await self.store.set(self._part_key(part), data, self.ttl_s, fence=lease.token if lease else None)
+        await self.store.set_messages(self._part_key(part), head, start, messages, self.ttl_s,
+                                      fence=lease.token if lease else None, migrating=migrating)
 
     async def delete_part(self, part: str, lease: Lease | None) -> None:
         await self.store.delete(self._part_key(part), fence=lease.token if lease else None)
