@@ -8,7 +8,9 @@ written by earlier versions (one JSON blob) keep working and are split on their 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -146,4 +148,44 @@ def test_a_100_mb_session_in_use_leaves_other_users_loop_lag_low(serve: Callable
     # The previous version parsed and wrote the whole 100 MB on the loop for every request: seconds.
     # 20 ms is the aim; this shared 2-core test machine alone shows a p99 of 12-24 ms with tiny sessions.
     assert lag["p50_ms"] < 20 and lag["p99_ms"] < 100
+    asyncio.run(store.close())
+
+
+def test_a_turn_appends_and_a_checkpoint_rewrites_one_message_not_the_conversation(
+        serve: Callable[[Any], Any], tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    store = SQLiteSessionStore(path)
+    session_id = "w" * 43
+    message = "y" * 16_000
+    long = {"system": None, "messages": [{"role": ("user", "assistant")[i % 2], "content": message}
+                                          for i in range(64)]}  # a 1 MB conversation
+    asyncio.run(store.set(session_id, {"current": "c1", "conversations": {
+        "c1": {"title": "long", "created": 1.0, "updated": 1.0, "settings": {}, "chat_prompt": long}}}, 3600))
+    chat_stream = ChatStream(use_mock_response=True, session_secret=SECRET, session_store=store,
+                             mock_token_delay=0.02, max_new_tokens=24)
+    chat_stream.service.checkpoint_interval_s = 0.05  # many checkpoints a reply: each one a write
+    app = FastAPI()
+    chat_stream.append_middlewares(app)
+    chat_stream.append_apis(app)
+    turns = 8
+    with httpx.Client(base_url=serve(app).url, timeout=60,
+                      cookies={"chatstream_session": cookie_for(session_id)}) as client:
+        assert parse_sse(client.post("/chat_stream", json={"user_input": "first"}).text)[-1][0] == "done"
+        # A reader holding its snapshot keeps SQLite from restarting the WAL: it grows by every page written.
+        wal = Path(f"{path}-wal")
+        with contextlib.closing(sqlite3.connect(path)) as reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM sessions").fetchone()
+            before = wal.stat().st_size
+            for n in range(turns):
+                events = parse_sse(client.post("/chat_stream", json={"user_input": f"turn {n}"}).text)
+                assert events[-1][0] == "done"
+            written = wal.stat().st_size - before
+            reader.execute("COMMIT")
+        history = client.get("/history").json()["messages"]
+    assert len(history) == 64 + 2 + 2 * turns and history[-2]["content"] == f"turn {turns - 1}"
+    assert history[:64] == long["messages"]
+    print(f"{turns} turns on a 1 MB conversation wrote {written / 1e6:.2f} MB to the WAL")
+    # Rewriting the conversation on each checkpoint (the previous layout) wrote 1 MB each: tens of MB.
+    assert written < 4_000_000
     asyncio.run(store.close())
