@@ -189,3 +189,40 @@ def test_a_turn_appends_and_a_checkpoint_rewrites_one_message_not_the_conversati
     # Rewriting the conversation on each checkpoint (the previous layout) wrote 1 MB each: tens of MB.
     assert written < 4_000_000
     asyncio.run(store.close())
+
+
+def test_a_session_at_its_byte_quota_is_refused_naming_it_and_deleting_frees_room(
+        serve: Callable[[Any], Any], tmp_path: Path) -> None:
+    store = SQLiteSessionStore(tmp_path / "sessions.db", max_session_bytes=60_000)
+    chat_stream = ChatStream(use_mock_response=True, session_store=store, session_secret=SECRET,
+                             max_input_chars=100_000, context_len=1_000_000, mock_token_delay=0.001)
+    app = FastAPI()
+    chat_stream.append_middlewares(app)
+    chat_stream.append_apis(app)
+    big = "x" * 8_000  # one word: the mock echoes it in one delta (16 KB a turn)
+    with httpx.Client(base_url=serve(app).url, timeout=30) as client:
+        first = client.post("/conversations", json={"title": "first"}).json()["id"]
+        second = client.post("/conversations", json={"title": "second"}).json()["id"]
+        acknowledged = {first: 0, second: 0}
+        for n in range(10):  # turns in both conversations: the quota is the session's, not one conversation's
+            conversation = (first, second)[n % 2]
+            events = parse_sse(client.post("/chat_stream", json={"user_input": big,
+                                                                  "conversation_id": conversation}).text)
+            if events[-1][0] == "done":
+                acknowledged[conversation] += 1
+                continue
+            assert "done" not in [name for name, _ in events]
+            assert events[-1][1]["error"] == "session_too_large", events[-1]
+            assert "the limit is 60000 bytes per session" in events[-1][1]["message"]
+            break
+        else:
+            raise AssertionError("the session never reached its quota")
+        assert acknowledged[first] >= 1 and acknowledged[second] >= 1 and sum(acknowledged.values()) == 3
+        for conversation, count in acknowledged.items():  # every acknowledged turn, nothing of the refused one
+            messages = client.get("/history", params={"conversation_id": conversation}).json()["messages"]
+            assert len(messages) == 2 * count
+        assert client.patch(f"/conversations/{first}", json={"title": "r"}).status_code == 200  # a shrink passes
+        assert client.delete(f"/conversations/{first}").status_code == 200  # deleting frees the session's room
+        again = parse_sse(client.post("/chat_stream", json={"user_input": big, "conversation_id": second}).text)
+        assert again[-1][0] == "done"
+    asyncio.run(store.close())

@@ -185,6 +185,25 @@ async def test_concurrent_acquires_have_exactly_one_winner(open_store: OpenStore
     assert len([t for t in tokens if t is not None]) == 1
 
 
+@stores(ALL)
+async def test_the_parallel_reply_limit_of_a_session_holds_across_instances(open_store: OpenStore) -> None:
+    a, b = open_store(), open_store()  # for SQLite and Redis: two processes
+    tokens = [await (a, b)[n % 2].acquire_lock(f"s1/c{n}", lease_s=(10, 0.3)[n == 3], max_in_session=4)
+              for n in range(4)]
+    assert all(tokens)
+    with pytest.raises(SessionBusy, match="4 replies are already being generated"):
+        await b.acquire_lock("s1/c4", lease_s=10, max_in_session=4)
+    assert await a.acquire_lock("s1/c0", lease_s=10, max_in_session=4) is None  # that conversation: busy as ever
+    assert await b.acquire_lock("s2/c0", lease_s=10, max_in_session=4)  # another session: its own places
+    await asyncio.sleep(0.45)  # c3's holder stalled: its lease ran out, and its place is free
+    fifth = await b.acquire_lock("s1/c4", lease_s=10, max_in_session=4)
+    assert fifth
+    with pytest.raises(SessionBusy):
+        await a.acquire_lock("s1/c5", lease_s=10, max_in_session=4)
+    await a.release_lock("s1/c0", tokens[0] or "")
+    assert await a.acquire_lock("s1/c5", lease_s=10, max_in_session=4)
+
+
 # -- fenced writes: a holder whose lease ran out writes nothing ------------------------------------
 
 @stores(ALL)

@@ -34,7 +34,7 @@ T = TypeVar("T")
 
 # The conversation's key in session data (the seed API's name for it).
 CONVERSATION_KEY = "chat_prompt"
-# Replies one session may stream at once (in its different conversations), per process.
+# Replies one session may stream at once (in its different conversations), in all processes together.
 MAX_PARALLEL_REPLIES = 4
 # How long a change to a session's index of conversations waits for another one to finish.
 _INDEX_WAIT_S = 2.0
@@ -504,11 +504,16 @@ class ChatService:
 
     @contextlib.asynccontextmanager
     async def hold_conversation(self, session: Session, conversation_id: str,
-                                on_lost: Callable[[str], None] | None = None) -> AsyncIterator[Lease]:
-        """The conversation's own lock; :class:`SessionBusy` naming it while a reply is written into it."""
+                                on_lost: Callable[[str], None] | None = None,
+                                streaming: bool = False) -> AsyncIterator[Lease]:
+        """The conversation's own lock; :class:`SessionBusy` naming it while a reply is written into it.
+
+        ``streaming`` (a turn): also refused while the session streams ``MAX_PARALLEL_REPLIES``
+        replies, counted in the store with the locks, so the limit holds across processes."""
         busy = (f"a reply is already being generated in conversation {conversation_id!r}; "
                 "wait for it to finish or stop it")
-        async with session.hold(conversation_id, self.lock_lease_s, busy, on_lost) as lease:
+        async with session.hold(conversation_id, self.lock_lease_s, busy, on_lost,
+                                MAX_PARALLEL_REPLIES if streaming else None) as lease:
             yield lease
 
     async def clear_conversation(self, session: Session, conversation_id: str | None = None) -> None:

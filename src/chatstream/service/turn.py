@@ -215,7 +215,8 @@ class Turn:
         service.enter_stream(session)
         session_id = session.id
         try:
-            async with service.hold_conversation(session, self.conversation_id, on_lost=self._lease_lost) as lease:
+            async with service.hold_conversation(session, self.conversation_id, on_lost=self._lease_lost,
+                                                 streaming=True) as lease:
                 self._lease = lease
                 yield
         finally:

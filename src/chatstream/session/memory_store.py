@@ -9,7 +9,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from .store import SessionData, dump_json, dump_rows, group, lease_lost, store_full, too_large, utf8_len
+from .store import SessionData, dump_json, dump_rows, group, lease_lost, store_full, too_large, too_many_held, utf8_len
 
 # A value: (expires at, the JSON text of a document stored whole | [head, message, ...] in rows, bytes)
 _Value = tuple[float, str | list[str], int]
@@ -75,10 +75,14 @@ class MemorySessionStore:
         new = [head_text, *old[1:start + 1], *rows]
         self._write(key, new, sum(utf8_len(t) for t in new), ttl_s, check_quota=not migrating)
 
-    async def acquire_lock(self, session_id: str, lease_s: float) -> str | None:
+    async def acquire_lock(self, session_id: str, lease_s: float, *, max_in_session: int | None = None) -> str | None:
         now = time.monotonic()
         if self._holds(session_id, now):
             return None
+        if max_in_session is not None:
+            prefix = group(session_id) + "/"
+            if sum(1 for name in self._locks if name.startswith(prefix) and self._holds(name, now)) >= max_in_session:
+                raise too_many_held(session_id, max_in_session)
         if session_id not in self._locks and len(self._locks) >= self.max_locks:
             self._drop_expired_locks(now)
             if len(self._locks) >= self.max_locks:

@@ -167,13 +167,14 @@ class Session:
     # -- parts: a conversation (or anything else) stored under its own key and lock --
     @contextlib.asynccontextmanager
     async def hold(self, part: str, lease_s: float, busy: str,
-                   on_lost: Callable[[str], None] | None = None) -> AsyncIterator[Lease]:
+                   on_lost: Callable[[str], None] | None = None,
+                   max_in_session: int | None = None) -> AsyncIterator[Lease]:
         """Hold the lock of one part of this session (``<session id>/<part>``, a conversation);
         :class:`SessionBusy` naming it, with the message ``busy``, while another request holds it.
         Parts lock independently of each other and of :meth:`lock`, so a user's conversations can
-        stream in parallel."""
+        stream in parallel (``max_in_session`` of them at most, across processes, when given)."""
         self.claim()
-        lease = Lease(self.store, self._part_key(part), lease_s, on_lost)
+        lease = Lease(self.store, self._part_key(part), lease_s, on_lost, max_in_session)
         if not await lease.acquire():
             raise SessionBusy(busy, conversation_id=part)
         self.used = True

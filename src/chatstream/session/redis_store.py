@@ -14,14 +14,40 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from ..errors import StoreFull, StoreUnavailable
-from .store import SessionData, dump_json, dump_rows, group, lease_lost, store_full, too_large
+from .store import SessionData, dump_json, dump_rows, group, lease_lost, store_full, too_large, too_many_held
 
 logger = logging.getLogger("chatstream.session")
 
 # Compare-and-delete / compare-and-pexpire: a holder only ever releases or extends its own lock,
 # even if its lease ran out and someone else took the lock meanwhile.
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
-_REFRESH = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+# KEYS[2] is the session's sorted set of replies streaming (``held:<session>``, lock name -> lease
+# end): kept with the lock, so the per-session limit of parallel replies holds across processes.
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('zrem', KEYS[2], ARGV[2]) return redis.call('del', KEYS[1]) end
+return 0
+"""
+_REFRESH = """
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end
+local t = redis.call('time')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('zadd', KEYS[2], 'XX', now + tonumber(ARGV[2]), ARGV[3])
+if redis.call('pttl', KEYS[2]) < tonumber(ARGV[2]) then redis.call('pexpire', KEYS[2], ARGV[2]) end
+return redis.call('pexpire', KEYS[1], ARGV[2])
+"""
+# Take the lock unless the session already holds ARGV[4] others: 1 taken, 0 held by another, -1 at the limit.
+_ACQUIRE_LIMITED = """
+local t = redis.call('time')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('zremrangebyscore', KEYS[2], '-inf', now)
+if redis.call('exists', KEYS[1]) == 1 then return 0 end
+local held = redis.call('zcard', KEYS[2])
+if redis.call('zscore', KEYS[2], ARGV[3]) then held = held - 1 end
+if held >= tonumber(ARGV[4]) then return -1 end
+redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('zadd', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
+if redis.call('pttl', KEYS[2]) < tonumber(ARGV[2]) then redis.call('pexpire', KEYS[2], ARGV[2]) end
+return 1
+"""
 # Every write is one script: the fence (the lock, KEYS[2], must still hold the writer's token, so a
 # holder whose lease ran out while it stalled cannot overwrite anything), the byte accounting and
 # the quotas, and the write itself, atomically. Bytes are counted per key in the hash
@@ -127,6 +153,7 @@ class RedisSessionStore:
         self.max_bytes = max_bytes
         self._release = client.register_script(_RELEASE)
         self._refresh = client.register_script(_REFRESH)
+        self._acquire_limited = client.register_script(_ACQUIRE_LIMITED)
         self._set = client.register_script(_SET)
         self._set_messages = client.register_script(_SET_MESSAGES)
         self._delete = client.register_script(_DELETE)
@@ -182,19 +209,26 @@ class RedisSessionStore:
         if result[0] == "gap":
             raise ValueError(f"messages from position {start}: the conversation holds {int(result[1])}")
 
-    async def acquire_lock(self, session_id: str, lease_s: float) -> str | None:
+    async def acquire_lock(self, session_id: str, lease_s: float, *, max_in_session: int | None = None) -> str | None:
         token = secrets.token_urlsafe(16)
         with self._errors():
-            taken = await self.client.set(self._lock_key(session_id), token, nx=True, px=_ms(lease_s))
+            if max_in_session is None:
+                taken = await self.client.set(self._lock_key(session_id), token, nx=True, px=_ms(lease_s))
+            else:
+                taken = await self._acquire_limited(keys=[self._lock_key(session_id), self._held_key(session_id)],
+                                                    args=[token, _ms(lease_s), session_id, max_in_session])
+        if taken == -1:
+            raise too_many_held(session_id, max_in_session or 0)
         return token if taken else None
 
     async def refresh_lock(self, session_id: str, token: str, lease_s: float) -> bool:
         with self._errors():
-            return bool(await self._refresh(keys=[self._lock_key(session_id)], args=[token, _ms(lease_s)]))
+            return bool(await self._refresh(keys=[self._lock_key(session_id), self._held_key(session_id)],
+                                            args=[token, _ms(lease_s), session_id]))
 
     async def release_lock(self, session_id: str, token: str) -> None:
         with self._errors():
-            await self._release(keys=[self._lock_key(session_id)], args=[token])
+            await self._release(keys=[self._lock_key(session_id), self._held_key(session_id)], args=[token, session_id])
 
     async def _write(self, script: Any, key: str, value_key: str, other_key: str, fence: str | None, ttl_s: float,
                      args: list[Any], count_quota: bool = True) -> list[Any]:
@@ -236,6 +270,9 @@ class RedisSessionStore:
 
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}session:{session_id}"
+
+    def _held_key(self, key: str) -> str:
+        return f"{self.prefix}held:{group(key)}"
 
     def _conv_key(self, key: str) -> str:
         return f"{self.prefix}conv:{key}"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import StoreUnavailable
-from .store import SessionData, dump_json, dump_rows, group, lease_lost, store_full, too_large, utf8_len
+from .store import SessionData, dump_json, dump_rows, group, lease_lost, store_full, too_large, too_many_held, utf8_len
 
 T = TypeVar("T")
 logger = logging.getLogger("chatstream.session")
@@ -237,13 +237,27 @@ class SQLiteSessionStore:
         if after > self.max_session_bytes and after > before:
             raise too_large(key, after, self.max_session_bytes)
 
-    async def acquire_lock(self, session_id: str, lease_s: float) -> str | None:
+    async def acquire_lock(self, session_id: str, lease_s: float, *, max_in_session: int | None = None) -> str | None:
         token = secrets.token_urlsafe(16)
 
         def acquire() -> bool:
             now = time.time()
-            cursor = self._db.execute(_ACQUIRE, {"id": session_id, "token": token, "until": now + lease_s, "now": now})
-            return cursor.rowcount == 1
+            params = {"id": session_id, "token": token, "until": now + lease_s, "now": now}
+            if max_in_session is None:
+                return self._db.execute(_ACQUIRE, params).rowcount == 1
+            taken: list[bool] = []
+
+            def count_then_take() -> None:  # one transaction: two processes cannot both take the last place
+                session = group(session_id)
+                held = self._db.execute(
+                    "SELECT count(*) FROM session_locks WHERE id >= ? AND id < ? AND id != ? AND expires_at > ?",
+                    (session + "/", session + "0", session_id, now)).fetchone()[0]
+                taken.append(self._db.execute(_ACQUIRE, params).rowcount == 1)
+                if taken[0] and held >= max_in_session:
+                    raise too_many_held(session_id, max_in_session)
+
+            self._transaction(count_then_take)
+            return taken[0]
 
         return token if await self._run(acquire) else None
 

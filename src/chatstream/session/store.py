@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any, Protocol, runtime_checkable
 
-from ..errors import LeaseLost, SessionTooLarge, StoreFull
+from ..errors import LeaseLost, SessionBusy, SessionTooLarge, StoreFull
 
 SessionData = dict[str, Any]
 
@@ -64,8 +64,13 @@ class SessionStore(Protocol):
         """
         ...
 
-    async def acquire_lock(self, session_id: str, lease_s: float) -> str | None:
-        """A new owner token, or None while someone else holds an unexpired lease."""
+    async def acquire_lock(self, session_id: str, lease_s: float, *, max_in_session: int | None = None) -> str | None:
+        """A new owner token, or None while someone else holds an unexpired lease.
+
+        With ``max_in_session``, the lock of a part (``<session>/<part>``) is refused with
+        :class:`~chatstream.errors.SessionBusy` while the session already holds that many
+        unexpired locks of its parts (in any process): a per-user limit of parallel replies.
+        """
         ...
 
     async def refresh_lock(self, session_id: str, token: str, lease_s: float) -> bool:
@@ -122,6 +127,11 @@ def too_large(key: str, total: int, limit: int) -> SessionTooLarge:
 def store_full(limit: int | None = None) -> StoreFull:
     where = f"its limit of {limit} bytes, --session-store-max-bytes" if limit else "its size limit or the disk"
     return StoreFull(f"the session store is full ({where}): delete conversations to free space")
+
+
+def too_many_held(key: str, limit: int) -> SessionBusy:
+    return SessionBusy(f"{limit} replies are already being generated in this session (the most one user may run "
+                       "at once, across every server process); wait for one to finish")
 
 
 def lease_lost(session_id: str) -> LeaseLost:
