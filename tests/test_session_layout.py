@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import redis
 from conftest import parse_sse
 from fastapi import FastAPI
 from itsdangerous import TimestampSigner
 
 from chatstream import ChatStream
-from chatstream.session import SQLiteSessionStore
+from chatstream.session import RedisSessionStore, SQLiteSessionStore
 from chatstream.settings import Settings
 from chatstream.web.app import create_app
 
@@ -226,3 +228,66 @@ def test_a_session_at_its_byte_quota_is_refused_naming_it_and_deleting_frees_roo
         again = parse_sse(client.post("/chat_stream", json={"user_input": big, "conversation_id": second}).text)
         assert again[-1][0] == "done"
     asyncio.run(store.close())
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("layout", ["one blob", "a document per conversation"])
+def test_sessions_written_in_the_previous_layouts_are_read_then_become_rows(
+        kind: str, layout: str, serve: Callable[[Any], Any], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    session_id = "r" * 43
+    c1 = {"system": None, "messages": [{"role": "user", "content": "q1"},
+                                       {"role": "assistant", "content": "a1b", "alternatives": ["a1a"]}]}
+    c2 = {"system": "Be brief.", "messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}
+    entries = {"c1": {"title": "one", "created": 1.0, "updated": 2.0, "settings": {}},
+               "c2": {"title": "two", "created": 1.0, "updated": 1.0, "settings": {}}}
+    if layout == "one blob":  # the whole session in one JSON document
+        old = {session_id: {"current": "c1", "conversations": {
+            "c1": {**entries["c1"], "chat_prompt": c1}, "c2": {**entries["c2"], "chat_prompt": c2}}}}
+    else:  # the index, and each conversation's document under "<session>/<conversation>"
+        old = {session_id: {"current": "c1", "conversations": {
+            k: {**v, "message_count": 2} for k, v in entries.items()}},
+            f"{session_id}/c1": c1, f"{session_id}/c2": c2}
+    # Written as the previous version wrote them: rows of its sessions table, or Redis strings.
+    store: Any
+    if kind == "sqlite":
+        path = tmp_path / "sessions.db"
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("CREATE TABLE sessions (id TEXT PRIMARY KEY, data TEXT NOT NULL, expires_at REAL NOT NULL) "
+                       "WITHOUT ROWID")
+            db.executemany("INSERT INTO sessions VALUES (?, ?, ?)",
+                           [(k, json.dumps(v), time.time() + 3600) for k, v in old.items()])
+        store = SQLiteSessionStore(path)
+    else:
+        url, prefix = request.getfixturevalue("redis_server"), f"layout-{time.time_ns()}:"
+        raw = redis.Redis.from_url(url)
+        for k, v in old.items():
+            raw.set(f"{prefix}session:{k}", json.dumps(v), px=3_600_000)
+        store = RedisSessionStore.from_url(url, prefix=prefix)
+    chat_stream = ChatStream(use_mock_response=True, session_secret=SECRET, session_store=store,
+                             mock_token_delay=0.001)
+    app = FastAPI()
+    chat_stream.append_middlewares(app)
+    chat_stream.append_apis(app)
+    with httpx.Client(base_url=serve(app).url, timeout=30,
+                      cookies={"chatstream_session": cookie_for(session_id)}) as client:
+        assert client.get("/history").json()["messages"] == c1["messages"]  # read as it is
+        assert parse_sse(client.post("/chat_stream", json={"user_input": "q3"}).text)[-1][0] == "done"
+        regenerated = parse_sse(client.post("/chat_stream", json={"user_input": "", "regenerate": True}).text)
+        assert regenerated[-1][0] == "done"
+        after = client.get("/history").json()["messages"]
+        assert [m["content"] for m in after[:3]] == ["q1", "a1b", "q3"] and len(after) == 4
+        assert after[1]["alternatives"] == ["a1a"]  # the regenerate rewrote the last row only
+        assert client.get("/history", params={"conversation_id": "c2"}).json()["messages"] == c2["messages"]
+
+    async def stored() -> tuple[Any, Any, Any]:  # a fresh instance: the server's Redis client belongs to its loop
+        again = SQLiteSessionStore(path) if kind == "sqlite" else RedisSessionStore.from_url(url, prefix=prefix)
+        try:
+            return (await again.get(f"{session_id}/c1"), await again.get_messages(f"{session_id}/c1"),
+                    await again.get_messages(f"{session_id}/c2"))
+        finally:
+            await again.close()
+
+    # The changed conversation is rows now (no document left under its key); the other one reads the same.
+    whole, rows, other = asyncio.run(stored())
+    assert whole is None and rows["messages"][:2] == c1["messages"] and len(rows["messages"]) == 4
+    assert other == c2

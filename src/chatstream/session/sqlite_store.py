@@ -145,11 +145,17 @@ class SQLiteSessionStore:
                 return json.loads(found[0]) if found is not None and found[1] > now else None
             if row[1] <= now:
                 return None  # expired: the sweep deletes its rows
-            # One transaction-free read of the head and then the rows: a write in between (this
-            # key's writer holds the lock, and readers take no lock) only makes this read newer.
+            self._db.execute("BEGIN")  # one snapshot for the head and the rows (WAL: writers go on meanwhile)
+            try:
+                row = self._db.execute("SELECT head FROM conversations WHERE id = ?", (key,)).fetchone()
+                texts = self._db.execute("SELECT data FROM messages WHERE conversation = ? ORDER BY position",
+                                         (key,)).fetchall()
+            finally:
+                self._db.execute("COMMIT")
+            if row is None:
+                return None
             data: SessionData = json.loads(row[0])
-            data["messages"] = [json.loads(text) for (text,) in self._db.execute(
-                "SELECT data FROM messages WHERE conversation = ? ORDER BY position", (key,))]
+            data["messages"] = [json.loads(text) for (text,) in texts]
             return data
 
         return await self._run(get)
