@@ -224,6 +224,11 @@ def test_a_session_at_its_byte_quota_is_refused_naming_it_and_deleting_frees_roo
             messages = client.get("/history", params={"conversation_id": conversation}).json()["messages"]
             assert len(messages) == 2 * count
         assert client.patch(f"/conversations/{first}", json={"title": "r"}).status_code == 200  # a shrink passes
+        # A change of the index that would grow the session past its quota: 413 naming it, nothing changed.
+        grown = client.patch(f"/conversations/{second}", json={"settings": {"system_prompt": "s" * 20_000}})
+        assert grown.status_code == 413 and grown.json()["error"] == "session_too_large"
+        assert "the limit is 60000 bytes per session" in grown.json()["message"]
+        assert client.get(f"/conversations/{second}").json()["settings"] == {}
         assert client.delete(f"/conversations/{first}").status_code == 200  # deleting frees the session's room
         again = parse_sse(client.post("/chat_stream", json={"user_input": big, "conversation_id": second}).text)
         assert again[-1][0] == "done"

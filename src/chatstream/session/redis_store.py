@@ -187,7 +187,8 @@ class RedisSessionStore:
             fields = await self.client.hgetall(self._conv_key(key))
         if not fields:
             return await self.get(key)  # stored whole by an older version, or nothing
-        return await asyncio.to_thread(_assemble, fields) if len(fields) > 64 else _assemble(fields)
+        big = sum(len(value) for value in fields.values()) > _BIG_VALUE
+        return await asyncio.to_thread(_assemble, fields) if big else _assemble(fields)
 
     async def set_messages(self, key: str, head: SessionData, start: int, messages: list[SessionData],
                            ttl_s: float, fence: str | None = None, *, migrating: bool = False) -> None:
@@ -202,7 +203,7 @@ class RedisSessionStore:
                 old = [m for m in stored.get("messages") or [] if isinstance(m, dict)]
                 if start > len(old):
                     raise ValueError(f"messages from position {start}: the conversation holds {len(old)}")
-                _, old_rows = dump_rows({}, old[:start])
+                _, old_rows = await asyncio.to_thread(dump_rows, {}, old[:start])  # off the loop: it may be large
                 start, rows = 0, old_rows + rows
         result = await self._write(self._set_messages, key, self._conv_key(key), self._key(key), fence, ttl_s,
                                    [start, head_text, *rows], count_quota=not migrating)
