@@ -20,7 +20,7 @@ from ..admission import AdmissionQueue
 from ..conversation import ChatPrompt
 from ..engine import Engine, SamplingParams
 from ..engine.protocol import engine_info
-from ..errors import InvalidRequest, ModelNotReady, PromptTooLong, SessionBusy, StoreUnavailable
+from ..errors import InvalidRequest, ModelNotReady, PromptTooLong, SessionBusy, SessionTooLarge, StoreUnavailable
 from ..metrics import Metrics
 from ..model_loader import GGUF_WEIGHTS, load_model, model_display_name
 from ..session import Lease, MemorySessionStore, Session, SessionStore
@@ -466,8 +466,9 @@ class ChatService:
         try:
             await self.update_index(
                 session, lambda index: conversations.note_chat_prompt(index, target, seen, current_was))
-        except SessionBusy:  # the messages are saved; only the list's title/count/time lag behind
-            logger.warning("the index of session %s… stayed busy; conversation %s saved without it", session.id[:8], target)
+        except (SessionBusy, SessionTooLarge) as exc:  # the messages are saved; only the list's title/count/time lag behind
+            logger.warning("the index of session %s… was not updated (%s); conversation %s saved without it",
+                           session.id[:8], exc.code, target)
 
     async def save_checkpoint(self, session: Session, chat_prompt: ChatPrompt, reply: dict[str, Any], start: int,
                               conversation_id: str, lease: Lease | None, current_was: Any = ...) -> None:
