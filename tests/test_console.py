@@ -60,12 +60,12 @@ class RecordingStore(MemorySessionStore):
             self.session_id = None
 
     def history(self) -> list[tuple[str, str]]:
-        """The current conversation of the session saved last (its index, then its own document)."""
+        """The current conversation of the session saved last (its index, then its rows: a head and one text a message)."""
         if self.session_id not in self._data:
             return []
         index = json.loads(self._data[self.session_id][1])
         stored = self._data.get(f"{self.session_id}/{index.get('current')}")
-        messages = json.loads(stored[1]).get("messages", []) if stored else []
+        messages = [json.loads(text) for text in stored[1][1:]] if stored else []
         return [(m["role"], m["content"]) for m in messages]
 
 

@@ -7,6 +7,7 @@ that all of it is still there afterwards: 0 acknowledged changes lost.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -273,3 +274,26 @@ def test_a_full_store_ends_the_turn_with_an_error_and_deleting_frees_it(serve: A
         again = parse_sse(client.post("/chat_stream", json={"user_input": big}).text)
         assert again[-1][0] == "done"
         assert [m["content"][:1] for m in client.get("/history").json()["messages"]] == ["x", "Y"]
+
+
+def test_the_parallel_reply_limit_of_a_session_holds_across_processes(servers: Any, tmp_path: Path) -> None:
+    a, b = servers(2, f"sqlite:///{tmp_path / 'sessions.db'}")
+    with httpx.Client(base_url=a, timeout=30) as on_a, httpx.Client(base_url=b, timeout=30) as on_b, \
+            contextlib.ExitStack() as streams:
+        ids = [on_a.post("/conversations", json={"title": f"c{n}"}).json()["id"] for n in range(6)]
+        on_b.cookies.update(on_a.cookies)
+        readers = []  # kept: a reader dropped closes its stream (a client that left)
+        for n in range(4):  # two replies streaming in each process: four for this user
+            client = (on_a, on_b)[n % 2]
+            reply = streams.enter_context(client.stream("POST", "/chat_stream", json={
+                "user_input": LONG_INPUT, "conversation_id": ids[n]}))
+            assert reply.status_code == 200
+            readers.append(reply.iter_lines())
+            first_delta(readers[-1])
+        for client, conversation in ((on_a, ids[4]), (on_b, ids[5])):  # a fifth, in either process, is refused
+            refused = client.post("/chat_stream", json={"user_input": "one more", "conversation_id": conversation})
+            assert refused.status_code == 409, refused.text[:300]
+            assert refused.json()["error"] == "session_busy" and "4 replies" in refused.json()["message"]
+        other = httpx.post(f"{b}/chat_stream", json={"user_input": "another user"}, timeout=30)
+        assert parse_sse(other.text)[-1][0] == "done"  # other users are not limited by it
+        assert all(events_of(reader)[-1][0] == "done" for reader in readers)

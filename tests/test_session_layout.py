@@ -8,7 +8,9 @@ written by earlier versions (one JSON blob) keep working and are split on their 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -16,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+import redis
 from conftest import parse_sse
 from fastapi import FastAPI
 from itsdangerous import TimestampSigner
 
 from chatstream import ChatStream
-from chatstream.session import SQLiteSessionStore
+from chatstream.session import RedisSessionStore, SQLiteSessionStore
 from chatstream.settings import Settings
 from chatstream.web.app import create_app
 
@@ -98,7 +102,7 @@ def test_a_session_written_by_the_previous_version_is_read_then_split(serve: Cal
     assert c2["messages"] == legacy["conversations"]["c2"]["chat_prompt"]["messages"]  # details kept
     index = asyncio.run(store.get(session_id))
     assert index is not None and all("chat_prompt" not in entry for entry in index["conversations"].values())
-    assert asyncio.run(store.get(f"{session_id}/c2")) == legacy["conversations"]["c2"]["chat_prompt"]
+    assert asyncio.run(store.get_messages(f"{session_id}/c2")) == legacy["conversations"]["c2"]["chat_prompt"]
     asyncio.run(store.close())
 
 
@@ -147,3 +151,148 @@ def test_a_100_mb_session_in_use_leaves_other_users_loop_lag_low(serve: Callable
     # 20 ms is the aim; this shared 2-core test machine alone shows a p99 of 12-24 ms with tiny sessions.
     assert lag["p50_ms"] < 20 and lag["p99_ms"] < 100
     asyncio.run(store.close())
+
+
+def test_a_turn_appends_and_a_checkpoint_rewrites_one_message_not_the_conversation(
+        serve: Callable[[Any], Any], tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    store = SQLiteSessionStore(path)
+    session_id = "w" * 43
+    message = "y" * 16_000
+    long = {"system": None, "messages": [{"role": ("user", "assistant")[i % 2], "content": message}
+                                          for i in range(64)]}  # a 1 MB conversation
+    asyncio.run(store.set(session_id, {"current": "c1", "conversations": {
+        "c1": {"title": "long", "created": 1.0, "updated": 1.0, "settings": {}, "chat_prompt": long}}}, 3600))
+    chat_stream = ChatStream(use_mock_response=True, session_secret=SECRET, session_store=store,
+                             mock_token_delay=0.02, max_new_tokens=24)
+    chat_stream.service.checkpoint_interval_s = 0.05  # many checkpoints a reply: each one a write
+    app = FastAPI()
+    chat_stream.append_middlewares(app)
+    chat_stream.append_apis(app)
+    turns = 8
+    with httpx.Client(base_url=serve(app).url, timeout=60,
+                      cookies={"chatstream_session": cookie_for(session_id)}) as client:
+        assert parse_sse(client.post("/chat_stream", json={"user_input": "first"}).text)[-1][0] == "done"
+        # A reader holding its snapshot keeps SQLite from restarting the WAL: it grows by every page written.
+        wal = Path(f"{path}-wal")
+        with contextlib.closing(sqlite3.connect(path)) as reader:
+            reader.execute("BEGIN")
+            reader.execute("SELECT count(*) FROM sessions").fetchone()
+            before = wal.stat().st_size
+            for n in range(turns):
+                events = parse_sse(client.post("/chat_stream", json={"user_input": f"turn {n}"}).text)
+                assert events[-1][0] == "done"
+            written = wal.stat().st_size - before
+            reader.execute("COMMIT")
+        history = client.get("/history").json()["messages"]
+    assert len(history) == 64 + 2 + 2 * turns and history[-2]["content"] == f"turn {turns - 1}"
+    assert history[:64] == long["messages"]
+    print(f"{turns} turns on a 1 MB conversation wrote {written / 1e6:.2f} MB to the WAL")
+    # Rewriting the conversation on each checkpoint (the previous layout) wrote 1 MB each: tens of MB.
+    assert written < 4_000_000
+    asyncio.run(store.close())
+
+
+def test_a_session_at_its_byte_quota_is_refused_naming_it_and_deleting_frees_room(
+        serve: Callable[[Any], Any], tmp_path: Path) -> None:
+    store = SQLiteSessionStore(tmp_path / "sessions.db", max_session_bytes=60_000)
+    chat_stream = ChatStream(use_mock_response=True, session_store=store, session_secret=SECRET,
+                             max_input_chars=100_000, context_len=1_000_000, mock_token_delay=0.001)
+    app = FastAPI()
+    chat_stream.append_middlewares(app)
+    chat_stream.append_apis(app)
+    big = "x" * 8_000  # one word: the mock echoes it in one delta (16 KB a turn)
+    with httpx.Client(base_url=serve(app).url, timeout=30) as client:
+        first = client.post("/conversations", json={"title": "first"}).json()["id"]
+        second = client.post("/conversations", json={"title": "second"}).json()["id"]
+        acknowledged = {first: 0, second: 0}
+        for n in range(10):  # turns in both conversations: the quota is the session's, not one conversation's
+            conversation = (first, second)[n % 2]
+            events = parse_sse(client.post("/chat_stream", json={"user_input": big,
+                                                                  "conversation_id": conversation}).text)
+            if events[-1][0] == "done":
+                acknowledged[conversation] += 1
+                continue
+            assert "done" not in [name for name, _ in events]
+            assert events[-1][1]["error"] == "session_too_large", events[-1]
+            assert "the limit is 60000 bytes per session" in events[-1][1]["message"]
+            break
+        else:
+            raise AssertionError("the session never reached its quota")
+        assert acknowledged[first] >= 1 and acknowledged[second] >= 1 and sum(acknowledged.values()) == 3
+        for conversation, count in acknowledged.items():  # every acknowledged turn, nothing of the refused one
+            messages = client.get("/history", params={"conversation_id": conversation}).json()["messages"]
+            assert len(messages) == 2 * count
+        assert client.patch(f"/conversations/{first}", json={"title": "r"}).status_code == 200  # a shrink passes
+        # A change of the index that would grow the session past its quota: 413 naming it, nothing changed.
+        grown = client.patch(f"/conversations/{second}", json={"settings": {"system_prompt": "s" * 20_000}})
+        assert grown.status_code == 413 and grown.json()["error"] == "session_too_large"
+        assert "the limit is 60000 bytes per session" in grown.json()["message"]
+        assert client.get(f"/conversations/{second}").json()["settings"] == {}
+        assert client.delete(f"/conversations/{first}").status_code == 200  # deleting frees the session's room
+        again = parse_sse(client.post("/chat_stream", json={"user_input": big, "conversation_id": second}).text)
+        assert again[-1][0] == "done"
+    asyncio.run(store.close())
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("layout", ["one blob", "a document per conversation"])
+def test_sessions_written_in_the_previous_layouts_are_read_then_become_rows(
+        kind: str, layout: str, serve: Callable[[Any], Any], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    session_id = "r" * 43
+    c1 = {"system": None, "messages": [{"role": "user", "content": "q1"},
+                                       {"role": "assistant", "content": "a1b", "alternatives": ["a1a"]}]}
+    c2 = {"system": "Be brief.", "messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}
+    entries = {"c1": {"title": "one", "created": 1.0, "updated": 2.0, "settings": {}},
+               "c2": {"title": "two", "created": 1.0, "updated": 1.0, "settings": {}}}
+    if layout == "one blob":  # the whole session in one JSON document
+        old = {session_id: {"current": "c1", "conversations": {
+            "c1": {**entries["c1"], "chat_prompt": c1}, "c2": {**entries["c2"], "chat_prompt": c2}}}}
+    else:  # the index, and each conversation's document under "<session>/<conversation>"
+        old = {session_id: {"current": "c1", "conversations": {
+            k: {**v, "message_count": 2} for k, v in entries.items()}},
+            f"{session_id}/c1": c1, f"{session_id}/c2": c2}
+    # Written as the previous version wrote them: rows of its sessions table, or Redis strings.
+    store: Any
+    if kind == "sqlite":
+        path = tmp_path / "sessions.db"
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("CREATE TABLE sessions (id TEXT PRIMARY KEY, data TEXT NOT NULL, expires_at REAL NOT NULL) "
+                       "WITHOUT ROWID")
+            db.executemany("INSERT INTO sessions VALUES (?, ?, ?)",
+                           [(k, json.dumps(v), time.time() + 3600) for k, v in old.items()])
+        store = SQLiteSessionStore(path)
+    else:
+        url, prefix = request.getfixturevalue("redis_server"), f"layout-{time.time_ns()}:"
+        raw = redis.Redis.from_url(url)
+        for k, v in old.items():
+            raw.set(f"{prefix}session:{k}", json.dumps(v), px=3_600_000)
+        store = RedisSessionStore.from_url(url, prefix=prefix)
+    chat_stream = ChatStream(use_mock_response=True, session_secret=SECRET, session_store=store,
+                             mock_token_delay=0.001)
+    app = FastAPI()
+    chat_stream.append_middlewares(app)
+    chat_stream.append_apis(app)
+    with httpx.Client(base_url=serve(app).url, timeout=30,
+                      cookies={"chatstream_session": cookie_for(session_id)}) as client:
+        assert client.get("/history").json()["messages"] == c1["messages"]  # read as it is
+        assert parse_sse(client.post("/chat_stream", json={"user_input": "q3"}).text)[-1][0] == "done"
+        regenerated = parse_sse(client.post("/chat_stream", json={"user_input": "", "regenerate": True}).text)
+        assert regenerated[-1][0] == "done"
+        after = client.get("/history").json()["messages"]
+        assert [m["content"] for m in after[:3]] == ["q1", "a1b", "q3"] and len(after) == 4
+        assert after[1]["alternatives"] == ["a1a"]  # the regenerate rewrote the last row only
+        assert client.get("/history", params={"conversation_id": "c2"}).json()["messages"] == c2["messages"]
+
+    async def stored() -> tuple[Any, Any, Any]:  # a fresh instance: the server's Redis client belongs to its loop
+        again = SQLiteSessionStore(path) if kind == "sqlite" else RedisSessionStore.from_url(url, prefix=prefix)
+        try:
+            return (await again.get(f"{session_id}/c1"), await again.get_messages(f"{session_id}/c1"),
+                    await again.get_messages(f"{session_id}/c2"))
+        finally:
+            await again.close()
+
+    # The changed conversation is rows now (no document left under its key); the other one reads the same.
+    whole, rows, other = asyncio.run(stored())
+    assert whole is None and rows["messages"][:2] == c1["messages"] and len(rows["messages"]) == 4
+    assert other == c2

@@ -185,6 +185,25 @@ async def test_concurrent_acquires_have_exactly_one_winner(open_store: OpenStore
     assert len([t for t in tokens if t is not None]) == 1
 
 
+@stores(ALL)
+async def test_the_parallel_reply_limit_of_a_session_holds_across_instances(open_store: OpenStore) -> None:
+    a, b = open_store(), open_store()  # for SQLite and Redis: two processes
+    tokens = [await (a, b)[n % 2].acquire_lock(f"s1/c{n}", lease_s=(10, 0.3)[n == 3], max_in_session=4)
+              for n in range(4)]
+    assert all(tokens)
+    with pytest.raises(SessionBusy, match="4 replies are already being generated"):
+        await b.acquire_lock("s1/c4", lease_s=10, max_in_session=4)
+    assert await a.acquire_lock("s1/c0", lease_s=10, max_in_session=4) is None  # that conversation: busy as ever
+    assert await b.acquire_lock("s2/c0", lease_s=10, max_in_session=4)  # another session: its own places
+    await asyncio.sleep(0.45)  # c3's holder stalled: its lease ran out, and its place is free
+    fifth = await b.acquire_lock("s1/c4", lease_s=10, max_in_session=4)
+    assert fifth
+    with pytest.raises(SessionBusy):
+        await a.acquire_lock("s1/c5", lease_s=10, max_in_session=4)
+    await a.release_lock("s1/c0", tokens[0] or "")
+    assert await a.acquire_lock("s1/c5", lease_s=10, max_in_session=4)
+
+
 # -- fenced writes: a holder whose lease ran out writes nothing ------------------------------------
 
 @stores(ALL)
@@ -233,6 +252,70 @@ async def test_a_session_whose_lease_ran_out_stops_and_cannot_save(open_store: O
     assert await store.get(session.id) == {"v": "the other request's"}
 
 
+# -- conversations in rows: a turn appends, a checkpoint rewrites one message ----------------------
+
+def msg(n: int, text: str = "") -> dict[str, Any]:
+    return {"role": ("user", "assistant")[n % 2], "content": text or f"message {n} — é 東京"}
+
+
+@stores(ALL)
+async def test_messages_are_appended_updated_one_at_a_time_and_cut(open_store: OpenStore) -> None:
+    store, other = open_store(), open_store()
+    key = "s1/c1"
+    assert await store.get_messages(key) is None
+    await store.set_messages(key, {"system": "Be brief."}, 0, [msg(0), msg(1)], ttl_s=60)
+    await store.set_messages(key, {"system": "Be brief.", "context_start": 1}, 2, [msg(2), msg(3, "partial")],
+                             ttl_s=60)
+    await store.set_messages(key, {"system": "Be brief.", "context_start": 1}, 3, [msg(3, "whole reply")], ttl_s=60)
+    assert await other.get_messages(key) == {"system": "Be brief.", "context_start": 1,
+                                             "messages": [msg(0), msg(1), msg(2), msg(3, "whole reply")]}
+    await store.set_messages(key, {"system": None}, 1, [msg(1, "regenerated")], ttl_s=60)  # the rest is cut
+    assert await other.get_messages(key) == {"system": None, "messages": [msg(0), msg(1, "regenerated")]}
+    with pytest.raises(ValueError, match="position 5"):
+        await store.set_messages(key, {"system": None}, 5, [msg(5)], ttl_s=60)  # a gap: refused, nothing changes
+    for not_json in ([{"a": {1}}], ["not a dict"]):
+        with pytest.raises((TypeError, ValueError)):
+            await store.set_messages(key, {"system": None}, 2, not_json, ttl_s=60)  # type: ignore[arg-type]
+    assert (await other.get_messages(key) or {})["messages"] == [msg(0), msg(1, "regenerated")]
+    await store.delete(key)
+    assert await other.get_messages(key) is None
+    await store.set_messages(key, {}, 0, [msg(0, "a new life")], ttl_s=0.3)
+    await asyncio.sleep(0.45)
+    assert await other.get_messages(key) is None  # expired
+
+
+@stores(ALL)
+async def test_a_message_write_fenced_by_a_lease_that_ran_out_is_refused(open_store: OpenStore) -> None:
+    stalled, other = open_store(), open_store()
+    key = "s1/c1"
+    token = await stalled.acquire_lock(key, lease_s=0.3)
+    assert token
+    await stalled.set_messages(key, {}, 0, [msg(0), msg(1, "streaming")], ttl_s=60, fence=token)
+    await asyncio.sleep(0.45)
+    taker = await other.acquire_lock(key, lease_s=10)
+    assert taker
+    await other.set_messages(key, {}, 2, [msg(2, "acknowledged")], ttl_s=60, fence=taker)
+    with pytest.raises(LeaseLost):
+        await stalled.set_messages(key, {}, 1, [msg(1, "stale checkpoint")], ttl_s=60, fence=token)
+    assert (await other.get_messages(key) or {})["messages"] == [msg(0), msg(1, "streaming"), msg(2, "acknowledged")]
+
+
+@stores(ALL)
+async def test_a_conversation_stored_whole_by_the_previous_version_becomes_rows_on_its_first_change(
+        open_store: OpenStore) -> None:
+    store = open_store()
+    key = "s1/c1"
+    # Exactly what the previous version wrote for a conversation: one document under its key.
+    await store.set(key, {"system": "Old.", "messages": [msg(0), msg(1)], "context_start": 0}, ttl_s=60)
+    assert await store.get_messages(key) == {"system": "Old.", "messages": [msg(0), msg(1)], "context_start": 0}
+    token = await store.acquire_lock(key, lease_s=10)
+    await store.set_messages(key, {"system": "Old."}, 2, [msg(2), msg(3)], ttl_s=60, fence=token)
+    assert await store.get_messages(key) == {"system": "Old.", "messages": [msg(0), msg(1), msg(2), msg(3)]}
+    await store.set_messages(key, {"system": "Old."}, 3, [msg(3, "again")], ttl_s=60, fence=token)
+    assert await store.get(key) is None  # the document is gone: only rows remain
+    assert (await store.get_messages(key) or {})["messages"][2:] == [msg(2), msg(3, "again")]
+
+
 # -- quotas ----------------------------------------------------------------------------------------
 
 @stores(ALL)
@@ -242,6 +325,74 @@ async def test_a_session_over_its_byte_limit_is_refused_naming_the_limit(open_st
     with pytest.raises(SessionTooLarge, match="the limit is 10000 bytes"):
         await store.set("s1", {"text": "é" * 5_000}, ttl_s=60)  # 10,000+ bytes in UTF-8
     assert await store.get("s1") == {"text": "a" * 5_000}  # nothing changed
+
+
+@stores(ALL)
+async def test_the_session_quota_counts_all_its_conversations_and_shrinking_always_works(
+        open_store: OpenStore) -> None:
+    store = open_store(max_session_bytes=30_000)
+    await store.set("s1", {"current": "c1"}, ttl_s=60)  # the index counts too
+    await store.set_messages("s1/c1", {}, 0, [msg(0, "a" * 12_000)], ttl_s=60)
+    await store.set_messages("s1/c2", {}, 0, [msg(0, "b" * 12_000)], ttl_s=60)
+    with pytest.raises(SessionTooLarge, match="the limit is 30000 bytes per session"):
+        await store.set_messages("s1/c3", {}, 0, [msg(0, "c" * 12_000)], ttl_s=60)  # 36,000+ in all
+    with pytest.raises(SessionTooLarge, match="the limit is 30000 bytes per session"):
+        await store.set_messages("s1/c2", {}, 1, [msg(1, "d" * 12_000)], ttl_s=60)
+    assert await store.get_messages("s1/c3") is None  # nothing partially written
+    assert (await store.get_messages("s1/c2") or {})["messages"] == [msg(0, "b" * 12_000)]
+    await store.set_messages("s2/c1", {}, 0, [msg(0, "e" * 25_000)], ttl_s=60)  # another session: its own quota
+    await store.set_messages("s1/c1", {}, 0, [msg(0, "a" * 2_000)], ttl_s=60)  # shrinking frees room...
+    await store.set_messages("s1/c3", {}, 0, [msg(0, "c" * 12_000)], ttl_s=60)  # ...for another conversation
+    await store.delete("s1/c2")
+    await store.set_messages("s1/c1", {}, 1, [msg(1, "f" * 12_000)], ttl_s=60)
+
+
+@stores(["memory", "redis"])
+async def test_a_store_over_its_byte_limit_refuses_growth_naming_the_limit(open_store: OpenStore) -> None:
+    store = open_store(max_bytes=100_000)
+    for n in range(3):
+        token = await store.acquire_lock(f"s{n}/c", lease_s=60)  # in use: the memory store may not evict them
+        await store.set_messages(f"s{n}/c", {}, 0, [msg(0, "x" * 30_000)], ttl_s=60, fence=token)
+    with pytest.raises(StoreFull, match="100000 bytes"):
+        await store.set_messages("s3/c", {}, 0, [msg(0, "y" * 30_000)], ttl_s=60)
+    assert await store.get_messages("s3/c") is None
+    await store.delete("s0/c")  # deleting works, and frees the space
+    await store.set_messages("s3/c", {}, 0, [msg(0, "y" * 30_000)], ttl_s=60)
+
+
+async def test_redis_expiry_frees_what_the_store_counts(redis_server: str) -> None:
+    store = RedisSessionStore.from_url(redis_server, prefix=f"test-{uuid.uuid4().hex}:", max_bytes=100_000)
+    try:
+        for n in range(3):
+            await store.set_messages(f"s{n}/c", {}, 0, [msg(0, "x" * 30_000)], ttl_s=0.3)
+        with pytest.raises(StoreFull):
+            await store.set_messages("s3/c", {}, 0, [msg(0, "y" * 30_000)], ttl_s=60)
+        await asyncio.sleep(0.45)  # Redis's TTLs drop them; the next write subtracts them
+        await store.set_messages("s3/c", {}, 0, [msg(0, "y" * 30_000)], ttl_s=60)
+        assert int(await store.client.get(f"{store.prefix}bytes")) < 40_000
+    finally:
+        await store.close()
+
+
+async def test_sqlite_expiry_deletes_the_rows_and_the_space_is_reused(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    store = SQLiteSessionStore(path, max_bytes=1024 * 1024, sweep_interval_s=0.2)
+    try:
+        written = 0
+        with pytest.raises(StoreFull, match="1048576 bytes"):
+            for n in range(100):
+                await store.set_messages(f"s{n}/c", {}, 0, [msg(i, "x" * 20_000) for i in range(4)], ttl_s=1.0)
+                written += 1
+        assert 5 <= written < 100
+        await asyncio.sleep(1.2)  # every conversation expires; the next write sweeps them
+        for n in range(written):  # as many again fit in the same file: the space was reused
+            await store.set_messages(f"t{n}/c", {}, 0, [msg(i, "y" * 20_000) for i in range(4)], ttl_s=60)
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT count(*) FROM conversations WHERE id LIKE 's%'").fetchone()[0] == 0
+            assert db.execute("SELECT count(*) FROM messages WHERE conversation LIKE 's%'").fetchone()[0] == 0
+        assert path.stat().st_size <= 1024 * 1024
+    finally:
+        await store.close()
 
 
 async def test_a_full_sqlite_store_refuses_growth_but_shrinking_and_deleting_work(tmp_path: Path) -> None:

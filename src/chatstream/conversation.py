@@ -212,10 +212,20 @@ class ChatPrompt:
 
     # -- persistence (plain JSON data only) --
     def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"system": self.system, "messages": [_copy_message(m) for m in self.messages]}
+        head, messages = self.to_rows()
+        return {**head, "messages": messages}
+
+    def to_rows(self, start: int = 0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """:meth:`to_dict` as a store keeps it: the head (everything but the messages) and copies of
+        the messages from ``start`` on (what a save that changed only those writes)."""
+        data = self.to_dict_head()
+        return data, [_copy_message(m) for m in self.messages[start:]]
+
+    def to_dict_head(self) -> dict[str, Any]:
+        head: dict[str, Any] = {"system": self.system}
         if self.context_start:
-            data["context_start"] = self.context_start
-        return data
+            head["context_start"] = self.context_start
+        return head
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, tokenizer: Any = None, system: str | None = None) -> ChatPrompt:

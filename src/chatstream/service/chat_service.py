@@ -20,7 +20,7 @@ from ..admission import AdmissionQueue
 from ..conversation import ChatPrompt
 from ..engine import Engine, SamplingParams
 from ..engine.protocol import engine_info
-from ..errors import InvalidRequest, ModelNotReady, PromptTooLong, SessionBusy, StoreUnavailable
+from ..errors import InvalidRequest, ModelNotReady, PromptTooLong, SessionBusy, SessionTooLarge, StoreUnavailable
 from ..metrics import Metrics
 from ..model_loader import GGUF_WEIGHTS, load_model, model_display_name
 from ..session import Lease, MemorySessionStore, Session, SessionStore
@@ -34,7 +34,7 @@ T = TypeVar("T")
 
 # The conversation's key in session data (the seed API's name for it).
 CONVERSATION_KEY = "chat_prompt"
-# Replies one session may stream at once (in its different conversations), per process.
+# Replies one session may stream at once (in its different conversations), in all processes together.
 MAX_PARALLEL_REPLIES = 4
 # How long a change to a session's index of conversations waits for another one to finish.
 _INDEX_WAIT_S = 2.0
@@ -394,7 +394,7 @@ class ChatService:
                 # An older layout, split on its first change; a conversation already stored on its own
                 # (a turn saves its messages before the index) is newer than the copy in the index.
                 if await session.get_part(conversation_id) is None:
-                    await session.put_part(conversation_id, stored, None)
+                    await session.put_part(conversation_id, stored, None, migrating=True)
             result = change(data)
             await session.save()
             return result
@@ -437,6 +437,11 @@ class ChatService:
         index = await self.read_index(session)
         known = target in (index.get(conversations.CONVERSATIONS_KEY) or {})
         stored = await self.read_chat_prompt_data(session, target, index) if known else None
+        if known and conversations.legacy_chat_prompt(conversations.get(index, target)) is not None:
+            # An older layout kept it in the index: a turn changes it, so it is split out first
+            # (a save then writes only the messages that change).
+            await self.update_index(session, lambda data: None)
+            stored = await session.get_part(target)
         prompt = self.chat_prompt_clazz.from_dict(
             stored if isinstance(stored, dict) else None, tokenizer=self.tokenizer, system=self.settings.system_prompt,
         )
@@ -448,28 +453,33 @@ class ChatService:
 
     async def save_conversation(self, session: Session, chat_prompt: ChatPrompt,
                                 conversation_id: str | None = None, lease: Lease | None = None,
-                                current_was: Any = ...) -> None:
-        """Store the conversation's messages (fenced by ``lease``, its lock), then note it in the index."""
+                                current_was: Any = ..., start: int = 0) -> None:
+        """Store the conversation's messages (fenced by ``lease``, its lock), then note it in the index.
+
+        ``start``: the first message that changed since the conversation was loaded (or last saved);
+        only those are written, the stored ones before it stay as they are."""
         target = conversation_id or await self.resolve_conversation(session, None, create=True) or ""
-        data = chat_prompt.to_dict()
-        await session.put_part(target, data, lease)
+        head, changed = chat_prompt.to_rows(start)
+        await session.put_messages(target, head, start, changed, lease)
         session.get_session()[CONVERSATION_KEY] = chat_prompt  # what the seed API's callback reads
+        seen = {"messages": chat_prompt.messages}  # read (count, title), not copied
         try:
             await self.update_index(
-                session, lambda index: conversations.note_chat_prompt(index, target, data, current_was))
-        except SessionBusy:  # the messages are saved; only the list's title/count/time lag behind
-            logger.warning("the index of session %s… stayed busy; conversation %s saved without it", session.id[:8], target)
+                session, lambda index: conversations.note_chat_prompt(index, target, seen, current_was))
+        except (SessionBusy, SessionTooLarge) as exc:  # the messages are saved; only the list's title/count/time lag behind
+            logger.warning("the index of session %s… was not updated (%s); conversation %s saved without it",
+                           session.id[:8], exc.code, target)
 
-    async def save_conversation_data(self, session: Session, data: dict[str, Any],
-                                     conversation_id: str | None = None, lease: Lease | None = None,
-                                     current_was: Any = ...) -> None:
-        """Save a conversation given as plain data (a checkpoint of a reply in progress): its messages,
-        and the index only for a conversation the turn started."""
-        target = conversation_id or await self.resolve_conversation(session, None, create=True) or ""
-        await session.put_part(target, data, lease)
-        if target not in ((await self.read_index(session)).get(conversations.CONVERSATIONS_KEY) or {}):
+    async def save_checkpoint(self, session: Session, chat_prompt: ChatPrompt, reply: dict[str, Any], start: int,
+                              conversation_id: str, lease: Lease | None, current_was: Any = ...) -> None:
+        """Save a reply in progress: the messages from ``start`` on (after the first checkpoint, the
+        reply alone), and the index only for a conversation the turn started."""
+        head, changed = chat_prompt.to_rows(start)
+        await session.put_messages(conversation_id, head, start, [*changed, reply], lease)
+        if conversation_id not in ((await self.read_index(session)).get(conversations.CONVERSATIONS_KEY) or {}):
+            seen = {"messages": [*chat_prompt.messages, reply]}
             await self.update_index(
-                session, lambda index: conversations.note_chat_prompt(index, target, data, current_was))
+                session, lambda index: conversations.note_chat_prompt(index, conversation_id, seen, current_was))
 
     async def conversation_sampling(self, session: Session, conversation_id: str | None = None) -> dict[str, Any]:
         """The conversation's sampling settings under the engine's names (overrides of the defaults)."""
@@ -495,11 +505,16 @@ class ChatService:
 
     @contextlib.asynccontextmanager
     async def hold_conversation(self, session: Session, conversation_id: str,
-                                on_lost: Callable[[str], None] | None = None) -> AsyncIterator[Lease]:
-        """The conversation's own lock; :class:`SessionBusy` naming it while a reply is written into it."""
+                                on_lost: Callable[[str], None] | None = None,
+                                streaming: bool = False) -> AsyncIterator[Lease]:
+        """The conversation's own lock; :class:`SessionBusy` naming it while a reply is written into it.
+
+        ``streaming`` (a turn): also refused while the session streams ``MAX_PARALLEL_REPLIES``
+        replies, counted in the store with the locks, so the limit holds across processes."""
         busy = (f"a reply is already being generated in conversation {conversation_id!r}; "
                 "wait for it to finish or stop it")
-        async with session.hold(conversation_id, self.lock_lease_s, busy, on_lost) as lease:
+        async with session.hold(conversation_id, self.lock_lease_s, busy, on_lost,
+                                MAX_PARALLEL_REPLIES if streaming else None) as lease:
             yield lease
 
     async def clear_conversation(self, session: Session, conversation_id: str | None = None) -> None:

@@ -104,6 +104,9 @@ class Turn:
         self._ended = False  # a Failed was sent: the stream ends there
         self._lease: Lease | None = None  # the conversation's lock while the turn holds it: it fences every write
         self._current_was: Any = ...  # the session's current conversation when the turn began
+        # The first message that differs from the stored conversation: a save writes it and those
+        # after it (after the first checkpoint, the reply alone), never the whole conversation.
+        self._changed_from = 0
         self.failure: Failed | None = None  # how a reply that ended early failed (for the log line)
 
     # -- the face's side --
@@ -212,7 +215,8 @@ class Turn:
         service.enter_stream(session)
         session_id = session.id
         try:
-            async with service.hold_conversation(session, self.conversation_id, on_lost=self._lease_lost) as lease:
+            async with service.hold_conversation(session, self.conversation_id, on_lost=self._lease_lost,
+                                                 streaming=True) as lease:
                 self._lease = lease
                 yield
         finally:
@@ -231,21 +235,25 @@ class Turn:
         if self.session is None:
             return None, None
         chat_prompt = await self.service.load_conversation(self.session, self.conversation_id)
+        self._changed_from = len(chat_prompt.messages)
         last = chat_prompt.messages[-1] if chat_prompt.messages else None
         if last is not None and (last.get("details") or {}).get("finish_reason") == "streaming":
             # A checkpoint whose writer died (we hold the lock now): that reply will never end.
             last["details"] = {"finish_reason": "stopped"}
+            self._changed_from -= 1
         previous: str | None = None
         if self.regenerate:
             previous = chat_prompt.get_responder_last_msg()
             if not chat_prompt.clear_last_responder_message():
                 raise NothingToRegenerate("there is no reply to regenerate in this conversation")
+            self._changed_from = min(self._changed_from, len(chat_prompt.messages))
         else:
             if self.edit_index is not None:
                 try:
                     chat_prompt.edit_user_message(self.edit_index, self.user_input or "")
                 except IndexError as exc:
                     raise InvalidRequest(str(exc), param="edit_index") from None
+                self._changed_from = min(self._changed_from, self.edit_index)
                 return chat_prompt, previous
             limit = self.service.settings.max_history_messages
             if len(chat_prompt.messages) + 2 > limit:
@@ -382,13 +390,12 @@ class Turn:
 
     async def _save_partial(self, chat_prompt: ChatPrompt, text: str) -> None:
         """Save the conversation with ``text`` as the reply in progress (with any earlier answers)."""
-        assert self.session is not None
-        data = chat_prompt.to_dict()
+        assert self.session is not None and self.conversation_id is not None
         message = chat_prompt.reply_message(text)
         message["details"] = {"finish_reason": "streaming"}  # marked "stopped" by the next turn if its writer died
-        data["messages"].append(message)
-        await self.service.save_conversation_data(self.session, data, self.conversation_id, self._lease,
-                                                  self._current_was)
+        await self.service.save_checkpoint(self.session, chat_prompt, message, self._changed_from,
+                                           self.conversation_id, self._lease, self._current_was)
+        self._changed_from = len(chat_prompt.messages)  # stored up to the reply: the next save rewrites the reply only
 
     async def _commit(self, chat_prompt: ChatPrompt, previous: str | None) -> Failed | None:
         """Write the reply into the history and save; exactly what the client was sent if it left.
@@ -404,7 +411,7 @@ class Turn:
             chat_prompt.add_responder_msg(previous)
         try:
             await self.service.save_conversation(self.session, chat_prompt, self.conversation_id, self._lease,
-                                                 self._current_was)
+                                                 self._current_was, start=self._changed_from)
         except ChatError as exc:
             logger.error("saving the reply of turn %s failed: %s", self.message_id, exc.message)
             self.outcome = UNKNOWN_ERROR

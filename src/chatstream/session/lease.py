@@ -21,19 +21,21 @@ class Lease:
     """
 
     def __init__(self, store: SessionStore, name: str, lease_s: float,
-                 on_lost: Callable[[str], None] | None = None) -> None:
+                 on_lost: Callable[[str], None] | None = None, max_in_session: int | None = None) -> None:
         self.store = store
         self.name = name
         self.lease_s = lease_s
         self.on_lost = on_lost
+        self.max_in_session = max_in_session  # see SessionStore.acquire_lock
         self.token: str | None = None
         self._keeper: asyncio.Task[None] | None = None
 
     async def acquire(self) -> bool:
-        """Take the lock; False while another holder has an unexpired lease."""
+        """Take the lock; False while another holder has an unexpired lease (SessionBusy past ``max_in_session``)."""
         if self.token is not None:
             return False  # not re-entrant
-        token = await self.store.acquire_lock(self.name, self.lease_s)
+        token = (await self.store.acquire_lock(self.name, self.lease_s) if self.max_in_session is None else
+                 await self.store.acquire_lock(self.name, self.lease_s, max_in_session=self.max_in_session))
         if token is None:
             return False
         self.token = token

@@ -167,13 +167,14 @@ class Session:
     # -- parts: a conversation (or anything else) stored under its own key and lock --
     @contextlib.asynccontextmanager
     async def hold(self, part: str, lease_s: float, busy: str,
-                   on_lost: Callable[[str], None] | None = None) -> AsyncIterator[Lease]:
+                   on_lost: Callable[[str], None] | None = None,
+                   max_in_session: int | None = None) -> AsyncIterator[Lease]:
         """Hold the lock of one part of this session (``<session id>/<part>``, a conversation);
         :class:`SessionBusy` naming it, with the message ``busy``, while another request holds it.
         Parts lock independently of each other and of :meth:`lock`, so a user's conversations can
-        stream in parallel."""
+        stream in parallel (``max_in_session`` of them at most, across processes, when given)."""
         self.claim()
-        lease = Lease(self.store, self._part_key(part), lease_s, on_lost)
+        lease = Lease(self.store, self._part_key(part), lease_s, on_lost, max_in_session)
         if not await lease.acquire():
             raise SessionBusy(busy, conversation_id=part)
         self.used = True
@@ -183,12 +184,22 @@ class Session:
             await lease.release()
 
     async def get_part(self, part: str) -> SessionData | None:
-        return None if self.unseen else await self.store.get(self._part_key(part))
+        """The conversation stored as ``part`` (``{**head, "messages": [...]}``), or None."""
+        return None if self.unseen else await self.store.get_messages(self._part_key(part))
 
-    async def put_part(self, part: str, data: SessionData, lease: Lease | None) -> None:
-        """Store ``data`` as ``part``, fenced by ``lease`` (:class:`LeaseLost` if it ran out)."""
+    async def put_part(self, part: str, data: SessionData, lease: Lease | None, *, migrating: bool = False) -> None:
+        """Store the conversation ``data`` as ``part``, all of its messages, fenced by ``lease``
+        (:class:`LeaseLost` if it ran out)."""
+        head = {k: v for k, v in data.items() if k != "messages"}
+        await self.put_messages(part, head, 0, list(data.get("messages") or []), lease, migrating=migrating)
+
+    async def put_messages(self, part: str, head: SessionData, start: int, messages: list[SessionData],
+                           lease: Lease | None, *, migrating: bool = False) -> None:
+        """Messages of the conversation ``part`` from position ``start`` on become ``messages``
+        (the rest are removed), its head ``head``; fenced by ``lease``."""
         self.used = True
-        await self.store.set(self._part_key(part), data, self.ttl_s, fence=lease.token if lease else None)
+        await self.store.set_messages(self._part_key(part), head, start, messages, self.ttl_s,
+                                      fence=lease.token if lease else None, migrating=migrating)
 
     async def delete_part(self, part: str, lease: Lease | None) -> None:
         await self.store.delete(self._part_key(part), fence=lease.token if lease else None)

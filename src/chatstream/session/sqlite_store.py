@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from ..errors import StoreFull, StoreUnavailable
-from .store import SessionData, dump_json, lease_lost
+from ..errors import StoreUnavailable
+from .store import SessionData, dump_json, dump_rows, group, lease_lost, store_full, too_large, too_many_held, utf8_len
 
 T = TypeVar("T")
 logger = logging.getLogger("chatstream.session")
@@ -33,6 +33,16 @@ CREATE TABLE IF NOT EXISTS sessions (
 CREATE INDEX IF NOT EXISTS sessions_expires_at ON sessions (expires_at);
 CREATE TABLE IF NOT EXISTS session_locks (
     id TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
+-- Conversations in rows: a head (system prompt, context start) and one row per message, so a
+-- checkpoint rewrites one message. ``bytes`` (head + messages) is what the session's quota counts.
+CREATE TABLE IF NOT EXISTS conversations (
+    id TEXT PRIMARY KEY, session TEXT NOT NULL, head TEXT NOT NULL, count INTEGER NOT NULL,
+    bytes INTEGER NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS conversations_session ON conversations (session);
+CREATE INDEX IF NOT EXISTS conversations_expires_at ON conversations (expires_at);
+CREATE TABLE IF NOT EXISTS messages (
+    conversation TEXT NOT NULL, position INTEGER NOT NULL, data TEXT NOT NULL, bytes INTEGER NOT NULL,
+    PRIMARY KEY (conversation, position));
 """
 
 # One statement, so atomic: take the lock if it is free or its lease has run out.
@@ -100,18 +110,17 @@ class SQLiteSessionStore:
 
             def write() -> None:
                 self._check_fence(session_id, fence, now)
+                before = self._session_bytes(session_id, now)
                 # Delete, then insert, in one transaction: the old row's pages are free for the new
                 # one, so a smaller session (a conversation deleted) always fits in a full store.
-                self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
-                self._db.execute(
-                    "INSERT INTO sessions (id, data, expires_at) VALUES (?, ?, ?) "
-                    "ON CONFLICT (id) DO UPDATE SET data = excluded.data, expires_at = excluded.expires_at",
-                    (session_id, text, now + ttl_s),
-                )
+                self._drop(session_id)
+                self._db.execute("INSERT INTO sessions (id, data, expires_at) VALUES (?, ?, ?)",
+                                 (session_id, text, now + ttl_s))
+                self._check_quota(session_id, before, now)
 
-            self._transaction(write)
             if now - self._swept_at >= self.sweep_interval_s:
-                self._sweep(now)
+                self._sweep(now)  # first: what expired frees its space for this write
+            self._transaction(write)
 
         await self._run(set_)
 
@@ -121,19 +130,140 @@ class SQLiteSessionStore:
 
             def write() -> None:
                 self._check_fence(session_id, fence, now)
-                self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+                self._drop(session_id)
 
             self._transaction(write)
 
         await self._run(delete)
 
-    async def acquire_lock(self, session_id: str, lease_s: float) -> str | None:
+    async def get_messages(self, key: str) -> SessionData | None:
+        def get() -> SessionData | None:
+            now = time.time()
+            row = self._db.execute("SELECT head, expires_at FROM conversations WHERE id = ?", (key,)).fetchone()
+            if row is None:  # not in rows: stored whole by an older version, or nothing
+                found = self._db.execute("SELECT data, expires_at FROM sessions WHERE id = ?", (key,)).fetchone()
+                return json.loads(found[0]) if found is not None and found[1] > now else None
+            if row[1] <= now:
+                return None  # expired: the sweep deletes its rows
+            self._db.execute("BEGIN")  # one snapshot for the head and the rows (WAL: writers go on meanwhile)
+            try:
+                row = self._db.execute("SELECT head FROM conversations WHERE id = ?", (key,)).fetchone()
+                texts = self._db.execute("SELECT data FROM messages WHERE conversation = ? ORDER BY position",
+                                         (key,)).fetchall()
+            finally:
+                self._db.execute("COMMIT")
+            if row is None:
+                return None
+            data: SessionData = json.loads(row[0])
+            data["messages"] = [json.loads(text) for (text,) in texts]
+            return data
+
+        return await self._run(get)
+
+    async def set_messages(self, key: str, head: SessionData, start: int, messages: list[SessionData],
+                           ttl_s: float, fence: str | None = None, *, migrating: bool = False) -> None:
+        def set_messages() -> None:
+            head_text, rows = dump_rows(head, messages)
+            sizes = [utf8_len(text) for text in rows]
+            now = time.time()
+
+            def write() -> None:
+                self._check_fence(key, fence, now)
+                before = self._session_bytes(key, now)
+                count, size = self._rows_of(key, now)
+                if not 0 <= start <= count:
+                    raise ValueError(f"messages from position {start}: the conversation holds {count}")
+                removed = self._db.execute(
+                    "SELECT coalesce(sum(bytes), 0) FROM messages WHERE conversation = ? AND position >= ?",
+                    (key, start)).fetchone()[0]
+                self._db.execute("DELETE FROM messages WHERE conversation = ? AND position >= ?", (key, start))
+                self._db.executemany(
+                    "INSERT INTO messages (conversation, position, data, bytes) VALUES (?, ?, ?, ?)",
+                    [(key, start + n, text, sizes[n]) for n, text in enumerate(rows)])
+                self._db.execute(
+                    "INSERT OR REPLACE INTO conversations (id, session, head, count, bytes, expires_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (key, group(key), head_text, start + len(rows), size - removed + sum(sizes) + utf8_len(head_text),
+                     now + ttl_s))
+                if not migrating:
+                    self._check_quota(key, before, now)
+
+            if now - self._swept_at >= self.sweep_interval_s:
+                self._sweep(now)  # first: what expired frees its space for this write
+            self._transaction(write)
+
+        await self._run(set_messages)
+
+    def _rows_of(self, key: str, now: float) -> tuple[int, int]:
+        """(messages, bytes of the messages) stored in rows under ``key``, converting a conversation
+        stored whole (an older layout) to rows first. Inside the write transaction."""
+        row = self._db.execute("SELECT count, bytes, expires_at, head FROM conversations WHERE id = ?",
+                               (key,)).fetchone()
+        if row is not None and row[2] > now:
+            return row[0], row[1] - utf8_len(row[3])
+        self._drop(key, whole=False)  # expired rows, if any
+        found = self._db.execute("SELECT data FROM sessions WHERE id = ? AND expires_at > ?", (key, now)).fetchone()
+        if found is None:
+            return 0, 0
+        stored = json.loads(found[0])
+        old = [m for m in stored.get("messages") or [] if isinstance(m, dict)] if isinstance(stored, dict) else []
+        _, rows = dump_rows({}, old)
+        sizes = [utf8_len(text) for text in rows]
+        self._db.executemany("INSERT INTO messages (conversation, position, data, bytes) VALUES (?, ?, ?, ?)",
+                             [(key, n, text, sizes[n]) for n, text in enumerate(rows)])
+        self._db.execute("DELETE FROM sessions WHERE id = ?", (key,))
+        return len(rows), sum(sizes)
+
+    def _drop(self, key: str, whole: bool = True) -> None:
+        """Delete what is stored under ``key``: in rows, and (``whole``) as one document."""
+        if whole:
+            self._db.execute("DELETE FROM sessions WHERE id = ?", (key,))
+        self._db.execute("DELETE FROM messages WHERE conversation = ?", (key,))
+        self._db.execute("DELETE FROM conversations WHERE id = ?", (key,))
+
+    def _session_bytes(self, key: str, now: float) -> int:
+        """Bytes the session of ``key`` holds: its documents (its index, older-layout conversations) and its rows."""
+        if self.max_session_bytes is None:
+            return 0
+        session = group(key)
+        whole = self._db.execute(
+            "SELECT coalesce(sum(length(CAST(data AS BLOB))), 0) FROM sessions "
+            "WHERE (id = ? OR (id >= ? AND id < ?)) AND expires_at > ?",
+            (session, session + "/", session + "0", now)).fetchone()[0]
+        rows = self._db.execute(
+            "SELECT coalesce(sum(bytes), 0) FROM conversations WHERE session = ? AND expires_at > ?",
+            (session, now)).fetchone()[0]
+        return int(whole) + int(rows)
+
+    def _check_quota(self, key: str, before: int, now: float) -> None:
+        """Refuse (roll back) a write that grows the session past its quota; a shrinking one always passes."""
+        if self.max_session_bytes is None:
+            return
+        after = self._session_bytes(key, now)
+        if after > self.max_session_bytes and after > before:
+            raise too_large(key, after, self.max_session_bytes)
+
+    async def acquire_lock(self, session_id: str, lease_s: float, *, max_in_session: int | None = None) -> str | None:
         token = secrets.token_urlsafe(16)
 
         def acquire() -> bool:
             now = time.time()
-            cursor = self._db.execute(_ACQUIRE, {"id": session_id, "token": token, "until": now + lease_s, "now": now})
-            return cursor.rowcount == 1
+            params = {"id": session_id, "token": token, "until": now + lease_s, "now": now}
+            if max_in_session is None:
+                return self._db.execute(_ACQUIRE, params).rowcount == 1
+            taken: list[bool] = []
+
+            def count_then_take() -> None:  # one transaction: two processes cannot both take the last place
+                session = group(session_id)
+                held = self._db.execute(
+                    "SELECT count(*) FROM session_locks WHERE id >= ? AND id < ? AND id != ? AND expires_at > ?",
+                    (session + "/", session + "0", session_id, now)).fetchone()[0]
+                taken.append(self._db.execute(_ACQUIRE, params).rowcount == 1)
+                if taken[0] and held >= max_in_session:
+                    raise too_many_held(session_id, max_in_session)
+
+            self._transaction(count_then_take)
+            return taken[0]
 
         return token if await self._run(acquire) else None
 
@@ -192,6 +322,15 @@ class SQLiteSessionStore:
             "DELETE FROM sessions WHERE id IN (SELECT id FROM sessions WHERE expires_at <= ? LIMIT 500)", (now,)
         ).rowcount == 500:
             pass
+        # Expired conversations with their messages: their pages are free for new rows (SQLite reuses them).
+        while expired := self._db.execute(
+            "SELECT id FROM conversations WHERE expires_at <= ? LIMIT 100", (now,)
+        ).fetchall():
+            def drop(keys: list[tuple[str]] = expired) -> None:
+                for (key,) in keys:
+                    self._drop(key, whole=False)
+
+            self._transaction(drop)
         self._db.execute("DELETE FROM session_locks WHERE expires_at <= ?", (now,))
 
     async def _run(self, fn: Callable[[], T], closing: bool = False) -> T:
@@ -202,9 +341,7 @@ class SQLiteSessionStore:
         except sqlite3.Error as exc:
             if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:  # reachable, only out of space
                 self.failure = None
-                raise StoreFull(
-                    "the session store is full (its size limit or the disk): delete conversations to free space"
-                ) from exc
+                raise store_full(self.max_bytes) from exc
             self.failure = f"{type(exc).__name__}: {exc}"
             logger.error("SQLite session store %s failed: %s", self.path, self.failure)
             raise StoreUnavailable(f"the session store failed ({self.failure}); retry shortly") from exc

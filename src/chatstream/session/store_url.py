@@ -19,8 +19,9 @@ def store_from_url(url: str, data_dir: Path, *, max_session_bytes: int | None = 
                    max_bytes: int | None = None) -> SessionStore:
     """The store ``url`` names; ``data_dir`` holds the default SQLite file.
 
-    ``max_session_bytes`` bounds each value stored (a session's index, one conversation); ``max_bytes`` bounds the SQLite file (Redis is
-    bounded by its own ``maxmemory``; memory by its number of sessions).
+    ``max_session_bytes`` bounds what one session holds (its index and all its conversations);
+    ``max_bytes`` bounds the store: the SQLite file, the bytes counted in Redis (beside its own
+    ``maxmemory``) or held in memory.
 
     Raises ValueError naming the accepted forms when the URL is not one of them.
     """
@@ -31,7 +32,7 @@ def store_from_url(url: str, data_dir: Path, *, max_session_bytes: int | None = 
             raise _bad(url, "memory:// takes nothing after it")
         from .memory_store import MemorySessionStore
 
-        return MemorySessionStore(max_session_bytes=max_session_bytes)
+        return MemorySessionStore(max_session_bytes=max_session_bytes, max_bytes=max_bytes)
     if scheme == "sqlite":
         if parts.netloc or parts.query:
             raise _bad(url, "use sqlite:// alone, or sqlite:/// followed by an absolute path")
@@ -53,7 +54,8 @@ def store_from_url(url: str, data_dir: Path, *, max_session_bytes: int | None = 
 
         try:
             client_url = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
-            return RedisSessionStore.from_url(client_url, prefix=prefix, max_session_bytes=max_session_bytes)
+            return RedisSessionStore.from_url(client_url, prefix=prefix, max_session_bytes=max_session_bytes,
+                                             max_bytes=max_bytes)
         except (ValueError, TypeError) as exc:
             raise _bad(url, str(exc)) from None
     raise _bad(url, "unknown scheme")
