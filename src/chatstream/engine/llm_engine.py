@@ -65,6 +65,8 @@ class LLMEngine:
     with AVX-512 VNNI) int8 layers through chatstream's C kernels (:mod:`.native`, built at first
     use) for a float32 Llama-family model on CPU when they build and pass their check, else through
     PyTorch's operators; ``"native"`` requires them; ``"torch"`` never uses them.
+    ``forward_lanes``: threads that share one step's forward on CPU, each over its own sequences (default:
+    two where two cores are usable; see :class:`.model_runner.ModelRunner`); the tokens are the same.
     The engine switches the model to its own attention implementation
     and quantized layers until :meth:`shutdown`.
     """
@@ -88,6 +90,7 @@ class LLMEngine:
         quantization: str | None = "auto",
         num_threads: int | None = None,
         kernels: str = "auto",
+        forward_lanes: int | None = None,
     ) -> None:
         if device is not None and torch.device(device) != model.device:
             model = model.to(device)
@@ -122,13 +125,15 @@ class LLMEngine:
             self._blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
         )
         try:
-            self._runner = ModelRunner(model, self._blocks, kernels=kernels, threads=self._num_threads)
+            self._runner = ModelRunner(model, self._blocks, kernels=kernels, threads=self._num_threads,
+                                      lanes=forward_lanes)
         except Exception:  # e.g. kernels="native" where none can be built: leave the model as it was
             if self._restore_linears is not None:
                 self._restore_linears()
             raise
         self.backend = self._runner.backend
-        logger.info("backend: %s", self.backend.describe())
+        logger.info("backend: %s; %d forward lane%s", self.backend.describe(), self._runner.lanes,
+                    "s" if self._runner.lanes > 1 else "")
         logger.info(
             "KV cache: %d blocks of %d tokens (%.0f MiB) on %s; prefix caching %s",
             num_blocks, block_size, num_blocks * block_bytes / 2**20, model.device,
