@@ -9,8 +9,9 @@ it as an extra forward kwarg. Logits are computed only for each sequence's last 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, TypeVar
 
 import torch
 
@@ -94,22 +95,30 @@ class ModelRunner:
             for layer in self.cache.layers:
                 layer[self._num_zeroed : self.blocks.num_ever_used].zero_()
             self._num_zeroed = self.blocks.num_ever_used
-        groups = split_lanes(chunks, self.lanes)
-        if self._pool is None or len(groups) == 1:
+        groups = split_lanes(chunks, self.lanes) if self._pool is not None else [chunks]
+        if len(groups) == 1:
             sampled, logits = self._run(chunks)
         else:
             self.num_split_steps += 1
-            futures = [self._pool.submit(self._run_in_lane, group) for group in groups[1:]]
-            results = [self._run(groups[0])] + [f.result() for f in futures]  # every lane finishes first
+            results = self.map_lanes(self._run, groups)
             sampled = [c for lane_sampled, _ in results for c in lane_sampled]
             logits = torch.cat([lane_logits for _, lane_logits in results])
         for chunk in chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
         return sampled, logits
 
-    def _run_in_lane(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor]:
-        with torch.inference_mode():  # thread-local: the lane's thread enters it itself
-            return self._run(chunks)
+    def map_lanes(self, fn: Callable[[_P], _R], parts: list[_P]) -> list[_R]:
+        """``[fn(part) for part in parts]``, the parts at once, one per lane (the first on the
+        calling thread). Returns only when every part is done, even when one fails: no lane may
+        still be writing the cache when the next step is planned."""
+        if self._pool is None or len(parts) == 1:
+            return [fn(part) for part in parts]
+        futures = [self._pool.submit(_in_inference_mode, fn, part) for part in parts[1:]]
+        try:
+            first = fn(parts[0])
+        finally:
+            wait(futures)
+        return [first] + [f.result() for f in futures]
 
     def _run(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor]:
         """One forward over ``chunks``: the logits of those that complete their sequence."""
@@ -192,6 +201,15 @@ class ModelRunner:
         )
         input_ids = torch.tensor(ids, device=dev)[None, :]
         return meta, input_ids, pos[None, :], torch.tensor(keep, dtype=torch.long, device=dev)
+
+
+_P = TypeVar("_P")
+_R = TypeVar("_R")
+
+
+def _in_inference_mode(fn: Callable[[_P], _R], part: _P) -> _R:
+    with torch.inference_mode():  # thread-local: a lane's thread enters it itself
+        return fn(part)
 
 
 # A lane of fewer tokens than this would spend more on reading every weight once more than it saves.
