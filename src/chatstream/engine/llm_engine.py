@@ -65,8 +65,8 @@ class LLMEngine:
     with AVX-512 VNNI) int8 layers through chatstream's C kernels (:mod:`.native`, built at first
     use) for a float32 Llama-family model on CPU when they build and pass their check, else through
     PyTorch's operators; ``"native"`` requires them; ``"torch"`` never uses them.
-    ``forward_lanes``: threads that share one step's forward on CPU, each over its own sequences (default:
-    two where two cores are usable; see :class:`.model_runner.ModelRunner`); the tokens are the same.
+    ``forward_lanes``: threads that share one step's forward and sampling on CPU, each over its own
+    sequences (see :class:`.model_runner.ModelRunner`); the tokens are the same.
     The engine switches the model to its own attention implementation
     and quantized layers until :meth:`shutdown`.
     """
@@ -90,7 +90,7 @@ class LLMEngine:
         quantization: str | None = "auto",
         num_threads: int | None = None,
         kernels: str = "auto",
-        forward_lanes: int | None = None,
+        forward_lanes: int = 1,
     ) -> None:
         if device is not None and torch.device(device) != model.device:
             model = model.to(device)
