@@ -76,3 +76,37 @@ async def test_two_lanes_give_the_same_replies_as_one(default_model: tuple[Any, 
     assert split_two > 10  # most of the 24 decode steps ran in two lanes
     assert all(one_lane) and len(set(one_lane)) > 6
     assert two_lanes == one_lane
+
+
+def test_no_lane_outlives_a_failing_one(default_model: tuple[Any, Any]) -> None:
+    """When one lane fails, map_lanes still waits for the others before raising: a lane must never
+    be writing the cache while the engine plans its next step."""
+    import threading
+    import time
+
+    from chatstream.engine.block_manager import BlockManager
+    from chatstream.engine.model_runner import ModelRunner
+
+    model, _ = default_model
+    runner = ModelRunner(model, BlockManager(4, 16, enable_prefix_caching=False), lanes=2)
+    done = threading.Event()
+
+    def part(kind: str) -> str:
+        if kind == "fail":
+            raise RuntimeError("this lane failed")
+        time.sleep(0.3)
+        done.set()
+        return kind
+
+    try:
+        assert runner.map_lanes(part, ["a", "b"]) == ["a", "b"]
+        done.clear()
+        try:
+            runner.map_lanes(part, ["fail", "slow"])
+        except RuntimeError as exc:
+            assert "this lane failed" in str(exc)
+            assert done.is_set()  # the slow lane had finished before the failure surfaced
+        else:
+            raise AssertionError("the failure was swallowed")
+    finally:
+        runner.close()
