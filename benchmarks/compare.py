@@ -142,7 +142,7 @@ from .serving import LoadConfig, format_summary, resolve_model_name, run_load, r
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 DEFAULT_RESULTS = BENCH_DIR / "RESULTS.md"
-SUITES = ("concurrency", "peers", "sweep", "reference", "engine", "multiturn", "llamacpp", "vllm")
+SUITES = ("concurrency", "peers", "sweep", "reference", "engine", "multiturn", "llamacpp", "vllm", "lanes")
 LLAMACPP_INSTALL_HINT = (
     "python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install 'llama-cpp-python[server]' "
     "(compiles llama.cpp from source)"
@@ -514,6 +514,21 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
             "before each request, so prefix caching only shares the chat template's first blocks here.",
             old.label, [old, new],
             targets=["int8 + prefix caching tokens/s vs float32 (ratio reported)"],
+        )
+    if opts.suite == "lanes":
+        protocol = opts.chatstream_protocol or "openai"
+        runs = [
+            RunPlan(f"--forward-lanes {n}", "chatstream", [*chatstream_command(opts, clients), "--forward-lanes", str(n)],
+                    "/health", clients, clients * rpc, protocol)
+            for n in (1, 2)
+        ]
+        return SuitePlan(
+            "lanes", "lanes: one engine step in one forward lane vs two",
+            f"The same chatstream server (`--concurrency {clients}`) with each step's forward and sampling "
+            f"on one thread vs shared between two, each over its own sequences (same tokens), {clients} "
+            "concurrent clients.",
+            runs[0].label, runs,
+            targets=["--forward-lanes 2 tokens/s vs 1 (ratio reported)"],
         )
     if opts.suite == "multiturn":
         runs = [

@@ -1,6 +1,6 @@
 """Time one engine decode step at batch 1/16/32: float32 vs int8 linear layers, transformers' forward vs the fused one, native kernels vs PyTorch's operators.
 
-    .venv/bin/python -m benchmarks.step_time [--batches 1,16,32] [--steps 10] [--context 128] [--sampling-only]
+    .venv/bin/python -m benchmarks.step_time [--batches 1,16,32] [--steps 10] [--context 128] [--sampling-only | --lanes-only]
 
 Every sequence has a ``--context``-token prompt already prefilled; the figure is the fastest of
 ``--steps`` decode steps over ``--rounds`` interleaved rounds (one token per sequence, the whole forward with the paged
@@ -40,12 +40,13 @@ TEXT = (
 
 def decode_step_ms(
     model: Any, batch: int, context: int, steps: int, fused: bool = True, kernels: str = "auto",
-    sampler: Callable[[torch.Tensor], Any] | None = None,
+    sampler: Callable[[torch.Tensor], Any] | None = None, lanes: int = 1, cpu: list[float] | None = None,
 ) -> float:
-    """The fastest decode step; with ``sampler``, each step's logits are also sampled, inside the timing."""
+    """The fastest decode step; with ``sampler``, each step's logits are also sampled, inside the timing
+    (in every lane, each over its own rows, as the engine does). ``cpu`` receives each step's process CPU time."""
     blocks = BlockManager(batch * (context // 16 + steps // 16 + 2), 16, enable_prefix_caching=False)
     scheduler = Scheduler(blocks, max_num_seqs=batch, max_num_batched_tokens=batch * context)
-    runner = ModelRunner(model, blocks, fused=fused, kernels=kernels)
+    runner = ModelRunner(model, blocks, fused=fused, kernels=kernels, lanes=lanes)
     try:
         for i in range(batch):
             prompt = [(7 * i + j) % 1000 + 100 for j in range(context)]
@@ -57,11 +58,14 @@ def decode_step_ms(
                 for seq in scheduler.running:
                     seq.token_ids.append(42)
                 chunks = scheduler.schedule().chunks
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 _, logits = runner.execute(chunks)
                 if sampler is not None:
-                    sampler(logits)
+                    bounds = [batch * i // runner.lanes for i in range(runner.lanes + 1)] if batch >= 8 else [0, batch]
+                    runner.map_lanes(lambda span, rows=logits: sampler(rows[span[0] : span[1]]), list(zip(bounds, bounds[1:])))
                 times.append(time.perf_counter() - start)
+                if cpu is not None:
+                    cpu.append(time.process_time() - cpu_start)
         return min(times[2:]) * 1e3
     finally:
         runner.close()
@@ -80,6 +84,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sampling-only", action="store_true", help="only the table of samplers")
+    parser.add_argument("--lanes-only", action="store_true",
+                        help="only the table of forward lanes: the engine default's step in 1 lane vs 2")
     opts = parser.parse_args()
     batches = [int(b) for b in opts.batches.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
@@ -95,6 +101,11 @@ def main() -> None:
         "int8, down_proj float, fused forward, native kernels": (("down_proj",), True, "native"),
         "int8, lm_head float, fused forward, native kernels": (("lm_head",), True, "native"),
     }
+    if opts.lanes_only:
+        model, _ = load_model()
+        quantization.quantize_linears_int8(model)
+        lanes_table(model, batches, opts)
+        return
     if opts.sampling_only:
         model, _ = load_model()
         quantization.quantize_linears_int8(model)
@@ -142,6 +153,31 @@ def sampling_table(model: Any, batches: list[int], opts: argparse.Namespace) -> 
     print("|---|" + "---|" * len(batches))
     for label in samplers(1):
         print(f"| {label} | " + " | ".join(f"{best[label, b]:.1f}" for b in batches) + " |", flush=True)
+
+def lanes_table(model: Any, batches: list[int], opts: argparse.Namespace) -> None:
+    """The engine default's decode step with chat sampling, its batch in one forward lane vs two
+    (wall time: the fastest step; CPU time: the process's, mean per step, both lanes together).
+    torch runs on the engine's default threads, the usable cores but one."""
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - 1))
+    best: dict[tuple[int, int], float] = {}
+    cpu: dict[tuple[int, int], list[float]] = {}
+    for _ in range(opts.rounds):
+        for b in batches:
+            chat = make_batch(b, 0.7, 50, 0.9, 1.0, 0)
+            for lanes in (1, 2):
+                def sampler(logits: torch.Tensor, chat: Any = chat) -> Any:
+                    rows = logits.shape[0]
+                    part = make_batch(rows, 0.7, 50, 0.9, 1.0, 0) if rows != chat.temperature.shape[0] else chat
+                    return sample(logits, part)
+                ms = decode_step_ms(model, b, opts.context, opts.steps, sampler=sampler, lanes=lanes,
+                                    cpu=cpu.setdefault((lanes, b), []))
+                best[lanes, b] = min(best.get((lanes, b), ms), ms)
+    print("\n| decode step + chat sampling, engine default | " + " | ".join(f"batch {b}: wall / CPU ms" for b in batches) + " |")
+    print("|---|" + "---|" * len(batches))
+    for lanes in (1, 2):
+        cells = [f"{best[lanes, b]:.1f} / {1e3 * sum(cpu[lanes, b]) / len(cpu[lanes, b]):.1f}" for b in batches]
+        print(f"| {lanes} lane{'s' if lanes > 1 else ''} | " + " | ".join(cells) + " |", flush=True)
+
 
 if __name__ == "__main__":
     main()

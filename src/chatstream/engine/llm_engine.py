@@ -23,10 +23,10 @@ import torch
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarMasks
-from .model_runner import ModelRunner, kv_bytes_per_token
+from .model_runner import MIN_LANE_TOKENS, ModelRunner, kv_bytes_per_token
 from .protocol import EngineInfo, FinishReason, GenerationOutput
 from .quantization import quantize_linears_int8, resolve_quantization
-from .sampler import SamplingBatch, sample
+from .sampler import SampleOutput, SamplingBatch, sample
 from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence
@@ -65,6 +65,8 @@ class LLMEngine:
     with AVX-512 VNNI) int8 layers through chatstream's C kernels (:mod:`.native`, built at first
     use) for a float32 Llama-family model on CPU when they build and pass their check, else through
     PyTorch's operators; ``"native"`` requires them; ``"torch"`` never uses them.
+    ``forward_lanes``: threads that share one step's forward and sampling on CPU, each over its own
+    sequences (see :class:`.model_runner.ModelRunner`); the tokens are the same.
     The engine switches the model to its own attention implementation
     and quantized layers until :meth:`shutdown`.
     """
@@ -88,6 +90,7 @@ class LLMEngine:
         quantization: str | None = "auto",
         num_threads: int | None = None,
         kernels: str = "auto",
+        forward_lanes: int = 1,
     ) -> None:
         if device is not None and torch.device(device) != model.device:
             model = model.to(device)
@@ -122,13 +125,15 @@ class LLMEngine:
             self._blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
         )
         try:
-            self._runner = ModelRunner(model, self._blocks, kernels=kernels, threads=self._num_threads)
+            self._runner = ModelRunner(model, self._blocks, kernels=kernels, threads=self._num_threads,
+                                      lanes=forward_lanes)
         except Exception:  # e.g. kernels="native" where none can be built: leave the model as it was
             if self._restore_linears is not None:
                 self._restore_linears()
             raise
         self.backend = self._runner.backend
-        logger.info("backend: %s", self.backend.describe())
+        logger.info("backend: %s; %d forward lane%s", self.backend.describe(), self._runner.lanes,
+                    "s" if self._runner.lanes > 1 else "")
         logger.info(
             "KV cache: %d blocks of %d tokens (%.0f MiB) on %s; prefix caching %s",
             num_blocks, block_size, num_blocks * block_bytes / 2**20, model.device,
@@ -405,9 +410,17 @@ class LLMEngine:
         """One token per row; if the batch fails, each row alone, so only a faulty row fails."""
         try:
             want = any(c.seq.params.logprobs is not None for c in sampled)
-            out = sample(logits, self._sampling_batch(sampled, logits.device), want_logprobs=want)
-            self._step_logprobs = out.logprobs
-            return out.tokens.tolist()
+
+            def rows(span: tuple[int, int]) -> SampleOutput:
+                start, end = span
+                return sample(logits[start:end], self._sampling_batch(sampled[start:end], logits.device),
+                              want_logprobs=want)
+
+            # Rows are sampled independently (each by its own seed), so lanes may take a share each.
+            outs = self._runner.map_lanes(rows, _spans(len(sampled), self._runner.lanes))
+            self._step_logprobs = (torch.cat([o.logprobs for o in outs if o.logprobs is not None])
+                                   if want else None)
+            return torch.cat([o.tokens for o in outs]).tolist()
         except Exception:
             logger.exception("batched sampling failed; sampling row by row")
         tokens: list[int | Exception] = []
@@ -488,6 +501,13 @@ class LLMEngine:
     def _finish_all(self, reason: FinishReason, error: str | None = None) -> None:
         for seq in [*self._scheduler.running, *self._scheduler.waiting]:
             self._finish(seq, reason, error=error)
+
+
+def _spans(rows: int, lanes: int) -> list[tuple[int, int]]:
+    """``rows`` cut into at most ``lanes`` runs of at least :data:`.model_runner.MIN_LANE_TOKENS`."""
+    lanes = max(1, min(lanes, rows // MIN_LANE_TOKENS))
+    bounds = [rows * i // lanes for i in range(lanes + 1)]
+    return list(zip(bounds, bounds[1:]))
 
 
 def _default_threads(device: torch.device) -> int | None:

@@ -8,7 +8,9 @@ it as an extra forward kwarg. Logits are computed only for each sequence's last 
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, TypeVar
 
 import torch
 
@@ -40,10 +42,18 @@ class ModelRunner:
     run through transformers' own forward. ``kernels``: ``"auto"`` runs the fused forward's RoPE,
     KV writes, decode attention (and int8 layers, on CPUs with AVX-512 VNNI) through
     :mod:`.native`'s kernels for a float32 model on CPU when they build and pass their check,
-    ``"native"`` requires them, ``"torch"`` uses PyTorch's operators only."""
+    ``"native"`` requires them, ``"torch"`` uses PyTorch's operators only.
+
+    ``lanes``: how many threads compute one step of the fused forward on CPU, each over its own
+    share of the step's sequences (:func:`split_lanes`). The native kernels run on one core each,
+    so on a 2-core machine a step of 16 decodes runs on one core while the other mostly waits; two
+    lanes run two half-batches at once, which pays only where the second core is free (on a
+    saturated machine two lanes measured 0.86x one). A row's logits never depend on what else
+    shares its forward, so the tokens are the same for any ``lanes``."""
 
     def __init__(
-        self, model: Any, blocks: BlockManager, *, fused: bool = True, kernels: str = "auto", threads: int | None = None
+        self, model: Any, blocks: BlockManager, *, fused: bool = True, kernels: str = "auto", threads: int | None = None,
+        lanes: int = 1,
     ) -> None:
         self.model = model
         self.device = model.device
@@ -62,37 +72,69 @@ class ModelRunner:
         )
         self._num_zeroed = 0
         self.fused = llama.LlamaForward(model, self.backend, self.native) if self.backend.forward == "fused" else None
+        if lanes < 1:
+            raise ValueError("lanes must be >= 1")
+        # Only the fused forward on CPU is split: transformers' forward and GPUs gain nothing from it.
+        self.lanes = lanes if self.fused is not None and self.device.type == "cpu" else 1
+        self._pool = ThreadPoolExecutor(self.lanes - 1, thread_name_prefix="chatstream-lane") if self.lanes > 1 else None
+        self.num_split_steps = 0  # steps whose forward ran in more than one lane
         attention.register()
         self._previous_attn = model.config._attn_implementation
         model.set_attn_implementation(attention.ATTENTION_NAME)
 
     def close(self) -> None:
         """Give the model its own attention back and drop the cache."""
+        if self._pool is not None:
+            self._pool.shutdown()
         self.model.set_attn_implementation(self._previous_attn)
         self.cache.layers.clear()
 
     def execute(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor]:
         """Run one step. Returns the chunks that reached their sequence's end, and their logits."""
-        # Single-token chunks (decodes) first: the attention computes them together.
-        ordered = [c for c in chunks if c.num_tokens == 1] + [c for c in chunks if c.num_tokens > 1]
-        sampled = [c for c in ordered if c.completes]
         if self.blocks.num_ever_used > self._num_zeroed:
             for layer in self.cache.layers:
                 layer[self._num_zeroed : self.blocks.num_ever_used].zero_()
             self._num_zeroed = self.blocks.num_ever_used
+        groups = split_lanes(chunks, self.lanes) if self._pool is not None else [chunks]
+        if len(groups) == 1:
+            sampled, logits = self._run(chunks)
+        else:
+            self.num_split_steps += 1
+            results = self.map_lanes(self._run, groups)
+            sampled = [c for lane_sampled, _ in results for c in lane_sampled]
+            logits = torch.cat([lane_logits for _, lane_logits in results])
+        for chunk in chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+        return sampled, logits
+
+    def map_lanes(self, fn: Callable[[_P], _R], parts: list[_P]) -> list[_R]:
+        """``[fn(part) for part in parts]``, the parts at once, one per lane (the first on the
+        calling thread). Returns only when every part is done, even when one fails: no lane may
+        still be writing the cache when the next step is planned."""
+        if self._pool is None or len(parts) == 1:
+            return [fn(part) for part in parts]
+        futures = [self._pool.submit(_in_inference_mode, fn, part) for part in parts[1:]]
+        try:
+            first = fn(parts[0])
+        finally:
+            wait(futures)
+        return [first] + [f.result() for f in futures]
+
+    def _run(self, chunks: list[ScheduledChunk]) -> tuple[list[ScheduledChunk], torch.Tensor]:
+        """One forward over ``chunks``: the logits of those that complete their sequence."""
+        # Single-token chunks (decodes) first: the attention computes them together.
+        ordered = [c for c in chunks if c.num_tokens == 1] + [c for c in chunks if c.num_tokens > 1]
+        sampled = [c for c in ordered if c.completes]
         meta, input_ids, positions, keep = self._prepare(ordered)
         if self.fused is not None:
-            logits = self.fused.forward(input_ids[0], positions[0], meta, keep)
-        else:
-            logits = self.model(
-                input_ids=input_ids,
-                position_ids=positions,
-                use_cache=False,
-                logits_to_keep=keep,
-                chatstream_batch=meta,
-            ).logits[0]
-        for chunk in ordered:
-            chunk.seq.num_computed_tokens += chunk.num_tokens
+            return sampled, self.fused.forward(input_ids[0], positions[0], meta, keep)
+        logits = self.model(
+            input_ids=input_ids,
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=keep,
+            chatstream_batch=meta,
+        ).logits[0]
         return sampled, logits
 
     def _prepare(
@@ -159,3 +201,41 @@ class ModelRunner:
         )
         input_ids = torch.tensor(ids, device=dev)[None, :]
         return meta, input_ids, pos[None, :], torch.tensor(keep, dtype=torch.long, device=dev)
+
+
+_P = TypeVar("_P")
+_R = TypeVar("_R")
+
+
+def _in_inference_mode(fn: Callable[[_P], _R], part: _P) -> _R:
+    with torch.inference_mode():  # thread-local: a lane's thread enters it itself
+        return fn(part)
+
+
+# A lane of fewer tokens than this would spend more on reading every weight once more than it saves.
+MIN_LANE_TOKENS = 4
+
+
+def split_lanes(chunks: list[ScheduledChunk], lanes: int) -> list[list[ScheduledChunk]]:
+    """Share a step's chunks among at most ``lanes`` forwards of about the same number of tokens.
+
+    Decodes are dealt out in even runs; each prefill chunk goes to the lane with the fewest tokens.
+    Lanes of fewer than :data:`MIN_LANE_TOKENS` tokens are not made: small steps run whole.
+    """
+    total = sum(c.num_tokens for c in chunks)
+    lanes = min(lanes, total // MIN_LANE_TOKENS)
+    if lanes <= 1:
+        return [chunks]
+    decodes = [c for c in chunks if c.num_tokens == 1]
+    groups: list[list[ScheduledChunk]] = [[] for _ in range(lanes)]
+    load = [0] * lanes
+    # Prefill chunks first, largest first, each to the lightest lane; then decodes fill the rest evenly.
+    for chunk in sorted((c for c in chunks if c.num_tokens > 1), key=lambda c: -c.num_tokens):
+        lane = load.index(min(load))
+        groups[lane].append(chunk)
+        load[lane] += chunk.num_tokens
+    for chunk in decodes:
+        lane = load.index(min(load))
+        groups[lane].append(chunk)
+        load[lane] += 1
+    return [g for g in groups if g]

@@ -139,7 +139,7 @@ class ChatService:
             max_model_len=settings.context_len, kv_cache_memory_bytes=kv_mb * 2**20 if kv_mb else None,
             enable_prefix_caching=settings.prefix_caching,
             quantization=None if settings.quantization == "none" else settings.quantization,
-            num_threads=settings.threads, kernels=settings.kernels,
+            num_threads=settings.threads, kernels=settings.kernels, forward_lanes=settings.forward_lanes,
         )
 
     def _attach_remote(self, tokenizer: Any) -> None:
