@@ -187,10 +187,14 @@ class SQLiteSessionStore:
         grow the database; the reserve is made again afterwards.
         """
         try:
-            return self._commit(write, may_grow=True)
+            result = self._commit(write, may_grow=True)
         except sqlite3.Error as exc:
             if not _disk_full(exc):
                 raise
+        else:
+            if not self._reserve_kept:  # the disk had no room for it last time: try again now
+                self._make_reserve()
+            return result
         self._release_reserve()
         self._checkpoint()
         self._make_reserve()
@@ -228,6 +232,7 @@ class SQLiteSessionStore:
             logger.debug("SQLite session store %s: checkpoint failed: %s", self.path, exc)
 
     def _make_reserve(self) -> None:
+        self._reserve_kept = True
         if self.reserve_bytes <= 0:
             return
         try:
@@ -236,7 +241,8 @@ class SQLiteSessionStore:
                 os.posix_fallocate(fd, 0, self.reserve_bytes)  # allocated blocks, not a sparse file
             finally:
                 os.close(fd)
-        except OSError as exc:  # a full disk: whatever part was made stays, the rest comes later
+        except OSError as exc:  # a full disk: whatever part was made stays, the rest after a later write
+            self._reserve_kept = False
             logger.warning("SQLite session store %s: cannot keep %d bytes of reserve: %s",
                            self.path, self.reserve_bytes, exc)
 
