@@ -198,11 +198,12 @@ class SQLiteSessionStore:
         self._release_reserve()
         self._checkpoint()
         self._make_reserve()
-        try:
-            return self._commit(write, may_grow=True)
-        except sqlite3.Error as exc:
-            if not _disk_full(exc):
-                raise
+        if self._reserve_kept:  # else the room the checkpoint freed is the reserve's, for the retry below
+            try:
+                return self._commit(write, may_grow=True)
+            except sqlite3.Error as exc:
+                if not _disk_full(exc):
+                    raise
         self._release_reserve()
         try:
             return self._commit(write, may_grow=False)

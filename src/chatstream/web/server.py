@@ -18,6 +18,7 @@ process runs out of file descriptors, and logs one line per refused request. Her
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from typing import Any
 
@@ -31,9 +32,8 @@ DEFAULT_GRACEFUL_SHUTDOWN_S = 10
 DEFAULT_LOG_INTERVAL_S = 10.0
 DEFAULT_BACKLOG = 128  # also the most connections asyncio accepts per loop iteration
 
-# A timer this late means the process or its loop stalled (stopped, swapped out, blocked): requests
-# that arrived meanwhile may still be unread, so a timeout looks again after they are.
-_LATE_TIMER_S = 1.0
+# A timeout that finds bytes the loop has not read yet (its process stalled: stopped, swapped out,
+# its loop blocked) looks again this much later, once they are read, rather than drop a request.
 _RECHECK_S = 0.2
 _FD_RESERVE = 256  # model files, the session database, logs, pipes, the listening sockets
 _MAX_DEFAULT_CONNECTIONS = 4096
@@ -145,17 +145,25 @@ class GuardedH11Protocol(H11Protocol):
             self._head_timer = None
 
     def timeout_keep_alive_handler(self) -> None:
-        if self._fired_late(self.timeout_keep_alive_task):  # data_received cancels this recheck
-            self.timeout_keep_alive_task = self.loop.call_later(_RECHECK_S, super().timeout_keep_alive_handler)
+        if self._unread_bytes():  # a request arrived while the process stalled: data_received cancels this
+            self.timeout_keep_alive_task = self.loop.call_later(_RECHECK_S, self.timeout_keep_alive_handler)
             return
         super().timeout_keep_alive_handler()
 
-    def _fired_late(self, timer: Any) -> bool:
-        return timer is not None and self.loop.time() - timer.when() > _LATE_TIMER_S
+    def _unread_bytes(self) -> int:
+        """Bytes the kernel holds for this connection that the event loop has not read yet."""
+        try:
+            import fcntl
+            import termios
+
+            sock = self.transport.get_extra_info("socket")
+            return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+        except (ImportError, OSError, AttributeError, ValueError):  # not POSIX, or the socket is gone
+            return 0
 
     def _head_timed_out(self) -> None:
-        fired, self._head_timer = self._head_timer, None
-        if self._fired_late(fired):
+        self._head_timer = None
+        if self._unread_bytes():
             self._head_timer = self.loop.call_later(_RECHECK_S, self._head_timed_out)
             return
         if not self._awaiting_head():
