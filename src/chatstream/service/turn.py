@@ -353,6 +353,7 @@ class Turn:
         if failure is not None:
             self._fail(failure)
         elif self._done is not None and not self._ended:
+            self._ended = True  # nothing after done: a later failure (releasing the lock) is only logged
             self._events.put_nowait(self._done)
 
     async def _checkpoint(self, chat_prompt: ChatPrompt) -> None:
