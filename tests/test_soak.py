@@ -31,7 +31,8 @@ CASES = {
 def test_a_short_soak_with_one_fault_of_each_kind_loses_nothing(store: str, tmp_path: Path) -> None:
     args, faults = CASES[store]
     out = tmp_path / "soak.json"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # The chatstream this test runs (PYTHONPATH, else the installed one) serves; the harness comes from ROOT.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.soak", "--store", store, "--clients", "12", *args,
          "--workdir", str(tmp_path / "work"), "--json", str(out)],
