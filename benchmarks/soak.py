@@ -17,7 +17,7 @@ not). At the end, with every fault over, it verifies over HTTP *and* from the st
 * lost: an acknowledged write missing: a turn that ended with ``done`` (its input and reply), a
   2xx create or rename (title), a 2xx delete (the conversation must be gone);
 * cross_user: text with another user's marker in a user's answers or in a session's stored data;
-* bad_5xx: a 5xx other than 503 (507 ``store_full`` only while the disk is full);
+* bad_5xx: a 5xx other than 503 (507 ``store_full`` only while the disk is full, and never for a delete);
 * bad_stream_end: a stream that ended with neither ``done`` nor ``error``, or an ``error`` code
   other than the store's (``store_unavailable``, ``lease_lost``, ``store_full`` while full);
 * transport: a connection error or timeout the harness did not cause; a server process that died;
@@ -537,7 +537,8 @@ class Soak:
             self.results.during_faults[f"{self.active[0]}: {answer}"] += 1
         if r.status_code < 500 or r.status_code == 503:
             return
-        if r.status_code == 507 and code == "store_full" and self.in_fault("disk_full"):
+        if r.status_code == 507 and code == "store_full" and self.in_fault("disk_full") and \
+                not name.startswith("DELETE"):  # deleting is how a user frees room: it must work when full
             return
         self.results.violation("bad_5xx", f"{name} answered {r.status_code}: {r.text[:200]}")
 

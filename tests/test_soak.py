@@ -2,7 +2,8 @@
 store, 12 users of mixed traffic (turns left mid-stream or read slowly, regenerate, edit,
 conversations created, renamed and deleted, /v1 chat), one store fault of each kind, then the
 store and every user's conversations checked. The counts are the assertions: 0 acknowledged
-writes lost, 0 cross-user reads, 0 5xx other than 503 (507 only while the disk is full), every
+writes lost, 0 cross-user reads, 0 5xx other than 503 (507 only while the disk is full, never for
+a delete), every
 stream ended with done or error, no connection dropped, descriptors and memory flat.
 
 The 20-minute run is `python -m benchmarks.soak --duration 1200` (figures in benchmarks/RESULTS.md).
