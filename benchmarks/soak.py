@@ -273,7 +273,9 @@ class User:
         self.soak = soak
         self.rng = random.Random(soak.config.seed * 1000 + n)
         self.marker = f"SOAK{self.rng.getrandbits(32):08X}"
-        self.client = httpx.AsyncClient(timeout=TIMEOUT_S)
+        # Idle connections are dropped after 2 s, before the servers' 5 s keep-alive, as clients should:
+        # else a request sent just as the server closes an idle connection is reset (HTTP/1.1's race).
+        self.client = httpx.AsyncClient(timeout=TIMEOUT_S, limits=httpx.Limits(keepalive_expiry=2.0))
         self.loops = [Loop(), Loop()]
         self.deleted: set[str] = set()
         self.unsure_creates = 0

@@ -3,8 +3,9 @@ store, 12 users of mixed traffic (turns left mid-stream or read slowly, regenera
 conversations created, renamed and deleted, /v1 chat), one store fault of each kind, then the
 store and every user's conversations checked. The counts are the assertions: 0 acknowledged
 writes lost, 0 cross-user reads, 0 5xx other than 503 (507 only while the disk is full, never for
-a delete), every
-stream ended with done or error, no connection dropped, descriptors and memory flat.
+a delete), every stream ended with done or error, no connection dropped, descriptors and memory
+flat. On main's code before this work, the SQLite case counts 9 connections reset by the SIGSTOP
+(a 5 s stall past the keep-alive) and 9 DELETEs refused with 507 on the full disk.
 
 The 20-minute run is `python -m benchmarks.soak --duration 1200` (figures in benchmarks/RESULTS.md).
 """
