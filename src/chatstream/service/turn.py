@@ -102,6 +102,7 @@ class Turn:
         # so a failed save is an error, never done.
         self._done: Done | None = None
         self._ended = False  # a Failed was sent: the stream ends there
+        self._ending = False  # the reply is being committed: checkpoints stop
         self._lease: Lease | None = None  # the conversation's lock while the turn holds it: it fences every write
         self._current_was: Any = ...  # the session's current conversation when the turn began
         # The first message that differs from the stored conversation: a save writes it and those
@@ -178,6 +179,7 @@ class Turn:
                 finally:
                     ticket.release()
                     if checkpoints is not None:
+                        self._ending = True
                         checkpoints.cancel()
                         await asyncio.wait({checkpoints})
                     failure = await self._commit(chat_prompt, previous) if chat_prompt is not None else None
@@ -361,6 +363,7 @@ class Turn:
         if failure is not None:
             self._fail(failure)
         elif self._done is not None and not self._ended:
+            self._ended = True  # nothing after done: a later failure (releasing the lock) is only logged
             self._events.put_nowait(self._done)
 
     async def _checkpoint(self, chat_prompt: ChatPrompt) -> None:
@@ -387,6 +390,11 @@ class Turn:
                 return
             except Exception:
                 logger.exception("saving a checkpoint of the reply failed")
+            # A store client may lose the cancel that ends this loop (seen with redis-py after a CLIENT
+            # PAUSE: this task stayed "cancelling" in its next sleep and the turn waited for it
+            # forever), so the loop also stops by itself once the turn is ending.
+            if self._ending:
+                return
 
     async def _save_partial(self, chat_prompt: ChatPrompt, text: str) -> None:
         """Save the conversation with ``text`` as the reply in progress (with any earlier answers)."""

@@ -48,8 +48,12 @@ class Lease:
         if keeper is not None:
             keeper.cancel()
         if token is not None:
-            # Shielded: a request cancelled while releasing still releases.
-            await asyncio.shield(self.store.release_lock(self.name, token))
+            try:
+                # Shielded: a request cancelled while releasing still releases.
+                await asyncio.shield(self.store.release_lock(self.name, token))
+            except Exception as exc:  # the store is down: the lease frees the lock when it runs out
+                logger.warning("releasing the lock %s… failed (%s); it frees itself within %g s",
+                               self.name[:8], exc, self.lease_s)
 
     async def _keep(self, token: str) -> None:
         renewed = time.monotonic()

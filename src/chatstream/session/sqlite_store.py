@@ -5,6 +5,12 @@ aiosqlite does the same thing with more machinery): the event loop never waits o
 another process's write lock, and one connection used by one thread needs no locking of its own.
 WAL mode lets readers proceed while another process writes; ``busy_timeout`` makes a writer wait
 for the other process instead of failing, so several processes may open the same file.
+
+A full disk: even a delete needs room in SQLite's write-ahead log, so the store keeps a small
+reserve file next to the database (``sessions.db-reserve``) and gives its room back for one retry
+of a write the disk refused, on the condition that the write does not grow the database (a delete,
+a smaller rewrite, a lock, a turn stored in pages a delete freed). The log is then checkpointed
+and truncated and the reserve made again, so deleting conversations always works and frees room.
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from ..errors import StoreUnavailable
+from ..errors import StoreFull, StoreUnavailable
 from .store import SessionData, dump_json, dump_rows, group, lease_lost, store_full, too_large, too_many_held, utf8_len
 
 T = TypeVar("T")
 logger = logging.getLogger("chatstream.session")
+
+RESERVE_BYTES = 512 * 1024  # room for the log frames of a delete (a few pages) or a mid-size turn
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -61,8 +69,11 @@ class SQLiteSessionStore:
     """
 
     def __init__(self, path: str | Path, busy_timeout_s: float = 5.0, sweep_interval_s: float = 60.0, *,
-                 max_bytes: int | None = None, max_session_bytes: int | None = None) -> None:
+                 max_bytes: int | None = None, max_session_bytes: int | None = None,
+                 reserve_bytes: int = RESERVE_BYTES) -> None:
         self.path = Path(path)
+        self.reserve_path = self.path.with_name(self.path.name + "-reserve")
+        self.reserve_bytes = reserve_bytes
         self.max_bytes = max_bytes
         self.max_session_bytes = max_session_bytes
         self.sweep_interval_s = sweep_interval_s
@@ -86,6 +97,7 @@ class SQLiteSessionStore:
         except sqlite3.Error:
             self._db.close()
             raise
+        self._make_reserve()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatstream-sqlite")
         self._closed = False
         self.failure: str | None = None  # why the last operation failed, until one succeeds (for /health)
@@ -251,21 +263,18 @@ class SQLiteSessionStore:
             params = {"id": session_id, "token": token, "until": now + lease_s, "now": now}
             if max_in_session is None:
                 return self._db.execute(_ACQUIRE, params).rowcount == 1
-            taken: list[bool] = []
+            # counted and taken in one transaction (acquire runs inside one): two processes cannot
+            # both take the last place
+            session = group(session_id)
+            held = self._db.execute(
+                "SELECT count(*) FROM session_locks WHERE id >= ? AND id < ? AND id != ? AND expires_at > ?",
+                (session + "/", session + "0", session_id, now)).fetchone()[0]
+            taken = self._db.execute(_ACQUIRE, params).rowcount == 1
+            if taken and held >= max_in_session:
+                raise too_many_held(session_id, max_in_session)
+            return taken
 
-            def count_then_take() -> None:  # one transaction: two processes cannot both take the last place
-                session = group(session_id)
-                held = self._db.execute(
-                    "SELECT count(*) FROM session_locks WHERE id >= ? AND id < ? AND id != ? AND expires_at > ?",
-                    (session + "/", session + "0", session_id, now)).fetchone()[0]
-                taken.append(self._db.execute(_ACQUIRE, params).rowcount == 1)
-                if taken[0] and held >= max_in_session:
-                    raise too_many_held(session_id, max_in_session)
-
-            self._transaction(count_then_take)
-            return taken[0]
-
-        return token if await self._run(acquire) else None
+        return token if await self._run(lambda: self._transaction(acquire)) else None
 
     async def refresh_lock(self, session_id: str, token: str, lease_s: float) -> bool:
         def refresh() -> bool:
@@ -276,12 +285,13 @@ class SQLiteSessionStore:
             )
             return cursor.rowcount == 1
 
-        return await self._run(refresh)
+        return await self._run(lambda: self._transaction(refresh))
 
     async def release_lock(self, session_id: str, token: str) -> None:
-        await self._run(
-            lambda: self._db.execute("DELETE FROM session_locks WHERE id = ? AND token = ?", (session_id, token))
-        )
+        def release() -> None:
+            self._db.execute("DELETE FROM session_locks WHERE id = ? AND token = ?", (session_id, token))
+
+        await self._run(lambda: self._transaction(release))
 
     async def sweep(self) -> None:
         """Remove expired sessions and locks now (this also happens by itself on writes)."""
@@ -294,17 +304,81 @@ class SQLiteSessionStore:
         await self._run(self._db.close, closing=True)
         self._thread.shutdown(wait=False)
 
-    def _transaction(self, write: Callable[[], None]) -> None:
+    def _transaction(self, write: Callable[[], T]) -> T:
         """``write`` in one transaction that holds SQLite's write lock from its first read (so a
-        fence checked in it still holds when the write commits, whatever other processes do)."""
+        fence checked in it still holds when the write commits, whatever other processes do).
+
+        When the disk refuses it: once more after a checkpoint gives the log's room back (SQLite
+        checkpoints by itself only past 1000 pages; the checkpoint may need the reserve's room to
+        copy the log into the database), then once with the reserve's room if the write does not
+        grow the database; the reserve is made again afterwards.
+        """
+        try:
+            result = self._commit(write, may_grow=True)
+        except sqlite3.Error as exc:
+            if not _disk_full(exc):
+                raise
+        else:
+            if not self._reserve_kept:  # the disk had no room for it last time: try again now
+                self._make_reserve()
+            return result
+        self._release_reserve()
+        self._checkpoint()
+        self._make_reserve()
+        if self._reserve_kept:  # else the room the checkpoint freed is the reserve's, for the retry below
+            try:
+                return self._commit(write, may_grow=True)
+            except sqlite3.Error as exc:
+                if not _disk_full(exc):
+                    raise
+        self._release_reserve()
+        try:
+            return self._commit(write, may_grow=False)
+        finally:
+            self._checkpoint()
+            self._make_reserve()
+
+    def _commit(self, write: Callable[[], T], may_grow: bool) -> T:
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            write()
+            pages = None if may_grow else self._db.execute("PRAGMA page_count").fetchone()[0]
+            result = write()
+            if pages is not None and self._db.execute("PRAGMA page_count").fetchone()[0] > pages:
+                raise store_full()  # it would take disk room the reserve keeps for deletes
             self._db.execute("COMMIT")
+            return result
         except BaseException:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
+
+    def _checkpoint(self) -> None:
+        """Copy the log into the database and truncate it: its room goes back to the disk."""
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error as exc:  # no room to grow the database, or busy: the log stays as it is
+            logger.debug("SQLite session store %s: checkpoint failed: %s", self.path, exc)
+
+    def _make_reserve(self) -> None:
+        self._reserve_kept = True
+        if self.reserve_bytes <= 0:
+            return
+        try:
+            fd = os.open(self.reserve_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.reserve_bytes)  # allocated blocks, not a sparse file
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a full disk: whatever part was made stays, the rest after a later write
+            self._reserve_kept = False
+            logger.warning("SQLite session store %s: cannot keep %d bytes of reserve: %s",
+                           self.path, self.reserve_bytes, exc)
+
+    def _release_reserve(self) -> None:
+        try:
+            os.unlink(self.reserve_path)
+        except FileNotFoundError:
+            pass
 
     def _check_fence(self, session_id: str, fence: str | None, now: float) -> None:
         if fence is None:
@@ -339,14 +413,21 @@ class SQLiteSessionStore:
         try:
             result = await asyncio.get_running_loop().run_in_executor(self._thread, fn)
         except sqlite3.Error as exc:
-            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:  # reachable, only out of space
+            if _disk_full(exc):  # reachable, only out of space
                 self.failure = None
-                raise store_full(self.max_bytes) from exc
+                raise store_full() from exc  # the disk, not --session-store-max-bytes
             self.failure = f"{type(exc).__name__}: {exc}"
             logger.error("SQLite session store %s failed: %s", self.path, self.failure)
             raise StoreUnavailable(f"the session store failed ({self.failure}); retry shortly") from exc
+        except StoreFull:
+            self.failure = None
+            raise
         self.failure = None
         return result
 
     def __repr__(self) -> str:
         return f"SQLiteSessionStore({str(self.path)!r})"
+
+
+def _disk_full(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL

@@ -24,12 +24,13 @@ at a user message that was edited, which of its versions (``branches`` with the 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from ..errors import ChatError, InputTooLarge, InvalidRequest
+from ..errors import ChatError, InputTooLarge, InvalidRequest, LeaseLost
 from ..service import ChatService
 from ..service import conversations as book
 from ..service.sampling import SamplingLimits
@@ -38,6 +39,8 @@ from .chat_request import parse_json_object
 from .chat_stream import _session_of, chat_error_response
 from .json_body import require_json
 from .limits import BodyTimeout, BodyTooLarge, read_request_body
+
+logger = logging.getLogger("chatstream")
 
 _CREATE_FIELDS = {"title", "settings"}
 _PATCH_FIELDS = {"title", "settings", "current", "select"}
@@ -188,7 +191,14 @@ class _ConversationRoutes:
                 return data.get(book.CURRENT_KEY)
 
             current = await self.service.update_index(session, delete)
-            await session.delete_part(conversation_id, lease)
+            try:
+                await session.delete_part(conversation_id, lease)
+            except LeaseLost:
+                # The index no longer lists it, so it is deleted for the user: say so (a 409 here made
+                # the Redis soak's user think the conversation was still there). Its messages stay
+                # until the session expires, and a turn that took the lock meanwhile may bring it back.
+                logger.warning("conversation %s… deleted from the index; its messages were left (lease lost)",
+                               conversation_id[:8])
         return JSONResponse({"deleted": conversation_id, "current": current})
 
     def _body_limits(self) -> dict[str, Any]:

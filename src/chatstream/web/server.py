@@ -7,7 +7,9 @@ process runs out of file descriptors, and logs one line per refused request. Her
 - :class:`GuardedH11Protocol` (uvicorn's h11 protocol, set through ``Config(http=...)``) closes a
   connection whose request head is not complete ``header_timeout_s`` after it opened (or after
   the first byte of a keep-alive request), and refuses connections past ``max_connections`` at
-  once with a 503, so file descriptors never run out;
+  once with a 503, so file descriptors never run out; after a stall of the process longer than a
+  timeout (keep-alive, request head), it reads what arrived meanwhile before it closes anything, so
+  a request sent during the stall is answered rather than dropped;
 - :func:`raise_fd_limit` lifts ``RLIMIT_NOFILE``'s soft limit to the hard one, and
   :func:`default_max_connections` derives the cap from it;
 - :class:`RateLimitFilter` lets one line through per kind of message and interval, counting the rest.
@@ -16,6 +18,7 @@ process runs out of file descriptors, and logs one line per refused request. Her
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from typing import Any
 
@@ -29,6 +32,9 @@ DEFAULT_GRACEFUL_SHUTDOWN_S = 10
 DEFAULT_LOG_INTERVAL_S = 10.0
 DEFAULT_BACKLOG = 128  # also the most connections asyncio accepts per loop iteration
 
+# A timeout that finds bytes the loop has not read yet (its process stalled: stopped, swapped out,
+# its loop blocked) looks again this much later, once they are read, rather than drop a request.
+_RECHECK_S = 0.2
 _FD_RESERVE = 256  # model files, the session database, logs, pipes, the listening sockets
 _MAX_DEFAULT_CONNECTIONS = 4096
 
@@ -138,8 +144,28 @@ class GuardedH11Protocol(H11Protocol):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def timeout_keep_alive_handler(self) -> None:
+        if self._unread_bytes():  # a request arrived while the process stalled: data_received cancels this
+            self.timeout_keep_alive_task = self.loop.call_later(_RECHECK_S, self.timeout_keep_alive_handler)
+            return
+        super().timeout_keep_alive_handler()
+
+    def _unread_bytes(self) -> int:
+        """Bytes the kernel holds for this connection that the event loop has not read yet."""
+        try:
+            import fcntl
+            import termios
+
+            sock = self.transport.get_extra_info("socket")
+            return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0])
+        except (ImportError, OSError, AttributeError, ValueError):  # not POSIX, or the socket is gone
+            return 0
+
     def _head_timed_out(self) -> None:
         self._head_timer = None
+        if self._unread_bytes():
+            self._head_timer = self.loop.call_later(_RECHECK_S, self._head_timed_out)
+            return
         if not self._awaiting_head():
             return
         if self.conn.trailing_data[0]:  # half a request: say why; a silent connection is just closed
