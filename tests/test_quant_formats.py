@@ -122,7 +122,7 @@ def test_kernel_splits_wide_products_across_threads_and_row_chunks(kernels: quan
     assert all(torch.equal(r, results[0]) for r in results[1:])  # each channel summed in the same order
 
 
-def test_norm_and_quantize_in_one_call_quantize_the_normed_rows(kernels: quant_native.QuantKernels) -> None:
+def test_norm_or_silu_and_quantize_in_one_call_quantize_what_pytorch_computes(kernels: quant_native.QuantKernels) -> None:
     x = torch.randn(5, IN, generator=torch.Generator().manual_seed(4)) * 3
     norm = torch.rand(IN) + 0.5
     fused = kernels.rms_norm_quantize(x, norm, 1e-5)
@@ -131,6 +131,11 @@ def test_norm_and_quantize_in_one_call_quantize_the_normed_rows(kernels: quant_n
     assert (fused.q.int() - separate.q.int()).abs().max() <= 1  # summation order may flip a rounding
     with pytest.raises(ValueError, match="norm weight"):
         kernels.rms_norm_quantize(x, norm[:32], 1e-5)
+    gate_up = torch.cat([x, x.flip(0)], dim=1)
+    fused = kernels.silu_mul_quantize(gate_up)
+    separate = kernels.quantize(torch.nn.functional.silu(x) * x.flip(0))
+    assert torch.allclose(fused.d, separate.d, rtol=1e-5)
+    assert (fused.q.int() - separate.q.int()).abs().max() <= 1
 
 
 def test_kernel_writes_into_slices_and_accumulates(kernels: quant_native.QuantKernels) -> None:

@@ -208,6 +208,8 @@ class LlamaForward:
             gate_up = self._norm_project(nk, x, layer.post_norm, layer.gate_up)
             if layer.down.packed is not None:
                 nk.int8_linear(nk.silu_mul_quantize(gate_up), layer.down.packed, out=x)
+            elif layer.down.quant is not None:
+                quant_linears(layer.down.quant, gate_up, silu_mul=True, add_to=x)
             else:
                 self._project_add(nk, F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :],
                                   layer.down, x)
@@ -216,12 +218,16 @@ class LlamaForward:
     def _norm_project(self, nk: NativeKernels, x: torch.Tensor, norm: torch.Tensor, proj: _Projection) -> torch.Tensor:
         if proj.packed is not None:
             return nk.int8_linear(nk.rms_norm_quantize(x, norm, self.eps), proj.packed)
+        if proj.quant is not None:  # GGUF blocks: normed and quantized in one pass (quant/)
+            return quant_linears(proj.quant, x, norm=norm, eps=self.eps)
         return proj(self._rms_norm(x, norm)).contiguous()
 
     def _project_add(self, nk: NativeKernels, rows: torch.Tensor, proj: _Projection, x: torch.Tensor) -> None:
         """``x += proj(rows)``, in place."""
         if proj.packed is not None:
             nk.int8_linear(nk.quantize(rows), proj.packed, out=x)
+        elif proj.quant is not None:
+            quant_linears(proj.quant, rows, add_to=x)
         else:
             x.add_(proj(rows))
 

@@ -48,6 +48,7 @@ class QuantKernels:
         _C = ctypes.c_int
         lib.quantize_blocks.argtypes = [_P, _I, _I, _I, _P, _P, _P]
         lib.rms_norm_quantize_blocks.argtypes = [_P, _I, _I, _P, ctypes.c_float, _P, _P, _P, _P]
+        lib.silu_mul_quantize_blocks.argtypes = [_P, _I, _I, _P, _P, _P, _P]
         lib.quant_linear.argtypes = [_C, _P, _P, _P, _I, _I, _P, _P, _P, _I, _P, _P, _I, _C, _C]
         lib.quant_linear.restype = _C
         lib.quant_isa.restype = _C
@@ -77,6 +78,17 @@ class QuantKernels:
         out, work = _block_rows(rows, k), torch.empty(k)
         self._lib.rms_norm_quantize_blocks(x.data_ptr(), rows, k, weight.data_ptr(), eps, work.data_ptr(),
                                            out.q.data_ptr(), out.d.data_ptr(), out.s.data_ptr())
+        return out
+
+    def silu_mul_quantize(self, gate_up: torch.Tensor) -> BlockRows:
+        """``quantize(silu(gate) * up)`` for contiguous float32 rows ``[gate | up]`` ``[rows, 2 k]``."""
+        if gate_up.dim() != 2 or gate_up.dtype != torch.float32 or not gate_up.is_contiguous() or gate_up.shape[1] % 64:
+            raise ValueError(f"expected contiguous float32 rows [rows, 2 * k * 32], got {gate_up.dtype} "
+                             f"{tuple(gate_up.shape)}")
+        rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+        out, work = _block_rows(rows, width), torch.empty(width)
+        self._lib.silu_mul_quantize_blocks(gate_up.data_ptr(), rows, width, work.data_ptr(), out.q.data_ptr(),
+                                           out.d.data_ptr(), out.s.data_ptr())
         return out
 
     def linear(self, rows: BlockRows, weight: TiledWeight, bias: torch.Tensor | None = None,
