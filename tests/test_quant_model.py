@@ -94,7 +94,7 @@ def test_the_engines_fused_native_forward_keeps_the_float_nll(default_model: tup
 async def test_the_engine_serves_the_gguf_model_with_native_kernels(default_model: tuple[Any, Any]) -> None:
     model, tokenizer = default_model
     engine = LLMEngine(model, tokenizer, max_num_seqs=4, kv_cache_memory_bytes=32 << 20)
-    assert engine._runner.fused is not None and engine._runner.fused.native is not None
+    assert engine._runner.fused is not None and engine._runner.fused.ops.name == "native"
     prompt = chat(tokenizer, "Name three primary colors.")
     await engine.start()
     try:
