@@ -457,8 +457,8 @@ static void run_parallel(const product_t *p, int64_t rows, int64_t tiles, int th
     }
     work_on(gen);
     for (int64_t spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < pool.job.chunks; spins++) {
-        if (spins < 100000) cpu_relax();
-        else sched_yield(); /* a helper was descheduled mid-chunk: let it run */
+        if (spins < 4000) cpu_relax();
+        else sched_yield(); /* a helper was descheduled mid-chunk: give it the core */
     }
     /* Closed: a helper still holding this generation's number claims nothing from the next job. */
     atomic_store_explicit(&pool.state, (uint64_t)gen << 32 | 0xFFFFFFFFu, memory_order_release);
