@@ -134,12 +134,11 @@ def test_a_16_bit_kv_cache_stays_close_to_transformers_logits(
         assert got.argmax(-1).tolist() == reply
 
 
-def test_auto_kv_dtype_is_a_rule_of_the_ops_and_cpu_features(own_model: tuple[Any, Any]) -> None:
+def test_auto_kv_dtype_is_the_models_by_rule(own_model: tuple[Any, Any]) -> None:
     model, _ = own_model
-    kernels = native.load("auto")
-    expected = "float16" if kernels is not None and kernels.f16_hardware else "float32"
-    assert select_backend(model, kernels="auto")[0].kv_dtype == expected
-    assert select_backend(model, kernels="torch")[0].kv_dtype == "float32"  # a conversion pass per read: the model's
+    # A 16-bit cache did not measure faster here (backend._kv_dtype): auto keeps the model's float32.
+    assert select_backend(model, kernels="auto")[0].kv_dtype == "float32"
+    assert select_backend(model, kernels="torch")[0].kv_dtype == "float32"
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         select_backend(model, kv_cache_dtype="int8")
 

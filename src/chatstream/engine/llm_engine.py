@@ -66,8 +66,8 @@ class LLMEngine:
     use) for a float32 Llama-family model on CPU when they build and pass their check, else through
     PyTorch's operators; ``"native"`` requires them; ``"torch"`` never uses them.
     ``kv_cache_dtype``: the KV cache's element type, ``"float32"``, ``"bfloat16"``, ``"float16"``
-    (half the bytes a token) or ``"auto"``: float16 where the native kernels widen it in hardware,
-    else the model's dtype (:func:`.backend.select_backend`, which chooses the whole path once).
+    (half the bytes a token) or ``"auto"``: the model's dtype (:func:`.backend.select_backend`,
+    which chooses the whole path once).
     The engine switches the model to its own attention implementation
     and quantized layers until :meth:`shutdown`.
     """
