@@ -1,6 +1,7 @@
 """Time one engine decode step at batch 1/16/32: float32 vs int8 linear layers, transformers' forward vs the fused one, native kernels vs PyTorch's operators.
 
     .venv/bin/python -m benchmarks.step_time [--batches 1,16,32] [--steps 10] [--context 128] [--sampling-only | --lanes-only]
+    .venv/bin/python -m benchmarks.step_time --kv-only [--context 1024]   # KV-cache dtypes, native and torch ops
 
 Every sequence has a ``--context``-token prompt already prefilled; the figure is the fastest of
 ``--steps`` decode steps over ``--rounds`` interleaved rounds (one token per sequence, the whole forward with the paged
@@ -40,13 +41,13 @@ TEXT = (
 
 def decode_step_ms(
     model: Any, batch: int, context: int, steps: int, fused: bool = True, kernels: str = "auto",
-    sampler: Callable[[torch.Tensor], Any] | None = None, lanes: int = 1, cpu: list[float] | None = None,
+    sampler: Callable[[torch.Tensor], Any] | None = None, lanes: int = 1, cpu: list[float] | None = None, kv_cache_dtype: str = "auto",
 ) -> float:
     """The fastest decode step; with ``sampler``, each step's logits are also sampled, inside the timing
     (in every lane, each over its own rows, as the engine does). ``cpu`` receives each step's process CPU time."""
     blocks = BlockManager(batch * (context // 16 + steps // 16 + 2), 16, enable_prefix_caching=False)
     scheduler = Scheduler(blocks, max_num_seqs=batch, max_num_batched_tokens=batch * context)
-    runner = ModelRunner(model, blocks, fused=fused, kernels=kernels, lanes=lanes)
+    runner = ModelRunner(model, blocks, fused=fused, kernels=kernels, lanes=lanes, kv_cache_dtype=kv_cache_dtype)
     try:
         for i in range(batch):
             prompt = [(7 * i + j) % 1000 + 100 for j in range(context)]
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--sampling-only", action="store_true", help="only the table of samplers")
     parser.add_argument("--lanes-only", action="store_true",
                         help="only the table of forward lanes: the engine default's step in 1 lane vs 2")
+    parser.add_argument("--kv-only", action="store_true", help="only the table of KV-cache dtypes")
     opts = parser.parse_args()
     batches = [int(b) for b in opts.batches.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus, "
@@ -105,6 +107,11 @@ def main() -> None:
         model, _ = load_model()
         quantization.quantize_linears_int8(model)
         lanes_table(model, batches, opts)
+        return
+    if opts.kv_only:
+        model, _ = load_model()
+        quantization.quantize_linears_int8(model)
+        kv_table(model, batches, opts)
         return
     if opts.sampling_only:
         model, _ = load_model()
@@ -177,6 +184,22 @@ def lanes_table(model: Any, batches: list[int], opts: argparse.Namespace) -> Non
     for lanes in (1, 2):
         cells = [f"{best[lanes, b]:.1f} / {1e3 * sum(cpu[lanes, b]) / len(cpu[lanes, b]):.1f}" for b in batches]
         print(f"| {lanes} lane{'s' if lanes > 1 else ''} | " + " | ".join(cells) + " |", flush=True)
+
+
+def kv_table(model: Any, batches: list[int], opts: argparse.Namespace) -> None:
+    """The int8 model's decode step with each KV-cache dtype, through the native kernels and PyTorch's operators."""
+    variants = [(kernels, dtype) for kernels in ("native", "torch") for dtype in ("float32", "float16", "bfloat16")]
+    best: dict[tuple[str, str, int], float] = {}
+    for _ in range(opts.rounds):
+        for b in batches:
+            for kernels, dtype in variants:
+                ms = decode_step_ms(model, b, opts.context, opts.steps, kernels=kernels, kv_cache_dtype=dtype)
+                best[kernels, dtype, b] = min(best.get((kernels, dtype, b), ms), ms)
+    print("\n| decode step, int8 linears | " + " | ".join(f"batch {b} (ms)" for b in batches) + " |")
+    print("|---|" + "---|" * len(batches))
+    for kernels, dtype in variants:
+        print(f"| {kernels} ops, KV {dtype} | " + " | ".join(f"{best[kernels, dtype, b]:.1f}" for b in batches) + " |",
+              flush=True)
 
 
 if __name__ == "__main__":

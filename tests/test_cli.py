@@ -70,6 +70,7 @@ def test_serve_mock_with_options_from_flags_and_environment():
         (["--port", "notaport"], "expected an integer"),
         (["--queue-size", "-1"], "--queue-size"),
         (["--kv-cache-mb", "0"], "--kv-cache-mb"),
+        (["--kv-cache-dtype", "int4"], "--kv-cache-dtype"),
     ],
 )
 def test_bad_options_are_clear_errors(args, message):

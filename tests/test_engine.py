@@ -58,8 +58,10 @@ def tokenizer(default_model: tuple[Any, Any]) -> Any:
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def engine(default_model: tuple[Any, Any]) -> Any:
     model, tokenizer = default_model
-    # float32, so replies can be compared with transformers' own generate (int8: test_quantization.py).
-    engine = LLMEngine(model, tokenizer, max_num_seqs=8, kv_cache_memory_bytes=64 << 20, quantization=None)
+    # float32 weights and KV cache, so replies can be compared with transformers' own generate
+    # (int8: test_quantization.py; a 16-bit KV cache: test_backend.py).
+    engine = LLMEngine(model, tokenizer, max_num_seqs=8, kv_cache_memory_bytes=64 << 20, quantization=None,
+                       kv_cache_dtype="float32")
     await engine.start()
     yield engine
     await engine.shutdown()
@@ -71,7 +73,7 @@ async def uncached_engine(default_model: tuple[Any, Any], engine: LLMEngine) -> 
     model, tokenizer = default_model
     uncached = LLMEngine(
         model, tokenizer, max_num_seqs=8, kv_cache_memory_bytes=64 << 20, quantization=None,
-        enable_prefix_caching=False,
+        enable_prefix_caching=False, kv_cache_dtype="float32",
     )
     yield uncached
     await uncached.shutdown()
@@ -279,6 +281,7 @@ async def test_a_request_that_does_not_fit_waits_and_one_that_never_fits_fails(
         kv_cache_memory_bytes=4 * block_size * kv_bytes_per_token(model),  # 4 blocks = 64 tokens
         block_size=block_size,
         quantization=None,
+        kv_cache_dtype="float32",
     )
     try:
         words = tokenizer.encode(" ".join(["apple"] * 200), add_special_tokens=False)
@@ -324,6 +327,7 @@ async def test_preemption_and_chunked_prefill_do_not_change_replies(
         max_num_seqs=4,
         kv_cache_memory_bytes=4 * 16 * kv_bytes_per_token(model),  # 4 blocks: 64 tokens
         block_size=16,
+        kv_cache_dtype="float32",
         max_num_batched_tokens=16,
         quantization=None,
     )
@@ -399,7 +403,7 @@ async def test_eviction_under_a_tiny_cache_keeps_replies_correct(
     model, _ = default_model
     tiny = LLMEngine(
         model, tokenizer, max_num_seqs=4, kv_cache_memory_bytes=8 * 16 * kv_bytes_per_token(model),
-        block_size=16, quantization=None,
+        block_size=16, quantization=None, kv_cache_dtype="float32",
     )
     try:
         prompts = [chat(tokenizer, q)[-n:] for q, n in zip(QUESTIONS[3:7], (40, 50, 33, 60))]

@@ -48,12 +48,12 @@ def greedy(own_model: tuple[Any, Any]) -> tuple[list[list[int]], list[list[int]]
 
 def teacher_forced(
     model: Any, prompts: list[list[int]], replies: list[list[int]], *, fused: bool, step_tokens: int,
-    kernels: str = "auto",
+    kernels: str = "auto", kv_cache_dtype: str = "float32",
 ) -> list[torch.Tensor]:
     """Each prompt's next-token logits along its given reply, [len(reply), V] per prompt, from the
     engine's runner with every prompt in one batch and at most ``step_tokens`` tokens a step."""
     blocks = BlockManager(512, 16, enable_prefix_caching=False)
-    runner = ModelRunner(model, blocks, fused=fused, kernels=kernels)
+    runner = ModelRunner(model, blocks, fused=fused, kernels=kernels, kv_cache_dtype=kv_cache_dtype)
     assert (runner.fused is not None) == fused
     scheduler = Scheduler(blocks, max_num_seqs=len(prompts), max_num_batched_tokens=step_tokens)
     seqs = [Sequence(str(i), list(p), SamplingParams(), 0, None, None, None) for i, p in enumerate(prompts)]  # type: ignore[arg-type]

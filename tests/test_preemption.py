@@ -67,9 +67,10 @@ def test_a_preempted_sequence_recomputes_its_prompt_then_its_reply_token_by_toke
 async def test_replies_preempted_again_and_again_equal_the_replies_alone(default_model: tuple[Any, Any]) -> None:
     """Room for 12 blocks, four float32 replies of ~30 + 48 tokens: preempted many times over."""
     model, tokenizer = default_model
-    roomy = LLMEngine(model, tokenizer, max_num_seqs=4, kv_cache_memory_bytes=64 << 20, quantization=None)
+    roomy = LLMEngine(model, tokenizer, max_num_seqs=4, kv_cache_memory_bytes=64 << 20, quantization=None,
+                      kv_cache_dtype="float32")
     tiny = LLMEngine(model, tokenizer, max_num_seqs=4, kv_cache_memory_bytes=12 * 16 * kv_bytes_per_token(model),
-                     block_size=16, quantization=None)
+                     block_size=16, quantization=None, kv_cache_dtype="float32")  # 12 blocks of the model's float32
     try:
         questions = ["Describe the sea.", "Describe a cat.", "Why is the sky blue?", "Name three rivers."]
         prompts = [chat(tokenizer, q) for q in questions]

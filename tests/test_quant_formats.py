@@ -99,6 +99,45 @@ def test_kernel_multiplies_each_format_as_pytorch_does(kernels: quant_native.Qua
     assert ((got - exact).norm() / exact.norm()).item() < 0.02
 
 
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
+def test_kernel_splits_wide_products_across_threads_and_row_chunks(kernels: quant_native.QuantKernels,
+                                                                   type_name: str) -> None:
+    """27 rows (chunks of 16, 8, 2 and 1 over each unpacked block) times 16 tiles of channels, large
+    enough to be shared between threads: the same numbers on one thread and on two."""
+    wide = 8
+    raw = np.concatenate([random_tensor(type_name, seed) for seed in range(wide)])  # [37 * 8, bytes]
+    weight = TiledWeight.from_blocks(from_gguf(raw, type_name, (OUT * wide, IN)))
+    rows = kernels.quantize(torch.randn(27, IN, generator=torch.Generator().manual_seed(3)))
+    x_blocks = (rows.q.float().view(27, -1, 32) * rows.d[..., None]).view(27, IN)
+    expected = x_blocks @ weight.values().T
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 2, 2):
+            torch.set_num_threads(threads)
+            results.append(kernels.linear(rows, weight))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.allclose(results[0], expected, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(r, results[0]) for r in results[1:])  # each channel summed in the same order
+
+
+def test_norm_or_silu_and_quantize_in_one_call_quantize_what_pytorch_computes(kernels: quant_native.QuantKernels) -> None:
+    x = torch.randn(5, IN, generator=torch.Generator().manual_seed(4)) * 3
+    norm = torch.rand(IN) + 0.5
+    fused = kernels.rms_norm_quantize(x, norm, 1e-5)
+    separate = kernels.quantize(torch.nn.functional.rms_norm(x, (IN,), norm, 1e-5))
+    assert torch.allclose(fused.d, separate.d, rtol=1e-5)
+    assert (fused.q.int() - separate.q.int()).abs().max() <= 1  # summation order may flip a rounding
+    with pytest.raises(ValueError, match="norm weight"):
+        kernels.rms_norm_quantize(x, norm[:32], 1e-5)
+    gate_up = torch.cat([x, x.flip(0)], dim=1)
+    fused = kernels.silu_mul_quantize(gate_up)
+    separate = kernels.quantize(torch.nn.functional.silu(x) * x.flip(0))
+    assert torch.allclose(fused.d, separate.d, rtol=1e-5)
+    assert (fused.q.int() - separate.q.int()).abs().max() <= 1
+
+
 def test_kernel_writes_into_slices_and_accumulates(kernels: quant_native.QuantKernels) -> None:
     weight = TiledWeight.from_blocks(from_gguf(random_tensor("Q4_1"), "Q4_1", (OUT, IN)))
     rows = kernels.quantize(torch.randn(3, IN))

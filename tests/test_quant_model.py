@@ -4,7 +4,6 @@ weights kept as stored: its numbers against the float forward of the same dequan
 from __future__ import annotations
 
 import copy
-import os
 from typing import Any
 
 import pytest
@@ -15,7 +14,7 @@ from test_quantization import chat
 from chatstream.engine.llm_engine import LLMEngine
 from chatstream.engine.quant.gguf_model import QuantEmbedding, QuantLinear, resident_bytes
 from chatstream.engine.sampling_params import SamplingParams
-from chatstream.model_loader import _float_copy_is_large, default_model_path, load_model
+from chatstream.model_loader import default_model_path, load_model
 
 TEXT = (
     "The sun is the star at the centre of the Solar System. It is a massive, nearly perfect sphere of hot "
@@ -95,7 +94,7 @@ def test_the_engines_fused_native_forward_keeps_the_float_nll(default_model: tup
 async def test_the_engine_serves_the_gguf_model_with_native_kernels(default_model: tuple[Any, Any]) -> None:
     model, tokenizer = default_model
     engine = LLMEngine(model, tokenizer, max_num_seqs=4, kv_cache_memory_bytes=32 << 20)
-    assert engine._runner.fused is not None and engine._runner.fused.native is not None
+    assert engine._runner.fused is not None and engine._runner.fused.ops.name == "native"
     prompt = chat(tokenizer, "Name three primary colors.")
     await engine.start()
     try:
@@ -105,16 +104,11 @@ async def test_the_engine_serves_the_gguf_model_with_native_kernels(default_mode
     assert outputs[-1].finished and "primary colors" in "".join(o.text for o in outputs)
 
 
-def test_gguf_weights_auto_keeps_the_blocks_only_where_float32_would_crowd_the_memory(tmp_path):
-    """``--gguf-weights auto`` decides from the file's size and the machine's memory only: the
-    default model (94 MiB) converts; a file whose 8x float32 copy passes a quarter of memory stays
-    in blocks. Sparse files: nothing is written to disk."""
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    assert not _float_copy_is_large(default_model_path())
-    small, large = tmp_path / "small.gguf", tmp_path / "large.gguf"
-    with small.open("wb") as f:
-        f.truncate(memory // 32)
-    with large.open("wb") as f:
-        f.truncate(memory // 32 + 1)
-    assert not _float_copy_is_large(small)
-    assert _float_copy_is_large(large)
+def test_gguf_weights_auto_keeps_the_blocks_of_every_quantized_file() -> None:
+    """``--gguf-weights auto`` runs a quantized GGUF from its blocks, the default model's included
+    (no float32 conversion at first start); ``float`` still converts."""
+    from chatstream.model_loader import GGUF_WEIGHTS, _quantized_gguf
+
+    assert _quantized_gguf(None, GGUF_WEIGHTS["auto"]) == default_model_path()
+    assert _quantized_gguf(None, GGUF_WEIGHTS["stored"]) == default_model_path()
+    assert _quantized_gguf(None, GGUF_WEIGHTS["float"]) is None

@@ -95,8 +95,13 @@ def test_leaving_mid_stream_frees_the_slot_at_once(real_server):
 def test_health_and_metrics_name_the_backend(real_server):
     server, chat_stream, _ = real_server
     with httpx.Client(base_url=server.url, timeout=60) as c:
-        backend = c.get("/health").json()["backend"]
+        health = c.get("/health").json()
+        backend = health["backend"]
         metrics = c.get("/metrics").text
     assert backend["forward"] in ("fused", "hf") and backend["ops"] in ("native", "torch")
     assert backend["linear"] in ("float", "int8-vnni", "int8-intmm") and backend["device"] == "cpu"
     assert f'forward="{backend["forward"]}"' in metrics and "chatstream_engine_backend_info{" in metrics
+    # The KV cache's element type, and what a token of it takes (SmolLM2-135M: 30 layers x 3 KV heads x 64).
+    width = {"float32": 4, "float16": 2, "bfloat16": 2}[backend["kv_dtype"]]
+    assert health["kv_cache"]["bytes_per_token"] == 2 * 30 * 3 * 64 * width and health["kv_cache"]["blocks"] > 0
+    assert f'kv_dtype="{backend["kv_dtype"]}"' in metrics

@@ -192,28 +192,18 @@ def _link_legacy_conversion(gguf: Path, target: Path) -> bool:
 
 def _quantized_gguf(model_path: str | os.PathLike[str] | None, quantized: bool | None) -> Path | None:
     """The GGUF file to load with its weights as stored (CPU, float32 activations), or None to
-    convert it to float: a quantized file of an architecture the quantized path runs, when
-    ``quantized`` is True, or when it is None (auto) and the float32 copy would be large."""
+    convert it to float: a quantized file of an architecture the quantized path runs, unless
+    ``quantized`` is False. Auto (None) keeps the blocks too: their kernels (engine/quant) run a
+    decode step at least as fast as the float32 copy's int8 linears, in a fraction of the memory."""
     if quantized is False:
         return None
     path = check_model(model_path)
     if path.suffix != ".gguf":
         return None
-    if quantized is None and not _float_copy_is_large(path):
-        return None
     from .engine.quant.gguf_model import ARCHITECTURES, gguf_info, is_quantized
 
     info, _ = gguf_info(path)
     return path if info["architecture"] in ARCHITECTURES and is_quantized(info) else None
-
-
-def _float_copy_is_large(path: Path) -> bool:
-    """Whether a float32 copy of ``path``'s weights would take more than a quarter of this
-    machine's memory. The blocks are kept then; a smaller model runs faster converted (the int8
-    linears' kernel is faster than the block kernel today). Facts only: the same file on the same
-    machine always takes the same path. A 4-bit file grows about 8x as float32."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return path.stat().st_size * 8 > total // 4
 
 
 # ``--gguf-weights`` as :func:`load_model`'s ``quantized``.
@@ -238,9 +228,8 @@ def load_model(
     With no argument, the embedded default model (SmolLM2-135M-Instruct). Otherwise a local
     Hugging Face model folder or a ``.gguf`` file. Nothing is fetched from a model hub. A quantized
     GGUF file on CPU keeps its weights as stored (:mod:`chatstream.engine.quant`) with
-    ``quantized=True``, and with None (auto) when a float32 copy would take more than a quarter of
-    the machine's memory; otherwise (or with ``dtype`` other than float32, or another device) it
-    is converted to float once, as a safetensors folder in the cache.
+    ``quantized=True`` or None (auto); with False (or with ``dtype`` other than float32, or
+    another device) it is converted to float once, as a safetensors folder in the cache.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

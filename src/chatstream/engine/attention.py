@@ -28,7 +28,9 @@ _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 
 @dataclass
 class PagedKVCache:
-    """Per layer one tensor ``[num_blocks, num_kv_heads, 2, block_size, head_dim]`` (2: key, value).
+    """Per layer one tensor ``[num_blocks, num_kv_heads, 2, block_size, head_dim]`` (2: key, value),
+    of the backend's KV dtype: the model's, or 16-bit under a float32 model (``--kv-cache-dtype``),
+    rounded as it is written and widened to the queries' dtype as it is read.
 
     Keys and values of a block sit side by side so one gather per layer fetches both, and each
     (block, head) slice of keys is a contiguous ``[block_size, head_dim]`` matrix for matmul.
@@ -105,7 +107,7 @@ def paged_attention(
     did: ``kv_stored``); return ``[N, H, D]``."""
     cache = batch.cache.layers[layer_idx]
     if not kv_stored:
-        new_kv = torch.stack((key[0], value[0]), dim=1)  # [Hkv, 2, N, D]
+        new_kv = torch.stack((key[0], value[0]), dim=1).to(cache.dtype)  # [Hkv, 2, N, D]
         cache.view(-1, cache.shape[-1]).index_copy_(0, batch.write_index, new_kv.flatten(0, 2))
 
     q = query[0].transpose(0, 1)  # [N, H, D]
@@ -145,7 +147,7 @@ def _decode_flash(
     num_pairs = batch.pair_blocks.shape[0]
     num_kv_heads = cache.shape[1]
     rows = batch.pair_rows
-    kv = cache.index_select(0, batch.pair_blocks)  # [P, Hkv, 2, bs, D]
+    kv = cache.index_select(0, batch.pair_blocks).to(q.dtype)  # [P, Hkv, 2, bs, D] (a 16-bit cache widened)
     # GQA: a KV head's query heads become that head's "query positions" (one token each).
     queries = q.index_select(0, rows).view(num_pairs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     mask = batch.pair_bias.view(num_pairs, num_kv_heads, 1, -1)[:, :1]  # [P, 1, 1, bs]
@@ -199,11 +201,13 @@ def _prefill(
     if seg.past_blocks is None:  # the whole context is in this segment
         k = key[:, :, seg.start : seg.end]
         v = value[:, :, seg.start : seg.end]
+        if cache.dtype != k.dtype:  # attend to the keys and values as the cache holds them, as later steps will
+            k, v = k.to(cache.dtype).to(k.dtype), v.to(cache.dtype).to(v.dtype)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         return out[0].transpose(0, 1)
     n = seg.end - seg.start
     context = seg.num_past + n
-    kv = cache.index_select(0, seg.past_blocks)  # [nb, Hkv, 2, bs, D]
+    kv = cache.index_select(0, seg.past_blocks).to(q.dtype)  # [nb, Hkv, 2, bs, D] (a 16-bit cache widened)
     nb, hkv, _, bs, d = kv.shape
     if keys_transposed:  # the native kernels' layout
         kv = torch.stack((keys_in_order(kv[:, :, 0]), kv[:, :, 1]), dim=2)

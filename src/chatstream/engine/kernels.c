@@ -10,11 +10,84 @@
 #include <immintrin.h>
 #define HAVE_VNNI 1
 #endif
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define MAX_HEADS 64
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 256
 #define INLINE static inline __attribute__((always_inline))
+
+/* The KV cache's element type (native.KV_DTYPE_CODES). Decode attention widens a 16-bit cache to
+ * float32 one (block, KV head) at a time into a buffer that stays in L1 (vcvtph2ps for float16, a
+ * shift for bfloat16), so half the bytes of a long context cross the memory bus. */
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };
+
+/* Which KV element types this build reads and writes (a bit per enum value), and bit 8 when it
+ * converts float16 in hardware (F16C or AVX-512: vcvtph2ps), not one value at a time. */
+int kv_dtypes(void) {
+    int mask = 1 << KV_F32 | 1 << KV_BF16;
+#ifdef __FLT16_MAX__
+    mask |= 1 << KV_F16;
+#endif
+#if defined(__F16C__) || defined(__AVX512F__)
+    mask |= 1 << 8;
+#endif
+    return mask;
+}
+
+/* bfloat16 is float32's top half: widening is a shift; narrowing rounds to nearest even, as
+ * PyTorch's .to(torch.bfloat16) does (NaN stays a quiet NaN). */
+INLINE uint16_t f32_to_bf16(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* n 16-bit values -> float32 (n a multiple of 16 takes the vector path). */
+INLINE void widen(const uint16_t *restrict src, float *restrict dst, int64_t n, int dtype) {
+    if (dtype == KV_BF16) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            const uint32_t u = (uint32_t)src[i] << 16;
+            float f;
+            memcpy(&f, &u, 4);
+            dst[i] = f;
+        }
+        return;
+    }
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+#elif defined(__F16C__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+#ifdef __FLT16_MAX__
+    for (; i < n; i++) {
+        _Float16 h;
+        memcpy(&h, src + i, 2);
+        dst[i] = (float)h;
+    }
+#endif
+}
+
+/* One float32 value into a cache slot of `dtype` (round to nearest even). */
+INLINE void store_kv(void *restrict cache, int64_t index, float x, int dtype) {
+    if (dtype == KV_F32) {
+        ((float *)cache)[index] = x;
+    } else if (dtype == KV_BF16) {
+        ((uint16_t *)cache)[index] = f32_to_bf16(x);
+    } else {
+#ifdef __FLT16_MAX__
+        const _Float16 h = (_Float16)x;
+        memcpy((uint16_t *)cache + index, &h, 2);
+#endif
+    }
+}
+
 
 /* e^x within ~2 ulp, in operations -fopenmp-simd vectorises (libm's expf is a scalar call without
  * -ffast-math). Inputs are clamped to [-87, 88], where the result is a normal float. */
@@ -38,10 +111,13 @@ INLINE float exp_approx(float x) {
 
 /* One decode row: its query heads against its blocks, block by block, every KV head of a block
  * in turn (a block's heads are contiguous, so each block is one sequential read). */
-INLINE void decode_row(const float *restrict q, const float *restrict cache, const int64_t *restrict blocks,
+INLINE void decode_row(const float *restrict q, const void *restrict cache, const int64_t *restrict blocks,
                        int64_t num_blocks, int64_t length, float *restrict o, int64_t heads, int64_t kv_heads,
-                       int64_t block_size, int64_t dim, float scale) {
+                       int64_t block_size, int64_t dim, float scale, int dtype) {
     const int64_t group = heads / kv_heads, block_floats = kv_heads * 2 * block_size * dim;
+    const int64_t item = dtype == KV_F32 ? 4 : 2, block_bytes = block_floats * item;
+    const char *base = (const char *)cache;
+    float widened[dtype == KV_F32 ? 1 : 2 * block_size * dim]; /* one (block, KV head) in float32 */
     float acc[MAX_HEADS][MAX_HEAD_DIM];
     float scores[MAX_BLOCK];
     float row_max[MAX_HEADS], denom[MAX_HEADS];
@@ -56,13 +132,18 @@ INLINE void decode_row(const float *restrict q, const float *restrict cache, con
         if (b + 1 < num_blocks) {
             /* Blocks lie anywhere in the cache, so the hardware prefetcher cannot see the next
              * one coming: ask for it while this one is computed. */
-            const char *next = (const char *)(cache + blocks[b + 1] * block_floats);
-            for (int64_t off = 0; off < block_floats * (int64_t)sizeof(float); off += 64)
+            const char *next = base + blocks[b + 1] * block_bytes;
+            for (int64_t off = 0; off < block_bytes; off += 64)
                 __builtin_prefetch(next + off, 0, 3);
         }
         for (int64_t h = 0; h < kv_heads; h++) {
-            const float *keys = cache + blocks[b] * block_floats + h * 2 * block_size * dim; /* [dim, block_size] */
-            const float *values = keys + block_size * dim;                                     /* [block_size, dim] */
+            const char *slice = base + (blocks[b] * block_floats + h * 2 * block_size * dim) * item;
+            const float *keys = (const float *)slice; /* [dim, block_size] */
+            if (dtype != KV_F32) {
+                widen((const uint16_t *)slice, widened, 2 * block_size * dim, dtype);
+                keys = widened;
+            }
+            const float *values = keys + block_size * dim; /* [block_size, dim] */
             for (int64_t j = h * group; j < (h + 1) * group; j++) {
                 /* Keys stored transposed: a block's scores are one multiply-add per dimension
                  * across all its tokens, with no horizontal sums. */
@@ -114,17 +195,18 @@ INLINE void decode_row(const float *restrict q, const float *restrict cache, con
  *   out    [rows, heads, dim]
  * Online softmax block by block (flash decoding on one core): every key and value is read once,
  * in place. Returns 0, or -1 for a shape past the fixed buffers. */
-int paged_decode_attention(const float *restrict q, const float *restrict cache, const int64_t *restrict blocks,
+int paged_decode_attention(const float *restrict q, const void *restrict cache, const int64_t *restrict blocks,
                            const int64_t *restrict starts, const int64_t *restrict lengths, float *restrict out,
                            int64_t rows, int64_t q_stride, int64_t heads, int64_t kv_heads, int64_t block_size,
-                           int64_t dim, float scale) {
-    if (kv_heads < 1 || heads % kv_heads || heads > MAX_HEADS || dim > MAX_HEAD_DIM || block_size > MAX_BLOCK)
+                           int64_t dim, float scale, int dtype) {
+    if (kv_heads < 1 || heads % kv_heads || heads > MAX_HEADS || dim > MAX_HEAD_DIM || block_size > MAX_BLOCK ||
+        !(kv_dtypes() >> dtype & 1))
         return -1;
     for (int64_t r = 0; r < rows; r++) {
         const float *qr = q + r * q_stride;
         float *o = out + r * heads * dim;
         const int64_t *b = blocks + starts[r], n = starts[r + 1] - starts[r];
-#define CALL(BS, D) decode_row(qr, cache, b, n, lengths[r], o, heads, kv_heads, BS, D, scale)
+#define CALL(BS, D) decode_row(qr, cache, b, n, lengths[r], o, heads, kv_heads, BS, D, scale, dtype)
         if (block_size == 16 && dim == 64) CALL(16, 64);
         else if (block_size == 16 && dim == 128) CALL(16, 128);
         else CALL(block_size, dim);
@@ -137,10 +219,11 @@ int paged_decode_attention(const float *restrict q, const float *restrict cache,
  *   qkv    [tokens, (heads + 2 * kv_heads) * dim]: q heads, k heads, v heads (a fused projection)
  *   cos, sin [tokens, dim], sin with its first half negated: out = x * cos + roll(x, dim / 2) * sin,
  *          which is rotate_half's RoPE, as the PyTorch path computes it
- *   token t goes to cache block blocks[t], slot offsets[t]; the cache is paged_decode_attention's layout */
+ *   token t goes to cache block blocks[t], slot offsets[t]; the cache is paged_decode_attention's layout,
+ *   of element type `dtype` (the caller checked kv_dtypes()) */
 void rope_store_kv(float *restrict qkv, int64_t tokens, int64_t heads, int64_t kv_heads, int64_t dim,
-                   const float *restrict cos, const float *restrict sin, float *restrict cache,
-                   const int64_t *restrict blocks, const int64_t *restrict offsets, int64_t block_size) {
+                   const float *restrict cos, const float *restrict sin, void *restrict cache,
+                   const int64_t *restrict blocks, const int64_t *restrict offsets, int64_t block_size, int dtype) {
     const int64_t half = dim / 2, width = (heads + 2 * kv_heads) * dim;
     float x[MAX_HEAD_DIM];
     for (int64_t t = 0; t < tokens; t++) {
@@ -155,10 +238,10 @@ void rope_store_kv(float *restrict qkv, int64_t tokens, int64_t heads, int64_t k
             for (int64_t i = half; i < dim; i++) head[i] = x[i] * c[i] + x[i - half] * s[i];
         }
         for (int64_t h = 0; h < kv_heads; h++) {
-            float *keys = cache + (blocks[t] * kv_heads + h) * 2 * block_size * dim;
-            const float *k = row + (heads + h) * dim;
-            for (int64_t i = 0; i < dim; i++) keys[i * block_size + offsets[t]] = k[i]; /* keys transposed */
-            memcpy(keys + (block_size + offsets[t]) * dim, row + (heads + kv_heads + h) * dim, sizeof(float) * dim);
+            const int64_t keys = (blocks[t] * kv_heads + h) * 2 * block_size * dim;
+            const float *k = row + (heads + h) * dim, *v = row + (heads + kv_heads + h) * dim;
+            for (int64_t i = 0; i < dim; i++) store_kv(cache, keys + i * block_size + offsets[t], k[i], dtype); /* keys transposed */
+            for (int64_t i = 0; i < dim; i++) store_kv(cache, keys + (block_size + offsets[t]) * dim + i, v[i], dtype);
         }
     }
 }

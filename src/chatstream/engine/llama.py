@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from .attention import BatchMetadata, paged_attention
+from .attention import BatchMetadata
 from .native import NativeKernels, PackedInt8Weight
+from .ops import NativeOps, TorchOps
 from .quant.gguf_model import QuantLinear, quant_linears
 from .quantization import Int8Linear, OnednnInt8Weight, int8_linear
 
@@ -129,7 +130,10 @@ def supports(model: Any) -> bool:
 
 class LlamaForward:
     """``forward(ids, positions, batch, keep)`` -> logits of the ``keep`` rows, for the engine's
-    flattened ragged batch (one ``[N]`` sequence of tokens from many requests)."""
+    flattened ragged batch (one ``[N]`` sequence of tokens from many requests).
+
+    Written once against an ops object (:mod:`.ops`): the backend's :class:`~.ops.TorchOps` or
+    :class:`~.ops.NativeOps`, chosen once in :mod:`.backend`."""
 
     def __init__(self, model: Any, backend: Backend, native: NativeKernels | None = None) -> None:
         config = model.config
@@ -139,94 +143,42 @@ class LlamaForward:
         self.layers = [_Layer(layer) for layer in inner.layers]
         self.norm = inner.norm.weight.detach()
         dtype, device = self.norm.dtype, self.norm.device
-        self.eps = float(config.rms_norm_eps)
         self.lm_head = _Projection([model.get_output_embeddings()])
         projections = [p for layer in self.layers for p in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         projections.append(self.lm_head)
-        # The path is the backend's (chosen once, in .backend). Native kernels (float32 on CPU):
-        # RoPE, the KV write and decode attention always; with int8-vnni linears also norms,
-        # activation quantization, matmuls, dequantization and residual adds (six native calls a
-        # layer); GGUF block linears (gguf-blocks) run their own kernels (quant/).
-        self.native = native if backend.ops == "native" else None
         if backend.linear == "int8-vnni":
             for p in projections:
                 p.pack()
         elif backend.lm_head_onednn:
             # The widest matmul of a step; the hidden layers measured no faster through oneDNN here.
             self.lm_head.use_onednn()
-        self.num_heads = int(config.num_attention_heads)
-        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.num_heads)
-        self.intermediate = int(config.intermediate_size)
-        self.scale = self.head_dim**-0.5
-        half = self.head_dim // 2
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        eps = float(config.rms_norm_eps)
+        # The backend's ops (chosen once, in .backend). Native kernels (float32 on CPU): RoPE, the KV
+        # write and decode attention always; with int8-vnni linears also norms, activation
+        # quantization, matmuls, dequantization and residual adds (six native calls a layer); GGUF
+        # block linears (gguf-blocks) run their own kernels (quant/) inside the projection.
+        if backend.ops == "native":
+            if native is None:
+                raise ValueError("a native-ops backend needs the loaded native kernels")
+            self.ops: TorchOps = NativeOps(native, eps, heads, kv_heads, head_dim)
+        else:
+            self.ops = TorchOps(eps, heads, kv_heads, head_dim)
+        half = head_dim // 2
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated)
         self.sin_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device, dtype)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, batch: BatchMetadata, keep: torch.Tensor
     ) -> torch.Tensor:
-        n = input_ids.shape[0]
-        h_heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qk_width = (h_heads + kv_heads) * d
+        ops = self.ops
         x = self.embed(input_ids)
         cos, sin = self.rotary(x[None], positions[None])
-        cos, sin = cos[0][:, None, :], (sin[0] * self.sin_sign)[:, None, :]  # [N, 1, D]
-        if self.native is not None:
-            return self._forward_native(self.native, x, cos, sin, batch, keep)
+        cos, sin = cos[0], sin[0] * self.sin_sign  # [N, D]
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(self._rms_norm(x, layer.input_norm))
-            qk = qkv[:, :qk_width].view(n, h_heads + kv_heads, d)
-            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
-            q = qk[:, :h_heads].transpose(0, 1)[None]  # [1, H, N, D]
-            k = qk[:, h_heads:].transpose(0, 1)[None]
-            v = qkv[:, qk_width:].view(n, kv_heads, d).transpose(0, 1)[None]
-            attn = paged_attention(i, q, k, v, batch, self.scale)  # [N, H, D]
-            x = x + layer.o(attn.reshape(n, h_heads * d))
-            gate_up = layer.gate_up(self._rms_norm(x, layer.post_norm))
-            x = x + layer.down(F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :])
-        return self.lm_head(self._rms_norm(x.index_select(0, keep), self.norm))
-
-    def _forward_native(
-        self, nk: NativeKernels, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        batch: BatchMetadata, keep: torch.Tensor,
-    ) -> torch.Tensor:
-        """The same layers with the native kernels; residual adds happen in place in ``x``."""
-        n = x.shape[0]
-        h_heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
-        cos, sin = cos[:, 0], sin[:, 0]  # [N, D]
-        assert batch.token_blocks is not None and batch.token_offsets is not None
-        for i, layer in enumerate(self.layers):
-            qkv = self._norm_project(nk, x, layer.input_norm, layer.qkv)
-            # RoPE in place, and the new keys and values into the cache, in one call.
-            nk.rope_store_kv(qkv, h_heads, kv_heads, cos, sin, batch.cache.layers[i],
-                             batch.token_blocks, batch.token_offsets)
-            heads = qkv.view(n, h_heads + 2 * kv_heads, d).transpose(0, 1)[None]  # [1, H + 2Hkv, N, D]
-            q, k, v = heads[:, :h_heads], heads[:, h_heads : h_heads + kv_heads], heads[:, h_heads + kv_heads :]
-            attn = paged_attention(i, q, k, v, batch, self.scale, kv_stored=True)  # [N, H, D]
-            self._project_add(nk, attn.reshape(n, h_heads * d), layer.o, x)
-            gate_up = self._norm_project(nk, x, layer.post_norm, layer.gate_up)
-            if layer.down.packed is not None:
-                nk.int8_linear(nk.silu_mul_quantize(gate_up), layer.down.packed, out=x)
-            else:
-                self._project_add(nk, F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :],
-                                  layer.down, x)
-        return self._norm_project(nk, x.index_select(0, keep), self.norm, self.lm_head)
-
-    def _norm_project(self, nk: NativeKernels, x: torch.Tensor, norm: torch.Tensor, proj: _Projection) -> torch.Tensor:
-        if proj.packed is not None:
-            return nk.int8_linear(nk.rms_norm_quantize(x, norm, self.eps), proj.packed)
-        return proj(self._rms_norm(x, norm)).contiguous()
-
-    def _project_add(self, nk: NativeKernels, rows: torch.Tensor, proj: _Projection, x: torch.Tensor) -> None:
-        """``x += proj(rows)``, in place."""
-        if proj.packed is not None:
-            nk.int8_linear(nk.quantize(rows), proj.packed, out=x)
-        else:
-            x.add_(proj(rows))
-
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
-        # Half precision: normalise in float32 as transformers does, then scale in the model dtype.
-        return weight * F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype)
+            qkv = ops.norm_project(x, layer.input_norm, layer.qkv)
+            x = ops.project_add(ops.attention(i, qkv, cos, sin, batch), layer.o, x)
+            x = ops.mlp_add(ops.norm_project(x, layer.post_norm, layer.gate_up), layer.down, x)
+        return ops.norm_project(x.index_select(0, keep), self.norm, self.lm_head)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .backend import select_backend
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarMasks
@@ -55,8 +56,7 @@ class LLMEngine:
     ``quantization``: ``"int8"`` runs every linear layer with int8 weights and per-token int8
     activations on CPU (about 2x faster steps, mean NLL unchanged within 0.02 nats on the default
     model; replies still never depend on the batch), ``"none"``/``None`` keeps the model's float
-    layers, ``"auto"`` picks int8 for a float32 model on CPU when a ~0.1 s timed trial of one
-    layer at start-up finds it at least 20% faster, and none elsewhere (see :mod:`.quantization`).
+    layers, ``"auto"`` picks int8 for a float32 model on CPU, and none elsewhere (see :mod:`.quantization`).
     ``num_threads`` sets torch's intra-op threads (process-wide); by default on CPU one fewer than
     the usable cores, so the event loop (HTTP, detokenized text, JSON) keeps a core: with every core
     in torch's pool, the loop's work preempts a pool thread and the whole step waits for it
@@ -67,6 +67,9 @@ class LLMEngine:
     PyTorch's operators; ``"native"`` requires them; ``"torch"`` never uses them.
     ``forward_lanes``: threads that share one step's forward and sampling on CPU, each over its own
     sequences (see :class:`.model_runner.ModelRunner`); the tokens are the same.
+    ``kv_cache_dtype``: the KV cache's element type, ``"float32"``, ``"bfloat16"``, ``"float16"``
+    (half the bytes a token) or ``"auto"``: the model's dtype (:func:`.backend.select_backend`,
+    which chooses the whole path once).
     The engine switches the model to its own attention implementation
     and quantized layers until :meth:`shutdown`.
     """
@@ -91,6 +94,7 @@ class LLMEngine:
         num_threads: int | None = None,
         kernels: str = "auto",
         forward_lanes: int = 1,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         if device is not None and torch.device(device) != model.device:
             model = model.to(device)
@@ -108,30 +112,34 @@ class LLMEngine:
         self._eos_ids = _eos_token_ids(model, tokenizer)
         self._num_threads = num_threads if num_threads is not None else _default_threads(model.device)
 
-        block_bytes = kv_bytes_per_token(model) * block_size
-        if kv_cache_memory_bytes is None:
-            in_flight = kv_bytes_per_token(model) * max_num_seqs * self.max_model_len
-            headroom = in_flight // 2 if enable_prefix_caching else 0
-            kv_cache_memory_bytes = _default_kv_cache_bytes(model, in_flight + headroom)
-        num_blocks = kv_cache_memory_bytes // block_bytes
-        if num_blocks < 1:
-            raise ValueError(
-                f"kv_cache_memory_bytes={kv_cache_memory_bytes} is less than one KV block ({block_bytes} bytes)"
-            )
         self.quantization = resolve_quantization(quantization, model)
         self._restore_linears = quantize_linears_int8(model) if self.quantization == "int8" else None
-        self._blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
-        self._scheduler = Scheduler(
-            self._blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
-        )
         try:
-            self._runner = ModelRunner(model, self._blocks, kernels=kernels, threads=self._num_threads,
-                                      lanes=forward_lanes)
+            # The backend first: its KV dtype sizes the blocks.
+            backend = select_backend(model, kernels=kernels, threads=self._num_threads, block_size=block_size,
+                                     kv_cache_dtype=kv_cache_dtype)
+            kv_token_bytes = kv_bytes_per_token(model, backend[0].kv_torch_dtype)
+            block_bytes = kv_token_bytes * block_size
+            if kv_cache_memory_bytes is None:
+                in_flight = kv_token_bytes * max_num_seqs * self.max_model_len
+                headroom = in_flight // 2 if enable_prefix_caching else 0
+                kv_cache_memory_bytes = _default_kv_cache_bytes(model, in_flight + headroom)
+            num_blocks = kv_cache_memory_bytes // block_bytes
+            if num_blocks < 1:
+                raise ValueError(
+                    f"kv_cache_memory_bytes={kv_cache_memory_bytes} is less than one KV block ({block_bytes} bytes)"
+                )
+            self._blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
+            self._runner = ModelRunner(model, self._blocks, backend=backend, lanes=forward_lanes)
         except Exception:  # e.g. kernels="native" where none can be built: leave the model as it was
             if self._restore_linears is not None:
                 self._restore_linears()
             raise
+        self._scheduler = Scheduler(
+            self._blocks, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+        )
         self.backend = self._runner.backend
+        self.kv_bytes_per_token = kv_token_bytes
         logger.info("backend: %s; %d forward lane%s", self.backend.describe(), self._runner.lanes,
                     "s" if self._runner.lanes > 1 else "")
         logger.info(
@@ -202,7 +210,7 @@ class LLMEngine:
     @property
     def info(self) -> EngineInfo:
         return EngineInfo(max_model_len=self.max_model_len, num_blocks=self.num_blocks, block_size=self.block_size,
-                          error=self.error, backend=self.backend.as_dict())
+                          error=self.error, backend=self.backend.as_dict(), kv_bytes_per_token=self.kv_bytes_per_token)
 
     @property
     def block_size(self) -> int:

@@ -16,8 +16,9 @@ import torch
 
 from . import attention, llama
 from .attention import BatchMetadata, PagedKVCache, PrefillSegment
-from .backend import select_backend
+from .backend import Backend, select_backend
 from .block_manager import BlockManager
+from .native import NativeKernels
 from .scheduler import ScheduledChunk
 
 
@@ -30,9 +31,10 @@ def attention_shape(config: Any) -> tuple[int, int, int, int]:
     return config.num_hidden_layers, num_heads, num_kv_heads, head_dim
 
 
-def kv_bytes_per_token(model: Any) -> int:
+def kv_bytes_per_token(model: Any, dtype: torch.dtype | None = None) -> int:
+    """Bytes of K/V one token takes in a cache of ``dtype`` (the model's by default)."""
     layers, _, kv_heads, head_dim = attention_shape(model.config)
-    return 2 * layers * kv_heads * head_dim * model.dtype.itemsize
+    return 2 * layers * kv_heads * head_dim * (dtype or model.dtype).itemsize
 
 
 class ModelRunner:
@@ -54,13 +56,15 @@ class ModelRunner:
     def __init__(
         self, model: Any, blocks: BlockManager, *, fused: bool = True, kernels: str = "auto", threads: int | None = None,
         lanes: int = 1,
+        kv_cache_dtype: str = "auto", backend: tuple[Backend, NativeKernels | None] | None = None,
     ) -> None:
         self.model = model
         self.device = model.device
         self.blocks = blocks
         self.block_size = block_size = blocks.block_size
-        self.backend, self.native = select_backend(
-            model, fused=fused, kernels=kernels, threads=threads, block_size=block_size
+        # The engine selects the backend first (its KV dtype sizes the blocks) and passes it in.
+        self.backend, self.native = backend or select_backend(
+            model, fused=fused, kernels=kernels, threads=threads, block_size=block_size, kv_cache_dtype=kv_cache_dtype
         )
         layers, _, self.num_kv_heads, head_dim = attention_shape(model.config)
         shape = (blocks.num_blocks, self.num_kv_heads, 2, block_size, head_dim)
@@ -68,7 +72,7 @@ class ModelRunner:
         # first use instead, because decode reads the unused tail of a sequence's last block (masked
         # out, but NaN garbage times a zero weight would still be NaN).
         self.cache = PagedKVCache(
-            [torch.empty(shape, dtype=model.dtype, device=self.device) for _ in range(layers)]
+            [torch.empty(shape, dtype=self.backend.kv_torch_dtype, device=self.device) for _ in range(layers)]
         )
         self._num_zeroed = 0
         self.fused = llama.LlamaForward(model, self.backend, self.native) if self.backend.forward == "fused" else None

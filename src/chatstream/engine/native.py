@@ -87,6 +87,8 @@ class QuantizedRows:
 
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+# The KV cache's element types, as kernels.c numbers them.
+KV_DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 class NativeKernels:
@@ -96,12 +98,13 @@ class NativeKernels:
         self.path = path
         lib = ctypes.CDLL(str(path))
         signatures: dict[str, list[Any]] = {
-            "paged_decode_attention": [_P] * 6 + [_I] * 6 + [_F],
+            "paged_decode_attention": [_P] * 6 + [_I] * 6 + [_F, ctypes.c_int],
             "quantize_rows": [_P, _I, _I, _I, _P, _I, _P],
             "rms_norm_quantize_rows": [_P, _I, _I, _P, _F, _P, _P, _I, _P],
             "silu_mul_quantize_rows": [_P, _I, _I, _P, _P, _I, _P],
             "int8_linear": [_P, _I, _I, _P, _I, _I, _P, _P, _P, _P, _P, _I, ctypes.c_int],
-            "rope_store_kv": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I],
+            "rope_store_kv": [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _I, ctypes.c_int],
+            "kv_dtypes": [],
         }
         for name, argtypes in signatures.items():
             getattr(lib, name).argtypes = argtypes
@@ -110,6 +113,11 @@ class NativeKernels:
         self._decode = lib.paged_decode_attention
         # Whether this CPU has the int8 matmul (AVX-512 VNNI): with no rows it only answers that.
         self.int8 = lib.int8_linear(None, 0, 0, None, 0, 0, None, None, None, None, None, 0, 0) == 0
+        mask = int(lib.kv_dtypes())
+        # The KV-cache element types this build reads and writes, and whether it widens float16 in
+        # hardware (F16C / AVX-512's vcvtph2ps) rather than one value at a time.
+        self.kv_dtypes = frozenset(d for d, code in KV_DTYPE_CODES.items() if mask >> code & 1)
+        self.f16_hardware = bool(mask >> 8 & 1)
 
     @staticmethod
     def fits(heads: int, kv_heads: int, head_dim: int, block_size: int) -> bool:
@@ -191,16 +199,18 @@ class NativeKernels:
         for t in (blocks, offsets):
             if t.shape != (tokens,) or t.dtype != torch.int64 or not t.is_contiguous():
                 raise ValueError("blocks and offsets must be contiguous int64, one per token")
-        if cache.dtype != torch.float32 or not cache.is_contiguous():
-            raise ValueError("the cache must be contiguous float32")
+        if cache.dtype not in self.kv_dtypes or not cache.is_contiguous():
+            raise ValueError(f"the cache must be contiguous, of {sorted(map(str, self.kv_dtypes))}")
         self._lib.rope_store_kv(qkv.data_ptr(), tokens, heads, kv_heads, dim, cos.data_ptr(), sin.data_ptr(),
-                                cache.data_ptr(), blocks.data_ptr(), offsets.data_ptr(), cache.shape[3])
+                                cache.data_ptr(), blocks.data_ptr(), offsets.data_ptr(), cache.shape[3],
+                                KV_DTYPE_CODES[cache.dtype])
 
 
     def paged_decode_attention(
         self,
         q: torch.Tensor,  # [rows, heads, dim]; rows may be strided
-        cache: torch.Tensor,  # [num_blocks, kv_heads, 2, block_size, dim], keys transposed: see keys_transposed
+        cache: torch.Tensor,  # [num_blocks, kv_heads, 2, block_size, dim], keys transposed: see keys_transposed;
+        # float32, or float16/bfloat16 (widened to float32 as it is read)
         blocks: torch.Tensor,  # int64: every row's blocks, in order, row after row
         starts: torch.Tensor,  # int64 [rows + 1]: row r's blocks are blocks[starts[r]:starts[r + 1]]
         lengths: torch.Tensor,  # int64 [rows]: tokens each row attends to
@@ -210,17 +220,19 @@ class NativeKernels:
         rows, heads, dim = q.shape
         if q.stride(2) != 1 or q.stride(1) != dim:
             q = q.contiguous()
-        for t, dtype in ((q, torch.float32), (cache, torch.float32), (blocks, torch.int64),
-                         (starts, torch.int64), (lengths, torch.int64)):
+        for t, dtype in ((q, torch.float32), (blocks, torch.int64), (starts, torch.int64), (lengths, torch.int64)):
             if t.dtype != dtype or t.device.type != "cpu":
                 raise TypeError(f"native attention takes {dtype} CPU tensors, got {t.dtype} on {t.device}")
+        if cache.dtype not in self.kv_dtypes or cache.device.type != "cpu":
+            raise TypeError(f"native attention reads a CPU cache of {sorted(map(str, self.kv_dtypes))}, "
+                            f"got {cache.dtype} on {cache.device}")
         if not (cache.is_contiguous() and blocks.is_contiguous() and starts.is_contiguous() and lengths.is_contiguous()):
             raise ValueError("native attention takes a contiguous cache and block lists")
         out = torch.empty((rows, heads, dim), dtype=torch.float32)
         _, kv_heads, _, block_size, _ = cache.shape
         status = self._decode(
             q.data_ptr(), cache.data_ptr(), blocks.data_ptr(), starts.data_ptr(), lengths.data_ptr(),
-            out.data_ptr(), rows, q.stride(0), heads, kv_heads, block_size, dim, scale,
+            out.data_ptr(), rows, q.stride(0), heads, kv_heads, block_size, dim, scale, KV_DTYPE_CODES[cache.dtype],
         )
         if status != 0:
             raise ValueError(f"native attention does not handle this shape (heads {heads}, kv heads {kv_heads}, "
@@ -352,6 +364,7 @@ def _check(kernels: NativeKernels) -> None:
     rotated = torch.addcmul(qk * cos[:, None], qk.roll(dim // 2, -1), sin[:, None])
     values = qkv[:, (heads + kv_heads) * dim :].view(3, kv_heads, dim).clone()
     stored = torch.zeros(4, kv_heads, 2, block_size, dim)
+    original = qkv.clone()  # rope_store_kv rotates in place
     kernels.rope_store_kv(qkv, heads, kv_heads, cos, sin, stored, torch.tensor([2, 0, 2]), torch.tensor([1, 3, 0]))
     expected_cache = torch.zeros_like(stored)
     for t, (block, offset) in enumerate(((2, 1), (0, 3), (2, 0))):
@@ -359,6 +372,23 @@ def _check(kernels: NativeKernels) -> None:
         expected_cache[block, :, 1, offset] = values[t]
     if not (torch.allclose(qk, rotated, atol=1e-6) and torch.allclose(stored, keys_transposed(expected_cache), atol=1e-6)):
         raise NativeKernelError(f"{kernels.path} disagrees with PyTorch on its RoPE and KV-write check")
+    # A 16-bit cache: written rounded as PyTorch rounds, read widened exactly (so the same scores
+    # as float32 kernels over the rounded values).
+    for dtype in sorted(kernels.kv_dtypes - {torch.float32}, key=str):
+        half = torch.zeros(4, kv_heads, 2, block_size, dim, dtype=dtype)
+        kernels.rope_store_kv(original.clone(), heads, kv_heads, cos, sin, half, torch.tensor([2, 0, 2]),
+                              torch.tensor([1, 3, 0]))
+        wide = cache.to(dtype).float()
+        read = kernels.paged_decode_attention(
+            q, keys_transposed(cache).to(dtype), torch.tensor([b for t in tables for b in t]),
+            torch.tensor([0, 3, 4, 6]), torch.tensor(lengths), dim**-0.5,
+        )
+        exact = kernels.paged_decode_attention(
+            q, keys_transposed(wide), torch.tensor([b for t in tables for b in t]),
+            torch.tensor([0, 3, 4, 6]), torch.tensor(lengths), dim**-0.5,
+        )
+        if not (torch.equal(half, keys_transposed(expected_cache).to(dtype)) and torch.equal(read, exact)):
+            raise NativeKernelError(f"{kernels.path} disagrees with PyTorch on its {dtype} KV-cache check")
     if kernels.int8:  # odd sizes: partial tiles of rows, channels and 4-byte groups
         from .quantization import int8_linear, quantize_weight
 

@@ -68,6 +68,7 @@ class EngineInfo:
     error: str | None = None  # why the engine stopped working, if it crashed
     upstreams: list[Any] | None = None  # a remote engine's upstreams (url, healthy, outstanding, state())
     backend: dict[str, Any] | None = None  # the code path a local engine runs (.backend.Backend)
+    kv_bytes_per_token: int | None = None  # a local engine's KV-cache bytes per token (its dtype's width)
 
 
 @runtime_checkable

@@ -139,7 +139,8 @@ class ChatService:
             max_model_len=settings.context_len, kv_cache_memory_bytes=kv_mb * 2**20 if kv_mb else None,
             enable_prefix_caching=settings.prefix_caching,
             quantization=None if settings.quantization == "none" else settings.quantization,
-            num_threads=settings.threads, kernels=settings.kernels, forward_lanes=settings.forward_lanes,
+            num_threads=settings.threads, kernels=settings.kernels, kv_cache_dtype=settings.kv_cache_dtype,
+            forward_lanes=settings.forward_lanes,
         )
 
     def _attach_remote(self, tokenizer: Any) -> None:
@@ -301,6 +302,9 @@ class ChatService:
         info = engine_info(self.engine)
         if info.backend is not None:  # a local engine: the code path it runs
             body["backend"] = info.backend
+        if info.num_blocks is not None:  # a local engine's KV cache (backend.kv_dtype: its element type)
+            body["kv_cache"] = {"blocks": info.num_blocks, "block_size": info.block_size,
+                                "bytes_per_token": info.kv_bytes_per_token}
         if info.upstreams is not None:  # a remote engine: each upstream's state
             body["upstreams"] = [upstream.state() for upstream in info.upstreams]
         return body

@@ -64,14 +64,32 @@ class QuantEmbedding(torch.nn.Module):
         return self.weight_blocks.values(ids.reshape(-1)).reshape(*ids.shape, self.embedding_dim)
 
 
-def quant_linears(layers: list[QuantLinear], x: torch.Tensor) -> torch.Tensor:
+def quant_linears(layers: list[QuantLinear], x: torch.Tensor, *, norm: torch.Tensor | None = None, eps: float = 0.0,
+                  silu_mul: bool = False, add_to: torch.Tensor | None = None) -> torch.Tensor:
     """Several quantized layers over the same rows ``x`` [n, k], outputs side by side (q/k/v, gate/up):
-    the rows are quantized once."""
+    the rows are quantized once. With ``norm``, over ``rms_norm(x) * norm``; with ``silu_mul``, over
+    ``silu(gate) * up`` of rows ``x = [gate | up]`` (either computed and quantized in one pass); with
+    ``add_to`` (one layer), the result is added to it in place (a residual) and it is returned."""
     rows = x.float()
     kernels = layers[0].kernels
     if kernels is None or rows.stride(-1) != 1:
-        return torch.cat([F.linear(rows, m.weight_blocks.values(), m.bias) for m in layers], dim=-1)
-    quantized = kernels.quantize(rows)
+        if norm is not None:
+            rows = F.rms_norm(rows, (rows.shape[-1],), norm, eps)
+        if silu_mul:
+            gate, up = rows.chunk(2, dim=-1)
+            rows = F.silu(gate) * up
+        out = torch.cat([F.linear(rows, m.weight_blocks.values(), m.bias) for m in layers], dim=-1)
+        return out if add_to is None else add_to.add_(out)
+    if norm is not None:
+        quantized = kernels.rms_norm_quantize(rows.contiguous(), norm, eps)
+    elif silu_mul:
+        quantized = kernels.silu_mul_quantize(rows.contiguous())
+    else:
+        quantized = kernels.quantize(rows)
+    if add_to is not None:
+        if len(layers) != 1:
+            raise ValueError("a residual add takes one layer")
+        return kernels.linear(quantized, layers[0].weight_blocks, layers[0].bias, out=add_to, accumulate=True)
     if len(layers) == 1:
         return kernels.linear(quantized, layers[0].weight_blocks, layers[0].bias)
     out = torch.empty((rows.shape[0], sum(m.out_features for m in layers)), dtype=torch.float32)

@@ -3,12 +3,17 @@
  *
  * Weights stay in blocks of 32 values, one fp16 scale `d` each and an offset `m`: value = d * u + m
  * with u unsigned, 4 bits (GGUF's Q4_0, Q4_1, Q4_K) or 8 bits (Q8_0, and what other types are
- * requantized to), in a tiled layout (below) made once at load time. Activations are quantized per
- * block of 32 as llama.cpp does (int8, one float scale, and the block's scaled sum, which the
- * offsets multiply), so every product is an integer dot product: AVX-512 VNNI's vpdpbusd on 16
- * channels at once where the compiler targets it, plain C loops (vectorised for AVX2 by the
- * compiler) elsewhere. The library is built with -march=native on the machine that runs it, so
- * the CPU's features pick the variant; `quant_isa` says which. */
+ * requantized to), in a tiled layout (below) made once at load time. Activations are quantized
+ * once per row, per block of 32, as llama.cpp's Q8_0 does (int8, one float scale, and the block's
+ * scaled sum, which the offsets multiply), so every product is an integer dot product of 32 pairs
+ * and one float multiply-add per block: AVX-512 VNNI's vpdpbusd on 16 channels at once, AVX2's
+ * maddubs + madd on 8, plain C elsewhere. The library is built with -march=native on the machine
+ * that runs it, so the CPU's features pick the variant; `quant_isa` says which.
+ *
+ * A product is split across threads by output channels (16 at a time), and each thread runs the
+ * rows in chunks of up to 16 over every block of weights it unpacked: at 16 rows a weight byte
+ * read from memory feeds 16 rows of arithmetic (weight-stationary), which makes a batch of 16
+ * compute-bound rather than memory-bound. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -16,21 +21,23 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 
 #define INLINE static inline __attribute__((always_inline))
-#define TILE 4
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define QUANT_ISA 2
-#elif defined(__AVX2__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define QUANT_ISA 1
 #else
 #define QUANT_ISA 0
 #endif
 
-/* Which variant was compiled: 2 AVX-512 VNNI, 1 AVX2 (the plain C tiles, vectorised by the
- * compiler for AVX2), 0 plain C. */
+/* Which variant was compiled: 2 AVX-512 VNNI, 1 AVX2 (maddubs + madd), 0 plain C. */
 int quant_isa(void) { return QUANT_ISA; }
+
 
 INLINE float half_to_float(uint16_t h) {
 #if defined(__F16C__)
@@ -54,29 +61,83 @@ INLINE float half_to_float(uint16_t h) {
 #endif
 }
 
-/* x [rows, k] (rows x_stride apart, k a multiple of 32) -> q [rows, k] int8, and per block of 32
- * its scale d = amax / 127 and s = d * sum(q) (what a 4-bit block's offset multiplies). */
+/* One row -> int8 per block of 32, and per block its scale d = amax / 127 and s = d * sum(q). */
+INLINE void quantize_row(const float *restrict xr, int64_t nb, int8_t *restrict qr, float *restrict dr,
+                         float *restrict sr) {
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = xr + b * 32;
+        int8_t *qb = qr + b * 32;
+        float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+        for (int i = 0; i < 32; i++) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
+        const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        int32_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int i = 0; i < 32; i++) {
+            const int32_t v = (int32_t)nearbyintf(xb[i] * inv);
+            qb[i] = (int8_t)v;
+            sum += v;
+        }
+        dr[b] = scale;
+        sr[b] = scale * (float)sum;
+    }
+}
+
+/* x [rows, k] (rows x_stride apart, k a multiple of 32) -> q [rows, k] int8, d and s [rows, k / 32]. */
 void quantize_blocks(const float *restrict x, int64_t rows, int64_t k, int64_t x_stride, int8_t *restrict q,
                      float *restrict d, float *restrict s) {
     const int64_t nb = k / 32;
+    for (int64_t r = 0; r < rows; r++) quantize_row(x + r * x_stride, nb, q + r * k, d + r * nb, s + r * nb);
+}
+
+/* RMSNorm (x / sqrt(mean(x^2) + eps) * weight) of rows [rows, k] (contiguous), then quantize_blocks;
+ * `work` holds k floats. One call where PyTorch took an operator and a float32 copy between them. */
+void rms_norm_quantize_blocks(const float *restrict x, int64_t rows, int64_t k, const float *restrict weight,
+                              float eps, float *restrict work, int8_t *restrict q, float *restrict d,
+                              float *restrict s) {
+    const int64_t nb = k / 32;
     for (int64_t r = 0; r < rows; r++) {
-        for (int64_t b = 0; b < nb; b++) {
-            const float *xb = x + r * x_stride + b * 32;
-            int8_t *qb = q + r * k + b * 32;
-            float amax = 0.f;
-#pragma omp simd reduction(max : amax)
-            for (int i = 0; i < 32; i++) amax = fabsf(xb[i]) > amax ? fabsf(xb[i]) : amax;
-            const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-            int32_t sum = 0;
+        const float *xr = x + r * k;
+        float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-            for (int i = 0; i < 32; i++) {
-                const int32_t v = (int32_t)nearbyintf(xb[i] * inv);
-                qb[i] = (int8_t)v;
-                sum += v;
-            }
-            d[r * nb + b] = scale;
-            s[r * nb + b] = scale * (float)sum;
-        }
+        for (int64_t i = 0; i < k; i++) sum += xr[i] * xr[i];
+        const float inv = 1.f / sqrtf(sum / (float)k + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < k; i++) work[i] = xr[i] * inv * weight[i];
+        quantize_row(work, nb, q + r * k, d + r * nb, s + r * nb);
+    }
+}
+
+/* e^x within ~2 ulp (the same as ../kernels.c's), in operations -fopenmp-simd vectorises (libm's expf is a scalar call without
+ * -ffast-math). Inputs are clamped to [-87, 88], where the result is a normal float. */
+INLINE float exp_approx(float x) {
+    x = x < -87.f ? -87.f : x > 88.f ? 88.f : x;
+    const float n = rintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = p * r * r + r + 1.f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return y * two_n;
+}
+
+/* silu(gate) * up for rows of [gate | up] (each `width` wide, rows 2 * width apart), then
+ * quantize_blocks; `work` holds `width` floats. */
+void silu_mul_quantize_blocks(const float *restrict gate_up, int64_t rows, int64_t width, float *restrict work,
+                              int8_t *restrict q, float *restrict d, float *restrict s) {
+    const int64_t nb = width / 32;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gate_up + r * 2 * width, *u = g + width;
+#pragma omp simd
+        for (int64_t i = 0; i < width; i++) work[i] = g[i] / (1.f + exp_approx(-g[i])) * u[i];
+        quantize_row(work, nb, q + r * width, d + r * nb, s + r * nb);
     }
 }
 
@@ -88,53 +149,148 @@ void quantize_blocks(const float *restrict x, int64_t rows, int64_t k, int64_t x
  *   kind 4: [4 groups][16 channels][4] bytes, low nibble group g (values 4g..4g+3 of the block),
  *           high nibble group g + 4 (values 16 + 4g..): byte j of a ggml Q4 block, moved.
  * d and m: fp16 [tiles][blocks][16]. Unsigned weights times signed int8 activations is exactly
- * vpdpbusd's operand order; each block's int32 sums then take one float multiply-add for the
- * scale and one for the offset, for 16 channels at once. */
+ * vpdpbusd's (and maddubs') operand order; each block's int32 sums then take one float
+ * multiply-add for the scale and one for the offset, for 16 channels at once. */
 #define BLOCK_BYTES(kind) ((kind) == 4 ? 256 : 512)
+#define MAX_ROWS 16 /* rows a tile's unpacked block is used for (16 accumulators + 8 weights in zmm) */
+#define PREFETCH_AHEAD 4 /* blocks */
+
+typedef struct {
+    int kind;
+    const int8_t *xq;
+    const float *xd, *xs;
+    int64_t k, nb;
+    const uint8_t *w;
+    const uint16_t *wd, *wm;
+    int64_t n;
+    const float *bias;
+    float *out;
+    int64_t out_stride;
+    int accumulate;
+} product_t;
+
+INLINE void store_tile(const float *restrict v, int64_t c, int64_t n, const float *restrict bias, float *restrict o,
+                       int accumulate) {
+    for (int j = 0; j < 16 && c + j < n; j++) {
+        float y = v[j] + (bias ? bias[c + j] : 0.f);
+        o[c + j] = accumulate ? o[c + j] + y : y;
+    }
+}
 
 #if QUANT_ISA == 2
-INLINE void tile_rows(int kind, const int R, const int8_t *restrict xq, const float *restrict xd,
-                      const float *restrict xs, int64_t k, const uint8_t *restrict w, const uint16_t *restrict wd,
-                      const uint16_t *restrict wm, __m512 *acc) {
-    const int64_t nb = k / 32;
+/* R rows (R a constant once inlined) x one tile: the R accumulators stay in registers while the
+ * tile's blocks stream by, each unpacked once into 8 registers of 64 bytes. */
+INLINE void tile_rows(const int kind, const int R, const product_t *p, const uint8_t *restrict w,
+                      const uint16_t *restrict wd, const uint16_t *restrict wm, int64_t r0, float *restrict v) {
+    const int64_t nb = p->nb, k = p->k;
+    const int8_t *xq = p->xq + r0 * k;
+    const float *xd = p->xd + r0 * nb, *xs = p->xs + r0 * nb;
+    __m512 acc[R];
+#pragma GCC unroll 16
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *wb = w + b * BLOCK_BYTES(kind);
+        /* Tiles follow each other in memory: the next blocks (of this tile or the next) are
+         * fetched while these compute. */
+        for (int line = 0; line < BLOCK_BYTES(kind); line += 64)
+            __builtin_prefetch(wb + PREFETCH_AHEAD * BLOCK_BYTES(kind) + line, 0, 3);
         __m512i W[8];
         if (kind == 4) {
             const __m512i low = _mm512_set1_epi8(0x0f);
+#pragma GCC unroll 4
             for (int g = 0; g < 4; g++) {
-                const __m512i v = _mm512_loadu_si512((const void *)(wb + 64 * g));
-                W[g] = _mm512_and_si512(v, low);
-                W[g + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+                const __m512i x = _mm512_loadu_si512((const void *)(wb + 64 * g));
+                W[g] = _mm512_and_si512(x, low);
+                W[g + 4] = _mm512_and_si512(_mm512_srli_epi16(x, 4), low);
             }
         } else {
+#pragma GCC unroll 8
             for (int g = 0; g < 8; g++) W[g] = _mm512_loadu_si512((const void *)(wb + 64 * g));
         }
         const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + b * 16)));
         const __m512 mv = kind == 4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wm + b * 16)))
                                     : _mm512_mul_ps(dv, _mm512_set1_ps(-128.f));
+#pragma GCC unroll 16
         for (int r = 0; r < R; r++) {
-            const int8_t *x = xq + r * k + b * 32;
-            __m512i sum = _mm512_setzero_si512();
-            for (int g = 0; g < 8; g++) {
-                int32_t four;
-                memcpy(&four, x + 4 * g, 4);
-                sum = _mm512_dpbusd_epi32(sum, W[g], _mm512_set1_epi32(four));
-            }
+            const int32_t *x = (const int32_t *)(xq + r * k + b * 32);
+            __m512i sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), W[0], _mm512_set1_epi32(x[0]));
+#pragma GCC unroll 8
+            for (int g = 1; g < 8; g++) sum = _mm512_dpbusd_epi32(sum, W[g], _mm512_set1_epi32(x[g]));
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dv, _mm512_set1_ps(xd[r * nb + b])), acc[r]);
             acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs[r * nb + b]), acc[r]);
         }
     }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(v + 16 * r, acc[r]);
 }
-#endif
-
-/* The same sums in plain C (what an AVX2-only or non-x86 build compiles; gcc vectorises it). */
-static void tile_rows_c(int kind, int64_t rows, const int8_t *restrict xq, const float *restrict xd,
-                        const float *restrict xs, int64_t k, const uint8_t *restrict w, const uint16_t *restrict wd,
-                        const uint16_t *restrict wm, float *restrict acc /* [rows][16] */) {
-    const int64_t nb = k / 32;
-    memset(acc, 0, sizeof(float) * 16 * rows);
+#elif QUANT_ISA == 1
+/* AVX2: a tile is two halves of 8 channels; each group of 4 values is unpacked once and used for
+ * the R rows. maddubs multiplies unsigned by signed bytes into saturating 16-bit pairs: 4-bit
+ * weights (u <= 15) cannot saturate; 8-bit ones go in signed (q = u - 128, |q| <= 128) with the
+ * activation's sign moved onto them, llama.cpp's trick, so no pair exceeds 2 * 128 * 127. */
+INLINE void tile_rows(const int kind, const int R, const product_t *p, const uint8_t *restrict w,
+                      const uint16_t *restrict wd, const uint16_t *restrict wm, int64_t r0, float *restrict v) {
+    const int64_t nb = p->nb, k = p->k;
+    const int8_t *xq = p->xq + r0 * k;
+    const float *xd = p->xd + r0 * nb, *xs = p->xs + r0 * nb;
+    const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    __m256 acc[R][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *wb = w + b * BLOCK_BYTES(kind);
+        for (int line = 0; line < BLOCK_BYTES(kind); line += 64)
+            __builtin_prefetch(wb + PREFETCH_AHEAD * BLOCK_BYTES(kind) + line, 0, 3);
+        __m256i sum[R][2];
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++) sum[r][0] = sum[r][1] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+            __m256i W[2];
+            for (int h = 0; h < 2; h++) {
+                if (kind == 4) {
+                    const __m256i x = _mm256_loadu_si256((const __m256i *)(wb + 64 * (g & 3) + 32 * h));
+                    W[h] = _mm256_and_si256(g < 4 ? x : _mm256_srli_epi16(x, 4), low);
+                } else {
+                    W[h] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + 64 * g + 32 * h)), flip);
+                }
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                int32_t four;
+                memcpy(&four, xq + r * k + b * 32 + 4 * g, 4);
+                const __m256i x = _mm256_set1_epi32(four);
+                for (int h = 0; h < 2; h++) {
+                    const __m256i pairs = kind == 4 ? _mm256_maddubs_epi16(W[h], x)
+                                                    : _mm256_maddubs_epi16(_mm256_abs_epi8(W[h]), _mm256_sign_epi8(x, W[h]));
+                    sum[r][h] = _mm256_add_epi32(sum[r][h], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b * 16 + 8 * h)));
+            const __m256 mv = kind == 4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b * 16 + 8 * h)))
+                                        : _mm256_setzero_ps(); /* signed q: no offset */
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][h]), _mm256_mul_ps(dv, _mm256_set1_ps(xd[r * nb + b])),
+                                            acc[r][h]);
+                if (kind == 4) acc[r][h] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[r * nb + b]), acc[r][h]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(v + 16 * r, acc[r][0]);
+        _mm256_storeu_ps(v + 16 * r + 8, acc[r][1]);
+    }
+}
+#else
+/* Plain C (a CPU without AVX2): the same sums, one row at a time. */
+INLINE void tile_rows(const int kind, const int R, const product_t *p, const uint8_t *restrict w,
+                      const uint16_t *restrict wd, const uint16_t *restrict wm, int64_t r0, float *restrict v) {
+    const int64_t nb = p->nb, k = p->k;
+    memset(v, 0, sizeof(float) * 16 * R);
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *wb = w + b * BLOCK_BYTES(kind);
         uint8_t u[32][16]; /* [value in block][channel] */
@@ -149,57 +305,180 @@ static void tile_rows_c(int kind, int64_t rows, const int8_t *restrict xq, const
             d[c] = half_to_float(wd[b * 16 + c]);
             m[c] = kind == 4 ? half_to_float(wm[b * 16 + c]) : -128.f * d[c];
         }
-        for (int64_t r = 0; r < rows; r++) {
-            const int8_t *x = xq + r * k + b * 32;
+        for (int r = 0; r < R; r++) {
+            const int8_t *x = p->xq + (r0 + r) * k + b * 32;
             int32_t sum[16] = {0};
             for (int i = 0; i < 32; i++)
-#pragma omp simd
                 for (int c = 0; c < 16; c++) sum[c] += (int32_t)u[i][c] * (int32_t)x[i];
-            const float xdb = xd[r * nb + b], xsb = xs[r * nb + b];
-#pragma omp simd
-            for (int c = 0; c < 16; c++) acc[r * 16 + c] += (float)sum[c] * (d[c] * xdb) + m[c] * xsb;
+            const float xdb = p->xd[(r0 + r) * nb + b], xsb = p->xs[(r0 + r) * nb + b];
+            for (int c = 0; c < 16; c++) v[r * 16 + c] += (float)sum[c] * (d[c] * xdb) + m[c] * xsb;
         }
     }
 }
+#endif
 
-INLINE void store_tile(const float *restrict v, int64_t c, int64_t n, const float *restrict bias, float *restrict o,
-                       int accumulate) {
-    for (int j = 0; j < 16 && c + j < n; j++) {
-        float y = v[j] + (bias ? bias[c + j] : 0.f);
-        o[c + j] = accumulate ? o[c + j] + y : y;
+/* Tiles [t0, t1) for every row. Rows go in chunks of 16, 8, 4, 2, 1 (the accumulators of a chunk
+ * fit the registers), each chunk over the whole tile: the tile (k / 32 blocks, a few KB) stays in
+ * L1/L2 after the first chunk pulled it from memory. */
+#define RUN(KIND, R) tile_rows(KIND, R, p, wt, dt, mt, r0, &v[0][0])
+static void run_tiles(const product_t *p, int64_t t0, int64_t t1, int64_t rows) {
+    const int64_t nb = p->nb;
+    float v[MAX_ROWS][16];
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t *wt = p->w + t * nb * BLOCK_BYTES(p->kind);
+        const uint16_t *dt = p->wd + t * nb * 16, *mt = p->kind == 4 ? p->wm + t * nb * 16 : NULL;
+        for (int64_t r0 = 0; r0 < rows;) {
+            const int64_t left = rows - r0;
+            const int R = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+            if (p->kind == 4) {
+                if (R == 16) RUN(4, 16); else if (R == 8) RUN(4, 8); else if (R == 4) RUN(4, 4);
+                else if (R == 2) RUN(4, 2); else RUN(4, 1);
+            } else {
+                if (R == 16) RUN(8, 16); else if (R == 8) RUN(8, 8); else if (R == 4) RUN(8, 4);
+                else if (R == 2) RUN(8, 2); else RUN(8, 1);
+            }
+            for (int r = 0; r < R; r++) store_tile(v[r], t * 16, p->n, p->bias, p->out + (r0 + r) * p->out_stride, p->accumulate);
+            r0 += R;
+        }
+    }
+}
+#undef RUN
+
+/* ---- threads ----
+ * A product is cut into chunks of tiles that the caller and its helper threads claim one at a time
+ * from one atomic counter; the caller returns once every chunk is done. No barrier waits for a
+ * thread that never started: on a busy machine, where a helper may not be scheduled for
+ * milliseconds, the caller simply does the chunks itself (OpenMP's end-of-region barrier, tried
+ * first, made a decode step up to 10x slower on a loaded 2-core machine). Helpers spin briefly
+ * between products (a layer's products come microseconds apart), then sleep. */
+#define MAX_THREADS 64
+#define SPIN_ROUNDS 20000 /* pause instructions a helper waits before sleeping (~0.1-1 ms) */
+
+typedef struct {
+    const product_t *p;
+    int64_t rows, tiles, chunk, chunks;
+    int helpers; /* helpers that may join: the caller's thread count - 1 */
+} job_t;
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    _Atomic uint64_t state; /* generation << 32 | next chunk to claim */
+    _Atomic int64_t done;   /* chunks finished in this generation */
+    _Atomic int sleeping;
+    job_t job;
+    int started;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, {0}, 0};
+
+INLINE void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Claim and run chunks of generation `gen` until none is left. */
+static void work_on(uint32_t gen) {
+    for (;;) {
+        uint64_t state = atomic_load_explicit(&pool.state, memory_order_acquire);
+        if ((uint32_t)(state >> 32) != gen) return;
+        const int64_t chunk = (int64_t)(uint32_t)state;
+        const job_t *job = &pool.job;
+        if (chunk >= job->chunks) return; /* (a closed generation's 0xFFFFFFFF too) */
+        if (!atomic_compare_exchange_weak_explicit(&pool.state, &state, state + 1, memory_order_acq_rel,
+                                                   memory_order_acquire))
+            continue;
+        /* The job cannot change before this chunk is counted done. */
+        const int64_t t0 = chunk * job->chunk, t1 = t0 + job->chunk < job->tiles ? t0 + job->chunk : job->tiles;
+        run_tiles(job->p, t0, t1, job->rows);
+        atomic_fetch_add_explicit(&pool.done, 1, memory_order_acq_rel);
     }
 }
 
-/* out [rows, n] (rows out_stride apart) (+)= x . W^T (+ bias), W [n, k] tiled as above.
- * Returns 0, or -1 for a bad kind or k. */
+static void *helper_main(void *arg) {
+    const int index = (int)(intptr_t)arg;
+    uint32_t seen = 0;
+    for (;;) {
+        uint32_t gen = seen;
+        for (int i = 0; i < SPIN_ROUNDS && gen == seen; i++) {
+            cpu_relax();
+            gen = (uint32_t)(atomic_load_explicit(&pool.state, memory_order_acquire) >> 32);
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&pool.mu);
+            atomic_fetch_add(&pool.sleeping, 1);
+            while ((gen = (uint32_t)(atomic_load(&pool.state) >> 32)) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+            atomic_fetch_sub(&pool.sleeping, 1);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        seen = gen;
+        if (index < pool.job.helpers) work_on(gen);
+    }
+    return NULL;
+}
+
+static void forget_pool_in_child(void) { pool.started = 0; } /* a fork's child has none of the threads */
+
+/* Start helpers up to `count`; returns how many run. */
+static int ensure_helpers(int count) {
+    if (count > MAX_THREADS - 1) count = MAX_THREADS - 1;
+    if (pool.started == 0) pthread_atfork(NULL, NULL, forget_pool_in_child);
+    while (pool.started < count) {
+        pthread_t thread;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int failed = pthread_create(&thread, &attr, helper_main, (void *)(intptr_t)pool.started);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        pool.started++;
+    }
+    return pool.started < count ? pool.started : count;
+}
+
+static pthread_mutex_t caller_mu = PTHREAD_MUTEX_INITIALIZER; /* one product at a time uses the pool */
+
+static void run_parallel(const product_t *p, int64_t rows, int64_t tiles, int threads) {
+    if (pthread_mutex_trylock(&caller_mu) != 0) { /* another thread's product holds the pool */
+        run_tiles(p, 0, tiles, rows);
+        return;
+    }
+    const int helpers = ensure_helpers(threads - 1);
+    /* ~4 chunks a thread: small enough to even out, large enough to stream a tile run */
+    int64_t chunk = tiles / (4 * (int64_t)(helpers + 1));
+    chunk = chunk < 1 ? 1 : chunk;
+    pool.job = (job_t){p, rows, tiles, chunk, (tiles + chunk - 1) / chunk, helpers};
+    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
+    const uint32_t gen = (uint32_t)(atomic_load(&pool.state) >> 32) + 1;
+    atomic_store_explicit(&pool.state, (uint64_t)gen << 32, memory_order_release);
+    if (atomic_load(&pool.sleeping) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    work_on(gen);
+    for (int64_t spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < pool.job.chunks; spins++) {
+        if (spins < 4000) cpu_relax();
+        else sched_yield(); /* a helper was descheduled mid-chunk: give it the core */
+    }
+    /* Closed: a helper still holding this generation's number claims nothing from the next job. */
+    atomic_store_explicit(&pool.state, (uint64_t)gen << 32 | 0xFFFFFFFFu, memory_order_release);
+    pthread_mutex_unlock(&caller_mu);
+}
+
+/* out [rows, n] (rows out_stride apart) (+)= x . W^T (+ bias), W [n, k] tiled as above, split by
+ * tiles of 16 output channels across up to `threads` threads (PyTorch's count, passed by the
+ * caller; a product of under ~1M multiply-adds stays on the caller's, where waking a helper would
+ * cost more than it saves). Returns 0, or -1 for a bad kind or k. */
 int quant_linear(int kind, const int8_t *restrict xq, const float *restrict xd, const float *restrict xs,
                  int64_t rows, int64_t k, const uint8_t *restrict w, const uint16_t *restrict wd,
                  const uint16_t *restrict wm, int64_t n, const float *restrict bias, float *restrict out,
-                 int64_t out_stride, int accumulate) {
+                 int64_t out_stride, int accumulate, int threads) {
     if ((kind != 4 && kind != 8) || k % 32 != 0) return -1;
-    const int64_t nb = k / 32, tiles = (n + 15) / 16, tile_bytes = nb * BLOCK_BYTES(kind);
-    for (int64_t t = 0; t < tiles; t++) {
-        const uint8_t *wt = w + t * tile_bytes;
-        const uint16_t *dt = wd + t * nb * 16, *mt = kind == 4 ? wm + t * nb * 16 : NULL;
-        for (int64_t r0 = 0; r0 < rows;) {
-            const int64_t step = rows - r0 >= 4 ? 4 : 1;
-            float v[4][16];
-#if QUANT_ISA == 2
-            __m512 acc[4];
-            if (kind == 4) {
-                if (step == 4) tile_rows(4, 4, xq + r0 * k, xd + r0 * nb, xs + r0 * nb, k, wt, dt, mt, acc);
-                else tile_rows(4, 1, xq + r0 * k, xd + r0 * nb, xs + r0 * nb, k, wt, dt, mt, acc);
-            } else {
-                if (step == 4) tile_rows(8, 4, xq + r0 * k, xd + r0 * nb, xs + r0 * nb, k, wt, dt, mt, acc);
-                else tile_rows(8, 1, xq + r0 * k, xd + r0 * nb, xs + r0 * nb, k, wt, dt, mt, acc);
-            }
-            for (int r = 0; r < step; r++) _mm512_storeu_ps(v[r], acc[r]);
-#else
-            tile_rows_c(kind, step, xq + r0 * k, xd + r0 * nb, xs + r0 * nb, k, wt, dt, mt, &v[0][0]);
-#endif
-            for (int r = 0; r < step; r++) store_tile(v[r], t * 16, n, bias, out + (r0 + r) * out_stride, accumulate);
-            r0 += step;
-        }
-    }
+    const product_t p = {kind, xq, xd, xs, k, k / 32, w, wd, wm, n, bias, out, out_stride, accumulate};
+    const int64_t tiles = (n + 15) / 16;
+    if (rows * n * k < (1 << 20)) threads = 1;
+    if (threads > tiles) threads = (int)tiles;
+    if (threads <= 1) run_tiles(&p, 0, tiles, rows);
+    else run_parallel(&p, rows, tiles, threads);
     return 0;
 }

@@ -45,10 +45,13 @@ class QuantKernels:
     def __init__(self, path: Path) -> None:
         self.path = path
         lib = ctypes.CDLL(str(path))
+        _C = ctypes.c_int
         lib.quantize_blocks.argtypes = [_P, _I, _I, _I, _P, _P, _P]
-        lib.quant_linear.argtypes = [ctypes.c_int, _P, _P, _P, _I, _I, _P, _P, _P, _I, _P, _P, _I, ctypes.c_int]
-        lib.quant_linear.restype = ctypes.c_int
-        lib.quant_isa.restype = ctypes.c_int
+        lib.rms_norm_quantize_blocks.argtypes = [_P, _I, _I, _P, ctypes.c_float, _P, _P, _P, _P]
+        lib.silu_mul_quantize_blocks.argtypes = [_P, _I, _I, _P, _P, _P, _P]
+        lib.quant_linear.argtypes = [_C, _P, _P, _P, _I, _I, _P, _P, _P, _I, _P, _P, _I, _C, _C]
+        lib.quant_linear.restype = _C
+        lib.quant_isa.restype = _C
         self._lib = lib
         self.isa = ISA_NAMES[lib.quant_isa()]
 
@@ -60,10 +63,32 @@ class QuantKernels:
         if x.dim() != 2 or x.dtype != torch.float32 or x.stride(1) != 1 or x.shape[1] % 32:
             raise ValueError(f"expected float32 rows [rows, k * 32] with unit stride, got {x.dtype} {tuple(x.shape)}")
         rows, k = x.shape
-        out = BlockRows(torch.empty((rows, k), dtype=torch.int8), torch.empty((rows, k // 32)),
-                        torch.empty((rows, k // 32)))
+        out = _block_rows(rows, k)
         self._lib.quantize_blocks(x.data_ptr(), rows, k, x.stride(0), out.q.data_ptr(), out.d.data_ptr(),
                                   out.s.data_ptr())
+        return out
+
+    def rms_norm_quantize(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> BlockRows:
+        """``quantize(rms_norm(x) * weight)`` in one call, for contiguous float32 rows ``[rows, k]``."""
+        if x.dim() != 2 or x.dtype != torch.float32 or not x.is_contiguous() or x.shape[1] % 32:
+            raise ValueError(f"expected contiguous float32 rows [rows, k * 32], got {x.dtype} {tuple(x.shape)}")
+        if weight.dtype != torch.float32 or not weight.is_contiguous() or weight.numel() != x.shape[1]:
+            raise ValueError("the norm weight must be contiguous float32 of the rows' width")
+        rows, k = x.shape
+        out, work = _block_rows(rows, k), torch.empty(k)
+        self._lib.rms_norm_quantize_blocks(x.data_ptr(), rows, k, weight.data_ptr(), eps, work.data_ptr(),
+                                           out.q.data_ptr(), out.d.data_ptr(), out.s.data_ptr())
+        return out
+
+    def silu_mul_quantize(self, gate_up: torch.Tensor) -> BlockRows:
+        """``quantize(silu(gate) * up)`` for contiguous float32 rows ``[gate | up]`` ``[rows, 2 k]``."""
+        if gate_up.dim() != 2 or gate_up.dtype != torch.float32 or not gate_up.is_contiguous() or gate_up.shape[1] % 64:
+            raise ValueError(f"expected contiguous float32 rows [rows, 2 * k * 32], got {gate_up.dtype} "
+                             f"{tuple(gate_up.shape)}")
+        rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+        out, work = _block_rows(rows, width), torch.empty(width)
+        self._lib.silu_mul_quantize_blocks(gate_up.data_ptr(), rows, width, work.data_ptr(), out.q.data_ptr(),
+                                           out.d.data_ptr(), out.s.data_ptr())
         return out
 
     def linear(self, rows: BlockRows, weight: TiledWeight, bias: torch.Tensor | None = None,
@@ -83,16 +108,23 @@ class QuantKernels:
             weight.kind, rows.q.data_ptr(), rows.d.data_ptr(), rows.s.data_ptr(), n_rows, k,
             weight.qs.data_ptr(), weight.d.data_ptr(), None if weight.m is None else weight.m.data_ptr(),
             weight.out_features, None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0),
-            int(accumulate),
+            int(accumulate), torch.get_num_threads(),
         )
         if status != 0:
             raise ValueError(f"the quantized kernel takes kind 4 or 8 and whole blocks, not kind {weight.kind}, k {k}")
         return out
 
 
+FLAGS = ("-pthread",)  # its own helper threads (see "threads" in kernels.c)
+
+
+def _block_rows(rows: int, k: int) -> BlockRows:
+    return BlockRows(torch.empty((rows, k), dtype=torch.int8), torch.empty((rows, k // 32)), torch.empty((rows, k // 32)))
+
+
 def build(extra_flags: tuple[str, ...] = ()) -> Path:
     """Compile ``quant/kernels.c`` (cached like ``kernels.c``); ``("-mno-avx512f",)`` builds the AVX2 variant."""
-    return native.build(SOURCE, extra_flags)
+    return native.build(SOURCE, (*FLAGS, *extra_flags))
 
 
 _loaded: dict[Path, QuantKernels | None] = {}
