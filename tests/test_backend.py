@@ -160,13 +160,15 @@ def test_a_16_bit_kv_cache_holds_twice_the_tokens_in_the_same_memory(own_model: 
 
 
 def test_greedy_replies_with_a_16_bit_kv_cache_match_float32(own_model: tuple[Any, Any]) -> None:
-    """The engine's default path (int8 linears), 8 prompts x 24 greedy tokens: how far each 16-bit
-    reply follows the float32 one, token for token, before it first differs."""
+    """Float32 linears (int8's own rounding noise would swamp the cache's: with int8 linears only
+    34 of 157 tokens matched before the first difference), 8 prompts x 24 greedy tokens: how far
+    each 16-bit reply follows the float32 one, token for token, before it first differs."""
     model, tokenizer = own_model
     prompts = [chat(tokenizer, p) for p in PROMPTS]
 
     def replies(dtype: str) -> list[list[int]]:
-        engine = LLMEngine(model, tokenizer, max_num_seqs=8, kv_cache_memory_bytes=64 << 20, kv_cache_dtype=dtype)
+        engine = LLMEngine(model, tokenizer, max_num_seqs=8, kv_cache_memory_bytes=64 << 20, kv_cache_dtype=dtype,
+                           quantization=None)
 
         async def run() -> list[list[int]]:
             async def one(prompt: list[int]) -> list[int]:
@@ -189,4 +191,5 @@ def test_greedy_replies_with_a_16_bit_kv_cache_match_float32(own_model: tuple[An
                   for r, g in zip(reference, got)]
         total = sum(len(r) for r in reference)
         print(f"{dtype}: {sum(common)}/{total} greedy tokens as float32's before the first difference, per prompt {common}")
-        assert sum(common) >= total // 2, (dtype, common)
+        # Measured: float16 159/159 tokens, bfloat16 153/159 (one reply parts at its 18th token).
+        assert sum(common) >= (0.95 if dtype == "float16" else 0.85) * total, (dtype, common)
