@@ -173,17 +173,30 @@ class Store:
             self.filler = None
 
     def contents(self) -> dict[str, str]:
-        """Every stored value, by key (``<session>`` or ``<session>/<conversation>``)."""
+        """Every stored value, by key (``<session>`` or ``<session>/<conversation>``): documents, and
+        conversations stored in rows (their head and messages' JSON texts, joined)."""
+        found: dict[str, str] = {}
         if self.kind == "sqlite":
             with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=30)) as db:
-                return {key: data for key, data in db.execute("SELECT id, data FROM sessions")}
+                db.execute("BEGIN")  # one snapshot for both layouts
+                found.update(db.execute("SELECT id, data FROM sessions"))
+                for key, data in db.execute(
+                        "SELECT c.id, c.head || ',' || coalesce(group_concat(m.data, ','), '') FROM conversations c "
+                        "LEFT JOIN messages m ON m.conversation = c.id GROUP BY c.id"):
+                    found[key] = found.get(key, "") + data
+            return found
         import redis
 
         client = redis.Redis(port=self.port)
         try:
             prefix = "chatstream:session:"
-            return {key.decode()[len(prefix):]: (client.get(key) or b"").decode()
-                    for key in client.scan_iter(match=prefix + "*", count=1000)}
+            found.update((key.decode()[len(prefix):], (client.get(key) or b"").decode())
+                         for key in client.scan_iter(match=prefix + "*", count=1000))
+            prefix = "chatstream:conv:"
+            for key in client.scan_iter(match=prefix + "*", count=1000):
+                rows = ",".join(value.decode() for value in client.hgetall(key).values())
+                found[key.decode()[len(prefix):]] = found.get(key.decode()[len(prefix):], "") + rows
+            return found
         finally:
             client.close()
 

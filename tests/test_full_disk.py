@@ -30,14 +30,14 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
-def _app(db_path: Path) -> object:
+def _app(db_path: Path, max_input_chars: int = 100_000) -> object:
     from fastapi import FastAPI
 
     from chatstream import ChatStream
     from chatstream.session import SQLiteSessionStore
 
     chat_stream = ChatStream(use_mock_response=True, session_store=SQLiteSessionStore(db_path),
-                             session_secret="test", max_input_chars=100_000, context_len=1_000_000,
+                             session_secret="test", max_input_chars=max_input_chars, context_len=1_000_000,
                              mock_token_delay=0.001)
     app = FastAPI()
     chat_stream.append_middlewares(app)
@@ -96,4 +96,41 @@ def test_deleting_a_conversation_works_on_a_full_disk_and_frees_room(serve: obje
             raise AssertionError("the disk never filled up again")
         deleted = client.delete(f"/conversations/{rest[0]}")
         assert deleted.status_code == 200, deleted.text
+    assert os.path.exists(small_disk / "sessions.db")
+
+
+def test_big_turns_never_leave_a_log_a_full_disk_cannot_checkpoint(serve: object, small_disk: Path) -> None:
+    """Turns bigger than the reserve: a commit whose log the database could not take in on this
+    disk (even with the reserve's room) is refused, so a delete still finds room afterwards."""
+    url = serve(_app(small_disk / "sessions.db", max_input_chars=400_000)).url  # type: ignore[operator]
+    big = "x" * 300_000  # 300 KB a message: more than half the 512 KiB reserve
+    with httpx.Client(base_url=url, timeout=30) as client:
+        conversation_ids: list[str] = []
+        acknowledged = 0
+        for _ in range(20):
+            created = client.post("/conversations", json={"title": f"c{len(conversation_ids)}"})
+            if created.status_code != 201:
+                assert created.status_code == 507 and created.json()["error"] == "store_full", created.text
+                break
+            conversation_ids.append(created.json()["id"])
+            events = parse_sse(client.post("/chat_stream", json={"user_input": big}).text)
+            if events[-1][0] == "done":
+                acknowledged += 1
+                continue
+            assert events[-1][1]["error"] == "store_full", events[-1]
+            break
+        else:
+            raise AssertionError("the disk never filled up")
+        assert acknowledged >= 1
+        stored = sum(len(client.get(f"/conversations/{cid}").json()["messages"]) for cid in conversation_ids)
+        assert stored >= 2 * acknowledged  # every acknowledged turn is there
+        for cid in conversation_ids:  # every delete works on the full disk, and frees room
+            deleted = client.delete(f"/conversations/{cid}")
+            assert deleted.status_code == 200, deleted.text
+        assert client.get("/conversations").json()["conversations"] == []
+        created = client.post("/conversations", json={"title": "after the deletes"})
+        assert created.status_code == 201, created.text
+        events = parse_sse(client.post("/chat_stream", json={"user_input": big}).text)
+        assert events[-1][0] == "done", events[-1]
+        assert len(client.get("/history").json()["messages"]) == 2
     assert os.path.exists(small_disk / "sessions.db")

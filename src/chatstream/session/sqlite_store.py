@@ -90,10 +90,17 @@ class SQLiteSessionStore:
             if mode != "wal":  # e.g. a network file system: still correct, but readers wait for writers
                 logger.warning("SQLite session store %s: WAL mode unavailable (journal_mode=%s)", self.path, mode)
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+            self._page_size: int = self._db.execute("PRAGMA page_size").fetchone()[0]
+            if reserve_bytes > 0:
+                # Copy the log into the database every half reserve of pages (SQLite's default is 1000
+                # pages, 4 MiB): a checkpoint on a full disk grows the database by what the log holds
+                # that it lacks, and must fit in the reserve's room, or it fails halfway, the grown
+                # database keeps the reserve's room, and neither the log nor the reserve ever shrinks.
+                self._db.execute(f"PRAGMA wal_autocheckpoint = {max(1, reserve_bytes // self._page_size // 2)}")
+                self._db.execute(f"PRAGMA journal_size_limit = {reserve_bytes}")  # a big turn's log shrinks
             self._db.executescript(_SCHEMA)
             if max_bytes is not None:  # the store's quota: writes past it fail with SQLITE_FULL (StoreFull)
-                page_size = self._db.execute("PRAGMA page_size").fetchone()[0]
-                self._db.execute(f"PRAGMA max_page_count = {max(16, int(max_bytes) // page_size)}")
+                self._db.execute(f"PRAGMA max_page_count = {max(16, int(max_bytes) // self._page_size)}")
         except sqlite3.Error:
             self._db.close()
             raise
@@ -320,6 +327,7 @@ class SQLiteSessionStore:
                 raise
         else:
             if not self._reserve_kept:  # the disk had no room for it last time: try again now
+                self._checkpoint()  # a log truncated gives its room back
                 self._make_reserve()
             return result
         self._release_reserve()
@@ -341,16 +349,51 @@ class SQLiteSessionStore:
     def _commit(self, write: Callable[[], T], may_grow: bool) -> T:
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            pages = None if may_grow else self._db.execute("PRAGMA page_count").fetchone()[0]
+            pages = self._db.execute("PRAGMA page_count").fetchone()[0]
             result = write()
-            if pages is not None and self._db.execute("PRAGMA page_count").fetchone()[0] > pages:
-                raise store_full()  # it would take disk room the reserve keeps for deletes
+            grown = self._db.execute("PRAGMA page_count").fetchone()[0]
+            if grown > pages:
+                if not may_grow:
+                    raise store_full()  # it would take disk room the reserve keeps for deletes
+                self._check_room(grown, grown - pages)
             self._db.execute("COMMIT")
             return result
         except BaseException:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
+
+    def _check_room(self, pages: int, new_pages: int) -> None:
+        """Refuse a write that grows the database by ``new_pages`` (to ``pages``) when the disk could
+        not take the log into the database afterwards, even with the reserve's room: a big turn
+        written to the log there would strand it (no checkpoint, no reserve, no room for a delete)."""
+        if self.reserve_bytes <= 0:
+            return
+        try:
+            behind = pages * self._page_size - os.stat(self.path).st_size  # what a checkpoint adds to the file
+            disk = os.statvfs(self.path.parent)
+            room = disk.f_bavail * disk.f_frsize + self._reserve_size() - new_pages * (self._page_size + 24)
+        except OSError:
+            return
+        if behind > room:
+            raise _NoRoom(f"database or disk is full: a checkpoint would need {behind} bytes, {room} are left")
+
+    def _limit_reached(self, exc: sqlite3.Error) -> int | None:
+        """``max_bytes`` when it, not the disk, refused a write: it left less room than the disk has."""
+        if self.max_bytes is None or isinstance(exc, _NoRoom):
+            return None
+        try:
+            disk = os.statvfs(self.path.parent)
+            room = disk.f_bavail * disk.f_frsize
+            return self.max_bytes if self.max_bytes - os.stat(self.path).st_size <= room else None
+        except OSError:
+            return None
+
+    def _reserve_size(self) -> int:
+        try:
+            return os.stat(self.reserve_path).st_blocks * 512
+        except FileNotFoundError:
+            return 0
 
     def _checkpoint(self) -> None:
         """Copy the log into the database and truncate it: its room goes back to the disk."""
@@ -415,7 +458,7 @@ class SQLiteSessionStore:
         except sqlite3.Error as exc:
             if _disk_full(exc):  # reachable, only out of space
                 self.failure = None
-                raise store_full() from exc  # the disk, not --session-store-max-bytes
+                raise store_full(self._limit_reached(exc)) from exc
             self.failure = f"{type(exc).__name__}: {exc}"
             logger.error("SQLite session store %s failed: %s", self.path, self.failure)
             raise StoreUnavailable(f"the session store failed ({self.failure}); retry shortly") from exc
@@ -429,5 +472,9 @@ class SQLiteSessionStore:
         return f"SQLiteSessionStore({str(self.path)!r})"
 
 
+class _NoRoom(sqlite3.OperationalError):
+    """A write the disk could take now but not copy from the log into the database afterwards."""
+
+
 def _disk_full(exc: sqlite3.Error) -> bool:
-    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(exc, _NoRoom) or getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
