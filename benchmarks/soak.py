@@ -808,6 +808,9 @@ def main(argv: list[str] | None = None) -> int:
     config = SoakConfig(duration_s=args.duration, store=args.store, engine=args.engine, processes=args.processes,
                         clients=args.clients, fault_every_s=args.fault_every, faults=faults, lease_s=args.lease_s,
                         seed=args.seed, workdir=args.workdir)
+    # SIGTERM (a CI timeout, a kill) unwinds like Ctrl-C, so the servers and redis-server it
+    # started are stopped by their finally blocks instead of being left running.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     results = asyncio.run(Soak(config).run())
     print(summary(results), flush=True)
     if args.json:
