@@ -45,27 +45,31 @@ def _app(db_path: Path, max_input_chars: int = 100_000) -> object:
     return app
 
 
+
+def _fill_disk(client: httpx.Client, text: str, attempts: int, turns_per_conversation: int) -> tuple[list[str], int]:
+    """Turns of ``text`` (a new conversation every ``turns_per_conversation`` acknowledged turns) until
+    the store refuses one with ``store_full``: the conversations made and the turns acknowledged."""
+    conversation_ids: list[str] = []
+    for acknowledged in range(attempts):  # every pass that does not return acknowledges one turn
+        if acknowledged % turns_per_conversation == 0:
+            created = client.post("/conversations", json={"title": f"c{len(conversation_ids)}"})
+            if created.status_code != 201:
+                assert created.status_code == 507 and created.json()["error"] == "store_full", created.text
+                return conversation_ids, acknowledged
+            conversation_ids.append(created.json()["id"])
+        events = parse_sse(client.post("/chat_stream", json={"user_input": text}).text)
+        if events[-1][0] != "done":
+            assert events[-1][1]["error"] == "store_full", events[-1]
+            return conversation_ids, acknowledged
+    raise AssertionError("the disk never filled up")
+
+
 def test_deleting_a_conversation_works_on_a_full_disk_and_frees_room(serve: object, small_disk: Path) -> None:
     url = serve(_app(small_disk / "sessions.db")).url  # type: ignore[operator]
     big = "x" * 20_000  # one word: the mock echoes it in one delta; two copies a turn
     with httpx.Client(base_url=url, timeout=30) as client:
-        conversation_ids: list[str] = []
-        acknowledged = 0
-        for _ in range(60):  # 2 MiB holds a few dozen of these turns: the disk fills well within 60
-            if acknowledged % 5 == 0:
-                created = client.post("/conversations", json={"title": f"c{len(conversation_ids)}"})
-                if created.status_code != 201:
-                    assert created.status_code == 507 and created.json()["error"] == "store_full", created.text
-                    break
-                conversation_ids.append(created.json()["id"])
-            events = parse_sse(client.post("/chat_stream", json={"user_input": big}).text)
-            if events[-1][0] == "done":
-                acknowledged += 1
-                continue
-            assert events[-1][1]["error"] == "store_full", events[-1]
-            break
-        else:
-            raise AssertionError("the disk never filled up")
+        # 2 MiB holds a few dozen of these turns: the disk fills well within 60
+        conversation_ids, acknowledged = _fill_disk(client, big, attempts=60, turns_per_conversation=5)
         # Full: less room than one rewrite of a conversation of five such turns (200 KB) needs.
         assert shutil.disk_usage(small_disk).free < 200_000, shutil.disk_usage(small_disk)
         assert acknowledged >= 5
@@ -105,22 +109,7 @@ def test_big_turns_never_leave_a_log_a_full_disk_cannot_checkpoint(serve: object
     url = serve(_app(small_disk / "sessions.db", max_input_chars=400_000)).url  # type: ignore[operator]
     big = "x" * 300_000  # 300 KB a message: more than half the 512 KiB reserve
     with httpx.Client(base_url=url, timeout=30) as client:
-        conversation_ids: list[str] = []
-        acknowledged = 0
-        for _ in range(20):
-            created = client.post("/conversations", json={"title": f"c{len(conversation_ids)}"})
-            if created.status_code != 201:
-                assert created.status_code == 507 and created.json()["error"] == "store_full", created.text
-                break
-            conversation_ids.append(created.json()["id"])
-            events = parse_sse(client.post("/chat_stream", json={"user_input": big}).text)
-            if events[-1][0] == "done":
-                acknowledged += 1
-                continue
-            assert events[-1][1]["error"] == "store_full", events[-1]
-            break
-        else:
-            raise AssertionError("the disk never filled up")
+        conversation_ids, acknowledged = _fill_disk(client, big, attempts=20, turns_per_conversation=1)
         assert acknowledged >= 1
         stored = sum(len(client.get(f"/conversations/{cid}").json()["messages"]) for cid in conversation_ids)
         assert stored >= 2 * acknowledged  # every acknowledged turn is there
