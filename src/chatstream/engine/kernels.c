@@ -18,6 +18,7 @@
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 256
 #define INLINE static inline __attribute__((always_inline))
+#include "vector_math.h" /* exp_approx */
 
 /* The KV cache's element type (native.KV_DTYPE_CODES). Decode attention widens a 16-bit cache to
  * float32 one (block, KV head) at a time into a buffer that stays in L1 (vcvtph2ps for float16, a
@@ -88,26 +89,6 @@ INLINE void store_kv(void *restrict cache, int64_t index, float x, int dtype) {
     }
 }
 
-
-/* e^x within ~2 ulp, in operations -fopenmp-simd vectorises (libm's expf is a scalar call without
- * -ffast-math). Inputs are clamped to [-87, 88], where the result is a normal float. */
-INLINE float exp_approx(float x) {
-    x = x < -87.f ? -87.f : x > 88.f ? 88.f : x;
-    const float n = rintf(x * 1.44269504088896341f);
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const float y = p * r * r + r + 1.f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return y * two_n;
-}
 
 /* One decode row: its query heads against its blocks, block by block, every KV head of a block
  * in turn (a block's heads are contiguous, so each block is one sequential read). */

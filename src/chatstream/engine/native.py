@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 KERNELS: tuple[str, ...] = ("auto", "native", "torch")
 SOURCE = Path(__file__).with_name("kernels.c")
+HEADERS = sorted(SOURCE.parent.glob("*.h"))  # included by kernels.c and quant/kernels.c: part of the build key
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-std=gnu11", "-shared", "-fPIC", "-Wall")
 
 
@@ -297,7 +298,7 @@ def build(source_path: Path = SOURCE, extra_flags: tuple[str, ...] = ()) -> Path
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise NativeKernelError("no C compiler found (set CC, or install gcc)")
-    source = source_path.read_bytes()
+    source = b"".join(path.read_bytes() for path in (source_path, *HEADERS))
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:

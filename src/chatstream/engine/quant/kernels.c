@@ -26,6 +26,7 @@
 #include <stdatomic.h>
 
 #define INLINE static inline __attribute__((always_inline))
+#include "../vector_math.h" /* exp_approx */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define QUANT_ISA 2
@@ -108,25 +109,6 @@ void rms_norm_quantize_blocks(const float *restrict x, int64_t rows, int64_t k, 
     }
 }
 
-/* e^x within ~2 ulp (the same as ../kernels.c's), in operations -fopenmp-simd vectorises (libm's expf is a scalar call without
- * -ffast-math). Inputs are clamped to [-87, 88], where the result is a normal float. */
-INLINE float exp_approx(float x) {
-    x = x < -87.f ? -87.f : x > 88.f ? 88.f : x;
-    const float n = rintf(x * 1.44269504088896341f);
-    float r = x - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const float y = p * r * r + r + 1.f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return y * two_n;
-}
 
 /* silu(gate) * up for rows of [gate | up] (each `width` wide, rows 2 * width apart), then
  * quantize_blocks; `work` holds `width` floats. */

@@ -1,0 +1,29 @@
+/* Vector-friendly math shared by chatstream's kernels (engine/kernels.c, engine/quant/kernels.c).
+ * Included, not compiled alone; chatstream.engine.native keys its build cache on this file too. */
+#ifndef CHATSTREAM_VECTOR_MATH_H
+#define CHATSTREAM_VECTOR_MATH_H
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* e^x within ~2 ulp, in operations -fopenmp-simd vectorises (libm's expf is a scalar call without
+ * -ffast-math). Inputs are clamped to [-87, 88], where the result is a normal float. */
+static inline __attribute__((always_inline)) float exp_approx(float x) {
+    x = x < -87.f ? -87.f : x > 88.f ? 88.f : x;
+    const float n = rintf(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = p * r * r + r + 1.f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return y * two_n;
+}
+
+#endif
