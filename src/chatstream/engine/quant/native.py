@@ -110,6 +110,8 @@ class QuantKernels:
             weight.out_features, None if bias is None else bias.data_ptr(), out.data_ptr(), out.stride(0),
             int(accumulate), torch.get_num_threads(),
         )
+        if status == -2:
+            raise MemoryError(f"no memory for {n_rows} activation rows of {k}")
         if status != 0:
             raise ValueError(f"the quantized kernel takes kind 4 or 8 and whole blocks, not kind {weight.kind}, k {k}")
         return out
