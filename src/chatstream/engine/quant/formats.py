@@ -9,7 +9,10 @@ with an fp16 scale ``d`` (and, 4-bit, an fp16 offset ``m``): ``value = d * q + m
 - ``Q4_K`` (super-blocks of 256 with 6-bit sub-block scales and mins) becomes 4-bit blocks of 32
   with ``d = d_super * scale`` and ``m = -dmin * min`` rounded to fp16 (a relative 2^-11 of the
   scale, far below the format's own 4-bit step); same bytes per weight but for 0.0625 more.
-- Every other type (``Q6_K``, ``Q5_*``, ``Q2_K``/``Q3_K``/``Q5_K``, I-quants, F16, BF16, F32
+- ``Q6_K`` stays 6-bit with its own scales (``kind`` 6): each value's low 4 bits as a 4-bit
+  block's, its high 2 bits four to a byte, the int8 sub-scale per 16 values and the fp16 scale
+  per 256; ``value = d_super * scale * (u - 32)``, exactly the file's values in the file's bytes.
+- Every other type (``Q5_*``, ``Q2_K``/``Q3_K``/``Q5_K``, I-quants, F16, BF16, F32
   matrices) is dequantized with the ``gguf`` package a few thousand rows at a time and
   requantized to 8-bit blocks (``Q8_0``'s scheme: 1.0625 bytes a weight; its rounding error is
   under half of a 6-bit format's step).
@@ -25,7 +28,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import quants
 
 # Types computed on as stored (or as an exact/near-exact re-layout); others are requantized to 8 bits.
-NATIVE_TYPES: tuple[str, ...] = ("Q4_0", "Q4_1", "Q8_0", "Q4_K")
+NATIVE_TYPES: tuple[str, ...] = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
 _ROWS_PER_CHUNK = 4096  # rows dequantized at once for the requantized types (bounds peak memory)
 
 
@@ -35,7 +38,11 @@ class BlockWeight:
 
     ``kind`` 4: ``qs`` uint8 ``[out, in / 2]`` (byte j of a block: value j in the low nibble, value
     j + 16 in the high one), ``m`` fp16 ``[out, in / 32]``. ``kind`` 8: ``qs`` int8 ``[out, in]``,
-    ``m`` None. ``d``: fp16 ``[out, in / 32]``. ``source`` names the GGUF type it came from.
+    ``m`` None. ``d``: fp16 ``[out, in / 32]``. ``kind`` 6 (Q6_K, ``in`` a multiple of 256):
+    ``qs`` the low 4 bits of ``u`` as kind 4's, ``qh`` uint8 ``[out, in / 4]`` their high 2 bits
+    (8 bytes a block: byte ``4 h + j`` holds values ``16 h + 4 g + j``, g = 0..3, at bits ``2 g``),
+    ``d`` int8 ``[out, in / 16]`` the sub-scales, ``m`` fp16 ``[out, in / 256]`` the super-block
+    scales. ``source`` names the GGUF type it came from.
     """
 
     kind: int
@@ -45,15 +52,25 @@ class BlockWeight:
     out_features: int
     in_features: int
     source: str = ""
+    qh: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.qh, self.d, self.m) if t is not None)
 
     def values(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 matrix (or only ``rows`` of it): what the kernels multiply by."""
         qs, d = (self.qs, self.d) if rows is None else (self.qs[rows], self.d[rows])
         n = qs.shape[0]
+        if self.kind == 6:
+            assert self.m is not None and self.qh is not None
+            qh, m = (self.qh, self.m) if rows is None else (self.qh[rows], self.m[rows])
+            q = qs.view(n, -1, 16)
+            low = torch.cat([q & 0x0F, q >> 4], dim=-1)  # [n, blocks, 32]
+            shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 1, 4, 1)
+            high = (qh.view(n, -1, 2, 1, 4) >> shifts) & 3  # [n, blocks, half, g, j]
+            u = low | (high.reshape(n, -1, 32) << 4)
+            return _q6_values(u.reshape(n, -1), d, m)
         if self.kind == 4:
             assert self.m is not None
             m = self.m if rows is None else self.m[rows]
@@ -68,20 +85,22 @@ class BlockWeight:
         """The same matrix with its rows (output channels) reordered: ``new[i] = old[index[i]]``."""
         idx = torch.from_numpy(index)
         m = None if self.m is None else self.m[idx].contiguous()
+        qh = None if self.qh is None else self.qh[idx].contiguous()
         return BlockWeight(self.kind, self.qs[idx].contiguous(), self.d[idx].contiguous(), m,
-                           self.out_features, self.in_features, self.source)
+                           self.out_features, self.in_features, self.source, qh)
 
 
 @dataclass
 class TiledWeight:
     """A :class:`BlockWeight` laid out for the kernels (``quant/kernels.c``): 16 output channels side
     by side, block after block, values unsigned (``value = d * u + m``; 8-bit: ``u = q + 128``,
-    ``m = -128 d``, not stored). Same bytes as the blocks, plus zero padding to 16 channels."""
+    ``m = -128 d``, not stored; 6-bit: ``value = m * d * (u - 32)``, ``d`` per 16 values, ``m``
+    per 256). Same bytes as the blocks, plus zero padding to 16 channels."""
 
     kind: int
-    qs: torch.Tensor  # uint8 [tiles, blocks, groups (4-bit: 4, 8-bit: 8), 16, 4]
-    d: torch.Tensor  # fp16 [tiles, blocks, 16]
-    m: torch.Tensor | None  # fp16 [tiles, blocks, 16], 4-bit only
+    qs: torch.Tensor  # uint8 [tiles, blocks, groups (4-bit: 4, 8-bit: 8), 16, 4]; 6-bit [tiles, blocks, 384]
+    d: torch.Tensor  # fp16 [tiles, blocks, 16]; 6-bit: int8 [tiles, blocks, 2, 16]
+    m: torch.Tensor | None  # fp16 [tiles, blocks, 16], 4-bit; 6-bit: fp16 [tiles, blocks / 8, 16]
     out_features: int
     in_features: int
     source: str = ""
@@ -94,6 +113,14 @@ class TiledWeight:
         def padded(t: torch.Tensor) -> torch.Tensor:
             return torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
 
+        if w.kind == 6:  # low nibbles as kind 4's, then per block the two 64-byte vectors of high bits
+            assert w.qh is not None and w.m is not None
+            low = padded(w.qs).view(tiles, 16, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(tiles, nb, 256)
+            high = padded(w.qh).view(tiles, 16, nb, 2, 4).permute(0, 2, 3, 1, 4).reshape(tiles, nb, 128)
+            sub = padded(w.d.view(torch.uint8)).view(tiles, 16, nb, 2).permute(0, 2, 3, 1).contiguous()
+            return cls(6, torch.cat([low, high], dim=-1).contiguous(), sub.view(torch.int8),
+                       padded(w.m).view(tiles, 16, nb // 8).permute(0, 2, 1).contiguous(),
+                       w.out_features, w.in_features, w.source)
         if w.kind == 4:  # byte j of a block (values j and j + 16) goes to group j // 4, lane j % 4
             qs = padded(w.qs).view(tiles, 16, nb, 4, 4).permute(0, 2, 3, 1, 4)
         else:
@@ -113,8 +140,17 @@ class TiledWeight:
         """The float32 matrix (or only ``rows`` of it)."""
         ids = torch.arange(self.out_features) if rows is None else rows
         tile, lane = ids // 16, ids % 16
+        n = len(ids)
+        if self.kind == 6:
+            assert self.m is not None
+            low = self.qs[tile, :, :256].view(n, -1, 4, 16, 4)[torch.arange(n), :, :, lane]  # [n, blocks, g, j]
+            high = self.qs[tile, :, 256:].view(n, -1, 2, 16, 4)[torch.arange(n), :, :, lane]  # [n, blocks, half, j]
+            shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(1, 1, 1, 4, 1)
+            high = (high.unsqueeze(3) >> shifts) & 3  # [n, blocks, half, g, j]
+            u = torch.cat([low & 0x0F, low >> 4], dim=2).reshape(n, -1, 32) | (high.reshape(n, -1, 32) << 4)
+            sub = self.d[tile, :, :, lane].reshape(n, -1)  # [n, blocks * 2]
+            return _q6_values(u.reshape(n, -1), sub, self.m[tile, :, lane])
         qs = self.qs[tile, :, :, lane]  # [n, blocks, groups, 4]
-        n = qs.shape[0]
         if self.kind == 4:
             u = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, -1, 32).float()
         else:
@@ -144,6 +180,8 @@ def from_gguf(data: np.ndarray, type_name: str, shape: tuple[int, ...]) -> Block
         return _weight(4, blocks[..., 4:], blocks[..., :2], blocks[..., 2:4], shape, type_name)
     if type_name == "Q4_K":
         return _from_q4_k(raw, shape)
+    if type_name == "Q6_K":
+        return _from_q6_k(raw, shape)
     return requantize_q8(dequantize_rows(raw, type_name, shape), type_name)
 
 
@@ -184,6 +222,38 @@ def _from_q4_k(raw: np.ndarray, shape: tuple[int, ...]) -> BlockWeight:
         (d * sc.astype(np.float32)).astype(np.float16).reshape(out_features, -1),
         (-dmin * mn.astype(np.float32)).astype(np.float16).reshape(out_features, -1),
         shape, "Q4_K",
+    )
+
+
+def _q6_values(u: torch.Tensor, sub: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``d * sub * (u - 32)`` for ``u`` [n, in] (0..63), ``sub`` [n, in / 16], ``d`` [n, in / 256],
+    rounded as the ``gguf`` package does (``d * sub`` first)."""
+    n = u.shape[0]
+    scale = d.float().repeat_interleave(16, dim=1) * sub.float()  # [n, in / 16]
+    return (scale[..., None] * (u.view(n, -1, 16).float() - 32)).reshape(n, -1)
+
+
+def _from_q6_k(raw: np.ndarray, shape: tuple[int, ...]) -> BlockWeight:
+    out_features, in_features = shape
+    if in_features % 256:
+        raise ValueError(f"Q6_K rows of {in_features} values are not whole super-blocks of 256")
+    blocks = raw.reshape(-1, 210)  # ql (128), qh (64), int8 scales (16), fp16 d
+    low = np.empty((len(blocks), 128), dtype=np.uint8)
+    high = np.empty((len(blocks), 64), dtype=np.uint8)
+    step = _ROWS_PER_CHUNK * (in_features // 256)  # super-blocks at once (bounds the transient copies)
+    for start in range(0, len(blocks), step):
+        b = blocks[start : start + step]
+        ql = (b[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+        qh = (b[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
+        u_low, u_high = ql.reshape(-1, 32), qh.reshape(-1, 32)  # the gguf package's value order, 32 at a time
+        low[start : start + step] = (u_low[:, :16] | (u_low[:, 16:] << 4)).reshape(len(b), 128)
+        g = u_high.reshape(-1, 2, 4, 4)  # [block of 32, half, g, j]
+        high[start : start + step] = (g[:, :, 0] | g[:, :, 1] << 2 | g[:, :, 2] << 4 | g[:, :, 3] << 6).reshape(len(b), 64)
+    return BlockWeight(
+        6, torch.from_numpy(low.reshape(out_features, -1)),
+        torch.from_numpy(np.array(blocks[:, 192:208]).view(np.int8).reshape(out_features, -1)),
+        torch.from_numpy(np.array(blocks[:, 208:210]).view(np.float16).reshape(out_features, -1)),
+        out_features, in_features, "Q6_K", torch.from_numpy(high.reshape(out_features, -1)),
     )
 
 

@@ -130,10 +130,15 @@ void silu_mul_quantize_blocks(const float *restrict gate_up, int64_t rows, int64
  *           m = -128 d (computed here, not stored);
  *   kind 4: [4 groups][16 channels][4] bytes, low nibble group g (values 4g..4g+3 of the block),
  *           high nibble group g + 4 (values 16 + 4g..): byte j of a ggml Q4 block, moved.
- * d and m: fp16 [tiles][blocks][16]. Unsigned weights times signed int8 activations is exactly
- * vpdpbusd's (and maddubs') operand order; each block's int32 sums then take one float
- * multiply-add for the scale and one for the offset, for 16 channels at once. */
-#define BLOCK_BYTES(kind) ((kind) == 4 ? 256 : 512)
+ *   kind 6 (GGUF's Q6_K as stored): u's low 4 bits as kind 4's (256 bytes), then its high 2 bits
+ *           in two vectors [16 channels][4] (128 bytes): bits 2g of vector h are group 4h + g's.
+ * d and m: fp16 [tiles][blocks][16]; kind 6: d the int8 sub-scales [tiles][blocks][2][16] (values
+ * 0-15 and 16-31 of a block), m the fp16 super-block scales [tiles][blocks / 8][16], and
+ * value = m * d * (u - 32): its -32 is the activations' sum per 16 times -32, the sums' start.
+ * Unsigned weights times signed int8 activations is exactly vpdpbusd's (and maddubs') operand
+ * order; each block's int32 sums then take one float multiply-add for the scale and one for the
+ * offset, for 16 channels at once. */
+#define BLOCK_BYTES(kind) ((kind) == 4 ? 256 : (kind) == 6 ? 384 : 512)
 #define MAX_ROWS 16 /* rows a tile's unpacked block is used for (16 accumulators + 8 weights in zmm) */
 #define PREFETCH_AHEAD 4 /* blocks */
 
@@ -141,6 +146,7 @@ typedef struct {
     int kind;
     const int8_t *xq; /* block-major: [nb][rows][32] */
     const float *xd, *xs; /* [nb][rows] */
+    const int32_t *xo;    /* kind 6: -32 * the sum of each 16 activations, [nb][rows][2] */
     int64_t rows, k, nb;
     const uint8_t *w;
     const uint16_t *wd, *wm;
@@ -220,6 +226,64 @@ INLINE void tile_rows(const int kind, const int R, const product_t *p, const uin
 #pragma GCC unroll 16
     for (int r = 0; r < R; r++) _mm512_storeu_ps(v + 16 * r, acc[r]);
 }
+/* Kind 6 (Q6_K): u = low nibble | high 2 bits << 4, each group's built with one ternary-logic op;
+ * each block's two halves keep their own int32 sums (their sub-scales differ), which start at the
+ * activations' -32 * sum, so the products are of u - 32. */
+INLINE void tile_rows6(const int R, const product_t *p, const uint8_t *restrict w, const int8_t *restrict sc,
+                       const uint16_t *restrict ds, int64_t r0, float *restrict v) {
+    const int64_t nb = p->nb, rows = p->rows;
+    const int8_t *xq = p->xq + r0 * 32;
+    const float *xd = p->xd + r0;
+    const int32_t *xo = p->xo + r0 * 2;
+    const __m512i low = _mm512_set1_epi8(0x0f), high = _mm512_set1_epi8(0x30);
+    __m512 acc[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    __m512 dsv = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *wb = w + b * 384;
+        for (int line = 0; line < 384; line += 64) __builtin_prefetch(wb + PREFETCH_AHEAD * 384 + line, 0, 3);
+        if (b % 8 == 0) dsv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ds + b / 8 * 16)));
+        __m512i W[8];
+        const __m512i H[2] = {_mm512_loadu_si512((const void *)(wb + 256)), _mm512_loadu_si512((const void *)(wb + 320))};
+#pragma GCC unroll 4
+        for (int g = 0; g < 4; g++) {
+            const __m512i x = _mm512_loadu_si512((const void *)(wb + 64 * g));
+            const __m512i lo[2] = {_mm512_and_si512(x, low), _mm512_and_si512(_mm512_srli_epi16(x, 4), low)};
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                const __m512i hi = g == 0 ? _mm512_slli_epi16(H[h], 4) : g == 1 ? _mm512_slli_epi16(H[h], 2)
+                                 : g == 2 ? H[h] : _mm512_srli_epi16(H[h], 2);
+                W[4 * h + g] = _mm512_ternarylogic_epi32(hi, high, lo[h], 0xEA); /* (hi & high) | lo */
+            }
+        }
+        const __m512 sa = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sc + b * 32)))), dsv);
+        const __m512 sb = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(sc + b * 32 + 16)))), dsv);
+#pragma GCC unroll 2
+        for (int h = 0; h < R; h += 8) {
+            const int G = R - h < 8 ? R - h : 8;
+            __m512i sum[2][8];
+#pragma GCC unroll 8
+            for (int r = 0; r < G; r++) {
+                sum[0][r] = _mm512_set1_epi32(xo[(b * rows + h + r) * 2]);
+                sum[1][r] = _mm512_set1_epi32(xo[(b * rows + h + r) * 2 + 1]);
+            }
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++)
+#pragma GCC unroll 8
+                for (int r = 0; r < G; r++)
+                    sum[g / 4][r] = _mm512_dpbusd_epi32(sum[g / 4][r], W[g],
+                                                        _mm512_set1_epi32(*(const int32_t *)(xq + b * rows * 32 + (h + r) * 32 + 4 * g)));
+#pragma GCC unroll 8
+            for (int r = 0; r < G; r++) {
+                const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[1][r]), sb, _mm512_mul_ps(_mm512_cvtepi32_ps(sum[0][r]), sa));
+                acc[h + r] = _mm512_fmadd_ps(t, _mm512_set1_ps(xd[b * rows + h + r]), acc[h + r]);
+            }
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(v + 16 * r, acc[r]);
+}
 #elif QUANT_ISA == 1
 /* AVX2: a tile is two halves of 8 channels; each group of 4 values is unpacked once and used for
  * the R rows. maddubs multiplies unsigned by signed bytes into saturating 16-bit pairs: 4-bit
@@ -282,6 +346,63 @@ INLINE void tile_rows(const int kind, const int R, const product_t *p, const uin
         _mm256_storeu_ps(v + 16 * r + 8, acc[r][1]);
     }
 }
+/* Kind 6 (Q6_K), AVX2: as the AVX-512 variant, 8 channels a half; u <= 63, so maddubs's pairs
+ * (<= 2 * 63 * 128) cannot saturate. */
+INLINE void tile_rows6(const int R, const product_t *p, const uint8_t *restrict w, const int8_t *restrict sc,
+                       const uint16_t *restrict ds, int64_t r0, float *restrict v) {
+    const int64_t nb = p->nb, rows = p->rows;
+    const int8_t *xq = p->xq + r0 * 32;
+    const float *xd = p->xd + r0;
+    const int32_t *xo = p->xo + r0 * 2;
+    const __m256i low = _mm256_set1_epi8(0x0f), high = _mm256_set1_epi8(0x30), ones = _mm256_set1_epi16(1);
+    __m256 acc[R][2];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *wb = w + b * 384;
+        for (int line = 0; line < 384; line += 64) __builtin_prefetch(wb + PREFETCH_AHEAD * 384 + line, 0, 3);
+        __m256i sum[R][2][2]; /* [row][half of the block][half of the channels] */
+#pragma GCC unroll 8
+        for (int r = 0; r < R; r++)
+            for (int a = 0; a < 2; a++) sum[r][a][0] = sum[r][a][1] = _mm256_set1_epi32(xo[(b * rows + r) * 2 + a]);
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; g++) {
+            __m256i W[2];
+            for (int h = 0; h < 2; h++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(wb + 64 * (g & 3) + 32 * h));
+                const __m256i lo = _mm256_and_si256(g < 4 ? x : _mm256_srli_epi16(x, 4), low);
+                const __m256i H = _mm256_loadu_si256((const __m256i *)(wb + 256 + 64 * (g >> 2) + 32 * h));
+                const int s = g & 3;
+                const __m256i hi = s == 0 ? _mm256_slli_epi16(H, 4) : s == 1 ? _mm256_slli_epi16(H, 2)
+                                 : s == 2 ? H : _mm256_srli_epi16(H, 2);
+                W[h] = _mm256_or_si256(_mm256_and_si256(hi, high), lo);
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                int32_t four;
+                memcpy(&four, xq + b * rows * 32 + r * 32 + 4 * g, 4);
+                const __m256i x = _mm256_set1_epi32(four);
+                for (int h = 0; h < 2; h++)
+                    sum[r][g >> 2][h] = _mm256_add_epi32(sum[r][g >> 2][h], _mm256_madd_epi16(_mm256_maddubs_epi16(W[h], x), ones));
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256 dsv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ds + b / 8 * 16 + 8 * h)));
+            const __m256 sa = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sc + b * 32 + 8 * h)))), dsv);
+            const __m256 sb = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(sc + b * 32 + 16 + 8 * h)))), dsv);
+#pragma GCC unroll 8
+            for (int r = 0; r < R; r++) {
+                const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][1][h]), sb, _mm256_mul_ps(_mm256_cvtepi32_ps(sum[r][0][h]), sa));
+                acc[r][h] = _mm256_fmadd_ps(t, _mm256_set1_ps(xd[b * rows + r]), acc[r][h]);
+            }
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; r++) {
+        _mm256_storeu_ps(v + 16 * r, acc[r][0]);
+        _mm256_storeu_ps(v + 16 * r + 8, acc[r][1]);
+    }
+}
 #else
 /* Plain C (a CPU without AVX2): the same sums, one row at a time. */
 INLINE void tile_rows(const int kind, const int R, const product_t *p, const uint8_t *restrict w,
@@ -312,6 +433,39 @@ INLINE void tile_rows(const int kind, const int R, const product_t *p, const uin
         }
     }
 }
+
+/* Kind 6 (Q6_K), plain C. */
+INLINE void tile_rows6(const int R, const product_t *p, const uint8_t *restrict w, const int8_t *restrict sc,
+                       const uint16_t *restrict ds, int64_t r0, float *restrict v) {
+    const int64_t nb = p->nb;
+    memset(v, 0, sizeof(float) * 16 * R);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *wb = w + b * 384;
+        uint8_t u[32][16];
+        for (int g = 0; g < 8; g++)
+            for (int c = 0; c < 16; c++)
+                for (int kk = 0; kk < 4; kk++) {
+                    const uint8_t l = wb[((g & 3) * 16 + c) * 4 + kk], h = wb[256 + ((g >> 2) * 16 + c) * 4 + kk];
+                    u[4 * g + kk][c] = (uint8_t)((g < 4 ? l & 0x0f : l >> 4) | ((h >> (2 * (g & 3))) & 3) << 4);
+                }
+        float sa[16], sb[16];
+        for (int c = 0; c < 16; c++) {
+            const float d = half_to_float(ds[b / 8 * 16 + c]);
+            sa[c] = (float)sc[b * 32 + c] * d;
+            sb[c] = (float)sc[b * 32 + 16 + c] * d;
+        }
+        for (int r = 0; r < R; r++) {
+            const int8_t *x = p->xq + (b * p->rows + r0 + r) * 32;
+            const int32_t *o = p->xo + (b * p->rows + r0 + r) * 2;
+            int32_t sum[2][16];
+            for (int c = 0; c < 16; c++) sum[0][c] = o[0], sum[1][c] = o[1];
+            for (int i = 0; i < 32; i++)
+                for (int c = 0; c < 16; c++) sum[i / 16][c] += (int32_t)u[i][c] * (int32_t)x[i];
+            const float xdb = p->xd[b * p->rows + r0 + r];
+            for (int c = 0; c < 16; c++) v[r * 16 + c] += ((float)sum[0][c] * sa[c] + (float)sum[1][c] * sb[c]) * xdb;
+        }
+    }
+}
 #endif
 
 /* Tiles [t0, t1) for every row. Rows go in chunks of 16, 8, 4, 2, 1 (the accumulators of a chunk
@@ -323,11 +477,19 @@ static void run_tiles(const product_t *p, int64_t t0, int64_t t1, int64_t rows) 
     float v[MAX_ROWS][16];
     for (int64_t t = t0; t < t1; t++) {
         const uint8_t *wt = p->w + t * nb * BLOCK_BYTES(p->kind);
-        const uint16_t *dt = p->wd + t * nb * 16, *mt = p->kind == 4 ? p->wm + t * nb * 16 : NULL;
+        const uint16_t *dt = p->wd + t * nb * 16, *mt = p->kind == 4 ? p->wm + t * nb * 16 : NULL; /* kinds 4, 8 */
         for (int64_t r0 = 0; r0 < rows;) {
             const int64_t left = rows - r0;
             const int R = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-            if (p->kind == 4) {
+            if (p->kind == 6) {
+                const int8_t *st = (const int8_t *)p->wd + t * nb * 32;
+                const uint16_t *ds = p->wm + t * (nb / 8) * 16;
+                if (R == 16) tile_rows6(16, p, wt, st, ds, r0, &v[0][0]);
+                else if (R == 8) tile_rows6(8, p, wt, st, ds, r0, &v[0][0]);
+                else if (R == 4) tile_rows6(4, p, wt, st, ds, r0, &v[0][0]);
+                else if (R == 2) tile_rows6(2, p, wt, st, ds, r0, &v[0][0]);
+                else tile_rows6(1, p, wt, st, ds, r0, &v[0][0]);
+            } else if (p->kind == 4) {
                 if (R == 16) RUN(4, 16); else if (R == 8) RUN(4, 8); else if (R == 4) RUN(4, 4);
                 else if (R == 2) RUN(4, 2); else RUN(4, 1);
             } else {
@@ -484,21 +646,30 @@ int quant_linear(int kind, const int8_t *restrict xq, const float *restrict xd, 
                  int64_t rows, int64_t k, const uint8_t *restrict w, const uint16_t *restrict wd,
                  const uint16_t *restrict wm, int64_t n, const float *restrict bias, float *restrict out,
                  int64_t out_stride, int accumulate, int threads) {
-    if ((kind != 4 && kind != 8) || k % 32 != 0) return -1;
+    if ((kind != 4 && kind != 6 && kind != 8) || k % (kind == 6 ? 256 : 32) != 0) return -1;
     const int64_t nb = k / 32;
-    if (rows > 1) { /* block-major copy: a block's rows side by side, one pointer for all of them */
-        if (ensure_scratch(rows * k + 2 * rows * nb * (int64_t)sizeof(float)) != 0) return -2;
+    int32_t *xo = NULL;
+    if (rows > 1 || kind == 6) { /* block-major copy: a block's rows side by side, one pointer for all of them */
+        const int64_t offsets = kind == 6 ? 2 * rows * nb : 0;
+        if (ensure_scratch(rows * k + (2 * rows * nb + offsets) * 4) != 0) return -2;
         int8_t *bq = (int8_t *)scratch.data;
         float *bd = (float *)(bq + rows * k), *bs = bd + rows * nb;
+        xo = kind == 6 ? (int32_t *)(bs + rows * nb) : NULL;
         for (int64_t r = 0; r < rows; r++)
             for (int64_t b = 0; b < nb; b++) {
-                memcpy(bq + (b * rows + r) * 32, xq + r * k + b * 32, 32);
+                const int8_t *x = xq + r * k + b * 32;
+                memcpy(bq + (b * rows + r) * 32, x, 32);
                 bd[b * rows + r] = xd[r * nb + b];
                 bs[b * rows + r] = xs[r * nb + b];
+                if (xo) {
+                    int32_t a = 0, c = 0;
+                    for (int i = 0; i < 16; i++) a += x[i], c += x[16 + i];
+                    xo[(b * rows + r) * 2] = -32 * a, xo[(b * rows + r) * 2 + 1] = -32 * c;
+                }
             }
         xq = bq, xd = bd, xs = bs;
     }
-    const product_t p = {kind, xq, xd, xs, rows, k, nb, w, wd, wm, n, bias, out, out_stride, accumulate};
+    const product_t p = {kind, xq, xd, xs, xo, rows, k, nb, w, wd, wm, n, bias, out, out_stride, accumulate};
     const int64_t tiles = (n + 15) / 16;
     if (rows * n * k < (1 << 20)) threads = 1;
     if (threads > tiles) threads = (int)tiles;

@@ -113,7 +113,7 @@ class QuantKernels:
         if status == -2:
             raise MemoryError(f"no memory for {n_rows} activation rows of {k}")
         if status != 0:
-            raise ValueError(f"the quantized kernel takes kind 4 or 8 and whole blocks, not kind {weight.kind}, k {k}")
+            raise ValueError(f"the quantized kernel takes kind 4, 6 or 8 and whole blocks, not kind {weight.kind}, k {k}")
         return out
 
 
@@ -151,16 +151,20 @@ def load(extra_flags: tuple[str, ...] = ()) -> QuantKernels | None:
 
 
 def check(kernels: QuantKernels) -> None:
-    """Both kinds against the float product of the same quantized values (odd rows and channels)."""
+    """Every kind against the float product of the same quantized values (odd rows and channels)."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(5, 96, generator=generator)
+    x = torch.randn(5, 256, generator=generator)
     rows = kernels.quantize(x)
-    x_blocks = (rows.q.float().view(5, 3, 32) * rows.d[..., None]).view(5, 96)
-    weight8 = requantize_q8(torch.randn(7, 96, generator=generator).numpy(), "check")
-    nibbles = torch.randint(0, 256, (7, 48), generator=generator, dtype=torch.uint8)
-    scales = (torch.rand(7, 3, generator=generator) / 8).half()
-    weight4 = BlockWeight(4, nibbles, scales, (-8 * scales.float()).half(), 7, 96, "check")
-    for weight in (TiledWeight.from_blocks(weight8), TiledWeight.from_blocks(weight4)):
+    x_blocks = (rows.q.float().view(5, 8, 32) * rows.d[..., None]).view(5, 256)
+    weight8 = requantize_q8(torch.randn(7, 256, generator=generator).numpy(), "check")
+    nibbles = torch.randint(0, 256, (7, 128), generator=generator, dtype=torch.uint8)
+    scales = (torch.rand(7, 8, generator=generator) / 8).half()
+    weight4 = BlockWeight(4, nibbles, scales, (-8 * scales.float()).half(), 7, 256, "check")
+    sub_scales = torch.randint(-128, 128, (7, 16), generator=generator, dtype=torch.int8)
+    high = torch.randint(0, 256, (7, 64), generator=generator, dtype=torch.uint8)
+    weight6 = BlockWeight(6, nibbles, sub_scales, (torch.rand(7, 1, generator=generator) / 512).half(), 7, 256,
+                          "check", high)
+    for weight in map(TiledWeight.from_blocks, (weight8, weight4, weight6)):
         expected = x_blocks @ weight.values().T
         if not torch.allclose(kernels.linear(rows, weight), expected, rtol=1e-4, atol=1e-4):
             raise QuantKernelError(f"{kernels.path} disagrees with PyTorch on its kind-{weight.kind} check")
