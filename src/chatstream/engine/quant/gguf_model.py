@@ -12,6 +12,8 @@ a small folder under the cache directory, keyed by the file's content; later loa
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -224,7 +226,17 @@ def load_gguf(path: Path, kernels: quant_native.QuantKernels | None | str = "aut
         model.set_output_embeddings(QuantLinear(embedding, None, kernels))
     _rebuild_meta_buffers(model)
     model.eval()
+    _release_freed_heap()
     return model, tokenizer
+
+
+def _release_freed_heap() -> None:
+    """Give the OS back the heap pages that loading's temporaries freed: glibc keeps them (after
+    one large block is freed it serves later ones from the heap, which then fragments), 94 MiB of
+    a 1.2 GiB resident set for a Llama-3.2-1B-shaped file. Elsewhere than glibc: nothing."""
+    name = ctypes.util.find_library("c")
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(name).malloc_trim(0)
 
 
 def _gguf_names(model: Any, architecture: str) -> dict[str, str]:
