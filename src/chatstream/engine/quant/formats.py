@@ -115,10 +115,11 @@ class TiledWeight:
 
         if w.kind == 6:  # low nibbles as kind 4's, then per block the two 64-byte vectors of high bits
             assert w.qh is not None and w.m is not None
-            low = padded(w.qs).view(tiles, 16, nb, 4, 4).permute(0, 2, 3, 1, 4).reshape(tiles, nb, 256)
-            high = padded(w.qh).view(tiles, 16, nb, 2, 4).permute(0, 2, 3, 1, 4).reshape(tiles, nb, 128)
+            qs = torch.empty((tiles, nb, 384), dtype=torch.uint8)  # written in place: no copy of the whole
+            qs[..., :256].view(tiles, nb, 4, 16, 4).copy_(padded(w.qs).view(tiles, 16, nb, 4, 4).permute(0, 2, 3, 1, 4))
+            qs[..., 256:].view(tiles, nb, 2, 16, 4).copy_(padded(w.qh).view(tiles, 16, nb, 2, 4).permute(0, 2, 3, 1, 4))
             sub = padded(w.d.view(torch.uint8)).view(tiles, 16, nb, 2).permute(0, 2, 3, 1).contiguous()
-            return cls(6, torch.cat([low, high], dim=-1).contiguous(), sub.view(torch.int8),
+            return cls(6, qs, sub.view(torch.int8),
                        padded(w.m).view(tiles, 16, nb // 8).permute(0, 2, 1).contiguous(),
                        w.out_features, w.in_features, w.source)
         if w.kind == 4:  # byte j of a block (values j and j + 16) goes to group j // 4, lane j % 4
