@@ -6,9 +6,9 @@ with an fp16 scale ``d`` (and, 4-bit, an fp16 offset ``m``): ``value = d * q + m
 - ``Q8_0`` is that layout already (8-bit ``q``): its bytes are only split into ``q`` and ``d``.
 - ``Q4_0`` and ``Q4_1`` too (4-bit ``q``, two per byte as ggml packs them): ``Q4_0`` gets
   ``m = -8 d``, exactly.
-- ``Q4_K`` (super-blocks of 256 with 6-bit sub-block scales and mins) becomes 4-bit blocks of 32
-  with ``d = d_super * scale`` and ``m = -dmin * min`` rounded to fp16 (a relative 2^-11 of the
-  scale, far below the format's own 4-bit step); same bytes per weight but for 0.0625 more.
+- ``Q4_K`` (super-blocks of 256 with 6-bit sub-block scales and mins) stays 4-bit blocks of 32
+  with its integers (``kind`` 5): ``value = d_super * scale * q - dmin * min``, exactly the
+  file's values; 0.578 bytes a weight (the file packs the 6-bit scales: 0.5625).
 - ``Q6_K`` stays 6-bit with its own scales (``kind`` 6): each value's low 4 bits as a 4-bit
   block's, its high 2 bits four to a byte, the int8 sub-scale per 16 values and the fp16 scale
   per 256; ``value = d_super * scale * (u - 32)``, exactly the file's values in the file's bytes.
@@ -42,7 +42,9 @@ class BlockWeight:
     ``qs`` the low 4 bits of ``u`` as kind 4's, ``qh`` uint8 ``[out, in / 4]`` their high 2 bits
     (8 bytes a block: byte ``4 h + j`` holds values ``16 h + 4 g + j``, g = 0..3, at bits ``2 g``),
     ``d`` int8 ``[out, in / 16]`` the sub-scales, ``m`` fp16 ``[out, in / 256]`` the super-block
-    scales. ``source`` names the GGUF type it came from.
+    scales. ``kind`` 5 (Q4_K, ``in`` a multiple of 256): ``qs`` as kind 4's, ``d`` uint8
+    ``[out, in / 16]`` each block's sub-scale and min, ``m`` fp16 ``[out, in / 128]`` each
+    super-block's scale and negated min scale. ``source`` names the GGUF type it came from.
     """
 
     kind: int
@@ -71,6 +73,12 @@ class BlockWeight:
             high = (qh.view(n, -1, 2, 1, 4) >> shifts) & 3  # [n, blocks, half, g, j]
             u = low | (high.reshape(n, -1, 32) << 4)
             return _q6_values(u.reshape(n, -1), d, m)
+        if self.kind == 5:
+            assert self.m is not None
+            m = self.m if rows is None else self.m[rows]
+            q = qs.view(n, -1, 16)
+            u = torch.cat([q & 0x0F, q >> 4], dim=-1)  # [n, blocks, 32]
+            return _q4_k_values(u, d.view(n, -1, 2), m.view(n, -1, 2))
         if self.kind == 4:
             assert self.m is not None
             m = self.m if rows is None else self.m[rows]
@@ -122,6 +130,12 @@ class TiledWeight:
             return cls(6, qs, sub.view(torch.int8),
                        padded(w.m).view(tiles, 16, nb // 8).permute(0, 2, 1).contiguous(),
                        w.out_features, w.in_features, w.source)
+        if w.kind == 5:
+            assert w.m is not None
+            return cls(5, padded(w.qs).view(tiles, 16, nb, 4, 4).permute(0, 2, 3, 1, 4).contiguous(),
+                       padded(w.d).view(tiles, 16, nb, 2).permute(0, 2, 3, 1).contiguous(),
+                       padded(w.m).view(tiles, 16, nb // 8, 2).permute(0, 2, 3, 1).contiguous(),
+                       w.out_features, w.in_features, w.source)
         if w.kind == 4:  # byte j of a block (values j and j + 16) goes to group j // 4, lane j % 4
             qs = padded(w.qs).view(tiles, 16, nb, 4, 4).permute(0, 2, 3, 1, 4)
         else:
@@ -152,6 +166,10 @@ class TiledWeight:
             sub = self.d[tile, :, :, lane].reshape(n, -1)  # [n, blocks * 2]
             return _q6_values(u.reshape(n, -1), sub, self.m[tile, :, lane])
         qs = self.qs[tile, :, :, lane]  # [n, blocks, groups, 4]
+        if self.kind == 5:
+            assert self.m is not None
+            u = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, -1, 32)
+            return _q4_k_values(u, self.d[tile, :, :, lane], self.m[tile, :, :, lane])
         if self.kind == 4:
             u = torch.cat([qs & 0x0F, qs >> 4], dim=2).reshape(n, -1, 32).float()
         else:
@@ -208,21 +226,31 @@ def requantize_q8(values: np.ndarray, source: str, chunk: int = _ROWS_PER_CHUNK)
     return _weight(8, qs, d, None, (out_features, in_features), source)
 
 
+def _q4_k_values(u: torch.Tensor, sub: torch.Tensor, sup: torch.Tensor) -> torch.Tensor:
+    """``u`` [n, blocks, 32] (0..15), ``sub`` [n, blocks, (scale, min)], ``sup`` [n, blocks / 8,
+    (d, -dmin)] -> the float32 values [n, in], rounded as the ``gguf`` package does."""
+    n = u.shape[0]
+    sup = sup.float().repeat_interleave(8, dim=1)
+    scale, offset = sup[..., 0] * sub[..., 0].float(), sup[..., 1] * sub[..., 1].float()
+    return (scale[..., None] * u.float() + offset[..., None]).reshape(n, -1)
+
+
 def _from_q4_k(raw: np.ndarray, shape: tuple[int, ...]) -> BlockWeight:
     out_features, in_features = shape
+    if in_features % 256:
+        raise ValueError(f"Q4_K rows of {in_features} values are not whole super-blocks of 256")
     blocks = raw.reshape(-1, 144)  # d, dmin (fp16), 12 bytes of 6-bit scales and mins, 128 of nibbles
-    d = blocks[:, :2].view(np.float16).astype(np.float32)
-    dmin = blocks[:, 2:4].view(np.float16).astype(np.float32)
     sc, mn = quants.Q4_K.get_scale_min(blocks[:, 4:16])
     # 64 values per 32 bytes: the low nibbles are sub-block 2i, the high nibbles sub-block 2i + 1.
     qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
     values = (qs & 0x0F).reshape(-1, 32)  # one row per sub-block of 32
     packed = values[:, :16] | (values[:, 16:] << 4)  # ggml's 4-bit block layout
-    return _weight(
-        4, packed.reshape(out_features, -1),
-        (d * sc.astype(np.float32)).astype(np.float16).reshape(out_features, -1),
-        (-dmin * mn.astype(np.float32)).astype(np.float16).reshape(out_features, -1),
-        shape, "Q4_K",
+    sup = np.stack([blocks[:, :2].view(np.float16), -blocks[:, 2:4].view(np.float16)], axis=-1)  # [blocks, 1, 2]
+    return BlockWeight(
+        5, torch.from_numpy(np.ascontiguousarray(packed).reshape(out_features, -1)),
+        torch.from_numpy(np.stack([sc, mn], axis=-1).astype(np.uint8).reshape(out_features, -1)),
+        torch.from_numpy(np.ascontiguousarray(sup).reshape(out_features, -1)),
+        out_features, in_features, "Q4_K",
     )
 
 

@@ -130,15 +130,19 @@ void silu_mul_quantize_blocks(const float *restrict gate_up, int64_t rows, int64
  *           m = -128 d (computed here, not stored);
  *   kind 4: [4 groups][16 channels][4] bytes, low nibble group g (values 4g..4g+3 of the block),
  *           high nibble group g + 4 (values 16 + 4g..): byte j of a ggml Q4 block, moved.
+ *   kind 5 (GGUF's Q4_K): kind 4's bytes, with d and m as the file's integers (below);
  *   kind 6 (GGUF's Q6_K as stored): u's low 4 bits as kind 4's (256 bytes), then its high 2 bits
  *           in two vectors [16 channels][4] (128 bytes): bits 2g of vector h are group 4h + g's.
- * d and m: fp16 [tiles][blocks][16]; kind 6: d the int8 sub-scales [tiles][blocks][2][16] (values
+ * d and m: fp16 [tiles][blocks][16]; kind 5: d the uint8 sub-scales and mins [tiles][blocks][2][16],
+ * m the fp16 super-block scale and -min scale [tiles][blocks / 8][2][16] (block scale = sub-scale
+ * x scale, offset = min x -min scale: the file's values exactly, 0.578 bytes a weight); kind 6: d the int8 sub-scales [tiles][blocks][2][16] (values
  * 0-15 and 16-31 of a block), m the fp16 super-block scales [tiles][blocks / 8][16], and
  * value = m * d * (u - 32): its -32 is the activations' sum per 16 times -32, the sums' start.
  * Unsigned weights times signed int8 activations is exactly vpdpbusd's (and maddubs') operand
  * order; each block's int32 sums then take one float multiply-add for the scale and one for the
  * offset, for 16 channels at once. */
-#define BLOCK_BYTES(kind) ((kind) == 4 ? 256 : (kind) == 6 ? 384 : 512)
+#define BLOCK_BYTES(kind) ((kind) == 4 || (kind) == 5 ? 256 : (kind) == 6 ? 384 : 512)
+#define NIBBLES(kind) ((kind) == 4 || (kind) == 5)
 #define MAX_ROWS 16 /* rows a tile's unpacked block is used for (16 accumulators + 8 weights in zmm) */
 #define PREFETCH_AHEAD 4 /* blocks */
 
@@ -179,6 +183,7 @@ INLINE void tile_rows(const int kind, const int R, const product_t *p, const uin
     __m512 acc[R];
 #pragma GCC unroll 16
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    __m512 dsup = _mm512_setzero_ps(), msup = _mm512_setzero_ps(); /* kind 5's super-block scales */
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *wb = w + b * BLOCK_BYTES(kind);
         /* Tiles follow each other in memory: the next blocks (of this tile or the next) are
@@ -186,7 +191,7 @@ INLINE void tile_rows(const int kind, const int R, const product_t *p, const uin
         for (int line = 0; line < BLOCK_BYTES(kind); line += 64)
             __builtin_prefetch(wb + PREFETCH_AHEAD * BLOCK_BYTES(kind) + line, 0, 3);
         __m512i W[8];
-        if (kind == 4) {
+        if (NIBBLES(kind)) {
             const __m512i low = _mm512_set1_epi8(0x0f);
 #pragma GCC unroll 4
             for (int g = 0; g < 4; g++) {
@@ -198,9 +203,20 @@ INLINE void tile_rows(const int kind, const int R, const product_t *p, const uin
 #pragma GCC unroll 8
             for (int g = 0; g < 8; g++) W[g] = _mm512_loadu_si512((const void *)(wb + 64 * g));
         }
-        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + b * 16)));
-        const __m512 mv = kind == 4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wm + b * 16)))
-                                    : _mm512_mul_ps(dv, _mm512_set1_ps(-128.f));
+        __m512 dv, mv;
+        if (kind == 5) {
+            if (b % 8 == 0) {
+                dsup = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wm + b / 8 * 32)));
+                msup = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wm + b / 8 * 32 + 16)));
+            }
+            const uint8_t *s8 = (const uint8_t *)wd + b * 32;
+            dv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)s8))), dsup);
+            mv = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s8 + 16)))), msup);
+        } else {
+            dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wd + b * 16)));
+            mv = kind == 4 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(wm + b * 16)))
+                           : _mm512_mul_ps(dv, _mm512_set1_ps(-128.f));
+        }
 #pragma GCC unroll 2
         for (int h = 0; h < R; h += 8) {
             const int H = R - h < 8 ? R - h : 8;
@@ -309,7 +325,7 @@ INLINE void tile_rows(const int kind, const int R, const product_t *p, const uin
         for (int g = 0; g < 8; g++) {
             __m256i W[2];
             for (int h = 0; h < 2; h++) {
-                if (kind == 4) {
+                if (NIBBLES(kind)) {
                     const __m256i x = _mm256_loadu_si256((const __m256i *)(wb + 64 * (g & 3) + 32 * h));
                     W[h] = _mm256_and_si256(g < 4 ? x : _mm256_srli_epi16(x, 4), low);
                 } else {
@@ -322,21 +338,30 @@ INLINE void tile_rows(const int kind, const int R, const product_t *p, const uin
                 memcpy(&four, xq + b * rows * 32 + r * 32 + 4 * g, 4);
                 const __m256i x = _mm256_set1_epi32(four);
                 for (int h = 0; h < 2; h++) {
-                    const __m256i pairs = kind == 4 ? _mm256_maddubs_epi16(W[h], x)
+                    const __m256i pairs = NIBBLES(kind) ? _mm256_maddubs_epi16(W[h], x)
                                                     : _mm256_maddubs_epi16(_mm256_abs_epi8(W[h]), _mm256_sign_epi8(x, W[h]));
                     sum[r][h] = _mm256_add_epi32(sum[r][h], _mm256_madd_epi16(pairs, ones));
                 }
             }
         }
         for (int h = 0; h < 2; h++) {
-            const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b * 16 + 8 * h)));
-            const __m256 mv = kind == 4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b * 16 + 8 * h)))
-                                        : _mm256_setzero_ps(); /* signed q: no offset */
+            __m256 dv, mv;
+            if (kind == 5) {
+                const uint8_t *s8 = (const uint8_t *)wd + b * 32 + 8 * h;
+                dv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)s8))),
+                                   _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b / 8 * 32 + 8 * h))));
+                mv = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(s8 + 16)))),
+                                   _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b / 8 * 32 + 16 + 8 * h))));
+            } else {
+                dv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wd + b * 16 + 8 * h)));
+                mv = kind == 4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wm + b * 16 + 8 * h)))
+                               : _mm256_setzero_ps(); /* signed q: no offset */
+            }
 #pragma GCC unroll 8
             for (int r = 0; r < R; r++) {
                 acc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][h]), _mm256_mul_ps(dv, _mm256_set1_ps(xd[b * rows + r])),
                                             acc[r][h]);
-                if (kind == 4) acc[r][h] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[b * rows + r]), acc[r][h]);
+                if (NIBBLES(kind)) acc[r][h] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[b * rows + r]), acc[r][h]);
             }
         }
     }
@@ -415,11 +440,17 @@ INLINE void tile_rows(const int kind, const int R, const product_t *p, const uin
         for (int g = 0; g < 8; g++)
             for (int c = 0; c < 16; c++)
                 for (int kk = 0; kk < 4; kk++)
-                    u[4 * g + kk][c] = kind == 4 ? (g < 4 ? wb[(g * 16 + c) * 4 + kk] & 0x0f
+                    u[4 * g + kk][c] = NIBBLES(kind) ? (g < 4 ? wb[(g * 16 + c) * 4 + kk] & 0x0f
                                                           : wb[((g - 4) * 16 + c) * 4 + kk] >> 4)
                                                  : wb[(g * 16 + c) * 4 + kk];
         float d[16], m[16];
         for (int c = 0; c < 16; c++) {
+            if (kind == 5) {
+                const uint8_t *s8 = (const uint8_t *)wd + b * 32;
+                d[c] = (float)s8[c] * half_to_float(wm[b / 8 * 32 + c]);
+                m[c] = (float)s8[16 + c] * half_to_float(wm[b / 8 * 32 + 16 + c]);
+                continue;
+            }
             d[c] = half_to_float(wd[b * 16 + c]);
             m[c] = kind == 4 ? half_to_float(wm[b * 16 + c]) : -128.f * d[c];
         }
@@ -478,6 +509,7 @@ static void run_tiles(const product_t *p, int64_t t0, int64_t t1, int64_t rows) 
     for (int64_t t = t0; t < t1; t++) {
         const uint8_t *wt = p->w + t * nb * BLOCK_BYTES(p->kind);
         const uint16_t *dt = p->wd + t * nb * 16, *mt = p->kind == 4 ? p->wm + t * nb * 16 : NULL; /* kinds 4, 8 */
+        if (p->kind == 5) dt = (const uint16_t *)((const uint8_t *)p->wd + t * nb * 32), mt = p->wm + t * (nb / 8) * 32;
         for (int64_t r0 = 0; r0 < rows;) {
             const int64_t left = rows - r0;
             const int R = left >= 16 ? 16 : left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
@@ -492,6 +524,9 @@ static void run_tiles(const product_t *p, int64_t t0, int64_t t1, int64_t rows) 
             } else if (p->kind == 4) {
                 if (R == 16) RUN(4, 16); else if (R == 8) RUN(4, 8); else if (R == 4) RUN(4, 4);
                 else if (R == 2) RUN(4, 2); else RUN(4, 1);
+            } else if (p->kind == 5) {
+                if (R == 16) RUN(5, 16); else if (R == 8) RUN(5, 8); else if (R == 4) RUN(5, 4);
+                else if (R == 2) RUN(5, 2); else RUN(5, 1);
             } else {
                 if (R == 16) RUN(8, 16); else if (R == 8) RUN(8, 8); else if (R == 4) RUN(8, 4);
                 else if (R == 2) RUN(8, 2); else RUN(8, 1);
@@ -646,7 +681,7 @@ int quant_linear(int kind, const int8_t *restrict xq, const float *restrict xd, 
                  int64_t rows, int64_t k, const uint8_t *restrict w, const uint16_t *restrict wd,
                  const uint16_t *restrict wm, int64_t n, const float *restrict bias, float *restrict out,
                  int64_t out_stride, int accumulate, int threads) {
-    if ((kind != 4 && kind != 6 && kind != 8) || k % (kind == 6 ? 256 : 32) != 0) return -1;
+    if (kind < 4 || kind > 8 || kind == 7 || k % (kind == 5 || kind == 6 ? 256 : 32) != 0) return -1;
     const int64_t nb = k / 32;
     int32_t *xo = NULL;
     if (rows > 1 || kind == 6) { /* block-major copy: a block's rows side by side, one pointer for all of them */

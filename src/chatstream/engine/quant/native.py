@@ -113,7 +113,7 @@ class QuantKernels:
         if status == -2:
             raise MemoryError(f"no memory for {n_rows} activation rows of {k}")
         if status != 0:
-            raise ValueError(f"the quantized kernel takes kind 4, 6 or 8 and whole blocks, not kind {weight.kind}, k {k}")
+            raise ValueError(f"the quantized kernel takes kind 4, 5, 6 or 8 and whole blocks, not kind {weight.kind}, k {k}")
         return out
 
 
@@ -164,7 +164,9 @@ def check(kernels: QuantKernels) -> None:
     high = torch.randint(0, 256, (7, 64), generator=generator, dtype=torch.uint8)
     weight6 = BlockWeight(6, nibbles, sub_scales, (torch.rand(7, 1, generator=generator) / 512).half(), 7, 256,
                           "check", high)
-    for weight in map(TiledWeight.from_blocks, (weight8, weight4, weight6)):
+    sub_mins = torch.randint(0, 64, (7, 16), generator=generator, dtype=torch.uint8)
+    weight5 = BlockWeight(5, nibbles, sub_mins, (torch.rand(7, 2, generator=generator) / 256).half(), 7, 256, "check")
+    for weight in map(TiledWeight.from_blocks, (weight8, weight4, weight5, weight6)):
         expected = x_blocks @ weight.values().T
         if not torch.allclose(kernels.linear(rows, weight), expected, rtol=1e-4, atol=1e-4):
             raise QuantKernelError(f"{kernels.path} disagrees with PyTorch on its kind-{weight.kind} check")
