@@ -174,15 +174,17 @@ INLINE void store_tile(const float *restrict v, int64_t c, int64_t n, const floa
  * 64 bytes, then used by the rows in groups of up to 8. Within a group the 8 dot products of each
  * row are interleaved across the rows (group-major), so a row's chain of dependent vpdpbusd
  * (latency 5) always has the other rows' independent ones to overlap with; a row at a time, the
- * chain bound a block to ~2.7 cycles per vpdpbusd. The float accumulators live in `v` (L1). */
+ * chain bound a block to ~2.7 cycles per vpdpbusd. The float accumulators live in `v` (L1), not
+ * in registers: with 8 weights and 8 sums held, 16 more spilled anyway (in memory: 16 rows of
+ * [2048, 8192], Q4_1 103 -> 119, Q4_K 97 -> 107, Q8_0 96 -> 106 GMAC/s a core, A/B in one run). */
 INLINE void tile_rows(const int kind, const int R, const product_t *p, const uint8_t *restrict w,
                       const uint16_t *restrict wd, const uint16_t *restrict wm, int64_t r0, float *restrict v) {
     const int64_t nb = p->nb, rows = p->rows;
     const int8_t *xq = p->xq + r0 * 32;
     const float *xd = p->xd + r0, *xs = p->xs + r0;
-    __m512 acc[R];
+    float *acc = v; /* [R][16], in L1: the registers hold the block's weights and 8 rows' sums */
 #pragma GCC unroll 16
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(acc + 16 * r, _mm512_setzero_ps());
     __m512 dsup = _mm512_setzero_ps(), msup = _mm512_setzero_ps(); /* kind 5's super-block scales */
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *wb = w + b * BLOCK_BYTES(kind);
@@ -234,13 +236,12 @@ INLINE void tile_rows(const int kind, const int R, const product_t *p, const uin
 #pragma GCC unroll 8
             for (int r = 0; r < H; r++) {
                 const int64_t i = b * rows + h + r;
-                acc[h + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_mul_ps(dv, _mm512_set1_ps(xd[i])), acc[h + r]);
-                acc[h + r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs[i]), acc[h + r]);
+                __m512 a = _mm512_loadu_ps(acc + 16 * (h + r));
+                a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_mul_ps(dv, _mm512_set1_ps(xd[i])), a);
+                _mm512_storeu_ps(acc + 16 * (h + r), _mm512_fmadd_ps(mv, _mm512_set1_ps(xs[i]), a));
             }
         }
     }
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) _mm512_storeu_ps(v + 16 * r, acc[r]);
 }
 /* Kind 6 (Q6_K): u = low nibble | high 2 bits << 4, each group's built with one ternary-logic op;
  * each block's two halves keep their own int32 sums (their sub-scales differ), which start at the
@@ -252,9 +253,9 @@ INLINE void tile_rows6(const int R, const product_t *p, const uint8_t *restrict 
     const float *xd = p->xd + r0;
     const int32_t *xo = p->xo + r0 * 2;
     const __m512i low = _mm512_set1_epi8(0x0f), high = _mm512_set1_epi8(0x30);
-    __m512 acc[R];
+    float *acc = v; /* [R][16], in L1 (as tile_rows') */
 #pragma GCC unroll 16
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(acc + 16 * r, _mm512_setzero_ps());
     __m512 dsv = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *wb = w + b * 384;
@@ -293,12 +294,11 @@ INLINE void tile_rows6(const int R, const product_t *p, const uint8_t *restrict 
 #pragma GCC unroll 8
             for (int r = 0; r < G; r++) {
                 const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[1][r]), sb, _mm512_mul_ps(_mm512_cvtepi32_ps(sum[0][r]), sa));
-                acc[h + r] = _mm512_fmadd_ps(t, _mm512_set1_ps(xd[b * rows + h + r]), acc[h + r]);
+                _mm512_storeu_ps(acc + 16 * (h + r),
+                                 _mm512_fmadd_ps(t, _mm512_set1_ps(xd[b * rows + h + r]), _mm512_loadu_ps(acc + 16 * (h + r))));
             }
         }
     }
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) _mm512_storeu_ps(v + 16 * r, acc[r]);
 }
 #elif QUANT_ISA == 1
 /* AVX2: a tile is two halves of 8 channels; each group of 4 values is unpacked once and used for
