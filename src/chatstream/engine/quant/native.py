@@ -54,6 +54,11 @@ class QuantKernels:
         lib.quant_isa.restype = _C
         self._lib = lib
         self.isa = ISA_NAMES[lib.quant_isa()]
+        # One thread pool for the process: kernels.c's, where it loads (else this library's own).
+        shared = native.load("auto")
+        lib.quant_use_pool.argtypes = [_P]
+        lib.quant_use_pool(None if shared is None else shared.pool_run)
+        self.shared_pool = shared is not None
 
     def __deepcopy__(self, memo: dict[int, Any]) -> QuantKernels:
         return self  # a loaded library: copies of a model share it
