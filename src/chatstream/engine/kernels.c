@@ -209,7 +209,7 @@ static void decode_items(const void *ctx, int64_t i0, int64_t i1) {
  *   out    [rows, heads, dim]
  * Online softmax block by block (flash decoding): every key and value is read once, in place.
  * The (row, KV head) pairs are split across up to `threads` threads (the process's pool); under
- * ~64K multiply-adds stays on the caller's, where waking a helper would cost more than it saves.
+ * ~256K multiply-adds stays on the caller's, where waking a helper would cost more than it saves.
  * The result does not depend on `threads`. Returns 0, or -1 for a shape past the fixed buffers. */
 int paged_decode_attention(const float *restrict q, const void *restrict cache, const int64_t *restrict blocks,
                            const int64_t *restrict starts, const int64_t *restrict lengths, float *restrict out,
@@ -221,7 +221,7 @@ int paged_decode_attention(const float *restrict q, const void *restrict cache, 
     const decode_job_t job = {q, cache, blocks, starts, lengths, out, q_stride, heads, kv_heads, block_size, dim, scale, dtype};
     int64_t tokens = 0;
     for (int64_t r = 0; r < rows; r++) tokens += lengths[r];
-    if (tokens * heads * dim < (1 << 16)) threads = 1;
+    if (tokens * heads * dim < (1 << 18)) threads = 1;
     pool_run(decode_items, &job, rows * kv_heads, 0, threads);
     return 0;
 }
@@ -230,6 +230,10 @@ int paged_decode_attention(const float *restrict q, const void *restrict cache, 
 void chatstream_pool_run(pool_task task, const void *ctx, int64_t items, int64_t chunk, int threads) {
     pool_run(task, ctx, items, chunk, threads);
 }
+
+/* The pool's helper threads started, and the chunks they have run (for tests). */
+int64_t chatstream_pool_threads(void) { return pool.started; }
+int64_t chatstream_pool_helped(void) { return atomic_load(&pool.helped); }
 
 /* RoPE on one step's new queries and keys, in place, then the keys and values into the cache.
  *   qkv    [tokens, (heads + 2 * kv_heads) * dim]: q heads, k heads, v heads (a fused projection)

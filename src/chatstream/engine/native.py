@@ -115,6 +115,7 @@ class NativeKernels:
         self._decode = lib.paged_decode_attention
         # The process's one thread pool (thread_pool.h), which the quantized kernels also run on.
         self.pool_run = ctypes.cast(lib.chatstream_pool_run, ctypes.c_void_p).value
+        lib.chatstream_pool_threads.restype = lib.chatstream_pool_helped.restype = ctypes.c_int64
         # Whether this CPU has the int8 matmul (AVX-512 VNNI): with no rows it only answers that.
         self.int8 = lib.int8_linear(None, 0, 0, None, 0, 0, None, None, None, None, None, 0, 0) == 0
         mask = int(lib.kv_dtypes())
@@ -122,6 +123,10 @@ class NativeKernels:
         # hardware (F16C / AVX-512's vcvtph2ps) rather than one value at a time.
         self.kv_dtypes = frozenset(d for d, code in KV_DTYPE_CODES.items() if mask >> code & 1)
         self.f16_hardware = bool(mask >> 8 & 1)
+
+    def pool_stats(self) -> tuple[int, int]:
+        """The thread pool's helper threads started, and the chunks of work they have run."""
+        return int(self._lib.chatstream_pool_threads()), int(self._lib.chatstream_pool_helped())
 
     @staticmethod
     def fits(heads: int, kv_heads: int, head_dim: int, block_size: int) -> bool:

@@ -39,9 +39,10 @@ static struct {
     _Atomic uint64_t state; /* generation << 32 | next chunk to claim */
     _Atomic int64_t done;   /* chunks finished in this generation */
     _Atomic int sleeping;
+    _Atomic int64_t helped; /* chunks helpers have run, ever (the tests' proof that a job was split) */
     pool_job_t job;
     int started;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, {0}, 0};
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, {0}, 0};
 
 static inline void pool_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -50,7 +51,7 @@ static inline void pool_relax(void) {
 }
 
 /* Claim and run chunks of generation `gen` until none is left. */
-static inline void pool_work_on(uint32_t gen) {
+static inline void pool_work_on(uint32_t gen, int helper) {
     for (;;) {
         uint64_t state = atomic_load_explicit(&pool.state, memory_order_acquire);
         if ((uint32_t)(state >> 32) != gen) return;
@@ -63,6 +64,7 @@ static inline void pool_work_on(uint32_t gen) {
         /* The job cannot change before this chunk is counted done. */
         const int64_t i0 = chunk * job->chunk, i1 = i0 + job->chunk < job->items ? i0 + job->chunk : job->items;
         job->task(job->ctx, i0, i1);
+        if (helper) atomic_fetch_add_explicit(&pool.helped, 1, memory_order_relaxed);
         atomic_fetch_add_explicit(&pool.done, 1, memory_order_acq_rel);
     }
 }
@@ -84,7 +86,7 @@ static inline void *pool_helper_main(void *arg) {
             pthread_mutex_unlock(&pool.mu);
         }
         seen = gen;
-        if (index < pool.job.helpers) pool_work_on(gen);
+        if (index < pool.job.helpers) pool_work_on(gen, 1);
     }
     return NULL;
 }
@@ -132,7 +134,7 @@ static inline void pool_run(pool_task task, const void *ctx, int64_t items, int6
         pthread_cond_broadcast(&pool.cv);
         pthread_mutex_unlock(&pool.mu);
     }
-    pool_work_on(gen);
+    pool_work_on(gen, 0);
     for (int64_t spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < pool.job.chunks; spins++) {
         if (spins < 4000) pool_relax();
         else sched_yield(); /* a helper was descheduled mid-chunk: give it the core */

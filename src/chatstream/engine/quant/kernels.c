@@ -330,6 +330,9 @@ static pool_run_fn parallel_run = pool_run; /* this library's own, until quant_u
 /* Run products on `run` (kernels.c's chatstream_pool_run, so the process has one pool; NULL: this library's). */
 void quant_use_pool(pool_run_fn run) { parallel_run = run != NULL ? run : pool_run; }
 
+/* Helper threads this library's own pool started (0 while it runs on kernels.c's). */
+int64_t quant_own_pool_threads(void) { return pool.started; }
+
 typedef struct {
     const product_t *p;
     int64_t rows;
