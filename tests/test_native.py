@@ -18,7 +18,7 @@ from test_llama_forward import teacher_forced
 from test_quantization import PROMPTS, chat, greedy_replies
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from chatstream.engine import attention, native
+from chatstream.engine import attention, native, ops
 from chatstream.engine.attention import BatchMetadata, PagedKVCache
 from chatstream.engine.block_manager import BlockManager
 from chatstream.engine.llm_engine import LLMEngine
@@ -73,7 +73,7 @@ def test_native_decode_attention_equals_pytorchs(
     # Queries as the fused forward leaves them: rows of [q | k] heads, so strided.
     q = torch.randn(len(lengths), heads + kv_heads, dim)[:, :heads]
     scale = dim**-0.5
-    reference = attention._decode_bmm(q, cache, meta, scale)
+    reference = attention.decode_bmm(q, cache, meta, scale)
     assert meta.decode_starts is not None and meta.decode_lengths is not None
     native_cache = native.keys_transposed(cache)  # the layout the fused forward writes for the kernel
     torch.testing.assert_close(native.keys_in_order(native_cache[:, :, 0]), cache[:, :, 0], atol=0, rtol=0)
@@ -81,9 +81,13 @@ def test_native_decode_attention_equals_pytorchs(
         q, native_cache, meta.pair_blocks, meta.decode_starts, meta.decode_lengths, scale
     )
     torch.testing.assert_close(got, reference, atol=2e-6, rtol=1e-5)
-    # and through the attention module, as the engine calls it
-    meta.native = kernels
-    torch.testing.assert_close(attention._decode(q, native_cache, meta, scale), reference, atol=2e-6, rtol=1e-5)
+    # and as the engine calls it: each backend's decode attention op (native, PyTorch's flash and bmm)
+    native_ops = ops.NativeOps(kernels, 1e-5, heads, kv_heads, dim)
+    torch.testing.assert_close(native_ops.decode_attention(q, native_cache, meta, scale), reference, atol=2e-6,
+                               rtol=1e-5)
+    for name in ("flash", "bmm") if attention.cpu_flash_available() else ("bmm",):
+        torch_ops = ops.TorchOps(1e-5, heads, kv_heads, dim, name)
+        torch.testing.assert_close(torch_ops.decode_attention(q, cache, meta, scale), reference, atol=2e-6, rtol=1e-5)
 
 
 @pytest.fixture(scope="module", params=[(), ("-mno-avx512f",)], ids=["native", "avx2"])
@@ -134,7 +138,7 @@ def test_native_decode_attention_gives_the_same_bits_on_one_thread_or_several(
                                                   meta.decode_lengths, scale, threads=threads)
 
     one = attend(1)
-    torch.testing.assert_close(one, attention._decode_bmm(q, cache.float(), meta, scale), atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(one, attention.decode_bmm(q, cache.float(), meta, scale), atol=2e-6, rtol=1e-5)
     for threads in (2, 3):
         assert torch.equal(attend(threads), one)
     _split_attention(isa_kernels, lambda: attend(2))
