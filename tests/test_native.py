@@ -18,7 +18,7 @@ from test_llama_forward import teacher_forced
 from test_quantization import PROMPTS, chat, greedy_replies
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from chatstream.engine import attention, native
+from chatstream.engine import attention, native, ops
 from chatstream.engine.attention import BatchMetadata, PagedKVCache
 from chatstream.engine.block_manager import BlockManager
 from chatstream.engine.llm_engine import LLMEngine
@@ -73,7 +73,7 @@ def test_native_decode_attention_equals_pytorchs(
     # Queries as the fused forward leaves them: rows of [q | k] heads, so strided.
     q = torch.randn(len(lengths), heads + kv_heads, dim)[:, :heads]
     scale = dim**-0.5
-    reference = attention._decode_bmm(q, cache, meta, scale)
+    reference = attention.decode_bmm(q, cache, meta, scale)
     assert meta.decode_starts is not None and meta.decode_lengths is not None
     native_cache = native.keys_transposed(cache)  # the layout the fused forward writes for the kernel
     torch.testing.assert_close(native.keys_in_order(native_cache[:, :, 0]), cache[:, :, 0], atol=0, rtol=0)
@@ -81,9 +81,96 @@ def test_native_decode_attention_equals_pytorchs(
         q, native_cache, meta.pair_blocks, meta.decode_starts, meta.decode_lengths, scale
     )
     torch.testing.assert_close(got, reference, atol=2e-6, rtol=1e-5)
-    # and through the attention module, as the engine calls it
-    meta.native = kernels
-    torch.testing.assert_close(attention._decode(q, native_cache, meta, scale), reference, atol=2e-6, rtol=1e-5)
+    # and as the engine calls it: each backend's decode attention op (native, PyTorch's flash and bmm)
+    native_ops = ops.NativeOps(kernels, 1e-5, heads, kv_heads, dim)
+    torch.testing.assert_close(native_ops.decode_attention(q, native_cache, meta, scale), reference, atol=2e-6,
+                               rtol=1e-5)
+    for name in ("flash", "bmm") if attention.cpu_flash_available() else ("bmm",):
+        torch_ops = ops.TorchOps(1e-5, heads, kv_heads, dim, name)
+        torch.testing.assert_close(torch_ops.decode_attention(q, cache, meta, scale), reference, atol=2e-6, rtol=1e-5)
+
+
+@pytest.fixture(scope="module", params=[(), ("-mno-avx512f",)], ids=["native", "avx2"])
+def isa_kernels(request: pytest.FixtureRequest) -> native.NativeKernels:
+    """The kernels as this CPU builds them, and the AVX2 build (-mno-avx512f), checked at load like the engine's."""
+    if not request.param:
+        return native.load("native")  # type: ignore[return-value]
+    built = native.NativeKernels(native.build(native.SOURCE, request.param))
+    native._check(built)
+    return built
+
+
+def _split_attention(kernels: native.NativeKernels, run: Any) -> None:
+    """Call ``run`` until one of the pool's helper threads has done part of it (bounded: on a
+    loaded machine the caller may finish every chunk before a helper is scheduled)."""
+    helped = kernels.pool_stats()[1]
+    for _ in range(200):
+        run()
+        if kernels.pool_stats()[1] > helped:
+            return
+    raise AssertionError("no helper thread ran any part of 200 attention calls")
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "dtype"),
+    [(9, 3, 64, torch.float32), (32, 8, 64, torch.float32), (4, 1, 48, torch.float32), (9, 3, 64, torch.bfloat16),
+     (9, 3, 64, torch.float16)],
+    ids=["smollm2", "llama-1b", "mqa-48", "smollm2-bf16", "smollm2-f16"],
+)
+def test_native_decode_attention_gives_the_same_bits_on_one_thread_or_several(
+    isa_kernels: native.NativeKernels, heads: int, kv_heads: int, dim: int, dtype: torch.dtype
+) -> None:
+    """16 rows of different lengths, their (row, KV head) pairs split across the thread pool: each
+    query head is computed by one thread in the same order, so 1, 2 and 3 threads give equal
+    tensors (bitwise), and all agree with PyTorch's attention over the same (rounded) cache."""
+    if dtype not in isa_kernels.kv_dtypes:
+        pytest.skip(f"this build has no {dtype} KV cache")
+    lengths = [1, 16, 17, 300, 77, 130, 2, 250, 45, 160, 31, 99, 200, 8, 64, 129]
+    cache, meta = decode_case(len(lengths), heads, kv_heads, dim, 16, lengths)
+    cache = cache.to(dtype)
+    q = torch.randn(len(lengths), heads + kv_heads, dim)[:, :heads]
+    assert meta.decode_starts is not None and meta.decode_lengths is not None
+    native_cache, scale = native.keys_transposed(cache), dim**-0.5
+
+    def attend(threads: int) -> torch.Tensor:
+        assert meta.decode_starts is not None and meta.decode_lengths is not None
+        return isa_kernels.paged_decode_attention(q, native_cache, meta.pair_blocks, meta.decode_starts,
+                                                  meta.decode_lengths, scale, threads=threads)
+
+    one = attend(1)
+    torch.testing.assert_close(one, attention.decode_bmm(q, cache.float(), meta, scale), atol=2e-6, rtol=1e-5)
+    for threads in (2, 3):
+        assert torch.equal(attend(threads), one)
+    _split_attention(isa_kernels, lambda: attend(2))
+    assert torch.equal(attend(2), one)
+    assert isa_kernels.pool_stats()[0] >= 1
+
+
+def test_the_quantized_kernels_run_on_the_same_thread_pool(kernels: native.NativeKernels) -> None:
+    """One pool for the process: the GGUF block kernels (both builds) hand their chunks to
+    kernels.c's helper threads, and never start threads of their own."""
+    from chatstream.engine.quant import native as quant_native
+    from chatstream.engine.quant.formats import TiledWeight, requantize_q8
+
+    generator = torch.Generator().manual_seed(5)
+    weight = TiledWeight.from_blocks(requantize_q8(torch.randn(1024, 512, generator=generator).numpy(), "pool"))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for flags in ((), ("-mno-avx512f",)):
+            quant = quant_native.load(flags)
+            assert quant is not None
+            rows = quant.quantize(torch.randn(16, 512, generator=generator))
+            expected = quant.linear(rows, weight)
+            helped = kernels.pool_stats()[1]
+            for _ in range(200):
+                assert torch.equal(quant.linear(rows, weight), expected)
+                if kernels.pool_stats()[1] > helped:
+                    break
+            assert kernels.pool_stats()[1] > helped, "kernels.c's pool ran no chunk of 200 quantized products"
+            assert quant.own_pool_threads() == 0
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_native_rope_and_kv_write_equal_pytorchs(kernels: native.NativeKernels) -> None:

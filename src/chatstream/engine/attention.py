@@ -13,13 +13,14 @@ computed with SDPA (causal, plus the cached part of the prompt when prefill is c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .native import NativeKernels, keys_in_order
+from .native import keys_in_order
 
 ATTENTION_NAME = "chatstream_paged"
 # PyTorch's CPU flash-attention kernel, which also returns each query's log-sum-exp.
@@ -61,18 +62,18 @@ class BatchMetadata:
     # [P * Hkv, 1, block_size] float32: 0, or -inf for slots past the sequence end.
     pair_bias: torch.Tensor
     prefills: list[PrefillSegment] = field(default_factory=list)
-    # With native kernels (the fused forward, float32 on CPU) the cache holds each block's keys
-    # transposed (native.keys_transposed) and decode row r's blocks are
-    # pair_blocks[decode_starts[r]:decode_starts[r + 1]], holding decode_lengths[r] tokens.
-    native: NativeKernels | None = None
+    # Decode row r's blocks are pair_blocks[decode_starts[r]:decode_starts[r + 1]], holding
+    # decode_lengths[r] tokens (what the native decode attention reads).
     decode_starts: torch.Tensor | None = None
     decode_lengths: torch.Tensor | None = None
     # Cache block and slot of each new token (what write_index encodes), for native writes.
     token_blocks: torch.Tensor | None = None
     token_offsets: torch.Tensor | None = None
-    # Without native kernels: decode attention through PyTorch's CPU flash kernel (the backend's
-    # choice on one thread), else gather + bmm.
-    decode_flash: bool = False
+
+
+# Decode attention, an op of the backend (ops.TorchOps.decode_attention, chosen once at start-up):
+# (queries [rows, H, D], one layer's cache, the batch, scale) -> [rows, H, D].
+DecodeAttention = Callable[[torch.Tensor, torch.Tensor, BatchMetadata, float], torch.Tensor]
 
 
 def paged_attention_forward(
@@ -84,14 +85,15 @@ def paged_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     chatstream_batch: BatchMetadata | None = None,
+    chatstream_decode: DecodeAttention | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    batch = chatstream_batch
-    if batch is None:
+    batch, decode = chatstream_batch, chatstream_decode
+    if batch is None or decode is None:
         raise RuntimeError(f"{ATTENTION_NAME} attention only runs inside chatstream's engine")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     layer_idx = int(module.layer_idx)  # type: ignore[arg-type]  # transformers sets it on every attention module
-    return paged_attention(layer_idx, query, key, value, batch, scale).unsqueeze(0), None
+    return paged_attention(layer_idx, query, key, value, batch, scale, decode).unsqueeze(0), None
 
 
 def paged_attention(
@@ -101,10 +103,13 @@ def paged_attention(
     value: torch.Tensor,
     batch: BatchMetadata,
     scale: float,
+    decode: DecodeAttention,
     kv_stored: bool = False,
+    keys_transposed: bool = False,
 ) -> torch.Tensor:
     """Store the step's new keys and values in layer ``layer_idx``'s cache (unless the caller
-    did: ``kv_stored``); return ``[N, H, D]``."""
+    did: ``kv_stored``); return ``[N, H, D]``. The decode rows go through ``decode`` (the
+    backend's op); ``keys_transposed``: the cache is in the native kernels' layout."""
     cache = batch.cache.layers[layer_idx]
     if not kv_stored:
         new_kv = torch.stack((key[0], value[0]), dim=1).to(cache.dtype)  # [Hkv, 2, N, D]
@@ -113,36 +118,28 @@ def paged_attention(
     q = query[0].transpose(0, 1)  # [N, H, D]
     nd = batch.num_decode
     if not batch.prefills:
-        return _decode(q, cache, batch, scale)
+        return decode(q, cache, batch, scale)
     out = torch.empty_like(q)
     if nd:
-        out[:nd] = _decode(q[:nd], cache, batch, scale)
+        out[:nd] = decode(q[:nd], cache, batch, scale)
     for seg in batch.prefills:
-        out[seg.start : seg.end] = _prefill(query, key, value, cache, seg, scale, batch.native is not None)
+        out[seg.start : seg.end] = _prefill(query, key, value, cache, seg, scale, keys_transposed)
     return out
 
 
-def _decode(q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: float) -> torch.Tensor:
-    """One query per sequence against its own cached blocks: ragged, padded only to a block.
-
-    Each (row, block) pair is attended on its own, and the pairs of a row are merged through
-    their log-sum-exps (as split-K flash decoding does). On CPU each pair runs in PyTorch's
-    fused flash kernel, which returns the log-sum-exp too (~1.2-1.7x faster than the matmuls
-    below, which remain for other devices). The native kernel, when loaded, does all of it in one
-    pass over the cache with no gathered copy.
-    """
-    if batch.native is not None and batch.decode_starts is not None and batch.decode_lengths is not None:
-        return batch.native.paged_decode_attention(
-            q, cache, batch.pair_blocks, batch.decode_starts, batch.decode_lengths, scale
-        ).to(q.dtype)
-    if batch.decode_flash and _CPU_FLASH is not None:
-        return _decode_flash(_CPU_FLASH, q, cache, batch, scale)
-    return _decode_bmm(q, cache, batch, scale)
+# PyTorch's two decode attentions: one query per sequence against its own cached blocks, ragged,
+# padded only to a block. Each (row, block) pair is attended on its own, and the pairs of a row
+# are merged through their log-sum-exps (as split-K flash decoding does). On CPU each pair can run
+# in PyTorch's fused flash kernel, which returns the log-sum-exp too (~1.2-1.7x faster than the
+# matmuls of decode_bmm, which remain for other devices). The native kernel (ops.NativeOps) does
+# all of it in one pass over the cache with no gathered copy.
 
 
-def _decode_flash(
-    flash: Any, q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: float
-) -> torch.Tensor:
+def decode_flash(q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: float) -> torch.Tensor:
+    """Through PyTorch's CPU flash kernel (the backend picks it only where it exists)."""
+    flash = _CPU_FLASH
+    if flash is None:
+        raise RuntimeError("this PyTorch has no CPU flash attention kernel")
     nd, num_heads, head_dim = q.shape
     num_pairs = batch.pair_blocks.shape[0]
     num_kv_heads = cache.shape[1]
@@ -162,7 +159,7 @@ def _decode_flash(
     return (merged / denom.unsqueeze(-1)).to(q.dtype)
 
 
-def _decode_bmm(q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: float) -> torch.Tensor:
+def decode_bmm(q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: float) -> torch.Tensor:
     """Scores per (row, block) pair with batched matmuls, then a softmax across each row's pairs:
     per-row max (for stability) and sum via scatter_reduce/index_add."""
     nd, num_heads, head_dim = q.shape
@@ -217,6 +214,10 @@ def _prefill(
     mask = torch.arange(context, device=q.device)[None, :] <= q_pos[:, None]
     out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
+
+
+# The backend's decode_attention names for PyTorch's two (Backend.decode_attention; "native" is ops.NativeOps').
+TORCH_DECODE: dict[str, DecodeAttention] = {"flash": decode_flash, "bmm": decode_bmm}
 
 
 def cpu_flash_available() -> bool:

@@ -18,6 +18,7 @@
 #define MAX_HEAD_DIM 256
 #define MAX_BLOCK 256
 #define INLINE static inline __attribute__((always_inline))
+#include "thread_pool.h" /* pool_run */
 #include "vector_math.h" /* exp_approx */
 
 /* The KV cache's element type (native.KV_DTYPE_CODES). Decode attention widens a 16-bit cache to
@@ -90,11 +91,13 @@ INLINE void store_kv(void *restrict cache, int64_t index, float x, int dtype) {
 }
 
 
-/* One decode row: its query heads against its blocks, block by block, every KV head of a block
- * in turn (a block's heads are contiguous, so each block is one sequential read). */
+/* One decode row's KV heads [h0, h1) (and their query heads) against its blocks, block by block,
+ * each of those KV heads of a block in turn (a block's heads are contiguous, so all of a row's
+ * heads make one sequential read). Each query head's arithmetic is the same whichever heads share
+ * the call, so a split across threads gives the same bits. */
 INLINE void decode_row(const float *restrict q, const void *restrict cache, const int64_t *restrict blocks,
                        int64_t num_blocks, int64_t length, float *restrict o, int64_t heads, int64_t kv_heads,
-                       int64_t block_size, int64_t dim, float scale, int dtype) {
+                       int64_t h0, int64_t h1, int64_t block_size, int64_t dim, float scale, int dtype) {
     const int64_t group = heads / kv_heads, block_floats = kv_heads * 2 * block_size * dim;
     const int64_t item = dtype == KV_F32 ? 4 : 2, block_bytes = block_floats * item;
     const char *base = (const char *)cache;
@@ -102,7 +105,7 @@ INLINE void decode_row(const float *restrict q, const void *restrict cache, cons
     float acc[MAX_HEADS][MAX_HEAD_DIM];
     float scores[MAX_BLOCK];
     float row_max[MAX_HEADS], denom[MAX_HEADS];
-    for (int64_t j = 0; j < heads; j++) {
+    for (int64_t j = h0 * group; j < h1 * group; j++) {
         row_max[j] = -INFINITY;
         denom[j] = 0.f;
         memset(acc[j], 0, sizeof(float) * dim);
@@ -113,11 +116,12 @@ INLINE void decode_row(const float *restrict q, const void *restrict cache, cons
         if (b + 1 < num_blocks) {
             /* Blocks lie anywhere in the cache, so the hardware prefetcher cannot see the next
              * one coming: ask for it while this one is computed. */
-            const char *next = base + blocks[b + 1] * block_bytes;
-            for (int64_t off = 0; off < block_bytes; off += 64)
+            const int64_t slice_bytes = 2 * block_size * dim * item;
+            const char *next = base + blocks[b + 1] * block_bytes + h0 * slice_bytes;
+            for (int64_t off = 0; off < (h1 - h0) * slice_bytes; off += 64)
                 __builtin_prefetch(next + off, 0, 3);
         }
-        for (int64_t h = 0; h < kv_heads; h++) {
+        for (int64_t h = h0; h < h1; h++) {
             const char *slice = base + (blocks[b] * block_floats + h * 2 * block_size * dim) * item;
             const float *keys = (const float *)slice; /* [dim, block_size] */
             if (dtype != KV_F32) {
@@ -160,10 +164,39 @@ INLINE void decode_row(const float *restrict q, const void *restrict cache, cons
             }
         }
     }
-    for (int64_t j = 0; j < heads; j++) {
+    for (int64_t j = h0 * group; j < h1 * group; j++) {
         const float inv = denom[j] > 0.f ? 1.f / denom[j] : 0.f;
 #pragma omp simd
         for (int64_t i = 0; i < dim; i++) o[j * dim + i] = acc[j][i] * inv;
+    }
+}
+
+typedef struct {
+    const float *q;
+    const void *cache;
+    const int64_t *blocks, *starts, *lengths;
+    float *out;
+    int64_t q_stride, heads, kv_heads, block_size, dim;
+    float scale;
+    int dtype;
+} decode_job_t;
+
+/* Items [i0, i1) of a decode job: item i is row i / kv_heads's KV head i % kv_heads; a chunk's
+ * consecutive heads of one row go in one call. */
+static void decode_items(const void *ctx, int64_t i0, int64_t i1) {
+    const decode_job_t *j = ctx;
+    for (int64_t i = i0; i < i1;) {
+        const int64_t r = i / j->kv_heads, h0 = i % j->kv_heads;
+        const int64_t h1 = (r + 1) * j->kv_heads <= i1 ? j->kv_heads : i1 - r * j->kv_heads;
+        const float *qr = j->q + r * j->q_stride;
+        float *o = j->out + r * j->heads * j->dim;
+        const int64_t *b = j->blocks + j->starts[r], n = j->starts[r + 1] - j->starts[r];
+#define CALL(BS, D) decode_row(qr, j->cache, b, n, j->lengths[r], o, j->heads, j->kv_heads, h0, h1, BS, D, j->scale, j->dtype)
+        if (j->block_size == 16 && j->dim == 64) CALL(16, 64);
+        else if (j->block_size == 16 && j->dim == 128) CALL(16, 128);
+        else CALL(j->block_size, j->dim);
+#undef CALL
+        i = r * j->kv_heads + h1;
     }
 }
 
@@ -174,27 +207,33 @@ INLINE void decode_row(const float *restrict q, const void *restrict cache, cons
  *          ([block_size, dim]); rope_store_kv writes this layout
  *   blocks row r's blocks are blocks[starts[r] .. starts[r+1]), covering lengths[r] tokens
  *   out    [rows, heads, dim]
- * Online softmax block by block (flash decoding on one core): every key and value is read once,
- * in place. Returns 0, or -1 for a shape past the fixed buffers. */
+ * Online softmax block by block (flash decoding): every key and value is read once, in place.
+ * The (row, KV head) pairs are split across up to `threads` threads (the process's pool); under
+ * ~256K multiply-adds stays on the caller's, where waking a helper would cost more than it saves.
+ * The result does not depend on `threads`. Returns 0, or -1 for a shape past the fixed buffers. */
 int paged_decode_attention(const float *restrict q, const void *restrict cache, const int64_t *restrict blocks,
                            const int64_t *restrict starts, const int64_t *restrict lengths, float *restrict out,
                            int64_t rows, int64_t q_stride, int64_t heads, int64_t kv_heads, int64_t block_size,
-                           int64_t dim, float scale, int dtype) {
+                           int64_t dim, float scale, int dtype, int threads) {
     if (kv_heads < 1 || heads % kv_heads || heads > MAX_HEADS || dim > MAX_HEAD_DIM || block_size > MAX_BLOCK ||
         !(kv_dtypes() >> dtype & 1))
         return -1;
-    for (int64_t r = 0; r < rows; r++) {
-        const float *qr = q + r * q_stride;
-        float *o = out + r * heads * dim;
-        const int64_t *b = blocks + starts[r], n = starts[r + 1] - starts[r];
-#define CALL(BS, D) decode_row(qr, cache, b, n, lengths[r], o, heads, kv_heads, BS, D, scale, dtype)
-        if (block_size == 16 && dim == 64) CALL(16, 64);
-        else if (block_size == 16 && dim == 128) CALL(16, 128);
-        else CALL(block_size, dim);
-#undef CALL
-    }
+    const decode_job_t job = {q, cache, blocks, starts, lengths, out, q_stride, heads, kv_heads, block_size, dim, scale, dtype};
+    int64_t tokens = 0;
+    for (int64_t r = 0; r < rows; r++) tokens += lengths[r];
+    if (tokens * heads * dim < (1 << 18)) threads = 1;
+    pool_run(decode_items, &job, rows * kv_heads, 0, threads);
     return 0;
 }
+
+/* The process's thread pool, for quant/kernels.c (chatstream.engine.quant passes its address). */
+void chatstream_pool_run(pool_task task, const void *ctx, int64_t items, int64_t chunk, int threads) {
+    pool_run(task, ctx, items, chunk, threads);
+}
+
+/* The pool's helper threads started, and the chunks they have run (for tests). */
+int64_t chatstream_pool_threads(void) { return pool.started; }
+int64_t chatstream_pool_helped(void) { return atomic_load(&pool.helped); }
 
 /* RoPE on one step's new queries and keys, in place, then the keys and values into the cache.
  *   qkv    [tokens, (heads + 2 * kv_heads) * dim]: q heads, k heads, v heads (a fused projection)

@@ -165,7 +165,7 @@ class LlamaForward:
                 raise ValueError("a native-ops backend needs the loaded native kernels")
             self.ops: TorchOps = NativeOps(native, eps, heads, kv_heads, head_dim)
         else:
-            self.ops = TorchOps(eps, heads, kv_heads, head_dim)
+            self.ops = TorchOps(eps, heads, kv_heads, head_dim, backend.decode_attention)
         half = head_dim // 2
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated)
         self.sin_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(device, dtype)

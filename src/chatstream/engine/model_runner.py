@@ -76,6 +76,8 @@ class ModelRunner:
         )
         self._num_zeroed = 0
         self.fused = llama.LlamaForward(model, self.backend, self.native) if self.backend.forward == "fused" else None
+        # transformers' forward: PyTorch's decode attention, as the backend chose it (the native one needs the fused forward).
+        self._hf_decode = attention.TORCH_DECODE["flash" if self.backend.decode_attention == "flash" else "bmm"]
         if lanes < 1:
             raise ValueError("lanes must be >= 1")
         # Only the fused forward on CPU is split: transformers' forward and GPUs gain nothing from it.
@@ -138,6 +140,7 @@ class ModelRunner:
             use_cache=False,
             logits_to_keep=keep,
             chatstream_batch=meta,
+            chatstream_decode=self._hf_decode,
         ).logits[0]
         return sampled, logits
 
@@ -196,8 +199,6 @@ class ModelRunner:
             pair_rows=torch.tensor(pair_rows, dtype=torch.long, device=dev),
             pair_bias=bias.repeat_interleave(self.num_kv_heads, dim=0)[:, None, :],
             prefills=prefills,
-            native=self.native,
-            decode_flash=self.backend.decode_attention == "flash",
             decode_starts=torch.tensor(decode_starts, dtype=torch.long, device=dev),
             decode_lengths=torch.tensor(decode_lengths, dtype=torch.long, device=dev),
             token_blocks=token_blocks,

@@ -41,7 +41,8 @@ logger = logging.getLogger(__name__)
 KERNELS: tuple[str, ...] = ("auto", "native", "torch")
 SOURCE = Path(__file__).with_name("kernels.c")
 HEADERS = sorted(SOURCE.parent.glob("*.h"))  # included by kernels.c and quant/kernels.c: part of the build key
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-std=gnu11", "-shared", "-fPIC", "-Wall")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-std=gnu11", "-shared", "-fPIC", "-Wall",
+         "-pthread")  # thread_pool.h's helper threads
 
 
 class NativeKernelError(RuntimeError):
@@ -99,7 +100,7 @@ class NativeKernels:
         self.path = path
         lib = ctypes.CDLL(str(path))
         signatures: dict[str, list[Any]] = {
-            "paged_decode_attention": [_P] * 6 + [_I] * 6 + [_F, ctypes.c_int],
+            "paged_decode_attention": [_P] * 6 + [_I] * 6 + [_F, ctypes.c_int, ctypes.c_int],
             "quantize_rows": [_P, _I, _I, _I, _P, _I, _P],
             "rms_norm_quantize_rows": [_P, _I, _I, _P, _F, _P, _P, _I, _P],
             "silu_mul_quantize_rows": [_P, _I, _I, _P, _P, _I, _P],
@@ -112,6 +113,9 @@ class NativeKernels:
         lib.paged_decode_attention.restype = lib.int8_linear.restype = ctypes.c_int
         self._lib = lib
         self._decode = lib.paged_decode_attention
+        # The process's one thread pool (thread_pool.h), which the quantized kernels also run on.
+        self.pool_run = ctypes.cast(lib.chatstream_pool_run, ctypes.c_void_p).value
+        lib.chatstream_pool_threads.restype = lib.chatstream_pool_helped.restype = ctypes.c_int64
         # Whether this CPU has the int8 matmul (AVX-512 VNNI): with no rows it only answers that.
         self.int8 = lib.int8_linear(None, 0, 0, None, 0, 0, None, None, None, None, None, 0, 0) == 0
         mask = int(lib.kv_dtypes())
@@ -119,6 +123,10 @@ class NativeKernels:
         # hardware (F16C / AVX-512's vcvtph2ps) rather than one value at a time.
         self.kv_dtypes = frozenset(d for d, code in KV_DTYPE_CODES.items() if mask >> code & 1)
         self.f16_hardware = bool(mask >> 8 & 1)
+
+    def pool_stats(self) -> tuple[int, int]:
+        """The thread pool's helper threads started, and the chunks of work they have run."""
+        return int(self._lib.chatstream_pool_threads()), int(self._lib.chatstream_pool_helped())
 
     @staticmethod
     def fits(heads: int, kv_heads: int, head_dim: int, block_size: int) -> bool:
@@ -216,8 +224,11 @@ class NativeKernels:
         starts: torch.Tensor,  # int64 [rows + 1]: row r's blocks are blocks[starts[r]:starts[r + 1]]
         lengths: torch.Tensor,  # int64 [rows]: tokens each row attends to
         scale: float,
+        threads: int | None = None,
     ) -> torch.Tensor:
-        """Each row's single query attends to its first ``lengths[r]`` cached tokens; ``[rows, heads, dim]``."""
+        """Each row's single query attends to its first ``lengths[r]`` cached tokens; ``[rows, heads, dim]``.
+        The (row, KV head) pairs are split across ``threads`` (default PyTorch's count); the
+        result is the same bits for any count."""
         rows, heads, dim = q.shape
         if q.stride(2) != 1 or q.stride(1) != dim:
             q = q.contiguous()
@@ -234,6 +245,7 @@ class NativeKernels:
         status = self._decode(
             q.data_ptr(), cache.data_ptr(), blocks.data_ptr(), starts.data_ptr(), lengths.data_ptr(),
             out.data_ptr(), rows, q.stride(0), heads, kv_heads, block_size, dim, scale, KV_DTYPE_CODES[cache.dtype],
+            torch.get_num_threads() if threads is None else threads,
         )
         if status != 0:
             raise ValueError(f"native attention does not handle this shape (heads {heads}, kv heads {kv_heads}, "

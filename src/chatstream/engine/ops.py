@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .attention import BatchMetadata, paged_attention
+from .attention import TORCH_DECODE, BatchMetadata, paged_attention
 from .native import NativeKernels
 from .quant.gguf_model import quant_linears
 
@@ -31,10 +31,12 @@ class TorchOps:
 
     name = "torch"
 
-    def __init__(self, eps: float, heads: int, kv_heads: int, head_dim: int) -> None:
+    def __init__(self, eps: float, heads: int, kv_heads: int, head_dim: int, decode: str = "bmm") -> None:
         self.eps = eps
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.scale = head_dim**-0.5
+        # The backend's decode attention ("flash" or "bmm", Backend.decode_attention), picked once.
+        self._decode = TORCH_DECODE[decode]
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
@@ -60,7 +62,12 @@ class TorchOps:
         q = qk[:, :h].transpose(0, 1)[None]  # [1, H, N, D]
         k = qk[:, h:].transpose(0, 1)[None]
         v = qkv[:, qk_width:].view(n, hkv, d).transpose(0, 1)[None]
-        return paged_attention(layer, q, k, v, batch, self.scale).reshape(n, h * d)
+        return paged_attention(layer, q, k, v, batch, self.scale, self.decode_attention).reshape(n, h * d)
+
+    def decode_attention(self, q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: float) -> torch.Tensor:
+        """Each decode row's query ``q`` ``[rows, H, D]`` against its cached blocks in ``cache``
+        (one layer's): ``[rows, H, D]``."""
+        return self._decode(q, cache, batch, scale)
 
     def project_add(self, rows: torch.Tensor, proj: _Projection, x: torch.Tensor) -> torch.Tensor:
         """``x + proj(rows)`` (a residual connection)."""
@@ -98,7 +105,15 @@ class NativeOps(TorchOps):
                               batch.token_offsets)
         heads = qkv.view(n, h + 2 * hkv, d).transpose(0, 1)[None]  # [1, H + 2Hkv, N, D]
         q, k, v = heads[:, :h], heads[:, h : h + hkv], heads[:, h + hkv :]
-        return paged_attention(layer, q, k, v, batch, self.scale, kv_stored=True).reshape(n, h * d)
+        return paged_attention(layer, q, k, v, batch, self.scale, self.decode_attention, kv_stored=True,
+                               keys_transposed=True).reshape(n, h * d)
+
+    def decode_attention(self, q: torch.Tensor, cache: torch.Tensor, batch: BatchMetadata, scale: float) -> torch.Tensor:
+        """The native kernel: one pass over each row's blocks in the keys-transposed cache, its
+        (row, KV head) pairs split across the process's thread pool (the same bits on any count)."""
+        assert batch.decode_starts is not None and batch.decode_lengths is not None
+        return self.nk.paged_decode_attention(q, cache, batch.pair_blocks, batch.decode_starts, batch.decode_lengths,
+                                              scale)
 
     def project_add(self, rows: torch.Tensor, proj: _Projection, x: torch.Tensor) -> torch.Tensor:
         if proj.packed is not None:

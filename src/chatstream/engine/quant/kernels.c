@@ -21,11 +21,9 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
-#include <pthread.h>
-#include <sched.h>
-#include <stdatomic.h>
 
 #define INLINE static inline __attribute__((always_inline))
+#include "../thread_pool.h"  /* pool_run */
 #include "../vector_math.h" /* exp_approx */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -538,125 +536,23 @@ static void run_tiles(const product_t *p, int64_t t0, int64_t t1, int64_t rows) 
 }
 #undef RUN
 
-/* ---- threads ----
- * A product is cut into chunks of tiles that the caller and its helper threads claim one at a time
- * from one atomic counter; the caller returns once every chunk is done. No barrier waits for a
- * thread that never started: on a busy machine, where a helper may not be scheduled for
- * milliseconds, the caller simply does the chunks itself (OpenMP's end-of-region barrier, tried
- * first, made a decode step up to 10x slower on a loaded 2-core machine). Helpers spin briefly
- * between products (a layer's products come microseconds apart), then sleep. */
-#define MAX_THREADS 64
-#define SPIN_ROUNDS 20000 /* pause instructions a helper waits before sleeping (~0.1-1 ms) */
+/* ---- threads: the process's one pool (../thread_pool.h) ---- */
+static pool_run_fn parallel_run = pool_run; /* this library's own, until quant_use_pool hands over kernels.c's */
+
+/* Run products on `run` (kernels.c's chatstream_pool_run, so the process has one pool; NULL: this library's). */
+void quant_use_pool(pool_run_fn run) { parallel_run = run != NULL ? run : pool_run; }
+
+/* Helper threads this library's own pool started (0 while it runs on kernels.c's). */
+int64_t quant_own_pool_threads(void) { return pool.started; }
 
 typedef struct {
     const product_t *p;
-    int64_t rows, tiles, chunk, chunks;
-    int helpers; /* helpers that may join: the caller's thread count - 1 */
-} job_t;
+    int64_t rows;
+} tiles_job_t;
 
-static struct {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    _Atomic uint64_t state; /* generation << 32 | next chunk to claim */
-    _Atomic int64_t done;   /* chunks finished in this generation */
-    _Atomic int sleeping;
-    job_t job;
-    int started;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, {0}, 0};
-
-INLINE void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
-
-/* Claim and run chunks of generation `gen` until none is left. */
-static void work_on(uint32_t gen) {
-    for (;;) {
-        uint64_t state = atomic_load_explicit(&pool.state, memory_order_acquire);
-        if ((uint32_t)(state >> 32) != gen) return;
-        const int64_t chunk = (int64_t)(uint32_t)state;
-        const job_t *job = &pool.job;
-        if (chunk >= job->chunks) return; /* (a closed generation's 0xFFFFFFFF too) */
-        if (!atomic_compare_exchange_weak_explicit(&pool.state, &state, state + 1, memory_order_acq_rel,
-                                                   memory_order_acquire))
-            continue;
-        /* The job cannot change before this chunk is counted done. */
-        const int64_t t0 = chunk * job->chunk, t1 = t0 + job->chunk < job->tiles ? t0 + job->chunk : job->tiles;
-        run_tiles(job->p, t0, t1, job->rows);
-        atomic_fetch_add_explicit(&pool.done, 1, memory_order_acq_rel);
-    }
-}
-
-static void *helper_main(void *arg) {
-    const int index = (int)(intptr_t)arg;
-    uint32_t seen = 0;
-    for (;;) {
-        uint32_t gen = seen;
-        for (int i = 0; i < SPIN_ROUNDS && gen == seen; i++) {
-            cpu_relax();
-            gen = (uint32_t)(atomic_load_explicit(&pool.state, memory_order_acquire) >> 32);
-        }
-        if (gen == seen) {
-            pthread_mutex_lock(&pool.mu);
-            atomic_fetch_add(&pool.sleeping, 1);
-            while ((gen = (uint32_t)(atomic_load(&pool.state) >> 32)) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
-            atomic_fetch_sub(&pool.sleeping, 1);
-            pthread_mutex_unlock(&pool.mu);
-        }
-        seen = gen;
-        if (index < pool.job.helpers) work_on(gen);
-    }
-    return NULL;
-}
-
-static void forget_pool_in_child(void) { pool.started = 0; } /* a fork's child has none of the threads */
-
-/* Start helpers up to `count`; returns how many run. */
-static int ensure_helpers(int count) {
-    if (count > MAX_THREADS - 1) count = MAX_THREADS - 1;
-    if (pool.started == 0) pthread_atfork(NULL, NULL, forget_pool_in_child);
-    while (pool.started < count) {
-        pthread_t thread;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        const int failed = pthread_create(&thread, &attr, helper_main, (void *)(intptr_t)pool.started);
-        pthread_attr_destroy(&attr);
-        if (failed) break;
-        pool.started++;
-    }
-    return pool.started < count ? pool.started : count;
-}
-
-static pthread_mutex_t caller_mu = PTHREAD_MUTEX_INITIALIZER; /* one product at a time uses the pool */
-
-static void run_parallel(const product_t *p, int64_t rows, int64_t tiles, int threads) {
-    if (pthread_mutex_trylock(&caller_mu) != 0) { /* another thread's product holds the pool */
-        run_tiles(p, 0, tiles, rows);
-        return;
-    }
-    const int helpers = ensure_helpers(threads - 1);
-    /* ~4 chunks a thread: small enough to even out, large enough to stream a tile run */
-    int64_t chunk = tiles / (4 * (int64_t)(helpers + 1));
-    chunk = chunk < 1 ? 1 : chunk;
-    pool.job = (job_t){p, rows, tiles, chunk, (tiles + chunk - 1) / chunk, helpers};
-    atomic_store_explicit(&pool.done, 0, memory_order_relaxed);
-    const uint32_t gen = (uint32_t)(atomic_load(&pool.state) >> 32) + 1;
-    atomic_store_explicit(&pool.state, (uint64_t)gen << 32, memory_order_release);
-    if (atomic_load(&pool.sleeping) > 0) {
-        pthread_mutex_lock(&pool.mu);
-        pthread_cond_broadcast(&pool.cv);
-        pthread_mutex_unlock(&pool.mu);
-    }
-    work_on(gen);
-    for (int64_t spins = 0; atomic_load_explicit(&pool.done, memory_order_acquire) < pool.job.chunks; spins++) {
-        if (spins < 4000) cpu_relax();
-        else sched_yield(); /* a helper was descheduled mid-chunk: give it the core */
-    }
-    /* Closed: a helper still holding this generation's number claims nothing from the next job. */
-    atomic_store_explicit(&pool.state, (uint64_t)gen << 32 | 0xFFFFFFFFu, memory_order_release);
-    pthread_mutex_unlock(&caller_mu);
+static void run_tiles_task(const void *ctx, int64_t t0, int64_t t1) {
+    const tiles_job_t *job = ctx;
+    run_tiles(job->p, t0, t1, job->rows);
 }
 
 /* The calling thread's buffer for the block-major activations (grown, never shrunk). */
@@ -709,6 +605,6 @@ int quant_linear(int kind, const int8_t *restrict xq, const float *restrict xd, 
     if (rows * n * k < (1 << 20)) threads = 1;
     if (threads > tiles) threads = (int)tiles;
     if (threads <= 1) run_tiles(&p, 0, tiles, rows);
-    else run_parallel(&p, rows, tiles, threads);
+    else parallel_run(run_tiles_task, &(tiles_job_t){&p, rows}, tiles, 0, threads);
     return 0;
 }

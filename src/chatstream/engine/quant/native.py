@@ -54,6 +54,15 @@ class QuantKernels:
         lib.quant_isa.restype = _C
         self._lib = lib
         self.isa = ISA_NAMES[lib.quant_isa()]
+        # One thread pool for the process: kernels.c's, where it loads (else this library's own).
+        shared = native.load("auto")
+        lib.quant_use_pool.argtypes = [_P]
+        lib.quant_use_pool(None if shared is None else shared.pool_run)
+        lib.quant_own_pool_threads.restype = ctypes.c_int64
+
+    def own_pool_threads(self) -> int:
+        """Helper threads this library's own pool started: 0 while it runs on kernels.c's (one pool)."""
+        return int(self._lib.quant_own_pool_threads())
 
     def __deepcopy__(self, memo: dict[int, Any]) -> QuantKernels:
         return self  # a loaded library: copies of a model share it
