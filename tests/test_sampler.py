@@ -188,3 +188,32 @@ def test_greedy_picks_the_first_of_tied_maxima(draw: Sample) -> None:
     logits[1, [63, 64]] = 1.0  # both in one block of 16
     logits[2] = -1.0  # every token ties
     assert draw(logits, make_batch([(0.0, 0, 1.0)] * 3)).tokens.tolist() == [7, 63, 0]
+
+
+def test_the_repetition_penalty_gives_the_same_tokens_on_every_path(draw: Sample) -> None:
+    """HF's penalty over (row, token) pairs: given unsorted, with repeats, for some rows only; the
+    native kernel applies it to a copy of each penalised row, never to the caller's logits."""
+    generator = torch.Generator().manual_seed(6)
+    rows = [(0.0, 0, 1.0), (0.7, 50, 0.9), (0.7, 0, 0.9), (1.0, 0, 1.0)] * 2
+    for step in range(6):
+        logits = chat_like_logits(len(rows), generator, spread=1.0 + step)
+        original = logits.clone()
+        batch = make_batch(rows, step=step, seed0=step)
+        batch.repetition_penalty = torch.tensor([1.3, 1.05, 2.0, 0.8, 1.0, 1.2, 1.5, 1.1])
+        # Each row has seen its 8 most likely tokens (and some twice): the penalty must move the draw.
+        top = logits.topk(8, dim=-1).indices
+        pairs = [(row, int(t)) for row in range(len(rows)) for t in top[row]] + [(3, int(top[3, 0])), (0, int(top[0, 1]))]
+        pairs.reverse()
+        batch.seen_rows = torch.tensor([r for r, _ in pairs])
+        batch.seen_tokens = torch.tensor([t for _, t in pairs])
+        seen = logits[batch.seen_rows, batch.seen_tokens]
+        penalised = logits.clone()
+        penalty = batch.repetition_penalty[batch.seen_rows]
+        penalised[batch.seen_rows, batch.seen_tokens] = torch.where(seen > 0, seen / penalty, seen * penalty)
+        expected = old_sample(penalised, batch)
+        assert torch.equal(draw(logits, batch).tokens, expected)
+        out = draw(logits, batch, want_logprobs=True)  # the penalised logits are needed here: applied first
+        assert torch.equal(out.tokens, expected)
+        assert out.logprobs is not None and torch.allclose(out.logprobs, penalised.log_softmax(dim=-1))
+        assert torch.equal(logits, original)
+    assert not torch.equal(old_sample(penalised, batch), old_sample(logits, batch))

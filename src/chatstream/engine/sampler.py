@@ -74,17 +74,28 @@ def sample(
     logits = logits.float()
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
-    if batch.seen_rows is not None and batch.seen_tokens is not None:
+    native = kernels is not None and logits.device.type == "cpu" and logits.stride(1) == 1
+    penalised = batch.seen_rows is not None and batch.seen_tokens is not None
+    # The native kernel applies the repetition penalty itself, on a copy of each penalised row only,
+    # unless the penalised logits are needed here (log-probabilities, or penalties applied after it).
+    penalty_inside = native and penalised and not want_logprobs and batch.output_rows is None
+    if penalised and not penalty_inside:
         logits = _apply_repetition_penalty(logits, batch)
     if batch.output_rows is not None and batch.output_tokens is not None:
         logits = _apply_presence_frequency(logits, batch)
     logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
     params = (batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seed, batch.step)
-    if kernels is None or logits.device.type != "cpu" or logits.stride(1) != 1:
+    if kernels is None or not native:
         return SampleOutput(_draw_tokens(logits, *params), logprobs)
-    tokens = kernels.sample(logits, *params, CANDIDATES)
+    penalty = None
+    if penalty_inside:
+        assert batch.seen_rows is not None and batch.seen_tokens is not None
+        penalty = (batch.repetition_penalty, batch.seen_rows, batch.seen_tokens)
+    tokens = kernels.sample(logits, *params, CANDIDATES, repetition_penalty=penalty)
     redo = (tokens < 0).nonzero().squeeze(1)
     if redo.numel():  # a top-k past the candidates, or a nucleus reaching past them
+        if penalty_inside:
+            logits = _apply_repetition_penalty(logits, batch)
         min_p = None if batch.min_p is None else batch.min_p[redo]
         tokens[redo] = _draw_tokens(logits[redo], batch.temperature[redo], batch.top_k[redo], batch.top_p[redo], min_p,
                                     batch.seed[redo], batch.step[redo])

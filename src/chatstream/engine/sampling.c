@@ -203,20 +203,35 @@ static void *scratch(void **buffer, size_t *capacity, size_t bytes) {
     return *buffer;
 }
 
-/* The whole batch; see sample_row. Returns 0, or -1 when memory for the work buffers ran out. */
+/* The whole batch; see sample_row. With `penalty` (per row; NULL: none), row r's tokens
+ * seen_tokens[seen_starts[r] .. seen_starts[r + 1]) get transformers' repetition penalty first, on a
+ * copy of the row: a seen logit is divided by the penalty if positive, else multiplied (computed
+ * from the row's own value, so a token seen twice is penalised once, as sampler.py does).
+ * Returns 0, or -1 when memory for the work buffers ran out. */
 int sample_rows(const float *logits, int64_t rows, int64_t vocab, int64_t stride, const float *temperature,
                 const int64_t *top_k, const float *top_p, const float *min_p, const int64_t *seed,
-                const int64_t *step, int64_t candidates, int64_t *out) {
-    static __thread void *work_buffer, *cand_buffer;
-    static __thread size_t work_capacity, cand_capacity;
+                const int64_t *step, int64_t candidates, const float *penalty, const int64_t *seen_starts,
+                const int64_t *seen_tokens, int64_t *out) {
+    static __thread void *work_buffer, *cand_buffer, *row_buffer;
+    static __thread size_t work_capacity, cand_capacity, row_capacity;
     float *work = scratch(&work_buffer, &work_capacity, (size_t)vocab * sizeof(float));
     candidate *cand = scratch(&cand_buffer, &cand_capacity,
                               (size_t)(candidates < vocab ? candidates : vocab) * sizeof(candidate));
-    if (work == NULL || cand == NULL) return -1;
+    float *copy = penalty ? scratch(&row_buffer, &row_capacity, (size_t)vocab * sizeof(float)) : NULL;
+    if (work == NULL || cand == NULL || (penalty && copy == NULL)) return -1;
     for (int64_t r = 0; r < rows; r++) {
+        const float *x = logits + r * stride;
+        if (penalty && penalty[r] != 1.f && seen_starts[r + 1] > seen_starts[r]) {
+            memcpy(copy, x, (size_t)vocab * sizeof(float));
+            for (int64_t j = seen_starts[r]; j < seen_starts[r + 1]; j++) {
+                const int64_t t = seen_tokens[j];
+                if (t >= 0 && t < vocab) copy[t] = x[t] > 0.f ? x[t] / penalty[r] : x[t] * penalty[r];
+            }
+            x = copy;
+        }
         const int64_t k = top_k[r] > 0 && top_k[r] < vocab ? top_k[r] : 0;
-        out[r] = sample_row(logits + r * stride, vocab, temperature[r], k, top_p[r], min_p ? min_p[r] : 0.f,
-                            uniform(seed[r], step[r]), candidates, work, cand);
+        out[r] = sample_row(x, vocab, temperature[r], k, top_p[r], min_p ? min_p[r] : 0.f, uniform(seed[r], step[r]),
+                            candidates, work, cand);
     }
     return 0;
 }
