@@ -5,7 +5,7 @@
  * Through PyTorch, a 16 x 49,152 step spent more on torch.topk, argmax and the divisions and
  * reductions around them (each its own pass over the batch) than a whole greedy decode's
  * non-matmul work. Here a row is read once: the largest `count` logits are kept in a min-heap while
- * blocks of 16 whose maximum cannot enter it are skipped in one vector compare, so top-k costs
+ * blocks of 64 whose maximum cannot enter it are skipped in one vector compare, so top-k costs
  * about what argmax does. The arithmetic after the selection follows sampler.py step by step
  * (top-k, then top-p over the probabilities after top-k, then min-p, then a draw by inverting the
  * CDF in token-id order, cumulative sums in double as PyTorch's CPU cumsum does), so the same
@@ -193,11 +193,14 @@ static int64_t sample_row(const float *x, int64_t vocab, float temperature, int6
 }
 
 /* Grows a per-thread buffer (lanes may sample at once): a fresh malloc of a vocabulary's floats
- * per call is an mmap, and its first touch page faults, each step. */
+ * per call is an mmap, and its first touch page faults, each step. Every buffer is 64-byte
+ * aligned, so a vectorised sum over it adds in the same order in every thread (no alignment
+ * peeling that differs): a row's token never depends on which lane drew it. */
 static void *scratch(void **buffer, size_t *capacity, size_t bytes) {
     if (bytes > *capacity) {
         free(*buffer);
-        *buffer = malloc(bytes);
+        bytes = (bytes + 63) / 64 * 64;
+        *buffer = aligned_alloc(64, bytes);
         *capacity = *buffer ? bytes : 0;
     }
     return *buffer;
