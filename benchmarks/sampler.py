@@ -1,4 +1,4 @@
-"""Time one sampling step on a batch of logits: greedy, the batched sampler, and the full-sort sampler it replaced.
+"""Time one sampling step on a batch of logits: greedy, the batched sampler (PyTorch's operators and the native kernel), and the full-sort sampler it replaced.
 
     .venv/bin/python -m benchmarks.sampler [--batch 16] [--vocab 49152] [--rounds 5] [--iters 20]
 
@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from chatstream.engine import sampling_native
 from chatstream.engine.sampler import SamplingBatch, _uniform, sample
 
 
@@ -70,12 +71,16 @@ def main() -> None:
     logits = torch.randn(opts.batch, opts.vocab, generator=generator) * 3
     batch = make_batch(opts.batch, opts.temperature, opts.top_k, opts.top_p, opts.repetition_penalty, opts.context)
     greedy = make_batch(opts.batch, 0.0, 0, 1.0, 1.0, 0)
+    native = sampling_native.load("native")
     variants: dict[str, Callable[[], object]] = {
         "greedy (argmax)": lambda: sample(logits, greedy),
+        "greedy, native": lambda: sample(logits, greedy, kernels=native),
         "sampler": lambda: sample(logits, batch),
+        "sampler, native": lambda: sample(logits, batch, kernels=native),
         "full-sort sampler (before)": lambda: full_sort_sample(logits, batch),
     }
     assert torch.equal(sample(logits, batch).tokens, full_sort_sample(logits, batch))
+    assert torch.equal(sample(logits, batch, kernels=native).tokens, full_sort_sample(logits, batch))
     medians: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(opts.rounds):
         times: dict[str, list[float]] = {name: [] for name in variants}

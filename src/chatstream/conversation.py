@@ -184,6 +184,15 @@ class ChatPrompt:
                 )
             start += 1  # the estimate was short: drop one more turn
 
+    def head_ids(self) -> list[int]:
+        """The token ids every prompt of this conversation starts with, whatever its user writes: the
+        chat template's head and the system message (the common start of two renderings that differ
+        only in the user's message)."""
+        one, two = (self._encode(self.render(self._with_system([{"role": "user", "content": text}])))
+                    for text in ("a", "b"))
+        same = next((i for i, (x, y) in enumerate(zip(one, two)) if x != y), min(len(one), len(two)))
+        return one[:same]
+
     def kept_messages(self) -> list[dict[str, str]]:
         """The messages the last :meth:`render_ids` kept: the system message and the turns from ``context_start``."""
         turns = _group_turns(self.messages)

@@ -15,7 +15,8 @@ resending its history computes only the new tokens.
 
 A request's ``params.cache_salt`` stands in for the first block's parent (vLLM's cache salt), so
 its whole chain of keys differs from any other salt's: requests share blocks only within one
-salt. Without isolation, any client could confirm text another user sent (a guessed prompt that
+salt. Only the blocks wholly inside ``params.cache_shared_tokens`` (a prompt's head that is the
+server's own text, the same for every user) come before the salt and are shared by all salts. Without isolation, any client could confirm text another user sent (a guessed prompt that
 matches is cached: it is faster and counts more hit tokens).
 """
 
@@ -166,10 +167,17 @@ class BlockManager:
         return self._key_from(seq, i)
 
     def _key_from(self, seq: Sequence, i: int) -> BlockKey:
-        parent = seq.block_hashes[i - 1] if i > 0 else _salt_hash(seq.params.cache_salt)
+        # The salt enters the chain at the first block not wholly within the prompt's shared head
+        # (params.cache_shared_tokens: the server's own tokens), so salted requests share those blocks.
+        salted_from = seq.params.cache_shared_tokens // self.block_size
+        parent = seq.block_hashes[i - 1] if i > 0 else 0
+        if i == salted_from:
+            parent = _salt_hash(seq.params.cache_salt, parent)
         start = i * self.block_size
         return parent, tuple(seq.token_ids[start : start + self.block_size])
 
 
-def _salt_hash(salt: str | None) -> int:
-    return 0 if salt is None else hash(("cache_salt", salt))
+def _salt_hash(salt: str | None, parent: int = 0) -> int:
+    if salt is None:
+        return parent
+    return hash(("cache_salt", salt)) if parent == 0 else hash(("cache_salt", salt, parent))

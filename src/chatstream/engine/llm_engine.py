@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from . import sampling_native
 from .backend import select_backend
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
@@ -131,6 +132,8 @@ class LLMEngine:
                 )
             self._blocks = BlockManager(num_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
             self._runner = ModelRunner(model, self._blocks, backend=backend, lanes=forward_lanes)
+            # Sampling's native kernel follows the same flag: logits are float32 CPU rows for any model on CPU.
+            self._sampling_kernels = sampling_native.load(kernels) if model.device.type == "cpu" else None
         except Exception:  # e.g. kernels="native" where none can be built: leave the model as it was
             if self._restore_linears is not None:
                 self._restore_linears()
@@ -140,8 +143,8 @@ class LLMEngine:
         )
         self.backend = self._runner.backend
         self.kv_bytes_per_token = kv_token_bytes
-        logger.info("backend: %s; %d forward lane%s", self.backend.describe(), self._runner.lanes,
-                    "s" if self._runner.lanes > 1 else "")
+        logger.info("backend: %s; %d forward lane%s; %s sampling", self.backend.describe(), self._runner.lanes,
+                    "s" if self._runner.lanes > 1 else "", "native" if self._sampling_kernels else "torch")
         logger.info(
             "KV cache: %d blocks of %d tokens (%.0f MiB) on %s; prefix caching %s",
             num_blocks, block_size, num_blocks * block_bytes / 2**20, model.device,
@@ -422,7 +425,7 @@ class LLMEngine:
             def rows(span: tuple[int, int]) -> SampleOutput:
                 start, end = span
                 return sample(logits[start:end], self._sampling_batch(sampled[start:end], logits.device),
-                              want_logprobs=want)
+                              want_logprobs=want, kernels=self._sampling_kernels)
 
             # Rows are sampled independently (each by its own seed), so lanes may take a share each.
             outs = self._runner.map_lanes(rows, _spans(len(sampled), self._runner.lanes))
@@ -434,7 +437,8 @@ class LLMEngine:
         tokens: list[int | Exception] = []
         for row, chunk in enumerate(sampled):
             try:
-                tokens.append(int(sample(logits[row : row + 1], self._sampling_batch([chunk], logits.device)).tokens[0]))
+                batch = self._sampling_batch([chunk], logits.device)
+                tokens.append(int(sample(logits[row : row + 1], batch, kernels=self._sampling_kernels).tokens[0]))
             except Exception as exc:
                 tokens.append(exc)
         return tokens

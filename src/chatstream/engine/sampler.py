@@ -24,8 +24,12 @@ Both cost nothing when unused.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .sampling_native import SamplingKernels
 
 # Candidates taken for rows truncated by top-p/min-p without a top-k: a chat model's top-p 0.9
 # nucleus is almost always far smaller; a row whose nucleus is larger is redone over the vocabulary.
@@ -61,31 +65,62 @@ class SampleOutput:
 
 
 def sample(
-    logits: torch.Tensor, batch: SamplingBatch, mask: torch.Tensor | None = None, want_logprobs: bool = False
+    logits: torch.Tensor, batch: SamplingBatch, mask: torch.Tensor | None = None, want_logprobs: bool = False,
+    kernels: SamplingKernels | None = None,
 ) -> SampleOutput:
-    """Sample one token id per row of ``logits`` [B, V]."""
+    """Sample one token id per row of ``logits`` [B, V]. ``kernels``: draw CPU rows through the
+    native kernel (:mod:`.sampling_native`: the same tokens, one pass over each row); rows it
+    cannot settle exactly, and every row without it, go through PyTorch's operators."""
     logits = logits.float()
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
-    if batch.seen_rows is not None and batch.seen_tokens is not None:
+    native = kernels is not None and logits.device.type == "cpu" and logits.stride(1) == 1
+    penalised = batch.seen_rows is not None and batch.seen_tokens is not None
+    # The native kernel applies the repetition penalty itself, on a copy of each penalised row only,
+    # unless the penalised logits are needed here (log-probabilities, or penalties applied after it).
+    penalty_inside = native and penalised and not want_logprobs and batch.output_rows is None
+    if penalised and not penalty_inside:
         logits = _apply_repetition_penalty(logits, batch)
     if batch.output_rows is not None and batch.output_tokens is not None:
         logits = _apply_presence_frequency(logits, batch)
     logprobs = logits.log_softmax(dim=-1) if want_logprobs else None
-    sampled_rows = batch.temperature > 0
+    params = (batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seed, batch.step)
+    if kernels is None or not native:
+        return SampleOutput(_draw_tokens(logits, *params), logprobs)
+    penalty = None
+    if penalty_inside:
+        assert batch.seen_rows is not None and batch.seen_tokens is not None
+        penalty = (batch.repetition_penalty, batch.seen_rows, batch.seen_tokens)
+    tokens = kernels.sample(logits, *params, CANDIDATES, repetition_penalty=penalty)
+    redo = (tokens < 0).nonzero().squeeze(1)
+    if redo.numel():  # a top-k past the candidates, or a nucleus reaching past them
+        if penalty_inside:
+            logits = _apply_repetition_penalty(logits, batch)
+        min_p = None if batch.min_p is None else batch.min_p[redo]
+        tokens[redo] = _draw_tokens(logits[redo], batch.temperature[redo], batch.top_k[redo], batch.top_p[redo], min_p,
+                                    batch.seed[redo], batch.step[redo])
+    return SampleOutput(tokens, logprobs)
+
+
+def _draw_tokens(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+    min_p: torch.Tensor | None, seed: torch.Tensor, step: torch.Tensor,
+) -> torch.Tensor:
+    """The PyTorch sampler: one token per row of ``logits`` (after the mask and penalties)."""
+    sampled_rows = temperature > 0
     if not bool(sampled_rows.any()):
-        return SampleOutput(logits.argmax(dim=-1), logprobs)
+        return logits.argmax(dim=-1)
     tokens = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     if not bool(sampled_rows.all()):
         greedy = (~sampled_rows).nonzero().squeeze(1)
         tokens[greedy] = logits[greedy].argmax(dim=-1)
     vocab = logits.shape[1]
-    top_k = torch.where((batch.top_k > 0) & (batch.top_k < vocab), batch.top_k, 0)
-    min_p = batch.min_p if batch.min_p is not None else torch.zeros_like(batch.top_p)
-    filtered = sampled_rows & ((top_k > 0) | (batch.top_p < 1) | (min_p > 0))
+    top_k = torch.where((top_k > 0) & (top_k < vocab), top_k, 0)
+    min_p = min_p if min_p is not None else torch.zeros_like(top_p)
+    filtered = sampled_rows & ((top_k > 0) | (top_p < 1) | (min_p > 0))
     plain = sampled_rows & ~filtered
-    u = _uniform(batch.seed, batch.step)
-    temperature = batch.temperature[:, None]
+    u = _uniform(seed, step)
+    temperature = temperature[:, None]
     if bool(plain.any()):  # temperature only: the whole vocabulary is the distribution
         rows = plain.nonzero().squeeze(1)
         scaled = _rows(logits, rows) / temperature[rows]
@@ -93,7 +128,7 @@ def sample(
     if bool(filtered.any()):
         rows = filtered.nonzero().squeeze(1)
         scaled = _rows(logits, rows) / temperature[rows]
-        k, p, m = top_k[rows], batch.top_p[rows], min_p[rows]
+        k, p, m = top_k[rows], top_p[rows], min_p[rows]
         need = torch.where(k > 0, k.clamp(max=CANDIDATES), CANDIDATES)
         count = min(vocab, int(need.max()))
         drawn, spilled = _truncated_draw(scaled, k, p, m, u[rows], count)
@@ -101,7 +136,7 @@ def sample(
         if count < vocab and bool(spilled.any()):  # the kept prefix may run past the candidates
             redo = spilled.nonzero().squeeze(1)
             tokens[rows[redo]] = _truncated_draw(scaled[redo], k[redo], p[redo], m[redo], u[rows[redo]], vocab)[0]
-    return SampleOutput(tokens, logprobs)
+    return tokens
 
 
 def _truncated_draw(

@@ -47,6 +47,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     cache_salt: str | None = None
+    # Leading prompt tokens that are the server's own (chat template head, default system prompt):
+    # whole blocks of them are shared across salts, since they hold nothing any user wrote.
+    cache_shared_tokens: int = 0
     grammar: str | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely (k <= 20)
@@ -77,6 +80,8 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "must be non-empty strings")
         _check(len(self.stop) <= 16, "stop", "at most 16 stop strings")
         _check(self.cache_salt is None or isinstance(self.cache_salt, str), "cache_salt", "must be a string")
+        _check(_is_int(self.cache_shared_tokens) and 0 <= self.cache_shared_tokens <= _INT32_MAX,
+               "cache_shared_tokens", f"must be an integer between 0 and {_INT32_MAX}")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
                "logprobs", "must be an integer between 0 and 20")
         _check(self.grammar is None or (isinstance(self.grammar, str) and 0 < len(self.grammar) <= 1 << 20),

@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ..admission import Ticket
@@ -268,7 +269,11 @@ class Turn:
     async def _render(self, chat_prompt: ChatPrompt | None) -> list[int]:
         if chat_prompt is not None:
             budget = self.service.context_len - self.params.max_new_tokens
-            return await self.service.run_bounded(chat_prompt.render_ids, budget)
+            ids = await self.service.run_bounded(chat_prompt.render_ids, budget)
+            shared = self.service.shared_head_tokens(chat_prompt, ids)
+            if shared:
+                self.params = replace(self.params, cache_shared_tokens=shared)
+            return ids
         assert self.messages is not None
         ids = await self.service.run_bounded(self.render or self.service.render_messages, self.messages)
         self.params = self.service.fit_to_context(self.params, len(ids), self.explicit_max_tokens)
