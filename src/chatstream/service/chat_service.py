@@ -385,13 +385,14 @@ class ChatService:
         conversations.migrate(data)
         return data
 
-    async def update_index(self, session: Session, change: Callable[[dict[str, Any]], T]) -> T:
+    async def update_index(self, session: Session, change: Callable[[dict[str, Any]], T],
+                           wait_s: float = _INDEX_WAIT_S) -> T:
         """Apply ``change`` to a fresh read of the index under the session's lock, and save it.
 
-        The lock is held for this only (milliseconds), and waited for briefly: changes to the index
-        from several conversations' turns never overwrite each other.
+        The lock is held for this only (milliseconds), and waited for ``wait_s``: changes to the
+        index from several conversations' turns never overwrite each other.
         """
-        async with session.lock(lease_s=self.lock_lease_s, wait_s=_INDEX_WAIT_S):
+        async with session.lock(lease_s=self.lock_lease_s, wait_s=wait_s):
             session.loaded = False  # a fresh read: another request may have changed it
             data = await session.load()
             for conversation_id, stored in conversations.split_legacy(data).items():
@@ -468,8 +469,12 @@ class ChatService:
         session.get_session()[CONVERSATION_KEY] = chat_prompt  # what the seed API's callback reads
         seen = {"messages": chat_prompt.messages}  # read (count, title), not copied
         try:
+            # Waited for past a lease: a live holder keeps the index lock for milliseconds, so one held
+            # longer is a process that died or stalled holding it, and its lease frees it. Given up
+            # sooner, a conversation the turn started would be saved but missing from the list.
             await self.update_index(
-                session, lambda index: conversations.note_chat_prompt(index, target, seen, current_was))
+                session, lambda index: conversations.note_chat_prompt(index, target, seen, current_was),
+                wait_s=self.lock_lease_s + _INDEX_WAIT_S)
         except (SessionBusy, SessionTooLarge) as exc:  # the messages are saved; only the list's title/count/time lag behind
             logger.warning("the index of session %s… was not updated (%s); conversation %s saved without it",
                            session.id[:8], exc.code, target)
