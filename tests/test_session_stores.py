@@ -7,7 +7,6 @@ against a real file. Two store instances on one file or one Redis stand for two 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sqlite3
 import stat
@@ -33,7 +32,6 @@ from chatstream.session import (
     load_or_create_secret,
     store_from_url,
 )
-from chatstream.session.lease import Lease
 
 ALL = ["memory", "sqlite", "redis"]
 SHARED = ["sqlite", "redis"]  # stores that outlive the process and that several processes share
@@ -185,29 +183,6 @@ async def test_concurrent_acquires_have_exactly_one_winner(open_store: OpenStore
     instances = [open_store(), open_store()]  # for SQLite and Redis: two "processes"
     tokens = await asyncio.gather(*(instances[i % 2].acquire_lock("s1", lease_s=10) for i in range(40)))
     assert len([t for t in tokens if t is not None]) == 1
-
-
-@stores(SHARED)
-async def test_a_request_cancelled_while_its_lock_is_taken_leaves_the_lock_free(open_store: OpenStore) -> None:
-    """Found in CI: a turn's checkpoint, cancelled as its reply ended, was waiting for the session's
-    index lock; the store took the lock anyway and nobody released it, so the turn's own save of
-    the index was refused (session_busy) and the new conversation was missing from the list."""
-    store = open_store()
-    for attempt in range(5):
-        name = f"s{attempt}"
-        taking = asyncio.ensure_future(Lease(store, name, lease_s=30).acquire())
-        await asyncio.sleep(0)  # it is waiting for the store (a thread for SQLite, the server for Redis)
-        taking.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await taking
-        assert taking.cancelled()
-        # The old code: None for the whole lease (30 s), in every attempt where the store had taken it.
-        token = None
-        for _ in range(100):
-            if (token := await store.acquire_lock(name, lease_s=30)) is not None:
-                break
-            await asyncio.sleep(0.02)
-        assert token is not None, f"attempt {attempt}: the lock stayed held"
 
 
 @stores(ALL)
