@@ -522,6 +522,15 @@ class ChatService:
         replies, counted in the store with the locks, so the limit holds across processes."""
         busy = (f"a reply is already being generated in conversation {conversation_id!r}; "
                 "wait for it to finish or stop it")
+        # A turn here whose client left (or pressed Stop) is saving what it sent: the next turn waits
+        # for that (milliseconds; longer on a busy machine) rather than answer 409 to a client that
+        # already let go.
+        leaving = [asyncio.ensure_future(turn.wait()) for turn in self._turns
+                   if turn.leaving(session.id, conversation_id)]
+        if leaving:
+            _, pending = await asyncio.wait(leaving, timeout=self.lock_lease_s)
+            for waiter in pending:
+                waiter.cancel()
         async with session.hold(conversation_id, self.lock_lease_s, busy, on_lost,
                                 MAX_PARALLEL_REPLIES if streaming else None) as lease:
             yield lease
