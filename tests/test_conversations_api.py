@@ -19,7 +19,7 @@ from itsdangerous import TimestampSigner
 
 from chatstream import ChatStream
 from chatstream.service import conversations as book
-from chatstream.session import MemorySessionStore
+from chatstream.session import MemorySessionStore, SQLiteSessionStore
 from chatstream.settings import Settings
 from chatstream.web.app import create_app
 
@@ -255,6 +255,25 @@ def test_everything_survives_a_server_restart(server, tmp_path: Path) -> None:
     with httpx.Client(base_url=url, cookies=cookies) as c:
         assert c.get("/conversations").json() == before
         assert before["current"] == second
+
+
+def test_a_new_conversation_reaches_the_list_while_a_dead_process_holds_the_index_lock(server, tmp_path: Path) -> None:
+    """Found in CI (test_ui): a turn saved its new conversation, but the index (the list) was locked
+    past the 2 s an index change waits, so the list never got it and a reload showed nothing. Here
+    another process took the session's index lock and died: its lease frees it after 5 s."""
+    url = server(mock_token_delay=0.05)  # the reply takes about 1 s
+    other_process = SQLiteSessionStore(tmp_path / "sessions.db")
+    signer = TimestampSigner(SECRET, salt="chatstream.session")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        with c.stream("POST", "/chat_stream", json={"user_input": "hello there", "max_tokens": 20}) as r:
+            session_id = signer.unsign(r.cookies["chatstream_session"]).decode()
+            assert asyncio.run(other_process.acquire_lock(session_id, lease_s=5.0))
+            events = parse_sse(r.read().decode())
+        assert events[-1][0] == "done", events[-1]
+        listed = c.get("/conversations").json()  # the old code: [] (the index was not updated)
+        assert [(s["id"], s["title"]) for s in listed["conversations"]] == [(listed["current"], "hello there")]
+        assert [m["content"] for m in c.get("/history").json()["messages"]][:1] == ["hello there"]
+    asyncio.run(other_process.close())
 
 
 def test_a_session_from_before_several_conversations_is_migrated_on_read() -> None:

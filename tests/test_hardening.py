@@ -16,11 +16,13 @@ from typing import Any
 import httpx
 import pytest
 from conftest import parse_sse, wait_until
+from fastapi import FastAPI
 
-from chatstream import ChatService, Settings
+from chatstream import ChatService, ChatStream, Settings
 from chatstream.engine import GenerationOutput, SamplingParams
 from chatstream.engine.mock import MockEngine, MockTokenizer
 from chatstream.engine.stream import RequestStream
+from chatstream.session import MemorySessionStore
 from chatstream.web.app import create_app
 
 USER = [{"role": "user", "content": "hello"}]
@@ -391,6 +393,34 @@ def test_leaving_mid_stream_releases_the_session_at_once_and_saves_what_was_sent
     assert messages[2]["content"] == "tell me everything"
     assert partial.startswith(received) and len(partial) - len(received) < 12  # at most the piece in flight
     assert messages[4]["content"] == "next question"
+
+
+class SlowSavingStore(MemorySessionStore):
+    """A store whose message writes take 0.5 s, as a busy machine's can: a turn whose client left is
+    still saving when that client's next turn arrives (CI saw the 409 this produced)."""
+
+    async def set_messages(self, *args: Any, **kwargs: Any) -> None:
+        await asyncio.sleep(0.5)
+        await super().set_messages(*args, **kwargs)
+
+
+def test_the_next_turn_waits_for_the_left_turn_to_save_instead_of_409(serve):
+    chat_stream = ChatStream(use_mock_response=True, session_store=SlowSavingStore(), session_secret="test",
+                             mock_token_delay=0.1)
+    app = FastAPI()
+    chat_stream.append_middlewares(app)
+    chat_stream.append_apis(app)
+    url = serve(app).url
+    with httpx.Client(base_url=url, timeout=30) as client:
+        chat(client, "setup")
+        for n in range(2):
+            with client.stream("POST", "/chat_stream", json={"user_input": f"tell me everything {n}"}) as r:
+                next(line for line in r.iter_lines() if line.startswith("data:") and '"text"' in line)
+            r = chat(client, f"next question {n}")  # the old code: 409 session_busy
+            assert r.status_code == 200, r.text
+        contents = [m["content"] for m in history(client)]
+    assert contents[2::4] == ["tell me everything 0", "tell me everything 1"]
+    assert contents[4::4] == ["next question 0", "next question 1"]
 
 
 def test_clearing_rotates_the_session_id(serve):

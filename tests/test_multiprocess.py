@@ -69,7 +69,12 @@ def test_killing_a_process_mid_stream_keeps_what_was_streamed_and_frees_the_sess
                     received += json.loads(line[5:])["text"]
                     if len(received) > 20:
                         break
-            time.sleep(1.5)  # longer than a checkpoint interval
+            def checkpointed() -> bool:  # a checkpoint (every 0.5 s) holds what was received, as B reads it
+                with httpx.Client(base_url=b, timeout=30, cookies=cookies) as reader:
+                    messages = reader.get("/history").json()["messages"]
+                return len(messages) > 3 and messages[3]["content"].startswith(received)
+
+            assert wait_until(checkpointed, timeout=20, interval=0.2)
             proc_a.send_signal(signal.SIGKILL)
             proc_a.wait(timeout=10)
     killed_at = time.monotonic()

@@ -323,23 +323,23 @@ def test_a_queued_request_waits_then_streams(serve):
 
 
 def test_closing_a_stream_cancels_its_generation(serve):
-    url, chat_stream = mock_server(serve, mock_token_delay=0.2)
+    url, chat_stream = mock_server(serve, mock_token_delay=0.4)
     started = time.monotonic()
     with chat(url, stream=True) as stream:
         chunks = iter(stream)
         next(chunks), next(chunks)
         assert chat_stream.admission.running == 1 and chat_stream.engine.num_running == 1
-    assert wait_until(lambda: chat_stream.admission.running == 0 and chat_stream.engine.num_running == 0, timeout=2)
-    assert time.monotonic() - started < 3  # the whole reply takes ~6 s
+    assert wait_until(lambda: chat_stream.admission.running == 0 and chat_stream.engine.num_running == 0, timeout=4)
+    assert time.monotonic() - started < 5  # the whole reply takes ~8 s (bounds with room for a busy machine)
 
 
 def test_leaving_a_non_streaming_request_cancels_its_generation(serve):
-    url, chat_stream = mock_server(serve, mock_token_delay=0.2)
+    url, chat_stream = mock_server(serve, mock_token_delay=0.4)
     started = time.monotonic()
     with pytest.raises(openai.APITimeoutError):
         client(url, timeout=1.0).chat.completions.create(model="mock", messages=USER)
-    assert wait_until(lambda: chat_stream.admission.running == 0 and chat_stream.engine.num_running == 0, timeout=2)
-    assert time.monotonic() - started < 3.5
+    assert wait_until(lambda: chat_stream.admission.running == 0 and chat_stream.engine.num_running == 0, timeout=4)
+    assert time.monotonic() - started < 5  # the whole reply takes ~8 s
 
 
 def test_leaving_while_queued_gives_the_place_up(serve):

@@ -105,15 +105,21 @@ async def test_front_streams_keeps_history_reports_queue_and_calls_back(start_up
     chat_stream.append_openai_apis(app)
     front = serve(app)
 
+    streaming = asyncio.Event()
+
     async def turn(client: httpx.AsyncClient, text: str) -> list[tuple[str, dict[str, Any]]]:
         async with client.stream("POST", "/chat_stream", json={"user_input": text, "regenerate": False}) as r:
             assert r.status_code == 200, await r.aread()
-            return [e async for e in sse_events(r)]
+            events = []
+            async for event in sse_events(r):
+                events.append(event)
+                streaming.set()
+            return events
 
     async with httpx.AsyncClient(base_url=front.url, timeout=30) as alice, \
             httpx.AsyncClient(base_url=front.url, timeout=30) as bob:
         first = asyncio.create_task(turn(alice, "hello from alice"))
-        await asyncio.sleep(0.3)  # alice holds the only slot
+        await asyncio.wait_for(streaming.wait(), 30)  # alice holds the only slot (not a timed sleep: a busy machine)
         second = asyncio.create_task(turn(bob, "hello from bob"))
         a_events, b_events = await asyncio.gather(first, second)
         history = (await alice.get("/history")).json()

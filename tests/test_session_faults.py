@@ -131,9 +131,15 @@ def test_killing_the_server_mid_regenerate_keeps_every_earlier_answer(servers: A
         with client.stream("POST", "/chat_stream", json={"user_input": "", "regenerate": True}) as reply:
             lines = reply.iter_lines()
             first_delta(lines)
-            time.sleep(1.2)  # past a checkpoint or two of the new answer
-            with httpx.Client(base_url=url, timeout=30, cookies=dict(client.cookies)) as reader:
-                during = reader.get("/history").json()["messages"][-1]
+            during: dict = {}
+
+            def checkpointed() -> bool:  # a checkpoint of the new answer (every 0.5 s; later on a busy machine)
+                nonlocal during
+                with httpx.Client(base_url=url, timeout=30, cookies=dict(client.cookies)) as reader:
+                    during = reader.get("/history").json()["messages"][-1]
+                return len(versions(during)) == 4
+
+            assert wait_until(checkpointed, timeout=20, interval=0.2), during
             assert set(earlier) <= set(versions(during)), during
             servers.procs[0].send_signal(signal.SIGKILL)
             servers.procs[0].wait(timeout=10)
@@ -156,7 +162,13 @@ def test_killing_the_server_mid_edit_keeps_the_branch_it_replaces(servers: Any, 
         before = client.get("/history").json()["messages"]
         with client.stream("POST", "/chat_stream", json={"user_input": LONG_INPUT, "edit_index": 0}) as reply:
             first_delta(reply.iter_lines())
-            time.sleep(1.2)  # past a checkpoint or two of the new branch
+
+            def checkpointed() -> bool:  # a checkpoint of the new branch's reply (every 0.5 s; later when busy)
+                with httpx.Client(base_url=url, timeout=30, cookies=dict(client.cookies)) as reader:
+                    messages = reader.get("/history").json()["messages"]
+                return len(messages) > 1 and messages[0]["content"] == LONG_INPUT
+
+            assert wait_until(checkpointed, timeout=20, interval=0.2)
             servers.procs[0].send_signal(signal.SIGKILL)
             servers.procs[0].wait(timeout=10)
         cookies = dict(client.cookies)

@@ -23,20 +23,24 @@ from test_remote_containment import FakeUpstream
 from chatstream import ChatService, Settings
 from chatstream.web.app import create_app
 
-SLOW_S = 3.0
-
 
 class SlowTokenizeUpstream(FakeUpstream):
-    """The fake upstream with vLLM's /tokenize, which takes SLOW_S for any text saying "slow"."""
+    """The fake upstream with vLLM's /tokenize, which answers any text saying "slow" only once the
+    test sets ``release`` (``waiting`` is set meanwhile): the order of events does not hang on timing."""
 
     def __init__(self) -> None:
         super().__init__()
         self.app.router.routes.append(Route("/tokenize", self.tokenize, methods=["POST"]))
+        self.waiting = threading.Event()
+        self.release = threading.Event()
 
     async def tokenize(self, request: Request) -> JSONResponse:
         text = (await request.json())["prompt"]
         if "slow" in text:
-            await asyncio.sleep(SLOW_S)
+            self.waiting.set()
+            deadline = time.monotonic() + 60
+            while not self.release.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
         return JSONResponse({"tokens": [1] * len(text.split()), "count": len(text.split())})
 
 
@@ -51,41 +55,47 @@ def finished_at(call: Any, results: dict[str, float], name: str) -> threading.Th
 
 
 def a_turn(url: str, text: str) -> None:
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with httpx.Client(base_url=url, timeout=30) as client:
         events = parse_sse(client.post("/chat_stream", json={"user_input": text}).text)
     assert events[-1][0] == "done", events
 
 
-def remote_front(serve: Any) -> str:
+def remote_front(serve: Any) -> tuple[str, SlowTokenizeUpstream]:
     fake = SlowTokenizeUpstream()
     upstream = serve(fake.app).url
     settings = Settings(engine_url=[upstream], session_store="memory://", session_secret="s", concurrency=4)
     url: str = serve(create_app(settings)).url
     assert wait_until(lambda: httpx.get(url + "/health").status_code == 200, timeout=30)
-    return url
+    return url, fake
 
 
 def test_a_slow_tokenize_call_does_not_queue_turns(serve):
-    url = remote_front(serve)
+    url, upstream = remote_front(serve)
     done: dict[str, float] = {}
-    tokenize = finished_at(lambda: httpx.post(url + "/tokenize", json={"prompt": "slow words"}, timeout=60)
+    tokenize = finished_at(lambda: httpx.post(url + "/tokenize", json={"prompt": "slow words"}, timeout=90)
                            .raise_for_status(), done, "tokenize")
-    time.sleep(0.5)  # the /tokenize call is waiting on the upstream
-    turn = finished_at(lambda: a_turn(url, "hello"), done, "turn")
-    tokenize.join()
-    turn.join()
-    assert done["turn"] < done["tokenize"]
+    try:
+        assert upstream.waiting.wait(30)  # the /tokenize call is waiting on the upstream
+        a_turn(url, "hello")  # queued behind it, this would time out
+        assert "tokenize" not in done
+    finally:
+        upstream.release.set()
+        tokenize.join()
+    assert "tokenize" in done
 
 
 def test_one_turn_whose_counting_is_slow_does_not_hold_another_back(serve):
-    url = remote_front(serve)
+    url, upstream = remote_front(serve)
     done: dict[str, float] = {}
     slow = finished_at(lambda: a_turn(url, "slow words"), done, "slow")
-    time.sleep(0.5)
-    quick = finished_at(lambda: a_turn(url, "hello"), done, "quick")
-    slow.join()
-    quick.join()
-    assert done["quick"] < done["slow"]
+    try:
+        assert upstream.waiting.wait(30)  # the slow turn's counting is waiting on the upstream
+        a_turn(url, "hello")
+        assert "slow" not in done
+    finally:
+        upstream.release.set()
+        slow.join()
+    assert "slow" in done
 
 
 def test_large_tokenize_calls_under_load_do_not_delay_turns(serve, default_model):

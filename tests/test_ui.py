@@ -11,6 +11,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -85,11 +86,14 @@ def history(page: Page, url: str) -> list[dict[str, str]]:
 
 def wait_for_history(page: Page, url: str, count: int) -> list[dict[str, str]]:
     """A stopped turn is saved as it ends, a moment after the disconnect: poll for it."""
-    for _ in range(200):
+    deadline = time.monotonic() + 15  # seconds: a busy machine saves later
+    while True:
         messages = history(page, url)
-        if len(messages) >= count:
-            return messages
+        if len(messages) >= count or time.monotonic() > deadline:
+            break
         page.wait_for_timeout(25)
+    if len(messages) >= count:
+        return messages
     raise AssertionError(f"the history never reached {count} messages: {messages}")
 
 
@@ -417,9 +421,9 @@ def test_a_busy_session_and_a_network_failure_are_explained(chat, new_page) -> N
         window.__other = new AbortController();
         fetch('chat_stream', {method: 'POST', body: JSON.stringify({user_input: 'x '.repeat(100)}),
                               headers: {'Content-Type': 'application/json'}, signal: window.__other.signal})
-            .then(r => r.body.getReader().read()).catch(() => {});
+            .then(r => { window.__otherStreaming = r.ok; return r.body.getReader().read(); }).catch(() => {});
     }""")
-    page.wait_for_timeout(200)
+    page.wait_for_function("window.__otherStreaming === true")  # it holds the conversation (not a timed wait)
     send(page, "Me too")
     expect(page.locator("#notice")).to_contain_text("A reply is already being written in this conversation")
     expect(page.locator("#notice-retry")).to_be_enabled()

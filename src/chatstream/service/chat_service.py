@@ -386,13 +386,14 @@ class ChatService:
         conversations.migrate(data)
         return data
 
-    async def update_index(self, session: Session, change: Callable[[dict[str, Any]], T]) -> T:
+    async def update_index(self, session: Session, change: Callable[[dict[str, Any]], T],
+                           wait_s: float = _INDEX_WAIT_S) -> T:
         """Apply ``change`` to a fresh read of the index under the session's lock, and save it.
 
-        The lock is held for this only (milliseconds), and waited for briefly: changes to the index
-        from several conversations' turns never overwrite each other.
+        The lock is held for this only (milliseconds), and waited for ``wait_s``: changes to the
+        index from several conversations' turns never overwrite each other.
         """
-        async with session.lock(lease_s=self.lock_lease_s, wait_s=_INDEX_WAIT_S):
+        async with session.lock(lease_s=self.lock_lease_s, wait_s=wait_s):
             session.loaded = False  # a fresh read: another request may have changed it
             data = await session.load()
             for conversation_id, stored in conversations.split_legacy(data).items():
@@ -469,8 +470,12 @@ class ChatService:
         session.get_session()[CONVERSATION_KEY] = chat_prompt  # what the seed API's callback reads
         seen = {"messages": chat_prompt.messages}  # read (count, title), not copied
         try:
+            # Waited for past a lease: a live holder keeps the index lock for milliseconds, so one held
+            # longer is a process that died or stalled holding it, and its lease frees it. Given up
+            # sooner, a conversation the turn started would be saved but missing from the list.
             await self.update_index(
-                session, lambda index: conversations.note_chat_prompt(index, target, seen, current_was))
+                session, lambda index: conversations.note_chat_prompt(index, target, seen, current_was),
+                wait_s=self.lock_lease_s + _INDEX_WAIT_S)
         except (SessionBusy, SessionTooLarge) as exc:  # the messages are saved; only the list's title/count/time lag behind
             logger.warning("the index of session %s… was not updated (%s); conversation %s saved without it",
                            session.id[:8], exc.code, target)
@@ -518,6 +523,15 @@ class ChatService:
         replies, counted in the store with the locks, so the limit holds across processes."""
         busy = (f"a reply is already being generated in conversation {conversation_id!r}; "
                 "wait for it to finish or stop it")
+        # A turn here whose client left (or pressed Stop) is saving what it sent: the next turn waits
+        # for that (milliseconds; longer on a busy machine) rather than answer 409 to a client that
+        # already let go.
+        leaving = [asyncio.ensure_future(turn.wait()) for turn in self._turns
+                   if turn.leaving(session.id, conversation_id)]
+        if leaving:
+            _, pending = await asyncio.wait(leaving, timeout=self.lock_lease_s)
+            for waiter in pending:
+                waiter.cancel()
         async with session.hold(conversation_id, self.lock_lease_s, busy, on_lost,
                                 MAX_PARALLEL_REPLIES if streaming else None) as lease:
             yield lease
