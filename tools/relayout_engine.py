@@ -57,6 +57,8 @@ MOVES: dict[str, str] = {
     "block_manager.py": "core/block_manager.py",  # KV block ownership and the prefix cache
     "sequence.py": "core/sequence.py",
     "sampler.py": "core/sampler.py",
+    "sampling_native.py": "core/sampling_native.py",  # s4batch: the sampler's C kernel, built like ops/native's
+    "sampling.c": "core/sampling.c",
     "grammar.py": "core/grammar.py",  # llguidance token masks applied before sampling
     "detokenizer.py": "core/detokenizer.py",
     "stop_strings.py": "core/stop_strings.py",
@@ -70,6 +72,7 @@ MOVES: dict[str, str] = {
     "native.py": "ops/native.py",  # build (compile + cache key), load, NativeKernels
     "kernels.c": "ops/kernels.c",
     "vector_math.h": "ops/vector_math.h",  # included by ops/kernels.c and quant/kernels.c
+    "thread_pool.h": "ops/thread_pool.h",  # s4attn: the process's one pool, for ops/ and quant/ kernels
     # quant/: weight formats and their kernels.
     "quantization.py": "quant/int8.py",  # Int8Linear (per-token int8), resolve_quantization
     "quant/__init__.py": "quant/__init__.py",
@@ -81,6 +84,9 @@ MOVES: dict[str, str] = {
     "remote.py": "remote/engine.py",  # RemoteEngine: upstream client, routing, health
     "remote_tokenizer.py": "remote/tokenizer.py",  # token counting for truncation
 }
+
+# Rows for files that parallel branches add, not merged everywhere yet: one absent is no error.
+FROM_BRANCHES = {"thread_pool.h", "sampling_native.py", "sampling.c"}
 
 # The new packages' __init__.py (quant/ has one already).
 PACKAGES: dict[str, str] = {
@@ -110,6 +116,7 @@ TEXT_RULES: list[tuple[str, str, str]] = [
     ("README.md",
      " (Left for later: the engine files could move into `engine/core/`,\n  `engine/model/`, `engine/ops/` subpackages.)",
      ""),
+    ("docs/ARCHITECTURE.md", "Suggested layout: `engine/core/`", "Layout: `engine/core/`"),
     (f"{ENGINE}/quant/kernels.c", "compiled at first use like ../kernels.c:", "compiled at first use like ../ops/kernels.c:"),
 ]
 
@@ -154,6 +161,7 @@ def render_relative(target: list[str], package: list[str]) -> str:
 @dataclass
 class Plan:
     root: Path
+    moves: dict[str, str] = field(default_factory=dict)  # the rows of MOVES whose file is in this tree
     modules: dict[str, str] = field(default_factory=dict)  # old dotted -> new dotted, every engine module
     moved_modules: dict[str, str] = field(default_factory=dict)  # only those whose name changes
     known_modules: set[str] = field(default_factory=set)  # every module under src/ (before the move)
@@ -179,7 +187,7 @@ def check_tree(root: Path) -> list[str]:
     if "llm_engine.py" not in engine_files and "core/llm_engine.py" in engine_files:
         raise RelayoutError(f"{ENGINE}/core/llm_engine.py exists: the move was done already")
     unknown = sorted(set(engine_files) - set(MOVES))
-    missing = sorted(set(MOVES) - set(engine_files))
+    missing = sorted(set(MOVES) - set(engine_files) - FROM_BRANCHES)
     if unknown or missing:
         raise RelayoutError(
             "the engine's files differ from the table MOVES in tools/relayout_engine.py; give each a place there"
@@ -196,6 +204,9 @@ def make_plan(root: Path) -> Plan:
             plan.known_modules.add(".".join(module_name(path)[0]))
     for old, new in MOVES.items():
         old_path, new_path = f"{ENGINE}/{old}", f"{ENGINE}/{new}"
+        if old_path not in tracked:
+            continue  # a row of FROM_BRANCHES whose branch is not merged here
+        plan.moves[old] = new
         if old != new:
             plan.paths[old_path] = new_path
         if old.endswith(".py"):
@@ -220,7 +231,7 @@ def make_plan(root: Path) -> Plan:
         if path == "pyproject.toml":
             new_text = rewrite_package_data(plan, new_text)
         if path == "README.md":
-            new_text = rewrite_layout_table(new_text)
+            new_text = rewrite_layout_table(plan, new_text)
         for file, old, new in TEXT_RULES:
             if file == path:
                 if old in new_text:
@@ -334,10 +345,10 @@ def rewrite_includes(plan: Plan, path: str, new_path: str, text: str) -> str:
     return _INCLUDE.sub(include, text)
 
 
-def native_sources() -> list[str]:
+def native_sources(plan: Plan) -> list[str]:
     """package-data globs (relative to src/chatstream/) covering the C sources and headers at their new places."""
     globs = {f"engine/{PurePosixPath(new).parent}/*{PurePosixPath(new).suffix}".replace("/./", "/")
-             for new in MOVES.values() if new.endswith((".c", ".h"))}
+             for new in plan.moves.values() if new.endswith((".c", ".h"))}
     return sorted(globs)
 
 
@@ -347,13 +358,13 @@ def rewrite_package_data(plan: Plan, text: str) -> str:
         raise RelayoutError("pyproject.toml: no `chatstream = [...]` package-data line to rewrite")
     entries = [e.strip().strip('"') for e in line.group(1).split(",") if e.strip()]
     kept = [e for e in entries if not e.startswith("engine/")]
-    new_entries = ", ".join(f'"{e}"' for e in [*kept, *native_sources()])
+    new_entries = ", ".join(f'"{e}"' for e in [*kept, *native_sources(plan)])
     return text[: line.start()] + f"chatstream = [{new_entries}]" + text[line.end():]
 
 
-def layout_rows() -> str:
+def layout_rows(plan: Plan) -> str:
     contents: dict[str, list[str]] = {package: [] for package in LAYOUT_ROWS}
-    for new in MOVES.values():
+    for new in plan.moves.values():
         parent, name = str(PurePosixPath(new).parent), PurePosixPath(new).name
         if name == "__init__.py":
             continue
@@ -365,11 +376,11 @@ def layout_rows() -> str:
     return "\n".join(rows)
 
 
-def rewrite_layout_table(text: str) -> str:
+def rewrite_layout_table(plan: Plan, text: str) -> str:
     row = re.compile(r"^\| `src/chatstream/engine/` \|.*$", flags=re.MULTILINE)
     if not row.search(text):
         raise RelayoutError("README.md: no layout table row for `src/chatstream/engine/`")
-    return row.sub(lambda _: layout_rows(), text, count=1)
+    return row.sub(lambda _: layout_rows(plan), text, count=1)
 
 
 def apply(plan: Plan) -> None:
