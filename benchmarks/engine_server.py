@@ -19,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from chatstream import ChatStream, load_model
-from chatstream.engine.llm_engine import LLMEngine
+from chatstream.engine.core.llm_engine import LLMEngine
 
 
 def build_app(opts: argparse.Namespace) -> FastAPI:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from chatstream.engine import quantization
+from chatstream.engine.quant import int8 as quantization
 from chatstream.model_loader import load_model
 
 from .step_time import decode_step_ms

@@ -66,11 +66,11 @@ def run_rows(model: Any, prompts: list[list[int]], next_token: Callable[[int, in
     returns the token to append, or None to finish that sequence."""
     import torch
 
-    from chatstream.engine.block_manager import BlockManager
-    from chatstream.engine.model_runner import ModelRunner
+    from chatstream.engine.core.block_manager import BlockManager
+    from chatstream.engine.core.scheduler import Scheduler
+    from chatstream.engine.core.sequence import Sequence as Seq
+    from chatstream.engine.model.runner import ModelRunner
     from chatstream.engine.sampling_params import SamplingParams
-    from chatstream.engine.scheduler import Scheduler
-    from chatstream.engine.sequence import Sequence as Seq
 
     longest = max(len(p) for p in prompts) + 256
     blocks = BlockManager(len(prompts) * (longest // 16 + 2), 16, enable_prefix_caching=False)
@@ -157,7 +157,7 @@ def text_tokens(tokenizer: Any, path: Path) -> tuple[list[int], int | None]:
 def load(path: Path, weights: str) -> tuple[Any, Any]:
     """The model as ``chatstream serve --model path --gguf-weights weights`` runs it; ``float``
     gets the engine's int8 linears, as its ``--quantization auto`` gives them on CPU."""
-    from chatstream.engine.quantization import quantize_linears_int8, resolve_quantization
+    from chatstream.engine.quant.int8 import quantize_linears_int8, resolve_quantization
     from chatstream.model_loader import GGUF_WEIGHTS, load_model
 
     model, tokenizer = load_model(path, quantized=GGUF_WEIGHTS[weights])

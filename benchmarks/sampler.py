@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from chatstream.engine import sampling_native
-from chatstream.engine.sampler import SamplingBatch, _uniform, sample
+from chatstream.engine.core import sampling_native
+from chatstream.engine.core.sampler import SamplingBatch, _uniform, sample
 
 
 def full_sort_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

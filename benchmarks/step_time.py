@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from chatstream.engine import quantization
-from chatstream.engine.block_manager import BlockManager
-from chatstream.engine.model_runner import ModelRunner
-from chatstream.engine.sampler import sample
+from chatstream.engine.core.block_manager import BlockManager
+from chatstream.engine.core.sampler import sample
+from chatstream.engine.core.scheduler import Scheduler
+from chatstream.engine.core.sequence import Sequence
+from chatstream.engine.model.runner import ModelRunner
+from chatstream.engine.quant import int8 as quantization
 from chatstream.engine.sampling_params import SamplingParams
-from chatstream.engine.scheduler import Scheduler
-from chatstream.engine.sequence import Sequence
 from chatstream.model_loader import load_model
 
 from .sampler import full_sort_sample, make_batch

@@ -3,7 +3,7 @@
     .venv/bin/python -m benchmarks.structured_output [--clients 16] [--tokens 48] [--rounds 3]
 
 Each round runs the same ``--clients`` requests (sampled, one seed each) twice, free and then under
-``response_format``'s grammar (llguidance's per-row token mask, see chatstream/engine/grammar.py),
+``response_format``'s grammar (llguidance's per-row token mask, see chatstream/engine/core/grammar.py),
 alternating which goes first, and reports the engine's mean step time of each (steps and seconds
 counted by the engine itself), the median over rounds, and the constrained/free ratio. The issue's
 bar: a constrained row costs no more than 20% over a free one, so the ratio stays under 1.2.
@@ -18,7 +18,7 @@ import statistics
 
 from chatstream import load_model
 from chatstream.engine import SamplingParams
-from chatstream.engine.llm_engine import LLMEngine
+from chatstream.engine.core.llm_engine import LLMEngine
 from chatstream.service.structured import json_schema_grammar
 
 SCHEMA = {

@@ -16,10 +16,11 @@ import torch
 from test_llama_forward import teacher_forced
 from test_quantization import PROMPTS, chat
 
-from chatstream.engine import SamplingParams, native
-from chatstream.engine.backend import select_backend
-from chatstream.engine.llm_engine import LLMEngine
-from chatstream.engine.quantization import quantize_linears_int8
+from chatstream.engine import SamplingParams
+from chatstream.engine.core.llm_engine import LLMEngine
+from chatstream.engine.model.backend import select_backend
+from chatstream.engine.ops import native
+from chatstream.engine.quant.int8 import quantize_linears_int8
 from chatstream.model_loader import load_model
 
 

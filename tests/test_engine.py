@@ -15,10 +15,10 @@ import pytest_asyncio
 import torch
 
 from chatstream.engine import GenerationOutput, SamplingParams
-from chatstream.engine.detokenizer import IncrementalDetokenizer
-from chatstream.engine.llm_engine import LLMEngine
-from chatstream.engine.model_runner import kv_bytes_per_token
-from chatstream.engine.stop_strings import StopStringMatcher
+from chatstream.engine.core.detokenizer import IncrementalDetokenizer
+from chatstream.engine.core.llm_engine import LLMEngine
+from chatstream.engine.core.stop_strings import StopStringMatcher
+from chatstream.engine.model.runner import kv_bytes_per_token
 from chatstream.engine.stream import RequestStream
 
 GREEDY = SamplingParams(max_new_tokens=16)

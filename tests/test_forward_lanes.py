@@ -8,11 +8,11 @@ import asyncio
 from typing import Any
 
 from chatstream.engine import SamplingParams
-from chatstream.engine.llm_engine import LLMEngine
-from chatstream.engine.model_runner import split_lanes
+from chatstream.engine.core.llm_engine import LLMEngine
+from chatstream.engine.core.scheduler import ScheduledChunk
+from chatstream.engine.core.sequence import Sequence
+from chatstream.engine.model.runner import split_lanes
 from chatstream.engine.sampling_params import SamplingParams as Params
-from chatstream.engine.scheduler import ScheduledChunk
-from chatstream.engine.sequence import Sequence
 
 QUESTIONS = [
     "Hi!", "What is the capital of France?", "Name three colours.", "Write a haiku about the sea.",
@@ -112,8 +112,8 @@ def test_no_lane_outlives_a_failing_one(default_model: tuple[Any, Any]) -> None:
     import threading
     import time
 
-    from chatstream.engine.block_manager import BlockManager
-    from chatstream.engine.model_runner import ModelRunner
+    from chatstream.engine.core.block_manager import BlockManager
+    from chatstream.engine.model.runner import ModelRunner
 
     model, _ = default_model
     runner = ModelRunner(model, BlockManager(4, 16, enable_prefix_caching=False), lanes=2)

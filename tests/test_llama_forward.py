@@ -23,13 +23,13 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from chatstream.engine import llama
-from chatstream.engine.block_manager import BlockManager
-from chatstream.engine.model_runner import ModelRunner
-from chatstream.engine.quantization import Int8Linear, OnednnInt8Weight, int8_linear, quantize_linears_int8
+from chatstream.engine.core.block_manager import BlockManager
+from chatstream.engine.core.scheduler import Scheduler
+from chatstream.engine.core.sequence import Sequence
+from chatstream.engine.model import llama
+from chatstream.engine.model.runner import ModelRunner
+from chatstream.engine.quant.int8 import Int8Linear, OnednnInt8Weight, int8_linear, quantize_linears_int8
 from chatstream.engine.sampling_params import SamplingParams
-from chatstream.engine.scheduler import Scheduler
-from chatstream.engine.sequence import Sequence
 from chatstream.model_loader import load_model
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from chatstream.engine import SamplingParams
-from chatstream.engine.llm_engine import LLMEngine
+from chatstream.engine.core.llm_engine import LLMEngine
 
 
 async def test_each_prefill_chunk_of_a_long_prompt_is_an_event(default_model: tuple[Any, Any]) -> None:

@@ -1,4 +1,4 @@
-"""chatstream's C kernels (engine/kernels.c), built here by the machine's compiler, against PyTorch.
+"""chatstream's C kernels (engine/ops/kernels.c), built here by the machine's compiler, against PyTorch.
 
 Each kernel is compared with the PyTorch operators it replaces, on shapes that reach its edge
 cases (partial blocks, partial tiles, grouped heads, strided rows); then the engine's int8 step
@@ -18,12 +18,14 @@ from test_llama_forward import teacher_forced
 from test_quantization import PROMPTS, chat, greedy_replies
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from chatstream.engine import attention, native, ops
-from chatstream.engine.attention import BatchMetadata, PagedKVCache
-from chatstream.engine.block_manager import BlockManager
-from chatstream.engine.llm_engine import LLMEngine
-from chatstream.engine.model_runner import ModelRunner
-from chatstream.engine.quantization import Int8Linear, int8_linear, quantize_linears_int8, quantize_weight
+from chatstream.engine.core.block_manager import BlockManager
+from chatstream.engine.core.llm_engine import LLMEngine
+from chatstream.engine.model import attention
+from chatstream.engine.model.attention import BatchMetadata, PagedKVCache
+from chatstream.engine.model.runner import ModelRunner
+from chatstream.engine.ops import layer_ops as ops
+from chatstream.engine.ops import native
+from chatstream.engine.quant.int8 import Int8Linear, int8_linear, quantize_linears_int8, quantize_weight
 from chatstream.model_loader import load_model
 
 
@@ -279,7 +281,7 @@ def test_without_a_working_compiler_auto_falls_back_and_native_refuses(
 ) -> None:
     monkeypatch.setenv("CC", "false")  # a "compiler" that fails every build
     monkeypatch.setenv("CHATSTREAM_CACHE_DIR", str(tmp_path))
-    with caplog.at_level(logging.WARNING, logger="chatstream.engine.native"):
+    with caplog.at_level(logging.WARNING, logger="chatstream.engine.ops.native"):
         assert native.load("auto") is None
     assert "using PyTorch's operators" in caplog.text
     with pytest.raises(native.NativeKernelError, match="native kernels unavailable"):

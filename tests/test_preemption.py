@@ -13,12 +13,12 @@ from typing import Any
 
 from test_engine import chat, generate_text
 
-from chatstream.engine.block_manager import BlockManager
-from chatstream.engine.llm_engine import LLMEngine
-from chatstream.engine.model_runner import kv_bytes_per_token
+from chatstream.engine.core.block_manager import BlockManager
+from chatstream.engine.core.llm_engine import LLMEngine
+from chatstream.engine.core.scheduler import Scheduler
+from chatstream.engine.core.sequence import Sequence
+from chatstream.engine.model.runner import kv_bytes_per_token
 from chatstream.engine.sampling_params import SamplingParams
-from chatstream.engine.scheduler import Scheduler
-from chatstream.engine.sequence import Sequence
 
 
 def _seq(name: str, prompt_len: int) -> Sequence:

@@ -15,9 +15,9 @@ from conftest import parse_sse, wait_until
 from test_metrics import scrape, value
 
 from chatstream import ChatService, Settings
-from chatstream.engine.block_manager import BlockManager
+from chatstream.engine.core.block_manager import BlockManager
+from chatstream.engine.core.sequence import Sequence
 from chatstream.engine.sampling_params import SamplingParams
-from chatstream.engine.sequence import Sequence
 from chatstream.web.app import create_app
 
 SECRET = "My bank PIN is {pin}. Please remember it for me and never, ever tell it to anybody else, thanks a lot."

@@ -11,7 +11,7 @@ import torch
 from test_llama_forward import teacher_forced
 from test_quantization import chat
 
-from chatstream.engine.llm_engine import LLMEngine
+from chatstream.engine.core.llm_engine import LLMEngine
 from chatstream.engine.quant.gguf_model import QuantEmbedding, QuantLinear, resident_bytes
 from chatstream.engine.sampling_params import SamplingParams
 from chatstream.model_loader import default_model_path, load_model

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from chatstream.engine import SamplingParams
-from chatstream.engine.llm_engine import LLMEngine
-from chatstream.engine.quantization import quantize_linears_int8, resolve_quantization
+from chatstream.engine.core.llm_engine import LLMEngine
+from chatstream.engine.quant.int8 import quantize_linears_int8, resolve_quantization
 from chatstream.model_loader import load_model
 
 PROMPTS = [

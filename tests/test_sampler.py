@@ -9,8 +9,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from chatstream.engine import sampling_native
-from chatstream.engine.sampler import CANDIDATES, SampleOutput, SamplingBatch, _uniform, sample
+from chatstream.engine.core import sampling_native
+from chatstream.engine.core.sampler import CANDIDATES, SampleOutput, SamplingBatch, _uniform, sample
 
 Sample = Callable[..., SampleOutput]
 

@@ -6,7 +6,7 @@ from .protocol import Engine, FinishReason, GenerationOutput, GenerationStream
 from .sampling_params import InvalidSamplingParams, SamplingParams
 
 if TYPE_CHECKING:
-    from .llm_engine import LLMEngine
+    from .core.llm_engine import LLMEngine
 
 __all__ = [
     "Engine",
@@ -22,7 +22,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Imported lazily: it pulls in torch, which the mock engine and the web layers never need.
     if name == "LLMEngine":
-        from .llm_engine import LLMEngine
+        from .core.llm_engine import LLMEngine
 
         return LLMEngine
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

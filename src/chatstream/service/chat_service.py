@@ -53,7 +53,7 @@ class ChatService:
     Give a loaded ``model`` and ``tokenizer``, or an ``engine`` (and its tokenizer), or neither to
     load ``settings.model`` (default: the embedded model) in the background on :meth:`start`.
     ``settings.mock`` streams canned text without a model; ``settings.engine_url`` generates on
-    OpenAI-compatible servers elsewhere (:class:`~chatstream.engine.remote.RemoteEngine`).
+    OpenAI-compatible servers elsewhere (:class:`~chatstream.engine.remote.engine.RemoteEngine`).
     """
 
     def __init__(
@@ -130,7 +130,7 @@ class ChatService:
 
     # -- engine lifecycle --
     def _attach(self, model: Any, tokenizer: Any) -> None:
-        from ..engine.llm_engine import LLMEngine
+        from ..engine.core.llm_engine import LLMEngine
 
         self.tokenizer = tokenizer
         settings = self.settings
@@ -145,8 +145,8 @@ class ChatService:
         )
 
     def _attach_remote(self, tokenizer: Any) -> None:
-        from ..engine.remote import RemoteEngine
-        from ..engine.remote_tokenizer import RemoteTokenizer, describe_counting, load_local_tokenizer
+        from ..engine.remote.engine import RemoteEngine
+        from ..engine.remote.tokenizer import RemoteTokenizer, describe_counting, load_local_tokenizer
 
         settings = self.settings
         engine = RemoteEngine.from_settings(settings)

@@ -1,6 +1,6 @@
 """Structured output for every face: a ``response_format`` (OpenAI's shape) or a forced tool call
 becomes an llguidance grammar in :attr:`SamplingParams.grammar`, which the engine enforces token by
-token (see :mod:`chatstream.engine.grammar`). JSON comes out compact (no free whitespace: a small
+token (see :mod:`chatstream.engine.core.grammar`). JSON comes out compact (no free whitespace: a small
 model could otherwise pad forever); ``strict: false`` schemas tolerate keywords llguidance cannot
 enforce (they are ignored), ``strict: true`` ones are refused when a keyword cannot be enforced.
 """
@@ -11,7 +11,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..engine.grammar import GrammarError, check_grammar
+from ..engine.core.grammar import GrammarError, check_grammar
 from ..errors import InvalidParams
 
 MAX_SCHEMA_BYTES = 64 * 1024

@@ -1,5 +1,5 @@
 /* chatstream's kernels for block-quantized weights (GGUF's formats, see chatstream.engine.quant),
- * compiled at first use like ../kernels.c: plain C through ctypes, no Python or torch headers.
+ * compiled at first use like ../ops/kernels.c: plain C through ctypes, no Python or torch headers.
  *
  * Weights stay in blocks of 32 values, one fp16 scale `d` each and an offset `m`: value = d * u + m
  * with u unsigned, 4 bits (GGUF's Q4_0, Q4_1, Q4_K) or 8 bits (Q8_0, and what other types are
@@ -23,8 +23,8 @@
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
-#include "../thread_pool.h"  /* pool_run */
-#include "../vector_math.h" /* exp_approx */
+#include "../ops/thread_pool.h"  /* pool_run */
+#include "../ops/vector_math.h" /* exp_approx */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define QUANT_ISA 2

@@ -1,4 +1,4 @@
-"""The block-quantized matmul (``quant/kernels.c``), built and loaded like :mod:`..native`'s kernels.
+"""The block-quantized matmul (``quant/kernels.c``), built and loaded like :mod:`..ops.native`'s kernels.
 
 :class:`QuantKernels` quantizes float32 activation rows per block of 32 and multiplies them by a
 :class:`~.formats.BlockWeight`. The library is compiled with ``-march=native``, so the variant
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .. import native
+from ..ops import native
 from .formats import BlockWeight, TiledWeight, requantize_q8
 
 logger = logging.getLogger(__name__)

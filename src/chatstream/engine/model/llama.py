@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from ..ops.layer_ops import NativeOps, TorchOps
+from ..ops.native import NativeKernels, PackedInt8Weight
+from ..quant.gguf_model import QuantLinear, quant_linears
+from ..quant.int8 import Int8Linear, OnednnInt8Weight, int8_linear
 from .attention import BatchMetadata
-from .native import NativeKernels, PackedInt8Weight
-from .ops import NativeOps, TorchOps
-from .quant.gguf_model import QuantLinear, quant_linears
-from .quantization import Int8Linear, OnednnInt8Weight, int8_linear
 
 if TYPE_CHECKING:
     from .backend import Backend
@@ -132,8 +132,8 @@ class LlamaForward:
     """``forward(ids, positions, batch, keep)`` -> logits of the ``keep`` rows, for the engine's
     flattened ragged batch (one ``[N]`` sequence of tokens from many requests).
 
-    Written once against an ops object (:mod:`.ops`): the backend's :class:`~.ops.TorchOps` or
-    :class:`~.ops.NativeOps`, chosen once in :mod:`.backend`."""
+    Written once against an ops object (:mod:`..ops.layer_ops`): the backend's :class:`~..ops.layer_ops.TorchOps` or
+    :class:`~..ops.layer_ops.NativeOps`, chosen once in :mod:`.backend`."""
 
     def __init__(self, model: Any, backend: Backend, native: NativeKernels | None = None) -> None:
         config = model.config

@@ -1,12 +1,12 @@
-"""The operations the fused Llama forward (:mod:`.llama`) is written against, one class per backend.
+"""The operations the fused Llama forward (:mod:`..model.llama`) is written against, one class per backend.
 
 The forward is one function; what differs between backends is how each step of a layer is
 computed: :class:`TorchOps` with PyTorch's operators (any device, any dtype), :class:`NativeOps`
 with chatstream's C kernels (:mod:`.native`: float32 on CPU; RoPE fused with the KV write into the
 keys-transposed cache layout, one-pass decode attention, and for ``int8-vnni`` linears the norm,
 SiLU, activation quantization, matmul and residual add fused around each matmul). The backend
-(:mod:`.backend`) picks the class once, at start-up. A projection's weight format (float, int8,
-GGUF blocks: :class:`.llama._Projection`) is the ops' business only where a kernel fuses around
+(:mod:`..model.backend`) picks the class once, at start-up. A projection's weight format (float, int8,
+GGUF blocks: :class:`..model.llama._Projection`) is the ops' business only where a kernel fuses around
 it (``proj.packed``; GGUF blocks' ``proj.quant``, whose norm, SiLU and residual add the quantized
 kernels fuse the same way); every other format is computed by the projection itself.
 """
@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .attention import TORCH_DECODE, BatchMetadata, paged_attention
+from ..model.attention import TORCH_DECODE, BatchMetadata, paged_attention
+from ..quant.gguf_model import quant_linears
 from .native import NativeKernels
-from .quant.gguf_model import quant_linears
 
 if TYPE_CHECKING:
-    from .llama import _Projection
+    from ..model.llama import _Projection
 
 
 class TorchOps:

@@ -24,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from .remote import RemoteEngine, tokenize_body, tokens_of
+from .engine import RemoteEngine, tokenize_body, tokens_of
 
 logger = logging.getLogger("chatstream")
 

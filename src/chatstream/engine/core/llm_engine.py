@@ -20,20 +20,20 @@ from typing import Any
 
 import torch
 
+from ..model.backend import select_backend
+from ..model.runner import MIN_LANE_TOKENS, ModelRunner, kv_bytes_per_token
+from ..protocol import EngineInfo, FinishReason, GenerationOutput
+from ..quant.int8 import quantize_linears_int8, resolve_quantization
+from ..sampling_params import SamplingParams
+from ..stream import RequestStream, put_many_threadsafe
 from . import sampling_native
-from .backend import select_backend
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarMasks
-from .model_runner import MIN_LANE_TOKENS, ModelRunner, kv_bytes_per_token
-from .protocol import EngineInfo, FinishReason, GenerationOutput
-from .quantization import quantize_linears_int8, resolve_quantization
 from .sampler import SampleOutput, SamplingBatch, sample
-from .sampling_params import SamplingParams
 from .scheduler import ScheduledChunk, Scheduler
 from .sequence import Sequence
 from .stop_strings import StopStringMatcher
-from .stream import RequestStream, put_many_threadsafe
 
 logger = logging.getLogger("chatstream.engine")
 
@@ -57,19 +57,19 @@ class LLMEngine:
     ``quantization``: ``"int8"`` runs every linear layer with int8 weights and per-token int8
     activations on CPU (about 2x faster steps, mean NLL unchanged within 0.02 nats on the default
     model; replies still never depend on the batch), ``"none"``/``None`` keeps the model's float
-    layers, ``"auto"`` picks int8 for a float32 model on CPU, and none elsewhere (see :mod:`.quantization`).
+    layers, ``"auto"`` picks int8 for a float32 model on CPU, and none elsewhere (see :mod:`..quant.int8`).
     ``num_threads`` sets torch's intra-op threads (process-wide); by default on CPU one fewer than
     the usable cores, so the event loop (HTTP, detokenized text, JSON) keeps a core: with every core
     in torch's pool, the loop's work preempts a pool thread and the whole step waits for it
     (measured on 2 cores, 16 clients: 144-152 tok/s with 1 thread against 100-106 with 2).
     ``kernels``: ``"auto"`` runs the fused forward's RoPE, KV writes, decode attention and (on CPUs
-    with AVX-512 VNNI) int8 layers through chatstream's C kernels (:mod:`.native`, built at first
+    with AVX-512 VNNI) int8 layers through chatstream's C kernels (:mod:`..ops.native`, built at first
     use) for a float32 Llama-family model on CPU when they build and pass their check, else through
     PyTorch's operators; ``"native"`` requires them; ``"torch"`` never uses them.
     ``forward_lanes``: threads that share one step's forward and sampling on CPU, each over its own
-    sequences (see :class:`.model_runner.ModelRunner`); the tokens are the same.
+    sequences (see :class:`..model.runner.ModelRunner`); the tokens are the same.
     ``kv_cache_dtype``: the KV cache's element type, ``"float32"``, ``"bfloat16"``, ``"float16"``
-    (half the bytes a token) or ``"auto"``: the model's dtype (:func:`.backend.select_backend`,
+    (half the bytes a token) or ``"auto"``: the model's dtype (:func:`..model.backend.select_backend`,
     which chooses the whole path once).
     The engine switches the model to its own attention implementation
     and quantized layers until :meth:`shutdown`.
@@ -516,7 +516,7 @@ class LLMEngine:
 
 
 def _spans(rows: int, lanes: int) -> list[tuple[int, int]]:
-    """``rows`` cut into at most ``lanes`` runs of at least :data:`.model_runner.MIN_LANE_TOKENS`."""
+    """``rows`` cut into at most ``lanes`` runs of at least :data:`..model.runner.MIN_LANE_TOKENS`."""
     lanes = max(1, min(lanes, rows // MIN_LANE_TOKENS))
     bounds = [rows * i // lanes for i in range(lanes + 1)]
     return list(zip(bounds, bounds[1:]))

@@ -1,5 +1,5 @@
-/* Vector-friendly math shared by chatstream's kernels (engine/kernels.c, engine/quant/kernels.c).
- * Included, not compiled alone; chatstream.engine.native keys its build cache on this file too. */
+/* Vector-friendly math shared by chatstream's kernels (engine/ops/kernels.c, engine/quant/kernels.c).
+ * Included, not compiled alone; chatstream.engine.ops.native keys its build cache on this file too. */
 #ifndef CHATSTREAM_VECTOR_MATH_H
 #define CHATSTREAM_VECTOR_MATH_H
 #include <math.h>

@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from .protocol import EngineInfo, GenerationOutput
-from .sampling_params import SamplingParams
-from .stream import RequestStream
+from ..protocol import EngineInfo, GenerationOutput
+from ..sampling_params import SamplingParams
+from ..stream import RequestStream
 
 if TYPE_CHECKING:
-    from ..settings import Settings
+    from ...settings import Settings
 
 logger = logging.getLogger("chatstream")
 

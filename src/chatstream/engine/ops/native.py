@@ -304,7 +304,7 @@ def load(mode: str = "auto") -> NativeKernels | None:
 def build(source_path: Path = SOURCE, extra_flags: tuple[str, ...] = ()) -> Path:
     """Compile ``kernels.c`` (or another source of chatstream's, e.g. ``quant/kernels.c``, with
     ``extra_flags``) once per (source, flags, compiler, CPU); returns the cached shared library."""
-    from ..model_loader import cache_dir
+    from ...model_loader import cache_dir
 
     flags = (*FLAGS, *extra_flags)
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -403,7 +403,7 @@ def _check(kernels: NativeKernels) -> None:
         if not (torch.equal(half, keys_transposed(expected_cache).to(dtype)) and torch.equal(read, exact)):
             raise NativeKernelError(f"{kernels.path} disagrees with PyTorch on its {dtype} KV-cache check")
     if kernels.int8:  # odd sizes: partial tiles of rows, channels and 4-byte groups
-        from .quantization import int8_linear, quantize_weight
+        from ..quant.int8 import int8_linear, quantize_weight
 
         weight, scale = quantize_weight(torch.randn(37, 22, generator=generator))
         bias = torch.randn(37, generator=generator)

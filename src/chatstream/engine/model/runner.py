@@ -14,12 +14,12 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..core.block_manager import BlockManager
+from ..core.scheduler import ScheduledChunk
+from ..ops.native import NativeKernels
 from . import attention, llama
 from .attention import BatchMetadata, PagedKVCache, PrefillSegment
 from .backend import Backend, select_backend
-from .block_manager import BlockManager
-from .native import NativeKernels
-from .scheduler import ScheduledChunk
 
 
 def attention_shape(config: Any) -> tuple[int, int, int, int]:
@@ -43,7 +43,7 @@ class ModelRunner:
     :mod:`.llama`'s fused forward (same tokens, fewer operators); other models, or ``fused=False``,
     run through transformers' own forward. ``kernels``: ``"auto"`` runs the fused forward's RoPE,
     KV writes, decode attention (and int8 layers, on CPUs with AVX-512 VNNI) through
-    :mod:`.native`'s kernels for a float32 model on CPU when they build and pass their check,
+    :mod:`..ops.native`'s kernels for a float32 model on CPU when they build and pass their check,
     ``"native"`` requires them, ``"torch"`` uses PyTorch's operators only.
 
     ``lanes``: how many threads compute one step of the fused forward on CPU, each over its own

@@ -17,9 +17,10 @@ from typing import Any, Literal
 
 import torch
 
-from . import attention, llama, native
-from .quant.gguf_model import QuantLinear
-from .quantization import Int8Linear
+from ..ops import native
+from ..quant.gguf_model import QuantLinear
+from ..quant.int8 import Int8Linear
+from . import attention, llama
 
 Forward = Literal["fused", "hf"]
 Ops = Literal["native", "torch"]
@@ -64,7 +65,7 @@ def select_backend(model: Any, *, fused: bool = True, kernels: str = "auto", thr
     """The backend for ``model`` as it is now (its linears already int8 or float), and the native
     kernels it uses. ``kernels="native"`` raises when they cannot run this model; ``"auto"`` falls
     back to PyTorch's operators. ``kv_cache_dtype``: see :func:`_kv_dtype`."""
-    from .model_runner import attention_shape
+    from .runner import attention_shape
 
     if kernels not in native.KERNELS:
         raise ValueError(f"kernels must be one of {native.KERNELS}, not {kernels!r}")
@@ -131,7 +132,7 @@ def _onednn_int8_exact(model: Any) -> bool:
     """Whether oneDNN's int8 kernel exists here and gives ``_int_mm``'s sums exactly (a check of
     correctness, not a timing: where it exists it measured up to ~3x faster for a wide output
     projection, 1.2 vs 3.4 ms for SmolLM2's 49,152 x 576 lm_head at one row)."""
-    from .quantization import OnednnInt8Weight
+    from ..quant.int8 import OnednnInt8Weight
 
     head = model.get_output_embeddings()
     return isinstance(head, Int8Linear) and OnednnInt8Weight.check(head.weight[:64]) is not None

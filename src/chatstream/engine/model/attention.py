@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .native import keys_in_order
+from ..ops.native import keys_in_order
 
 ATTENTION_NAME = "chatstream_paged"
 # PyTorch's CPU flash-attention kernel, which also returns each query's log-sum-exp.

@@ -6,10 +6,10 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..sampling_params import SamplingParams
+from ..stream import RequestStream
 from .detokenizer import IncrementalDetokenizer
-from .sampling_params import SamplingParams
 from .stop_strings import StopStringMatcher
-from .stream import RequestStream
 
 
 class SequenceStatus(enum.Enum):

@@ -1,6 +1,6 @@
 /* One token per row of a batch of logits, in one pass over each row: chatstream's sampler
- * (engine/sampler.py) without PyTorch's operators. Built and cached like kernels.c by
- * chatstream.engine.native.build, loaded by chatstream.engine.sampling_native.
+ * (engine/core/sampler.py) without PyTorch's operators. Built and cached like kernels.c by
+ * chatstream.engine.ops.native.build, loaded by chatstream.engine.core.sampling_native.
  *
  * Through PyTorch, a 16 x 49,152 step spent more on torch.topk, argmax and the divisions and
  * reductions around them (each its own pass over the batch) than a whole greedy decode's
@@ -18,7 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "vector_math.h"
+#include "../ops/vector_math.h"
 
 typedef struct {
     float value;

@@ -17,7 +17,7 @@ arithmetic of its own, so a reply never depends on what else shares the batch, a
 torchao's ``Int8DynamicActivationInt8WeightConfig`` (per token too) measured 4-6x slower than
 fbgemm on this CPU: it targets GPUs.
 
-The fused Llama forward runs these same layers through :mod:`.native`'s int8 matmul on CPUs with
+The fused Llama forward runs these same layers through :mod:`..ops.native`'s int8 matmul on CPUs with
 AVX-512 VNNI (the same integer sums and dequantization, bit for bit). The swap is done in place
 and undone by the function :func:`quantize_linears_int8` returns.
 """

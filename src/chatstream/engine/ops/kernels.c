@@ -1,4 +1,4 @@
-/* chatstream's CPU kernels, compiled at first use by chatstream.engine.native: plain C called
+/* chatstream's CPU kernels, compiled at first use by chatstream.engine.ops.native: plain C called
  * through ctypes with raw pointers, so no Python or torch headers and a build of about a second.
  * Built with -ffp-contract=off, so a*b+c rounds twice as in PyTorch's separate operators: the int8
  * matmul's dequantization then gives PyTorch's numbers bit for bit. Loops are written for

@@ -1,4 +1,4 @@
-"""The sampler's native kernel (``sampling.c``), built and cached like :mod:`.native`'s kernels.
+"""The sampler's native kernel (``sampling.c``), built and cached like :mod:`..ops.native`'s kernels.
 
 :func:`.sampler.sample` hands it the rows of a CPU float32 batch after the mask and penalties; it
 draws each row's token in one pass over the row (see ``sampling.c``), where PyTorch spent a
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import native
+from ..ops import native
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +91,9 @@ _loaded: dict[Path, SamplingKernels] = {}
 
 
 def load(mode: str = "auto") -> SamplingKernels | None:
-    """The kernel for ``mode`` (:data:`.native.KERNELS`): ``"torch"`` -> None; ``"auto"`` -> the
+    """The kernel for ``mode`` (:data:`..ops.native.KERNELS`): ``"torch"`` -> None; ``"auto"`` -> the
     kernel, or None (logged) when it cannot be built or fails its check; ``"native"`` -> the kernel
-    or :class:`.native.NativeKernelError`."""
+    or :class:`..ops.native.NativeKernelError`."""
     if mode not in native.KERNELS:
         raise ValueError(f"kernels must be one of {native.KERNELS}, not {mode!r}")
     if mode == "torch":

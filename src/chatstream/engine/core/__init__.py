@@ -1,0 +1,1 @@
+"""The continuous-batching loop: scheduling, KV blocks, sequences, sampling, detokenizing, stop strings."""
