@@ -4,6 +4,7 @@ weights kept as stored: its numbers against the float forward of the same dequan
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any
 
 import pytest
@@ -102,6 +103,20 @@ async def test_the_engine_serves_the_gguf_model_with_native_kernels(default_mode
     finally:
         await engine.shutdown()
     assert outputs[-1].finished and "primary colors" in "".join(o.text for o in outputs)
+
+
+async def test_gguf_blocks_run_on_every_usable_core_by_default(default_model: tuple[Any, Any]) -> None:
+    """The block kernels and decode attention share the native thread pool, which no event loop
+    stalls: every usable core by default; PyTorch's ops (``--kernels torch``) keep one for the loop."""
+    model, tokenizer = default_model
+    cores = len(os.sched_getaffinity(0))
+    for kernels, threads, expected in (("auto", None, cores), ("torch", None, max(1, cores - 1)), ("auto", 1, 1)):
+        engine = LLMEngine(model, tokenizer, max_num_seqs=2, kv_cache_memory_bytes=16 << 20, kernels=kernels,
+                           num_threads=threads)
+        try:
+            assert engine.backend.threads == expected, (kernels, threads)
+        finally:
+            await engine.shutdown()
 
 
 def test_gguf_weights_auto_keeps_the_blocks_of_every_quantized_file() -> None:

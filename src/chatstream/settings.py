@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     prefix_caching: bool = Field(True, description="keep KV blocks of finished requests to reuse for prompts that start the same way")
     shared_prefix_cache: bool = Field(False, description="share cached prompt prefixes across users (a long shared system prompt is computed once), which lets any client confirm text another user sent by timing; off: a user's requests reuse only their own")
     dtype: str | None = Field(None, pattern="^(float32|bfloat16|float16)$", description="weights' dtype (none: float32 on CPU, bfloat16 on CUDA)")
-    threads: int | None = Field(None, ge=1, le=1024, description="torch threads for the engine (none: on CPU the usable cores but one, which the event loop keeps)")
+    threads: int | None = Field(None, ge=1, le=1024, description="threads for the engine (torch's and the native kernels' pool; none: on CPU every usable core where GGUF blocks run the products, else every core but one, which the event loop keeps)")
     forward_lanes: int = Field(1, ge=1, le=64, description="threads that share one engine step on CPU, each over its own share of the batch (same tokens either way; 2 uses a second core, which pays only where one is free)")
 
     # -- remote engines --

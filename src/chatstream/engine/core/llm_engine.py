@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import threading
 import time
@@ -58,10 +57,9 @@ class LLMEngine:
     activations on CPU (about 2x faster steps, mean NLL unchanged within 0.02 nats on the default
     model; replies still never depend on the batch), ``"none"``/``None`` keeps the model's float
     layers, ``"auto"`` picks int8 for a float32 model on CPU, and none elsewhere (see :mod:`..quant.int8`).
-    ``num_threads`` sets torch's intra-op threads (process-wide); by default on CPU one fewer than
-    the usable cores, so the event loop (HTTP, detokenized text, JSON) keeps a core: with every core
-    in torch's pool, the loop's work preempts a pool thread and the whole step waits for it
-    (measured on 2 cores, 16 clients: 144-152 tok/s with 1 thread against 100-106 with 2).
+    ``num_threads`` sets torch's intra-op threads (process-wide) and the native kernels' pool; by
+    default on CPU every usable core where the GGUF block kernels run the products on that pool, else
+    one fewer, so the event loop keeps a core (see :func:`..model.backend.default_threads`).
     ``kernels``: ``"auto"`` runs the fused forward's RoPE, KV writes, decode attention and (on CPUs
     with AVX-512 VNNI) int8 layers through chatstream's C kernels (:mod:`..ops.native`, built at first
     use) for a float32 Llama-family model on CPU when they build and pass their check, else through
@@ -111,14 +109,14 @@ class LLMEngine:
         self.max_model_len: int = min(max_model_len or model_limit, model_limit)
         self._vocab_size: int = model.get_input_embeddings().num_embeddings
         self._eos_ids = _eos_token_ids(model, tokenizer)
-        self._num_threads = num_threads if num_threads is not None else _default_threads(model.device)
 
         self.quantization = resolve_quantization(quantization, model)
         self._restore_linears = quantize_linears_int8(model) if self.quantization == "int8" else None
         try:
             # The backend first: its KV dtype sizes the blocks.
-            backend = select_backend(model, kernels=kernels, threads=self._num_threads, block_size=block_size,
+            backend = select_backend(model, kernels=kernels, threads=num_threads, block_size=block_size,
                                      kv_cache_dtype=kv_cache_dtype)
+            self._num_threads: int | None = backend[0].threads if model.device.type == "cpu" else num_threads
             kv_token_bytes = kv_bytes_per_token(model, backend[0].kv_torch_dtype)
             block_bytes = kv_token_bytes * block_size
             if kv_cache_memory_bytes is None:
@@ -520,17 +518,6 @@ def _spans(rows: int, lanes: int) -> list[tuple[int, int]]:
     lanes = max(1, min(lanes, rows // MIN_LANE_TOKENS))
     bounds = [rows * i // lanes for i in range(lanes + 1)]
     return list(zip(bounds, bounds[1:]))
-
-
-def _default_threads(device: torch.device) -> int | None:
-    """On CPU, every usable core but one (the event loop's); elsewhere torch's own choice."""
-    if device.type != "cpu":
-        return None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
 
 
 def _final(
