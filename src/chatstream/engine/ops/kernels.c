@@ -19,7 +19,7 @@
 #define MAX_BLOCK 256
 #define INLINE static inline __attribute__((always_inline))
 #include "thread_pool.h" /* pool_run */
-#include "vector_math.h" /* exp_approx */
+#include "vector_math.h" /* exp_approx, rms_norm_row */
 
 /* The KV cache's element type (native.KV_DTYPE_CODES). Decode attention widens a 16-bit cache to
  * float32 one (block, KV head) at a time into a buffer that stays in L1 (vcvtph2ps for float16, a
@@ -295,13 +295,7 @@ void rms_norm_quantize_rows(const float *restrict x, int64_t rows, int64_t k, co
                             float eps, float *restrict work, uint8_t *restrict q, int64_t q_stride,
                             float *restrict scales) {
     for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * k;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < k; i++) sum += xr[i] * xr[i];
-        const float inv = 1.f / sqrtf(sum / (float)k + eps);
-#pragma omp simd
-        for (int64_t i = 0; i < k; i++) work[i] = xr[i] * inv * weight[i];
+        rms_norm_row(x + r * k, k, weight, eps, work);
         quantize_row(work, k, q + r * q_stride, scales + r);
     }
 }

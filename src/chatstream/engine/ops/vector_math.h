@@ -26,4 +26,17 @@ static inline __attribute__((always_inline)) float exp_approx(float x) {
     return y * two_n;
 }
 
+/* RMSNorm of one row into `work`: x / sqrt(mean(x^2) + eps) * weight (both kernels' fused
+ * norm + quantize start from it, so their rows are normalised alike). */
+static inline __attribute__((always_inline)) void rms_norm_row(const float *restrict x, int64_t k,
+                                                              const float *restrict weight, float eps,
+                                                              float *restrict work) {
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < k; i++) sum += x[i] * x[i];
+    const float inv = 1.f / sqrtf(sum / (float)k + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < k; i++) work[i] = x[i] * inv * weight[i];
+}
+
 #endif

@@ -24,7 +24,7 @@
 
 #define INLINE static inline __attribute__((always_inline))
 #include "../ops/thread_pool.h"  /* pool_run */
-#include "../ops/vector_math.h" /* exp_approx */
+#include "../ops/vector_math.h" /* exp_approx, rms_norm_row */
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define QUANT_ISA 2
@@ -96,13 +96,7 @@ void rms_norm_quantize_blocks(const float *restrict x, int64_t rows, int64_t k, 
                               float *restrict s) {
     const int64_t nb = k / 32;
     for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * k;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t i = 0; i < k; i++) sum += xr[i] * xr[i];
-        const float inv = 1.f / sqrtf(sum / (float)k + eps);
-#pragma omp simd
-        for (int64_t i = 0; i < k; i++) work[i] = xr[i] * inv * weight[i];
+        rms_norm_row(x + r * k, k, weight, eps, work);
         quantize_row(work, nb, q + r * k, d + r * nb, s + r * nb);
     }
 }
