@@ -343,6 +343,10 @@ class Turn:
                         )
                     elif output.finish_reason == "cancelled" and self._client_gone:
                         self.outcome = DISCONNECTED_WHILE_STREAMING
+                    elif output.refused:  # the request's fault (an upstream refused a field): a client error
+                        logger.info("request refused: %s", output.error)
+                        self._fail(Failed("invalid_request", output.error or "the request was refused",
+                                          param=output.error_param))
                     else:
                         logger.error("generation failed: %s", output.error or output.finish_reason)
                         self._fail(Failed("generation_failed", output.error or f"the generation ended: {output.finish_reason}"))

@@ -22,7 +22,7 @@ from ...errors import InvalidParams
 from ...service.events import Done
 from ...service.sampling import SamplingLimits
 from ...service.sampling import to_sampling_params as sampling_params
-from ...service.structured import response_format_grammar
+from ...service.structured import response_format_values
 from .protocol import (
     _INT64_MIN,
     _UINT64_END,
@@ -111,7 +111,7 @@ def completion_sampling_params(request: CompletionRequest, defaults: SamplingPar
             if not all(t.isdigit() and len(t) <= 9 for t in request.logit_bias):
                 raise InvalidParams("'logit_bias' keys must be token ids", param="logit_bias")
             values["logit_bias"] = tuple((int(t), b) for t, b in request.logit_bias.items())
-        values["grammar"] = response_format_grammar(request.response_format)
+        values.update(response_format_values(request.response_format))
         return sampling_params(defaults, limits, values, {"max_new_tokens": "max_tokens"})
     except InvalidParams as exc:
         raise OpenAIError(400, f"Invalid value for {exc.message}.", param=exc.param, code="invalid_value") from None

@@ -23,7 +23,7 @@ from ...engine import SamplingParams
 from ...errors import InvalidParams
 from ...service.sampling import SamplingLimits
 from ...service.sampling import to_sampling_params as sampling_params
-from ...service.structured import response_format_grammar, tool_call_grammar
+from ...service.structured import response_format_values, tool_call_values
 from ..json_body import BadJSON, parse_json_body
 
 _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
@@ -405,8 +405,7 @@ def to_sampling_params(request: ChatCompletionRequest, defaults: SamplingParams,
         wire_names["logit_bias"] = "logit_bias"
     try:
         forced = forced_functions(request)
-        values["grammar"] = (tool_call_grammar(forced) if forced
-                             else response_format_grammar(request.response_format))
+        values.update(tool_call_values(forced) if forced else response_format_values(request.response_format))
         if limits.vocab_size and any(t >= limits.vocab_size for t, _ in values.get("logit_bias", ())):
             raise InvalidParams(f"'logit_bias' has a token id beyond the vocabulary ({limits.vocab_size})",
                                 param="logit_bias")

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from ...errors import InvalidParams
 from ...service import Delta, Done, Failed, Queued, Turn, TurnEvent
-from ...service.structured import json_schema_grammar, response_format_grammar
+from ...service.structured import json_schema_values, response_format_values
 from .protocol import FunctionDefinition, OpenAIError, json_object, validated
 from .tools import ToolCallStream, ToolFormat
 
@@ -190,20 +190,23 @@ def forced_functions(request: ResponsesRequest) -> list[dict[str, Any]]:
     return []
 
 
-def format_grammar(request: ResponsesRequest) -> str | None:
-    """The grammar for ``text.format`` (``text``, ``json_object``, or ``json_schema`` with ``name``/``schema``
-    inline, as the Responses API has it). Raises :class:`InvalidParams` naming the field."""
+def format_values(request: ResponsesRequest) -> dict[str, str]:
+    """The ``grammar`` and ``response_format`` for ``text.format`` (``text``, ``json_object``, or
+    ``json_schema`` with ``name``/``schema`` inline, as the Responses API has it). Raises
+    :class:`InvalidParams` naming the field."""
     fmt = (request.text or {}).get("format")
     if fmt is None:
-        return None
+        return {}
     if not isinstance(fmt, dict):
         raise InvalidParams("'text.format': expected an object", param="text.format")
     if fmt.get("type") == "json_schema":
         schema = fmt.get("schema")
         if not isinstance(schema, dict):
             raise InvalidParams("'text.format.schema': expected a JSON schema object", param="text.format.schema")
-        return json_schema_grammar(schema, strict=fmt.get("strict") is True, param="text.format.schema")
-    return response_format_grammar({"type": fmt.get("type")}, param="text.format")
+        name = fmt.get("name")
+        name = name if isinstance(name, str) and name else "response"
+        return json_schema_values(schema, name=name, strict=fmt.get("strict") is True, param="text.format.schema")
+    return response_format_values({"type": fmt.get("type")}, param="text.format")
 
 
 def input_messages(request: ResponsesRequest) -> list[dict[str, Any]]:

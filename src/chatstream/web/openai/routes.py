@@ -29,7 +29,7 @@ from ...errors import ChatError, InvalidParams, InvalidRequest, ModelNotReady, P
 from ...service import ChatService, Delta, Done, Failed, Queued, Turn, TurnEvent
 from ...service.sampling import SamplingLimits
 from ...service.sampling import to_sampling_params as to_engine_params
-from ...service.structured import tool_call_grammar
+from ...service.structured import tool_call_values
 from ..auth import bearer_token
 from ..json_body import BadJSON, parse_json_body
 from ..limits import BodyTimeout, BodyTooLarge, read_request_body
@@ -58,7 +58,7 @@ from .responses import (
     StoringTurn,
     chat_tools,
     check_response_id,
-    format_grammar,
+    format_values,
     input_messages,
     parse_responses_request,
 )
@@ -172,10 +172,8 @@ class OpenAIRoutes:
             grammar_from = "tool_choice" if forced_functions(parsed) else "response_format"
             self._check_engine(params, {"grammar": grammar_from})
             explicit = parsed.max_tokens is not None or parsed.max_completion_tokens is not None
-            messages = plain_messages(parsed)
             tools = offered_tools(parsed)
-            with_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
-            render = (lambda m: self._render_with_tools(m, tools)) if with_tools else None
+            messages, render = self._with_tools(plain_messages(parsed), tools)
             turns = await self._start_choices(parsed.n or 1, params, lambda choice_params: service.stateless_turn(
                 messages, choice_params, explicit_max_tokens=explicit, user=parsed.user, render=render))
         except OpenAIError as exc:
@@ -185,7 +183,7 @@ class OpenAIRoutes:
             return _openai_error(exc, service.context_len, parsed).response()
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is listening
-        fmt = tool_format(service.tokenizer, getattr(service.settings, "tool_call_parser", None)) if tools else None
+        fmt = self._tool_format() if tools else None
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         completions = [_Completion(turn, model=self.response_model(parsed.model), include_usage=include_usage,
                                    tools=fmt, forced=bool(forced_functions(parsed)), index=index,
@@ -299,7 +297,7 @@ class OpenAIRoutes:
             values["max_new_tokens"] = parsed.max_output_tokens or service.settings.max_new_tokens
             forced = response_forced_functions(parsed)
             try:
-                values["grammar"] = tool_call_grammar(forced) if forced else format_grammar(parsed)
+                values.update(tool_call_values(forced) if forced else format_values(parsed))
                 params = to_engine_params(service.defaults, self._limits(), values,
                                           {"max_new_tokens": "max_output_tokens"})
                 self._check_engine(params, {"grammar": "tool_choice" if forced else "text.format"})
@@ -307,10 +305,9 @@ class OpenAIRoutes:
                 raise OpenAIError(400, f"Invalid value for {exc.message}.", param=exc.param,
                                   code="invalid_value") from None
             tools = chat_tools(parsed)
-            with_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in conversation)
-            turn = service.stateless_turn(head + conversation, params, user=parsed.user,
-                                          explicit_max_tokens=parsed.max_output_tokens is not None,
-                                          render=(lambda m: self._render_with_tools(m, tools)) if with_tools else None)
+            messages, render = self._with_tools(head + conversation, tools)
+            turn = service.stateless_turn(messages, params, user=parsed.user,
+                                          explicit_max_tokens=parsed.max_output_tokens is not None, render=render)
             await turn.start()
         except OpenAIError as exc:
             return exc.response()
@@ -318,7 +315,7 @@ class OpenAIRoutes:
             return _openai_error(exc, service.context_len, None).response()
         except ClientDisconnect:
             return Response(status_code=400)
-        fmt = tool_format(service.tokenizer, getattr(service.settings, "tool_call_parser", None)) if tools else None
+        fmt = self._tool_format() if tools else None
         response = ResponseObject(parsed, self.response_model(parsed.model), tools=fmt, forced=bool(forced))
 
         async def store(text: str, done: Done) -> None:
@@ -356,6 +353,26 @@ class OpenAIRoutes:
         if lacking is not None:
             param = wire_names.get(lacking, lacking)
             raise _unsupported(param, f"'{param}' with this engine (only the local engine enforces it)")
+
+    def _with_tools(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                    ) -> tuple[list[dict[str, Any]], Callable[[list[dict[str, Any]]], list[int]] | None]:
+        """The messages a turn is given and how they become prompt ids, with ``tools`` offered or tool
+        calls in the history: through the chat template (:meth:`_render_with_tools`); for an engine
+        that sends messages upstream, written out as Hermes-style text (tools in the system message,
+        calls and results as text), since the upstream is not sent ``tools``: llama.cpp's server takes
+        them only with ``--jinja``, vLLM's ``auto`` only with a parser flag. Calls are then parsed
+        from the reply's text, as with the local engine."""
+        if not tools and not any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            return messages, None
+        if self.service.forwards_requests:
+            return template_messages(messages, tools, native=False), None
+        return messages, lambda m: self._render_with_tools(m, tools)
+
+    def _tool_format(self) -> ToolFormat:
+        """The format tool calls are parsed in: the setting's, else what the chat template writes
+        (Hermes for an upstream engine, which is told to write that: see :meth:`_with_tools`)."""
+        tokenizer = None if self.service.forwards_requests else self.service.tokenizer
+        return tool_format(tokenizer, getattr(self.service.settings, "tool_call_parser", None))
 
     def _encode_prompt(self, text: str) -> list[int]:
         return list(self.service.tokenizer.encode(text, add_special_tokens=True))
@@ -731,6 +748,8 @@ class _WholeCompletion(Response):
 def _failure(failed: Failed | None) -> OpenAIError:
     if failed is not None and failed.code in ("server_shutting_down", "queue_timeout"):
         return OpenAIError(503, failed.message, type="server_error", code=failed.code)
+    if failed is not None and failed.code == "invalid_request":  # e.g. an upstream engine refused a field
+        return OpenAIError(400, failed.message, param=failed.param, code="invalid_value")
     detail = failed.message if failed is not None else "an unexpected error occurred"
     return OpenAIError(500, f"The generation failed: {detail}", type="server_error",
                        code=failed.code if failed is not None else "generation_failed")
