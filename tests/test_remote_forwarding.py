@@ -232,12 +232,13 @@ def test_an_upstream_400_for_a_forwarded_field_is_a_400_naming_it(front):
     error = r.json()["error"]
     assert error["param"] == "logit_bias" and error["type"] == "invalid_request_error"
     assert "'logit_bias'" in error["message"] and "vocabulary" in error["message"]
-    with pytest.raises(openai.BadRequestError, match="logit_bias"):
-        _client(front).chat.completions.create(model="smol", **body)
-    with httpx.stream("POST", front + "/v1/chat/completions", json={**body, "stream": True}, timeout=300) as s:
-        events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:") and "[DONE]" not in line]
-    assert events[-1]["error"]["param"] == "logit_bias"
-    assert events[-1]["error"]["type"] == "invalid_request_error"
+    # Streamed too (the status waits for the upstream's answer), and with n choices.
+    for ask in ({**body, "stream": True}, {**body, "stream": True, "n": 2}, {**body, "n": 2}):
+        r = _post(front, ask)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", (ask, r.text)
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match="logit_bias"):
+            list(_client(front).chat.completions.create(model="smol", **body, stream=stream))
     # Not the upstream's failure: it stays in rotation, unharmed, and serves the next request.
     (state,) = httpx.get(front + "/health").json()["upstreams"]
     assert state["healthy"] and state["failures"] == 0

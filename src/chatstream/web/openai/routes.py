@@ -192,10 +192,10 @@ class OpenAIRoutes:
         if len(turns) > 1:
             choices = _Choices(completions)
             if parsed.stream:
-                return TurnStreamingResponse(cast(Turn, choices), choices.encode_chunk, "text/event-stream")
+                return TurnStreamingResponse(cast(Turn, choices), choices.encode_chunk, "text/event-stream", refuse=self._refuse)
             return _WholeChoices(choices)
         if parsed.stream:
-            return TurnStreamingResponse(turns[0], completions[0].encode_chunk, "text/event-stream")
+            return TurnStreamingResponse(turns[0], completions[0].encode_chunk, "text/event-stream", refuse=self._refuse)
         return _WholeCompletion(turns[0], completions[0])
 
     async def handle_completions(self, request: Request) -> Any:
@@ -244,10 +244,10 @@ class OpenAIRoutes:
         if len(turns) > 1:
             choices = _Choices(encoders)
             if parsed.stream:
-                return TurnStreamingResponse(cast(Turn, choices), choices.encode_chunk, "text/event-stream")
+                return TurnStreamingResponse(cast(Turn, choices), choices.encode_chunk, "text/event-stream", refuse=self._refuse)
             return _WholeChoices(choices)
         if parsed.stream:
-            return TurnStreamingResponse(turns[0], encoders[0].encode_chunk, "text/event-stream")
+            return TurnStreamingResponse(turns[0], encoders[0].encode_chunk, "text/event-stream", refuse=self._refuse)
         return _WholeCompletion(turns[0], encoders[0])
 
     async def _start_choices(self, n: int, params: SamplingParams,
@@ -326,7 +326,7 @@ class OpenAIRoutes:
 
         storing = cast(Turn, StoringTurn(turn, store))
         if parsed.stream:
-            return TurnStreamingResponse(storing, response.encode_event, "text/event-stream")
+            return TurnStreamingResponse(storing, response.encode_event, "text/event-stream", refuse=self._refuse)
         return _WholeCompletion(storing, response)
 
     async def handle_stored_response(self, request: Request) -> Response:
@@ -373,6 +373,13 @@ class OpenAIRoutes:
         (Hermes for an upstream engine, which is told to write that: see :meth:`_with_tools`)."""
         tokenizer = None if self.service.forwards_requests else self.service.tokenizer
         return tool_format(tokenizer, getattr(self.service.settings, "tool_call_parser", None))
+
+    @property
+    def _refuse(self) -> Callable[[TurnEvent], Response | None] | None:
+        """For a stream: how an upstream engine's refusal of the request becomes its 400 (the
+        status then waits for the turn's first event); None with the local engine, which refuses
+        nothing once a turn has started."""
+        return _refusal if self.service.forwards_requests else None
 
     def _encode_prompt(self, text: str) -> list[int]:
         return list(self.service.tokenizer.encode(text, add_special_tokens=True))
@@ -743,6 +750,14 @@ class _WholeCompletion(Response):
             raise
         finally:
             listener.cancel()
+
+
+def _refusal(event: Any) -> Response | None:
+    """The 400 answered instead of a stream whose first event says the request was refused."""
+    event = event[1] if isinstance(event, tuple) else event  # a choice's event (n > 1)
+    if isinstance(event, Failed) and event.code == "invalid_request":
+        return _failure(event).response()
+    return None
 
 
 def _failure(failed: Failed | None) -> OpenAIError:
