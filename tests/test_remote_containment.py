@@ -36,6 +36,7 @@ class FakeUpstream:
         self.open_streams = 0
         self.bytes_sent = 0
         self.requests = 0
+        self.last_body: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.app = Starlette(routes=[
             Route("/health", lambda request: JSONResponse({"status": "ok"})),
@@ -46,6 +47,7 @@ class FakeUpstream:
     async def chat(self, request: Request) -> Response:
         body = await request.json()
         self.requests += 1
+        self.last_body = body
         behaviour = body["messages"][-1]["content"]
         if behaviour == "fail":
             return JSONResponse({"error": {"message": "this request broke me"}}, status_code=500)
@@ -78,10 +80,11 @@ class FakeUpstream:
             yield _chunk(content="Hi", logprobs=[{"token": "Hi", "logprob": float("nan"), "bytes": [72, 105]}])
         elif behaviour == "too many logprobs":
             # Three tokens a chunk, five top entries each and llama.cpp's extra "id": more than asked for.
+            # As llama.cpp's server: none at all for top_logprobs 0.
             top = [{"id": i, "token": f"t{i}", "logprob": -1.0 - i, "bytes": None} for i in range(5)]
+            entries = [{"id": 1, "token": "w", "logprob": -0.5, "bytes": [119], "top_logprobs": top}] * 3
             for i in range(3):
-                yield _chunk(content=f"w{i} ", logprobs=[{"id": 1, "token": f"w{i}", "logprob": -0.5, "bytes": [119],
-                                                          "top_logprobs": top}] * 3)
+                yield _chunk(content=f"w{i} ", logprobs=entries if self.last_body.get("top_logprobs") else None)
             yield _chunk(finish_reason="stop")
             yield b"data: [DONE]\n\n"
         else:  # "ignore max_tokens", or an honest short reply
@@ -216,6 +219,11 @@ def test_upstream_logprobs_are_checked_and_kept_to_what_was_asked(upstream, fron
     assert len(content) == 4  # max_tokens tokens, not the 9 sent
     assert all(len(t["top_logprobs"]) == 2 and "id" not in t for t in content)
     assert content[0]["top_logprobs"][1] == {"token": "t1", "logprob": -2.0, "bytes": None}
+    # logprobs without top_logprobs: the upstream is asked for one top entry (llama.cpp sends nothing for 0).
+    r = httpx.post(front + "/v1/chat/completions", timeout=30, json={
+        **ask, "top_logprobs": None, "messages": [{"role": "user", "content": "too many logprobs"}]})
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 4 and all(t["top_logprobs"] == [] for t in content)
     # NaN is not a log-probability (and would break the client's JSON): the request fails, it is not passed on.
     r = httpx.post(front + "/v1/chat/completions", timeout=30, json={
         **ask, "messages": [{"role": "user", "content": "a NaN logprob"}]})

@@ -391,8 +391,8 @@ class RemoteEngine:
             body["stop"] = list(params.stop)
         if params.response_format is not None:
             body["response_format"] = json.loads(params.response_format)
-        if params.logprobs is not None:
-            body["logprobs"], body["top_logprobs"] = True, params.logprobs
+        if params.logprobs is not None:  # at least 1: llama.cpp's server sends none for top_logprobs 0
+            body["logprobs"], body["top_logprobs"] = True, max(params.logprobs, 1)
         if params.logit_bias:
             body["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
         if upstream.extensions:  # sent only when they change something
