@@ -10,7 +10,7 @@ server and chatstream all take on ``/v1/chat/completions``: ``response_format`` 
 face kept on :class:`SamplingParams` beside the grammar; a forced tool call is sent as the
 ``json_schema`` of the call), ``logprobs``/``top_logprobs`` (read back from each chunk's
 ``choices[0].logprobs.content``) and ``logit_bias`` (token ids are the model's, the same on both
-sides). An upstream that answers 400 (or 422) refused this request, not its work: the request
+sides). An upstream that answers 400 (413, 422) refused this request, not its work: the request
 ends as refused (a client error naming the field where the upstream's answer does), and nothing
 is ejected or retried.
 
