@@ -151,6 +151,8 @@ def _locate(loc: tuple[Any, ...], data: Any, kind: str) -> tuple[str, int, bool]
     ``messages[0].content``, found by walking the body (pydantic adds the names of union branches
     to a location: anything the body does not have is one of those). Also returns how many object
     keys the walk went through, and whether the error is the union's own (no branch fits)."""
+    if "[key]" in loc:  # a bad key: the object holding it is the field to name
+        loc = loc[:loc.index("[key]") - 1]
     out, pending, node, keys, tagged = "", "", data, 0, False
     for i, part in enumerate(loc):
         if isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
@@ -162,7 +164,7 @@ def _locate(loc: tuple[Any, ...], data: Any, kind: str) -> tuple[str, int, bool]
         elif kind == "missing" and i == len(loc) - 1:
             return out + pending + (f".{part}" if out or pending else str(part)), keys + 1, False
         else:
-            tagged = True  # a union branch's name (or a dict key's '[key]')
+            tagged = True  # a union branch's name
     return (out if tagged else out + pending), keys, tagged
 
 
