@@ -660,6 +660,58 @@ def test_answers_validate_against_openais_published_schemas(serve):
     check_schema(chunks[-1], "CreateCompletionResponse")
 
 
+_EVENT_SCHEMAS = {  # each Responses stream event's own schema in OpenAI's spec
+    "response.created": "ResponseCreatedEvent", "response.in_progress": "ResponseInProgressEvent",
+    "response.output_item.added": "ResponseOutputItemAddedEvent",
+    "response.output_item.done": "ResponseOutputItemDoneEvent",
+    "response.content_part.added": "ResponseContentPartAddedEvent",
+    "response.content_part.done": "ResponseContentPartDoneEvent",
+    "response.output_text.delta": "ResponseTextDeltaEvent", "response.output_text.done": "ResponseTextDoneEvent",
+    "response.function_call_arguments.delta": "ResponseFunctionCallArgumentsDeltaEvent",
+    "response.function_call_arguments.done": "ResponseFunctionCallArgumentsDoneEvent",
+    "response.completed": "ResponseCompletedEvent", "response.incomplete": "ResponseIncompleteEvent",
+    "response.failed": "ResponseFailedEvent",
+}
+
+
+def test_responses_models_and_errors_validate_against_openais_published_schemas(serve):
+    url = mock_server(serve, max_new_tokens=400, api_key="k")
+    auth = {"Authorization": "Bearer k"}
+    seen: set[str] = set()
+    for body in ({"input": "hello there", "instructions": "Be brief."},
+                 {"input": "hello there", "max_output_tokens": 3},  # incomplete
+                 {"input": CALL, "tools": [R_WEATHER]},  # a message, then a function_call item
+                 {"input": "x", "text": {"format": {"type": "text"}}, "metadata": {"k": "v"}, "store": False}):
+        whole = httpx.post(f"{url}/v1/responses", json=body, headers=auth).json()
+        check_schema(whole, "Response")
+        if whole["store"]:
+            check_schema(httpx.get(f"{url}/v1/responses/{whole['id']}", headers=auth).json(), "Response")
+        r = httpx.post(f"{url}/v1/responses", json={**body, "stream": True}, headers=auth, timeout=30)
+        for event in sse_events(r.text):
+            check_schema(event, _EVENT_SCHEMAS[event["type"]])
+            seen.add(event["type"])
+    assert seen == set(_EVENT_SCHEMAS) - {"response.failed"}
+    # response.failed: a request that waits in the queue longer than --queue-timeout-s.
+    busy = mock_server(serve, concurrency=1, queue_timeout_s=0.3, mock_token_delay=0.05)
+    with httpx.stream("POST", f"{busy}/v1/chat/completions", json={"messages": USER, "stream": True}) as holding:
+        lines = holding.iter_lines()
+        next(lines)  # the only slot is taken (while `lines` lives: the stream stays open)
+        r = httpx.post(f"{busy}/v1/responses", json={"input": "x", "stream": True}, timeout=30)
+    (failed,) = [e for e in sse_events(r.text) if e["type"] == "response.failed"]
+    check_schema(failed, "ResponseFailedEvent")
+    assert "queue_timeout" in failed["response"]["error"]["message"]
+    check_schema(httpx.get(f"{url}/v1/models", headers=auth).json(), "ListModelsResponse")
+    check_schema(httpx.get(f"{url}/v1/models/mock", headers=auth).json(), "Model")
+    for method, path, body in [("POST", "/v1/chat/completions", {"messages": USER, "top_k": -1}),
+                               ("POST", "/v1/responses", {"input": "x", "previous_response_id": "resp_none"}),
+                               ("POST", "/v1/completions", {"prompt": "x", "suffix": "y"}),
+                               ("GET", "/v1/embeddings", None)]:
+        r = httpx.request(method, url + path, json=body, headers=auth)
+        assert r.status_code in (400, 404)
+        check_schema(r.json(), "ErrorResponse")
+    check_schema(httpx.get(f"{url}/v1/models").json(), "ErrorResponse")  # 401, no key
+
+
 # -- a hostile client: every field of every /v1 endpoint --------------------------------------------------
 # One mock server for the whole audit: each refusal is a 400 in OpenAI's shape naming the field, and
 # none of them starts a turn (the turn and prompt-token counters do not move).

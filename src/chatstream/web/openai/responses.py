@@ -265,24 +265,31 @@ class ResponseObject:
         self._end: tuple[str, dict[str, Any]] | None = None  # the last events and the final body
 
     def body(self, status: str, done: Done | None = None, error: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The response object, shaped as OpenAI's published ``Response`` schema has it (fields it does
+        not let be null, ``user`` and ``usage``, are left out until there is a value)."""
         r = self.request
         output = [] if status in ("in_progress", "failed") else self.items
-        return {
+        body = {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
             "model": self.model, "output": output, "instructions": r.instructions,
             "previous_response_id": r.previous_response_id, "store": r.store is not False,
             "max_output_tokens": r.max_output_tokens, "temperature": r.temperature, "top_p": r.top_p,
             "parallel_tool_calls": r.parallel_tool_calls is not False, "tool_choice": r.tool_choice or "auto",
-            "tools": [t.model_dump(exclude_none=True) for t in r.tools or []],
+            "tools": [{**t.model_dump(exclude_none=True), "parameters": t.parameters, "strict": t.strict}
+                      for t in r.tools or []],
             "text": r.text.model_dump(by_alias=True, exclude_none=True) if r.text and r.text.format
             else {"format": {"type": "text"}}, "truncation": "disabled", "metadata": r.metadata or {},
-            "user": r.user, "error": error, "reasoning": {"effort": None, "summary": None},
+            "error": error, "reasoning": {"effort": None, "summary": None},
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-            "usage": None if done is None else {
-                "input_tokens": done.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": done.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": done.prompt_tokens + done.completion_tokens},
         }
+        if r.user is not None:
+            body["user"] = r.user
+        if done is not None:
+            body["usage"] = {
+                "input_tokens": done.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "output_tokens": done.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": done.prompt_tokens + done.completion_tokens}
+        return body
 
     @staticmethod
     def status_of(done: Done) -> str:
@@ -302,7 +309,8 @@ class ResponseObject:
         if isinstance(event, Queued):
             return out or None
         if isinstance(event, Failed):
-            error = {"code": event.code, "message": event.message}
+            # OpenAI's error codes for a response are a fixed list: ours goes in the message.
+            error = {"code": "server_error", "message": f"{event.message} ({event.code})"}
             return out + self._event("response.failed", response=self.body("failed", error=error))
         if isinstance(event, Delta):
             return out + self._feed(event.text)
