@@ -106,13 +106,15 @@ def validated(model: type[RequestT], data: dict[str, Any]) -> RequestT:
 def _validation_error(exc: ValidationError, data: dict[str, Any]) -> OpenAIError:
     errors = exc.errors(include_url=False)
     order = {key: i for i, key in enumerate(data)}
-    located = [(_locate(error["loc"], data, error["type"]), error) for error in errors]
-    # The first bad field in the body's order (a missing one after all those present); within it,
-    # the error that reaches deepest into the objects the client sent (a union's branches all fail).
-    top = min(order.get(str(error["loc"][0]), len(order)) if error["loc"] else -1 for error in errors)
-    candidates = [(where, error) for where, error in located
-                  if (order.get(str(error["loc"][0]), len(order)) if error["loc"] else -1) == top]
-    (loc, keys, union_level), error = max(candidates, key=lambda c: c[0][1])  # max() keeps the first of ties
+
+    def rank(error: Any) -> int:  # the field's place in the body; a missing one after all those present
+        return order.get(str(error["loc"][0]), len(order)) if error["loc"] else -1
+
+    # The first bad field in the body's order; within it, the error that reaches deepest into the
+    # objects the client sent (when a union's branches all fail, the one its value was meant for).
+    first = min(map(rank, errors))
+    candidates = [(_locate(e["loc"], data, e["type"]), e) for e in errors if rank(e) == first]
+    (loc, _, union_level), error = max(candidates, key=lambda c: c[0][1])  # max() keeps the first of ties
     kind = error["type"]
     if kind == "json_invalid":
         return OpenAIError(400, f"We could not parse the JSON body of your request: {error['msg']}.",
