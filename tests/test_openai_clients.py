@@ -116,6 +116,15 @@ def test_completion_logprobs_in_the_legacy_form(url):
         assert len(top) == 3 and logprob <= 0
         assert max(top, key=top.get) == token and top[token] == pytest.approx(logprob)  # greedy: the most likely
     check_schema(httpx.post(f"{url}/v1/completions", json=ask, timeout=300).json(), "CreateCompletionResponse")
+    # Streamed, each chunk is the completion object with its share of the logprobs; the spec has no
+    # chunk schema, and its finish_reason cannot be null, as it is (OpenAI's too) until the last chunk.
+    r = httpx.post(f"{url}/v1/completions", json={**ask, "stream": True}, timeout=300)
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks) == 5
+    for chunk in chunks:
+        choice = chunk["choices"][0]
+        check_schema({**chunk, "choices": [{**choice, "finish_reason": choice["finish_reason"] or "length"}]},
+                     "CreateCompletionResponse")
     streamed = [ch.choices[0].logprobs for ch in c.completions.create(**ask, stream=True) if ch.choices]
     assert [t for s in streamed for t in s.tokens] == lp.tokens
     assert [o for s in streamed for o in s.text_offset] == lp.text_offset

@@ -546,10 +546,10 @@ def test_responses_stream_function_call_arguments(serve):
     ({"input": "x", "tool_choice": "required"}, "tool_choice"),
     ({"input": "x", "tools": [R_WEATHER], "tool_choice": "often"}, "tool_choice"),
     ({"input": "x", "tools": [R_WEATHER], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice.name"),
-    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input"),
+    ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
     ({"input": "x", "previous_response_id": "../etc"}, "previous_response_id"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0].type"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "bogus"}}}},
      "text.format.schema"),
     ({"input": "x", "text": {"format": {"type": "yaml"}}}, "text.format.type"),
@@ -658,3 +658,236 @@ def test_answers_validate_against_openais_published_schemas(serve):
     chunks = sse_events(r.text)
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     check_schema(chunks[-1], "CreateCompletionResponse")
+
+
+_EVENT_SCHEMAS = {  # each Responses stream event's own schema in OpenAI's spec
+    "response.created": "ResponseCreatedEvent", "response.in_progress": "ResponseInProgressEvent",
+    "response.output_item.added": "ResponseOutputItemAddedEvent",
+    "response.output_item.done": "ResponseOutputItemDoneEvent",
+    "response.content_part.added": "ResponseContentPartAddedEvent",
+    "response.content_part.done": "ResponseContentPartDoneEvent",
+    "response.output_text.delta": "ResponseTextDeltaEvent", "response.output_text.done": "ResponseTextDoneEvent",
+    "response.function_call_arguments.delta": "ResponseFunctionCallArgumentsDeltaEvent",
+    "response.function_call_arguments.done": "ResponseFunctionCallArgumentsDoneEvent",
+    "response.completed": "ResponseCompletedEvent", "response.incomplete": "ResponseIncompleteEvent",
+    "response.failed": "ResponseFailedEvent",
+}
+
+
+def test_responses_models_and_errors_validate_against_openais_published_schemas(serve):
+    url = mock_server(serve, max_new_tokens=400, api_key="k")
+    auth = {"Authorization": "Bearer k"}
+    seen: set[str] = set()
+    for body in ({"input": "hello there", "instructions": "Be brief."},
+                 {"input": "hello there", "max_output_tokens": 3},  # incomplete
+                 {"input": CALL, "tools": [R_WEATHER]},  # a message, then a function_call item
+                 {"input": "x", "text": {"format": {"type": "text"}}, "metadata": {"k": "v"}, "store": False}):
+        whole = httpx.post(f"{url}/v1/responses", json=body, headers=auth).json()
+        check_schema(whole, "Response")
+        if whole["store"]:
+            check_schema(httpx.get(f"{url}/v1/responses/{whole['id']}", headers=auth).json(), "Response")
+        r = httpx.post(f"{url}/v1/responses", json={**body, "stream": True}, headers=auth, timeout=30)
+        for event in sse_events(r.text):
+            check_schema(event, _EVENT_SCHEMAS[event["type"]])
+            seen.add(event["type"])
+    assert seen == set(_EVENT_SCHEMAS) - {"response.failed"}
+    # response.failed: a request that waits in the queue longer than --queue-timeout-s.
+    busy = mock_server(serve, concurrency=1, queue_timeout_s=0.3, mock_token_delay=0.05)
+    with httpx.stream("POST", f"{busy}/v1/chat/completions", json={"messages": USER, "stream": True}) as holding:
+        lines = holding.iter_lines()
+        next(lines)  # the only slot is taken (while `lines` lives: the stream stays open)
+        r = httpx.post(f"{busy}/v1/responses", json={"input": "x", "stream": True}, timeout=30)
+    (failed,) = [e for e in sse_events(r.text) if e["type"] == "response.failed"]
+    check_schema(failed, "ResponseFailedEvent")
+    assert "queue_timeout" in failed["response"]["error"]["message"]
+    check_schema(httpx.get(f"{url}/v1/models", headers=auth).json(), "ListModelsResponse")
+    check_schema(httpx.get(f"{url}/v1/models/mock", headers=auth).json(), "Model")
+    for method, path, body in [("POST", "/v1/chat/completions", {"messages": USER, "top_k": -1}),
+                               ("POST", "/v1/responses", {"input": "x", "previous_response_id": "resp_none"}),
+                               ("POST", "/v1/completions", {"prompt": "x", "suffix": "y"}),
+                               ("GET", "/v1/embeddings", None)]:
+        r = httpx.request(method, url + path, json=body, headers=auth)
+        assert r.status_code in (400, 404)
+        check_schema(r.json(), "ErrorResponse")
+    check_schema(httpx.get(f"{url}/v1/models").json(), "ErrorResponse")  # 401, no key
+
+
+# -- a hostile client: every field of every /v1 endpoint --------------------------------------------------
+# One mock server for the whole audit: each refusal is a 400 in OpenAI's shape naming the field, and
+# none of them starts a turn (the turn and prompt-token counters do not move).
+
+from chatstream.web.openai.completions import CompletionRequest  # noqa: E402
+from chatstream.web.openai.protocol import ChatCompletionRequest, TokenizeRequest  # noqa: E402
+from chatstream.web.openai.responses import ResponsesRequest  # noqa: E402
+
+ENDPOINTS = {  # the smallest valid body of each, and its request model (to cover every field it accepts)
+    "/v1/chat/completions": ({"messages": USER}, ChatCompletionRequest),
+    "/v1/completions": ({"prompt": "hi"}, CompletionRequest),
+    "/v1/responses": ({"input": "hi", "store": False}, ResponsesRequest),
+    "/tokenize": ({"prompt": "hi"}, TokenizeRequest),
+}
+JUNK = ["x", "", 1.5, -1, 0, True, [], {}, 1 << 70, -1e308, [None], [[]], ["x"], [1], {"x": "y"}, {"type": "x"},
+        {"a": {"b": [1, {"c": None}]}}, [{"a": {"b": [1]}}]]
+NOWHERE = [{"a": {"b": [1, {"c": None}]}}, [{"a": {"b": [1]}}]]  # values no field of any endpoint takes
+
+
+@pytest.fixture(scope="module")
+def audit_server():
+    from conftest import live_server
+
+    app = create_app(Settings(mock=True, mock_token_delay=0.0, max_new_tokens=4, session_secret="audit",
+                              session_store="memory://", concurrency=4, queue_size=8))
+    with live_server(app) as server, httpx.Client(base_url=server.url, timeout=20) as http:
+        yield http
+
+
+def _turn_counters(http: httpx.Client) -> list[str]:
+    return sorted(line for line in http.get("/metrics").text.splitlines()
+                  if line.startswith(("chatstream_turns_total", "chatstream_prompt_tokens_total")))
+
+
+def _refused(r: httpx.Response) -> dict[str, Any]:
+    assert r.status_code == 400, (r.status_code, r.text[:300])
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["message"] and error["code"]
+    return dict(error)
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_every_field_refuses_values_no_field_takes_naming_itself(audit_server, path):
+    base, model = ENDPOINTS[path]
+    before = _turn_counters(audit_server)
+    checked = 0
+    for field in model.model_fields:
+        name = model.model_fields[field].alias or field
+        for junk in NOWHERE:
+            error = _refused(audit_server.post(path, json={**base, name: junk}))
+            assert (error["param"] or "").startswith(name), (name, junk, error)
+            checked += 1
+    unknown = _refused(audit_server.post(path, json={**base, "temperature_": 1}))
+    assert unknown["param"] == "temperature_" and unknown["code"] == "unknown_parameter"
+    assert checked == 2 * len(model.model_fields) >= 6
+    assert _turn_counters(audit_server) == before  # nothing started, nothing counted
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_every_field_with_any_junk_is_answered_never_5xx_or_422(audit_server, path):
+    # Wrong types, out of range, huge, null, nested: either a valid value (200) or a 400 naming the field.
+    base, model = ENDPOINTS[path]
+    answered = {200: 0, 400: 0}
+    for field in model.model_fields:
+        name = model.model_fields[field].alias or field
+        for junk in [*JUNK, None]:
+            r = audit_server.post(path, json={**base, name: junk})
+            assert r.status_code in answered, (name, junk, r.status_code, r.text[:300])
+            answered[r.status_code] += 1
+            if r.status_code == 400:
+                assert (_refused(r)["param"] or "").startswith(name), (name, junk, r.text[:300])
+    assert answered[400] > answered[200] > 0
+
+
+@pytest.mark.parametrize("path, body, param", [
+    # Nested junk names the deepest object the client sent that is wrong.
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages[0].content[0].text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": []}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [None]}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "f"}}]}]}, "messages[0].tool_calls[0].function.arguments"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [{"type": "function"}]}, "tools[0].function"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [WEATHER],
+                              "tool_choice": {"type": "function", "function": {"name": "get_weather"}, "x": 1}},
+     "tool_choice"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [WEATHER], "tool_choice": 5}, "tool_choice"),
+    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {}, "strict": "yes"}}}, "response_format.json_schema.strict"),
+    ("/v1/chat/completions", {"messages": USER, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "no spaces", "schema": {}}}}, "response_format.json_schema.name"),
+    ("/v1/chat/completions", {"messages": USER, "response_format": {}}, "response_format.type"),
+    ("/v1/chat/completions", {"messages": USER, "stream": True, "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {"-5": 1}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": USER, "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ("/v1/chat/completions", {"messages": USER, "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ("/v1/chat/completions", {"messages": USER, "metadata": {"k" * 65: "v"}}, "metadata"),
+    ("/v1/chat/completions", {"messages": USER, "stop": ["a"] * 17}, "stop"),
+    ("/v1/chat/completions", {"messages": USER, "seed": 1 << 64}, "seed"),
+    # Combinations.
+    ("/v1/chat/completions", {"messages": USER, "top_logprobs": 3}, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": USER, "n": 2, "logprobs": True}, "logprobs"),  # the mock has none
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 3, "max_completion_tokens": 4}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [WEATHER], "response_format": {"type": "json_object"}},
+     "response_format"),  # the mock enforces no grammar: refused, not ignored
+    ("/v1/completions", {"prompt": [""]}, "prompt"),
+    ("/v1/completions", {"prompt": [1, "a"]}, "prompt"),
+    ("/v1/completions", {"prompt": [1 << 40]}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a"] * 17}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 0}, "echo"),
+    ("/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, "best_of"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"1234567890": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x" * 5000, "max_tokens": 3}, "prompt"),
+    ("/v1/responses", {"input": ["hi"]}, "input"),
+    ("/v1/responses", {"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
+    ("/v1/responses", {"input": [{"role": "user", "content": []}]}, "input[0].content"),
+    ("/v1/responses", {"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input[0].content[0].text"),
+    ("/v1/responses", {"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0].arguments"),
+    ("/v1/responses", {"input": [{"type": "function_call_output", "call_id": "c", "output": 5}]}, "input[0].output"),
+    ("/v1/responses", {"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
+    ("/v1/responses", {"input": "x", "text": {"x": 1}}, "text.x"),
+    ("/v1/responses", {"input": "x", "text": {"format": {"type": "text", "x": 1}}}, "text.format.x"),
+    ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_schema", "schema": {}, "strict": "yes"}}},
+     "text.format.strict"),
+    ("/v1/responses", {"input": "x", "text": {"verbosity": "high"}}, "text.verbosity"),
+    ("/v1/responses", {"input": "x", "tools": [R_WEATHER], "tool_choice": {"type": "allowed_tools", "tools": []}},
+     "tool_choice"),
+    ("/v1/responses", {"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ("/v1/responses", {"input": "x", "truncation": "auto"}, "truncation"),
+    ("/v1/responses", {"input": "x", "tools": [R_WEATHER], "text": {"format": {"type": "json_object"}}}, "text.format"),
+    ("/v1/responses", {"input": "x" * 5000}, "input"),
+    ("/v1/responses", {"input": "x", "instructions": "x" * 5000}, "input"),
+    ("/tokenize", {"prompt": "x", "add_special_tokens": "yes"}, "add_special_tokens"),
+    ("/tokenize", {"prompt": "x", "model": 5}, "model"),
+    ("/tokenize", {"prompt": "x", "wat": 1}, "wat"),
+])
+def test_nested_junk_and_combinations_are_400_naming_the_field(audit_server, path, body, param):
+    before = _turn_counters(audit_server)
+    assert _refused(audit_server.post(path, json=body))["param"] == param
+    assert _turn_counters(audit_server) == before
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": USER, "n": 2, "stream": True, "stream_options": {"include_usage": True}}),
+    ("/v1/chat/completions", {"messages": USER, "n": 2, "tools": [WEATHER], "tool_choice": "auto"}),
+    ("/v1/chat/completions", {"messages": USER, "tool_choice": "none"}),
+    ("/v1/chat/completions", {"messages": USER, "stream": True, "stream_options": None}),
+    ("/v1/chat/completions", {"messages": USER, "seed": (1 << 64) - 1, "max_tokens": 3, "max_completion_tokens": 3}),
+    ("/v1/chat/completions", {"messages": USER, "metadata": {"k" * 64: "v" * 512}}),
+    ("/v1/completions", {"prompt": "x", "n": 2, "echo": True, "stream": True}),
+    ("/v1/completions", {"prompt": "x", "n": 3, "best_of": 3, "suffix": None}),
+    ("/v1/responses", {"input": "x", "stream": True, "tools": [R_WEATHER], "store": False}),
+    ("/v1/responses", {"input": "x", "text": {"format": {"type": "text"}}, "store": None}),
+])
+def test_combinations_that_ask_for_something_possible_are_answered(audit_server, path, body):
+    r = audit_server.post(path, json=body)
+    assert r.status_code == 200, r.text[:300]
+
+
+def test_a_responses_input_beyond_the_context_is_context_length_exceeded(audit_server):
+    error = _refused(audit_server.post("/v1/responses", json={"input": "x" * 5000, "max_output_tokens": 3}))
+    assert error["code"] == "context_length_exceeded" and error["param"] == "input"
+    assert "maximum context length is 4096 tokens" in error["message"]
+
+
+def test_several_bad_fields_name_the_first_in_the_bodys_order(audit_server):
+    # The body's own order decides (never the order the request model declares its fields in); a
+    # missing required field comes after every bad field that is present.
+    for first, second in [("temperature", "top_k"), ("top_k", "temperature"), ("n", "seed"), ("seed", "n")]:
+        bad = {"temperature": 9, "top_k": -1, "n": 0, "seed": "s"}
+        body = {first: bad[first], "messages": USER, second: bad[second]}
+        assert _refused(audit_server.post("/v1/chat/completions", json=body))["param"] == first
+    assert _refused(audit_server.post("/v1/completions", json={"top_p": 0, "echo": 1}))["param"] == "top_p"
+    assert _refused(audit_server.post("/v1/completions", json={"echo": 1, "top_p": 0}))["param"] == "echo"
+    assert _refused(audit_server.post("/v1/responses", json={"wat": 1, "temperature": 9, "input": "x"}))["param"] == "wat"

@@ -208,6 +208,11 @@ def test_logprobs_come_from_the_samplers_distribution(url):
         assert bytes(entry.bytes).decode() == entry.token
     raw = httpx.post(f"{url}/v1/chat/completions", json=ask, timeout=300).json()
     check_schema(raw, "CreateChatCompletionResponse")  # OpenAI's published schema, logprobs included
+    r = httpx.post(f"{url}/v1/chat/completions", json={**ask, "stream": True}, timeout=300)
+    raw_chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert sum(1 for c in raw_chunks if c["choices"] and c["choices"][0]["logprobs"]) >= 6
+    for chunk in raw_chunks:
+        check_schema(chunk, "CreateChatCompletionStreamResponse")
     chunks = list(client(url).chat.completions.create(**ask, stream=True))
     streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [(e.token, round(e.logprob, 3)) for e in streamed] == [(e.token, round(e.logprob, 3)) for e in entries]

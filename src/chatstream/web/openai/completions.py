@@ -13,81 +13,55 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from ...engine import SamplingParams
-from ...errors import InvalidParams
 from ...service.events import Done
 from ...service.sampling import SamplingLimits
-from ...service.sampling import to_sampling_params as sampling_params
-from ...service.structured import response_format_values
-from .protocol import (
-    _INT64_MIN,
-    _UINT64_END,
-    MAX_CHOICES,
-    OpenAIError,
-    StreamOptions,
-    _unsupported,
-    json_object,
-    validated,
-)
+from .protocol import OpenAIError, Refusals, SamplingRequest, json_object, unsupported, validated
 
 DEFAULT_MAX_TOKENS = 16
 MAX_LOGPROBS = 5  # OpenAI's own limit for the legacy logprobs
 
 
-class CompletionRequest(BaseModel):
-    """The body of ``POST /v1/completions``; JSON types are checked strictly."""
+class CompletionRequest(SamplingRequest):
+    """The body of ``POST /v1/completions``: the shared sampling fields and the legacy ones.
+    ``response_format`` is vLLM's extension here: JSON out of a raw prompt."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    refused: ClassVar[Refusals] = (
+        *SamplingRequest.refused,
+        ("suffix", lambda v: bool(v), "a suffix (insertion)"),
+    )
 
     prompt: str | list[str] | list[int]
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=_INT64_MIN, lt=_UINT64_END)
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    logit_bias: dict[str, float] | None = None
-    response_format: dict[str, Any] | None = None  # vLLM's extension: JSON out of a raw prompt
-    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = None
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     # Accepted only with the value that asks for nothing extra.
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
 
+    def check(self) -> None:
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) and len(prompt) != 1:
+            raise unsupported("prompt", "several prompts in one request (send one request each)")
+        if prompt in ("", [], [""]):
+            raise OpenAIError(400, "Invalid value for 'prompt': it is empty.", param="prompt", code="invalid_value")
+        if self.best_of not in (None, self.n or 1):
+            raise unsupported("best_of", "best_of other than n (generating more choices than are returned)")
+        if self.echo and self.logprobs is not None:
+            raise unsupported("echo", "echo with logprobs (the prompt's own log-probabilities)")
+        super().check()
 
-_REFUSED = [
-    ("suffix", lambda v: bool(v), "a suffix (insertion)"),
-]
+    def default_token_limit(self, limits: SamplingLimits) -> int:
+        return DEFAULT_MAX_TOKENS  # OpenAI's default for this endpoint, not the server's
+
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
-    request = validated(CompletionRequest, json_object(body), _REFUSED)
-    if isinstance(request.prompt, list) and not isinstance(request.prompt and request.prompt[0], int) \
-            and len(request.prompt) != 1:
-        raise _unsupported("prompt", "several prompts in one request (send one request each)")
-    if request.prompt in ("", []):
-        raise OpenAIError(400, "Invalid value for 'prompt': it is empty.", param="prompt", code="invalid_value")
-    if request.best_of not in (None, request.n or 1):
-        raise _unsupported("best_of", "best_of other than n (generating more choices than are returned)")
-    if request.echo and request.logprobs is not None:
-        raise _unsupported("echo", "echo with logprobs (the prompt's own log-probabilities)")
-    if request.stream_options is not None and not request.stream:
-        raise OpenAIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                          param="stream_options", code="invalid_value")
-    return request
+    return validated(CompletionRequest, json_object(body))
 
 
 def prompt_text(request: CompletionRequest) -> str | list[int]:
@@ -95,26 +69,6 @@ def prompt_text(request: CompletionRequest) -> str | list[int]:
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         return str(prompt[0])
     return prompt  # type: ignore[return-value]
-
-
-def completion_sampling_params(request: CompletionRequest, defaults: SamplingParams,
-                               limits: SamplingLimits) -> SamplingParams:
-    values: dict[str, Any] = {k: getattr(request, k) for k in
-                              ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "min_p",
-                               "presence_penalty", "frequency_penalty")
-                              if getattr(request, k) is not None}
-    values["max_new_tokens"] = request.max_tokens or DEFAULT_MAX_TOKENS
-    if request.logprobs is not None:
-        values["logprobs"] = request.logprobs
-    try:
-        if request.logit_bias:
-            if not all(t.isdigit() and len(t) <= 9 for t in request.logit_bias):
-                raise InvalidParams("'logit_bias' keys must be token ids", param="logit_bias")
-            values["logit_bias"] = tuple((int(t), b) for t, b in request.logit_bias.items())
-        values.update(response_format_values(request.response_format))
-        return sampling_params(defaults, limits, values, {"max_new_tokens": "max_tokens"})
-    except InvalidParams as exc:
-        raise OpenAIError(400, f"Invalid value for {exc.message}.", param=exc.param, code="invalid_value") from None
 
 
 class TextCompletion:

@@ -1,9 +1,14 @@
-"""The OpenAI chat-completions wire: request schema, parameter table, errors, and the mapping to
-:class:`SamplingParams`. Behaviour follows OpenAI's where the two can differ:
+"""The OpenAI wire's shared parts: errors, strict request validation, the fields every request
+shares with their bounds, the one mapping to :class:`SamplingParams`, and the chat-completions
+request itself. Behaviour follows OpenAI's where the two can differ:
 
 - Errors are ``{"error": {"message", "type", "param", "code"}}``. A parameter this server cannot
-  honour (``n`` > 1, logprobs, audio, ...) is a 400 naming it, never silently ignored; an unknown
-  parameter is a 400 too.
+  honour (``n`` > 8, audio, ...) is a 400 naming it, never silently ignored; an unknown parameter
+  is a 400 too.
+- When a body has several bad fields, the 400 names the first bad one in the body's own order
+  (a missing required field after those), then the first refused value in the model's
+  :attr:`~OpenAIRequest.refused` table, then the cross-field rules (:meth:`~OpenAIRequest.check`):
+  the order of the class's fields never decides it.
 - ``tools`` go through the chat template and calls come back as ``tool_calls`` (see ``tools.py``);
   ``response_format`` and a forced ``tool_choice`` become a grammar the engine enforces.
 - Messages are never dropped to fit: a prompt plus ``max_tokens`` beyond the context is a 400
@@ -14,9 +19,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 from starlette.responses import JSONResponse
 
 from ...engine import SamplingParams
@@ -54,12 +59,342 @@ class OpenAIError(Exception):
         return JSONResponse(self.body, status_code=self.status, headers=self.headers)
 
 
-def _unsupported(param: str, what: str) -> OpenAIError:
+def unsupported(param: str, what: str) -> OpenAIError:
+    """The 400 for a value this server cannot honour (never silently ignored)."""
     return OpenAIError(400, f"Unsupported parameter '{param}': this server does not support {what}.",
                        param=param, code="unsupported_parameter")
 
 
-# -- request schema --------------------------------------------------------------------------
+def invalid_value(exc: InvalidParams) -> OpenAIError:
+    """The 400 for a value the service or the grammar engine found out of range."""
+    return OpenAIError(400, f"Invalid value for {exc.message}.", param=exc.param, code="invalid_value")
+
+
+# -- validation ------------------------------------------------------------------------------
+
+Refusals = Sequence[tuple[str, Callable[[Any], bool], str]]
+RequestT = TypeVar("RequestT", bound="StrictRequest")
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object, parsed strictly (bounded nesting, no NaN, no lone surrogates),
+    or a 400 ``invalid_json``."""
+    try:
+        data = parse_json_body(body)
+    except BadJSON as exc:
+        raise OpenAIError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+def validated(model: type[RequestT], data: dict[str, Any]) -> RequestT:
+    """``data`` as a ``model``, or a 400 naming, in this order: the first bad field in the body's
+    order, the first field set to something the model's ``refused`` table lists, the first broken
+    cross-field rule of its :meth:`~OpenAIRequest.check`."""
+    try:
+        request = model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_error(exc, data) from None
+    for param, is_refused, what in model.refused:
+        if is_refused(getattr(request, param)):
+            raise unsupported(param, what)
+    request.check()
+    return request
+
+
+def _validation_error(exc: ValidationError, data: dict[str, Any]) -> OpenAIError:
+    errors = exc.errors(include_url=False)
+    order = {key: i for i, key in enumerate(data)}
+
+    def rank(error: Any) -> int:  # the field's place in the body; a missing one after all those present
+        return order.get(str(error["loc"][0]), len(order)) if error["loc"] else -1
+
+    # The first bad field in the body's order; within it, the error that reaches deepest into the
+    # objects the client sent (when a union's branches all fail, the one its value was meant for).
+    first = min(map(rank, errors))
+    candidates = [(_locate(e["loc"], data, e["type"]), e) for e in errors if rank(e) == first]
+    (loc, _, union_level), error = max(candidates, key=lambda c: c[0][1])  # max() keeps the first of ties
+    kind = error["type"]
+    if kind == "json_invalid":
+        return OpenAIError(400, f"We could not parse the JSON body of your request: {error['msg']}.",
+                           code="invalid_json")
+    if kind == "model_type" and not loc:
+        return OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
+    if kind == "extra_forbidden":
+        return OpenAIError(400, f"Unrecognized request argument supplied: {loc}", param=loc,
+                           code="unknown_parameter")
+    if kind == "missing":
+        return OpenAIError(400, f"Missing required parameter: '{loc}'.", param=loc,
+                           code="missing_required_parameter")
+    if loc.endswith(".role") and error.get("input") == "function":
+        return unsupported(loc, "messages with the deprecated role 'function' (use 'tool')")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        message = "expected an object"
+    if union_level:  # the value fits none of the field's shapes: name them all
+        message = _UNION_MESSAGES.get(loc.rsplit(".", 1)[-1], message)
+    code = "invalid_type" if kind.endswith("_type") or kind.endswith("_parsing") else "invalid_value"
+    return OpenAIError(400, f"Invalid value for '{loc}': {message}.", param=loc, code=code)
+
+
+_UNION_MESSAGES = {
+    "stop": "expected a string or a list of strings",
+    "content": "expected a string or a list of content parts like {\"type\": \"text\", \"text\": \"...\"}",
+    "input": "expected a string or a list of input items (messages, function_call, function_call_output)",
+    "prompt": "expected a string, a list of one string, or a list of token ids",
+    "output": "expected a string or a list of content parts",
+    "tool_choice": "expected 'none', 'auto', 'required' or an object naming a function",
+}
+
+
+def _locate(loc: tuple[Any, ...], data: Any, kind: str) -> tuple[str, int, bool]:
+    """Where an error is, as the client wrote it: ``('messages', 0, 'content', 'str')`` ->
+    ``messages[0].content``, found by walking the body (pydantic adds the names of union branches
+    to a location: anything the body does not have is one of those). Also returns how many object
+    keys the walk went through, and whether the error is the union's own (no branch fits)."""
+    if "[key]" in loc:  # a bad key: the object holding it is the field to name
+        loc = loc[:loc.index("[key]") - 1]
+    out, pending, node, keys, tagged = "", "", data, 0, False
+    for i, part in enumerate(loc):
+        if isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
+            pending += f"[{part}]"
+            node = node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and part in node:
+            out += pending + (f".{part}" if out else part)
+            pending, node, keys, tagged = "", node[part], keys + 1, False
+        elif kind == "missing" and i == len(loc) - 1:
+            return out + pending + (f".{part}" if out or pending else str(part)), keys + 1, False
+        else:
+            tagged = True  # a union branch's name
+    return (out if tagged else out + pending), keys, tagged
+
+
+# -- the fields every request shares ---------------------------------------------------------
+
+_Metadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
+                           Annotated[str, StringConstraints(max_length=512)]], Field(max_length=16)]
+
+
+class StrictRequest(BaseModel):
+    """A request body: JSON types checked strictly, unknown fields refused (see :func:`validated`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    refused: ClassVar[Refusals] = ()  # (field, is the value something we cannot do?, what it asks for)
+
+    def check(self) -> None:
+        """Rules across fields, after the schema and the refusals; raises :class:`OpenAIError`."""
+
+
+class TokenizeRequest(StrictRequest):
+    """The body of vLLM's ``POST /tokenize`` (what a chatstream in front of this one sends)."""
+
+    prompt: str
+    model: str | None = None
+    add_special_tokens: bool = False
+
+
+class OpenAIRequest(StrictRequest):
+    """What every generation request of the OpenAI wire shares, with one set of bounds, and the
+    hooks :func:`to_sampling_params` reads."""
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool | None = False
+    user: str | None = None
+
+    def token_limit(self) -> int | None:
+        """The reply's token cap as asked (``None``: the server's default)."""
+        return None
+
+    def token_limit_param(self) -> str:
+        """The field that caps the reply's tokens, for an error that names it."""
+        return "max_tokens"
+
+    def default_token_limit(self, limits: SamplingLimits) -> int:
+        return limits.max_new_tokens
+
+    def logprobs_count(self) -> int | None:
+        """``None``: no log-probabilities; ``k``: each token's and the ``k`` most likely."""
+        return None
+
+    def structured_output(self) -> dict[str, str]:
+        """The ``grammar`` the reply must match and the ``response_format`` it was made from (for a
+        remote engine), as :class:`SamplingParams` fields; raises :class:`InvalidParams` naming the field."""
+        return {}
+
+    @property
+    def grammar_param(self) -> str:
+        """The field the grammar comes from, for a refusal that names it."""
+        return "response_format"
+
+
+class ServiceFields(BaseModel):
+    """Fields the chat and Responses APIs accept that change nothing about the reply here."""
+
+    metadata: _Metadata | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+    include_obfuscation: bool | None = None  # accepted; there is nothing to obfuscate
+
+
+class _JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: its ``type`` is checked where the grammar is made (shared with ``/chat_stream``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: str
+    json_schema: _JsonSchemaFormat | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+
+class SamplingRequest(OpenAIRequest):
+    """The sampling fields the chat and the legacy completions wires share (with vLLM's extensions
+    ``top_k``, ``repetition_penalty`` and ``min_p``)."""
+
+    refused: ClassVar[Refusals] = (
+        ("n", lambda v: v is not None and v > MAX_CHOICES, f"more than {MAX_CHOICES} choices"),
+    )
+
+    max_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=_INT64_MIN, lt=_UINT64_END)
+    stream_options: StreamOptions | None = None
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    n: int | None = Field(None, ge=1)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _keys_are_token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token in value or {}:
+            if not (token.isascii() and token.isdigit()) or len(token) > 9:
+                raise ValueError(f"the key {token!r} is not a token id")
+        return value
+
+    def check(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                              param="stream_options", code="invalid_value")
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > 16 or not all(stops):
+            raise OpenAIError(400, "Invalid value for 'stop': give at most 16 non-empty strings.",
+                              param="stop", code="invalid_value")
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    def structured_output(self) -> dict[str, str]:
+        return response_format_values(self.response_format.as_dict() if self.response_format else None)
+
+
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "min_p",
+                    "presence_penalty", "frequency_penalty")  # the same names on the wire and in SamplingParams
+
+
+def to_sampling_params(request: OpenAIRequest, defaults: SamplingParams, limits: SamplingLimits) -> SamplingParams:
+    """The request's :class:`SamplingParams`, the same way for every endpoint: unset fields take the
+    server's defaults, a token cap above the server's limit is clamped (the reply then ends with
+    ``finish_reason: length``); a value out of range is a 400 naming its field."""
+    values = {name: value for name in _SAMPLING_FIELDS if (value := getattr(request, name, None)) is not None}
+    asked = request.token_limit()
+    values["max_new_tokens"] = asked if asked is not None else request.default_token_limit(limits)
+    if (logprobs := request.logprobs_count()) is not None:
+        values["logprobs"] = logprobs
+    bias: dict[str, float] | None = getattr(request, "logit_bias", None)
+    try:
+        if bias:
+            values["logit_bias"] = tuple((int(t), b) for t, b in bias.items())
+            if limits.vocab_size and any(int(t) >= limits.vocab_size for t in bias):
+                raise InvalidParams(f"'logit_bias' has a token id beyond the vocabulary ({limits.vocab_size})",
+                                    param="logit_bias")
+        values.update(request.structured_output())
+        return sampling_params(defaults, limits, values, {"max_new_tokens": request.token_limit_param()})
+    except InvalidParams as exc:
+        raise invalid_value(exc) from None
+
+
+# -- tools -----------------------------------------------------------------------------------
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+    def definition(self) -> dict[str, Any]:
+        """The chat wire's ``function`` object."""
+        return self.model_dump(exclude_none=True, include={"name", "description", "parameters", "strict"})
+
+
+def check_tool_choice(choice: str | dict[str, Any] | None, functions: Sequence[FunctionDefinition],
+                      *, nested: bool) -> None:
+    """``tool_choice`` against the tools given: ``none``, ``auto``, ``required`` or a named function,
+    ``{"type": "function", "function": {"name": ...}}`` (chat, ``nested``) or ``{"type": "function",
+    "name": ...}`` (Responses)."""
+    if choice is None:
+        return
+    shape = '{"type": "function", "function": {"name": ...}}' if nested else '{"type": "function", "name": ...}'
+    if not functions and choice != "none":
+        raise OpenAIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are given.",
+                          param="tool_choice", code="invalid_value")
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise OpenAIError(400, f"Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or {shape}.",
+                              param="tool_choice", code="invalid_value")
+        return
+    name = _chosen_name(choice, nested)
+    if choice.get("type") != "function" or not isinstance(name, str) or len(choice) > 2 \
+            or (nested and len(choice["function"]) > 1):
+        raise OpenAIError(400, f"Invalid value for 'tool_choice': expected {shape}.", param="tool_choice",
+                          code="invalid_value")
+    if name not in [f.name for f in functions]:
+        raise OpenAIError(400, f"Invalid value for 'tool_choice': no tool named {name!r} is in 'tools'.",
+                          param="tool_choice.function.name" if nested else "tool_choice.name", code="invalid_value")
+
+
+def _chosen_name(choice: dict[str, Any], nested: bool) -> Any:
+    if not nested:
+        return choice.get("name")
+    function = choice.get("function")
+    return function.get("name") if isinstance(function, dict) else None
+
+
+def forced_functions(choice: str | dict[str, Any] | None, functions: Sequence[FunctionDefinition],
+                     *, nested: bool) -> list[dict[str, Any]]:
+    """The functions one of which the reply must call (``tool_choice`` required or named); else none."""
+    if choice == "required":
+        return [f.definition() for f in functions]
+    if isinstance(choice, dict):
+        name = _chosen_name(choice, nested)
+        return [f.definition() for f in functions if f.name == name]
+    return []
+
+
+# -- the chat-completions request ------------------------------------------------------------
 
 class _ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
@@ -87,18 +422,10 @@ class ChatMessage(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[_ContentPart] | None = None
+    content: str | Annotated[list[_ContentPart], Field(min_length=1)] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, max_length=128)
     tool_call_id: str | None = None
-
-
-class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
 
 
 class ToolDefinition(BaseModel):
@@ -109,51 +436,35 @@ class ToolDefinition(BaseModel):
     function: FunctionDefinition
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = False
-    include_obfuscation: bool | None = None  # accepted; there is nothing to obfuscate
+class ChatCompletionRequest(SamplingRequest, ServiceFields):
+    """The body of ``POST /v1/chat/completions``."""
 
-
-class ChatCompletionRequest(BaseModel):
-    """The body of ``POST /v1/chat/completions``; JSON types are checked strictly."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
+    refused: ClassVar[Refusals] = (
+        *SamplingRequest.refused,
+        ("functions", lambda v: bool(v), "the deprecated 'functions' (use 'tools')"),
+        ("function_call", lambda v: v not in (None, "none"), "the deprecated 'function_call' (use 'tool_choice')"),
+        ("modalities", lambda v: v is not None and set(v) != {"text"}, "an output modality other than text"),
+        ("store", lambda v: bool(v), "storing completions"),
+        ("audio", lambda v: v is not None, "audio output"),
+        ("prediction", lambda v: v is not None, "predicted outputs"),
+        ("reasoning_effort", lambda v: v is not None, "reasoning effort"),
+        ("verbosity", lambda v: v is not None, "verbosity"),
+        ("web_search_options", lambda v: v is not None, "web search"),
+        ("moderation", lambda v: v is not None, "moderation"),
+        ("prompt_cache_options", lambda v: v is not None, "prompt cache options"),
+    )
 
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=_INT64_MIN, lt=_UINT64_END)
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    # Extensions that vLLM and others accept as well.
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    # Accepted and ignored: they change nothing about the reply.
-    metadata: dict[str, str] | None = None
-    service_tier: str | None = None
-    safety_identifier: str | None = None
-    prompt_cache_key: str | None = None
-    prompt_cache_retention: str | None = None
-    parallel_tool_calls: bool | None = None
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    # Accepted only with the value that asks for nothing extra (checked in _check_supported).
-    n: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    logit_bias: dict[str, float] | None = None
-    response_format: dict[str, Any] | None = None
-    modalities: list[str] | None = None
-    store: bool | None = None
     tools: list[ToolDefinition] | None = Field(None, max_length=128)
     tool_choice: str | dict[str, Any] | None = None
+    # Accepted and ignored: they change nothing about the reply.
+    prompt_cache_retention: str | None = None
+    # Accepted only with the value that asks for nothing extra (the refused table).
+    modalities: list[str] | None = None
+    store: bool | None = None
     functions: list[Any] | None = None
     function_call: Any = None
     audio: Any = None
@@ -164,22 +475,44 @@ class ChatCompletionRequest(BaseModel):
     moderation: Any = None
     prompt_cache_options: Any = None
 
+    def check(self) -> None:
+        super().check()
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise OpenAIError(400, "Give 'max_completion_tokens' or 'max_tokens', not both with different values.",
+                              param="max_tokens", code="invalid_value")
+        for i, message in enumerate(self.messages):
+            _check_message(i, message)
+        check_tool_choice(self.tool_choice, self.functions_offered(), nested=True)
+        if self.top_logprobs and not self.logprobs:
+            raise OpenAIError(400, "Invalid value for 'top_logprobs': it requires 'logprobs' to be true.",
+                              param="top_logprobs", code="invalid_value")
 
-# (parameter, is the value something we cannot do?, what it asks for)
-_UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("n", lambda v: v is not None and v > MAX_CHOICES, f"more than {MAX_CHOICES} choices"),
-    ("functions", lambda v: bool(v), "the deprecated 'functions' (use 'tools')"),
-    ("function_call", lambda v: v not in (None, "none"), "the deprecated 'function_call' (use 'tool_choice')"),
-    ("modalities", lambda v: v is not None and set(v) != {"text"}, "an output modality other than text"),
-    ("store", lambda v: bool(v), "storing completions"),
-    ("audio", lambda v: v is not None, "audio output"),
-    ("prediction", lambda v: v is not None, "predicted outputs"),
-    ("reasoning_effort", lambda v: v is not None, "reasoning effort"),
-    ("verbosity", lambda v: v is not None, "verbosity"),
-    ("web_search_options", lambda v: v is not None, "web search"),
-    ("moderation", lambda v: v is not None, "moderation"),
-    ("prompt_cache_options", lambda v: v is not None, "prompt cache options"),
-]
+    def functions_offered(self) -> list[FunctionDefinition]:
+        return [t.function for t in self.tools or []]
+
+    def token_limit_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def forced_functions(self) -> list[dict[str, Any]]:
+        """The functions one of which the reply must call (``tool_choice`` required or named); else none."""
+        return forced_functions(self.tool_choice, self.functions_offered(), nested=True)
+
+    def structured_output(self) -> dict[str, str]:
+        forced = self.forced_functions()
+        return tool_call_values(forced) if forced else super().structured_output()
+
+    @property
+    def grammar_param(self) -> str:
+        return "tool_choice" if self.forced_functions() else "response_format"
+
+
 _IGNORED_MESSAGE_FIELDS = {"refusal", "annotations"}  # what clients echo back from a reply
 _UNSUPPORTED_MESSAGE_FIELDS = {"function_call": "the deprecated 'function_call' (use 'tool_calls')",
                                "audio": "audio"}
@@ -196,139 +529,7 @@ def parse_chat_completion_request(body: bytes, max_messages: int) -> ChatComplet
     if isinstance(messages, list) and len(messages) > max_messages:
         raise OpenAIError(400, f"Invalid 'messages': {len(messages)} messages; this server accepts at most {max_messages}.",
                           param="messages", code="too_many_messages")
-    request = validated(ChatCompletionRequest, data, _UNSUPPORTED)
-    _check_supported(request)
-    return request
-
-
-def json_object(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object, parsed strictly (bounded nesting, no NaN, no lone surrogates),
-    or a 400 ``invalid_json``."""
-    try:
-        data = parse_json_body(body)
-    except BadJSON as exc:
-        raise OpenAIError(400, f"We could not parse the JSON body of your request: {exc}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
-    return data
-
-
-Refusals = Sequence[tuple[str, Callable[[Any], bool], str]]
-RequestT = TypeVar("RequestT", bound=BaseModel)
-
-
-def validated(model: type[RequestT], data: dict[str, Any], refused: Refusals) -> RequestT:
-    """``data`` as a ``model``, or a 400 naming the first bad field or the first field that is
-    set to something this server refuses (``(field, is_refused, what it would ask for)``)."""
-    try:
-        request = model.model_validate(data)
-    except ValidationError as exc:
-        raise _validation_error(exc) from None
-    for param, is_refused, what in refused:
-        if is_refused(getattr(request, param)):
-            raise _unsupported(param, what)
-    return request
-
-
-def _validation_error(exc: ValidationError) -> OpenAIError:
-    error = exc.errors(include_url=False)[0]
-    kind, loc = error["type"], _param_of(error["loc"])
-    if kind == "json_invalid":
-        return OpenAIError(400, f"We could not parse the JSON body of your request: {error['msg']}.",
-                           code="invalid_json")
-    if kind == "model_type" and not loc:
-        return OpenAIError(400, "The request body must be a JSON object.", code="invalid_json")
-    if kind == "extra_forbidden":
-        return OpenAIError(400, f"Unrecognized request argument supplied: {loc}", param=loc,
-                           code="unknown_parameter")
-    if kind == "missing":
-        return OpenAIError(400, f"Missing required parameter: '{loc}'.", param=loc,
-                           code="missing_required_parameter")
-    if loc.endswith(".role") and error.get("input") == "function":
-        return _unsupported(loc, "messages with the deprecated role 'function' (use 'tool')")
-    message = str(error["msg"]).removeprefix("Value error, ")
-    union = next((p for p in error["loc"] if p in _UNION_BRANCHES), None)
-    if union is not None and union != "_ContentPart":  # the value fits no branch: name them all
-        message = _UNION_MESSAGES.get(loc.rsplit(".", 1)[-1], message)
-    code = "invalid_type" if kind.endswith("_type") or kind.endswith("_parsing") else "invalid_value"
-    return OpenAIError(400, f"Invalid value for '{loc}': {message}.", param=loc, code=code)
-
-
-_UNION_BRANCHES = {"str", "list[str]", "list[_ContentPart]", "_ContentPart"}  # tags pydantic adds to locs
-_UNION_MESSAGES = {
-    "stop": "expected a string or a list of strings",
-    "content": "expected a string or a list of content parts like {\"type\": \"text\", \"text\": \"...\"}",
-}
-
-
-def _param_of(loc: tuple[Any, ...]) -> str:
-    """``('messages', 0, 'content', 'str')`` -> ``messages[0].content``."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part not in _UNION_BRANCHES:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _check_supported(request: ChatCompletionRequest) -> None:
-    if request.stream_options is not None and not request.stream:
-        raise OpenAIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                          param="stream_options", code="invalid_value")
-    if request.max_tokens is not None and request.max_completion_tokens is not None \
-            and request.max_tokens != request.max_completion_tokens:
-        raise OpenAIError(400, "Give 'max_completion_tokens' or 'max_tokens', not both with different values.",
-                          param="max_tokens", code="invalid_value")
-    stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
-    if len(stops) > 16 or not all(stops):
-        raise OpenAIError(400, "Invalid value for 'stop': give at most 16 non-empty strings.",
-                          param="stop", code="invalid_value")
-    for i, message in enumerate(request.messages):
-        _check_message(i, message)
-    _check_tool_choice(request)
-    if request.top_logprobs and not request.logprobs:
-        raise OpenAIError(400, "Invalid value for 'top_logprobs': it requires 'logprobs' to be true.",
-                          param="top_logprobs", code="invalid_value")
-    for token in request.logit_bias or {}:
-        if not token.isdigit() or len(token) > 9:
-            raise OpenAIError(400, f"Invalid value for 'logit_bias': the key {token!r} is not a token id.",
-                              param="logit_bias", code="invalid_value")
-
-
-def _check_tool_choice(request: ChatCompletionRequest) -> None:
-    choice = request.tool_choice
-    if choice is None:
-        return
-    names = [t.function.name for t in request.tools or []]
-    if not names and choice != "none":
-        raise OpenAIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are given.",
-                          param="tool_choice", code="invalid_value")
-    if isinstance(choice, str):
-        if choice not in ("none", "auto", "required"):
-            raise OpenAIError(400, "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
-                              "{\"type\": \"function\", \"function\": {\"name\": ...}}.",
-                              param="tool_choice", code="invalid_value")
-        return
-    function = choice.get("function")
-    name = function.get("name") if isinstance(function, dict) else None
-    if choice.get("type") != "function" or not isinstance(name, str):
-        raise OpenAIError(400, "Invalid value for 'tool_choice': expected {\"type\": \"function\", "
-                          "\"function\": {\"name\": ...}}.", param="tool_choice", code="invalid_value")
-    if name not in names:
-        raise OpenAIError(400, f"Invalid value for 'tool_choice': no tool named {name!r} is in 'tools'.",
-                          param="tool_choice.function.name", code="invalid_value")
-
-
-def forced_functions(request: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """The functions one of which the reply must call (``tool_choice`` required or named); else none."""
-    choice, tools = request.tool_choice, request.tools or []
-    if choice == "required":
-        return [t.function.model_dump(exclude_none=True) for t in tools]
-    if isinstance(choice, dict):
-        name = choice["function"]["name"]
-        return [t.function.model_dump(exclude_none=True) for t in tools if t.function.name == name]
-    return []
+    return validated(ChatCompletionRequest, data)
 
 
 def offered_tools(request: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -343,7 +544,7 @@ def _check_message(i: int, message: ChatMessage) -> None:
         if field in _IGNORED_MESSAGE_FIELDS or value in (None, [], {}):
             continue
         if field in _UNSUPPORTED_MESSAGE_FIELDS:
-            raise _unsupported(f"messages[{i}].{field}", _UNSUPPORTED_MESSAGE_FIELDS[field])
+            raise unsupported(f"messages[{i}].{field}", _UNSUPPORTED_MESSAGE_FIELDS[field])
         raise OpenAIError(400, f"Unrecognized argument in messages[{i}]: {field}",
                           param=f"messages[{i}].{field}", code="unknown_parameter")
     if message.role == "tool" and not message.tool_call_id:
@@ -359,7 +560,7 @@ def _check_message(i: int, message: ChatMessage) -> None:
         for j, part in enumerate(message.content):
             param = f"messages[{i}].content[{j}]"
             if part.type != "text":
-                raise _unsupported(f"{param}.type", f"content of type '{part.type}' (only 'text')")
+                raise unsupported(f"{param}.type", f"content of type '{part.type}' (only 'text')")
             if part.text is None:
                 raise OpenAIError(400, f"Missing required parameter: '{param}.text'.",
                                   param=f"{param}.text", code="missing_required_parameter")
@@ -381,34 +582,3 @@ def plain_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
             plain["tool_call_id"] = message.tool_call_id
         out.append(plain)
     return out
-
-
-# The request's sampling fields under the engine's names (the parameter table of this wire).
-_SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                    "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop", "min_p": "min_p",
-                    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
-
-
-def to_sampling_params(request: ChatCompletionRequest, defaults: SamplingParams, limits: SamplingLimits) -> SamplingParams:
-    """The request's :class:`SamplingParams`: unset fields take the server's defaults, ``max_tokens``
-    above the server's limit is clamped (the reply then ends with ``finish_reason: length``)."""
-    values = {engine: getattr(request, wire) for wire, engine in _SAMPLING_FIELDS.items()
-              if getattr(request, wire) is not None}
-    name = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
-    asked = request.max_completion_tokens or request.max_tokens
-    values["max_new_tokens"] = asked if asked is not None else limits.max_new_tokens
-    wire_names = {engine: wire for wire, engine in _SAMPLING_FIELDS.items()} | {"max_new_tokens": name}
-    if request.logprobs:
-        values["logprobs"] = request.top_logprobs or 0
-    if request.logit_bias:
-        values["logit_bias"] = tuple((int(t), b) for t, b in request.logit_bias.items())
-        wire_names["logit_bias"] = "logit_bias"
-    try:
-        forced = forced_functions(request)
-        values.update(tool_call_values(forced) if forced else response_format_values(request.response_format))
-        if limits.vocab_size and any(t >= limits.vocab_size for t, _ in values.get("logit_bias", ())):
-            raise InvalidParams(f"'logit_bias' has a token id beyond the vocabulary ({limits.vocab_size})",
-                                param="logit_bias")
-        return sampling_params(defaults, limits, values, wire_names)
-    except InvalidParams as exc:
-        raise OpenAIError(400, f"Invalid value for {exc.message}.", param=exc.param, code="invalid_value") from None

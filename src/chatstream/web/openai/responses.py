@@ -22,14 +22,25 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from ...errors import InvalidParams
 from ...service import Delta, Done, Failed, Queued, Turn, TurnEvent
-from ...service.structured import json_schema_values, response_format_values
-from .protocol import FunctionDefinition, OpenAIError, json_object, validated
+from ...service.structured import json_schema_values, response_format_values, tool_call_values
+from .protocol import (
+    FunctionDefinition,
+    OpenAIError,
+    OpenAIRequest,
+    Refusals,
+    ServiceFields,
+    check_tool_choice,
+    forced_functions,
+    json_object,
+    unsupported,
+    validated,
+)
 from .tools import ToolCallStream, ToolFormat
 
 STORE_PREFIX = "openai-response:"
@@ -44,37 +55,39 @@ class _InputPart(BaseModel):
     logprobs: list[Any] | None = None  # a reply's output_text sent back as input has them
 
 
+_Parts = Annotated[list[_InputPart], Field(min_length=1)]
+
+
 class InputMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["message"] = "message"
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[_InputPart]
+    content: str | _Parts
     id: str | None = None
     status: str | None = None
 
 
-class FunctionCallItem(BaseModel):
+class _CallItem(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    call_id: str = Field(min_length=1, max_length=100)
+    id: str | None = None
+    status: str | None = None
+
+
+class FunctionCallItem(_CallItem):
     """A call the model made earlier (a ``function_call`` output item sent back as input)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["function_call"]
-    call_id: str = Field(min_length=1, max_length=100)
     name: str
     arguments: str
-    id: str | None = None
-    status: str | None = None
     namespace: str | None = None
 
 
-class FunctionCallOutputItem(BaseModel):
+class FunctionCallOutputItem(_CallItem):
     """The result of a call, for the model to read (a ``tool`` message of the chat wire)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["function_call_output"]
-    call_id: str = Field(min_length=1, max_length=100)
-    output: str | list[_InputPart]
-    id: str | None = None
-    status: str | None = None
+    output: str | _Parts
 
 
 def _item_type(item: Any) -> str:
@@ -95,27 +108,41 @@ class FunctionTool(FunctionDefinition):
     type: Literal["function"]
 
 
-class ResponsesRequest(BaseModel):
-    """The body of ``POST /v1/responses``; JSON types are checked strictly."""
+class _TextFormat(BaseModel):
+    """``text.format``: ``text``, ``json_object``, or ``json_schema`` with its fields inline."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+    type: str
+    name: str | None = Field(None, pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    format: _TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ResponsesRequest(OpenAIRequest, ServiceFields):
+    """The body of ``POST /v1/responses``."""
+
+    refused: ClassVar[Refusals] = (
+        ("reasoning", lambda v: v is not None, "reasoning"),
+        ("include", lambda v: bool(v), "extra output ('include')"),
+        ("background", lambda v: bool(v), "background responses"),
+        ("top_logprobs", lambda v: v not in (None, 0), "log probabilities"),
+        ("prompt", lambda v: v is not None, "prompt templates"),
+        ("conversation", lambda v: v is not None, "conversations (use previous_response_id)"),
+    )
 
     input: str | list[InputItem] = Field(min_length=1)
-    model: str | None = None
     instructions: str | None = None
     max_output_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stream: bool | None = False
     store: bool | None = True
     previous_response_id: str | None = Field(None, max_length=100)
-    text: dict[str, Any] | None = None
-    metadata: dict[str, str] | None = None
-    user: str | None = None
-    safety_identifier: str | None = None
-    prompt_cache_key: str | None = None
-    service_tier: str | None = None
-    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
     truncation: Literal["disabled"] | None = None
     tools: list[FunctionTool] | None = Field(None, max_length=128)
     tool_choice: str | dict[str, Any] | None = None
@@ -127,15 +154,28 @@ class ResponsesRequest(BaseModel):
     prompt: Any = None
     conversation: Any = None
 
+    def check(self) -> None:
+        if self.text is not None and self.text.verbosity is not None:
+            raise unsupported("text.verbosity", "verbosity")
+        check_tool_choice(self.tool_choice, self.tools or [], nested=False)
 
-_REFUSED = [
-    ("reasoning", lambda v: v is not None, "reasoning"),
-    ("include", lambda v: bool(v), "extra output ('include')"),
-    ("background", lambda v: bool(v), "background responses"),
-    ("top_logprobs", lambda v: v not in (None, 0), "log probabilities"),
-    ("prompt", lambda v: v is not None, "prompt templates"),
-    ("conversation", lambda v: v is not None, "conversations (use previous_response_id)"),
-]
+    def token_limit(self) -> int | None:
+        return self.max_output_tokens
+
+    def token_limit_param(self) -> str:
+        return "max_output_tokens"
+
+    def forced_functions(self) -> list[dict[str, Any]]:
+        """The functions one of which the reply must call (``tool_choice`` required or named); else none."""
+        return forced_functions(self.tool_choice, self.tools or [], nested=False)
+
+    def structured_output(self) -> dict[str, str]:
+        forced = self.forced_functions()
+        return tool_call_values(forced) if forced else format_values(self)
+
+    @property
+    def grammar_param(self) -> str:
+        return "tool_choice" if self.forced_functions() else "text.format"
 
 
 def parse_responses_request(body: bytes) -> ResponsesRequest:
@@ -146,67 +186,29 @@ def parse_responses_request(body: bytes) -> ResponsesRequest:
             raise OpenAIError(400, f"Unsupported parameter 'tools[{i}].type': this server does not support "
                               f"'{kind}' tools (only 'function').", param=f"tools[{i}].type",
                               code="unsupported_parameter")
-    request = validated(ResponsesRequest, data, _REFUSED)
-    _check_tool_choice(request)
-    return request
-
-
-def _check_tool_choice(request: ResponsesRequest) -> None:
-    choice = request.tool_choice
-    if choice is None:
-        return
-    names = [t.name for t in request.tools or []]
-    if not names and choice != "none":
-        raise OpenAIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are given.",
-                          param="tool_choice", code="invalid_value")
-    if isinstance(choice, str):
-        if choice not in ("none", "auto", "required"):
-            raise OpenAIError(400, "Invalid value for 'tool_choice': expected 'none', 'auto', 'required' or "
-                              "{\"type\": \"function\", \"name\": ...}.", param="tool_choice", code="invalid_value")
-        return
-    if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
-        raise OpenAIError(400, "Invalid value for 'tool_choice': expected {\"type\": \"function\", \"name\": ...}.",
-                          param="tool_choice", code="invalid_value")
-    if choice["name"] not in names:
-        raise OpenAIError(400, f"Invalid value for 'tool_choice': no tool named {choice['name']!r} is in 'tools'.",
-                          param="tool_choice.name", code="invalid_value")
+    return validated(ResponsesRequest, data)
 
 
 def chat_tools(request: ResponsesRequest) -> list[dict[str, Any]]:
     """The tools in the chat wire's shape, as the prompt describes them (none with ``tool_choice: none``)."""
     if request.tool_choice == "none":
         return []
-    return [{"type": "function", "function": t.model_dump(exclude_none=True, exclude={"type"})}
-            for t in request.tools or []]
-
-
-def forced_functions(request: ResponsesRequest) -> list[dict[str, Any]]:
-    """The functions one of which the reply must call (``tool_choice`` required or named); else none."""
-    choice, tools = request.tool_choice, request.tools or []
-    if choice == "required":
-        return [t.model_dump(exclude_none=True, exclude={"type"}) for t in tools]
-    if isinstance(choice, dict):
-        return [t.model_dump(exclude_none=True, exclude={"type"}) for t in tools if t.name == choice["name"]]
-    return []
+    return [{"type": "function", "function": t.definition()} for t in request.tools or []]
 
 
 def format_values(request: ResponsesRequest) -> dict[str, str]:
     """The ``grammar`` and ``response_format`` for ``text.format`` (``text``, ``json_object``, or
     ``json_schema`` with ``name``/``schema`` inline, as the Responses API has it). Raises
     :class:`InvalidParams` naming the field."""
-    fmt = (request.text or {}).get("format")
+    fmt = request.text.format if request.text is not None else None
     if fmt is None:
         return {}
-    if not isinstance(fmt, dict):
-        raise InvalidParams("'text.format': expected an object", param="text.format")
-    if fmt.get("type") == "json_schema":
-        schema = fmt.get("schema")
-        if not isinstance(schema, dict):
+    if fmt.type == "json_schema":
+        if fmt.schema_ is None:
             raise InvalidParams("'text.format.schema': expected a JSON schema object", param="text.format.schema")
-        name = fmt.get("name")
-        name = name if isinstance(name, str) and name else "response"
-        return json_schema_values(schema, name=name, strict=fmt.get("strict") is True, param="text.format.schema")
-    return response_format_values({"type": fmt.get("type")}, param="text.format")
+        return json_schema_values(fmt.schema_, name=fmt.name or "response", strict=fmt.strict is True,
+                                  param="text.format.schema")
+    return response_format_values({"type": fmt.type}, param="text.format")
 
 
 def input_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
@@ -265,23 +267,31 @@ class ResponseObject:
         self._end: tuple[str, dict[str, Any]] | None = None  # the last events and the final body
 
     def body(self, status: str, done: Done | None = None, error: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The response object, shaped as OpenAI's published ``Response`` schema has it (fields it does
+        not let be null, ``user`` and ``usage``, are left out until there is a value)."""
         r = self.request
         output = [] if status in ("in_progress", "failed") else self.items
-        return {
+        body = {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
             "model": self.model, "output": output, "instructions": r.instructions,
             "previous_response_id": r.previous_response_id, "store": r.store is not False,
             "max_output_tokens": r.max_output_tokens, "temperature": r.temperature, "top_p": r.top_p,
             "parallel_tool_calls": r.parallel_tool_calls is not False, "tool_choice": r.tool_choice or "auto",
-            "tools": [t.model_dump(exclude_none=True) for t in r.tools or []],
-            "text": r.text or {"format": {"type": "text"}}, "truncation": "disabled", "metadata": r.metadata or {},
-            "user": r.user, "error": error, "reasoning": {"effort": None, "summary": None},
+            "tools": [{**t.model_dump(exclude_none=True), "parameters": t.parameters, "strict": t.strict}
+                      for t in r.tools or []],
+            "text": r.text.model_dump(by_alias=True, exclude_none=True) if r.text and r.text.format
+            else {"format": {"type": "text"}}, "truncation": "disabled", "metadata": r.metadata or {},
+            "error": error, "reasoning": {"effort": None, "summary": None},
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-            "usage": None if done is None else {
-                "input_tokens": done.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": done.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": done.prompt_tokens + done.completion_tokens},
         }
+        if r.user is not None:
+            body["user"] = r.user
+        if done is not None:
+            body["usage"] = {
+                "input_tokens": done.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "output_tokens": done.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": done.prompt_tokens + done.completion_tokens}
+        return body
 
     @staticmethod
     def status_of(done: Done) -> str:
@@ -301,7 +311,8 @@ class ResponseObject:
         if isinstance(event, Queued):
             return out or None
         if isinstance(event, Failed):
-            error = {"code": event.code, "message": event.message}
+            # OpenAI's error codes for a response are a fixed list: ours goes in the message.
+            error = {"code": "server_error", "message": f"{event.message} ({event.code})"}
             return out + self._event("response.failed", response=self.body("failed", error=error))
         if isinstance(event, Delta):
             return out + self._feed(event.text)

@@ -25,44 +25,35 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from ...engine import SamplingParams
-from ...errors import ChatError, InvalidParams, InvalidRequest, ModelNotReady, PromptTooLong, QueueFull
+from ...errors import ChatError, InvalidRequest, ModelNotReady, PromptTooLong, QueueFull
 from ...service import ChatService, Delta, Done, Failed, Queued, Turn, TurnEvent
 from ...service.sampling import SamplingLimits
-from ...service.sampling import to_sampling_params as to_engine_params
-from ...service.structured import tool_call_values
 from ..auth import bearer_token
-from ..json_body import BadJSON, parse_json_body
 from ..limits import BodyTimeout, BodyTooLarge, read_request_body
 from ..streaming import TurnStreamingResponse, wait_for_disconnect, watch_disconnect
-from .completions import (
-    CompletionRequest,
-    TextCompletion,
-    completion_sampling_params,
-    completion_usage,
-    parse_completion_request,
-    prompt_text,
-)
+from .completions import CompletionRequest, TextCompletion, completion_usage, parse_completion_request, prompt_text
 from .protocol import (
     ChatCompletionRequest,
     OpenAIError,
-    _unsupported,
-    forced_functions,
+    TokenizeRequest,
+    json_object,
     offered_tools,
     parse_chat_completion_request,
     plain_messages,
     to_sampling_params,
+    unsupported,
+    validated,
 )
 from .responses import (
     STORE_PREFIX,
     ResponseObject,
+    ResponsesRequest,
     StoringTurn,
     chat_tools,
     check_response_id,
-    format_values,
     input_messages,
     parse_responses_request,
 )
-from .responses import forced_functions as response_forced_functions
 from .tools import (
     ToolCallStream,
     ToolFormat,
@@ -134,21 +125,13 @@ class OpenAIRoutes:
             self._authorize(request)
             settings = self.service.settings
             body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-            try:
-                data = parse_json_body(body)
-            except BadJSON as exc:
-                raise OpenAIError(400, f"We could not parse the JSON body of your request: {exc}",
-                                  code="invalid_json") from None
-            prompt = data.get("prompt") if isinstance(data, dict) else None
-            if not isinstance(prompt, str):
-                raise OpenAIError(400, "`prompt` must be a string.", param="prompt", code="invalid_value")
-            self._check_model(data.get("model"), param="model")
+            parsed = validated(TokenizeRequest, json_object(body))
+            self._check_model(parsed.model, param="model")
             if self.service.tokenizer is None:
                 raise OpenAIError(503, "The model is still loading; retry shortly.", type="server_error",
                                   code="model_loading", headers={"Retry-After": "5"})
-            special = data.get("add_special_tokens", False) is True
-            tokens = await self.service.run_bounded(
-                lambda: list(self.service.tokenizer.encode(prompt, add_special_tokens=special)), lane="tokenize")
+            tokens = await self.service.run_bounded(lambda: list(self.service.tokenizer.encode(
+                parsed.prompt, add_special_tokens=parsed.add_special_tokens)), lane="tokenize")
         except OpenAIError as exc:
             return exc.response()
         except ClientDisconnect:
@@ -169,9 +152,8 @@ class OpenAIRoutes:
                 parsed = parse_chat_completion_request(body, max_messages)
             self._check_model(parsed.model, param="model")
             params = to_sampling_params(parsed, service.defaults, self._limits())
-            grammar_from = "tool_choice" if forced_functions(parsed) else "response_format"
-            self._check_engine(params, {"grammar": grammar_from})
-            explicit = parsed.max_tokens is not None or parsed.max_completion_tokens is not None
+            self._check_engine(params, {"grammar": parsed.grammar_param})
+            explicit = parsed.token_limit() is not None
             tools = offered_tools(parsed)
             messages, render = self._with_tools(plain_messages(parsed), tools)
             turns = await self._start_choices(parsed.n or 1, params, lambda choice_params: service.stateless_turn(
@@ -180,23 +162,16 @@ class OpenAIRoutes:
             return exc.response()
         except ChatError as exc:
             assert parsed is not None  # turns only start from a parsed request
-            return _openai_error(exc, service.context_len, parsed).response()
+            return _openai_error(exc, service.context_len, parsed.token_limit()).response()
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is listening
         fmt = self._tool_format() if tools else None
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         completions = [_Completion(turn, model=self.response_model(parsed.model), include_usage=include_usage,
-                                   tools=fmt, forced=bool(forced_functions(parsed)), index=index,
+                                   tools=fmt, forced=bool(parsed.forced_functions()), index=index,
                                    parallel_calls=parsed.parallel_tool_calls is not False)
                        for index, turn in enumerate(turns)]
-        if len(turns) > 1:
-            choices = _Choices(completions)
-            if parsed.stream:
-                return TurnStreamingResponse(cast(Turn, choices), choices.encode_chunk, "text/event-stream", refuse=self._refuse)
-            return _WholeChoices(choices)
-        if parsed.stream:
-            return TurnStreamingResponse(turns[0], completions[0].encode_chunk, "text/event-stream", refuse=self._refuse)
-        return _WholeCompletion(turns[0], completions[0])
+        return _answer(completions, bool(parsed.stream), self._refuse)
 
     async def handle_completions(self, request: Request) -> Any:
         """``POST /v1/completions``: the prompt as given, no chat template."""
@@ -209,8 +184,8 @@ class OpenAIRoutes:
             body = await _read_body(request, service.settings.max_body_bytes, service.settings.body_timeout_s)
             parsed = parse_completion_request(body)
             self._check_model(parsed.model, param="model")
-            params = completion_sampling_params(parsed, service.defaults, self._limits())
-            self._check_engine(params, {"grammar": "response_format"})
+            params = to_sampling_params(parsed, service.defaults, self._limits())
+            self._check_engine(params, {"grammar": parsed.grammar_param})
             prompt = prompt_text(parsed)
             vocab = self.service.vocab_size or 1 << 31
             if isinstance(prompt, list) and not all(0 <= t < vocab for t in prompt):
@@ -228,12 +203,8 @@ class OpenAIRoutes:
         except OpenAIError as exc:
             return exc.response()
         except ChatError as exc:
-            if isinstance(exc, PromptTooLong):
-                return OpenAIError(400, f"This model's maximum context length is {service.context_len} tokens; the "
-                                   f"prompt has {exc.prompt_tokens} and the completion may have "
-                                   f"{params.max_new_tokens}. Please reduce the prompt or max_tokens.",
-                                   param="prompt", code="context_length_exceeded").response()
-            return _openai_error(exc, service.context_len, None).response()
+            asked = parsed.token_limit() if parsed is not None else None
+            return _openai_error(exc, service.context_len, asked, param="prompt").response()
         except ClientDisconnect:
             return Response(status_code=400)
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
@@ -241,14 +212,7 @@ class OpenAIRoutes:
         encoders = [_TextEncoder(turn, TextCompletion(model, include_usage, index=index, echo=echo,
                                                       logprobs=parsed.logprobs is not None))
                     for index, turn in enumerate(turns)]
-        if len(turns) > 1:
-            choices = _Choices(encoders)
-            if parsed.stream:
-                return TurnStreamingResponse(cast(Turn, choices), choices.encode_chunk, "text/event-stream", refuse=self._refuse)
-            return _WholeChoices(choices)
-        if parsed.stream:
-            return TurnStreamingResponse(turns[0], encoders[0].encode_chunk, "text/event-stream", refuse=self._refuse)
-        return _WholeCompletion(turns[0], encoders[0])
+        return _answer(encoders, bool(parsed.stream), self._refuse)
 
     async def _start_choices(self, n: int, params: SamplingParams,
                              new_turn: Callable[[SamplingParams], Turn]) -> list[Turn]:
@@ -273,6 +237,7 @@ class OpenAIRoutes:
     async def handle_responses(self, request: Request) -> Any:
         """``POST /v1/responses``: see :mod:`.responses`."""
         service = self.service
+        parsed: ResponsesRequest | None = None
         try:
             self._authorize(request)
             await service.start()
@@ -292,18 +257,9 @@ class OpenAIRoutes:
                 raise OpenAIError(400, f"The conversation has {len(conversation)} messages; this server keeps at "
                                   f"most {service.settings.max_messages}.", param="input", code="too_many_messages")
             head = [{"role": "system", "content": parsed.instructions}] if parsed.instructions else []
-            values: dict[str, Any] = {k: v for k, v in (("temperature", parsed.temperature), ("top_p", parsed.top_p))
-                                      if v is not None}
-            values["max_new_tokens"] = parsed.max_output_tokens or service.settings.max_new_tokens
-            forced = response_forced_functions(parsed)
-            try:
-                values.update(tool_call_values(forced) if forced else format_values(parsed))
-                params = to_engine_params(service.defaults, self._limits(), values,
-                                          {"max_new_tokens": "max_output_tokens"})
-                self._check_engine(params, {"grammar": "tool_choice" if forced else "text.format"})
-            except InvalidParams as exc:
-                raise OpenAIError(400, f"Invalid value for {exc.message}.", param=exc.param,
-                                  code="invalid_value") from None
+            params = to_sampling_params(parsed, service.defaults, self._limits())
+            self._check_engine(params, {"grammar": parsed.grammar_param})
+            forced = parsed.forced_functions()
             tools = chat_tools(parsed)
             messages, render = self._with_tools(head + conversation, tools)
             turn = service.stateless_turn(messages, params, user=parsed.user,
@@ -312,7 +268,8 @@ class OpenAIRoutes:
         except OpenAIError as exc:
             return exc.response()
         except ChatError as exc:
-            return _openai_error(exc, service.context_len, None).response()
+            asked = parsed.token_limit() if parsed is not None else None
+            return _openai_error(exc, service.context_len, asked, param="input").response()
         except ClientDisconnect:
             return Response(status_code=400)
         fmt = self._tool_format() if tools else None
@@ -352,7 +309,7 @@ class OpenAIRoutes:
         lacking = self.service.cannot_honour(params)
         if lacking is not None:
             param = wire_names.get(lacking, lacking)
-            raise _unsupported(param, f"'{param}' with this engine (only the local engine enforces it)")
+            raise unsupported(param, f"'{param}' with this engine (only the local engine enforces it)")
 
     def _with_tools(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
                     ) -> tuple[list[dict[str, Any]], Callable[[list[dict[str, Any]]], list[int]] | None]:
@@ -439,16 +396,17 @@ class OpenAIRoutes:
         return SamplingLimits(max_new_tokens=self.service.settings.max_new_tokens, vocab_size=self.service.vocab_size)
 
 
-def _openai_error(exc: ChatError, context_len: int, request: ChatCompletionRequest | None) -> OpenAIError:
-    """A domain error in OpenAI's envelope."""
-    if isinstance(exc, PromptTooLong) and request is not None:
-        asked = request.max_completion_tokens or request.max_tokens
+def _openai_error(exc: ChatError, context_len: int, asked: int | None = None,
+                  param: str = "messages") -> OpenAIError:
+    """A domain error in OpenAI's envelope; a prompt that does not fit names ``param`` (the request's
+    input field) and the ``asked`` completion tokens."""
+    if isinstance(exc, PromptTooLong):
         prompt = exc.prompt_tokens or 0
-        requested = f"However, your messages resulted in {prompt} tokens" if asked is None else (
-            f"However, you requested {prompt + asked} tokens ({prompt} in the messages, {asked} in the completion)")
+        requested = f"However, your {param} resulted in {prompt} tokens" if asked is None else (
+            f"However, you requested {prompt + asked} tokens ({prompt} in the {param}, {asked} in the completion)")
         return OpenAIError(400, f"This model's maximum context length is {context_len} tokens. {requested}. "
-                           "Please reduce the length of the messages or completion.",
-                           param="messages", code="context_length_exceeded")
+                           f"Please reduce the length of the {param} or completion.",
+                           param=param, code="context_length_exceeded")
     if isinstance(exc, QueueFull):
         return OpenAIError(503, "The server is overloaded: all generation slots and the wait queue are full. Retry later.",
                            type="server_error", code="too_many_requests", headers={"Retry-After": str(exc.retry_after)})
@@ -459,6 +417,20 @@ def _openai_error(exc: ChatError, context_len: int, request: ChatCompletionReque
     if isinstance(exc, InvalidRequest):
         return OpenAIError(400, exc.message, param=exc.param, code="invalid_value")
     return OpenAIError(400, exc.message, code=exc.code)
+
+
+def _answer(encoders: Sequence[_Completion | _TextEncoder], stream: bool,
+            refuse: Callable[[TurnEvent], Response | None] | None = None) -> Response:
+    """The answer of started choices: streamed or whole, one choice or ``n`` under one id
+    (``refuse``: see :class:`TurnStreamingResponse`)."""
+    if len(encoders) > 1:
+        choices = _Choices(encoders)
+        if stream:
+            return TurnStreamingResponse(cast(Turn, choices), choices.encode_chunk, "text/event-stream", refuse=refuse)
+        return _WholeChoices(choices)
+    if stream:
+        return TurnStreamingResponse(encoders[0].turn, encoders[0].encode_chunk, "text/event-stream", refuse=refuse)
+    return _WholeCompletion(encoders[0].turn, encoders[0])
 
 
 async def _read_body(request: Request, max_bytes: int, timeout_s: float) -> bytes:
