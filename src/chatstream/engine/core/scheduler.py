@@ -114,8 +114,8 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             hits = self.block_manager.match_prefix(self.waiting[0])
-            if self._computing(self.waiting[0], len(hits)):
-                sharing.append(self.waiting.popleft())
+            if len(sharing) < self.max_num_seqs and self._computing(self.waiting[0], len(hits)):
+                sharing.append(self.waiting.popleft())  # (a bounded scan of a long queue of them)
                 self.num_shared_waits += 1
                 continue
             if not self.block_manager.can_admit(self.waiting[0], hits):
