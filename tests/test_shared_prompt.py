@@ -48,9 +48,13 @@ def test_n_choices_compute_the_prompts_full_blocks_once(serve, default_model):
     # (before: all four were admitted in one step and each computed the whole prompt, 0 hits).
     assert hits == 3 * shared
     assert len(set(texts)) > 1  # four seeds, four replies
-    # All four from the cache at once, and a cold user of their own: the same replies.
-    assert ask("alice") == (texts, prompt, 4 * prompt, 4 * shared)
+    # A cold user of their own: the same computation, the same replies, whatever the timing.
     assert ask("bob") == (texts, prompt, 4 * prompt, 3 * shared)
+    # All four from the cache at once: choices 2-4 computed what they computed the first time. (The
+    # first one now reads cached blocks where it computed them: with int8 activations that may move
+    # a near tie, see test_forward_lanes, so it is not compared.)
+    warm, _, queried, hits = ask("alice")
+    assert (warm[1:], queried, hits) == (texts[1:], 4 * prompt, 4 * shared)
 
 
 def test_only_requests_of_the_same_salt_wait_to_share_a_block():
