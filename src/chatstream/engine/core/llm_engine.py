@@ -10,6 +10,7 @@ sleeps on a condition variable until ``generate``, a cancel or ``shutdown`` wake
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import random
 import threading
@@ -31,7 +32,7 @@ from .detokenizer import IncrementalDetokenizer
 from .grammar import GrammarMasks
 from .sampler import SampleOutput, SamplingBatch, sample
 from .scheduler import ScheduledChunk, Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
 from .stop_strings import StopStringMatcher
 
 logger = logging.getLogger("chatstream.engine")
@@ -153,6 +154,11 @@ class LLMEngine:
         self._wake = threading.Condition()
         self._incoming: list[Sequence] = []
         self._cancelled: set[Sequence] = set()
+        # Constrained sequences whose grammar compiles on _grammar_pool: a 54 KB schema takes ~0.5 s and
+        # the first grammar also builds llguidance's tokenizer (~1.5 s quiet, 7-10 s on a busy machine);
+        # on the engine thread that stalled every user's stream for as long.
+        self._compiling: set[Sequence] = set()
+        self._grammar_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatstream-grammar")
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._broken: str | None = None
@@ -177,7 +183,7 @@ class LLMEngine:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._scheduler.waiting) + len(self._incoming)
+        return len(self._scheduler.waiting) + len(self._incoming) + len(self._compiling)
 
     @property
     def num_preemptions(self) -> int:
@@ -229,6 +235,7 @@ class LLMEngine:
             self._wake.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)  # the step in flight finishes first
+        self._grammar_pool.shutdown(wait=False, cancel_futures=True)
         self._runner.close()
         if self._restore_linears is not None:
             self._restore_linears()
@@ -270,9 +277,27 @@ class LLMEngine:
             if self._stopping or self._broken is not None:
                 stream.put_nowait(_final("error", len(prompt), 0, error="the engine is shut down"))
                 return stream
-            self._incoming.append(seq)
-            self._wake.notify()
+            if params.grammar is None:
+                self._incoming.append(seq)
+                self._wake.notify()
+                return stream
+            self._compiling.add(seq)
+        self._grammar_pool.submit(self._compile, seq)
         return stream
+
+    def _compile(self, seq: Sequence) -> None:
+        """On the grammar thread: the sequence's matcher, then the sequence to the scheduler (unless it
+        was cancelled or the engine stopped meanwhile)."""
+        assert seq.params.grammar is not None
+        try:
+            seq.matcher = self._grammars.matcher(seq.params.grammar)
+        except Exception as exc:  # finished with an error at its first step (see _constrain)
+            seq.grammar_error = str(exc)
+        with self._wake:
+            if seq in self._compiling:
+                self._compiling.discard(seq)
+                self._incoming.append(seq)
+                self._wake.notify()
 
     def _check_prompt(self, prompt: list[int]) -> str | None:
         if self._broken is not None:
@@ -311,7 +336,9 @@ class LLMEngine:
             with self._wake:
                 self._scheduler.waiting.extend(self._incoming)
                 self._incoming.clear()
+                compiling, self._compiling = self._compiling, set()
             self._finish_all("error", self._broken)
+            self._finish_unscheduled(compiling, "error", self._broken)
             self._flush()
 
     def _iterate(self) -> bool:
@@ -334,9 +361,15 @@ class LLMEngine:
             incoming, self._incoming = self._incoming, []
             cancelled, self._cancelled = self._cancelled, set()
             stopping = self._stopping
+            unscheduled = cancelled & self._compiling  # still compiling: never reaches the scheduler
+            self._compiling -= unscheduled
+            if stopping:
+                unscheduled |= self._compiling
+                self._compiling = set()
         for seq in incoming:
             self._scheduler.add(seq)
-        for seq in cancelled:
+        self._finish_unscheduled(unscheduled, "cancelled")
+        for seq in cancelled - unscheduled:
             if not seq.is_finished:
                 self._finish(seq, "cancelled")
         if stopping:
@@ -402,7 +435,9 @@ class LLMEngine:
             if seq.params.grammar is None:
                 continue
             try:
-                if seq.matcher is None:
+                if seq.grammar_error is not None:
+                    raise ValueError(seq.grammar_error)
+                if seq.matcher is None:  # a sequence scheduled without going through generate()
                     seq.matcher = self._grammars.matcher(seq.params.grammar)
                 matchers[row] = seq.matcher
             except Exception as exc:
@@ -518,6 +553,12 @@ class LLMEngine:
     def _finish_all(self, reason: FinishReason, error: str | None = None) -> None:
         for seq in [*self._scheduler.running, *self._scheduler.waiting]:
             self._finish(seq, reason, error=error)
+
+    def _finish_unscheduled(self, seqs: set[Sequence], reason: FinishReason, error: str | None = None) -> None:
+        """End sequences that never reached the scheduler (their grammar was compiling)."""
+        for seq in seqs:
+            seq.status = SequenceStatus.FINISHED
+            self._outbox.append((seq.stream, _final(reason, seq.num_prompt_tokens, 0, error=error)))
 
 
 def _spans(rows: int, lanes: int) -> list[tuple[int, int]]:

@@ -42,7 +42,10 @@ class Sequence:
     num_registered_blocks: int = 0  # leading blocks of block_table already offered to the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     pending_logprobs: list[dict[str, Any]] = field(default_factory=list)  # not yet sent with an output
-    matcher: Any = None  # the grammar's llguidance matcher, made at the first step (see grammar.py)
+    # The grammar's llguidance matcher, compiled off the engine thread before the sequence is
+    # scheduled (LLMEngine.generate), or why it failed to compile.
+    matcher: Any = None
+    grammar_error: str | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
