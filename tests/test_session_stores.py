@@ -7,12 +7,14 @@ against a real file. Two store instances on one file or one Redis stand for two 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import stat
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -32,6 +34,7 @@ from chatstream.session import (
     load_or_create_secret,
     store_from_url,
 )
+from chatstream.session.lease import Lease
 
 ALL = ["memory", "sqlite", "redis"]
 SHARED = ["sqlite", "redis"]  # stores that outlive the process and that several processes share
@@ -183,6 +186,85 @@ async def test_concurrent_acquires_have_exactly_one_winner(open_store: OpenStore
     instances = [open_store(), open_store()]  # for SQLite and Redis: two "processes"
     tokens = await asyncio.gather(*(instances[i % 2].acquire_lock("s1", lease_s=10) for i in range(40)))
     assert len([t for t in tokens if t is not None]) == 1
+
+
+_BUSY_SCRIPT = """
+local t = redis.call('time')
+local start = tonumber(t[1]) * 1000000 + tonumber(t[2])
+repeat t = redis.call('time') until tonumber(t[1]) * 1000000 + tonumber(t[2]) - start >= tonumber(ARGV[1])
+return 1
+"""
+
+
+@contextlib.asynccontextmanager
+async def _busy(store: SessionStore, seconds: float) -> AsyncIterator[None]:
+    """Another process keeps the store busy for ``seconds`` from entering the block: SQLite's write
+    lock held by another connection, or a long script in Redis."""
+    if isinstance(store, SQLiteSessionStore):
+        other = sqlite3.connect(store.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(seconds, lambda: other.execute("COMMIT"))
+        try:
+            yield
+            await asyncio.sleep(max(0.0, handle.when() - loop.time()) + 0.01)
+        finally:
+            handle.cancel()
+            other.close()
+        return
+    assert isinstance(store, RedisSessionStore)
+    other_client = store.client.__class__(connection_pool=store.client.connection_pool.__class__(
+        **store.client.connection_pool.connection_kwargs))
+    script = asyncio.ensure_future(other_client.eval(_BUSY_SCRIPT, 0, int(seconds * 1e6)))
+    try:
+        await asyncio.sleep(0.05)  # the script runs: Redis answers nobody else until it ends
+        yield
+        await script
+    finally:
+        await other_client.aclose()
+
+
+async def _lock_held(store: SessionStore, name: str) -> bool:
+    """Whether ``name``'s lock is held, once the store has done all it was asked before (the
+    cancelled request's acquire included: SQLite's one thread and Redis both work in order)."""
+    if isinstance(store, SQLiteSessionStore):
+        await store.get("anything")  # queued behind the acquire on the store's thread
+        with contextlib.closing(sqlite3.connect(store.path)) as db:
+            return db.execute("SELECT 1 FROM session_locks WHERE id = ? AND expires_at > ?",
+                              (name, time.time())).fetchone() is not None
+    assert isinstance(store, RedisSessionStore)
+    return bool(await store.client.exists(store._lock_key(name)))
+
+
+@stores(SHARED)  # the memory store takes a lock without waiting: there is no moment to cancel it in
+async def test_a_request_cancelled_while_its_lock_is_taken_leaves_the_lock_free(open_store: OpenStore) -> None:
+    """Issue 18: a turn's checkpoint, cancelled as its reply ended while it was taking the session's
+    index lock, left that lock taken: the store's thread (SQLite) or server (Redis) took it anyway
+    and nobody released it, so the session's next index change waited out the lease (5 s).
+    Here another process keeps the store busy while the lock is asked for, and the request is
+    cancelled meanwhile; once the store is free, the lock must be free too."""
+    store = open_store()
+    held = []
+    for attempt in range(3):
+        name = f"s{attempt}"
+        lease = Lease(store, name, lease_s=30)
+        async with _busy(store, 0.4):
+            taking = asyncio.ensure_future(lease.acquire())
+            await asyncio.sleep(0.15)  # asked, and waiting for the store
+            assert not taking.done()
+            taking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await taking
+            assert taking.cancelled()
+        # A live holder keeps a lock for milliseconds: free within 2 s. The old code: taken for the
+        # whole lease (30 s), by nobody.
+        for _ in range(100):
+            if not await _lock_held(store, name):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            held.append(attempt)
+    assert held == [], f"the lock stayed taken after attempts {held} of 3"
 
 
 @stores(ALL)
