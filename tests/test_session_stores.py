@@ -286,6 +286,43 @@ async def test_the_parallel_reply_limit_of_a_session_holds_across_instances(open
     assert await a.acquire_lock("s1/c5", lease_s=10, max_in_session=4)
 
 
+
+@stores(ALL)
+async def test_the_parallel_reply_limit_counts_streaming_replies_only(open_store: OpenStore) -> None:
+    """The README's rule, in every store: the per-session limit counts replies being generated (locks
+    taken with ``max_in_session``), not a conversation held for a moment by a delete or a clear. The
+    SQLite and memory stores used to count every held conversation lock; Redis only streaming ones."""
+    a, b = open_store(), open_store()  # for SQLite and Redis: two processes
+    others = [await (a, b)[n % 2].acquire_lock(f"s1/other{n}", lease_s=10) for n in range(3)]  # deletes, clears
+    assert all(others)
+    replies = [await (a, b)[n % 2].acquire_lock(f"s1/c{n}", lease_s=10, max_in_session=2) for n in range(2)]
+    assert all(replies)  # the old SQLite and memory stores: SessionBusy (3 held already)
+    with pytest.raises(SessionBusy, match="2 replies are already being generated"):
+        await b.acquire_lock("s1/c2", lease_s=10, max_in_session=2)
+    await a.release_lock("s1/c0", replies[0] or "")
+    assert await a.acquire_lock("s1/other0", lease_s=10) is None  # still held: the limit changed nothing there
+    assert await b.acquire_lock("s1/c2", lease_s=10, max_in_session=2)
+
+
+
+async def test_a_sqlite_file_from_before_counted_locks_gets_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:  # the table as earlier versions made it, one lock held
+        db.execute("CREATE TABLE session_locks (id TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at REAL NOT NULL) "
+                   "WITHOUT ROWID")
+        db.execute("INSERT INTO session_locks VALUES ('s1/old', 'x', ?)", (time.time() + 30,))
+        db.commit()
+    stores = [SQLiteSessionStore(path), SQLiteSessionStore(path)]  # two processes opening it
+    try:
+        assert await stores[0].acquire_lock("s1/old", lease_s=10) is None  # still held
+        assert await stores[1].acquire_lock("s1/c0", lease_s=10, max_in_session=1)  # not counted: not a reply
+        with pytest.raises(SessionBusy):
+            await stores[0].acquire_lock("s1/c1", lease_s=10, max_in_session=1)
+    finally:
+        for store in stores:
+            await store.close()
+
+
 # -- fenced writes: a holder whose lease ran out writes nothing ------------------------------------
 
 @stores(ALL)
