@@ -7,6 +7,7 @@ its own cookie.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,31 @@ def test_a_new_conversation_reaches_the_list_while_a_dead_process_holds_the_inde
         listed = c.get("/conversations").json()  # the old code: [] (the index was not updated)
         assert [(s["id"], s["title"]) for s in listed["conversations"]] == [(listed["current"], "hello there")]
         assert [m["content"] for m in c.get("/history").json()["messages"]][:1] == ["hello there"]
+    asyncio.run(other_process.close())
+
+
+def test_the_next_turn_goes_on_in_the_conversation_a_left_turn_was_saving(server, tmp_path: Path) -> None:
+    """Issue 18 (test_chaos lost a completed turn from /history in 2 of 12 runs under load): a user's
+    first turn, left mid-reply, was still saving the conversation it started when their next turn
+    came; that one found no conversation yet and started a second, which the first one's save then
+    hid (the first saved is the current one). Here another process holds the session's index lock
+    for 1.5 s, so the left turn's save takes that long."""
+    url = server(mock_token_delay=0.05)
+    other_process = SQLiteSessionStore(tmp_path / "sessions.db")
+    signer = TimestampSigner(SECRET, salt="chatstream.session")
+    with httpx.Client(base_url=url, timeout=30) as c:
+        with c.stream("POST", "/chat_stream", json={"user_input": "first question", "max_tokens": 40}) as r:
+            session_id = signer.unsign(r.cookies["chatstream_session"]).decode()
+            assert asyncio.run(other_process.acquire_lock(session_id, lease_s=1.5))
+            assert any(line.startswith("event: delta") for line in r.iter_lines())
+        time.sleep(0.3)  # the server notices that the client left (it then saves what it sent)
+        events = parse_sse(c.post("/chat_stream", json={"user_input": "second question", "max_tokens": 5}).text)
+        assert events[-1][0] == "done", events[-1]
+        listed = c.get("/conversations").json()
+        assert len(listed["conversations"]) == 1, listed  # the old code: 2, and /history showed one of them
+        history = c.get("/history").json()["messages"]
+        assert [m["role"] for m in history] == ["user", "assistant", "user", "assistant"], history
+        assert [history[0]["content"], history[2]["content"]] == ["first question", "second question"]
     asyncio.run(other_process.close())
 
 

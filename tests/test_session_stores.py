@@ -7,12 +7,14 @@ against a real file. Two store instances on one file or one Redis stand for two 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import stat
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -32,6 +34,7 @@ from chatstream.session import (
     load_or_create_secret,
     store_from_url,
 )
+from chatstream.session.lease import Lease
 
 ALL = ["memory", "sqlite", "redis"]
 SHARED = ["sqlite", "redis"]  # stores that outlive the process and that several processes share
@@ -185,6 +188,85 @@ async def test_concurrent_acquires_have_exactly_one_winner(open_store: OpenStore
     assert len([t for t in tokens if t is not None]) == 1
 
 
+_BUSY_SCRIPT = """
+local t = redis.call('time')
+local start = tonumber(t[1]) * 1000000 + tonumber(t[2])
+repeat t = redis.call('time') until tonumber(t[1]) * 1000000 + tonumber(t[2]) - start >= tonumber(ARGV[1])
+return 1
+"""
+
+
+@contextlib.asynccontextmanager
+async def _busy(store: SessionStore, seconds: float) -> AsyncIterator[None]:
+    """Another process keeps the store busy for ``seconds`` from entering the block: SQLite's write
+    lock held by another connection, or a long script in Redis."""
+    if isinstance(store, SQLiteSessionStore):
+        other = sqlite3.connect(store.path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        loop = asyncio.get_running_loop()
+        handle = loop.call_later(seconds, lambda: other.execute("COMMIT"))
+        try:
+            yield
+            await asyncio.sleep(max(0.0, handle.when() - loop.time()) + 0.01)
+        finally:
+            handle.cancel()
+            other.close()
+        return
+    assert isinstance(store, RedisSessionStore)
+    other_client = store.client.__class__(connection_pool=store.client.connection_pool.__class__(
+        **store.client.connection_pool.connection_kwargs))
+    script = asyncio.ensure_future(other_client.eval(_BUSY_SCRIPT, 0, int(seconds * 1e6)))
+    try:
+        await asyncio.sleep(0.05)  # the script runs: Redis answers nobody else until it ends
+        yield
+        await script
+    finally:
+        await other_client.aclose()
+
+
+async def _lock_held(store: SessionStore, name: str) -> bool:
+    """Whether ``name``'s lock is held, once the store has done all it was asked before (the
+    cancelled request's acquire included: SQLite's one thread and Redis both work in order)."""
+    if isinstance(store, SQLiteSessionStore):
+        await store.get("anything")  # queued behind the acquire on the store's thread
+        with contextlib.closing(sqlite3.connect(store.path)) as db:
+            return db.execute("SELECT 1 FROM session_locks WHERE id = ? AND expires_at > ?",
+                              (name, time.time())).fetchone() is not None
+    assert isinstance(store, RedisSessionStore)
+    return bool(await store.client.exists(store._lock_key(name)))
+
+
+@stores(SHARED)  # the memory store takes a lock without waiting: there is no moment to cancel it in
+async def test_a_request_cancelled_while_its_lock_is_taken_leaves_the_lock_free(open_store: OpenStore) -> None:
+    """Issue 18: a turn's checkpoint, cancelled as its reply ended while it was taking the session's
+    index lock, left that lock taken: the store's thread (SQLite) or server (Redis) took it anyway
+    and nobody released it, so the session's next index change waited out the lease (5 s).
+    Here another process keeps the store busy while the lock is asked for, and the request is
+    cancelled meanwhile; once the store is free, the lock must be free too."""
+    store = open_store()
+    held = []
+    for attempt in range(3):
+        name = f"s{attempt}"
+        lease = Lease(store, name, lease_s=30)
+        async with _busy(store, 0.4):
+            taking = asyncio.ensure_future(lease.acquire())
+            await asyncio.sleep(0.15)  # asked, and waiting for the store
+            assert not taking.done()
+            taking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await taking
+            assert taking.cancelled()
+        # A live holder keeps a lock for milliseconds: free within 2 s. The old code: taken for the
+        # whole lease (30 s), by nobody.
+        for _ in range(100):
+            if not await _lock_held(store, name):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            held.append(attempt)
+    assert held == [], f"the lock stayed taken after attempts {held} of 3"
+
+
 @stores(ALL)
 async def test_the_parallel_reply_limit_of_a_session_holds_across_instances(open_store: OpenStore) -> None:
     a, b = open_store(), open_store()  # for SQLite and Redis: two processes
@@ -202,6 +284,43 @@ async def test_the_parallel_reply_limit_of_a_session_holds_across_instances(open
         await a.acquire_lock("s1/c5", lease_s=10, max_in_session=4)
     await a.release_lock("s1/c0", tokens[0] or "")
     assert await a.acquire_lock("s1/c5", lease_s=10, max_in_session=4)
+
+
+
+@stores(ALL)
+async def test_the_parallel_reply_limit_counts_streaming_replies_only(open_store: OpenStore) -> None:
+    """The README's rule, in every store: the per-session limit counts replies being generated (locks
+    taken with ``max_in_session``), not a conversation held for a moment by a delete or a clear. The
+    SQLite and memory stores used to count every held conversation lock; Redis only streaming ones."""
+    a, b = open_store(), open_store()  # for SQLite and Redis: two processes
+    others = [await (a, b)[n % 2].acquire_lock(f"s1/other{n}", lease_s=10) for n in range(3)]  # deletes, clears
+    assert all(others)
+    replies = [await (a, b)[n % 2].acquire_lock(f"s1/c{n}", lease_s=10, max_in_session=2) for n in range(2)]
+    assert all(replies)  # the old SQLite and memory stores: SessionBusy (3 held already)
+    with pytest.raises(SessionBusy, match="2 replies are already being generated"):
+        await b.acquire_lock("s1/c2", lease_s=10, max_in_session=2)
+    await a.release_lock("s1/c0", replies[0] or "")
+    assert await a.acquire_lock("s1/other0", lease_s=10) is None  # still held: the limit changed nothing there
+    assert await b.acquire_lock("s1/c2", lease_s=10, max_in_session=2)
+
+
+
+async def test_a_sqlite_file_from_before_counted_locks_gets_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "sessions.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:  # the table as earlier versions made it, one lock held
+        db.execute("CREATE TABLE session_locks (id TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at REAL NOT NULL) "
+                   "WITHOUT ROWID")
+        db.execute("INSERT INTO session_locks VALUES ('s1/old', 'x', ?)", (time.time() + 30,))
+        db.commit()
+    stores = [SQLiteSessionStore(path), SQLiteSessionStore(path)]  # two processes opening it
+    try:
+        assert await stores[0].acquire_lock("s1/old", lease_s=10) is None  # still held
+        assert await stores[1].acquire_lock("s1/c0", lease_s=10, max_in_session=1)  # not counted: not a reply
+        with pytest.raises(SessionBusy):
+            await stores[0].acquire_lock("s1/c1", lease_s=10, max_in_session=1)
+    finally:
+        for store in stores:
+            await store.close()
 
 
 # -- fenced writes: a holder whose lease ran out writes nothing ------------------------------------

@@ -431,6 +431,12 @@ class ChatService:
         nothing); and which conversation is current now (see :func:`conversations.note_chat_prompt`)."""
         index = await self.read_index(session)
         target = conversations.resolve(index, conversation_id, create=False)
+        if target is None and conversation_id is None and await self._wait_for_leaving(session.id):
+            # The user's previous turn, left mid-reply (or stopped), may be saving the conversation it
+            # started: this turn goes on in it, rather than start a second one that the first's save
+            # would then hide (the current one is the first saved; a reload showed this turn missing).
+            index = await self.read_index(session)
+            target = conversations.resolve(index, conversation_id, create=False)
         if target is None:
             conversations.check_room(index)
             target = conversations.new_id()
@@ -536,15 +542,21 @@ class ChatService:
         # A turn here whose client left (or pressed Stop) is saving what it sent: the next turn waits
         # for that (milliseconds; longer on a busy machine) rather than answer 409 to a client that
         # already let go.
+        await self._wait_for_leaving(session.id, conversation_id)
+        async with session.hold(conversation_id, self.lock_lease_s, busy, on_lost,
+                                MAX_PARALLEL_REPLIES if streaming else None) as lease:
+            yield lease
+
+    async def _wait_for_leaving(self, session_id: str, conversation_id: str | None = None) -> bool:
+        """Wait, up to the lease, for this process's turns in the session (in that conversation, when
+        given) whose client went away: they end by saving. Whether there were any."""
         leaving = [asyncio.ensure_future(turn.wait()) for turn in self._turns
-                   if turn.leaving(session.id, conversation_id)]
+                   if turn.leaving(session_id, conversation_id)]
         if leaving:
             _, pending = await asyncio.wait(leaving, timeout=self.lock_lease_s)
             for waiter in pending:
                 waiter.cancel()
-        async with session.hold(conversation_id, self.lock_lease_s, busy, on_lost,
-                                MAX_PARALLEL_REPLIES if streaming else None) as lease:
-            yield lease
+        return bool(leaving)
 
     async def clear_conversation(self, session: Session, conversation_id: str | None = None) -> None:
         """Without an id: empty the session and give it a new id (a new cookie), as always.

@@ -152,10 +152,11 @@ class Turn:
         """The part of the reply the face has handed to its client so far."""
         return self._sent
 
-    def leaving(self, session_id: str, conversation_id: str) -> bool:
-        """Whether this is a turn in that conversation whose client went away: it ends by saving."""
+    def leaving(self, session_id: str, conversation_id: str | None = None) -> bool:
+        """Whether this is a turn in that session (and conversation, when given) whose client went
+        away: it ends by saving."""
         return (self._client_gone and self.session is not None and self.session.id == session_id
-                and self.conversation_id == conversation_id)
+                and conversation_id in (None, self.conversation_id))
 
     async def wait(self) -> None:
         """Until the turn has fully ended (saved, unlocked, called back)."""

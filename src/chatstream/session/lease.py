@@ -34,8 +34,17 @@ class Lease:
         """Take the lock; False while another holder has an unexpired lease (SessionBusy past ``max_in_session``)."""
         if self.token is not None:
             return False  # not re-entrant
-        token = (await self.store.acquire_lock(self.name, self.lease_s) if self.max_in_session is None else
-                 await self.store.acquire_lock(self.name, self.lease_s, max_in_session=self.max_in_session))
+        taking = asyncio.ensure_future(
+            self.store.acquire_lock(self.name, self.lease_s) if self.max_in_session is None else
+            self.store.acquire_lock(self.name, self.lease_s, max_in_session=self.max_in_session))
+        try:
+            # Shielded: the store may take the lock after all when this request is cancelled
+            # meanwhile (its thread or server carries on); unreleased, that lock would refuse the
+            # session's next requests for the whole lease (a turn's index update was lost so).
+            token = await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            taking.add_done_callback(self._give_back)
+            raise
         if token is None:
             return False
         self.token = token
@@ -54,6 +63,14 @@ class Lease:
             except Exception as exc:  # the store is down: the lease frees the lock when it runs out
                 logger.warning("releasing the lock %s… failed (%s); it frees itself within %g s",
                                self.name[:8], exc, self.lease_s)
+
+    def _give_back(self, taking: asyncio.Future[str | None]) -> None:
+        """Release a lock taken for a request that was cancelled while waiting for it."""
+        if taking.cancelled() or taking.exception() is not None or taking.result() is None:
+            return
+        release = asyncio.get_running_loop().create_task(self.store.release_lock(self.name, taking.result() or ""))
+        _releasing.add(release)  # a task nobody awaits must be referenced until it is done
+        release.add_done_callback(_released)
 
     async def _keep(self, token: str) -> None:
         renewed = time.monotonic()
@@ -75,3 +92,12 @@ class Lease:
             if self.on_lost is not None:
                 self.on_lost(reason)
             return
+
+
+_releasing: set[asyncio.Task[None]] = set()
+
+
+def _released(release: asyncio.Task[None]) -> None:
+    _releasing.discard(release)
+    if not release.cancelled() and release.exception() is not None:  # the lease frees it when it runs out
+        logger.warning("releasing a lock taken for a cancelled request failed: %s", release.exception())

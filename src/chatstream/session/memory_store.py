@@ -35,7 +35,8 @@ class MemorySessionStore:
         self.max_session_bytes = max_session_bytes
         self.max_bytes = max_bytes
         self._data: OrderedDict[str, _Value] = OrderedDict()  # least recently used first
-        self._locks: dict[str, tuple[str, float]] = {}  # session id -> (token, lease end)
+        # lock name -> (token, lease end, counted: taken by a streaming reply, see acquire_lock's max_in_session)
+        self._locks: dict[str, tuple[str, float, bool]] = {}
         self._group_bytes: dict[str, int] = {}  # session -> bytes it holds (all its keys)
         self.bytes = 0  # held by all sessions
         self._swept_at = 0.0
@@ -81,14 +82,15 @@ class MemorySessionStore:
             return None
         if max_in_session is not None:
             prefix = group(session_id) + "/"
-            if sum(1 for name in self._locks if name.startswith(prefix) and self._holds(name, now)) >= max_in_session:
+            if sum(1 for name, (_, _, counted) in self._locks.items()
+                   if counted and name.startswith(prefix) and self._holds(name, now)) >= max_in_session:
                 raise too_many_held(session_id, max_in_session)
         if session_id not in self._locks and len(self._locks) >= self.max_locks:
             self._drop_expired_locks(now)
             if len(self._locks) >= self.max_locks:
                 return None  # never break another holder's lock to make room
         token = secrets.token_urlsafe(16)
-        self._locks[session_id] = (token, now + lease_s)
+        self._locks[session_id] = (token, now + lease_s, max_in_session is not None)
         return token
 
     async def refresh_lock(self, session_id: str, token: str, lease_s: float) -> bool:
@@ -96,7 +98,7 @@ class MemorySessionStore:
         held = self._locks.get(session_id)
         if held is None or held[0] != token or held[1] <= now:
             return False
-        self._locks[session_id] = (token, now + lease_s)
+        self._locks[session_id] = (token, now + lease_s, held[2])
         return True
 
     async def release_lock(self, session_id: str, token: str) -> None:
@@ -165,7 +167,7 @@ class MemorySessionStore:
         return held is not None and held[1] > now
 
     def _drop_expired_locks(self, now: float) -> None:
-        for session_id in [s for s, (_, end) in self._locks.items() if end <= now]:
+        for session_id in [s for s, (_, end, _) in self._locks.items() if end <= now]:
             del self._locks[session_id]
 
     def _evict(self, keep: str, until: Callable[[], bool], idle_only: bool = False) -> None:

@@ -39,8 +39,10 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY, data TEXT NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_expires_at ON sessions (expires_at);
+-- ``counted``: taken by a streaming reply, the locks the per-session limit of parallel replies counts.
 CREATE TABLE IF NOT EXISTS session_locks (
-    id TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
+    id TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at REAL NOT NULL, counted INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
 -- Conversations in rows: a head (system prompt, context start) and one row per message, so a
 -- checkpoint rewrites one message. ``bytes`` (head + messages) is what the session's quota counts.
 CREATE TABLE IF NOT EXISTS conversations (
@@ -55,8 +57,8 @@ CREATE TABLE IF NOT EXISTS messages (
 
 # One statement, so atomic: take the lock if it is free or its lease has run out.
 _ACQUIRE = """
-INSERT INTO session_locks (id, token, expires_at) VALUES (:id, :token, :until)
-ON CONFLICT (id) DO UPDATE SET token = excluded.token, expires_at = excluded.expires_at
+INSERT INTO session_locks (id, token, expires_at, counted) VALUES (:id, :token, :until, :counted)
+ON CONFLICT (id) DO UPDATE SET token = excluded.token, expires_at = excluded.expires_at, counted = excluded.counted
 WHERE session_locks.expires_at <= :now
 """
 
@@ -99,6 +101,13 @@ class SQLiteSessionStore:
                 self._db.execute(f"PRAGMA wal_autocheckpoint = {max(1, reserve_bytes // self._page_size // 2)}")
                 self._db.execute(f"PRAGMA journal_size_limit = {reserve_bytes}")  # a big turn's log shrinks
             self._db.executescript(_SCHEMA)
+            if "counted" not in {row[1] for row in self._db.execute("PRAGMA table_info(session_locks)")}:
+                # A file from before the column: its locks are not counted (they expire within a lease).
+                try:
+                    self._db.execute("ALTER TABLE session_locks ADD COLUMN counted INTEGER NOT NULL DEFAULT 0")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
             if max_bytes is not None:  # the store's quota: writes past it fail with SQLITE_FULL (StoreFull)
                 self._db.execute(f"PRAGMA max_page_count = {max(16, int(max_bytes) // self._page_size)}")
         except sqlite3.Error:
@@ -267,14 +276,16 @@ class SQLiteSessionStore:
 
         def acquire() -> bool:
             now = time.time()
-            params = {"id": session_id, "token": token, "until": now + lease_s, "now": now}
+            params = {"id": session_id, "token": token, "until": now + lease_s, "now": now,
+                      "counted": int(max_in_session is not None)}
             if max_in_session is None:
                 return self._db.execute(_ACQUIRE, params).rowcount == 1
             # counted and taken in one transaction (acquire runs inside one): two processes cannot
             # both take the last place
             session = group(session_id)
             held = self._db.execute(
-                "SELECT count(*) FROM session_locks WHERE id >= ? AND id < ? AND id != ? AND expires_at > ?",
+                "SELECT count(*) FROM session_locks WHERE id >= ? AND id < ? AND id != ? AND expires_at > ? "
+                "AND counted",  # streaming replies only, as the README states (and the Redis store counts)
                 (session + "/", session + "0", session_id, now)).fetchone()[0]
             taken = self._db.execute(_ACQUIRE, params).rowcount == 1
             if taken and held >= max_in_session:
