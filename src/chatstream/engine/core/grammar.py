@@ -12,6 +12,7 @@ millisecond for typical JSON schemas.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,26 +32,62 @@ def check_grammar(grammar: str) -> None:
         raise GrammarError(error)
 
 
+# llguidance's view of a vocabulary, one per tokenizer object: building it takes ~0.5 s for 49k
+# tokens (several seconds on a busy machine) and holds the GIL, so it is built once, beside the
+# engine as it starts (GrammarMasks.prepare), and shared by every engine on the same tokenizer.
+_LLG_TOKENIZERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_LLG_LOCK = threading.Lock()
+
+
+def _llg_tokenizer_for(tokenizer: Any) -> Any:
+    with _LLG_LOCK:
+        built = _LLG_TOKENIZERS.get(tokenizer)
+        if built is None:
+            import llguidance.hf
+
+            built = _LLG_TOKENIZERS[tokenizer] = llguidance.hf.from_tokenizer(tokenizer)
+        return built
+
+
 class GrammarMasks:
     """Matchers for one tokenizer, and the step's masking of constrained rows."""
 
     def __init__(self, tokenizer: Any) -> None:
         self._hf_tokenizer = tokenizer
         self._tokenizer: Any = None
-        self._lock = threading.Lock()
+        self._prepared = False
 
     def _llg_tokenizer(self) -> Any:
-        with self._lock:  # built once, on first use (about 1.5 s for a 49k vocabulary)
-            if self._tokenizer is None:
-                import llguidance.hf
+        if self._tokenizer is None:
+            self._tokenizer = _llg_tokenizer_for(self._hf_tokenizer)
+        return self._tokenizer
 
-                self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer)
-            return self._tokenizer
+    @property
+    def prepared(self) -> bool:
+        """Whether :meth:`prepare` has run (a grammar now costs only its own compilation)."""
+        return self._prepared
+
+    def prepare(self) -> None:
+        """Build llguidance's tokenizer and compute one mask now rather than at the first constrained
+        request: the first mask ever also initialises per-vocabulary state (~1 s). ~1.5 s in all, once
+        per tokenizer object, mostly holding the GIL."""
+        try:
+            self.masks([self.matcher('{"grammars": [{"lark_grammar": "start: \\"a\\""}]}')])
+        except Exception:  # e.g. a tokenizer llguidance cannot read: the first grammar says why
+            pass
+        self._prepared = True
 
     def matcher(self, grammar: str) -> Any:
+        """A matcher for ``grammar``, with its first mask computed once: llguidance builds a grammar's
+        lexer lazily at the first mask (~1 s for a 47 KB schema), which belongs here, beside the
+        engine, not in its step."""
         import llguidance
+        import llguidance.torch as llg_torch
 
         matcher = llguidance.LLMatcher(self._llg_tokenizer(), grammar)
+        if matcher.is_error():
+            raise GrammarError(matcher.get_error())
+        llg_torch.fill_next_token_bitmask(matcher, llg_torch.allocate_token_bitmask(1, self._tokenizer.vocab_size), 0)
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
         return matcher

@@ -154,9 +154,9 @@ class LLMEngine:
         self._wake = threading.Condition()
         self._incoming: list[Sequence] = []
         self._cancelled: set[Sequence] = set()
-        # Constrained sequences whose grammar compiles on _grammar_pool: a 54 KB schema takes ~0.5 s and
-        # the first grammar also builds llguidance's tokenizer (~1.5 s quiet, 7-10 s on a busy machine);
-        # on the engine thread that stalled every user's stream for as long.
+        # Constrained sequences whose grammar compiles on _grammar_pool (its first mask included: ~1 s
+        # for a 47 KB schema); in the engine's step that stalled every user's stream for as long. The
+        # pool also builds llguidance's tokenizer at start (see grammar.py).
         self._compiling: set[Sequence] = set()
         self._grammar_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatstream-grammar")
         self._stopping = False
@@ -184,6 +184,12 @@ class LLMEngine:
     @property
     def num_waiting(self) -> int:
         return len(self._scheduler.waiting) + len(self._incoming) + len(self._compiling)
+
+    @property
+    def grammars_prepared(self) -> bool:
+        """Whether llguidance's per-vocabulary state is built (started beside the engine at start),
+        so a constrained request costs only its own grammar's compilation."""
+        return self._grammars.prepared
 
     @property
     def num_preemptions(self) -> int:
@@ -245,6 +251,7 @@ class LLMEngine:
         if self._thread is None and not self._stopping:
             self._thread = threading.Thread(target=self._run, name="chatstream-engine", daemon=True)
             self._thread.start()
+            self._grammar_pool.submit(self._grammars.prepare)
 
     # -- event-loop side --
     def generate(
