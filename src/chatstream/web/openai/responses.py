@@ -178,8 +178,13 @@ class ResponsesRequest(OpenAIRequest, ServiceFields):
         return "tool_choice" if self.forced_functions() else "text.format"
 
 
-def parse_responses_request(body: bytes) -> ResponsesRequest:
+def parse_responses_request(body: bytes, max_messages: int) -> ResponsesRequest:
+    """Validate a request body (the item count first, before the schema walks every item)."""
     data = json_object(body)
+    items = data.get("input")
+    if isinstance(items, list) and len(items) > max_messages:
+        raise OpenAIError(400, f"Invalid 'input': {len(items)} items; this server accepts at most {max_messages}.",
+                          param="input", code="too_many_messages")
     for i, tool in enumerate(data.get("tools") or [] if isinstance(data.get("tools"), list) else []):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if isinstance(kind, str) and kind != "function":
