@@ -910,3 +910,10 @@ def test_a_4_mib_body_on_any_endpoint_leaves_the_event_loop_free(audit_server):
         time.sleep(0.1)  # a few samples after the answer
         lag = audit_server.get("/stats/loop_lag", params={"since": since}).json()
         assert lag["samples"] >= 5 and lag["max_ms"] < 400, (path, lag)
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+@pytest.mark.parametrize("response_id", ["resp_" + "a" * 200, "msg_123", "resp_A-1", "resp_%00"])
+def test_a_stored_response_is_asked_for_by_a_response_id(audit_server, method, response_id):
+    r = audit_server.request(method, f"/v1/responses/{response_id}")
+    assert _refused(r)["param"] == "response_id"

@@ -238,8 +238,8 @@ def input_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
 
 
 def check_response_id(value: str, param: str = "previous_response_id") -> str:
-    if not value.startswith("resp_") or not set(value) <= _ID_CHARS:
-        raise OpenAIError(400, f"Invalid '{param}': {value!r} is not a response id.", param=param,
+    if not value.startswith("resp_") or not set(value) <= _ID_CHARS or len(value) > 100:
+        raise OpenAIError(400, f"Invalid '{param}': {value[:120]!r} is not a response id.", param=param,
                           code="invalid_value")
     return value
 
