@@ -1,11 +1,14 @@
-"""Time one sampling step on a batch of logits: greedy, the batched sampler (PyTorch's operators and the native kernel), and the full-sort sampler it replaced.
+"""Time one sampling step on a batch of logits: greedy, the batched sampler (PyTorch's operators and the native kernel), and the full-sort sampler it replaced; and with a grammar's mask on every row.
 
     .venv/bin/python -m benchmarks.sampler [--batch 16] [--vocab 49152] [--rounds 5] [--iters 20]
 
 Each round times every variant ``--iters`` times, interleaved (A/B/C, A/B/C, ...), and reports the
 median of the per-round medians, so load from other processes hits every variant alike. The default
 parameters are a chat UI's: temperature 0.7, top-k 50, top-p 0.9, a repetition penalty of 1.05 over
-a 300-token context, as chatstream's ``/chat_stream`` defaults send.
+a 300-token context, as chatstream's ``/chat_stream`` defaults send. The masked variants constrain
+every row with a grammar's packed mask (half the vocabulary allowed): inside the native kernel, and
+as the engine applied it before (llguidance's ``apply_token_bitmask_inplace`` on the constrained
+rows, then the native kernel).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from chatstream.engine.core import sampling_native
-from chatstream.engine.core.sampler import SamplingBatch, _uniform, sample
+from chatstream.engine.core.sampler import SamplingBatch, _uniform, pack_mask, sample
 
 
 def full_sort_sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -72,15 +75,30 @@ def main() -> None:
     batch = make_batch(opts.batch, opts.temperature, opts.top_k, opts.top_p, opts.repetition_penalty, opts.context)
     greedy = make_batch(opts.batch, 0.0, 0, 1.0, 1.0, 0)
     native = sampling_native.load("native")
+    mask = pack_mask(torch.rand(opts.batch, opts.vocab, generator=generator) < 0.5)
+
+    def mask_then_sample() -> object:  # the engine's grammar step before the mask moved into the kernel
+        import llguidance.torch as llg_torch
+
+        index = torch.arange(opts.batch)
+        constrained = logits.index_select(0, index)
+        llg_torch.apply_token_bitmask_inplace(constrained, mask)
+        masked = logits.clone()
+        masked.index_copy_(0, index, constrained)
+        return sample(masked, batch, kernels=native)
+
     variants: dict[str, Callable[[], object]] = {
         "greedy (argmax)": lambda: sample(logits, greedy),
         "greedy, native": lambda: sample(logits, greedy, kernels=native),
         "sampler": lambda: sample(logits, batch),
         "sampler, native": lambda: sample(logits, batch, kernels=native),
         "full-sort sampler (before)": lambda: full_sort_sample(logits, batch),
+        "masked, native": lambda: sample(logits, batch, mask, kernels=native),
+        "masked, torch apply + native": mask_then_sample,
     }
     assert torch.equal(sample(logits, batch).tokens, full_sort_sample(logits, batch))
     assert torch.equal(sample(logits, batch, kernels=native).tokens, full_sort_sample(logits, batch))
+    assert torch.equal(sample(logits, batch, mask, kernels=native).tokens, mask_then_sample().tokens)  # type: ignore[attr-defined]
     medians: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(opts.rounds):
         times: dict[str, list[float]] = {name: [] for name in variants}

@@ -395,6 +395,29 @@ async def test_a_regenerate_computes_only_the_last_block(engine: LLMEngine, toke
     assert engine.prefix_cache_hit_tokens - hits == (len(prompt) - 1) // engine.block_size * engine.block_size
 
 
+async def test_a_burst_of_identical_prompts_computes_the_prompt_once_per_user(
+    engine: LLMEngine, uncached_engine: LLMEngine, tokenizer: Any
+) -> None:
+    """``n`` choices, or any burst of one user's identical prompts, reach the engine in one step:
+    the first computes the prompt, the others wait a step and take its full blocks from the cache
+    (before, each computed the whole prompt: 0 hits). Only within one cache salt; the replies are
+    those of each request alone without the cache."""
+    prompt = chat(tokenizer, "Write a short poem about the sea, the moon and a lighthouse keeper who counts the "
+                             "waves every night, then say in one sentence what the poem means.")
+    requests = [SamplingParams(max_new_tokens=5, temperature=1.0, seed=seed, cache_salt=salt)
+                for salt in ("burst-alice", "burst-bob") for seed in (1, 2, 3)]
+    queried, hits = engine.prefix_cache_queried_tokens, engine.prefix_cache_hit_tokens
+    streams = [engine.generate(prompt, params) for params in requests]  # one burst, as n choices start
+    burst = [await collect(stream) for stream in streams]
+    shared = (len(prompt) - 1) // engine.block_size * engine.block_size
+    assert shared >= 32
+    assert engine.prefix_cache_queried_tokens - queried == 6 * len(prompt)
+    assert engine.prefix_cache_hit_tokens - hits == 2 * 2 * shared  # per user: two of three share the first's
+    alone = [await generate_text(uncached_engine, prompt, params) for params in requests]
+    assert ["".join(deltas) for deltas, _ in burst] == [text for text, _ in alone]
+    assert len({text for text, _ in alone}) > 1
+
+
 async def test_eviction_under_a_tiny_cache_keeps_replies_correct(
     default_model: tuple[Any, Any], uncached_engine: LLMEngine, tokenizer: Any
 ) -> None:

@@ -2,7 +2,7 @@
 
 The upstream is a small real server (Starlette on uvicorn, 127.0.0.1) whose answer depends on
 the user's message: it ignores ``max_tokens``, sends an endless line, a huge delta, a number as
-text, or a 500. The front must end each such turn itself (``length`` or an ``error`` event), close
+text, log-probabilities that are not numbers or more of them than asked for, or a 500. The front must end each such turn itself (``length`` or an ``error`` event), close
 the upstream request, keep its memory bounded, and keep serving everybody else.
 """
 
@@ -36,6 +36,7 @@ class FakeUpstream:
         self.open_streams = 0
         self.bytes_sent = 0
         self.requests = 0
+        self.last_body: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.app = Starlette(routes=[
             Route("/health", lambda request: JSONResponse({"status": "ok"})),
@@ -46,6 +47,7 @@ class FakeUpstream:
     async def chat(self, request: Request) -> Response:
         body = await request.json()
         self.requests += 1
+        self.last_body = body
         behaviour = body["messages"][-1]["content"]
         if behaviour == "fail":
             return JSONResponse({"error": {"message": "this request broke me"}}, status_code=500)
@@ -74,6 +76,17 @@ class FakeUpstream:
             yield _chunk(content="Hello")
             await asyncio.sleep(0.05)
             yield _chunk(content=42)
+        elif behaviour == "a NaN logprob":
+            yield _chunk(content="Hi", logprobs=[{"token": "Hi", "logprob": float("nan"), "bytes": [72, 105]}])
+        elif behaviour == "too many logprobs":
+            # Three tokens a chunk, five top entries each and llama.cpp's extra "id": more than asked for.
+            # As llama.cpp's server: none at all for top_logprobs 0.
+            top = [{"id": i, "token": f"t{i}", "logprob": -1.0 - i, "bytes": None} for i in range(5)]
+            entries = [{"id": 1, "token": "w", "logprob": -0.5, "bytes": [119], "top_logprobs": top}] * 3
+            for i in range(3):
+                yield _chunk(content=f"w{i} ", logprobs=entries if self.last_body.get("top_logprobs") else None)
+            yield _chunk(finish_reason="stop")
+            yield b"data: [DONE]\n\n"
         else:  # "ignore max_tokens", or an honest short reply
             for i in range(1_000_000 if behaviour == "ignore max_tokens" else 3):
                 yield _chunk(content=f"w{i} ")
@@ -86,9 +99,11 @@ class FakeUpstream:
             await asyncio.sleep(0.05)
 
 
-def _chunk(*, content: Any = None, finish_reason: str | None = None, usage: dict[str, int] | None = None) -> bytes:
+def _chunk(*, content: Any = None, finish_reason: str | None = None, usage: dict[str, int] | None = None,
+           logprobs: list[dict[str, Any]] | None = None) -> bytes:
     delta = {} if content is None else {"content": content}
-    data: dict[str, Any] = {"choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    data: dict[str, Any] = {"choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+                                         "logprobs": None if logprobs is None else {"content": logprobs}}]}
     if usage:
         data["usage"] = usage
     return f"data: {json.dumps(data)}\n\n".encode()
@@ -192,3 +207,25 @@ def test_one_bad_answer_does_not_eject_the_only_upstream(upstream, front):
     health = httpx.get(front + "/health").json()
     assert [u["healthy"] for u in health["upstreams"]] == [True]
     assert health["upstreams"][0]["failures"] == 1
+
+
+def test_upstream_logprobs_are_checked_and_kept_to_what_was_asked(upstream, front):
+    fake, _ = upstream
+    ask = {"logprobs": True, "top_logprobs": 2, "max_tokens": 4}
+    r = httpx.post(front + "/v1/chat/completions", timeout=30, json={
+        **ask, "messages": [{"role": "user", "content": "too many logprobs"}]})
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 4  # max_tokens tokens, not the 9 sent
+    assert all(len(t["top_logprobs"]) == 2 and "id" not in t for t in content)
+    assert content[0]["top_logprobs"][1] == {"token": "t1", "logprob": -2.0, "bytes": None}
+    # logprobs without top_logprobs: the upstream is asked for one top entry (llama.cpp sends nothing for 0).
+    r = httpx.post(front + "/v1/chat/completions", timeout=30, json={
+        **ask, "top_logprobs": None, "messages": [{"role": "user", "content": "too many logprobs"}]})
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert len(content) == 4 and all(t["top_logprobs"] == [] for t in content)
+    # NaN is not a log-probability (and would break the client's JSON): the request fails, it is not passed on.
+    r = httpx.post(front + "/v1/chat/completions", timeout=30, json={
+        **ask, "messages": [{"role": "user", "content": "a NaN logprob"}]})
+    assert r.status_code == 500 and "finite logprob" in r.json()["error"]["message"]
+    assert wait_until(lambda: fake.open_streams == 0, timeout=5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from chatstream.engine.core import sampling_native
-from chatstream.engine.core.sampler import CANDIDATES, SampleOutput, SamplingBatch, _uniform, sample
+from chatstream.engine.core.sampler import CANDIDATES, SampleOutput, SamplingBatch, _uniform, pack_mask, sample
 
 Sample = Callable[..., SampleOutput]
 
@@ -154,13 +154,58 @@ def test_presence_and_frequency_penalties_follow_openai(draw: Sample) -> None:
 def test_a_mask_removes_tokens_from_greedy_and_sampled_rows_alike(draw: Sample) -> None:
     generator = torch.Generator().manual_seed(4)
     logits = chat_like_logits(len(ROWS), generator)
+    original = logits.clone()
     allowed = torch.rand(len(ROWS), VOCAB, generator=generator) < 0.3
+    allowed[1] = True  # a free row among constrained ones
+    allowed[2, :] = False
+    allowed[2, [5, VOCAB - 1]] = True  # a grammar that allows two tokens, one in the last word
     for step in range(4):
         batch = make_batch(ROWS, step=step)
-        tokens = draw(logits, batch, mask=allowed).tokens
+        tokens = draw(logits, batch, mask=pack_mask(allowed)).tokens
         assert bool(allowed.gather(1, tokens[:, None]).all())
         assert torch.equal(tokens, old_sample(logits.masked_fill(~allowed, float("-inf")), batch))
+        out = draw(logits, batch, mask=pack_mask(allowed), want_logprobs=True)  # masked before the log-softmax
+        assert torch.equal(out.tokens, tokens)
+        assert out.logprobs is not None and torch.equal(out.logprobs.isinf(), ~allowed)
+    assert torch.equal(logits, original)  # the caller's logits are never written
     assert draw(logits, make_batch(ROWS)).logprobs is None  # nothing extra unless asked
+
+
+def test_pack_mask_is_llguidances_bitmask() -> None:
+    """Bit i % 32 of word i // 32 is token i, as llguidance fills it (sign bit included); the
+    words past a vocabulary that is not a multiple of 32 stay clear."""
+    allowed = torch.zeros(2, 70, dtype=torch.bool)
+    allowed[0, [0, 31, 32, 69]] = True
+    allowed[1] = True
+    assert pack_mask(allowed).tolist() == [[1 - 2**32 + 2**31, 1, 1 << 5], [-1, -1, (1 << 6) - 1]]
+
+
+def test_masked_rows_draw_the_same_tokens_natively_and_through_pytorch() -> None:
+    """A grammar's rows at the default model's vocabulary, beside free rows, with the repetition
+    penalty on some: the native kernel, which masks a copy of each constrained row itself, draws
+    what PyTorch's operators draw after unpacking the mask."""
+    native = sampling_native.load("native")
+    generator = torch.Generator().manual_seed(8)
+    vocab = 49152
+    rows = [(0.7, 0, 0.9), (0.0, 0, 1.0), (0.7, 50, 0.9), (1.0, 0, 1.0)] * 4
+    draws = mismatches = 0
+    for step in range(8):
+        logits = torch.randn(len(rows), vocab, generator=generator) * (1.0 + step % 4)
+        logits[:, torch.randint(0, vocab, (6,), generator=generator)] += 8.0
+        # Rows 0-7 constrained (a JSON grammar's masks range from a few tokens to most of the vocabulary).
+        allowed = torch.ones(len(rows), vocab, dtype=torch.bool)
+        allowed[:8] = torch.rand(8, vocab, generator=generator) < torch.tensor([0.0005, 0.01, 0.3, 0.9] * 2)[:, None]
+        allowed[:8, step] = True
+        batch = make_batch(rows, step=step, seed0=50 * step)
+        batch.repetition_penalty = torch.tensor([1.3, 1.0] * 8)
+        batch.seen_rows = torch.arange(len(rows)).repeat_interleave(4)
+        batch.seen_tokens = logits.topk(4, dim=-1).indices.flatten()
+        mask = pack_mask(allowed)
+        fast, slow = sample(logits, batch, mask, kernels=native).tokens, sample(logits, batch, mask).tokens
+        assert bool(allowed.gather(1, fast[:, None]).all())
+        mismatches += int((fast != slow).sum())
+        draws += len(rows)
+    assert (draws, mismatches) == (128, 0)
 
 
 def test_native_and_torch_draw_the_same_tokens_at_the_models_vocabulary() -> None:

@@ -115,3 +115,39 @@ def test_large_tokenize_calls_under_load_do_not_delay_turns(serve, default_model
     # Bounded by --max-body-bytes, like every body.
     too_big = httpx.post(url + "/tokenize", json={"prompt": big + big}, timeout=60)
     assert too_big.status_code == 413
+
+
+class EverySlowTokenizeUpstream(FakeUpstream):
+    """The fake upstream whose /tokenize takes ``delay_s`` for every text, as a loaded vLLM might."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.app.router.routes.append(Route("/tokenize", self.tokenize, methods=["POST"]))
+        self.delay_s = delay_s
+
+    async def tokenize(self, request: Request) -> JSONResponse:
+        text = (await request.json())["prompt"]
+        await asyncio.sleep(self.delay_s)
+        return JSONResponse({"tokens": [1] * len(text.split()), "count": len(text.split())})
+
+
+def test_a_slow_upstream_tokenize_never_holds_the_event_loop(serve):
+    # The first /chat_stream turn also tokenizes the server's own prompt head (twice); that ran on
+    # the event loop, so with a 1.5 s /tokenize every request waited ~3 s (and with a 4 s one, every
+    # streaming turn's 5 s lease ran out: all four turns in flight ended with lease_lost).
+    upstream = serve(EverySlowTokenizeUpstream(delay_s=1.5).app).url
+    settings = Settings(engine_url=[upstream], session_store="memory://", session_secret="s", concurrency=4)
+    url = serve(create_app(settings)).url
+    assert wait_until(lambda: httpx.get(url + "/health").status_code == 200, timeout=30)
+    done: dict[str, float] = {}
+    turn = finished_at(lambda: a_turn(url, "hello"), done, "turn")
+    probes: list[float] = []
+    with httpx.Client(base_url=url, timeout=30) as prober:
+        while "turn" not in done and turn.is_alive():
+            started = time.monotonic()
+            assert prober.get("/health/live").status_code == 200
+            probes.append(time.monotonic() - started)
+            time.sleep(0.05)
+    turn.join()
+    assert "turn" in done and len(probes) > 10
+    assert max(probes) < 1.0, f"the event loop was held {max(probes):.1f} s"

@@ -33,6 +33,10 @@ class GenerationOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    # With an error: True when it is this request's fault (an upstream refused one of its fields, HTTP
+    # 400), not the engine's; ``error_param`` then names the field where it is known.
+    refused: bool = False
+    error_param: str | None = None
     # With SamplingParams.logprobs: one entry per token sampled since the previous event, in OpenAI's
     # shape ({"token", "logprob", "bytes", "top_logprobs": [...]}).
     logprobs: tuple[dict[str, Any], ...] = ()

@@ -34,6 +34,9 @@ class SamplingParams:
     shares with every other unsalted request.
     ``grammar`` (an llguidance grammar: see :mod:`chatstream.service.structured`) allows only
     replies it matches; ``logit_bias`` adds a bias to the logits of some token ids.
+    ``response_format`` is the OpenAI ``response_format`` the grammar was made from, as JSON text
+    (``{"type": "json_schema", "json_schema": {...}}``): a grammar cannot be turned back into a
+    schema, and a remote engine sends this instead, for its upstream to enforce.
     """
 
     max_new_tokens: int = 256
@@ -52,6 +55,7 @@ class SamplingParams:
     cache_shared_tokens: int = 0
     grammar: str | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()
+    response_format: str | None = None
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely (k <= 20)
 
     max_logit_bias = 300  # entries, as OpenAI allows
@@ -86,6 +90,11 @@ class SamplingParams:
                "logprobs", "must be an integer between 0 and 20")
         _check(self.grammar is None or (isinstance(self.grammar, str) and 0 < len(self.grammar) <= 1 << 20),
                "grammar", "must be a non-empty string of at most 1 MiB")
+        _check(self.response_format is None or (isinstance(self.response_format, str)
+                                                 and 0 < len(self.response_format) <= 1 << 20),
+               "response_format", "must be a non-empty string of at most 1 MiB")
+        _check(self.response_format is None or self.grammar is not None,
+               "response_format", "travels with the grammar made from it")
         try:
             object.__setattr__(self, "logit_bias", tuple(dict(self.logit_bias).items()))
         except (TypeError, ValueError):

@@ -359,13 +359,23 @@ class ChatService:
                                  param="messages") from None
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
+    @property
+    def forwards_requests(self) -> bool:
+        """True when the engine sends each request on to an OpenAI-compatible upstream (``--engine-url``),
+        which renders the prompt from the messages and enforces ``response_format``, ``logit_bias``
+        and ``logprobs`` itself."""
+        return bool(getattr(self.engine, "forwards", False))
+
     def cannot_honour(self, params: SamplingParams) -> str | None:
         """The first of ``grammar``, ``logit_bias``, ``logprobs`` that ``params`` asks for and the
-        engine cannot honour (the mock and remote engines); None when all is well or no engine is up yet."""
+        engine cannot honour (the mock engine; a remote one for a grammar with no ``response_format``
+        to send); None when all is well or no engine is up yet."""
         if self.engine is None or getattr(self.engine, "constrains", False):
             return None
-        asked = {"grammar": params.grammar is not None, "logit_bias": bool(params.logit_bias),
-                 "logprobs": params.logprobs is not None}
+        forwards = self.forwards_requests
+        asked = {"grammar": params.grammar is not None and not (forwards and params.response_format is not None),
+                 "logit_bias": bool(params.logit_bias) and not forwards,
+                 "logprobs": params.logprobs is not None and not forwards}
         return next((name for name, on in asked.items() if on), None)
 
     def fit_to_context(self, params: SamplingParams, prompt_tokens: int, explicit_max_tokens: bool) -> SamplingParams:

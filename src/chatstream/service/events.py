@@ -45,6 +45,7 @@ class Failed:
 
     code: str
     message: str
+    param: str | None = None  # the request field at fault, for ``invalid_request``
 
 
 TurnEvent = Queued | Delta | Done | Failed

@@ -3,6 +3,11 @@ becomes an llguidance grammar in :attr:`SamplingParams.grammar`, which the engin
 token (see :mod:`chatstream.engine.core.grammar`). JSON comes out compact (no free whitespace: a small
 model could otherwise pad forever); ``strict: false`` schemas tolerate keywords llguidance cannot
 enforce (they are ignored), ``strict: true`` ones are refused when a keyword cannot be enforced.
+
+The ``*_values`` functions give both fields a face sets on :class:`SamplingParams`: the ``grammar``
+(the local engine enforces it) and the ``response_format`` it was made from, in OpenAI's chat wire
+form (a remote engine sends that on: vLLM, llama.cpp's server and chatstream all enforce it). The
+grammar is made either way, so a schema is refused the same way whichever engine serves it.
 """
 
 from __future__ import annotations
@@ -62,9 +67,49 @@ def response_format_grammar(value: Any, param: str = "response_format") -> str |
 def tool_call_grammar(functions: Sequence[Mapping[str, Any]], param: str = "tool_choice") -> str:
     """A grammar for one call, ``{"name": ..., "arguments": {...}}``, of one of ``functions``
     (OpenAI function definitions: ``name`` and a ``parameters`` schema)."""
+    return json_schema_grammar(tool_call_schema(functions), param=param)
+
+
+def tool_call_schema(functions: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The JSON schema of one call of one of ``functions``: what a forced ``tool_choice`` allows."""
     calls = [{
         "type": "object",
         "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
         "required": ["name", "arguments"], "additionalProperties": False,
     } for f in functions]
-    return json_schema_grammar(calls[0] if len(calls) == 1 else {"anyOf": calls}, param=param)
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+
+def response_format_values(value: Any, param: str = "response_format") -> dict[str, str]:
+    """``grammar`` and ``response_format`` for an OpenAI ``response_format``; empty for none or ``text``."""
+    grammar = response_format_grammar(value, param)
+    if grammar is None:
+        return {}
+    if value["type"] == "json_object":
+        return {"grammar": grammar, "response_format": _compact({"type": "json_object"})}
+    return {"grammar": grammar, "response_format": _compact({"type": "json_schema", "json_schema": dict(value["json_schema"])})}
+
+
+def json_schema_values(schema: Mapping[str, Any], *, name: str, strict: bool = False,
+                       param: str = "response_format") -> dict[str, str]:
+    """``grammar`` and ``response_format`` for a JSON schema given on its own (the Responses API's ``text.format``)."""
+    grammar = json_schema_grammar(schema, strict=strict, param=param)
+    spec = {"name": name, "schema": dict(schema), "strict": strict}
+    return {"grammar": grammar, "response_format": _compact({"type": "json_schema", "json_schema": spec})}
+
+
+def tool_call_values(functions: Sequence[Mapping[str, Any]], param: str = "tool_choice") -> dict[str, str]:
+    """``grammar`` and ``response_format`` for a forced call of one of ``functions``.
+
+    Upstream, the call is a ``json_schema`` reply of the call's shape, which the front parses as it
+    parses the local engine's: llama.cpp's server takes ``response_format`` as started, where
+    forwarding ``tools`` needs its ``--jinja`` (and vLLM's ``tool_choice: auto`` needs a parser flag).
+    """
+    schema = tool_call_schema(functions)
+    spec = {"name": "tool_call", "schema": schema}
+    return {"grammar": json_schema_grammar(schema, param=param),
+            "response_format": _compact({"type": "json_schema", "json_schema": spec})}
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

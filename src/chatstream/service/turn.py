@@ -274,8 +274,14 @@ class Turn:
     async def _render(self, chat_prompt: ChatPrompt | None) -> list[int]:
         if chat_prompt is not None:
             budget = self.service.context_len - self.params.max_new_tokens
-            ids = await self.service.run_bounded(chat_prompt.render_ids, budget)
-            shared = self.service.shared_head_tokens(chat_prompt, ids)
+
+            def render() -> tuple[list[int], int]:
+                # The shared head is tokenized once per process, here too: with --engine-url that is
+                # the upstream's /tokenize, which held the event loop (and every lease) while it answered.
+                ids = chat_prompt.render_ids(budget)
+                return ids, self.service.shared_head_tokens(chat_prompt, ids)
+
+            ids, shared = await self.service.run_bounded(render)
             if shared:
                 self.params = replace(self.params, cache_shared_tokens=shared)
             return ids
@@ -343,6 +349,10 @@ class Turn:
                         )
                     elif output.finish_reason == "cancelled" and self._client_gone:
                         self.outcome = DISCONNECTED_WHILE_STREAMING
+                    elif output.refused:  # the request's fault (an upstream refused a field): a client error
+                        logger.info("request refused: %s", output.error)
+                        self._fail(Failed("invalid_request", output.error or "the request was refused",
+                                          param=output.error_param))
                     else:
                         logger.error("generation failed: %s", output.error or output.finish_reason)
                         self._fail(Failed("generation_failed", output.error or f"the generation ended: {output.finish_reason}"))

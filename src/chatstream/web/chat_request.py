@@ -10,7 +10,7 @@ from ..engine import SamplingParams
 from ..errors import InputTooLarge, InvalidRequest
 from ..service.conversations import check_id
 from ..service.sampling import SamplingLimits, to_sampling_params
-from ..service.structured import response_format_grammar
+from ..service.structured import response_format_values
 from .json_body import BadJSON, parse_json_body
 
 # Optional generation overrides, under their OpenAI names -> the engine's names.
@@ -70,9 +70,7 @@ class ChatStreamRequest:
         if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
             raise InvalidRequest("'stop' must be a string or a list of strings", param="stop")
         overrides = {_OVERRIDES[k]: v for k, v in data.items() if k in _OVERRIDES and v is not None}
-        grammar = response_format_grammar(data.get("response_format"))  # OpenAI's shape; JSON replies
-        if grammar is not None:
-            overrides["grammar"] = grammar
+        overrides.update(response_format_values(data.get("response_format")))  # OpenAI's shape; JSON replies
         conversation_id = data.get("conversation_id")
         if conversation_id is not None:
             conversation_id = check_id(conversation_id)

@@ -25,6 +25,7 @@ from ..session import Session, SessionMiddleware, SessionStore
 from ..settings import Settings
 from .chat_request import ChatStreamRequest
 from .json_body import require_json
+from .large_json import json_with_list
 from .limits import BodyTimeout, BodyTooLarge, read_request_body
 from .loop_lag import LoopLagMonitor
 from .negotiation import prefers_plain_text
@@ -273,7 +274,7 @@ class ChatStream:
             messages = await self.service.history(_session_of(request), _conversation_id_of(request))
         except ChatError as exc:
             return chat_error_response(exc)
-        return JSONResponse({"messages": messages})
+        return await json_with_list({}, "messages", messages)
 
     async def handle_health_request(self, request: Request) -> Response:
         """Readiness: 200 once turns can be served; 503 while loading, failed, draining or while the

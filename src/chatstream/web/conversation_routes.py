@@ -38,6 +38,7 @@ from ..session import Session
 from .chat_request import parse_json_object
 from .chat_stream import _session_of, chat_error_response
 from .json_body import require_json
+from .large_json import json_with_list
 from .limits import BodyTimeout, BodyTooLarge, read_request_body
 
 logger = logging.getLogger("chatstream")
@@ -122,7 +123,7 @@ class _ConversationRoutes:
         data = await self.service.read_index(session)
         entry = book.get(data, conversation_id)
         messages = await self.service.history(session, conversation_id, details=True)
-        return JSONResponse({**book.summary(conversation_id, entry), "messages": messages})
+        return await json_with_list(book.summary(conversation_id, entry), "messages", messages)
 
     async def _create(self, request: Request) -> Response:
         body = await _json_object(request, _CREATE_FIELDS, allow_empty=True, **self._body_limits())

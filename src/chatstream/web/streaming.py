@@ -38,6 +38,10 @@ class TurnStreamingResponse(Response):
     It listens for ``http.disconnect`` the whole time, so a client that leaves is noticed at once
     under any ASGI server: the turn is cancelled (it leaves the queue or stops generating and
     saves exactly the text this response had sent), and nothing more is written.
+
+    With ``refuse``, the status waits for the turn's first event: if ``refuse`` makes a response
+    of it (an upstream engine refused the request), that is the answer instead of a 200 stream.
+    A queued turn's first event is its position, so the stream starts at once as without it.
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class TurnStreamingResponse(Response):
         encode: Callable[[TurnEvent], str | None],
         media_type: str,
         headers: Mapping[str, str] | None = None,
+        refuse: Callable[[TurnEvent], Response | None] | None = None,
     ) -> None:
         # Not Response.__init__: there is no body to render. A Response subclass all the same, so
         # frameworks (FastAPI) pass it through as the endpoint's answer.
@@ -56,19 +61,28 @@ class TurnStreamingResponse(Response):
         self.raw_headers = [(b"content-type", f"{media_type}; charset=utf-8".encode()),
                         (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         self.raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+        self.refuse = refuse
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         listener = watch_disconnect(receive, self.turn)
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             events = self.turn.events()
             try:
+                first = None
+                if self.refuse is not None:
+                    first = await anext(events, None)
+                    refusal = self.refuse(first) if first is not None else None
+                    if refusal is not None:
+                        if not listener.done():
+                            await refusal(scope, receive, send)
+                        return
+                await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+                if first is not None:
+                    await self._send(first, send)
                 async for event in events:
                     if listener.done():
                         break
-                    chunk = self.encode(event)
-                    if chunk:
-                        await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+                    await self._send(event, send)
             finally:
                 await events.aclose()
             if not listener.done():
@@ -80,3 +94,8 @@ class TurnStreamingResponse(Response):
             listener.cancel()
         if self.background is not None:
             await self.background()
+
+    async def _send(self, event: TurnEvent, send: Send) -> None:
+        chunk = self.encode(event)
+        if chunk:
+            await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})

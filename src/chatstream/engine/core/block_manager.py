@@ -159,6 +159,10 @@ class BlockManager:
         self._key[block] = None
         return block
 
+    def block_key(self, seq: Sequence, i: int) -> BlockKey:
+        """The prefix-cache key ``seq``'s full block ``i`` has or will have (its salt included)."""
+        return self._key_of(seq, i)
+
     def _key_of(self, seq: Sequence, i: int) -> BlockKey:
         """Key of ``seq``'s block ``i`` (full), hashing the blocks before it once (memoised on seq)."""
         while len(seq.block_hashes) < i:

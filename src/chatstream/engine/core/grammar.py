@@ -3,8 +3,8 @@
 A request's :attr:`SamplingParams.grammar` is an llguidance grammar (a JSON schema, a Lark
 grammar with ``%json`` parts, ...; see :mod:`chatstream.service.structured`). Each constrained
 sequence keeps one matcher; every step the engine asks it for the tokens allowed next (a bitmask
-over the vocabulary) and removes the others from that row's logits before sampling, then feeds it
-the sampled token. Only constrained rows pay for it, and they share the step with free rows.
+over the vocabulary, one bit a token) and the sampler removes the others from that row while it
+draws (:func:`.sampler.sample`'s ``mask``), then the engine feeds the matcher the sampled token. Only constrained rows pay for it, and they share the step with free rows.
 llguidance is what vLLM, SGLang and llama.cpp use for this; it computes a mask in well under a
 millisecond for typical JSON schemas.
 """
@@ -55,14 +55,15 @@ class GrammarMasks:
             raise GrammarError(matcher.get_error())
         return matcher
 
-    def apply(self, logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[Any]) -> None:
-        """Set the logits of tokens each matcher forbids to -inf, in place, for those rows only."""
+    def masks(self, matchers: Sequence[Any | None]) -> torch.Tensor:
+        """The tokens each row may take next, packed as :func:`.sampler.pack_mask` reads them (int32
+        ``[rows, words]``, bit ``i % 32`` of word ``i // 32`` = token ``i``); a row without a
+        matcher (None) allows every token. The sampler applies it (the native kernel to a copy of
+        each constrained row), so a free row in the same step pays nothing for it."""
         import llguidance.torch as llg_torch
 
-        bitmask = llg_torch.allocate_token_bitmask(len(rows), self._llg_tokenizer().vocab_size)
-        for i, matcher in enumerate(matchers):
-            llg_torch.fill_next_token_bitmask(matcher, bitmask, i)
-        index = torch.tensor(list(rows), dtype=torch.long, device=logits.device)
-        constrained = logits.index_select(0, index)
-        llg_torch.apply_token_bitmask_inplace(constrained, bitmask.to(logits.device))
-        logits.index_copy_(0, index, constrained)
+        bitmask = llg_torch.allocate_token_bitmask(len(matchers), self._llg_tokenizer().vocab_size)
+        for row, matcher in enumerate(matchers):
+            if matcher is not None:
+                llg_torch.fill_next_token_bitmask(matcher, bitmask, row)
+        return bitmask

@@ -370,9 +370,9 @@ class LLMEngine:
                 self._outbox.append((chunk.seq.stream, GenerationOutput(text="")))
         for chunk in plan.chunks:
             self._blocks.register_computed(chunk.seq)
-        self._constrain(sampled, logits)
+        mask = self._constrain(sampled, logits)
         self._step_logprobs = None
-        for row, (chunk, token) in enumerate(zip(sampled, self._sample(sampled, logits))):
+        for row, (chunk, token) in enumerate(zip(sampled, self._sample(sampled, logits, mask))):
             if chunk.seq.is_finished:  # its grammar failed
                 continue
             if isinstance(token, int) and chunk.seq.params.logprobs is not None and self._step_logprobs is not None:
@@ -388,10 +388,11 @@ class LLMEngine:
                 if not chunk.seq.is_finished:
                     self._finish(chunk.seq, "error", error=f"generation failed: {exc!r}")
 
-    def _constrain(self, sampled: list[ScheduledChunk], logits: torch.Tensor) -> None:
-        """Apply each row's grammar and logit bias to its logits, in place; rows whose grammar fails
-        are finished with an error (their row is still sampled, but the token is never used)."""
-        rows, matchers = [], []
+    def _constrain(self, sampled: list[ScheduledChunk], logits: torch.Tensor) -> torch.Tensor | None:
+        """Apply each row's logit bias to its logits, in place, and return the step's grammar masks
+        (packed, one row per sampled row; None when no row has a grammar) for the sampler. Rows whose
+        grammar fails are finished with an error (their row is still sampled, the token never used)."""
+        matchers: list[Any] = [None] * len(sampled)
         for row, chunk in enumerate(sampled):
             seq = chunk.seq
             if seq.params.logit_bias:
@@ -403,27 +404,32 @@ class LLMEngine:
             try:
                 if seq.matcher is None:
                     seq.matcher = self._grammars.matcher(seq.params.grammar)
-                rows.append(row)
-                matchers.append(seq.matcher)
+                matchers[row] = seq.matcher
             except Exception as exc:
                 self._finish(seq, "error", error=f"the grammar failed: {exc}")
-        if rows:
-            try:
-                self._grammars.apply(logits, rows, matchers)
-            except Exception as exc:
-                logger.exception("grammar masks failed")
-                for row in rows:
+        if all(m is None for m in matchers):
+            return None
+        try:
+            return self._grammars.masks(matchers)
+        except Exception as exc:
+            logger.exception("grammar masks failed")
+            for row, matcher in enumerate(matchers):
+                if matcher is not None:
                     self._finish(sampled[row].seq, "error", error=f"the grammar failed: {exc!r}")
+            return None
 
-    def _sample(self, sampled: list[ScheduledChunk], logits: torch.Tensor) -> list[int | Exception]:
-        """One token per row; if the batch fails, each row alone, so only a faulty row fails."""
+    def _sample(self, sampled: list[ScheduledChunk], logits: torch.Tensor,
+                mask: torch.Tensor | None) -> list[int | Exception]:
+        """One token per row (``mask``: the grammars', see :meth:`_constrain`); if the batch fails,
+        each row alone, so only a faulty row fails."""
         try:
             want = any(c.seq.params.logprobs is not None for c in sampled)
 
             def rows(span: tuple[int, int]) -> SampleOutput:
                 start, end = span
                 return sample(logits[start:end], self._sampling_batch(sampled[start:end], logits.device),
-                              want_logprobs=want, kernels=self._sampling_kernels)
+                              None if mask is None else mask[start:end], want_logprobs=want,
+                              kernels=self._sampling_kernels)
 
             # Rows are sampled independently (each by its own seed), so lanes may take a share each.
             outs = self._runner.map_lanes(rows, _spans(len(sampled), self._runner.lanes))
@@ -436,7 +442,8 @@ class LLMEngine:
         for row, chunk in enumerate(sampled):
             try:
                 batch = self._sampling_batch([chunk], logits.device)
-                tokens.append(int(sample(logits[row : row + 1], batch, kernels=self._sampling_kernels).tokens[0]))
+                tokens.append(int(sample(logits[row : row + 1], batch, None if mask is None else mask[row : row + 1],
+                                         kernels=self._sampling_kernels).tokens[0]))
             except Exception as exc:
                 tokens.append(exc)
         return tokens

@@ -15,10 +15,12 @@ normalised over the whole vocabulary, so the cut is exact). A row whose kept pre
 its candidates (a very flat distribution) is redone over the whole vocabulary, so the result is
 always the same as sorting everything.
 
-Hooks for callers that need more than a token: ``mask`` (bool ``[B, V]``, ``True`` = allowed, e.g.
-a grammar) removes tokens before anything else, greedy included; ``want_logprobs`` returns the
-log-probabilities of the logits after penalties and the mask (before temperature and truncation).
-Both cost nothing when unused.
+Hooks for callers that need more than a token: ``mask`` (a grammar's allowed tokens, packed as
+llguidance's bitmask: int32 ``[B, ceil(V / 32)]``, see :func:`pack_mask`) removes tokens before
+anything else, greedy included; ``want_logprobs`` returns the log-probabilities of the logits after
+penalties and the mask (before temperature and truncation). Both cost nothing when unused. The
+native kernel applies the mask itself, to a copy of each constrained row only, so a constrained row
+costs about what a free one does; PyTorch's path unpacks it for the constrained rows.
 """
 
 from __future__ import annotations
@@ -72,9 +74,12 @@ def sample(
     native kernel (:mod:`.sampling_native`: the same tokens, one pass over each row); rows it
     cannot settle exactly, and every row without it, go through PyTorch's operators."""
     logits = logits.float()
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
     native = kernels is not None and logits.device.type == "cpu" and logits.stride(1) == 1
+    # The native kernel masks a copy of each constrained row itself, unless the masked logits are
+    # needed here (log-probabilities). Masking commutes with the penalties (-inf stays -inf).
+    mask_inside = native and mask is not None and not want_logprobs
+    if mask is not None and not mask_inside:
+        logits = _apply_mask(logits, mask)
     penalised = batch.seen_rows is not None and batch.seen_tokens is not None
     # The native kernel applies the repetition penalty itself, on a copy of each penalised row only,
     # unless the penalised logits are needed here (log-probabilities, or penalties applied after it).
@@ -91,13 +96,15 @@ def sample(
     if penalty_inside:
         assert batch.seen_rows is not None and batch.seen_tokens is not None
         penalty = (batch.repetition_penalty, batch.seen_rows, batch.seen_tokens)
-    tokens = kernels.sample(logits, *params, CANDIDATES, repetition_penalty=penalty)
+    tokens = kernels.sample(logits, *params, CANDIDATES, repetition_penalty=penalty,
+                            allowed=mask if mask_inside else None)
     redo = (tokens < 0).nonzero().squeeze(1)
     if redo.numel():  # a top-k past the candidates, or a nucleus reaching past them
         if penalty_inside:
             logits = _apply_repetition_penalty(logits, batch)
         min_p = None if batch.min_p is None else batch.min_p[redo]
-        tokens[redo] = _draw_tokens(logits[redo], batch.temperature[redo], batch.top_k[redo], batch.top_p[redo], min_p,
+        again = _apply_mask(logits[redo], mask[redo]) if mask is not None and mask_inside else logits[redo]
+        tokens[redo] = _draw_tokens(again, batch.temperature[redo], batch.top_k[redo], batch.top_p[redo], min_p,
                                     batch.seed[redo], batch.step[redo])
     return SampleOutput(tokens, logprobs)
 
@@ -165,6 +172,34 @@ def _truncated_draw(
     ids, order = ids.sort(dim=-1)
     kept = values.masked_fill(drop, float("-inf")).gather(1, order)
     return _draw(kept.softmax(dim=-1), ids, u), spilled
+
+
+def pack_mask(allowed: torch.Tensor) -> torch.Tensor:
+    """bool ``[B, V]`` (True = allowed) -> the packed int32 ``[B, ceil(V / 32)]`` that ``mask``
+    takes: bit ``i % 32`` of word ``i // 32`` is token ``i``, as llguidance fills it."""
+    rows, vocab = allowed.shape
+    bits = torch.zeros(rows, -(-vocab // 32) * 32, dtype=torch.int64, device=allowed.device)
+    bits[:, :vocab] = allowed.long()
+    words = (bits.view(rows, -1, 32) << torch.arange(32, device=allowed.device)).sum(dim=-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def _apply_mask(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``logits`` with the tokens ``mask`` (packed) forbids at -inf, unpacked for constrained rows only."""
+    mask = mask.to(logits.device)
+    rows = (mask != -1).any(dim=1).nonzero().squeeze(1)
+    vocab = logits.shape[1]
+    if vocab > mask.shape[1] * 32:  # tokens past the mask's words are never allowed
+        rows = torch.arange(logits.shape[0], device=logits.device)
+    if not rows.numel():
+        return logits
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((mask[rows, :, None] >> shifts) & 1).view(rows.shape[0], -1).bool()
+    if allowed.shape[1] < vocab:
+        allowed = torch.cat([allowed, allowed.new_zeros(rows.shape[0], vocab - allowed.shape[1])], dim=1)
+    logits = logits.clone()
+    logits[rows] = logits[rows].masked_fill(~allowed[:, :vocab], float("-inf"))
+    return logits
 
 
 def _rows(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,11 @@
  * seed draws the same token as the PyTorch path wherever the distribution is the same.
  *
  * A row the selection cannot settle exactly returns -1 and sampler.py redoes it over the whole
- * vocabulary: a top-k larger than `candidates`, or a top-p/min-p nucleus that reaches past them. */
+ * vocabulary: a top-k larger than `candidates`, or a top-p/min-p nucleus that reaches past them.
+ *
+ * A grammar's mask (llguidance's packed bitmask, one bit per token) is applied here too, on a copy
+ * of each constrained row, so a constrained row costs one more pass over its row instead of
+ * PyTorch's unpack, masked_fill and the gather/scatter of the constrained rows around them. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -206,32 +210,64 @@ static void *scratch(void **buffer, size_t *capacity, size_t bytes) {
     return *buffer;
 }
 
-/* The whole batch; see sample_row. With `penalty` (per row; NULL: none), row r's tokens
- * seen_tokens[seen_starts[r] .. seen_starts[r + 1]) get transformers' repetition penalty first, on a
- * copy of the row: a seen logit is divided by the penalty if positive, else multiplied (computed
- * from the row's own value, so a token seen twice is penalised once, as sampler.py does).
+/* Whether a row's mask (`words` int32, bit i % 32 of word i / 32 set = token i allowed) allows
+ * every token of the vocabulary: a free row in a batch that holds constrained ones. */
+static int allows_all(const int32_t *bits, int64_t words, int64_t vocab) {
+    if (words * 32 < vocab) return 0;
+    for (int64_t w = 0; w < words; w++)
+        if (bits[w] != -1) return 0;
+    return 1;
+}
+
+/* out = x with the tokens `bits` forbids (and any past its words) at -inf, as sampler.py's mask. A
+ * grammar's words are mostly all allowed (inside a string) or all forbidden (between values):
+ * those are one copy or fill of 32 floats each. */
+static void apply_mask(const float *x, int64_t vocab, const int32_t *bits, int64_t words, float *out) {
+    for (int64_t w = 0; w < words && w * 32 < vocab; w++) {
+        const int64_t start = w * 32, n = vocab - start < 32 ? vocab - start : 32;
+        const uint32_t word = (uint32_t)bits[w];
+        if (word == 0xFFFFFFFFu && n == 32)
+            memcpy(out + start, x + start, 32 * sizeof(float));
+        else
+#pragma omp simd
+            for (int64_t j = 0; j < n; j++) out[start + j] = (word >> j) & 1u ? x[start + j] : -INFINITY;
+    }
+    for (int64_t i = words * 32; i < vocab; i++) out[i] = -INFINITY;
+}
+
+/* The whole batch; see sample_row. With `allowed` (NULL: none), row r keeps only the tokens its
+ * mask allowed + r * words allows (sampler.py's mask, packed). With `penalty` (per row; NULL: none),
+ * row r's tokens seen_tokens[seen_starts[r] .. seen_starts[r + 1]) get transformers' repetition
+ * penalty, after the mask, on a copy of the row: a seen logit is divided by the penalty if positive,
+ * else multiplied (computed from the row's own value, so a token seen twice is penalised once, as
+ * sampler.py does; a masked token stays -inf). The caller's logits are never written.
  * Returns 0, or -1 when memory for the work buffers ran out. */
 int sample_rows(const float *logits, int64_t rows, int64_t vocab, int64_t stride, const float *temperature,
                 const int64_t *top_k, const float *top_p, const float *min_p, const int64_t *seed,
                 const int64_t *step, int64_t candidates, const float *penalty, const int64_t *seen_starts,
-                const int64_t *seen_tokens, int64_t *out) {
+                const int64_t *seen_tokens, const int32_t *allowed, int64_t words, int64_t *out) {
     static __thread void *work_buffer, *cand_buffer, *row_buffer;
     static __thread size_t work_capacity, cand_capacity, row_capacity;
     float *work = scratch(&work_buffer, &work_capacity, (size_t)vocab * sizeof(float));
     candidate *cand = scratch(&cand_buffer, &cand_capacity,
                               (size_t)(candidates < vocab ? candidates : vocab) * sizeof(candidate));
-    float *copy = penalty ? scratch(&row_buffer, &row_capacity, (size_t)vocab * sizeof(float)) : NULL;
-    if (work == NULL || cand == NULL || (penalty && copy == NULL)) return -1;
+    float *copy = penalty || allowed ? scratch(&row_buffer, &row_capacity, (size_t)vocab * sizeof(float)) : NULL;
+    if (work == NULL || cand == NULL || ((penalty || allowed) && copy == NULL)) return -1;
     for (int64_t r = 0; r < rows; r++) {
         const float *x = logits + r * stride;
-        if (penalty && penalty[r] != 1.f && seen_starts[r + 1] > seen_starts[r]) {
+        const int masked = allowed && !allows_all(allowed + r * words, words, vocab);
+        const int penalised = penalty && penalty[r] != 1.f && seen_starts[r + 1] > seen_starts[r];
+        if (masked)
+            apply_mask(x, vocab, allowed + r * words, words, copy);
+        else if (penalised)
             memcpy(copy, x, (size_t)vocab * sizeof(float));
+        if (penalised)
             for (int64_t j = seen_starts[r]; j < seen_starts[r + 1]; j++) {
                 const int64_t t = seen_tokens[j];
-                if (t >= 0 && t < vocab) copy[t] = x[t] > 0.f ? x[t] / penalty[r] : x[t] * penalty[r];
+                if (t >= 0 && t < vocab && copy[t] != -INFINITY)
+                    copy[t] = x[t] > 0.f ? x[t] / penalty[r] : x[t] * penalty[r];
             }
-            x = copy;
-        }
+        if (masked || penalised) x = copy;
         const int64_t k = top_k[r] > 0 && top_k[r] < vocab ? top_k[r] : 0;
         out[r] = sample_row(x, vocab, temperature[r], k, top_p[r], min_p ? min_p[r] : 0.f, uniform(seed[r], step[r]),
                             candidates, work, cand);

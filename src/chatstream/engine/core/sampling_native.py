@@ -29,7 +29,7 @@ class SamplingKernels:
     def __init__(self, path: Path) -> None:
         self.path = path
         lib = ctypes.CDLL(str(path))
-        lib.sample_rows.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P]
+        lib.sample_rows.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _P, _I, _P]
         lib.sample_rows.restype = ctypes.c_int
         lib.uniform.argtypes = [_I, _I]
         lib.uniform.restype = ctypes.c_float
@@ -39,12 +39,15 @@ class SamplingKernels:
         self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
         min_p: torch.Tensor | None, seed: torch.Tensor, step: torch.Tensor, candidates: int,
         repetition_penalty: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        allowed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """int64 ``[rows]``: each row's token, or -1 for a row to redo over the whole vocabulary
         (a top-k above ``candidates``, or a nucleus reaching past them). ``logits``: float32 CPU
         ``[rows, vocab]`` with unit stride along the vocabulary. ``repetition_penalty``: (penalty
         per row, seen rows, seen tokens) as in :class:`.sampler.SamplingBatch`, applied to a copy of
-        each penalised row (``logits`` is never written)."""
+        each penalised row (``logits`` is never written). ``allowed``: a grammar's packed mask, int32
+        ``[rows, words]`` as :func:`.sampler.pack_mask` makes it, applied to a copy of each row it
+        constrains (a row of all ones is read in place)."""
         rows, vocab = logits.shape
         if logits.dtype != torch.float32 or logits.device.type != "cpu" or logits.stride(1) != 1:
             raise ValueError(f"native sampling takes float32 CPU rows, got {logits.dtype} on {logits.device}")
@@ -64,13 +67,18 @@ class SamplingKernels:
             starts = torch.zeros(rows + 1, dtype=torch.int64)
             starts[1:] = torch.bincount(seen_rows, minlength=rows)[:rows].cumsum(0)
             tokens = seen_tokens.contiguous()
+        mask = None
+        if allowed is not None:
+            if allowed.dim() != 2 or allowed.shape[0] != rows:
+                raise ValueError(f"expected one mask row per row ({rows}), got shape {tuple(allowed.shape)}")
+            mask = allowed.to(device="cpu", dtype=torch.int32).contiguous()
         out = torch.empty(rows, dtype=torch.int64)
         status = self._lib.sample_rows(
             logits.data_ptr(), rows, vocab, logits.stride(0), params[0].data_ptr(), params[1].data_ptr(),
             params[2].data_ptr(), None if floor is None else floor.data_ptr(), params[3].data_ptr(),
             params[4].data_ptr(), candidates, None if penalty is None else penalty.data_ptr(),
             None if starts is None else starts.data_ptr(), None if tokens is None else tokens.data_ptr(),
-            out.data_ptr(),
+            None if mask is None else mask.data_ptr(), 0 if mask is None else mask.shape[1], out.data_ptr(),
         )
         if status != 0:
             raise MemoryError("native sampling could not allocate its work buffers")
@@ -114,7 +122,7 @@ def load(mode: str = "auto") -> SamplingKernels | None:
 
 def _check(kernels: SamplingKernels) -> None:
     """The same tokens as the PyTorch sampler on a small batch of every parameter mix."""
-    from .sampler import SamplingBatch, _uniform, sample
+    from .sampler import SamplingBatch, _uniform, pack_mask, sample
 
     generator = torch.Generator().manual_seed(0)
     vocab = 3000
@@ -143,3 +151,13 @@ def _check(kernels: SamplingKernels) -> None:
                          1024, repetition_penalty=(batch.repetition_penalty, batch.seen_rows, batch.seen_tokens))
     if not torch.equal(got, sample(logits, batch).tokens):
         raise native.NativeKernelError(f"{kernels.path} applies the repetition penalty otherwise than the sampler")
+    # A grammar's mask on some rows (the favourites of rows 1 and 2 forbidden), the penalty still on.
+    allowed = torch.rand(8, vocab, generator=generator) < torch.tensor([0.01, 0.5, 0.5, 1, 1, 0.2, 1, 1])[:, None]
+    allowed[[1, 2], logits[[1, 2]].argmax(dim=-1)] = False
+    allowed[:, 0] = True
+    mask = pack_mask(allowed)
+    got = kernels.sample(logits, batch.temperature, batch.top_k, batch.top_p, batch.min_p, batch.seed, batch.step,
+                         1024, repetition_penalty=(batch.repetition_penalty, batch.seen_rows, batch.seen_tokens),
+                         allowed=mask)
+    if not torch.equal(got, sample(logits, batch, mask).tokens):
+        raise native.NativeKernelError(f"{kernels.path} applies a grammar's mask otherwise than the sampler")

@@ -9,6 +9,13 @@ stalls running decodes for long. When a running sequence needs a block and none 
 newest running sequence is preempted: its blocks are freed and it goes back to the front of the
 queue, to be recomputed from its tokens later (cheaper to write than swapping KV out).
 
+A waiting sequence whose next uncached prompt block is one a running sequence is about to compute
+(the same key: the same tokens after the same prefix, under the same cache salt) waits until that
+block is registered, then shares it from the cache instead of computing it again: ``n`` choices of
+one request, or any burst of identical prompts from one user, compute their common prompt once
+(the first is admitted at once, the others when the block is in the cache; meanwhile those behind
+them in the queue may be admitted, and the ones waiting to share stay first in line).
+
 A recomputed sequence computes exactly what it computed the first time: its prompt in prefill
 chunks that end where the prompt ends, then its reply so far one token a step, which runs
 through the decode path as those tokens first did. One prefill over the reply would be a
@@ -58,6 +65,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._preempted_this_step = False
         self.num_preemptions = 0
+        self.num_shared_waits = 0  # admissions put off a step to share a prompt block being computed
 
     @property
     def has_work(self) -> bool:
@@ -98,6 +106,7 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq, n))
             budget -= n
         # Admitting right after preempting would only thrash.
+        sharing: list[Sequence] = []  # put off to share a block being computed; first in line next step
         while (
             not self._preempted_this_step
             and self.waiting
@@ -105,6 +114,10 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             hits = self.block_manager.match_prefix(self.waiting[0])
+            if len(sharing) < self.max_num_seqs and self._computing(self.waiting[0], len(hits)):
+                sharing.append(self.waiting.popleft())  # (a bounded scan of a long queue of them)
+                self.num_shared_waits += 1
+                continue
             if not self.block_manager.can_admit(self.waiting[0], hits):
                 break
             seq = self.waiting.popleft()
@@ -114,7 +127,23 @@ class Scheduler:
             n = _chunk_size(seq, budget)
             out.chunks.append(ScheduledChunk(seq, n))
             budget -= n
+        self.waiting.extendleft(reversed(sharing))
         return out
+
+    def _computing(self, seq: Sequence, block: int) -> bool:
+        """Whether a running sequence will compute and register ``seq``'s prompt block ``block`` (the
+        first one the cache lacks), so that ``seq`` can share it by waiting."""
+        blocks = self.block_manager
+        if not blocks.enable_prefix_caching or block >= (seq.num_tokens - 1) // blocks.block_size:
+            return False  # only full blocks before the last token are ever matched
+        end = (block + 1) * blocks.block_size
+        key = None
+        for other in self.running:
+            if other.num_registered_blocks <= block and end <= other.num_tokens:
+                key = blocks.block_key(seq, block) if key is None else key
+                if blocks.block_key(other, block) == key:
+                    return True
+        return False
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt the newest other sequences until ``seq`` can hold ``num_tokens`` tokens."""

@@ -5,6 +5,15 @@ callbacks, the UI) and sends each turn's messages to ``/v1/chat/completions`` of
 (vLLM, SGLang, TGI, llama.cpp's server, ``transformers serve``, another chatstream), streaming.
 Multi-GPU and multi-node generation is the upstream's job.
 
+What only an engine can enforce goes to the upstream in OpenAI's form, which vLLM, llama.cpp's
+server and chatstream all take on ``/v1/chat/completions``: ``response_format`` (the JSON text a
+face kept on :class:`SamplingParams` beside the grammar; a forced tool call is sent as the
+``json_schema`` of the call), ``logprobs``/``top_logprobs`` (read back from each chunk's
+``choices[0].logprobs.content``) and ``logit_bias`` (token ids are the model's, the same on both
+sides). An upstream that answers 400 (413, 422) refused this request, not its work: the request
+ends as refused (a client error naming the field where the upstream's answer does), and nothing
+is ejected or retried.
+
 With several upstreams a request goes to the healthy one with the fewest outstanding requests.
 A request that fails before its reply began is retried on another upstream; a failure after
 text was streamed cannot be retried (the client has seen it), so the stream ends with an error
@@ -18,7 +27,9 @@ An upstream is another server, not a part of this one, so what it sends is conta
 ends as ``length`` at ``max_new_tokens`` deltas or ``max_new_tokens * MAX_CHARS_PER_TOKEN``
 characters whatever the upstream does with ``max_tokens``; an SSE line longer than
 ``MAX_LINE_BYTES`` (memory stays bounded), a compressed stream, or a chunk whose fields have the
-wrong types ends the request with an error and closes the upstream request.
+wrong types ends the request with an error and closes the upstream request. Log-probabilities are
+checked the same way (a string token, a finite number, byte values); no more top entries than asked
+for and no more tokens than ``max_new_tokens`` are kept.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -45,6 +57,8 @@ logger = logging.getLogger("chatstream")
 
 # Fields that are not OpenAI's but that vLLM, SGLang and llama.cpp's server accept.
 _EXTENSIONS = ("top_k", "repetition_penalty")
+# OpenAI fields sent only when a request asks for them: what an upstream's 400 may be about.
+_FORWARDED = ("response_format", "logit_bias", "top_logprobs", "logprobs")
 # One SSE line of an upstream's stream: a chunk carrying one delta is well under 1 KiB.
 MAX_LINE_BYTES = 256 * 1024
 # A reply is cut at max_new_tokens times this many characters: no tokenizer's tokens are
@@ -89,13 +103,23 @@ class _Retryable(Exception):
 
 
 class _Refused(Exception):
-    """The upstream answered with a client error: retrying elsewhere would not help."""
+    """The upstream answered with a client error: retrying elsewhere would not help.
+
+    ``by_request``: the request itself was refused (400, 422: a field, the length), not the front's
+    access (401, 403, 404: the front's configuration); ``param`` names the field where known.
+    """
+
+    def __init__(self, message: str, *, by_request: bool = False, param: str | None = None) -> None:
+        super().__init__(message)
+        self.by_request = by_request
+        self.param = param
 
 
 @dataclass
 class _Progress:
     deltas: int = 0
     chars: int = 0
+    logprobs: int = 0  # token entries passed on
     finish_reason: str | None = None
     usage: dict[str, Any] = field(default_factory=dict)
     cut: bool = False  # ended by our own length limit, not by the upstream
@@ -109,6 +133,8 @@ class RemoteEngine:
     ``api_key`` is sent as ``Authorization: Bearer``. Health is checked every
     ``health_interval_s`` (``GET /health``, or ``/v1/models`` where there is none).
     """
+
+    forwards = True  # response_format, logit_bias and logprobs go to the upstream, which enforces them
 
     def __init__(
         self,
@@ -264,7 +290,8 @@ class RemoteEngine:
                     logger.warning("upstream %s failed before replying (%s); retrying elsewhere", upstream.url, exc)
                     continue
                 except _Refused as exc:
-                    stream.put_nowait(_final("error", prompt_tokens, 0, f"the upstream engine refused the request: {exc}"))
+                    stream.put_nowait(_final("error", prompt_tokens, 0, str(exc), refused=exc.by_request,
+                                             param=exc.param))
                     return
                 upstream._consecutive = 0
                 usage = progress.usage
@@ -290,15 +317,15 @@ class RemoteEngine:
                     async with self._client.stream("POST", upstream.url + "/v1/chat/completions", json=body,
                                                    headers={"Accept-Encoding": "identity"}) as response:
                         if response.status_code >= 500:
-                            raise _Retryable(f"HTTP {response.status_code}: {await _error_text(response)}")
+                            raise _Retryable(f"HTTP {response.status_code}: {(await _error_of(response))[0]}")
                         if response.status_code >= 400:
-                            text = await _error_text(response)
+                            text, param = await _error_of(response)
                             if upstream.extensions and _rejects_extensions(response.status_code, text, body):
                                 upstream.extensions = False  # e.g. transformers serve: 422 on unknown fields
                                 logger.info("upstream %s does not take %s: sending OpenAI fields only",
                                             upstream.url, ", ".join(_EXTENSIONS))
                                 continue
-                            raise _Refused(f"HTTP {response.status_code}: {text}")
+                            raise _refusal(response.status_code, text, param, body)
                         await self._read_events(response, stream, params, progress)
                 except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nobody answers there
                     raise _Retryable(_describe(exc), down=True) from None
@@ -326,22 +353,27 @@ class RemoteEngine:
                 chunk = json.loads(data)
             except ValueError:
                 raise _Retryable(f"not JSON in the stream: {data[:200]!r}") from None
-            text, finish_reason, usage = _read_chunk(chunk)
+            text, finish_reason, usage, logprobs = _read_chunk(chunk, params.logprobs)
             if usage is not None:
                 progress.usage = usage
+            if logprobs:
+                logprobs = logprobs[:max(params.max_new_tokens - progress.logprobs, 0)]
+                progress.logprobs += len(logprobs)
+                if not text:  # the Turn keeps them until text comes
+                    stream.put_nowait(GenerationOutput(text="", logprobs=logprobs))
             if text:
                 if progress.deltas >= params.max_new_tokens or progress.chars + len(text) > max_chars:
                     # Past what was asked for: end the reply here, as the model would at max_tokens.
                     room = max_chars - progress.chars
                     if progress.deltas < params.max_new_tokens and room > 0:
-                        stream.put_nowait(GenerationOutput(text=text[:room]))
+                        stream.put_nowait(GenerationOutput(text=text[:room], logprobs=logprobs))
                     logger.warning("upstream %s went past max_tokens=%d: the reply was cut after %d deltas",
                                    response.url, params.max_new_tokens, progress.deltas)
                     progress.finish_reason, progress.cut = "length", True
                     return  # leaving the response closes the upstream request
                 progress.deltas += 1
                 progress.chars += len(text)
-                stream.put_nowait(GenerationOutput(text=text))
+                stream.put_nowait(GenerationOutput(text=text, logprobs=logprobs))
             if finish_reason:
                 progress.finish_reason = finish_reason
 
@@ -357,6 +389,12 @@ class RemoteEngine:
             body["seed"] = params.seed
         if params.stop:
             body["stop"] = list(params.stop)
+        if params.response_format is not None:
+            body["response_format"] = json.loads(params.response_format)
+        if params.logprobs is not None:  # at least 1: llama.cpp's server sends none for top_logprobs 0
+            body["logprobs"], body["top_logprobs"] = True, max(params.logprobs, 1)
+        if params.logit_bias:
+            body["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
         if upstream.extensions:  # sent only when they change something
             if params.top_k:
                 body["top_k"] = params.top_k
@@ -499,8 +537,10 @@ async def _bounded_lines(chunks: AsyncIterator[bytes], limit: int) -> AsyncItera
         yield line.decode("utf-8", errors="replace")
 
 
-def _read_chunk(chunk: Any) -> tuple[str, str | None, dict[str, int] | None]:
-    """The text, finish reason and usage of one streamed chunk, checked field by field.
+def _read_chunk(chunk: Any, top: int | None = None,
+                ) -> tuple[str, str | None, dict[str, int] | None, tuple[dict[str, Any], ...]]:
+    """The text, finish reason, usage and log-probabilities of one streamed chunk, checked field by
+    field (``top``: how many top entries were asked for; None: no log-probabilities).
 
     Anything but OpenAI's types is refused: a number as ``delta.content`` used to end the turn
     with neither ``done`` nor ``error``.
@@ -513,19 +553,23 @@ def _read_chunk(chunk: Any) -> tuple[str, str | None, dict[str, int] | None]:
         raise _Retryable(f"error in the stream: {str(message)[:500]}")
     choices = _typed(chunk, "choices", list) or []
     text, finish_reason = "", None
+    logprobs: tuple[dict[str, Any], ...] = ()
     for choice in choices:
         if not isinstance(choice, dict):
             raise _Retryable("a choice of the stream is not an object")
         delta = _typed(choice, "delta", dict) or {}
         content = _typed(delta, "content", str, where="delta.content")
         reason = _typed(choice, "finish_reason", str)
+        entries = _typed(_typed(choice, "logprobs", dict) or {}, "content", list, where="logprobs.content")
         if _typed(choice, "index", int) not in (None, 0):
             continue  # only one choice is asked for
         text += content or ""
         finish_reason = reason or finish_reason
+        if top is not None and entries:
+            logprobs += tuple(_token_logprob(entry, top) for entry in entries)
     usage = _typed(chunk, "usage", dict)
     if usage is None:
-        return text, finish_reason, None
+        return text, finish_reason, None, logprobs
     counts = {}
     for name in ("prompt_tokens", "completion_tokens"):
         value = _typed(usage, name, int, where=f"usage.{name}")
@@ -533,7 +577,28 @@ def _read_chunk(chunk: Any) -> tuple[str, str | None, dict[str, int] | None]:
             if value < 0:
                 raise _Retryable(f"usage.{name} is negative in the stream")
             counts[name] = value
-    return text, finish_reason, counts
+    return text, finish_reason, counts, logprobs
+
+
+def _token_logprob(entry: Any, top: int | None) -> dict[str, Any]:
+    """One token's entry of ``logprobs.content`` in OpenAI's shape, checked; ``top``: how many of its
+    ``top_logprobs`` to keep (None: this is a top entry, which has none). Other fields (llama.cpp's
+    ``id``) are dropped."""
+    where = "logprobs.content" if top is not None else "logprobs.content[].top_logprobs"
+    if not isinstance(entry, dict):
+        raise _Retryable(f"an entry of {where} in the stream is not an object")
+    token = _typed(entry, "token", str, where=f"{where}[].token")
+    logprob = entry.get("logprob")
+    if token is None or isinstance(logprob, bool) or not isinstance(logprob, (int, float)) or not math.isfinite(logprob):
+        raise _Retryable(f"an entry of {where} in the stream lacks a string token or a finite logprob")
+    raw = _typed(entry, "bytes", list, where=f"{where}[].bytes")
+    if raw is not None and not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in raw):
+        raise _Retryable(f"{where}[].bytes in the stream holds something other than byte values")
+    out: dict[str, Any] = {"token": token, "logprob": float(logprob), "bytes": raw}
+    if top is not None:
+        tops = _typed(entry, "top_logprobs", list, where=f"{where}[].top_logprobs") or []
+        out["top_logprobs"] = [_token_logprob(t, None) for t in tops[:top]]
+    return out
 
 
 def _typed(data: dict[str, Any], key: str, kind: type, *, where: str | None = None) -> Any:
@@ -552,8 +617,24 @@ def _rejects_extensions(status: int, text: str, body: dict[str, Any]) -> bool:
     return status in (400, 422) and any(name in body and name in text for name in _EXTENSIONS)
 
 
-async def _error_text(response: httpx.Response) -> str:
-    """The upstream's error message, bounded (it is logged and shown to the client)."""
+def _refusal(status: int, text: str, param: str | None, body: dict[str, Any]) -> _Refused:
+    """What the client is told of an upstream's 4xx: a 400 or 422 is about this request, naming the
+    field the upstream named, else a forwarded field its message mentions."""
+    if status not in (400, 413, 422):  # 401, 403, 404: the front's credentials or model name
+        return _Refused(f"the upstream engine refused the request: HTTP {status}: {text}")
+    sent = [name for name in _FORWARDED if name in body]
+    if param is None or param.split(".")[0].split("[")[0] not in body:
+        param = next((name for name in sent if name in text), None)
+    if param is not None:
+        return _Refused(f"'{param}' was refused by the upstream engine (HTTP {status}): {text}",
+                        by_request=True, param=param)
+    carried = f" (it carried {', '.join(sent)})" if sent else ""
+    return _Refused(f"the upstream engine refused the request{carried} (HTTP {status}): {text}", by_request=True)
+
+
+async def _error_of(response: httpx.Response) -> tuple[str, str | None]:
+    """The upstream's error message, bounded (it is logged and shown to the client), and the
+    parameter it names (OpenAI's ``error.param``), if any."""
     raw = b""
     async for chunk in response.aiter_bytes():
         raw += chunk
@@ -563,17 +644,24 @@ async def _error_text(response: httpx.Response) -> str:
     try:
         data = json.loads(text)
     except ValueError:
-        return text.strip()[:500]
-    error = data.get("error", data.get("detail")) if isinstance(data, dict) else None
+        return text.strip()[:500], None
+    if not isinstance(data, dict):
+        return text[:500], None
+    # OpenAI, chatstream, llama.cpp: {"error": {"message", "param"}}; vLLM: {"message", "param"} at the top
+    error: Any = data.get("error", data.get("detail", data.get("message")))
+    param: Any = data.get("param")
     if isinstance(error, dict):
-        error = error.get("message")
-    return str(error if error is not None else text)[:500]
+        error, param = error.get("message"), error.get("param", param)
+    named = param[:100] if isinstance(param, str) and param else None
+    return str(error if error is not None else text)[:500], named
 
 
 def _describe(exc: httpx.HTTPError) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _final(reason: str, prompt_tokens: int, completion_tokens: int, error: str | None = None) -> GenerationOutput:
+def _final(reason: str, prompt_tokens: int, completion_tokens: int, error: str | None = None, *,
+           refused: bool = False, param: str | None = None) -> GenerationOutput:
     return GenerationOutput(text="", finished=True, finish_reason=reason,  # type: ignore[arg-type]
-                            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=error)
+                            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, error=error,
+                            refused=refused, error_param=param)

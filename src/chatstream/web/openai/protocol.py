@@ -28,7 +28,7 @@ from ...engine import SamplingParams
 from ...errors import InvalidParams
 from ...service.sampling import SamplingLimits
 from ...service.sampling import to_sampling_params as sampling_params
-from ...service.structured import response_format_grammar, tool_call_grammar
+from ...service.structured import response_format_values, tool_call_values
 from ..json_body import BadJSON, parse_json_body
 
 _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
@@ -219,9 +219,10 @@ class OpenAIRequest(StrictRequest):
         """``None``: no log-probabilities; ``k``: each token's and the ``k`` most likely."""
         return None
 
-    def grammar(self) -> str | None:
-        """The grammar the reply must match; raises :class:`InvalidParams` naming the field."""
-        return None
+    def structured_output(self) -> dict[str, str]:
+        """The ``grammar`` the reply must match and the ``response_format`` it was made from (for a
+        remote engine), as :class:`SamplingParams` fields; raises :class:`InvalidParams` naming the field."""
+        return {}
 
     @property
     def grammar_param(self) -> str:
@@ -305,8 +306,8 @@ class SamplingRequest(OpenAIRequest):
     def token_limit(self) -> int | None:
         return self.max_tokens
 
-    def grammar(self) -> str | None:
-        return response_format_grammar(self.response_format.as_dict() if self.response_format else None)
+    def structured_output(self) -> dict[str, str]:
+        return response_format_values(self.response_format.as_dict() if self.response_format else None)
 
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "min_p",
@@ -329,7 +330,7 @@ def to_sampling_params(request: OpenAIRequest, defaults: SamplingParams, limits:
             if limits.vocab_size and any(int(t) >= limits.vocab_size for t in bias):
                 raise InvalidParams(f"'logit_bias' has a token id beyond the vocabulary ({limits.vocab_size})",
                                     param="logit_bias")
-        values["grammar"] = request.grammar()
+        values.update(request.structured_output())
         return sampling_params(defaults, limits, values, {"max_new_tokens": request.token_limit_param()})
     except InvalidParams as exc:
         raise invalid_value(exc) from None
@@ -503,9 +504,9 @@ class ChatCompletionRequest(SamplingRequest, ServiceFields):
         """The functions one of which the reply must call (``tool_choice`` required or named); else none."""
         return forced_functions(self.tool_choice, self.functions_offered(), nested=True)
 
-    def grammar(self) -> str | None:
+    def structured_output(self) -> dict[str, str]:
         forced = self.forced_functions()
-        return tool_call_grammar(forced) if forced else super().grammar()
+        return tool_call_values(forced) if forced else super().structured_output()
 
     @property
     def grammar_param(self) -> str:

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from ...errors import InvalidParams
 from ...service import Delta, Done, Failed, Queued, Turn, TurnEvent
-from ...service.structured import json_schema_grammar, response_format_grammar, tool_call_grammar
+from ...service.structured import json_schema_values, response_format_values, tool_call_values
 from .protocol import (
     FunctionDefinition,
     OpenAIError,
@@ -169,9 +169,9 @@ class ResponsesRequest(OpenAIRequest, ServiceFields):
         """The functions one of which the reply must call (``tool_choice`` required or named); else none."""
         return forced_functions(self.tool_choice, self.tools or [], nested=False)
 
-    def grammar(self) -> str | None:
+    def structured_output(self) -> dict[str, str]:
         forced = self.forced_functions()
-        return tool_call_grammar(forced) if forced else format_grammar(self)
+        return tool_call_values(forced) if forced else format_values(self)
 
     @property
     def grammar_param(self) -> str:
@@ -201,17 +201,19 @@ def chat_tools(request: ResponsesRequest) -> list[dict[str, Any]]:
     return [{"type": "function", "function": t.definition()} for t in request.tools or []]
 
 
-def format_grammar(request: ResponsesRequest) -> str | None:
-    """The grammar for ``text.format`` (``text``, ``json_object``, or ``json_schema`` with ``name``/``schema``
-    inline, as the Responses API has it). Raises :class:`InvalidParams` naming the field."""
+def format_values(request: ResponsesRequest) -> dict[str, str]:
+    """The ``grammar`` and ``response_format`` for ``text.format`` (``text``, ``json_object``, or
+    ``json_schema`` with ``name``/``schema`` inline, as the Responses API has it). Raises
+    :class:`InvalidParams` naming the field."""
     fmt = request.text.format if request.text is not None else None
     if fmt is None:
-        return None
+        return {}
     if fmt.type == "json_schema":
         if fmt.schema_ is None:
             raise InvalidParams("'text.format.schema': expected a JSON schema object", param="text.format.schema")
-        return json_schema_grammar(fmt.schema_, strict=fmt.strict is True, param="text.format.schema")
-    return response_format_grammar({"type": fmt.type}, param="text.format")
+        return json_schema_values(fmt.schema_, name=fmt.name or "response", strict=fmt.strict is True,
+                                  param="text.format.schema")
+    return response_format_values({"type": fmt.type}, param="text.format")
 
 
 def input_messages(request: ResponsesRequest) -> list[dict[str, Any]]:

@@ -148,10 +148,8 @@ class OpenAIRoutes:
             params = to_sampling_params(parsed, service.defaults, self._limits())
             self._check_engine(params, {"grammar": parsed.grammar_param})
             explicit = parsed.token_limit() is not None
-            messages = plain_messages(parsed)
             tools = offered_tools(parsed)
-            with_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
-            render = (lambda m: self._render_with_tools(m, tools)) if with_tools else None
+            messages, render = self._with_tools(plain_messages(parsed), tools)
             turns = await self._start_choices(parsed.n or 1, params, lambda choice_params: service.stateless_turn(
                 messages, choice_params, explicit_max_tokens=explicit, user=parsed.user, render=render))
         except OpenAIError as exc:
@@ -161,13 +159,13 @@ class OpenAIRoutes:
             return _openai_error(exc, service.context_len, parsed.token_limit()).response()
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is listening
-        fmt = tool_format(service.tokenizer, getattr(service.settings, "tool_call_parser", None)) if tools else None
+        fmt = self._tool_format() if tools else None
         include_usage = bool(parsed.stream_options and parsed.stream_options.include_usage)
         completions = [_Completion(turn, model=self.response_model(parsed.model), include_usage=include_usage,
                                    tools=fmt, forced=bool(parsed.forced_functions()), index=index,
                                    parallel_calls=parsed.parallel_tool_calls is not False)
                        for index, turn in enumerate(turns)]
-        return _answer(completions, bool(parsed.stream))
+        return _answer(completions, bool(parsed.stream), self._refuse)
 
     async def handle_completions(self, request: Request) -> Any:
         """``POST /v1/completions``: the prompt as given, no chat template."""
@@ -202,7 +200,7 @@ class OpenAIRoutes:
         encoders = [_TextEncoder(turn, TextCompletion(model, include_usage, index=index, echo=echo,
                                                       logprobs=parsed.logprobs is not None))
                     for index, turn in enumerate(turns)]
-        return _answer(encoders, bool(parsed.stream))
+        return _answer(encoders, bool(parsed.stream), self._refuse)
 
     async def _start_choices(self, n: int, params: SamplingParams,
                              new_turn: Callable[[SamplingParams], Turn]) -> list[Turn]:
@@ -249,10 +247,9 @@ class OpenAIRoutes:
             self._check_engine(params, {"grammar": parsed.grammar_param})
             forced = parsed.forced_functions()
             tools = chat_tools(parsed)
-            with_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in conversation)
-            turn = service.stateless_turn(head + conversation, params, user=parsed.user,
-                                          explicit_max_tokens=parsed.max_output_tokens is not None,
-                                          render=(lambda m: self._render_with_tools(m, tools)) if with_tools else None)
+            messages, render = self._with_tools(head + conversation, tools)
+            turn = service.stateless_turn(messages, params, user=parsed.user,
+                                          explicit_max_tokens=parsed.max_output_tokens is not None, render=render)
             await turn.start()
         except OpenAIError as exc:
             return exc.response()
@@ -261,7 +258,7 @@ class OpenAIRoutes:
             return _openai_error(exc, service.context_len, asked, param="input").response()
         except ClientDisconnect:
             return Response(status_code=400)
-        fmt = tool_format(service.tokenizer, getattr(service.settings, "tool_call_parser", None)) if tools else None
+        fmt = self._tool_format() if tools else None
         response = ResponseObject(parsed, self.response_model(parsed.model), tools=fmt, forced=bool(forced))
 
         async def store(text: str, done: Done) -> None:
@@ -272,7 +269,7 @@ class OpenAIRoutes:
 
         storing = cast(Turn, StoringTurn(turn, store))
         if parsed.stream:
-            return TurnStreamingResponse(storing, response.encode_event, "text/event-stream")
+            return TurnStreamingResponse(storing, response.encode_event, "text/event-stream", refuse=self._refuse)
         return _WholeCompletion(storing, response)
 
     async def handle_stored_response(self, request: Request) -> Response:
@@ -312,6 +309,33 @@ class OpenAIRoutes:
         if lacking is not None:
             param = wire_names.get(lacking, lacking)
             raise unsupported(param, f"'{param}' with this engine (only the local engine enforces it)")
+
+    def _with_tools(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                    ) -> tuple[list[dict[str, Any]], Callable[[list[dict[str, Any]]], list[int]] | None]:
+        """The messages a turn is given and how they become prompt ids, with ``tools`` offered or tool
+        calls in the history: through the chat template (:meth:`_render_with_tools`); for an engine
+        that sends messages upstream, written out as Hermes-style text (tools in the system message,
+        calls and results as text), since the upstream is not sent ``tools``: llama.cpp's server takes
+        them only with ``--jinja``, vLLM's ``auto`` only with a parser flag. Calls are then parsed
+        from the reply's text, as with the local engine."""
+        if not tools and not any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            return messages, None
+        if self.service.forwards_requests:
+            return template_messages(messages, tools, native=False), None
+        return messages, lambda m: self._render_with_tools(m, tools)
+
+    def _tool_format(self) -> ToolFormat:
+        """The format tool calls are parsed in: the setting's, else what the chat template writes
+        (Hermes for an upstream engine, which is told to write that: see :meth:`_with_tools`)."""
+        tokenizer = None if self.service.forwards_requests else self.service.tokenizer
+        return tool_format(tokenizer, getattr(self.service.settings, "tool_call_parser", None))
+
+    @property
+    def _refuse(self) -> Callable[[TurnEvent], Response | None] | None:
+        """For a stream: how an upstream engine's refusal of the request becomes its 400 (the
+        status then waits for the turn's first event); None with the local engine, which refuses
+        nothing once a turn has started."""
+        return _refusal if self.service.forwards_requests else None
 
     def _encode_prompt(self, text: str) -> list[int]:
         return list(self.service.tokenizer.encode(text, add_special_tokens=True))
@@ -394,15 +418,17 @@ def _openai_error(exc: ChatError, context_len: int, asked: int | None = None,
     return OpenAIError(400, exc.message, code=exc.code)
 
 
-def _answer(encoders: Sequence[_Completion | _TextEncoder], stream: bool) -> Response:
-    """The answer of started choices: streamed or whole, one choice or ``n`` under one id."""
+def _answer(encoders: Sequence[_Completion | _TextEncoder], stream: bool,
+            refuse: Callable[[TurnEvent], Response | None] | None = None) -> Response:
+    """The answer of started choices: streamed or whole, one choice or ``n`` under one id
+    (``refuse``: see :class:`TurnStreamingResponse`)."""
     if len(encoders) > 1:
         choices = _Choices(encoders)
         if stream:
-            return TurnStreamingResponse(cast(Turn, choices), choices.encode_chunk, "text/event-stream")
+            return TurnStreamingResponse(cast(Turn, choices), choices.encode_chunk, "text/event-stream", refuse=refuse)
         return _WholeChoices(choices)
     if stream:
-        return TurnStreamingResponse(encoders[0].turn, encoders[0].encode_chunk, "text/event-stream")
+        return TurnStreamingResponse(encoders[0].turn, encoders[0].encode_chunk, "text/event-stream", refuse=refuse)
     return _WholeCompletion(encoders[0].turn, encoders[0])
 
 
@@ -697,9 +723,19 @@ class _WholeCompletion(Response):
             listener.cancel()
 
 
+def _refusal(event: Any) -> Response | None:
+    """The 400 answered instead of a stream whose first event says the request was refused."""
+    event = event[1] if isinstance(event, tuple) else event  # a choice's event (n > 1)
+    if isinstance(event, Failed) and event.code == "invalid_request":
+        return _failure(event).response()
+    return None
+
+
 def _failure(failed: Failed | None) -> OpenAIError:
     if failed is not None and failed.code in ("server_shutting_down", "queue_timeout"):
         return OpenAIError(503, failed.message, type="server_error", code=failed.code)
+    if failed is not None and failed.code == "invalid_request":  # e.g. an upstream engine refused a field
+        return OpenAIError(400, failed.message, param=failed.param, code="invalid_value")
     detail = failed.message if failed is not None else "an unexpected error occurred"
     return OpenAIError(500, f"The generation failed: {detail}", type="server_error",
                        code=failed.code if failed is not None else "generation_failed")
