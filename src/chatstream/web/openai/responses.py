@@ -178,8 +178,13 @@ class ResponsesRequest(OpenAIRequest, ServiceFields):
         return "tool_choice" if self.forced_functions() else "text.format"
 
 
-def parse_responses_request(body: bytes) -> ResponsesRequest:
+def parse_responses_request(body: bytes, max_messages: int) -> ResponsesRequest:
+    """Validate a request body (the item count first, before the schema walks every item)."""
     data = json_object(body)
+    items = data.get("input")
+    if isinstance(items, list) and len(items) > max_messages:
+        raise OpenAIError(400, f"Invalid 'input': {len(items)} items; this server accepts at most {max_messages}.",
+                          param="input", code="too_many_messages")
     for i, tool in enumerate(data.get("tools") or [] if isinstance(data.get("tools"), list) else []):
         kind = tool.get("type") if isinstance(tool, dict) else None
         if isinstance(kind, str) and kind != "function":
@@ -235,8 +240,8 @@ def input_messages(request: ResponsesRequest) -> list[dict[str, Any]]:
 
 
 def check_response_id(value: str, param: str = "previous_response_id") -> str:
-    if not value.startswith("resp_") or not set(value) <= _ID_CHARS:
-        raise OpenAIError(400, f"Invalid '{param}': {value!r} is not a response id.", param=param,
+    if not value.startswith("resp_") or not set(value) <= _ID_CHARS or len(value) > 100:
+        raise OpenAIError(400, f"Invalid '{param}': {value[:120]!r} is not a response id.", param=param,
                           code="invalid_value")
     return value
 

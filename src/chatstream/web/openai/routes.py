@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any, cast
 
 from starlette.requests import ClientDisconnect, Request
@@ -35,6 +36,7 @@ from .completions import CompletionRequest, TextCompletion, completion_usage, pa
 from .protocol import (
     ChatCompletionRequest,
     OpenAIError,
+    RequestT,
     TokenizeRequest,
     json_object,
     offered_tools,
@@ -122,10 +124,8 @@ class OpenAIRoutes:
     async def handle_tokenize(self, request: Request) -> Response:
         """vLLM's ``POST /tokenize``: ``{"prompt": text}`` -> ``{"tokens": [...], "count": n, "max_model_len": n}``."""
         try:
-            self._authorize(request)
-            settings = self.service.settings
-            body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
-            parsed = validated(TokenizeRequest, json_object(body))
+            parsed = await self._parse_body(request, lambda body: validated(TokenizeRequest, json_object(body)),
+                                            start=False, lane="tokenize")
             self._check_model(parsed.model, param="model")
             if self.service.tokenizer is None:
                 raise OpenAIError(503, "The model is still loading; retry shortly.", type="server_error",
@@ -142,14 +142,8 @@ class OpenAIRoutes:
         service = self.service
         parsed: ChatCompletionRequest | None = None
         try:
-            self._authorize(request)
-            await service.start()
-            body = await _read_body(request, service.settings.max_body_bytes, service.settings.body_timeout_s)
-            max_messages = service.settings.max_messages
-            if len(body) > _PARSE_ON_LOOP_BYTES:
-                parsed = await service.run_bounded(parse_chat_completion_request, body, max_messages)
-            else:
-                parsed = parse_chat_completion_request(body, max_messages)
+            parsed = await self._parse_body(request, partial(parse_chat_completion_request,
+                                                             max_messages=service.settings.max_messages))
             self._check_model(parsed.model, param="model")
             params = to_sampling_params(parsed, service.defaults, self._limits())
             self._check_engine(params, {"grammar": parsed.grammar_param})
@@ -179,18 +173,12 @@ class OpenAIRoutes:
         parsed: CompletionRequest | None = None
         turns: list[Turn] = []
         try:
-            self._authorize(request)
-            await service.start()
-            body = await _read_body(request, service.settings.max_body_bytes, service.settings.body_timeout_s)
-            parsed = parse_completion_request(body)
+            parsed = await self._parse_body(request, partial(parse_completion_request, context_len=service.context_len,
+                                                             vocab_size=service.vocab_size))
             self._check_model(parsed.model, param="model")
             params = to_sampling_params(parsed, service.defaults, self._limits())
             self._check_engine(params, {"grammar": parsed.grammar_param})
             prompt = prompt_text(parsed)
-            vocab = self.service.vocab_size or 1 << 31
-            if isinstance(prompt, list) and not all(0 <= t < vocab for t in prompt):
-                raise OpenAIError(400, "Invalid value for 'prompt': a token id is beyond the vocabulary.",
-                                  param="prompt", code="invalid_value")
             text = prompt if isinstance(prompt, str) else ""
             ids = None if isinstance(prompt, str) else list(prompt)
             echo = ""
@@ -239,10 +227,8 @@ class OpenAIRoutes:
         service = self.service
         parsed: ResponsesRequest | None = None
         try:
-            self._authorize(request)
-            await service.start()
-            body = await _read_body(request, service.settings.max_body_bytes, service.settings.body_timeout_s)
-            parsed = parse_responses_request(body)
+            parsed = await self._parse_body(request, partial(parse_responses_request,
+                                                             max_messages=service.settings.max_messages))
             self._check_model(parsed.model, param="model")
             history: list[dict[str, Any]] = []
             if parsed.previous_response_id is not None:
@@ -304,6 +290,19 @@ class OpenAIRoutes:
         return JSONResponse(stored.get("response"))
 
     # -- helpers --
+    async def _parse_body(self, request: Request, parse: Callable[[bytes], RequestT], *, start: bool = True,
+                          lane: str = "turns") -> RequestT:
+        """Authorize, wait for the engine (``start``), read the body and validate it with ``parse``: off
+        the event loop when it is large (a 4 MiB body takes the better part of a second to validate)."""
+        self._authorize(request)
+        if start:
+            await self.service.start()
+        settings = self.service.settings
+        body = await _read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        if len(body) > _PARSE_ON_LOOP_BYTES:
+            return await self.service.run_bounded(parse, body, lane=lane)
+        return parse(body)
+
     def _check_engine(self, params: Any, wire_names: dict[str, str]) -> None:
         """400 for a field the engine would silently ignore (the mock and remote engines enforce no grammar)."""
         lacking = self.service.cannot_honour(params)
