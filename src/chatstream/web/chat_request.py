@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..engine import SamplingParams
 from ..errors import InputTooLarge, InvalidRequest
@@ -12,6 +12,9 @@ from ..service.conversations import check_id
 from ..service.sampling import SamplingLimits, to_sampling_params
 from ..service.structured import response_format_values
 from .json_body import BadJSON, parse_json_body
+
+if TYPE_CHECKING:
+    from ..service import ChatService
 
 # Optional generation overrides, under their OpenAI names -> the engine's names.
 _OVERRIDES = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
@@ -36,6 +39,12 @@ def parse_json_object(body: bytes, fields: Collection[str]) -> dict[str, Any]:
     return data
 
 
+def _asks_for_grammar(response_format: Any) -> bool:
+    """Whether ``response_format`` (valid or not) makes a grammar: anything but none or ``text``."""
+    return response_format is not None and not (isinstance(response_format, dict)
+                                                and response_format.get("type") == "text" and len(response_format) == 1)
+
+
 @dataclass(frozen=True)
 class ChatStreamRequest:
     user_input: str
@@ -45,9 +54,22 @@ class ChatStreamRequest:
     edit_index: int | None = None  # the user message that user_input replaces (later messages are dropped)
 
     @classmethod
+    async def read(cls, body: bytes, service: ChatService) -> ChatStreamRequest:
+        """:meth:`parse`, off the event loop when the body asks for a ``response_format`` grammar:
+        llguidance takes up to ~60 ms for a large schema, during which every other user would wait."""
+        data = parse_json_object(body, _FIELDS)
+        if _asks_for_grammar(data.get("response_format")):
+            return await service.run_bounded(cls.from_data, data, service.max_input_chars, lane="grammar")
+        return cls.from_data(data, service.max_input_chars)
+
+    @classmethod
     def parse(cls, body: bytes, max_input_chars: int) -> ChatStreamRequest:
         """Validate a request body; raises :class:`InvalidRequest` (nothing changes)."""
-        data = parse_json_object(body, _FIELDS)
+        return cls.from_data(parse_json_object(body, _FIELDS), max_input_chars)
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any], max_input_chars: int) -> ChatStreamRequest:
+        """Validate a parsed body (see :func:`parse_json_object`)."""
         regenerate = data.get("regenerate", False)
         if not isinstance(regenerate, bool):
             raise InvalidRequest("'regenerate' must be true or false", param="regenerate")

@@ -239,7 +239,7 @@ class ChatStream:
         except ClientDisconnect:
             return Response(status_code=400)  # nobody is listening
         try:
-            parsed = ChatStreamRequest.parse(body, self.service.max_input_chars)
+            parsed = await ChatStreamRequest.read(body, self.service)
             session = _session_of(request)
             conversation = await self.service.conversation_sampling(session, parsed.conversation_id)
             params = parsed.to_sampling_params(self.service.defaults, self._limits(), conversation)

@@ -224,6 +224,10 @@ class OpenAIRequest(StrictRequest):
         remote engine), as :class:`SamplingParams` fields; raises :class:`InvalidParams` naming the field."""
         return {}
 
+    def asks_for_grammar(self) -> bool:
+        """Whether :meth:`structured_output` builds a grammar (5-60 ms of llguidance: off the event loop)."""
+        return False
+
     @property
     def grammar_param(self) -> str:
         """The field the grammar comes from, for a refusal that names it."""
@@ -308,6 +312,9 @@ class SamplingRequest(OpenAIRequest):
 
     def structured_output(self) -> dict[str, str]:
         return response_format_values(self.response_format.as_dict() if self.response_format else None)
+
+    def asks_for_grammar(self) -> bool:
+        return self.response_format is not None and self.response_format.type != "text"
 
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop", "min_p",
@@ -507,6 +514,9 @@ class ChatCompletionRequest(SamplingRequest, ServiceFields):
     def structured_output(self) -> dict[str, str]:
         forced = self.forced_functions()
         return tool_call_values(forced) if forced else super().structured_output()
+
+    def asks_for_grammar(self) -> bool:
+        return bool(self.forced_functions()) or super().asks_for_grammar()
 
     @property
     def grammar_param(self) -> str:

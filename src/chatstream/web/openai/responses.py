@@ -173,6 +173,10 @@ class ResponsesRequest(OpenAIRequest, ServiceFields):
         forced = self.forced_functions()
         return tool_call_values(forced) if forced else format_values(self)
 
+    def asks_for_grammar(self) -> bool:
+        fmt = self.text.format if self.text is not None else None
+        return bool(self.forced_functions()) or (fmt is not None and fmt.type != "text")
+
     @property
     def grammar_param(self) -> str:
         return "tool_choice" if self.forced_functions() else "text.format"

@@ -36,6 +36,7 @@ from .completions import CompletionRequest, TextCompletion, completion_usage, pa
 from .protocol import (
     ChatCompletionRequest,
     OpenAIError,
+    OpenAIRequest,
     RequestT,
     TokenizeRequest,
     json_object,
@@ -145,7 +146,7 @@ class OpenAIRoutes:
             parsed = await self._parse_body(request, partial(parse_chat_completion_request,
                                                              max_messages=service.settings.max_messages))
             self._check_model(parsed.model, param="model")
-            params = to_sampling_params(parsed, service.defaults, self._limits())
+            params = await self._sampling_params(parsed)
             self._check_engine(params, {"grammar": parsed.grammar_param})
             explicit = parsed.token_limit() is not None
             tools = offered_tools(parsed)
@@ -176,7 +177,7 @@ class OpenAIRoutes:
             parsed = await self._parse_body(request, partial(parse_completion_request, context_len=service.context_len,
                                                              vocab_size=service.vocab_size))
             self._check_model(parsed.model, param="model")
-            params = to_sampling_params(parsed, service.defaults, self._limits())
+            params = await self._sampling_params(parsed)
             self._check_engine(params, {"grammar": parsed.grammar_param})
             prompt = prompt_text(parsed)
             text = prompt if isinstance(prompt, str) else ""
@@ -243,7 +244,7 @@ class OpenAIRoutes:
                 raise OpenAIError(400, f"The conversation has {len(conversation)} messages; this server keeps at "
                                   f"most {service.settings.max_messages}.", param="input", code="too_many_messages")
             head = [{"role": "system", "content": parsed.instructions}] if parsed.instructions else []
-            params = to_sampling_params(parsed, service.defaults, self._limits())
+            params = await self._sampling_params(parsed)
             self._check_engine(params, {"grammar": parsed.grammar_param})
             forced = parsed.forced_functions()
             tools = chat_tools(parsed)
@@ -302,6 +303,16 @@ class OpenAIRoutes:
         if len(body) > _PARSE_ON_LOOP_BYTES:
             return await self.service.run_bounded(parse, body, lane=lane)
         return parse(body)
+
+    async def _sampling_params(self, request: OpenAIRequest) -> SamplingParams:
+        """:func:`to_sampling_params`, off the event loop when it builds a grammar: llguidance takes
+        5-60 ms for a large schema or Open WebUI's 36 forced tools (it lets go of the GIL meanwhile),
+        during which every other user's stream and request would wait. The grammar lane is its own,
+        so a grammar never waits for a long prompt to render, nor a render for a grammar."""
+        defaults, limits = self.service.defaults, self._limits()
+        if request.asks_for_grammar():
+            return await self.service.run_bounded(to_sampling_params, request, defaults, limits, lane="grammar")
+        return to_sampling_params(request, defaults, limits)
 
     def _check_engine(self, params: Any, wire_names: dict[str, str]) -> None:
         """400 for a field the engine would silently ignore (the mock and remote engines enforce no grammar)."""
