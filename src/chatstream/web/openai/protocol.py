@@ -28,7 +28,7 @@ from ...engine import SamplingParams
 from ...errors import InvalidParams
 from ...service.sampling import SamplingLimits
 from ...service.sampling import to_sampling_params as sampling_params
-from ...service.structured import response_format_values, tool_call_values
+from ...service.structured import check_json_schema, response_format_values, tool_call_values
 from ..json_body import BadJSON, parse_json_body
 
 _INT64_MIN, _UINT64_END = -(1 << 63), 1 << 64
@@ -345,6 +345,15 @@ def to_sampling_params(request: OpenAIRequest, defaults: SamplingParams, limits:
 
 # -- tools -----------------------------------------------------------------------------------
 
+def check_tool_parameters(functions: Sequence[FunctionDefinition], param: str) -> None:
+    """Refuse a function whose ``parameters`` is not valid JSON Schema, whatever ``tool_choice``
+    is (as OpenAI does): offered with ``auto`` it would otherwise reach the model and be refused only
+    when forced. ``param`` is the field's name with ``{}`` for the tool's index. Compiles: off the loop."""
+    for i, function in enumerate(functions):
+        if function.parameters:
+            check_json_schema(function.parameters, param=param.format(i))
+
+
 class FunctionDefinition(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
@@ -513,10 +522,13 @@ class ChatCompletionRequest(SamplingRequest, ServiceFields):
 
     def structured_output(self) -> dict[str, str]:
         forced = self.forced_functions()
-        return tool_call_values(forced) if forced else super().structured_output()
+        values = tool_call_values(forced) if forced else {}  # a forced schema that cannot compile: tool_choice
+        check_tool_parameters(self.functions_offered(), "tools[{}].function.parameters")  # every tool, offered or forced
+        return values if forced else super().structured_output()
 
     def asks_for_grammar(self) -> bool:
-        return bool(self.forced_functions()) or super().asks_for_grammar()
+        return bool(self.forced_functions()) or any(f.parameters for f in self.functions_offered()) \
+            or super().asks_for_grammar()
 
     @property
     def grammar_param(self) -> str:

@@ -36,6 +36,7 @@ from .protocol import (
     Refusals,
     ServiceFields,
     check_tool_choice,
+    check_tool_parameters,
     forced_functions,
     json_object,
     unsupported,
@@ -171,11 +172,14 @@ class ResponsesRequest(OpenAIRequest, ServiceFields):
 
     def structured_output(self) -> dict[str, str]:
         forced = self.forced_functions()
-        return tool_call_values(forced) if forced else format_values(self)
+        values = tool_call_values(forced) if forced else {}
+        check_tool_parameters(self.tools or [], "tools[{}].parameters")
+        return values if forced else format_values(self)
 
     def asks_for_grammar(self) -> bool:
         fmt = self.text.format if self.text is not None else None
-        return bool(self.forced_functions()) or (fmt is not None and fmt.type != "text")
+        return bool(self.forced_functions()) or any(t.parameters for t in self.tools or []) \
+            or (fmt is not None and fmt.type != "text")
 
     @property
     def grammar_param(self) -> str:
