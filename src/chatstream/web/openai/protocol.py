@@ -224,8 +224,9 @@ class OpenAIRequest(StrictRequest):
         remote engine), as :class:`SamplingParams` fields; raises :class:`InvalidParams` naming the field."""
         return {}
 
-    def asks_for_grammar(self) -> bool:
-        """Whether :meth:`structured_output` builds a grammar (5-60 ms of llguidance: off the event loop)."""
+    def compiles_schemas(self) -> bool:
+        """Whether :meth:`structured_output` compiles a JSON schema with llguidance (a grammar, or tools'
+        ``parameters`` checked): up to ~130 ms for a large schema, so it runs off the event loop."""
         return False
 
     @property
@@ -313,7 +314,7 @@ class SamplingRequest(OpenAIRequest):
     def structured_output(self) -> dict[str, str]:
         return response_format_values(self.response_format.as_dict() if self.response_format else None)
 
-    def asks_for_grammar(self) -> bool:
+    def compiles_schemas(self) -> bool:
         return self.response_format is not None and self.response_format.type != "text"
 
 
@@ -526,9 +527,9 @@ class ChatCompletionRequest(SamplingRequest, ServiceFields):
         check_tool_parameters(self.functions_offered(), "tools[{}].function.parameters")  # every tool, offered or forced
         return values if forced else super().structured_output()
 
-    def asks_for_grammar(self) -> bool:
+    def compiles_schemas(self) -> bool:
         return bool(self.forced_functions()) or any(f.parameters for f in self.functions_offered()) \
-            or super().asks_for_grammar()
+            or super().compiles_schemas()
 
     @property
     def grammar_param(self) -> str:

@@ -176,7 +176,7 @@ class ResponsesRequest(OpenAIRequest, ServiceFields):
         check_tool_parameters(self.tools or [], "tools[{}].parameters")
         return values if forced else format_values(self)
 
-    def asks_for_grammar(self) -> bool:
+    def compiles_schemas(self) -> bool:
         fmt = self.text.format if self.text is not None else None
         return bool(self.forced_functions()) or any(t.parameters for t in self.tools or []) \
             or (fmt is not None and fmt.type != "text")
