@@ -91,7 +91,11 @@ async def test_the_int8_engine_replies_the_same_alone_or_batched_and_gives_the_f
     model, tokenizer = own_model
     prompts = [chat(tokenizer, p) for p in PROMPTS]
     float_nll = mean_nll(model, tokenizer)
-    engine = LLMEngine(model, tokenizer, max_num_seqs=8, kv_cache_memory_bytes=64 << 20, quantization="int8")
+    # Without the prefix cache: a prompt whose head comes from cached blocks is attended in another
+    # order than a whole prompt (last-bit apart, see test_forward_lanes), and int8 activations can round
+    # that into another token at a near tie; which prompts hit the cache depends on arrival order.
+    engine = LLMEngine(model, tokenizer, max_num_seqs=8, kv_cache_memory_bytes=64 << 20, quantization="int8",
+                       enable_prefix_caching=False)
     assert engine.quantization == "int8"
     try:
         together = await asyncio.gather(*(_generate(engine, p) for p in prompts))
