@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -163,6 +164,37 @@ def test_a_reply_whose_lease_ran_out_reads_as_stopped_and_is_counted(servers: An
     # while the lease held (part of what the client was sent), shown as stopped; nothing after.
     assert after == stalled and count_after == 4
     assert after[2]["content"] == LONG_INPUT and received.startswith(after[3]["content"])
+
+
+def test_the_ui_shows_a_reply_whose_lease_ran_out_as_stopped(servers: Any, tmp_path: Path, browser: Any) -> None:
+    """The same stall, read by the browser UI on B: the reply A can no longer write is shown as
+    stopped (the old code showed "Still being written" until the user's next turn)."""
+    from playwright.sync_api import expect
+
+    a, b = servers(2, f"sqlite:///{tmp_path}/sessions.db")
+    proc_a = servers.procs[0]
+    with httpx.Client(base_url=a, timeout=30) as on_a, httpx.Client(base_url=b, timeout=30) as on_b:
+        assert parse_sse(on_a.post("/chat_stream", json={"user_input": "setup"}).text)[-1][0] == "done"
+        on_b.cookies.update(on_a.cookies)
+        with on_a.stream("POST", "/chat_stream", json={"user_input": LONG_INPUT}) as reply:
+            lines = reply.iter_lines()
+            first_delta(lines)
+            assert wait_until(lambda: len(on_b.get("/history").json()["messages"]) == 4, timeout=20, interval=0.2)
+            proc_a.send_signal(signal.SIGSTOP)
+            context = browser.new_context()
+            try:
+                time.sleep(LEASE_S * 2.5)
+                context.add_cookies([{"name": name, "value": value, "url": b} for name, value in on_a.cookies.items()])
+                page = context.new_page()
+                page.goto(b + "/")
+                replies = page.locator(".msg-assistant")
+                expect(replies).to_have_count(2)
+                expect(replies.last.locator(".note")).to_have_text("Stopped · the reply is incomplete", timeout=5_000)
+                expect(replies.last).to_have_class(re.compile(r"\bincomplete\b"))
+            finally:
+                context.close()
+                proc_a.send_signal(signal.SIGCONT)
+            assert events_of(lines)[-1][1]["error"] == "lease_lost"
 
 
 # -- regenerate: earlier answers are stored before the new one streams -------------------------------
