@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -109,6 +110,91 @@ def test_a_paused_redis_cannot_make_a_holder_overwrite_what_another_changed(serv
     finally:
         admin.client_unpause()
         admin.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_reply_whose_lease_ran_out_reads_as_stopped_and_is_counted(servers: Any, tmp_path: Path, kind: str,
+                                                                     request: pytest.FixtureRequest) -> None:
+    """A's reply is checkpointed, then A stalls past its lease: readers on B see that reply as
+    stopped (nobody holds its conversation; on the old code it read "streaming" until the user's
+    next turn), the list counts the messages stored, and what stays is the last checkpoint."""
+    store = (f"sqlite:///{tmp_path}/sessions.db" if kind == "sqlite" else
+             f"{request.getfixturevalue('redis_server')}?prefix=stopped-{os.getpid()}-{time.monotonic_ns()}:")
+    a, b = servers(2, store)
+    proc_a = servers.procs[0]
+    with httpx.Client(base_url=a, timeout=30) as on_a, httpx.Client(base_url=b, timeout=30) as on_b:
+        assert parse_sse(on_a.post("/chat_stream", json={"user_input": "setup"}).text)[-1][0] == "done"
+        on_b.cookies.update(on_a.cookies)
+        cid = on_a.get("/conversations").json()["current"]
+
+        def read() -> tuple[list[dict], int]:
+            """The conversation's messages and the list's count of them, as B reads them."""
+            messages = on_b.get(f"/conversations/{cid}").json()["messages"]
+            listed = {c["id"]: c["message_count"] for c in on_b.get("/conversations").json()["conversations"]}
+            return messages, listed[cid]
+
+        with on_a.stream("POST", "/chat_stream", json={"user_input": LONG_INPUT}) as reply:
+            lines = reply.iter_lines()
+            head = []  # up to the first delta's text
+            while not (line := next(lines)).startswith("data: {\"text\""):
+                head.append(line)
+            head.append(line)
+            seen: tuple[list[dict], int] = ([], 0)
+
+            def checkpointed() -> bool:  # every 0.5 s (later on a busy machine)
+                nonlocal seen
+                seen = read()
+                return len(seen[0]) == 4 and seen[0][3]["content"] != ""
+
+            assert wait_until(checkpointed, timeout=20, interval=0.2), seen
+            assert seen[0][3]["details"] == {"finish_reason": "streaming"}  # A holds it: still being written
+            proc_a.send_signal(signal.SIGSTOP)
+            try:
+                time.sleep(LEASE_S * 2.5)
+                stalled, count = read()
+            finally:
+                proc_a.send_signal(signal.SIGCONT)
+            events = events_of(iter([*head, *lines]))
+        assert events[-1][0] == "error" and events[-1][1]["error"] == "lease_lost", events[-3:]
+        received = "".join(data["text"] for name, data in events if name == "delta")
+        after, count_after = read()
+    assert stalled[3]["details"] == {"finish_reason": "stopped"}
+    assert count == len(stalled) == 4  # the list counts what is stored (the old code listed 2 until a commit)
+    # What a lease_lost turn keeps: its question and its reply up to the last checkpoint written
+    # while the lease held (part of what the client was sent), shown as stopped; nothing after.
+    assert after == stalled and count_after == 4
+    assert after[2]["content"] == LONG_INPUT and received.startswith(after[3]["content"])
+
+
+def test_the_ui_shows_a_reply_whose_lease_ran_out_as_stopped(servers: Any, tmp_path: Path, browser: Any) -> None:
+    """The same stall, read by the browser UI on B: the reply A can no longer write is shown as
+    stopped (the old code showed "Still being written" until the user's next turn)."""
+    from playwright.sync_api import expect
+
+    a, b = servers(2, f"sqlite:///{tmp_path}/sessions.db")
+    proc_a = servers.procs[0]
+    with httpx.Client(base_url=a, timeout=30) as on_a, httpx.Client(base_url=b, timeout=30) as on_b:
+        assert parse_sse(on_a.post("/chat_stream", json={"user_input": "setup"}).text)[-1][0] == "done"
+        on_b.cookies.update(on_a.cookies)
+        with on_a.stream("POST", "/chat_stream", json={"user_input": LONG_INPUT}) as reply:
+            lines = reply.iter_lines()
+            first_delta(lines)
+            assert wait_until(lambda: len(on_b.get("/history").json()["messages"]) == 4, timeout=20, interval=0.2)
+            proc_a.send_signal(signal.SIGSTOP)
+            context = browser.new_context()
+            try:
+                time.sleep(LEASE_S * 2.5)
+                context.add_cookies([{"name": name, "value": value, "url": b} for name, value in on_a.cookies.items()])
+                page = context.new_page()
+                page.goto(b + "/")
+                replies = page.locator(".msg-assistant")
+                expect(replies).to_have_count(2)
+                expect(replies.last.locator(".note")).to_have_text("Stopped · the reply is incomplete", timeout=5_000)
+                expect(replies.last).to_have_class(re.compile(r"\bincomplete\b"))
+            finally:
+                context.close()
+                proc_a.send_signal(signal.SIGCONT)
+            assert events_of(lines)[-1][1]["error"] == "lease_lost"
 
 
 # -- regenerate: earlier answers are stored before the new one streams -------------------------------

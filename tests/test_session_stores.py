@@ -226,14 +226,29 @@ async def _busy(store: SessionStore, seconds: float) -> AsyncIterator[None]:
 
 async def _lock_held(store: SessionStore, name: str) -> bool:
     """Whether ``name``'s lock is held, once the store has done all it was asked before (the
-    cancelled request's acquire included: SQLite's one thread and Redis both work in order)."""
+    cancelled request's acquire included: SQLite's writer thread and Redis both work in order)."""
     if isinstance(store, SQLiteSessionStore):
-        await store.get("anything")  # queued behind the acquire on the store's thread
+        await store.release_lock("anything", "no-token")  # a write: queued behind the acquire on the writer's thread
         with contextlib.closing(sqlite3.connect(store.path)) as db:
             return db.execute("SELECT 1 FROM session_locks WHERE id = ? AND expires_at > ?",
                               (name, time.time())).fetchone() is not None
     assert isinstance(store, RedisSessionStore)
     return bool(await store.client.exists(store._lock_key(name)))
+
+
+@stores(ALL)
+async def test_a_reader_sees_whether_a_lock_is_held_without_taking_it(open_store: OpenStore) -> None:
+    store, reader = open_store(), open_store()
+    assert not await reader.lock_held("s/c")
+    token = await store.acquire_lock("s/c", lease_s=0.3)
+    assert token and await reader.lock_held("s/c") and not await reader.lock_held("s/other")
+    assert await store.acquire_lock("s/c", lease_s=5) is None  # reading it took nothing
+    await asyncio.sleep(0.4)
+    assert not await reader.lock_held("s/c")  # the lease ran out: nobody holds it
+    token = await store.acquire_lock("s/c", lease_s=5)
+    assert token and await reader.lock_held("s/c")
+    await store.release_lock("s/c", token)
+    assert not await reader.lock_held("s/c")
 
 
 @stores(SHARED)  # the memory store takes a lock without waiting: there is no moment to cancel it in
@@ -650,6 +665,36 @@ async def test_sqlite_uses_wal_and_sweeps_expired_rows(tmp_path: Path) -> None:
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert db.execute("SELECT id FROM sessions").fetchall() == [("fresh",)]
             assert db.execute("SELECT count(*) FROM session_locks").fetchone()[0] == 0
+    finally:
+        await store.close()
+
+
+async def test_sqlite_reads_of_other_users_go_on_while_one_long_read_runs(tmp_path: Path) -> None:
+    """One owner reads a 25 MB conversation; another user's reads (what ``/health`` and their
+    requests do) complete meanwhile instead of queueing behind it. On one store thread, none did."""
+    store = SQLiteSessionStore(tmp_path / "sessions.db")
+    try:
+        big = [{"role": "user", "content": f"{n} " + "x" * 10_000} for n in range(2_500)]
+        await store.set_messages("owner/big", {}, 0, big, ttl_s=60)
+        await store.set("other", {"n": 1}, ttl_s=60)
+        await store.set_messages("other/c", {}, 0, [msg(0)], ttl_s=60)
+        long_read = asyncio.ensure_future(store.get_messages("owner/big"))
+        await asyncio.sleep(0)  # the long read is handed to the store first
+        finished_before_it = 0
+        while True:
+            assert await store.get("other") == {"n": 1}
+            assert (await store.get_messages("other/c") or {})["messages"] == [msg(0)]
+            if long_read.done():
+                break
+            finished_before_it += 1
+        assert len((await long_read or {})["messages"]) == 2_500
+        assert finished_before_it >= 3, finished_before_it
+        # Writes stay in order on the writer while reads run beside them.
+        long_read = asyncio.ensure_future(store.get_messages("owner/big"))
+        await asyncio.sleep(0)
+        await store.set_messages("other/c", {}, 1, [msg(1)], ttl_s=60)
+        assert (await store.get_messages("other/c") or {})["messages"] == [msg(0), msg(1)]
+        assert len((await long_read or {})["messages"]) == 2_500
     finally:
         await store.close()
 

@@ -502,7 +502,11 @@ class ChatService:
         reply alone), and the index only for a conversation the turn started."""
         head, changed = chat_prompt.to_rows(start)
         await session.put_messages(conversation_id, head, start, [*changed, reply], lease)
-        if conversation_id not in ((await self.read_index(session)).get(conversations.CONVERSATIONS_KEY) or {}):
+        entry = ((await self.read_index(session)).get(conversations.CONVERSATIONS_KEY) or {}).get(conversation_id)
+        stored = len(chat_prompt.messages) + 1
+        if not isinstance(entry, dict) or entry.get("message_count") != stored:
+            # The turn's first checkpoint (the count changes then only): the list counts what is
+            # stored even if this turn never commits (its process dies, or its lease runs out).
             seen = {"messages": [*chat_prompt.messages, reply]}
             await self.update_index(
                 session, lambda index: conversations.note_chat_prompt(index, conversation_id, seen, current_was))
@@ -527,6 +531,14 @@ class ChatService:
             for message in messages:
                 message.pop("details", None)
                 message.pop("alternative_details", None)
+        elif _streaming(messages) and not await session.part_held(target):
+            # A reply marked streaming whose conversation nobody holds lost its writer (the process
+            # died, or stalled past its lease: it can write nothing more): it is stopped, as the next
+            # turn will store it. Read again first: the writer may have saved its end and let go meanwhile.
+            stored = await self.read_chat_prompt_data(session, target, index)
+            messages = self.chat_prompt_clazz.from_dict(stored if isinstance(stored, dict) else None).messages
+            if _streaming(messages):
+                messages[-1]["details"] = {"finish_reason": "stopped"}
         return messages
 
     @contextlib.asynccontextmanager
@@ -668,3 +680,8 @@ class ChatService:
 
     def _turn_ended(self, turn: Turn) -> None:
         self._turns.discard(turn)
+
+
+def _streaming(messages: list[dict[str, Any]]) -> bool:
+    """Whether the last message is a reply saved while it streamed (a checkpoint)."""
+    return bool(messages) and (messages[-1].get("details") or {}).get("finish_reason") == "streaming"

@@ -49,7 +49,8 @@ logger = logging.getLogger("chatstream")
 Callback = Callable[[Any, str], Any]
 
 _LEASE_LOST = ("this reply stopped: its hold on the conversation ran out (this server or its session store stalled), "
-               "so changes made meanwhile elsewhere are kept and this reply is not saved")
+               "so changes made meanwhile elsewhere are kept; of this turn only what was saved before then (its "
+               "message and the reply up to its last checkpoint) is kept, marked stopped")
 
 
 class Turn:

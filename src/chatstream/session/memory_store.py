@@ -106,6 +106,9 @@ class MemorySessionStore:
         if held is not None and held[0] == token:
             del self._locks[session_id]
 
+    async def lock_held(self, session_id: str) -> bool:
+        return self._holds(session_id, time.monotonic())
+
     async def close(self) -> None:
         pass
 

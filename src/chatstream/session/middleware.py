@@ -183,6 +183,10 @@ class Session:
         finally:
             await lease.release()
 
+    async def part_held(self, part: str) -> bool:
+        """Whether any request (in any process) holds the lock of ``part`` now: a read, it takes nothing."""
+        return not self.unseen and await self.store.lock_held(self._part_key(part))
+
     async def get_part(self, part: str) -> SessionData | None:
         """The conversation stored as ``part`` (``{**head, "messages": [...]}``), or None."""
         return None if self.unseen else await self.store.get_messages(self._part_key(part))

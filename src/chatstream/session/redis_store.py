@@ -231,6 +231,10 @@ class RedisSessionStore:
         with self._errors():
             await self._release(keys=[self._lock_key(session_id), self._held_key(session_id)], args=[token, session_id])
 
+    async def lock_held(self, session_id: str) -> bool:
+        with self._errors():
+            return bool(await self.client.exists(self._lock_key(session_id)))  # the key expires with the lease
+
     async def _write(self, script: Any, key: str, value_key: str, other_key: str, fence: str | None, ttl_s: float,
                      args: list[Any], count_quota: bool = True) -> list[Any]:
         session = group(key)

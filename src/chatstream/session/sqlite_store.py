@@ -1,10 +1,13 @@
 """Sessions in one SQLite file: the default of ``chatstream serve``, so a restart loses nothing.
 
-The standard library's ``sqlite3`` runs on one dedicated thread per store (no extra dependency;
-aiosqlite does the same thing with more machinery): the event loop never waits on the disk or on
-another process's write lock, and one connection used by one thread needs no locking of its own.
-WAL mode lets readers proceed while another process writes; ``busy_timeout`` makes a writer wait
-for the other process instead of failing, so several processes may open the same file.
+The standard library's ``sqlite3`` runs off the event loop (no extra dependency; aiosqlite does
+the same thing with more machinery), so the loop never waits on the disk or on another process's
+write lock. Writes run on one dedicated thread with the one writing connection, so they are
+serialized and each needs no locking of its own. Reads run on a few threads of their own, each
+with its own read-only connection: WAL mode lets readers proceed while anyone writes and while
+other readers read, so one user's long read (a 25 MB conversation) never queues another user's
+request (or ``/health``) behind it. ``busy_timeout`` makes a writer wait for another process
+instead of failing, so several processes may open the same file.
 
 A full disk: even a delete needs room in SQLite's write-ahead log, so the store keeps a small
 reserve file next to the database (``sessions.db-reserve``) and gives its room back for one retry
@@ -19,6 +22,7 @@ import asyncio
 import json
 import logging
 import os
+import queue
 import secrets
 import sqlite3
 import time
@@ -34,6 +38,7 @@ T = TypeVar("T")
 logger = logging.getLogger("chatstream.session")
 
 RESERVE_BYTES = 512 * 1024  # room for the log frames of a delete (a few pages) or a mid-size turn
+READERS = 4  # reads in parallel per store: a few long reads at once still leave room for the others
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -66,13 +71,13 @@ WHERE session_locks.expires_at <= :now
 class SQLiteSessionStore:
     """Sessions and their locks in one SQLite file, shared safely by several processes.
 
-    Times are wall-clock (``time.time()``) because other processes read them. Expired rows are
-    removed when read, and by a sweep that runs at most every ``sweep_interval_s`` on writes.
+    Times are wall-clock (``time.time()``) because other processes read them. Expired rows read
+    as absent, and a sweep that runs at most every ``sweep_interval_s`` on writes removes them.
     """
 
     def __init__(self, path: str | Path, busy_timeout_s: float = 5.0, sweep_interval_s: float = 60.0, *,
                  max_bytes: int | None = None, max_session_bytes: int | None = None,
-                 reserve_bytes: int = RESERVE_BYTES) -> None:
+                 reserve_bytes: int = RESERVE_BYTES, readers: int = READERS) -> None:
         self.path = Path(path)
         self.reserve_path = self.path.with_name(self.path.name + "-reserve")
         self.reserve_bytes = reserve_bytes
@@ -115,21 +120,34 @@ class SQLiteSessionStore:
             raise
         self._make_reserve()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatstream-sqlite")
+        # Read connections, opened now (a bad file fails at startup) and handed out one per running
+        # read: as many threads as connections, so a read never waits for a free one.
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._read_connections: list[sqlite3.Connection] = []
+        try:
+            for _ in range(max(1, readers)):
+                reader = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None,
+                                         check_same_thread=False)
+                self._read_connections.append(reader)
+                reader.execute("PRAGMA query_only = ON")  # a read never takes the write lock nor needs the reserve
+                self._readers.put(reader)
+        except sqlite3.Error:
+            for reader in self._read_connections:
+                reader.close()
+            self._db.close()
+            raise
+        self._read_threads = ThreadPoolExecutor(max_workers=len(self._read_connections),
+                                                thread_name_prefix="chatstream-sqlite-read")
         self._closed = False
         self.failure: str | None = None  # why the last operation failed, until one succeeds (for /health)
 
     async def get(self, session_id: str) -> SessionData | None:
-        def get() -> SessionData | None:
-            now = time.time()
-            row = self._db.execute("SELECT data, expires_at FROM sessions WHERE id = ?", (session_id,)).fetchone()
-            if row is None:
-                return None
-            if row[1] <= now:
-                self._db.execute("DELETE FROM sessions WHERE id = ? AND expires_at <= ?", (session_id, now))
-                return None
-            return json.loads(row[0])  # parsed here, on the store's thread, not on the event loop
+        def get(db: sqlite3.Connection) -> SessionData | None:
+            row = db.execute("SELECT data FROM sessions WHERE id = ? AND expires_at > ?",
+                             (session_id, time.time())).fetchone()
+            return json.loads(row[0]) if row is not None else None  # parsed here, not on the event loop
 
-        return await self._run(get)
+        return await self._read(get)
 
     async def set(self, session_id: str, data: SessionData, ttl_s: float, fence: str | None = None) -> None:
         def set_() -> None:
@@ -165,28 +183,28 @@ class SQLiteSessionStore:
         await self._run(delete)
 
     async def get_messages(self, key: str) -> SessionData | None:
-        def get() -> SessionData | None:
+        def get(db: sqlite3.Connection) -> SessionData | None:
             now = time.time()
-            row = self._db.execute("SELECT head, expires_at FROM conversations WHERE id = ?", (key,)).fetchone()
+            row = db.execute("SELECT head, expires_at FROM conversations WHERE id = ?", (key,)).fetchone()
             if row is None:  # not in rows: stored whole by an older version, or nothing
-                found = self._db.execute("SELECT data, expires_at FROM sessions WHERE id = ?", (key,)).fetchone()
+                found = db.execute("SELECT data, expires_at FROM sessions WHERE id = ?", (key,)).fetchone()
                 return json.loads(found[0]) if found is not None and found[1] > now else None
             if row[1] <= now:
                 return None  # expired: the sweep deletes its rows
-            self._db.execute("BEGIN")  # one snapshot for the head and the rows (WAL: writers go on meanwhile)
+            db.execute("BEGIN")  # one snapshot for the head and the rows (WAL: writers go on meanwhile)
             try:
-                row = self._db.execute("SELECT head FROM conversations WHERE id = ?", (key,)).fetchone()
-                texts = self._db.execute("SELECT data FROM messages WHERE conversation = ? ORDER BY position",
-                                         (key,)).fetchall()
+                row = db.execute("SELECT head FROM conversations WHERE id = ?", (key,)).fetchone()
+                texts = db.execute("SELECT data FROM messages WHERE conversation = ? ORDER BY position",
+                                   (key,)).fetchall()
             finally:
-                self._db.execute("COMMIT")
+                db.execute("COMMIT")
             if row is None:
                 return None
             data: SessionData = json.loads(row[0])
             data["messages"] = [json.loads(text) for (text,) in texts]
             return data
 
-        return await self._run(get)
+        return await self._read(get)
 
     async def set_messages(self, key: str, head: SessionData, start: int, messages: list[SessionData],
                            ttl_s: float, fence: str | None = None, *, migrating: bool = False) -> None:
@@ -311,6 +329,13 @@ class SQLiteSessionStore:
 
         await self._run(lambda: self._transaction(release))
 
+    async def lock_held(self, session_id: str) -> bool:
+        def held(db: sqlite3.Connection) -> bool:
+            return db.execute("SELECT 1 FROM session_locks WHERE id = ? AND expires_at > ?",
+                              (session_id, time.time())).fetchone() is not None
+
+        return await self._read(held)
+
     async def sweep(self) -> None:
         """Remove expired sessions and locks now (this also happens by itself on writes)."""
         await self._run(lambda: self._sweep(time.time()))
@@ -321,6 +346,10 @@ class SQLiteSessionStore:
         self._closed = True
         await self._run(self._db.close, closing=True)
         self._thread.shutdown(wait=False)
+        # No read still running on a connection closed below (waited for off the event loop).
+        await asyncio.to_thread(self._read_threads.shutdown, True)
+        for reader in self._read_connections:
+            reader.close()
 
     def _transaction(self, write: Callable[[], T]) -> T:
         """``write`` in one transaction that holds SQLite's write lock from its first read (so a
@@ -461,11 +490,24 @@ class SQLiteSessionStore:
             self._transaction(drop)
         self._db.execute("DELETE FROM session_locks WHERE expires_at <= ?", (now,))
 
-    async def _run(self, fn: Callable[[], T], closing: bool = False) -> T:
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` with a read connection of its own, on a read thread: in parallel with other reads and the writes."""
+        def read() -> T:
+            db = self._readers.get_nowait()  # as many threads as connections: one is always free
+            try:
+                return fn(db)
+            finally:
+                if db.in_transaction:  # a failed read leaves no snapshot open
+                    db.execute("ROLLBACK")
+                self._readers.put(db)
+
+        return await self._run(read, executor=self._read_threads)
+
+    async def _run(self, fn: Callable[[], T], closing: bool = False, executor: ThreadPoolExecutor | None = None) -> T:
         if self._closed and not closing:
             raise RuntimeError("the session store is closed")
         try:
-            result = await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+            result = await asyncio.get_running_loop().run_in_executor(executor or self._thread, fn)
         except sqlite3.Error as exc:
             if _disk_full(exc):  # reachable, only out of space
                 self.failure = None

@@ -81,6 +81,11 @@ class SessionStore(Protocol):
         """Release the lock only if ``token`` owns it: nobody frees another's lock."""
         ...
 
+    async def lock_held(self, session_id: str) -> bool:
+        """Whether anyone holds the lock with an unexpired lease (a read: it takes nothing). A reply
+        marked as streaming whose conversation's lock nobody holds lost its writer: it is stopped."""
+        ...
+
     async def close(self) -> None: ...
 
 
