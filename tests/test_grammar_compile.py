@@ -18,6 +18,7 @@ from typing import Any
 
 import llguidance.hf
 import pytest_asyncio
+from test_engine import chat
 
 from chatstream.engine import SamplingParams
 from chatstream.engine.core.llm_engine import LLMEngine
@@ -26,11 +27,6 @@ from chatstream.service.structured import json_schema_grammar
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 99}},
           "required": ["name", "age"], "additionalProperties": False}
-
-
-def chat(tokenizer: Any, text: str) -> list[int]:
-    encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-    return list(encoded["input_ids"] if not isinstance(encoded, list) else encoded)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -97,3 +93,11 @@ async def test_a_request_cancelled_while_its_grammar_compiles_ends_cancelled(fre
     # The engine still serves constrained requests afterwards.
     final = [output async for output in fresh.generate(chat(tokenizer, "A person as JSON."), params)][-1]
     assert final.finish_reason in ("stop", "length")
+
+
+async def test_a_grammar_that_fails_to_compile_ends_its_request_unscheduled(fresh: LLMEngine) -> None:
+    steps = fresh.num_steps
+    bad = SamplingParams(max_new_tokens=8, grammar='{"grammars": [{"lark_grammar": "start: no_such_rule"}]}')
+    outputs = [output async for output in fresh.generate(chat(fresh.tokenizer, "Hello"), bad)]
+    assert outputs[-1].finish_reason == "error" and "the grammar failed" in (outputs[-1].error or "")
+    assert fresh.num_steps == steps and fresh.num_running == 0 and fresh.num_waiting == 0  # no prefill for it

@@ -294,17 +294,23 @@ class LLMEngine:
 
     def _compile(self, seq: Sequence) -> None:
         """On the grammar thread: the sequence's matcher, then the sequence to the scheduler (unless it
-        was cancelled or the engine stopped meanwhile)."""
+        was cancelled or the engine stopped meanwhile); a grammar that fails ends it here, unscheduled."""
         assert seq.params.grammar is not None
+        error = None
         try:
             seq.matcher = self._grammars.matcher(seq.params.grammar)
-        except Exception as exc:  # finished with an error at its first step (see _constrain)
-            seq.grammar_error = str(exc)
+        except Exception as exc:
+            error = f"the grammar failed: {exc}"
         with self._wake:
-            if seq in self._compiling:
-                self._compiling.discard(seq)
+            if seq not in self._compiling:
+                return
+            self._compiling.discard(seq)
+            if error is None:
                 self._incoming.append(seq)
                 self._wake.notify()
+                return
+        seq.status = SequenceStatus.FINISHED
+        put_many_threadsafe([(seq.stream, _final("error", seq.num_prompt_tokens, 0, error=error))])
 
     def _check_prompt(self, prompt: list[int]) -> str | None:
         if self._broken is not None:
@@ -441,14 +447,7 @@ class LLMEngine:
                 logits[row].index_add_(0, ids.clamp(max=logits.shape[1] - 1), bias * (ids < logits.shape[1]))
             if seq.params.grammar is None:
                 continue
-            try:
-                if seq.grammar_error is not None:
-                    raise ValueError(seq.grammar_error)
-                if seq.matcher is None:  # a sequence scheduled without going through generate()
-                    seq.matcher = self._grammars.matcher(seq.params.grammar)
-                matchers[row] = seq.matcher
-            except Exception as exc:
-                self._finish(seq, "error", error=f"the grammar failed: {exc}")
+            matchers[row] = seq.matcher  # compiled before the sequence was scheduled (_compile)
         if all(m is None for m in matchers):
             return None
         try:

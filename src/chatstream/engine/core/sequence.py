@@ -43,9 +43,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     pending_logprobs: list[dict[str, Any]] = field(default_factory=list)  # not yet sent with an output
     # The grammar's llguidance matcher, compiled off the engine thread before the sequence is
-    # scheduled (LLMEngine.generate), or why it failed to compile.
+    # scheduled (LLMEngine._compile).
     matcher: Any = None
-    grammar_error: str | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
